@@ -1,0 +1,105 @@
+"""Safe artifact IO: atomic writes, checksums and JSON manifests checked on load.
+
+Every artifact towerann writes (dataset, model, vectors, index snapshot) is a directory with a
+`manifest.json`. Directories are written under a temporary name beside the target and renamed
+into place, so a crash never leaves a half-written artifact under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from towerann.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `target` when the block ends without error."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"{target} already exists; choose another path or remove it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> str:
+    """Save an array without pickle; return its sha256."""
+    np.save(path, np.ascontiguousarray(array), allow_pickle=False)
+    return sha256_file(path)
+
+
+def load_npy(path: str | Path, expected_sha256: str | None = None, mmap: bool = False) -> np.ndarray:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: file missing")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise ArtifactError(f"{path}: checksum mismatch (file corrupted or replaced)")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: not a valid .npy file ({e})") from e
+
+
+def read_manifest(directory: str | Path, kind: str, format_version: int) -> dict[str, Any]:
+    """Read `directory/manifest.json` and check that it describes an artifact of `kind`."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing; {directory} is not a towerann {kind} artifact")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
+        raise ArtifactError(f"{path}: expected a {kind} manifest, found kind={manifest.get('kind') if isinstance(manifest, dict) else None!r}")
+    if manifest.get("format_version") != format_version:
+        raise ArtifactError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {format_version})"
+        )
+    return manifest
