@@ -1,0 +1,81 @@
+"""`towerann features ...`: load a dataset's user features into a store, inspect a store."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+from towerann.features import open_store
+from towerann.features.loader import load_dataset_features
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("features", help="user feature store: load static features and history")
+    sub = p.add_subparsers(dest="features_command", metavar="ACTION", required=True)
+
+    load = sub.add_parser("load", help="load users.parquet + interaction history of a dataset into a store")
+    load.add_argument("--data", required=True, help="dataset folder with users.parquet and interactions.parquet")
+    _store_args(load)
+    load.add_argument("--recent", type=int, default=50, metavar="N",
+                      help="keep each user's last N items from the interactions as history (default 50)")
+    load.add_argument("--batch-size", type=int, default=5000, help="users per write (default 5000)")
+    load.set_defaults(func=_load)
+
+    stats = sub.add_parser("stats", help="print a store's counts as JSON")
+    _store_args(stats)
+    stats.set_defaults(func=_stats)
+
+    get = sub.add_parser("get", help="print one user's features as JSON")
+    _store_args(get)
+    get.add_argument("user_id", help="the user id (as a string)")
+    get.set_defaults(func=_get)
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default="embedded",
+                   help="embedded | embedded:///abs/path.sqlite | memory | redis://HOST:PORT/DB (default embedded)")
+    p.add_argument("--path", default=None, help="SQLite file for the embedded store (e.g. features.sqlite)")
+    p.add_argument("--prefix", default="towerann:", help="key prefix (namespace) in Redis (default towerann:)")
+
+
+def _open(args: argparse.Namespace):  # -> FeatureStore
+    path = args.path
+    if args.store == "embedded" and path is None:
+        path = "features.sqlite"  # a CLI load that kept nothing would be useless
+    return open_store(args.store, path=path, prefix=args.prefix)
+
+
+def _load(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    store = _open(args)
+    try:
+        n = load_dataset_features(store, args.data, recent_n=args.recent, batch_size=args.batch_size)
+        stats = store.stats()
+    finally:
+        store.close()
+    print(f"loaded {n} users into {args.store}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
+          f"in {time.perf_counter() - t0:.2f}s; store now holds {stats['users']} users")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    store = _open(args)
+    try:
+        print(json.dumps(store.stats(), indent=2, sort_keys=True))
+    finally:
+        store.close()
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    store = _open(args)
+    try:
+        f = store.get_one(args.user_id)
+    finally:
+        store.close()
+    print(json.dumps({"user_id": f.user_id, "known": f.known, "static": f.static,
+                      "recent_items": list(f.recent_items),
+                      "session": [dataclasses.asdict(e) for e in f.session]}, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,224 @@
+"""The default feature store: in-process dicts, persisted to SQLite.
+
+Reads are served from memory (microseconds, no IO on the request path). Writes go to SQLite in
+WAL mode with synchronous=NORMAL before they are acknowledged: a committed transaction then
+survives a killed process (SIGKILL), though not a power cut, which is the trade-off a session
+store wants. A new store object on the same file rebuilds its memory from SQLite on open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from towerann.errors import ArtifactError, BackendUnavailable
+from towerann.features.base import (
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_TTL_S,
+    Event,
+    UserFeatures,
+    check_id,
+    check_limits,
+    check_user_ids,
+    live_session,
+    normalize_row,
+    stamp_event,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (user_id TEXT PRIMARY KEY, static TEXT NOT NULL, recent TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL, item_id TEXT NOT NULL, type TEXT NOT NULL, ts REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS events_user_seq ON events (user_id, seq);
+"""
+
+_Record = tuple[dict[str, float | str], tuple[str, ...]]
+
+
+class EmbeddedFeatureStore:
+    """In-memory feature store with optional SQLite persistence (`path=None`: memory only)."""
+
+    def __init__(self, path: str | Path | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
+                 ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.max_events, self.ttl_s = check_limits(max_events, ttl_s)
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()
+        self._users: dict[str, _Record] = {}
+        self._sessions: dict[str, deque[Event]] = {}  # newest at the left
+        self._closed = False
+        self._db: sqlite3.Connection | None = None
+        if self.path is not None:
+            self._db = self._open_db(self.path)
+            self._load(self._db)
+
+    # ---- persistence ---------------------------------------------------------------------------
+
+    def _open_db(self, path: Path) -> sqlite3.Connection:
+        if path.is_dir():
+            raise ArtifactError(f"{path}: is a directory; give the feature store a .sqlite file path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # check_same_thread=False: the HTTP server calls us from many threads; self._lock
+            # serialises every use of the connection.
+            db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
+                raise ArtifactError(
+                    f"{path}: feature store schema_version {row[0]} is not supported (expected "
+                    f"{SCHEMA_VERSION}); reload the features into a new file with `towerann features load`"
+                )
+        except sqlite3.DatabaseError as e:
+            raise ArtifactError(f"{path}: not a usable towerann feature store SQLite file ({e})") from e
+        return db
+
+    def _load(self, db: sqlite3.Connection) -> None:
+        """Rebuild memory from SQLite, dropping session events that are already expired."""
+        t0 = time.perf_counter()
+        for user_id, static, recent in db.execute("SELECT user_id, static, recent FROM users"):
+            self._users[user_id] = (json.loads(static), tuple(json.loads(recent)))
+        cutoff = time.time() - self.ttl_s
+        db.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
+        for user_id, item_id, type_, ts in db.execute(
+                "SELECT user_id, item_id, type, ts FROM events ORDER BY seq"):
+            self._session_for(user_id).appendleft(Event(user_id, item_id, type_, ts))
+        log.info("feature store %s: %d users, %d session users loaded in %.2fs", self.path,
+                 len(self._users), len(self._sessions), time.perf_counter() - t0)
+
+    def _session_for(self, user_id: str) -> deque[Event]:
+        session = self._sessions.get(user_id)
+        if session is None:
+            session = self._sessions[user_id] = deque(maxlen=self.max_events)
+        return session
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailable(f"feature store {self.path or '(memory)'} is closed; open a new one")
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    def put_users(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        records = [normalize_row(r) for r in rows]  # validate all before writing any
+        with self._lock:
+            self._check_open()
+            if self._db is not None:
+                with self._db:  # one transaction
+                    self._db.execute("BEGIN")
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO users VALUES (?, ?, ?)",
+                        [(u, json.dumps(s), json.dumps(list(r))) for u, s, r in records])
+            for user_id, static, recent in records:
+                self._users[user_id] = (static, recent)
+        return len(records)
+
+    def append_event(self, event: Event) -> Event:
+        stored = stamp_event(event)
+        self._append([stored])
+        return stored
+
+    def append_events(self, events: Sequence[Event]) -> int:
+        now = time.time()
+        stored = [stamp_event(e, now) for e in events]
+        self._append(stored)
+        return len(stored)
+
+    def _append(self, events: list[Event]) -> None:
+        if not events:
+            return
+        with self._lock:
+            self._check_open()
+            if self._db is not None:
+                with self._db:  # committed (WAL, synchronous=NORMAL) before we acknowledge
+                    self._db.execute("BEGIN")
+                    self._db.executemany("INSERT INTO events (user_id, item_id, type, ts) VALUES (?, ?, ?, ?)",
+                                         [(e.user_id, e.item_id, e.type, e.ts) for e in events])
+                    for user_id in {e.user_id for e in events}:
+                        self._trim(self._db, user_id)
+            for e in events:
+                self._session_for(e.user_id).appendleft(e)
+
+    def _trim(self, db: sqlite3.Connection, user_id: str) -> None:
+        # Keep the file bounded like the memory: only the last max_events rows per user survive.
+        db.execute(
+            "DELETE FROM events WHERE user_id = ? AND seq <= (SELECT seq FROM events WHERE user_id = ? "
+            "ORDER BY seq DESC LIMIT 1 OFFSET ?)", (user_id, user_id, self.max_events))
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Forget sessions whose every event is older than ttl_s; return how many users were dropped.
+
+        Reads already hide expired events; this reclaims their memory and file space. It walks
+        every session under the lock, so call it from a timer, not per request (a restart does
+        the same on open).
+        """
+        cutoff = (time.time() if now is None else now) - self.ttl_s
+        with self._lock:
+            self._check_open()
+            stale = [u for u, events in self._sessions.items() if all(e.ts < cutoff for e in events)]
+            if self._db is not None:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
+            for u in stale:
+                del self._sessions[u]
+        return len(stale)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def get(self, user_ids: Sequence[str], now: float | None = None) -> list[UserFeatures]:
+        ids = check_user_ids(user_ids)
+        now = time.time() if now is None else now
+        with self._lock:
+            self._check_open()
+            found = [(u, self._users.get(u), tuple(self._sessions.get(u, ()))) for u in ids]
+        return [self._features(u, rec, events, now) for u, rec, events in found]
+
+    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures:
+        check_id(user_id, "user_id")
+        now = time.time() if now is None else now
+        with self._lock:
+            self._check_open()
+            rec, events = self._users.get(user_id), tuple(self._sessions.get(user_id, ()))
+        return self._features(user_id, rec, events, now)
+
+    def _features(self, user_id: str, rec: _Record | None, events: tuple[Event, ...], now: float) -> UserFeatures:
+        session = live_session(events, now, self.ttl_s, self.max_events)
+        if rec is None:
+            return UserFeatures(user_id, False, {}, (), session)
+        return UserFeatures(user_id, True, dict(rec[0]), rec[1], session)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"backend": "embedded", "path": str(self.path) if self.path else None,
+                    "users": len(self._users), "session_users": len(self._sessions),
+                    "events": sum(len(s) for s in self._sessions.values()),
+                    "max_events": self.max_events, "ttl_s": self.ttl_s}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> "EmbeddedFeatureStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

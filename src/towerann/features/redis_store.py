@@ -1,0 +1,176 @@
+"""Feature store on a Redis server, for deployments where several serving processes share state.
+
+Layout under a key prefix (a namespace, so tenants and tests don't collide):
+  {prefix}u:{user_id}  hash: one field per static feature (JSON-encoded so floats and strings
+                       keep their type) + field "recent_items" (JSON list). The field is always
+                       written, so "the hash exists" means "the user is known".
+  {prefix}s:{user_id}  list: session events as JSON [item_id, type, ts], newest at the head,
+                       capped by LTRIM and expired by PEXPIRE in the same MULTI/EXEC as the LPUSH.
+A get() of many users is one pipelined round trip. Durability of events is the server's
+(its appendonly/save settings): append_event returns once the server has applied the write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import redis
+
+from towerann.errors import BackendUnavailable, DataError
+from towerann.features.base import (
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_TTL_S,
+    RECENT_ITEMS,
+    Event,
+    UserFeatures,
+    check_id,
+    check_limits,
+    check_user_ids,
+    live_session,
+    normalize_row,
+    stamp_event,
+)
+
+log = logging.getLogger(__name__)
+
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class RedisFeatureStore:
+    """FeatureStore on a real Redis server at `url` (redis://host:port/db)."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, max_events: int = DEFAULT_MAX_EVENTS,
+                 ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:",
+                 connect_timeout_s: float = 2.0) -> None:
+        self.max_events, self.ttl_s = check_limits(max_events, ttl_s)
+        self.url = url
+        self.prefix = prefix
+        try:
+            self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout_s,
+                                           socket_timeout=max(connect_timeout_s, 5.0))
+        except ValueError as e:  # malformed URL
+            raise BackendUnavailable(f"bad redis URL {url!r} ({e}); expected redis://HOST:PORT/DB") from e
+        self._call(self._r.ping)
+        log.info("feature store on %s (prefix %r)", url, prefix)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        """Run one Redis call; turn a dead server into a BackendUnavailable that says what to check."""
+        try:
+            return fn(*args)
+        except _REDIS_DOWN as e:
+            raise BackendUnavailable(
+                f"cannot reach Redis at {self.url} ({e}); is redis-server running and listening there? "
+                "Or use the embedded store (--store embedded)"
+            ) from e
+        except redis.exceptions.ResponseError as e:
+            raise BackendUnavailable(f"Redis at {self.url} refused a command ({e})") from e
+
+    def _ukey(self, user_id: str) -> str:
+        return f"{self.prefix}u:{user_id}"
+
+    def _skey(self, user_id: str) -> str:
+        return f"{self.prefix}s:{user_id}"
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    def put_users(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        records = [normalize_row(r) for r in rows]  # validate all before writing any
+        if not records:
+            return 0
+        pipe = self._r.pipeline(transaction=True)
+        for user_id, static, recent in records:
+            key = self._ukey(user_id)
+            mapping = {k: json.dumps(v) for k, v in static.items()}
+            mapping[RECENT_ITEMS] = json.dumps(list(recent))
+            pipe.delete(key)  # a row replaces the whole record, dropping features it no longer has
+            pipe.hset(key, mapping=mapping)
+        self._call(pipe.execute)
+        return len(records)
+
+    def append_event(self, event: Event) -> Event:
+        stored = stamp_event(event)
+        self._append([stored])
+        return stored
+
+    def append_events(self, events: Sequence[Event]) -> int:
+        now = time.time()
+        stored = [stamp_event(e, now) for e in events]
+        self._append(stored)
+        return len(stored)
+
+    def _append(self, events: list[Event]) -> None:
+        if not events:
+            return
+        ttl_ms = max(1, int(self.ttl_s * 1000))
+        pipe = self._r.pipeline(transaction=True)  # MULTI/EXEC: push, cap and expire together
+        for e in events:
+            key = self._skey(e.user_id)
+            pipe.lpush(key, json.dumps([e.item_id, e.type, e.ts]))
+            pipe.ltrim(key, 0, self.max_events - 1)
+            pipe.pexpire(key, ttl_ms)
+        self._call(pipe.execute)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def get(self, user_ids: Sequence[str], now: float | None = None) -> list[UserFeatures]:
+        ids = check_user_ids(user_ids)
+        if not ids:
+            return []
+        now = time.time() if now is None else now
+        pipe = self._r.pipeline(transaction=False)  # one round trip for all users
+        for u in ids:
+            pipe.hgetall(self._ukey(u))
+            pipe.lrange(self._skey(u), 0, self.max_events - 1)
+        replies = self._call(pipe.execute)
+        return [self._features(u, replies[2 * i], replies[2 * i + 1], now) for i, u in enumerate(ids)]
+
+    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures:
+        check_id(user_id, "user_id")
+        return self.get([user_id], now)[0]
+
+    def _features(self, user_id: str, fields: dict[str, str], raw_events: list[str], now: float) -> UserFeatures:
+        try:  # one json.loads for the whole list: the parse dominates a batch get
+            events = [Event(user_id, item_id, type_, float(ts))
+                      for item_id, type_, ts in json.loads("[" + ",".join(raw_events) + "]")]
+        except (ValueError, TypeError) as e:
+            raise DataError(f"Redis key {self._skey(user_id)}: malformed session event ({e}); "
+                            "another program wrote under this prefix - choose another prefix") from e
+        session = live_session(events, now, self.ttl_s, self.max_events)
+        if not fields:
+            return UserFeatures(user_id, False, {}, (), session)
+        try:
+            recent = tuple(json.loads(fields.pop(RECENT_ITEMS, "[]")))
+            static = dict(zip(fields, json.loads("[" + ",".join(fields.values()) + "]")))
+        except ValueError as e:
+            raise DataError(f"Redis key {self._ukey(user_id)}: malformed feature value ({e}); "
+                            "another program wrote under this prefix - choose another prefix") from e
+        return UserFeatures(user_id, True, static, recent, session)
+
+    def stats(self) -> dict[str, Any]:
+        # SCAN walks the keyspace: fine for an operator's `stats`, not for the request path.
+        users = self._call(self._count, f"{self.prefix}u:*")
+        sessions = self._call(self._count, f"{self.prefix}s:*")
+        return {"backend": "redis", "url": self.url, "prefix": self.prefix, "users": users,
+                "session_users": sessions, "max_events": self.max_events, "ttl_s": self.ttl_s}
+
+    def _count(self, pattern: str) -> int:
+        return sum(1 for _ in self._r.scan_iter(pattern, 1000))
+
+    def clear(self) -> int:
+        """Delete every key under this store's prefix (tests, reloads); return how many."""
+        keys = self._call(lambda: list(self._r.scan_iter(f"{self.prefix}*", 1000)))
+        if keys:
+            self._call(self._r.delete, *keys)
+        return len(keys)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self) -> "RedisFeatureStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

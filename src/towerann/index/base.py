@@ -1,0 +1,389 @@
+"""The Index interface and the bookkeeping every backend shares.
+
+A backend stores vectors under *slots* (0, 1, 2, ... in insertion order); this base class maps
+slots to item ids and keeps per-slot attributes (category, removed, available). An upsert or a
+removal only marks the old slot dead, so no library ever has to delete in place; the mask of
+live-and-available slots is handed to the library (as a bitmap selector where it can take one).
+
+Contract of `search`: exactly k results whenever at least k items qualify; when the library
+returns fewer (selective filter, many dead slots) the short rows fall back to exact search over
+the qualifying slots. Mutations must not run concurrently with searches (the serving layer
+serialises them); searches may run in parallel with each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from towerann.artifacts import load_npy, save_npy
+from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
+from towerann.index.merge import padded, topk_rows
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ip",)
+# Below this many qualifying items a brute-force pass over them is cheaper (and exact) than a
+# filtered graph/IVF search, which degrades when few items qualify.
+BRUTE_FORCE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    ids: np.ndarray  # int64 [m, k]; -1 padding
+    scores: np.ndarray  # float32 [m, k]; -inf padding; each row sorted by score descending
+
+
+@dataclass(frozen=True)
+class Filter:
+    categories: frozenset[int] | None = None  # keep items whose category code is in the set
+    # availability is always applied: unavailable/removed items are never returned
+
+    def __post_init__(self) -> None:
+        if self.categories is not None and not isinstance(self.categories, frozenset):
+            object.__setattr__(self, "categories", frozenset(int(c) for c in self.categories))
+
+
+class Growable:
+    """A 1-d or 2-d numpy buffer that grows by doubling, so incremental adds stay amortised O(1)."""
+
+    def __init__(self, data: np.ndarray):
+        self._buf = data
+        self.n = len(data)
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    def extend(self, rows: np.ndarray) -> None:
+        need = self.n + len(rows)
+        if need > len(self._buf) or not self._buf.flags.writeable:
+            cap = max(need, 2 * len(self._buf), 16)
+            buf = np.empty((cap,) + self._buf.shape[1:], self._buf.dtype)
+            buf[: self.n] = self._buf[: self.n]
+            self._buf = buf
+        self._buf[self.n : need] = rows
+        self.n = need
+
+
+@dataclass
+class Mask:
+    """Slots that may be returned for one (filter, index state); conversions are computed once."""
+
+    bits: np.ndarray  # bool [n_slots]
+    count: int
+    _packed: np.ndarray | None = field(default=None, repr=False)
+    _idx: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def packed(self) -> np.ndarray:
+        """Little-endian bit-packed form, as faiss.IDSelectorBitmap reads it."""
+        if self._packed is None:
+            self._packed = np.packbits(self.bits, bitorder="little")
+        return self._packed
+
+    @property
+    def idx(self) -> np.ndarray:
+        if self._idx is None:
+            self._idx = np.flatnonzero(self.bits)
+        return self._idx
+
+
+def as_vectors(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
+    """Check and convert to a C-contiguous float32 [n, dim] array."""
+    v = np.asarray(vectors)
+    if v.ndim == 1:
+        v = v[None, :]
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise BadRequest(f"{what}: expected shape [n, {dim}], got {list(np.shape(vectors))}")
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    if not np.isfinite(v).all():
+        raise BadRequest(f"{what}: contains NaN or infinite values")
+    return v
+
+
+class Index(ABC):
+    kind: ClassVar[str]
+    default_search: ClassVar[dict[str, Any]] = {}
+    brute_force_max: int = BRUTE_FORCE_MAX  # per instance: 0 forces the library path (tests, benchmarks)
+
+    def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
+        if metric not in METRICS:
+            raise ConfigError(f"metric {metric!r} is not supported; towerann indexes use 'ip' (inner product "
+                              "of L2-normalised vectors)")
+        if int(dim) <= 0:
+            raise ConfigError(f"dim must be positive, got {dim}")
+        self.dim = int(dim)
+        self.metric = metric
+        self.build_params: dict[str, Any] = dict(build_params)
+        self.search_defaults: dict[str, Any] = dict(self.default_search)
+        self.tuning: dict[str, Any] | None = None  # what tune() measured, saved with the snapshot
+        self.manifest: dict[str, Any] | None = None  # the snapshot manifest this index was loaded from
+        self._ids = Growable(np.empty(0, np.int64))  # id per slot
+        self._cats = Growable(np.empty(0, np.int32))  # category per slot (-1: none)
+        self._alive = Growable(np.empty(0, bool))  # False once removed or replaced
+        self._avail = Growable(np.empty(0, bool))  # availability flag (reversible)
+        self._ok = Growable(np.empty(0, bool))  # alive & available: may be returned
+        self._n_ok = 0
+        self._n_alive = 0
+        self._sorted_ids = np.empty(0, np.int64)  # ids of live slots, sorted, for id -> slot lookups
+        self._sorted_slots = np.empty(0, np.int64)
+        self._gen = 0  # bumped on every mutation; invalidates cached masks
+        self._masks: dict[Any, Mask] = {}
+
+    # ---- backend hooks ------------------------------------------------------------------------
+    @abstractmethod
+    def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
+        """Store vectors under slots first_slot, first_slot+1, ... (build=True: first batch, may train)."""
+
+    @abstractmethod
+    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        """Library search: (slots int64 [m, k], scores f32 [m, k]), -1 where it found fewer; never a masked-out slot."""
+
+    @abstractmethod
+    def _vectors(self) -> np.ndarray:
+        """All stored vectors, [n_slots, dim] (a view where the library allows), for exact fallback."""
+
+    @abstractmethod
+    def _save_backend(self, directory: Path) -> dict[str, Any]:
+        """Write the backend's files; return extra manifest fields."""
+
+    @abstractmethod
+    def _load_backend(self, directory: Path, manifest: dict[str, Any]) -> None:
+        """Restore the backend's state from `_save_backend`'s files (slot tables are already loaded)."""
+
+    def describe(self) -> str:
+        return self.kind
+
+    def search_space(self, k: int) -> list[dict[str, Any]]:
+        """Search-parameter settings for tuning, cheapest first (one setting: nothing to tune)."""
+        return [{}]
+
+    # ---- public API -----------------------------------------------------------------------------
+    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None) -> None:
+        """Index a whole catalog (the index must be empty)."""
+        if self._ids.n:
+            raise ConfigError(f"{self.kind} index already holds {self._ids.n} slots; build() needs a fresh index "
+                              "(use add() for more items)")
+        self._insert(vectors, ids, categories, available, build=True)
+
+    def add(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None) -> None:
+        """Add items; an id already present is replaced (its old vector is never returned again)."""
+        self._insert(vectors, ids, categories, available, build=self._ids.n == 0)
+
+    def remove(self, ids: Any) -> None:
+        """Delete items for good. Unknown ids are ignored (removal is idempotent)."""
+        slots = self._slots_of(ids)
+        if not len(slots):
+            return
+        self._alive.data[slots] = False
+        self._drop_keys(slots)
+        self._refresh_ok(slots)
+
+    def set_available(self, ids: Any, available: bool) -> None:
+        """Hide (False) or show again (True) items without removing them. Unknown ids are ignored."""
+        slots = self._slots_of(ids)
+        if len(slots):
+            self._avail.data[slots] = bool(available)
+            self._refresh_ok(slots)
+
+    def __len__(self) -> int:
+        return self._n_alive
+
+    def __contains__(self, item_id: int) -> bool:
+        return len(self._slots_of([item_id])) > 0
+
+    @property
+    def n_slots(self) -> int:
+        """Slots stored, dead ones included (what a rebuild would reclaim)."""
+        return self._ids.n
+
+    def search(self, queries: Any, k: int, filter: Filter | None = None,
+               params: dict[str, Any] | None = None) -> SearchResult:
+        q = as_vectors(queries, self.dim, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise BadRequest(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        p = self.search_defaults if not params else self._merge_params(params)
+        mask = self._mask_for(filter)
+        n_qual = self._ids.n if mask is None else mask.count
+        if n_qual == 0:
+            ids, scores = padded(len(q), k)
+            return SearchResult(ids=ids, scores=scores)
+        if n_qual <= self.brute_force_max or n_qual <= k:
+            slots, scores = self._exact(q, k, mask)
+        else:
+            slots, scores = self._search(q, k, p, mask)
+            short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
+            if short.any():
+                log.debug("%s: %d of %d rows short of k=%d; exact fallback over %d items",
+                          self.kind, int(short.sum()), len(q), k, n_qual)
+                slots[short], scores[short] = self._exact(q[short], k, mask)
+        ids = self._ids.data[slots]
+        ids[slots < 0] = -1
+        return SearchResult(ids=ids, scores=scores)
+
+    def exact_search(self, queries: Any, k: int, filter: Filter | None = None) -> SearchResult:
+        """Brute force over the same qualifying items: the ground truth for recall, on any backend."""
+        q = as_vectors(queries, self.dim, "queries")
+        mask = self._mask_for(filter)
+        if (self._ids.n if mask is None else mask.count) == 0:
+            ids, scores = padded(len(q), int(k))
+            return SearchResult(ids=ids, scores=scores)
+        slots, scores = self._exact(q, int(k), mask)
+        ids = self._ids.data[slots]
+        ids[slots < 0] = -1
+        return SearchResult(ids=ids, scores=scores)
+
+    # ---- shared machinery ----------------------------------------------------------------------
+    def _merge_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(params) - set(self.default_search)
+        if unknown:
+            raise BadRequest(f"search params {sorted(unknown)} are not understood by the {self.kind} index; "
+                             f"it takes {sorted(self.default_search)}")
+        return {**self.search_defaults, **params}
+
+    def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the qualifying slots (all slots when mask is None)."""
+        vecs = self._vectors()
+        if mask is None:
+            return topk_rows(q @ vecs.T, k)
+        idx = mask.idx
+        return topk_rows(q @ vecs[idx].T, k, labels=idx)
+
+    def _mask_for(self, filter: Filter | None) -> Mask | None:
+        """The slots a search may return, or None when every slot may be (the lean hot path)."""
+        cats = None if filter is None else filter.categories
+        if cats is None and self._n_ok == self._ids.n:
+            return None
+        key = (self._gen, cats)
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) > 64 or (self._masks and next(iter(self._masks))[0] != self._gen):
+                self._masks.clear()
+            bits = self._ok.data
+            if cats is not None:
+                bits = bits & np.isin(self._cats.data, np.fromiter(cats, np.int64, len(cats)))
+            mask = self._masks[key] = Mask(bits=bits, count=int(bits.sum()))
+        return mask
+
+    def _insert(self, vectors: Any, ids: Any, categories: Any, available: Any, build: bool) -> None:
+        v = as_vectors(vectors, self.dim, "vectors")
+        n = len(v)
+        ids = np.asarray(ids)
+        if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+            raise DataError(f"ids: expected {n} integer ids (one per vector row), got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if len(np.unique(ids)) != n:
+            raise DataError("ids: duplicate ids in one batch; each item must appear once")
+        cats = np.full(n, -1, np.int32) if categories is None else np.asarray(categories)
+        if cats.shape != (n,):
+            raise DataError(f"categories: expected {n} values (one per vector row), got shape {cats.shape}")
+        avail = np.ones(n, bool) if available is None else np.asarray(available, bool)
+        if avail.shape != (n,):
+            raise DataError(f"available: expected {n} flags (one per vector row), got shape {avail.shape}")
+        if n == 0:
+            return
+        old = self._slots_of(ids)
+        first = self._ids.n
+        self._add_vectors(v, first, build)  # the library first: if it fails, the tables stay consistent
+        if len(old):  # upsert: the old slots die
+            self._alive.data[old] = False
+            self._drop_keys(old)
+            self._refresh_ok(old)
+        self._ids.extend(ids)
+        self._cats.extend(cats.astype(np.int32))
+        self._alive.extend(np.ones(n, bool))
+        self._avail.extend(avail)
+        self._ok.extend(avail)
+        self._n_ok += int(avail.sum())
+        self._n_alive += n
+        new_slots = np.arange(first, first + n, dtype=np.int64)
+        keys = np.concatenate([self._sorted_ids, ids])
+        order = np.argsort(keys, kind="stable")
+        self._sorted_ids = keys[order]
+        self._sorted_slots = np.concatenate([self._sorted_slots, new_slots])[order]
+        self._gen += 1
+
+    def _slots_of(self, ids: Any) -> np.ndarray:
+        """Live slots of the given ids (unknown ids skipped)."""
+        ids = np.atleast_1d(np.asarray(ids))
+        if not np.issubdtype(ids.dtype, np.integer) and len(ids):
+            raise BadRequest(f"ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        pos = np.searchsorted(self._sorted_ids, ids)
+        pos = np.minimum(pos, max(len(self._sorted_ids) - 1, 0))
+        if not len(self._sorted_ids):
+            return np.empty(0, np.int64)
+        hit = self._sorted_ids[pos] == ids
+        return np.unique(self._sorted_slots[pos[hit]])
+
+    def _drop_keys(self, slots: np.ndarray) -> None:
+        keep = ~np.isin(self._sorted_slots, slots)
+        self._sorted_ids = self._sorted_ids[keep]
+        self._sorted_slots = self._sorted_slots[keep]
+        self._n_alive = len(self._sorted_ids)
+
+    def _refresh_ok(self, slots: np.ndarray) -> None:
+        ok = self._ok.data
+        before = int(ok[slots].sum())
+        ok[slots] = self._alive.data[slots] & self._avail.data[slots]
+        self._n_ok += int(ok[slots].sum()) - before
+        self._gen += 1
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Write the index files into `directory` (which must exist); return the manifest fields."""
+        directory = Path(directory)
+        for name, arr in (("ids", self._ids.data), ("categories", self._cats.data),
+                          ("alive", self._alive.data), ("available", self._avail.data)):
+            save_npy(directory / f"slot_{name}.npy", arr)
+        backend = self._save_backend(directory)
+        return {
+            "backend": self.kind,
+            "build_params": self.build_params,
+            "description": self.describe(),
+            "dim": self.dim,
+            "metric": self.metric,
+            "count": len(self),
+            "slots": self._ids.n,
+            "search_defaults": self.search_defaults,
+            "tuning": self.tuning,
+            "backend_state": backend,
+        }
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> "Index":
+        """Rebuild an index from `save`'s files; checksums are checked by the snapshot layer."""
+        directory = Path(directory)
+        try:
+            index = cls(int(manifest["dim"]), manifest["metric"], **manifest["build_params"])
+            index.search_defaults = dict(manifest["search_defaults"])
+            index.tuning = manifest.get("tuning")
+            n = int(manifest["slots"])
+            state = manifest["backend_state"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{directory}: index manifest is missing or has a bad field ({e})") from e
+        tables = {name: load_npy(directory / f"slot_{name}.npy") for name in ("ids", "categories", "alive", "available")}
+        for name, arr in tables.items():
+            if arr.shape != (n,):
+                raise ArtifactError(f"{directory / f'slot_{name}.npy'}: {arr.shape} does not match {n} slots in the manifest")
+        index._ids = Growable(tables["ids"].astype(np.int64))
+        index._cats = Growable(tables["categories"].astype(np.int32))
+        index._alive = Growable(tables["alive"].astype(bool))
+        index._avail = Growable(tables["available"].astype(bool))
+        ok = index._alive.data & index._avail.data
+        index._ok = Growable(ok.copy())
+        index._n_ok = int(ok.sum())
+        live = np.flatnonzero(index._alive.data)
+        order = np.argsort(index._ids.data[live], kind="stable")
+        index._sorted_slots = live[order].astype(np.int64)
+        index._sorted_ids = index._ids.data[index._sorted_slots]
+        index._n_alive = len(live)
+        index._load_backend(directory, state)
+        return index

@@ -1,0 +1,116 @@
+"""`towerann index ...`: build and publish a snapshot from a vectors directory, roll back, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from towerann.artifacts import load_npy
+from towerann.errors import ConfigError
+from towerann.index import KINDS, backend_class, create
+from towerann.index.snapshot import (current_version, list_versions, publish, read_checked_manifest, resolve,
+                                     rollback)
+from towerann.index.tune import build_auto, tune
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="ANN index: build + publish snapshots, roll back, inspect")
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    b = sub.add_parser("build", help="build an index from a vectors directory and publish it as a snapshot")
+    b.add_argument("--vectors", required=True, help="vectors directory written by `towerann embed`")
+    b.add_argument("--kind", required=True, choices=[*KINDS, "auto"],
+                   help="backend; auto = exact below 20k items, else hnsw tuned to --recall")
+    b.add_argument("--out", required=True, help="snapshot root (e.g. indexes/); CURRENT points at the new version")
+    b.add_argument("--recall", type=float, default=None,
+                   help="tune search params to this recall@k on --queries (e.g. 0.95)")
+    b.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
+    b.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim]) for tuning")
+    b.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="build parameter (e.g. M=32, nlist=4096) or search default (e.g. ef=512); repeatable")
+    b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
+    b.set_defaults(func=_build)
+
+    r = sub.add_parser("rollback", help="point CURRENT at the previous snapshot version")
+    r.add_argument("--root", required=True, help="snapshot root (e.g. indexes/)")
+    r.set_defaults(func=_rollback)
+
+    i = sub.add_parser("info", help="print a snapshot's manifest summary as JSON (checks checksums)")
+    i.add_argument("directory", help="a snapshot directory, or a root (its CURRENT version is shown)")
+    i.set_defaults(func=_info)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param M=32")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _build(args: argparse.Namespace) -> int:
+    from towerann.embed.vectors import read_vectors
+
+    if args.recall is not None and args.queries is None and args.kind != "exact":
+        raise ConfigError("--recall needs --queries (user-tower vectors): tuning on item vectors overestimates recall")
+    t0 = time.perf_counter()
+    vs = read_vectors(args.vectors)
+    queries = load_npy(args.queries) if args.queries else None
+    params = _parse_params(args.param)
+    kind = args.kind
+    search_keys = set(backend_class("hnsw" if kind == "auto" else kind).default_search)
+    search = {k: v for k, v in params.items() if k in search_keys}
+    build = {k: v for k, v in params.items() if k not in search_keys}
+    t_build = time.perf_counter()
+    if kind == "auto":
+        index = build_auto(vs.vectors, vs.ids, vs.categories, vs.available, queries=queries, k=args.k,
+                           target_recall=args.recall or 0.95, **build)
+    else:
+        index = create(kind, vs.dim, vs.metric, **build)
+        index.build(vs.vectors, vs.ids, vs.categories, vs.available)
+        if args.recall is not None and queries is not None:
+            tune(index, queries, args.k, args.recall)
+    index.search_defaults.update({k: v for k, v in search.items() if k in index.search_defaults})
+    build_s = time.perf_counter() - t_build
+    path = publish(index, args.out, vs.model_version, keep=args.keep,
+                   extra={"vectors_dir": str(Path(args.vectors).resolve()), "category_names": vs.category_names,
+                          "build_seconds": round(build_s, 3)})
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(f"built {index.describe()} over {len(index)} items in {build_s:.2f}s "
+          f"(total {time.perf_counter() - t0:.2f}s), peak memory {peak_mb:.0f} MiB")
+    if index.tuning:
+        t = index.tuning
+        print(f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f} (target {t['target']}, "
+              f"{t['queries']} queries{'' if t['reached'] else ', NOT reached'})")
+    print(f"snapshot: {path}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    old = current_version(args.root)
+    new = rollback(args.root)
+    print(f"{args.root}: CURRENT {old} -> {new}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    directory = resolve(args.directory)
+    m = read_checked_manifest(directory)
+    size = sum((directory / name).stat().st_size for name in m["checksums"])
+    info = {k: m.get(k) for k in ("backend", "description", "model_version", "dim", "metric", "count", "slots",
+                                  "build_params", "search_defaults", "tuning", "created_at")}
+    info.update(path=str(directory), files=len(m["checksums"]), bytes=size, checksums="ok")
+    root = Path(args.directory)
+    if directory != root:
+        info.update(current=current_version(root), versions=list_versions(root))
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,61 @@
+"""Brute force (numpy matmul + argpartition): the ground truth, and the right choice for small catalogs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towerann.artifacts import load_npy, save_npy
+from towerann.errors import ArtifactError
+from towerann.index.base import Growable, Index, Mask
+from towerann.index.merge import topk_rows
+
+# Queries scored per matmul block, so a large batch never materialises a huge [m, n] matrix.
+BLOCK_ROWS = 256
+
+
+class ExactIndex(Index):
+    kind = "exact"
+    default_search: dict[str, Any] = {}
+
+    def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
+        super().__init__(dim, metric, **build_params)
+        self._vecs = Growable(np.empty((0, self.dim), np.float32))
+
+    def describe(self) -> str:
+        return "Flat"
+
+    def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
+        self._vecs.extend(vectors)
+
+    def _vectors(self) -> np.ndarray:
+        return self._vecs.data
+
+    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        vecs = self._vecs.data
+        if mask is not None and mask.count < len(vecs) // 2:
+            vecs, labels = vecs[mask.idx], mask.idx  # few qualify: score only those
+        else:
+            labels = None
+        blocks = []
+        for s in range(0, len(q), BLOCK_ROWS):
+            scores = q[s : s + BLOCK_ROWS] @ vecs.T
+            if mask is not None and labels is None:
+                scores[:, ~mask.bits] = -np.inf
+            blocks.append(topk_rows(scores, k, labels))
+        if len(blocks) == 1:
+            return blocks[0]
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+    def _save_backend(self, directory: Path) -> dict[str, Any]:
+        save_npy(directory / "vectors.npy", self._vecs.data)
+        return {"vectors": "vectors.npy"}
+
+    def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
+        vecs = load_npy(directory / state["vectors"], mmap=True)
+        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
+            raise ArtifactError(f"{directory / state['vectors']}: {vecs.dtype}{list(vecs.shape)} does not match "
+                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
+        self._vecs = Growable(vecs)  # mmap: copied into memory only if items are added

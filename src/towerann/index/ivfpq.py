@@ -1,0 +1,143 @@
+"""IVF + PQ on faiss ("IVF{nlist},PQ{m}x8"): compressed codes, optional re-ranking with full vectors.
+
+The full vectors are kept (in memory, or memory-mapped after a load) for re-ranking the top
+`rerank` candidates and for the exact fallback. For tiny catalogs, where k-means and PQ cannot
+be trained, the index stays untrained and answers by brute force over the full vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from towerann.artifacts import load_npy, save_npy
+from towerann.errors import ArtifactError, ConfigError
+from towerann.index.base import Growable, Index, Mask
+from towerann.index.merge import topk_rows
+
+log = logging.getLogger(__name__)
+
+MIN_TRAIN = 2560  # below this many vectors: no IVF-PQ (PQ x8 wants 256 centroids per sub-space)
+TRAIN_PER_LIST = 64  # training sample: this many points per inverted list (at least 256 per PQ centroid set)
+
+
+def default_nlist(n: int) -> int:
+    """~4 sqrt(n), clamped so every list gets >= 39 training points (faiss' own rule of thumb)."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // 39))
+
+
+def default_pq_m(dim: int) -> int:
+    """Bytes per code: dim/8 sub-quantizers (128-d -> 16 bytes), a divisor of dim."""
+    want = max(1, dim // 8)
+    return max(m for m in range(1, want + 1) if dim % m == 0)
+
+
+class IVFPQIndex(Index):
+    kind = "ivfpq"
+    default_search: dict[str, Any] = {"nprobe": 32, "rerank": 1000}
+
+    def __init__(self, dim: int, metric: str = "ip", nlist: int | None = None, pq_m: int | None = None,
+                 nbits: int = 8, train_sample: int = 200_000, seed: int = 1234, **extra: Any):
+        pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
+        if dim % pq_m:
+            raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
+        super().__init__(dim, metric, nlist=None if nlist is None else int(nlist), pq_m=pq_m, nbits=int(nbits),
+                         train_sample=int(train_sample), seed=int(seed), **extra)
+        self._vecs = Growable(np.empty((0, self.dim), np.float32))
+        self._ix: faiss.IndexIVFPQ | None = None  # None: untrained (tiny catalog), brute force
+
+    def describe(self) -> str:
+        if self._ix is None:
+            return "Flat(untrained IVF-PQ: too few items)"
+        p = self.build_params
+        return f"IVF{self._ix.nlist},PQ{p['pq_m']}x{p['nbits']}" + (",Refine(Flat)" if self.search_defaults.get("rerank") else "")
+
+    def search_space(self, k: int) -> list[dict[str, Any]]:
+        """(nprobe, rerank) pairs ordered by estimated work: codes scanned x bytes + re-ranked x dim."""
+        if self._ix is None:
+            return [{}]
+        nlist, n = self._ix.nlist, max(self.n_slots, 1)
+        probes = sorted({min(2**i, nlist) for i in range(0, 12)})
+        grid = [{"nprobe": p, "rerank": r} for p in probes for r in (0, 2 * k, 4 * k, 8 * k)]
+        return sorted(grid, key=lambda g: g["nprobe"] * n / nlist * self.build_params["pq_m"] + g["rerank"] * self.dim)
+
+    def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
+        self._vecs.extend(vectors)
+        if self._ix is None:  # first build, or a tiny catalog that may have grown past MIN_TRAIN
+            self._train(self._vecs.data)
+            if self._ix is not None:  # index everything stored so far
+                self._ix.add_with_ids(self._vecs.data, np.arange(self._vecs.n, dtype=np.int64))
+            return
+        if self._ix is not None:
+            self._ix.add_with_ids(vectors, np.arange(first_slot, first_slot + len(vectors), dtype=np.int64))
+
+    def _train(self, vectors: np.ndarray) -> None:
+        n = len(vectors)
+        if n < MIN_TRAIN:
+            log.debug("ivfpq: %d items is too few to train IVF-PQ (< %d); searching by brute force", n, MIN_TRAIN)
+            return
+        p = self.build_params
+        nlist = default_nlist(n) if p["nlist"] is None else max(1, min(p["nlist"], n // 39))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ix = faiss.IndexIVFPQ(quantizer, self.dim, nlist, p["pq_m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
+        ix.cp.seed = p["seed"]
+        ix.pq.cp.seed = p["seed"]
+        m = min(n, max(p["train_sample"], nlist * TRAIN_PER_LIST, 256 * 39))
+        sample = vectors if m >= n else vectors[np.sort(np.random.default_rng(p["seed"]).choice(n, m, replace=False))]
+        log.info("ivfpq: training IVF%d,PQ%dx%d on %d of %d vectors", nlist, p["pq_m"], p["nbits"], len(sample), n)
+        ix.train(np.ascontiguousarray(sample))
+        ix.quantizer_trains_alone = 0
+        self._ix = ix
+
+    def _vectors(self) -> np.ndarray:
+        return self._vecs.data
+
+    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        if self._ix is None:
+            return self._exact(q, k, mask)
+        rerank = int(params.get("rerank") or 0)
+        fetch = max(k, rerank)
+        p = faiss.SearchParametersIVF()
+        p.nprobe = int(params["nprobe"])
+        if mask is not None:
+            bits = mask.packed  # kept referenced until the search returns
+            p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))
+        scores, slots = self._ix.search(q, fetch, params=p)
+        if not rerank:
+            return slots, scores
+        vecs = self._vecs.data
+        exact = np.einsum("md,mfd->mf", q, vecs[np.maximum(slots, 0)])
+        exact[slots < 0] = -np.inf
+        cols, top = topk_rows(exact, k)
+        out = np.take_along_axis(slots, np.maximum(cols, 0), axis=1)
+        out[cols < 0] = -1
+        return out, top
+
+    def _save_backend(self, directory: Path) -> dict[str, Any]:
+        save_npy(directory / "vectors.npy", self._vecs.data)
+        state: dict[str, Any] = {"vectors": "vectors.npy", "file": None}
+        if self._ix is not None:
+            faiss.write_index(self._ix, str(directory / "ivfpq.faiss"))
+            state["file"] = "ivfpq.faiss"
+        return state
+
+    def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
+        vecs = load_npy(directory / state["vectors"], mmap=True)
+        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
+            raise ArtifactError(f"{directory / state['vectors']}: {vecs.dtype}{list(vecs.shape)} does not match "
+                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
+        self._vecs = Growable(vecs)
+        if state.get("file"):
+            path = directory / state["file"]
+            try:
+                self._ix = faiss.read_index(str(path))
+            except RuntimeError as e:
+                raise ArtifactError(f"{path}: not a readable faiss index ({e})") from e
+            if self._ix.ntotal != self.n_slots or self._ix.d != self.dim:
+                raise ArtifactError(f"{path}: {self._ix.ntotal} vectors of dim {self._ix.d}; "
+                                    f"the manifest says {self.n_slots} x {self.dim}")

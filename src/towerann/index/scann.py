@@ -1,0 +1,160 @@
+"""ScaNN (tree + anisotropic quantization + exact reorder), with a delta tier for what ScaNN cannot do cheaply.
+
+ScaNN's own upsert/delete rebuild structures and its Python docid mapping is pickled, so this
+backend never uses them: items added after the build go to a small exact *delta* tier searched
+beside ScaNN and merged by score; removed/unavailable/filtered items are masked by over-fetching
+from ScaNN and dropping them (the base class falls back to exact search when that comes up short).
+The next build folds the delta in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towerann.artifacts import load_npy, save_npy
+from towerann.errors import ArtifactError, BackendUnavailable
+from towerann.index.base import Growable, Index, Mask
+from towerann.index.merge import merge_topk, topk_rows
+
+log = logging.getLogger(__name__)
+
+MIN_TREE = 2000  # below this many items ScaNN runs brute force (no partitioning to train)
+MAX_OVERFETCH = 10  # fetch at most this many times k from ScaNN when items are masked
+
+
+def _scann() -> Any:
+    try:
+        from scann.scann_ops.py import scann_ops_pybind
+    except ImportError as e:
+        raise BackendUnavailable(f"the scann backend needs ScaNN: pip install 'towerann[scann]' ({e})") from e
+    return scann_ops_pybind
+
+
+class ScannIndex(Index):
+    kind = "scann"
+    default_search: dict[str, Any] = {"leaves": 0, "reorder": 0}  # 0: set from the catalog size at build
+
+    def __init__(self, dim: int, metric: str = "ip", num_leaves: int | None = None, reorder: int = 1000,
+                 train_sample: int = 100_000, quantization_threshold: float = 0.2, **extra: Any):
+        super().__init__(dim, metric, num_leaves=None if num_leaves is None else int(num_leaves),
+                         reorder=int(reorder), train_sample=int(train_sample),
+                         quantization_threshold=float(quantization_threshold), **extra)
+        _scann()  # fail at construction, not at the first build
+        self._vecs = Growable(np.empty((0, self.dim), np.float32))
+        self._searcher: Any = None
+        self._n_main = 0  # slots [0, n_main) are in ScaNN; the rest form the delta tier
+        self._leaves = 0  # 0: brute force
+
+    def describe(self) -> str:
+        main = f"ScaNN(tree{self._leaves},AH2,reorder)" if self._leaves else "ScaNN(brute)"
+        return main + (f"+delta{self.n_slots - self._n_main}" if self.n_slots > self._n_main else "")
+
+    def search_space(self, k: int) -> list[dict[str, Any]]:
+        """(leaves, reorder) pairs ordered by estimated work: points scored x dim/2 + reordered x dim."""
+        if not self._leaves:
+            return [{}]
+        n = max(self._n_main, 1)
+        leaves = sorted({min(2**i, self._leaves) for i in range(0, 14)})
+        grid = [{"leaves": lv, "reorder": r} for lv in leaves for r in (k, 2 * k, 4 * k, 8 * k)]
+        return sorted(grid, key=lambda g: g["leaves"] * n / self._leaves * self.dim / 2 + g["reorder"] * self.dim)
+
+    def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
+        self._vecs.extend(vectors)
+        if build:
+            self._build_main(self._vecs.data)
+
+    def _build_main(self, vecs: np.ndarray) -> None:
+        sp = _scann()
+        n = len(vecs)
+        p = self.build_params
+        reorder = max(1, min(p["reorder"], n))
+        builder = sp.builder(vecs, min(10, n), "dot_product")
+        if n >= MIN_TREE and self.dim % 2 == 0:
+            leaves = p["num_leaves"] or int(round(math.sqrt(n)))
+            leaves = max(2, min(leaves, n // 50))
+            search_leaves = max(1, leaves // 10)
+            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=search_leaves,
+                                   training_sample_size=min(n, p["train_sample"]))
+            builder = builder.score_ah(2, anisotropic_quantization_threshold=p["quantization_threshold"])
+            builder = builder.reorder(reorder)
+            self._leaves = leaves
+        else:
+            builder = builder.score_brute_force()
+            self._leaves, search_leaves = 0, 0
+        log.info("scann: building over %d items (%s)", n, f"{self._leaves} leaves" if self._leaves else "brute force")
+        self._searcher = builder.build()
+        self._n_main = n
+        if not self.search_defaults.get("leaves"):
+            self.search_defaults["leaves"] = search_leaves
+        if not self.search_defaults.get("reorder"):
+            self.search_defaults["reorder"] = reorder
+
+    def _vectors(self) -> np.ndarray:
+        return self._vecs.data
+
+    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        n_main = self._n_main
+        fetch = k
+        if mask is not None:  # over-fetch in proportion to what the mask hides in the main tier
+            qual_main = int(np.searchsorted(mask.idx, n_main))
+            fetch = math.ceil(k * n_main / max(qual_main, 1) * 1.2) + 10
+            fetch = min(fetch, MAX_OVERFETCH * k + 100)
+        fetch = min(fetch, n_main)
+        leaves = int(params.get("leaves") or 0) if self._leaves else 0
+        reorder = max(int(params.get("reorder") or 0), fetch)
+        idx, dist = self._searcher.search_batched(q, fetch, reorder if self._leaves else -1, leaves or -1)
+        slots = idx.astype(np.int64)
+        scores = np.asarray(dist, np.float32)
+        bad = ~np.isfinite(scores)  # ScaNN pads short rows with index 0, score NaN
+        if mask is not None:
+            bad |= ~mask.bits[slots]
+        if bad.any():
+            scores = np.where(bad, -np.inf, scores)
+        slots, scores = self._compact(slots, scores, k)
+        if self.n_slots > n_main:  # delta tier: exact over items added since the build
+            delta = self._vecs.data[n_main:]
+            ds = q @ delta.T
+            if mask is not None:
+                ds[:, ~mask.bits[n_main:]] = -np.inf
+            d_slots, d_scores = topk_rows(ds, k, labels=np.arange(n_main, self.n_slots))
+            slots, scores = merge_topk([slots, d_slots], [scores, d_scores], k)
+        return slots, scores
+
+    @staticmethod
+    def _compact(slots: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keep each row's k best finite entries, sorted, -1/-inf padded."""
+        cols, top = topk_rows(scores, k)
+        out = np.take_along_axis(slots, np.maximum(cols, 0), axis=1)
+        out[cols < 0] = -1
+        return out, top
+
+    def _save_backend(self, directory: Path) -> dict[str, Any]:
+        save_npy(directory / "vectors.npy", self._vecs.data)
+        state: dict[str, Any] = {"vectors": "vectors.npy", "n_main": self._n_main, "leaves": self._leaves,
+                                 "scann_dir": None}
+        if self._searcher is not None:
+            (directory / "scann").mkdir()
+            self._searcher.serialize(str(directory / "scann"), relative_path=True)
+            state["scann_dir"] = "scann"
+        return state
+
+    def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
+        vecs = load_npy(directory / state["vectors"], mmap=True)
+        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
+            raise ArtifactError(f"{directory / state['vectors']}: {vecs.dtype}{list(vecs.shape)} does not match "
+                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
+        self._vecs = Growable(vecs)
+        self._n_main, self._leaves = int(state["n_main"]), int(state["leaves"])
+        if state.get("scann_dir"):
+            sdir = directory / state["scann_dir"]
+            if (sdir / "scann_docids.pkl").exists():  # ScaNN would unpickle it; we never write one
+                raise ArtifactError(f"{sdir / 'scann_docids.pkl'}: refusing to load a pickled file; rebuild the index")
+            try:
+                self._searcher = _scann().load_searcher(str(sdir))
+            except (RuntimeError, ValueError) as e:
+                raise ArtifactError(f"{sdir}: ScaNN could not load it ({e})") from e

@@ -1,0 +1,154 @@
+"""Training: in-batch sampled softmax with logQ popularity correction, early stopping on recall.
+
+Each training example is one interaction: the user (id, static features, the previous N items)
+against the item clicked. The other items of the batch are the negatives; since popular items
+are over-sampled as negatives, their logits are corrected by log(sampling probability) (Yi et
+al., 2019). Accidental hits (the positive item appearing elsewhere in the batch) are masked.
+Every epoch the model is scored on the validation period by exact recall@K; training stops when
+that has not improved for `patience` epochs and the best weights are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from towerann.errors import DataError
+from towerann.model.evaluate import held_out, metrics, two_tower_topk
+from towerann.model.model import TwoTowerModel
+from towerann.model.prepare import TRAIN, VALID, Prepared, build_schema, prepare
+from towerann.model.towers import TowerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.1
+    patience: int = 3
+    eval_k: int = 100
+    id_dropout: float = 0.1  # how often the user id is hidden, so the cold-start path is trained
+    seed: int = 0
+    max_item_vocab: int = 1_000_000
+    max_seconds: float | None = None  # stop early (keeping the best epoch) when time runs out
+
+
+def item_vocabulary(p: Prepared, max_items: int) -> np.ndarray:
+    """Items with training interactions, most frequent first, capped at max_items."""
+    rows = p.item_row[p.split == TRAIN]
+    counts = np.bincount(rows, minlength=len(p.items))
+    order = np.argsort(-counts, kind="stable")
+    order = order[counts[order] > 0][:max_items]
+    return p.items["item_id"].to_numpy()[order]
+
+
+def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | None = None,
+          cfg: TrainConfig | None = None, name: str | None = None, overwrite: bool = False,
+          progress: bool | None = None) -> TwoTowerModel:
+    tower = tower or TowerConfig()
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    p = prepare(data, tower.history_len)
+    train_rows = np.flatnonzero(p.split == TRAIN)
+    if len(train_rows) < 2:
+        raise DataError(f"{data}: fewer than 2 training interactions; nothing to learn from")
+    schema = build_schema(p, tower.history_len)
+    users_with_train = np.unique(p.user_key[train_rows])
+    model = TwoTowerModel.create(schema, item_vocabulary(p, cfg.max_item_vocab), users_with_train, tower)
+    net = model.net
+
+    # Encoded once: catalog features by catalog row, user features by user row.
+    item_idx, item_cat, item_num, item_attrs = (t for t in model.item_inputs(p.items))
+    user_num, user_cat = schema.encode_user_frame(p.users)
+    user_idx_all = torch.from_numpy(model.user_vocab.encode(p.user_key))
+    known = torch.from_numpy(p.user_row >= 0)
+    urow = torch.from_numpy(np.maximum(p.user_row, 0))
+    user_num_t, user_cat_t = torch.from_numpy(user_num), torch.from_numpy(user_cat)
+    hist = torch.from_numpy(p.hist_rows)
+    hist_mask_all = (hist >= 0).float()
+    hist_idx_all = torch.where(hist >= 0, item_idx[hist.clamp(min=0)], 0)
+    hist_cat_all = torch.where(hist >= 0, item_cat[hist.clamp(min=0)], 0)
+    pos_rows = torch.from_numpy(p.item_row.copy())
+
+    counts = np.bincount(p.item_row[train_rows], minlength=len(p.items)).astype(np.float64)
+    log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum()).astype(np.float32))
+
+    valid = held_out(p, VALID)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, best_epoch, history = -1.0, None, -1, []
+    for epoch in range(cfg.epochs):
+        net.train()
+        order = torch.from_numpy(rng.permutation(train_rows))
+        total, steps = 0.0, 0
+        batches = range(0, len(order), cfg.batch_size)
+        for s in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=True if progress is False else None,
+                      leave=False):
+            rows = order[s:s + cfg.batch_size]
+            if len(rows) < 2:
+                continue
+            items = pos_rows[rows]
+            uidx = user_idx_all[rows]
+            uidx = torch.where(torch.rand(len(rows)) < cfg.id_dropout, 0, uidx)
+            ur = urow[rows]
+            k = known[rows].unsqueeze(1)
+            u = net.user_tower(uidx, user_num_t[ur] * k, user_cat_t[ur] * k, hist_idx_all[rows], hist_cat_all[rows],
+                               hist_mask_all[rows])
+            v = net.item_tower(item_idx[items], item_cat[items], item_num[items], item_attrs[items])
+            logits = (u @ v.T) / cfg.temperature - log_q[items].unsqueeze(0)
+            same = items.unsqueeze(0) == items.unsqueeze(1)
+            logits = logits.masked_fill(same & ~torch.eye(len(rows), dtype=torch.bool), -torch.inf)
+            loss = F.cross_entropy(logits, torch.arange(len(rows)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        val = metrics(two_tower_topk(model, p, valid, cfg.eval_k), valid.targets, (cfg.eval_k,)) if len(valid.rows) else {}
+        score = val.get(f"recall@{cfg.eval_k}", -total)
+        history.append({"epoch": epoch + 1, "loss": total / max(steps, 1), f"val_recall@{cfg.eval_k}": score})
+        log.info("epoch %d loss %.4f val recall@%d %.4f", epoch + 1, total / max(steps, 1), cfg.eval_k, score)
+        if progress is not False:
+            print(f"epoch {epoch + 1}: loss {total / max(steps, 1):.4f}  val recall@{cfg.eval_k} {score:.4f}", flush=True)
+        if score > best:
+            best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch + 1
+        elif epoch + 1 - best_epoch >= cfg.patience:
+            break
+        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+            log.info("time budget of %.0f s reached after epoch %d", cfg.max_seconds, epoch + 1)
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    model.info = {
+        "dataset": str(data),
+        "train_interactions": int(len(train_rows)),
+        "items_in_vocab": len(model.item_vocab),
+        "users_in_vocab": len(model.user_vocab),
+        "best_epoch": best_epoch,
+        f"val_recall@{cfg.eval_k}": best,
+        "epochs": history,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "train_config": cfg.__dict__,
+    }
+    if out is not None:
+        model.save(out, name=name, overwrite=overwrite)
+    return model
+
+
+def summary(model: TwoTowerModel) -> dict[str, Any]:
+    return {"model_version": model.version, **{k: v for k, v in model.info.items() if k != "epochs"}}

@@ -1,0 +1,41 @@
+"""Id vocabularies: external ids (int or str) -> dense indexes, 0 = unknown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+class IdVocab:
+    """Maps external ids to 1..n (0 for unknown). Bulk lookups go through pandas, single ones a dict."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = np.asarray(ids)
+        if self.ids.dtype == object:
+            self.ids = self.ids.astype(str)
+        self._index = pd.Index(self.ids)
+        self._dict: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def size(self) -> int:
+        """Embedding rows needed: the ids plus the unknown bucket."""
+        return len(self.ids) + 1
+
+    def encode(self, values: Any) -> np.ndarray:
+        values = np.asarray(values)
+        if self.ids.dtype.kind in "iu" and values.dtype.kind not in "iu":
+            values = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy()
+        elif self.ids.dtype.kind == "U" and values.dtype.kind != "U":
+            values = values.astype(str)
+        return (self._index.get_indexer(values) + 1).astype(np.int64)
+
+    def encode_one(self, value: Any) -> int:
+        """Fast path for one id given as a string (as ids travel at request time)."""
+        if self._dict is None:
+            self._dict = {str(v): i + 1 for i, v in enumerate(self.ids.tolist())}
+        return self._dict.get(str(value), 0)

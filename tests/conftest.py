@@ -1,0 +1,85 @@
+"""Shared fixtures: real parts only. A real redis-server, started once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from typing import Iterator
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_ping(url: str, proc: subprocess.Popen, timeout_s: float = 10.0) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:  # exited: most likely the port was taken in between
+                return False
+            try:
+                if client.ping():
+                    return True
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start Debian's redis-server on a free loopback port, no persistence; yield its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        reason = "redis-server is not on PATH; install it (apt-get install redis-server) to run the Redis tests"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI is set, so this is an error, not a skip)")
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("redis")
+    for _attempt in range(3):  # a free port can be taken between probing and binding
+        port = _free_port()
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        if _wait_for_ping(url, proc):
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        pytest.fail("redis-server did not answer PING after 3 attempts on free ports")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A fresh key namespace per test, so tests sharing the server never see each other's keys."""
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port nothing listens on (for connection-refused tests)."""
+    return _free_port()

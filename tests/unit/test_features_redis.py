@@ -1,0 +1,81 @@
+"""Redis store specifics: key layout, server-side capping and expiry, unreachable servers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import redis
+
+from towerann.errors import BackendUnavailable, ConfigError
+from towerann.features import Event, open_store
+from towerann.features.redis_store import RedisFeatureStore
+
+
+def test_connection_refused_is_backend_unavailable(free_port: int) -> None:
+    url = f"redis://127.0.0.1:{free_port}/0"
+    with pytest.raises(BackendUnavailable, match=rf"127\.0\.0\.1:{free_port}.*redis-server running"):
+        open_store(url)
+
+
+def test_key_layout_cap_and_expiry_live_in_redis(redis_server: str, redis_prefix: str) -> None:
+    store = RedisFeatureStore(redis_server, prefix=redis_prefix, max_events=4, ttl_s=30)
+    store.put_users([{"user_id": "u1", "age": 3, "city": "Oslo", "recent_items": ["a", "b"]}])
+    for i in range(10):
+        store.append_event(Event("u1", f"i{i}"))
+    raw = redis.Redis.from_url(redis_server, decode_responses=True)
+    try:
+        assert raw.hgetall(f"{redis_prefix}u:u1") == {"age": "3.0", "city": '"Oslo"', "recent_items": '["a", "b"]'}
+        assert raw.llen(f"{redis_prefix}s:u1") == 4  # trimmed on the server, not only on read
+        assert 0 < raw.pttl(f"{redis_prefix}s:u1") <= 30_000  # expires ttl_s after the last event
+    finally:
+        raw.close()
+    assert store.stats()["users"] == 1 and store.stats()["session_users"] == 1
+    assert store.clear() == 2
+    assert store.get_one("u1").known is False
+    store.close()
+
+
+def test_prefixes_are_separate_namespaces(redis_server: str, redis_prefix: str) -> None:
+    a = open_store(redis_server, prefix=redis_prefix + "a:")
+    b = open_store(redis_server, prefix=redis_prefix + "b:")
+    a.put_users([{"user_id": "u", "x": 1}])
+    a.append_event(Event("u", "i"))
+    fb = b.get_one("u")
+    assert (fb.known, fb.session) == (False, ())
+    assert a.get_one("u").known
+    a.close()
+    b.close()
+    with pytest.raises(ConfigError, match="--path"):
+        open_store(redis_server, path="x.sqlite")
+
+
+def test_server_going_away_is_backend_unavailable(free_port: int, tmp_path) -> None:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH")
+    proc = subprocess.Popen([exe, "--port", str(free_port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{free_port}/0"
+        for _ in range(200):  # wait until it answers
+            try:
+                store = open_store(url, prefix="gone:")
+                break
+            except BackendUnavailable:
+                time.sleep(0.05)
+        else:
+            pytest.fail("private redis-server did not start")
+        store.append_event(Event("u", "i"))
+        assert len(store.get_one("u").session) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{free_port}"):
+        store.get_one("u")
+    with pytest.raises(BackendUnavailable, match="redis-server running"):
+        store.append_event(Event("u", "j"))
+    store.close()
