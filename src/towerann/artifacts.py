@@ -36,6 +36,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.flush()
@@ -55,6 +56,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise ArtifactError(f"{target} already exists; choose another path or remove it first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
     try:
         yield tmp
         if target.exists():

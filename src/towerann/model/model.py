@@ -10,7 +10,6 @@ Artifact directory:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,9 @@ from towerann.model.vocab import IdVocab
 KIND = "model"
 FORMAT_VERSION = 1
 METRIC = "ip"  # towers emit L2-normalised vectors: inner product == cosine
+# The user tower reads history through the item tower's tables: saved once, restored to both names.
+SHARED = {"user_tower.item_emb.weight": "item_tower.item_emb.weight",
+          "user_tower.cat_emb.weight": "item_tower.cat_emb.weight"}
 
 
 @dataclass
@@ -105,7 +107,7 @@ class TwoTowerModel:
 
         out = Path(out)
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            state = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+            state = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items() if k not in SHARED}
             np.savez(tmp / "weights.npz", **state)
             weights_sha = sha256_file(tmp / "weights.npz")
             self.version = f"{name or out.name}-{weights_sha[:12]}"
@@ -152,6 +154,7 @@ class TwoTowerModel:
         net = TwoTower(cfg, sizes)
         with np.load(weights, allow_pickle=False) as z:
             state = {k: torch.from_numpy(z[k]) for k in z.files}
+        state.update({k: state[src] for k, src in SHARED.items() if src in state})
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
@@ -168,7 +171,3 @@ class TwoTowerModel:
 def model_version_of(directory: str | Path) -> str:
     """The version string of a saved model, from its manifest alone (cheap)."""
     return read_manifest(directory, KIND, FORMAT_VERSION)["model_version"]
-
-
-def digest(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]

@@ -53,7 +53,7 @@ def _is_numeric(t: pa.DataType) -> bool:
 
 
 def _is_categorical(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _numeric(df: pd.DataFrame, name: str) -> NumericColumn:

@@ -1,0 +1,30 @@
+"""`towerann bench ...`: each benchmark module registers one subcommand under `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# Each module has add_bench_command(bench_subparsers) -> None.
+BENCH_MODULES = (
+    "towerann.bench.machine",
+    "towerann.bench.tower",
+    "towerann.bench.embed",
+    "towerann.bench.ann",
+    "towerann.bench.serve",
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: towerann beside its peers, JSON + PNG",
+                           description="Benchmarks measure towerann beside its peers in the same run and "
+                           "report ratios; results go to --out as JSON and a PNG plot. Quote medians.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a missing dependency inside the module is a real error
+                raise
+            continue
+        module.add_bench_command(bench_sub)
