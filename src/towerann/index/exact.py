@@ -20,8 +20,8 @@ class ExactIndex(Index):
     kind = "exact"
     default_search: dict[str, Any] = {}
 
-    def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
-        super().__init__(dim, metric, **build_params)
+    def __init__(self, dim: int, metric: str = "ip"):
+        super().__init__(dim, metric)
         self._vecs = Growable(np.empty((0, self.dim), np.float32))
 
     def describe(self) -> str:

@@ -9,6 +9,7 @@ faiss also lets the exact fallback read the stored vectors without a copy.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ class HNSWIndex(Index):
     kind = "hnsw"
     default_search: dict[str, Any] = {"ef": 256}
 
-    def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128, **extra: Any):
-        super().__init__(dim, metric, M=int(M), ef_construction=int(ef_construction), **extra)
+    def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128):
+        super().__init__(dim, metric, M=int(M), ef_construction=int(ef_construction))
         self._ix = self._new_index()
 
     def _new_index(self) -> faiss.IndexHNSWFlat:
@@ -60,7 +61,10 @@ class HNSWIndex(Index):
 
     def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         p = faiss.SearchParametersHNSW()
-        p.efSearch = int(params["ef"])  # faiss searches with max(ef, k)
+        ef = max(int(params["ef"]), k)  # faiss searches with max(ef, k)
+        if mask is not None:  # widen the beam as the filter narrows, up to 16x (the rest is the fallback's job)
+            ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 16 * ef)
+        p.efSearch = ef
         if mask is None:
             scores, slots = self._ix.search(q, k, params=p)
         else:

@@ -42,12 +42,12 @@ class IVFPQIndex(Index):
     default_search: dict[str, Any] = {"nprobe": 32, "rerank": 1000}
 
     def __init__(self, dim: int, metric: str = "ip", nlist: int | None = None, pq_m: int | None = None,
-                 nbits: int = 8, train_sample: int = 200_000, seed: int = 1234, **extra: Any):
+                 nbits: int = 8, train_sample: int = 200_000, seed: int = 1234):
         pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
         if dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
         super().__init__(dim, metric, nlist=None if nlist is None else int(nlist), pq_m=pq_m, nbits=int(nbits),
-                         train_sample=int(train_sample), seed=int(seed), **extra)
+                         train_sample=int(train_sample), seed=int(seed))
         self._vecs = Growable(np.empty((0, self.dim), np.float32))
         self._ix: faiss.IndexIVFPQ | None = None  # None: untrained (tiny catalog), brute force
 

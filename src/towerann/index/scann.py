@@ -40,10 +40,10 @@ class ScannIndex(Index):
     default_search: dict[str, Any] = {"leaves": 0, "reorder": 0}  # 0: set from the catalog size at build
 
     def __init__(self, dim: int, metric: str = "ip", num_leaves: int | None = None, reorder: int = 1000,
-                 train_sample: int = 100_000, quantization_threshold: float = 0.2, **extra: Any):
+                 train_sample: int = 100_000, quantization_threshold: float = 0.2):
         super().__init__(dim, metric, num_leaves=None if num_leaves is None else int(num_leaves),
                          reorder=int(reorder), train_sample=int(train_sample),
-                         quantization_threshold=float(quantization_threshold), **extra)
+                         quantization_threshold=float(quantization_threshold))
         _scann()  # fail at construction, not at the first build
         self._vecs = Growable(np.empty((0, self.dim), np.float32))
         self._searcher: Any = None

@@ -125,9 +125,12 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
     mat = sp.csr_matrix((np.ones(before.sum(), np.float32), (uidx, p.item_row[before])),
                         shape=(len(users), len(p.items)))
     mat.data[:] = 1.0  # duplicates summed by csr -> binarise
+    from threadpoolctl import threadpool_limits
+
     als = AlternatingLeastSquares(factors=factors, iterations=iterations, random_state=seed,
                                   calculate_training_loss=False)
-    als.fit(mat, show_progress=False)
+    with threadpool_limits(1, "blas"):  # implicit parallelises itself; a threaded BLAS underneath slows it
+        als.fit(mat, show_progress=False)
     user_pos = np.searchsorted(users, p.user_key[q.rows])
     found = (user_pos < len(users)) & (users[np.minimum(user_pos, len(users) - 1)] == p.user_key[q.rows])
     U = np.asarray(als.user_factors)

@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PIP = $(VENV)/bin/pip
+EXTRAS ?= test,scann
+
+.PHONY: setup demo test redis bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned to 2.13.0 (CPU build) in pyproject.toml
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/towerann demo
+
+# Tests use a real Redis server: install Debian's redis-server when it is missing.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server; \
+	  else echo "redis-server missing: sudo apt-get install -y redis-server"; exit 1; fi; }
+
+test: setup redis
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf towerann-demo bench-results .pytest_cache
