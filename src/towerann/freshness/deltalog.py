@@ -1,0 +1,170 @@
+"""The delta log: every item write (upsert, availability, delete), durable before it is acknowledged.
+
+A swap to a rebuilt bundle, or a restart, replays the entries newer than the bundle's cut-off,
+so nothing acknowledged is lost. Upserts log the item's *features*, not its vector: a bundle
+built by a new item tower re-embeds them with that tower on replay.
+
+Two backends: SQLite (WAL; the embedded default) and a Redis stream.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from towerann.errors import BackendUnavailable, BadRequest, ConfigError
+
+OPS = ("upsert", "available", "delete")
+
+
+@dataclass(frozen=True)
+class DeltaEntry:
+    seq: int  # strictly increasing within one log
+    op: str  # "upsert" | "available" | "delete"
+    item_id: str
+    payload: dict[str, Any] = field(default_factory=dict)  # upsert: the item's catalog row; available: {"available": bool}
+    ts: float = 0.0
+
+
+class DeltaLog(Protocol):
+    def append(self, op: str, item_id: str, payload: dict[str, Any] | None = None) -> DeltaEntry: ...
+    def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]: ...
+    def since(self, seq: int) -> Iterator[DeltaEntry]: ...
+    def last_seq(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def _check(op: str, item_id: str) -> None:
+    if op not in OPS:
+        raise BadRequest(f"unknown delta-log op {op!r}; expected one of {', '.join(OPS)}")
+    if not isinstance(item_id, str) or not item_id:
+        raise BadRequest("item_id must be a non-empty string")
+
+
+class SQLiteDeltaLog:
+    """Append-only table in a SQLite file (WAL, synchronous=NORMAL: survives a killed process)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS delta (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
+                         "op TEXT NOT NULL, item_id TEXT NOT NULL, payload TEXT NOT NULL)")
+
+    def append(self, op: str, item_id: str, payload: dict[str, Any] | None = None) -> DeltaEntry:
+        return self.append_many([(op, item_id, payload or {})])[0]
+
+    def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]:
+        for op, item_id, _ in entries:
+            _check(op, item_id)
+        now = time.time()
+        rows = [(now, op, item_id, json.dumps(payload or {}, default=_json_default)) for op, item_id, payload in entries]
+        out = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    seq = self._db.execute("INSERT INTO delta (ts, op, item_id, payload) VALUES (?, ?, ?, ?)", row).lastrowid
+                    out.append(DeltaEntry(int(seq), row[1], row[2], json.loads(row[3]), now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
+
+    def since(self, seq: int) -> Iterator[DeltaEntry]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, op, item_id, payload, ts FROM delta WHERE seq > ? ORDER BY seq",
+                                    (int(seq),)).fetchall()
+        for s, op, item_id, payload, ts in rows:
+            yield DeltaEntry(int(s), op, item_id, json.loads(payload), float(ts))
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM delta").fetchone()
+        return int(row[0] or 0)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class RedisDeltaLog:
+    """A Redis stream; entry ids are mapped to increasing integers (ms * 2^20 + sequence)."""
+
+    def __init__(self, url: str, key: str = "towerann:delta"):
+        import redis
+
+        self.key = key
+        self._r = redis.Redis.from_url(url, socket_connect_timeout=2.0)
+        try:
+            self._r.ping()
+        except redis.exceptions.ConnectionError as e:
+            raise BackendUnavailable(f"cannot reach Redis at {url} for the delta log ({e}); is redis-server running?") from e
+
+    @staticmethod
+    def _seq(stream_id: bytes | str) -> int:
+        ms, n = (stream_id.decode() if isinstance(stream_id, bytes) else stream_id).split("-")
+        return (int(ms) << 20) + int(n)
+
+    @staticmethod
+    def _stream_id(seq: int) -> str:
+        return f"{seq >> 20}-{seq & ((1 << 20) - 1)}"
+
+    def append(self, op: str, item_id: str, payload: dict[str, Any] | None = None) -> DeltaEntry:
+        return self.append_many([(op, item_id, payload or {})])[0]
+
+    def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]:
+        for op, item_id, _ in entries:
+            _check(op, item_id)
+        now = time.time()
+        pipe = self._r.pipeline(transaction=True)
+        for op, item_id, payload in entries:
+            pipe.xadd(self.key, {"op": op, "item_id": item_id, "payload": json.dumps(payload or {}, default=_json_default),
+                                 "ts": repr(now)})
+        ids = pipe.execute()
+        return [DeltaEntry(self._seq(i), op, item_id, payload or {}, now) for i, (op, item_id, payload) in zip(ids, entries)]
+
+    def since(self, seq: int) -> Iterator[DeltaEntry]:
+        start = "(" + self._stream_id(seq) if seq > 0 else "-"
+        while True:
+            batch = self._r.xrange(self.key, min=start, max="+", count=10_000)
+            if not batch:
+                return
+            for sid, f in batch:
+                yield DeltaEntry(self._seq(sid), f[b"op"].decode(), f[b"item_id"].decode(), json.loads(f[b"payload"]),
+                                 float(f[b"ts"]))
+            start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else batch[-1][0])
+
+    def last_seq(self) -> int:
+        last = self._r.xrevrange(self.key, count=1)
+        return self._seq(last[0][0]) if last else 0
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def open_delta_log(url: str, path: str | Path | None = None, key: str = "towerann:delta") -> DeltaLog:
+    """"embedded" (SQLite at `path`) or "redis://host:port/db" (a stream at `key`)."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisDeltaLog(url, key)
+    if url in ("embedded", "memory") or url.startswith("embedded://"):
+        if path is None:
+            raise ConfigError("the embedded delta log needs a file path")
+        return SQLiteDeltaLog(path)
+    raise ConfigError(f"unknown delta-log store {url!r}; use 'embedded' or redis://HOST:PORT")
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars in item rows
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
