@@ -9,6 +9,7 @@ is measured beside a popularity baseline and implicit's ALS on the same split.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,9 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
 
     als = AlternatingLeastSquares(factors=factors, iterations=iterations, random_state=seed,
                                   calculate_training_loss=False)
-    with threadpool_limits(1, "blas"):  # implicit parallelises itself; a threaded BLAS underneath slows it
+    # implicit parallelises itself and warns about a threaded BLAS underneath: limit BLAS to one thread
+    with threadpool_limits(1, "blas"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="OpenBLAS is configured")
         als.fit(mat, show_progress=False)
     user_pos = np.searchsorted(users, p.user_key[q.rows])
     found = (user_pos < len(users)) & (users[np.minimum(user_pos, len(users) - 1)] == p.user_key[q.rows])
