@@ -108,6 +108,14 @@ def as_vectors(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
     return v
 
 
+def inner_products(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """Scores [m, n] = q @ vecs.T, laid out for BLAS: one query is a gemv, which OpenBLAS runs
+    ~20x faster than the equivalent 1-row gemm that `q @ vecs.T` becomes."""
+    if len(q) == 1:
+        return (vecs @ q[0])[None, :]
+    return (vecs @ q.T).T
+
+
 class Index(ABC):
     kind: ClassVar[str]
     default_search: ClassVar[dict[str, Any]] = {}
@@ -253,9 +261,9 @@ class Index(ABC):
         """Brute force over the qualifying slots (all slots when mask is None)."""
         vecs = self._vectors()
         if mask is None:
-            return topk_rows(q @ vecs.T, k)
+            return topk_rows(inner_products(q, vecs), k)
         idx = mask.idx
-        return topk_rows(q @ vecs[idx].T, k, labels=idx)
+        return topk_rows(inner_products(q, vecs[idx]), k, labels=idx)
 
     def _mask_for(self, filter: Filter | None) -> Mask | None:
         """The slots a search may return, or None when every slot may be (the lean hot path)."""

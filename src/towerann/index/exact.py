@@ -9,7 +9,7 @@ import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
 from towerann.errors import ArtifactError
-from towerann.index.base import Growable, Index, Mask
+from towerann.index.base import Growable, Index, Mask, inner_products
 from towerann.index.merge import topk_rows
 
 # Queries scored per matmul block, so a large batch never materialises a huge [m, n] matrix.
@@ -41,7 +41,7 @@ class ExactIndex(Index):
             labels = None
         blocks = []
         for s in range(0, len(q), BLOCK_ROWS):
-            scores = q[s : s + BLOCK_ROWS] @ vecs.T
+            scores = np.array(inner_products(q[s : s + BLOCK_ROWS], vecs))  # writable copy: masked below
             if mask is not None and labels is None:
                 scores[:, ~mask.bits] = -np.inf
             blocks.append(topk_rows(scores, k, labels))

@@ -18,7 +18,7 @@ import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
 from towerann.errors import ArtifactError, BackendUnavailable
-from towerann.index.base import Growable, Index, Mask
+from towerann.index.base import Growable, Index, Mask, inner_products
 from towerann.index.merge import merge_topk, topk_rows
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class ScannIndex(Index):
         slots, scores = self._compact(slots, scores, k)
         if self.n_slots > n_main:  # delta tier: exact over items added since the build
             delta = self._vecs.data[n_main:]
-            ds = q @ delta.T
+            ds = np.array(inner_products(q, delta))  # writable copy: masked below
             if mask is not None:
                 ds[:, ~mask.bits[n_main:]] = -np.inf
             d_slots, d_scores = topk_rows(ds, k, labels=np.arange(n_main, self.n_slots))

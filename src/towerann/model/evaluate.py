@@ -9,7 +9,6 @@ is measured beside a popularity baseline and implicit's ALS on the same split.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,11 +127,10 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
     mat.data[:] = 1.0  # duplicates summed by csr -> binarise
     from threadpoolctl import threadpool_limits
 
-    als = AlternatingLeastSquares(factors=factors, iterations=iterations, random_state=seed,
-                                  calculate_training_loss=False)
     # implicit parallelises itself and warns about a threaded BLAS underneath: limit BLAS to one thread
-    with threadpool_limits(1, "blas"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="OpenBLAS is configured")
+    with threadpool_limits(1, "blas"):
+        als = AlternatingLeastSquares(factors=factors, iterations=iterations, random_state=seed,
+                                      calculate_training_loss=False)
         als.fit(mat, show_progress=False)
     user_pos = np.searchsorted(users, p.user_key[q.rows])
     found = (user_pos < len(users)) & (users[np.minimum(user_pos, len(users) - 1)] == p.user_key[q.rows])
