@@ -41,9 +41,9 @@ class ExactIndex(Index):
             labels = None
         blocks = []
         for s in range(0, len(q), BLOCK_ROWS):
-            scores = np.array(inner_products(q[s : s + BLOCK_ROWS], vecs))  # writable copy: masked below
+            scores = inner_products(q[s : s + BLOCK_ROWS], vecs)
             if mask is not None and labels is None:
-                scores[:, ~mask.bits] = -np.inf
+                scores = np.where(mask.bits, scores, np.float32(-np.inf))
             blocks.append(topk_rows(scores, k, labels))
         if len(blocks) == 1:
             return blocks[0]

@@ -120,9 +120,9 @@ class ScannIndex(Index):
         slots, scores = self._compact(slots, scores, k)
         if self.n_slots > n_main:  # delta tier: exact over items added since the build
             delta = self._vecs.data[n_main:]
-            ds = np.array(inner_products(q, delta))  # writable copy: masked below
+            ds = inner_products(q, delta)
             if mask is not None:
-                ds[:, ~mask.bits[n_main:]] = -np.inf
+                ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))
             d_slots, d_scores = topk_rows(ds, k, labels=np.arange(n_main, self.n_slots))
             slots, scores = merge_topk([slots, d_slots], [scores, d_scores], k)
         return slots, scores

@@ -1,0 +1,299 @@
+"""`towerann bench serve`: latency per stage and end to end, HTTP server vs the in-process Retriever.
+
+An open-loop load generator (requests are sent on a fixed schedule whatever the server's pace, so
+queueing shows up in the latency instead of silently lowering the rate) runs in its own process
+with asyncio and many keep-alive HTTP/1.1 connections, against a real uvicorn server on loopback
+in another process. It sweeps arrival rates up to saturation and reports p50/p99/p99.9 per stage
+(from each response's timings_ms) and end to end, the achieved rate and errors. The same requests
+run against the Retriever in-process, so the HTTP overhead is visible.
+
+The workload is built on demand under --workdir: synthetic catalog -> trained model -> item
+vectors -> hnsw bundle -> user features loaded into the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towerann.bench.report import percentiles, write_report
+from towerann.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ---- workload ------------------------------------------------------------------------------------
+
+def embed_items(model_dir: Path, data_dir: Path, out: Path) -> Path:
+    """Item vectors for the catalog (the embed runner when present, else model.encode_items)."""
+    try:
+        from towerann.embed.runner import embed_catalog  # type: ignore[import-not-found]
+    except ImportError:
+        embed_catalog = None
+    if embed_catalog is not None:
+        embed_catalog(model_dir, data_dir, out)
+        return out
+    from towerann.data.dataset import read_items
+    from towerann.embed.vectors import write_vectors
+    from towerann.model.model import TwoTowerModel
+
+    model = TwoTowerModel.load(model_dir)
+    items = read_items(data_dir)
+    cat = items["category"].astype("category")
+    write_vectors(out, model.encode_items(items), np.arange(len(items), dtype=np.int64),
+                  cat.cat.codes.to_numpy().astype(np.int32), items["available"].to_numpy(bool),
+                  [str(c) for c in cat.cat.categories], model.version, items["item_id"].to_numpy())
+    return out
+
+
+def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: int = 2, kind: str = "auto",
+            seed: int = 0) -> dict[str, Path]:
+    """Build (once; reused when present) dataset, model, vectors and a published bundle under workdir."""
+    from towerann.data.synth import generate
+    from towerann.model.towers import TowerConfig
+    from towerann.model.train import TrainConfig, train
+    from towerann.serving.bundle import publish_bundle
+
+    work = Path(workdir)
+    paths = {"data": work / "data", "model": work / "model", "vectors": work / "vectors", "index": work / "indexes"}
+    if not (paths["data"] / "manifest.json").exists():
+        generate(paths["data"], items, users, seed=seed, overwrite=True)
+    if not (paths["model"] / "manifest.json").exists():
+        train(paths["data"], paths["model"], TowerConfig(dim=dim), TrainConfig(epochs=epochs, seed=seed),
+              name="bench", overwrite=True, progress=False)
+    if not (paths["vectors"] / "manifest.json").exists():
+        embed_items(paths["model"], paths["data"], paths["vectors"])
+    if not (paths["index"] / "CURRENT").exists():
+        publish_bundle(paths["index"], paths["model"], paths["vectors"], kind=kind)
+    return paths
+
+
+# ---- load generation -----------------------------------------------------------------------------
+
+async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int) -> dict[str, Any]:
+    """Send len(schedule) requests at fixed arrival times over a pool of keep-alive connections."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    n = max(1, int(rate * duration_s))
+    queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+    lat = np.full(n, np.nan)
+    stages: list[dict[str, float]] = []
+    errors: dict[str, int] = {}
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while True:
+                i, t_sched = await queue.get()
+                if i < 0:
+                    return
+                body = bodies[i % len(bodies)]
+                head = (f"POST /v1/candidates HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                try:
+                    writer.write(head + body)
+                    status_line = await reader.readline()
+                    length = 0
+                    while (line := await reader.readline()) not in (b"\r\n", b""):
+                        if line[:15].lower() == b"content-length:":
+                            length = int(line[15:])
+                    payload = await reader.readexactly(length)
+                    lat[i] = time.perf_counter() - t_sched  # from the scheduled send: includes queueing
+                    status = int(status_line.split()[1])
+                    if status != 200:
+                        errors[str(status)] = errors.get(str(status), 0) + 1
+                    else:
+                        stages.append(json.loads(payload)["timings_ms"])
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+        finally:
+            writer.close()
+
+    workers = [asyncio.create_task(worker()) for _ in range(connections)]
+    t0 = time.perf_counter() + 0.05
+    for i in range(n):
+        t_sched = t0 + i / rate
+        delay = t_sched - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait((i, t_sched))
+    for _ in workers:
+        queue.put_nowait((-1, 0.0))
+    await asyncio.gather(*workers)
+    wall = time.perf_counter() - t0
+    done = lat[~np.isnan(lat)]
+    return {"target_rps": rate, "sent": n, "ok": len(stages), "errors": errors,
+            "achieved_rps": len(done) / wall, "end_to_end": percentiles(done),
+            "stages": {s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in
+                       ("features", "user_tower", "ann", "total")} if stages else {}}
+
+
+def _loadgen_main(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int, out: Any) -> None:
+    out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections)))
+
+
+def run_load(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int) -> dict[str, Any]:
+    """The generator in its own process, so it never competes with the server for the GIL."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_loadgen_main, args=(url, bodies, rate, duration_s, connections, q))
+    p.start()
+    try:
+        return q.get(timeout=duration_s * 4 + 60)
+    finally:
+        p.join(timeout=10)
+
+
+def _in_process(index_root: Path, store_url: str, store_path: str | None, user_ids: list[str], k: int,
+                n: int) -> dict[str, Any]:
+    """The Retriever alone, one request after another: the floor the HTTP server adds to."""
+    from towerann.features import open_store
+    from towerann.serving.bundle import RetrievalBundle
+    from towerann.serving.holder import BundleHolder
+    from towerann.serving.retriever import Retriever
+
+    store = open_store(store_url, path=store_path)
+    try:
+        r = Retriever(BundleHolder(RetrievalBundle.load(index_root)), store)
+        for u in user_ids[:200]:  # warm-up
+            r.candidates(u, k)
+        timings, wall = [], []
+        for i in range(n):
+            t = time.perf_counter()
+            c = r.candidates(user_ids[i % len(user_ids)], k)
+            wall.append(time.perf_counter() - t)
+            timings.append(c.timings_ms)
+        return {"requests": n, "end_to_end": percentiles(wall), "qps_one_thread": n / sum(wall),
+                "stages": {s: percentiles(np.array([t[s] for t in timings]) / 1e3) for s in timings[0]}}
+    finally:
+        store.close()
+
+
+def _start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    from towerann.serving.server import free_port
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ConfigError("--store redis needs redis-server on PATH (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def run(args: argparse.Namespace) -> int:
+    from towerann.features import open_store
+    from towerann.features.loader import load_dataset_features
+    from towerann.serving.server import start_subprocess
+
+    work = Path(args.workdir) / f"serve-{args.items}"
+    t0 = time.perf_counter()
+    paths = prepare(work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind="hnsw")
+    prep_s = time.perf_counter() - t0
+    redis_proc = None
+    store_url, store_path = args.store, None
+    if args.store == "redis":
+        redis_proc, store_url = _start_redis(work)
+    elif args.store == "embedded":
+        store_path = str(work / "features.sqlite")
+    try:
+        store = open_store(store_url, path=store_path)
+        if store.stats().get("users", 0) == 0:
+            load_dataset_features(store, paths["data"])
+        store.close()
+        rng = np.random.default_rng(0)
+        user_ids = [str(u) for u in rng.integers(0, args.users, 5000)]
+        bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in user_ids]
+        inproc = _in_process(paths["index"], store_url, store_path, user_ids, args.k, args.inproc_requests)
+        print(f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
+              f"{inproc['qps_one_thread']:.0f} qps on one thread", flush=True)
+        server = start_subprocess(paths["index"], store_url, store_path)
+        rates = []
+        try:
+            run_load(server.url, bodies, 50, 2, 8)  # warm-up
+            for rate in args.rates:
+                r = run_load(server.url, bodies, rate, args.duration, args.connections)
+                rates.append(r)
+                e = r["end_to_end"]
+                print(f"rate {rate:>6.0f}/s: achieved {r['achieved_rps']:.0f}/s, p50 {e['p50_ms']:.2f} ms, "
+                      f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}", flush=True)
+                if r["achieved_rps"] < 0.9 * rate or e["p99_ms"] > 1000:
+                    break  # saturated: higher rates only grow the queue
+        finally:
+            server.stop()
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+    ok = [r for r in rates if r["achieved_rps"] >= 0.95 * r["target_rps"] and r["end_to_end"]["p99_ms"] < 100]
+    result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store,
+              "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates,
+              "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
+              "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0)}
+    json_path, png_path = write_report(args.out, f"serve-{args.items}-{args.store.split(':')[0]}", result, _plot(result))
+    print(f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
+          f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def _plot(result: dict[str, Any]) -> Any:
+    def draw(fig: Any) -> None:
+        ax1, ax2 = fig.subplots(1, 2)
+        rates = result["http"]
+        x = [r["achieved_rps"] for r in rates]
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+            ax1.plot(x, [r["end_to_end"][key] for r in rates], marker="o", label=f"HTTP end to end {label}")
+        ax1.axhline(result["in_process"]["end_to_end"]["p99_ms"], ls="--", c="gray", label="in-process p99")
+        ax1.set_xlabel("achieved requests/s")
+        ax1.set_ylabel("ms")
+        ax1.set_yscale("log")
+        ax1.set_title(f"{result['items']} items, k={result['k']}, store={result['store']}")
+        ax1.legend(fontsize=8)
+        stages = ("features", "user_tower", "ann", "total")
+        inp = [result["in_process"]["stages"][s]["p50_ms"] for s in stages]
+        low = rates[0]["stages"] if rates and rates[0]["stages"] else None
+        xs = np.arange(len(stages))
+        ax2.bar(xs - 0.2, inp, 0.4, label="in-process p50")
+        if low:
+            ax2.bar(xs + 0.2, [low[s]["p50_ms"] for s in stages], 0.4, label=f"HTTP p50 @ {rates[0]['target_rps']:.0f}/s")
+        ax2.set_xticks(xs, stages)
+        ax2.set_ylabel("ms (server-side stage timings)")
+        ax2.legend(fontsize=8)
+
+    return draw
+
+
+def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("serve", help="request latency per stage and end to end: HTTP server vs in-process",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
+    p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
+    p.add_argument("--dim", type=int, default=64, help="embedding dim of the model trained for the bench (default 64)")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs for the bench model (default 1)")
+    p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
+    p.add_argument("--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB")
+    p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 400, 600, 800, 1200, 1600],
+                   help="arrival rates to sweep, requests/s (stops at saturation)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
+    p.add_argument("--connections", type=int, default=64, help="keep-alive connections of the generator (default 64)")
+    p.add_argument("--inproc-requests", type=int, default=3000, help="requests for the in-process run (default 3000)")
+    p.add_argument("--workdir", default="bench-work", help="where the workload is built and cached (default bench-work/)")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
+    p.set_defaults(func=run)

@@ -1,0 +1,148 @@
+"""The retrieval bundle: what is served and swapped as one unit.
+
+user tower + item index + id map (internal int64 <-> external item id) + filter attributes
+(category per item), one version. A request can never pair a user tower with an index built by
+another item tower, because both are loaded from the same directory and checked against each other.
+
+On disk a bundle is an index snapshot directory (the layout `towerann.index.snapshot` reads, with
+its CURRENT pointer and checksums over every file) that also holds:
+  model/              a copy of the model directory (user_tower.onnx, vocabularies, manifest)
+  external_ids.npy    the catalog's item id per internal id (int64 or unicode)
+  item_categories.npy category code per internal id (codes index bundle.category_names)
+and `{"bundle": {...}}` in the snapshot manifest. `snapshot.publish` cannot add files before its
+atomic rename, so `publish_bundle` builds the directory itself with the same conventions.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towerann.artifacts import atomic_dir, load_npy, save_npy
+from towerann.errors import ArtifactError, IndexIncompatible
+from towerann.index import Index, create
+from towerann.index.snapshot import _set_current, load_snapshot, new_version, prune, resolve, write_snapshot
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = 1
+AUTO_EXACT_MAX = 20_000  # kind="auto": exact below this many items, hnsw above (as `index build --kind auto`)
+
+
+def _vector_set(vectors: Any) -> Any:
+    from towerann.embed.vectors import VectorSet, read_vectors
+
+    return vectors if isinstance(vectors, VectorSet) else read_vectors(vectors)
+
+
+def build_index(vs: Any, kind: str = "auto", build_params: dict[str, Any] | None = None,
+                tune: tuple[np.ndarray, int, float] | None = None) -> Index:
+    """Build the index over a VectorSet. `tune` = (user query vectors, k, target recall)."""
+    params = dict(build_params or {})
+    if kind == "auto":
+        kind = "exact" if len(vs) < AUTO_EXACT_MAX else "hnsw"
+    index = create(kind, vs.dim, vs.metric, **params)
+    index.build(vs.vectors, vs.ids, vs.categories, vs.available)
+    if tune is not None:
+        from towerann.index.tune import tune as tune_index
+
+        queries, k, recall = tune
+        tune_index(index, queries, k, recall)
+    return index
+
+
+def publish_bundle(root: str | Path, model_dir: str | Path, vectors: Any, kind: str = "auto",
+                   build_params: dict[str, Any] | None = None,
+                   tune: tuple[np.ndarray, int, float] | None = None, keep: int = 3,
+                   index: Index | None = None) -> Path:
+    """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it."""
+    from towerann.model.model import model_version_of
+
+    model_dir = Path(model_dir)
+    model_version = model_version_of(model_dir)
+    vs = _vector_set(vectors)
+    if vs.model_version != model_version:
+        raise IndexIncompatible(f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
+                                f"{model_version!r}; embed the catalog with this model first")
+    if index is None:
+        index = build_index(vs, kind, build_params, tune)
+    n_ext = int(vs.ids.max()) + 1 if len(vs) else 0
+    if len(vs.external_ids) < n_ext or len(vs.categories) != len(vs.ids):
+        raise ArtifactError("vectors: external_ids must cover every internal id and categories one per item")
+    # Per internal id, so that lookups are one array index; internal ids are catalog rows.
+    item_cats = np.full(len(vs.external_ids), -1, np.int32)
+    item_cats[vs.ids] = vs.categories
+    root = Path(root)
+    version = new_version()
+    with atomic_dir(root / version) as tmp:
+        shutil.copytree(model_dir, tmp / "model")
+        save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
+        save_npy(tmp / "item_categories.npy", item_cats)
+        write_snapshot(index, tmp, model_version, extra={"bundle": {
+            "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs)}})
+    _set_current(root, version)
+    prune(root, keep)
+    log.info("published bundle %s (%s, %d items, model %s)", root / version, index.describe(), len(index), model_version)
+    return root / version
+
+
+@dataclass
+class RetrievalBundle:
+    """Everything one request needs, from one directory, checked to belong together."""
+
+    path: Path
+    version: str  # the snapshot (index) version
+    model_version: str
+    model: Any  # TwoTowerModel
+    encoder: Any  # UserEncoder
+    index: Index
+    external_ids: np.ndarray  # external item id per internal id
+    category_names: list[str]
+    category_code: dict[str, int]  # category name -> filter code
+    item_internal: dict[str, int]  # str(external id) -> internal id
+    item_model_cat: np.ndarray  # internal id -> the model's category code (user-tower history input)
+    history_len: int
+
+    @classmethod
+    def load(cls, directory: str | Path, runtime: str = "onnx") -> "RetrievalBundle":
+        """Load a bundle directory, or a root's CURRENT bundle; refuse a mismatched pairing."""
+        from towerann.model.export import UserEncoder
+        from towerann.model.model import TwoTowerModel
+
+        path = resolve(directory)
+        model_dir = path / "model"
+        if not model_dir.is_dir():
+            raise ArtifactError(f"{path}: no model/ directory; this is a plain index snapshot, not a retrieval "
+                                "bundle - publish one with towerann.serving.bundle.publish_bundle")
+        model = TwoTowerModel.load(model_dir)
+        index = load_snapshot(path, expected_model_version=model.version, expected_dim=model.dim)
+        m = index.manifest or {}
+        if m.get("metric") != model.metric:
+            raise IndexIncompatible(f"{path}: index metric {m.get('metric')!r} != model metric {model.metric!r}")
+        info = m.get("bundle")
+        if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or "category_names" not in info:
+            raise ArtifactError(f"{path}/manifest.json: field 'bundle' missing or of another format; republish the bundle")
+        external_ids = load_npy(path / "external_ids.npy")
+        item_cats = load_npy(path / "item_categories.npy")
+        if item_cats.shape != external_ids.shape:
+            raise ArtifactError(f"{path}: item_categories.npy and external_ids.npy differ in length; republish")
+        names = [str(n) for n in info["category_names"]]
+        # The model codes categories by its own vocabulary; translate the bundle's codes once.
+        to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
+        item_model_cat = to_model[np.where(item_cats >= 0, item_cats, len(names))]
+        item_internal = {str(e): i for i, e in enumerate(external_ids.tolist())}
+        return cls(path=path, version=path.name, model_version=model.version, model=model,
+                   encoder=UserEncoder(model, model_dir, runtime=runtime), index=index, external_ids=external_ids,
+                   category_names=names, category_code={n: i for i, n in enumerate(names)},
+                   item_internal=item_internal, item_model_cat=item_model_cat,
+                   history_len=model.cfg.history_len)
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "index_version": self.version, "model_version": self.model_version,
+                "index": self.index.describe(), "items": len(self.index)}
+
