@@ -18,10 +18,8 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any

@@ -109,29 +109,50 @@ class RetrievalBundle:
     history_len: int
 
     @classmethod
-    def load(cls, directory: str | Path, runtime: str = "onnx") -> "RetrievalBundle":
-        """Load a bundle directory, or a root's CURRENT bundle; refuse a mismatched pairing."""
+    def load(cls, directory: str | Path, model_dir: str | Path | None = None, runtime: str = "onnx") -> "RetrievalBundle":
+        """Load a bundle directory, or a root's CURRENT bundle; refuse a mismatched pairing.
+
+        A plain index snapshot (from `towerann index build`) is served too when `model_dir` is given:
+        the id map and categories then come from the vectors directory its manifest names.
+        """
         from towerann.model.export import UserEncoder
         from towerann.model.model import TwoTowerModel
 
         path = resolve(directory)
-        model_dir = path / "model"
-        if not model_dir.is_dir():
-            raise ArtifactError(f"{path}: no model/ directory; this is a plain index snapshot, not a retrieval "
-                                "bundle - publish one with towerann.serving.bundle.publish_bundle")
+        if (path / "model").is_dir():
+            if model_dir is not None and Path(model_dir).resolve() != (path / "model").resolve():
+                from towerann.model.model import model_version_of
+
+                if model_version_of(model_dir) != model_version_of(path / "model"):
+                    raise IndexIncompatible(f"{path} carries model {model_version_of(path / 'model')!r}, but "
+                                            f"{model_dir} is {model_version_of(model_dir)!r}; drop --model to serve the bundle's own")
+            model_dir = path / "model"
+        elif model_dir is None:
+            raise ArtifactError(f"{path}: no model/ directory; this is a plain index snapshot - give the model "
+                                "directory it was built from (--model), or publish a bundle (publish_bundle)")
+        model_dir = Path(model_dir)
         model = TwoTowerModel.load(model_dir)
         index = load_snapshot(path, expected_model_version=model.version, expected_dim=model.dim)
         m = index.manifest or {}
         if m.get("metric") != model.metric:
             raise IndexIncompatible(f"{path}: index metric {m.get('metric')!r} != model metric {model.metric!r}")
         info = m.get("bundle")
-        if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or "category_names" not in info:
-            raise ArtifactError(f"{path}/manifest.json: field 'bundle' missing or of another format; republish the bundle")
-        external_ids = load_npy(path / "external_ids.npy")
-        item_cats = load_npy(path / "item_categories.npy")
+        if info is not None:
+            if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or "category_names" not in info:
+                raise ArtifactError(f"{path}/manifest.json: field 'bundle' is of another format; republish the bundle")
+            external_ids = load_npy(path / "external_ids.npy")
+            item_cats = load_npy(path / "item_categories.npy")
+            names = [str(n) for n in info["category_names"]]
+        else:
+            vectors_dir = m.get("vectors_dir")
+            if not vectors_dir:
+                raise ArtifactError(f"{path}/manifest.json: neither 'bundle' nor 'vectors_dir'; publish a bundle instead")
+            vs = _vector_set(vectors_dir)
+            external_ids, names = vs.external_ids, [str(n) for n in vs.category_names]
+            item_cats = np.full(len(external_ids), -1, np.int32)
+            item_cats[vs.ids] = vs.categories
         if item_cats.shape != external_ids.shape:
-            raise ArtifactError(f"{path}: item_categories.npy and external_ids.npy differ in length; republish")
-        names = [str(n) for n in info["category_names"]]
+            raise ArtifactError(f"{path}: item categories and external ids differ in length; republish")
         # The model codes categories by its own vocabulary; translate the bundle's codes once.
         to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
         item_model_cat = to_model[np.where(item_cats >= 0, item_cats, len(names))]

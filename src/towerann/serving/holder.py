@@ -2,7 +2,7 @@
 
 A request calls `current()` once and uses that bundle throughout, so a swap in the middle of a
 request never pairs the old user tower with the new index. Reading an attribute is atomic in
-CPython, so readers take no lock; swaps are serialised so `on_swap` callbacks run in order.
+CPython, so readers take no lock; swaps are serialised so listeners see swaps in order.
 """
 
 from __future__ import annotations
@@ -18,11 +18,17 @@ log = logging.getLogger(__name__)
 
 
 class BundleHolder:
-    def __init__(self, bundle: RetrievalBundle | None = None,
-                 on_swap: Callable[[RetrievalBundle], None] | None = None):
+    def __init__(self, bundle: RetrievalBundle | None = None):
         self._bundle = bundle
         self._lock = threading.Lock()
-        self._on_swap = on_swap
+        self._listeners: list[Callable[[RetrievalBundle], None]] = []
+
+    def subscribe(self, listener: Callable[[RetrievalBundle], None]) -> None:
+        """Call `listener(bundle)` now (if one is loaded) and after every swap (e.g. to update metrics)."""
+        with self._lock:
+            self._listeners.append(listener)
+            if self._bundle is not None:
+                listener(self._bundle)
 
     @property
     def ready(self) -> bool:
@@ -38,7 +44,7 @@ class BundleHolder:
         """Serve `new` from now on; return the previous bundle (requests in flight may still use it)."""
         with self._lock:
             old, self._bundle = self._bundle, new
-            if self._on_swap is not None:
-                self._on_swap(new)
+            for listener in self._listeners:
+                listener(new)
         log.info("serving bundle %s (model %s)", new.version, new.model_version)
         return old

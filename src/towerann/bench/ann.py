@@ -1,0 +1,573 @@
+"""`towerann bench ann`: recall vs latency of every towerann backend beside the library it wraps.
+
+One run measures, on the same item vectors and the same *user-tower* query vectors:
+recall@K against exact search, p50/p99 latency of one query at a time on ONE thread, batch QPS
+(all queries at once, all cores), build time and bytes per item, for the towerann backends and
+for their peers called directly (raw faiss, hnswlib, ScaNN, LanceDB, numpy brute force). It
+reports towerann's overhead over the raw library it wraps (ratio of p50 at the same parameters),
+recall for item vectors used as queries beside user queries (the out-of-distribution gap), and
+the machine's SGEMM / memory-bandwidth ceilings when `towerann.bench.machine` is present.
+
+By default it builds its own dataset (synthetic catalog -> trained two-tower model -> item
+vectors + held-out users' query vectors), cached under --work so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from towerann.artifacts import load_npy, read_manifest, save_npy, write_json_atomic
+from towerann.errors import ArtifactError, ConfigError, DataError, TowerannError
+from towerann.index.tune import recall_at_k
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("exact", "hnsw", "ivfpq", "scann")
+PEERS = ("faiss", "hnswlib", "scann", "lancedb", "numpy")
+DATA_KIND = "bench-ann-data"
+DATA_VERSION = 1
+QUICK_ITEMS = 20_000
+TARGETS = {  # the goals this benchmark checks (set for 1M x 128-d, inner product, 2 cores)
+    "recall@1000>=0.95 at p50<=1ms": {"k": 1000, "recall": 0.95, "p50_ms": 1.0},
+    "recall@100>=0.95 at p50<=0.5ms": {"k": 100, "recall": 0.95, "p50_ms": 0.5},
+    "hnsw memory <= 1.5x raw vectors": {"memory_ratio": 1.5},
+    "towerann overhead over raw < 10%": {"overhead": 0.10},
+}
+
+
+# ---- dataset -------------------------------------------------------------------------------------
+
+@dataclass
+class Dataset:
+    vectors: np.ndarray  # f32 [n, d] item vectors (ids = row numbers)
+    queries: np.ndarray  # f32 [m, d] user-tower query vectors
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def synthetic_dataset(work: str | Path, n_items: int, n_users: int, dim: int = 128, max_queries: int = 5000,
+                      train_seconds: float = 300.0, seed: int = 0) -> Dataset:
+    """Synthetic catalog -> trained model -> item vectors + held-out users' query vectors, cached in `work`."""
+    from towerann.data.dataset import validate_dataset
+    from towerann.data.synth import generate
+    from towerann.model.evaluate import held_out, user_queries
+    from towerann.model.model import TwoTowerModel, model_version_of
+    from towerann.model.prepare import TEST, prepare
+    from towerann.model.towers import TowerConfig
+    from towerann.model.train import TrainConfig, train
+
+    root = Path(work) / f"ann-{n_items}x{n_users}-d{dim}-s{seed}"
+    data_dir = root / "dataset"
+    done = root / "queries"
+    if (done / "manifest.json").exists():
+        m = read_manifest(done, DATA_KIND, DATA_VERSION)
+        from towerann.embed.vectors import read_vectors
+
+        vs = read_vectors(root / "vectors", verify=False)
+        q = load_npy(done / "queries.npy", m["queries_sha256"])
+        log.info("reusing cached dataset %s", root)
+        return Dataset(vs.vectors, q, {**m["source"], "cache": str(root)})
+
+    t0 = time.perf_counter()
+    try:
+        validate_dataset(data_dir)
+    except DataError:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        generate(data_dir, n_items, n_users, seed=seed)
+    model_dir = root / "model"
+    try:
+        model_version_of(model_dir)
+    except ArtifactError:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        train(data_dir, model_dir, TowerConfig(dim=dim), TrainConfig(epochs=3, max_seconds=train_seconds, seed=seed),
+              overwrite=True, progress=False)
+    model = TwoTowerModel.load(model_dir)
+    vec_dir = root / "vectors"
+    if not (vec_dir / "manifest.json").exists():
+        try:
+            from towerann.embed.runner import embed_catalog
+        except ImportError:  # the streaming runner is optional here: embed in memory instead
+            embed_catalog = None
+        if embed_catalog is not None:
+            embed_catalog(model_dir, data_dir, vec_dir, overwrite=True, progress=False)
+        else:
+            from towerann.embed.vectors import write_vectors
+            from towerann.data.dataset import read_items
+
+            items = read_items(data_dir)
+            v = model.encode_items(items)
+            write_vectors(vec_dir, v, np.arange(len(v), dtype=np.int64), np.zeros(len(v), np.int32),
+                          np.ones(len(v), bool), [], model.version, items["item_id"].to_numpy(), overwrite=True)
+    from towerann.embed.vectors import read_vectors
+
+    vs = read_vectors(vec_dir, verify=False)
+    p = prepare(data_dir, model.cfg.history_len)
+    held = held_out(p, TEST)
+    rows = held.rows
+    if len(rows) > max_queries:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_queries, replace=False))
+    catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
+    catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
+    q = user_queries(model, p, rows, catalog_vocab, catalog_cat).astype(np.float32)
+    source = {"kind": "synthetic", "items": n_items, "users": n_users, "dim": dim, "seed": seed,
+              "model_version": model.version, "queries": "user tower, held-out (test) users",
+              "prepare_s": round(time.perf_counter() - t0, 1)}
+    done.mkdir(parents=True, exist_ok=True)
+    sha = save_npy(done / "queries.npy", q)
+    write_json_atomic(done / "manifest.json", {"kind": DATA_KIND, "format_version": DATA_VERSION,
+                                               "queries_sha256": sha, "count": len(q), "source": source})
+    return Dataset(vs.vectors, q, {**source, "cache": str(root)})
+
+
+def given_dataset(vectors_dir: str | Path, queries_file: str | Path) -> Dataset:
+    """Item vectors from a towerann vectors directory + query vectors from a .npy file."""
+    from towerann.embed.vectors import read_vectors
+
+    vs = read_vectors(vectors_dir)
+    q = load_npy(queries_file)
+    if q.ndim != 2 or q.shape[1] != vs.dim:
+        raise DataError(f"{queries_file}: query vectors must be float [m, {vs.dim}] to match {vectors_dir}; "
+                        f"got shape {list(q.shape)}")
+    return Dataset(vs.vectors, q.astype(np.float32), {"kind": "given", "vectors": str(vectors_dir),
+                                                        "queries": str(queries_file), "model_version": vs.model_version})
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Limit BLAS, OpenMP (faiss) and torch to `n` threads inside the block."""
+    import sys
+
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    before = faiss.omp_get_max_threads()
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else None
+    faiss.omp_set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        faiss.omp_set_num_threads(before)
+        if torch is not None and torch_before is not None:
+            torch.set_num_threads(torch_before)
+
+
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+    """Ground truth: ids [m, k] of the k largest inner products, best first."""
+    from towerann.index.merge import topk_rows
+
+    k = min(k, len(vectors))
+    return np.concatenate([topk_rows(queries[s:s + block] @ vectors.T, k)[0] for s in range(0, len(queries), block)])
+
+
+def grids(k: int, quick: bool, nlist: int, leaves: int) -> dict[str, list[dict[str, Any]]]:
+    """Search parameters per grid, cheapest first; a raw library and its wrapper sweep the same list."""
+    ef_f = (1, 2, 4) if quick else (1, 1.5, 2, 3, 4, 6)
+    probes = (8, 32, 128) if quick else (4, 8, 16, 32, 64, 128, 256)
+    nprobes = sorted({min(p, nlist) for p in probes})
+    lv = sorted({min(p, leaves) for p in probes}) if leaves else [0]
+    return {
+        "exact": [{}],
+        "hnsw": [{"ef": int(max(k, 16) * f)} for f in ef_f],
+        "ivfpq": [{"nprobe": p, "rerank": 0} for p in nprobes],
+        "ivfpq+rerank": [{"nprobe": p, "rerank": 4 * k} for p in nprobes],
+        "scann": [{"leaves": x, "reorder": 4 * k} for x in lv],
+        "lancedb": [{"nprobes": p, "refine_factor": 4} for p in nprobes],
+    }
+
+
+def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list["Series"], Any]:
+    """Build one towerann backend; return its series (ivfpq: plain and re-ranked) and the index."""
+    from towerann.bench.peers import Series, _dir_bytes
+    from towerann.index import create
+
+    t0 = time.perf_counter()
+    ix = create(kind, vectors.shape[1])
+    ix.build(vectors, np.arange(len(vectors), dtype=np.int64))
+    build_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        ix.save(Path(tmp))
+        nbytes = _dir_bytes(Path(tmp))
+
+    def search(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
+        return ix.search(q, k, params=params or None).ids
+
+    desc = ix.describe()
+    if kind == "exact":
+        return [Series("towerann exact", "towerann", "exact", search, search, build_s, nbytes, desc,
+                       wraps="numpy brute force")], ix
+    if kind == "hnsw":
+        return [Series("towerann hnsw", "towerann", "hnsw", search, search, build_s, nbytes, desc,
+                       wraps="faiss HNSWFlat")], ix
+    if kind == "ivfpq":
+        return [Series("towerann ivfpq", "towerann", "ivfpq", search, search, build_s, nbytes, desc,
+                       wraps="faiss IVFPQ"),
+                Series("towerann ivfpq+rerank", "towerann", "ivfpq+rerank", search, search, build_s, nbytes,
+                       desc + " + rerank", wraps="faiss IVFPQ+RefineFlat")], ix
+    if kind == "scann":
+        return [Series("towerann scann", "towerann", "scann", search, search, build_s, nbytes, desc,
+                       wraps="ScaNN")], ix
+    raise ConfigError(f"unknown backend {kind!r} for --backends; choose from {', '.join(BACKENDS)}")
+
+
+def measure_point(series: "Series", queries: np.ndarray, k: int, params: dict[str, Any], truth: np.ndarray,
+                  cores: int) -> dict[str, Any]:
+    """Recall + single-query latency on one thread, then batch QPS on all cores, at one setting."""
+    from towerann.bench.report import percentiles
+
+    m = len(queries)
+    found = np.full((m, k), -1, np.int64)
+    times = np.empty(m)
+    with threads(1):
+        for i in range(min(3, m)):  # warm-up: caches, lazy allocations
+            series.search(queries[i:i + 1], k, params)
+        for i in range(m):
+            t0 = time.perf_counter()
+            ids = series.search(queries[i:i + 1], k, params)
+            times[i] = time.perf_counter() - t0
+            found[i] = np.asarray(ids).reshape(-1)[:k]
+    with threads(cores):
+        t0 = time.perf_counter()
+        batch_ids = series.search_batch(queries, k, params)
+        batch_s = time.perf_counter() - t0
+    lat = percentiles(times)
+    return {"series": series.name, "k": k, "params": params,
+            "recall": recall_at_k(found, truth[:, :k]),
+            "recall_batch": recall_at_k(np.asarray(batch_ids), truth[:, :k]),
+            "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "mean_ms": lat["mean_ms"],
+            "qps_batch": m / batch_s}
+
+
+def machine_ceilings() -> dict[str, Any] | None:
+    """SGEMM and memory bandwidth from towerann.bench.machine, when that module exists."""
+    try:
+        from towerann.bench import machine
+    except ImportError:
+        log.info("towerann.bench.machine is absent: no machine ceilings in this run")
+        return None
+    return {"sgemm_gflops_1_thread": machine.sgemm_gflops(1), "sgemm_gflops_all_cores": machine.sgemm_gflops(None),
+            "memory_bandwidth_gbs": machine.memory_bandwidth_gbs()}
+
+
+def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...] = (100, 1000),
+                  backends: tuple[str, ...] = BACKENDS, peers: tuple[str, ...] = PEERS, n_queries: int = 300,
+                  quick: bool = False, out: str | Path | None = "bench-results", work: str | Path | None = None,
+                  source: dict[str, Any] | None = None, max_p50_ms: float = 200.0, seed: int = 0) -> dict[str, Any]:
+    """Measure every backend and peer on these vectors and queries; write ann.json + ann.png to `out`."""
+    from towerann.bench.peers import (faiss_hnsw_series, faiss_ivfpq_series, hnswlib_series, lancedb_series,
+                                      numpy_series, scann_series)
+    from towerann.bench.report import write_report
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if vectors.ndim != 2 or queries.ndim != 2 or vectors.shape[1] != queries.shape[1]:
+        raise DataError(f"vectors {list(vectors.shape)} and queries {list(queries.shape)} must be [n, d] and [m, d]")
+    bad_b = set(backends) - set(BACKENDS)
+    bad_p = set(peers) - set(PEERS)
+    if bad_b or bad_p:
+        raise ConfigError(f"unknown --backends {sorted(bad_b)} / --peers {sorted(bad_p)}; "
+                          f"backends: {', '.join(BACKENDS)}; peers: {', '.join(PEERS)}")
+    n, dim = vectors.shape
+    if not ks or min(ks) < 1 or max(ks) > n:
+        raise ConfigError(f"--k values must be between 1 and the number of items ({n}), got {list(ks)}")
+    cores = os.cpu_count() or 1
+    rng = np.random.default_rng(seed)
+    if len(queries) > n_queries:
+        queries = queries[np.sort(rng.choice(len(queries), n_queries, replace=False))]
+    item_q = vectors[np.sort(rng.choice(n, min(n_queries, n), replace=False))]
+    t_run = time.perf_counter()
+    with threads(cores):
+        truth = exact_topk(vectors, queries, max(ks))
+        truth_items = exact_topk(vectors, item_q, max(ks))
+
+    # ---- build: towerann first, then the raw libraries with the build params towerann chose
+    all_series: list[Any] = []
+    built: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for kind in backends:
+        try:
+            s, ix = towerann_series(kind, vectors)
+        except TowerannError as e:  # an optional backend missing: say so in the report, keep going
+            skipped[f"towerann {kind}"] = str(e)
+            continue
+        all_series += s
+        built[kind] = ix
+        log.info("built towerann %s in %.1fs", kind, s[0].build_s)
+    from towerann.index.ivfpq import default_nlist, default_pq_m
+
+    hp = built["hnsw"].build_params if "hnsw" in built else {"M": 32, "ef_construction": 128}
+    ivf = built.get("ivfpq")
+    nlist = ivf._ix.nlist if ivf is not None and ivf._ix is not None else max(1, min(default_nlist(n), n // 39))
+    ivf_p = ivf.build_params if ivf is not None else {"pq_m": default_pq_m(dim), "nbits": 8, "train_sample": 200_000, "seed": 1234}
+    sc = built.get("scann")
+    leaves = sc._leaves if sc is not None else max(2, min(int(round(math.sqrt(n))), n // 50))
+    peer_builders: list[tuple[str, Callable[[], list[Any]]]] = []
+    if "numpy" in peers:
+        peer_builders.append(("numpy", lambda: numpy_series(vectors)))
+    if "faiss" in peers:
+        peer_builders.append(("faiss hnsw", lambda: faiss_hnsw_series(vectors, hp["M"], hp["ef_construction"])))
+        peer_builders.append(("faiss ivfpq", lambda: faiss_ivfpq_series(vectors, nlist, ivf_p["pq_m"], ivf_p["nbits"],
+                                                                        ivf_p["train_sample"], ivf_p["seed"])))
+    if "hnswlib" in peers:
+        peer_builders.append(("hnswlib", lambda: hnswlib_series(vectors, hp["M"], hp["ef_construction"], cores)))
+    if "scann" in peers:
+        sp = sc.build_params if sc is not None else {"reorder": 1000, "train_sample": 100_000, "quantization_threshold": 0.2}
+        search_leaves = (sc.search_defaults.get("leaves") if sc is not None else 0) or max(1, leaves // 5)
+        peer_builders.append(("scann", lambda: scann_series(vectors, leaves, search_leaves, sp["reorder"],
+                                                            sp["train_sample"], sp["quantization_threshold"])))
+    lance_tmp = None
+    if "lancedb" in peers:
+        lance_tmp = Path(tempfile.mkdtemp(prefix="ann-lancedb-", dir=work))
+        peer_builders.append(("lancedb", lambda: lancedb_series(vectors, lance_tmp, nlist, ivf_p["pq_m"])))
+    try:
+        for name, build in peer_builders:
+            try:
+                s = build()
+            except TowerannError as e:
+                skipped[name] = str(e)
+                continue
+            all_series += s
+            log.info("built %s in %.1fs", name, s[0].build_s)
+
+        # ---- sweep
+        from tqdm import tqdm
+
+        points: list[dict[str, Any]] = []
+        grid_by_k = {k: grids(k, quick, nlist, leaves) for k in ks}
+        todo = [(s, k) for s in all_series for k in ks]
+        for s, k in tqdm(todo, desc="ann sweep", unit="series", disable=None):
+            for params in grid_by_k[k][s.grid]:
+                pt = measure_point(s, queries, k, params, truth, cores)
+                if s.system == "towerann":  # the same setting with item vectors as queries: the OOD gap
+                    with threads(cores):
+                        pt["recall_item_queries"] = recall_at_k(np.asarray(s.search_batch(item_q, k, params)),
+                                                                truth_items[:, :k])
+                points.append(pt)
+                log.info("%s k=%d %s recall=%.4f p50=%.3fms", s.name, k, params, pt["recall"], pt["p50_ms"])
+                if pt["p50_ms"] > max_p50_ms:  # grids go cheap -> expensive: the rest would only be slower
+                    break
+    finally:
+        if lance_tmp is not None:
+            shutil.rmtree(lance_tmp, ignore_errors=True)
+
+    raw_bytes = 4 * dim
+    series_info = [{"name": s.name, "system": s.system, "grid": s.grid, "description": s.description,
+                    "wraps": s.wraps, "build_s": s.build_s, "memory_bytes_per_item": s.memory_bytes / n,
+                    "memory_ratio_to_raw_vectors": s.memory_bytes / n / raw_bytes} for s in all_series]
+    result: dict[str, Any] = {
+        "dataset": {"items": n, "dim": dim, "queries": len(queries), "item_queries": len(item_q),
+                    "source": source or {"kind": "arrays"}},
+        "ks": list(ks), "quick": quick, "cores": cores, "single_query_threads": 1,
+        "series": series_info, "points": points, "skipped": skipped,
+        "overhead": overheads(points, all_series),
+        "machine_ceilings": machine_ceilings(),
+        "run_s": time.perf_counter() - t_run,
+    }
+    result["brute_force_floor"] = brute_force_floor(result, n, dim)
+    result["targets"] = check_targets(result)
+    if out is not None:
+        json_path, png_path = write_report(out, "ann", result, plot(result))
+        result["files"] = [str(json_path), str(png_path)]
+    return result
+
+
+def overheads(points: list[dict[str, Any]], all_series: list[Any]) -> list[dict[str, Any]]:
+    """towerann p50 / raw p50 - 1 at identical parameters, per wrapped pair and K."""
+    by_key = {(p["series"], p["k"], repr(sorted(p["params"].items()))): p for p in points}
+    out = []
+    for s in all_series:
+        if not s.wraps:
+            continue
+        for p in points:
+            if p["series"] != s.name:
+                continue
+            raw = by_key.get((s.wraps, p["k"], repr(sorted(p["params"].items()))))
+            if raw is None:
+                continue
+            out.append({"series": s.name, "raw": s.wraps, "k": p["k"], "params": p["params"],
+                        "p50_ratio": p["p50_ms"] / raw["p50_ms"], "overhead": p["p50_ms"] / raw["p50_ms"] - 1,
+                        "overhead_ms": p["p50_ms"] - raw["p50_ms"]})
+    return out
+
+
+def brute_force_floor(result: dict[str, Any], n: int, dim: int) -> dict[str, Any] | None:
+    """What memory bandwidth and SGEMM allow brute force, beside what numpy achieved."""
+    ceil = result.get("machine_ceilings")
+    if not ceil:
+        return None
+    floor_ms = n * dim * 4 / (ceil["memory_bandwidth_gbs"] * 1e9) * 1e3  # one full read of the vectors
+    qps_ceiling = ceil["sgemm_gflops_all_cores"] * 1e9 / (2.0 * n * dim)
+    out: dict[str, Any] = {"single_query_ms_at_bandwidth": floor_ms, "batch_qps_at_sgemm": qps_ceiling}
+    for p in result["points"]:
+        if p["series"] in ("numpy brute force", "towerann exact"):
+            out[f"{p['series']} k={p['k']}"] = {"p50_over_floor": p["p50_ms"] / floor_ms,
+                                                "qps_fraction_of_sgemm": p["qps_batch"] / qps_ceiling}
+    return out
+
+
+def check_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Per target: which series meet it (fastest point at the recall bar)."""
+    out: dict[str, Any] = {}
+    for name, t in TARGETS.items():
+        if "k" in t:
+            per: dict[str, Any] = {}
+            for p in result["points"]:
+                if p["k"] != t["k"] or p["recall"] < t["recall"]:
+                    continue
+                best = per.get(p["series"])
+                if best is None or p["p50_ms"] < best["p50_ms"]:
+                    per[p["series"]] = {"p50_ms": p["p50_ms"], "recall": p["recall"], "params": p["params"],
+                                        "met": p["p50_ms"] <= t["p50_ms"]}
+            out[name] = {"target": t, "fastest_at_recall": per, "met_by": sorted(s for s, v in per.items() if v["met"])}
+        elif "memory_ratio" in t:
+            ratios = {s["name"]: s["memory_ratio_to_raw_vectors"] for s in result["series"] if s["grid"] == "hnsw"}
+            out[name] = {"target": t, "ratios": ratios, "met_by": sorted(s for s, r in ratios.items() if r <= t["memory_ratio"])}
+        else:
+            med: dict[str, float] = {}
+            for o in result["overhead"]:
+                med.setdefault(o["series"], []).append(o["overhead"])  # type: ignore[attr-defined]
+            medians = {s: float(np.median(v)) for s, v in med.items()}
+            out[name] = {"target": t, "median_overhead": medians,
+                         "met_by": sorted(s for s, v in medians.items() if v < t["overhead"])}
+    return out
+
+
+def plot(result: dict[str, Any]) -> Callable[[Any], None]:
+    """Recall vs p50 (log x), a panel per K, one line per series; last panel: user vs item queries."""
+
+    def draw(fig: Any) -> None:
+        ks = result["ks"]
+        fig.set_size_inches(6 * (len(ks) + 1), 6)
+        names = [s["name"] for s in result["series"]]
+        styles = {n: ("-" if s["system"] == "towerann" else "--") for n, s in zip(names, result["series"])}
+        colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+        for j, k in enumerate(ks):
+            ax = fig.add_subplot(1, len(ks) + 1, j + 1)
+            for name in names:
+                pts = [p for p in result["points"] if p["series"] == name and p["k"] == k]
+                if pts:
+                    ax.plot([p["p50_ms"] for p in pts], [p["recall"] for p in pts], styles[name], marker="o",
+                            ms=3, color=colors[name], label=name)
+            t = next((v for v in TARGETS.values() if v.get("k") == k), None)
+            if t:
+                ax.axhline(t["recall"], color="grey", lw=0.8, ls=":")
+                ax.axvline(t["p50_ms"], color="grey", lw=0.8, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlabel("p50 latency, one query on 1 thread (ms)")
+            ax.set_ylabel(f"recall@{k} (user-tower queries)")
+            ax.set_title(f"K={k}: {result['dataset']['items']:,} items x {result['dataset']['dim']}-d")
+            ax.grid(True, which="both", alpha=0.3)
+            if j == 0:
+                ax.legend(fontsize=7)
+        ax = fig.add_subplot(1, len(ks) + 1, len(ks) + 1)
+        for name in names:
+            for k, marker in zip(ks, "os^v"):
+                pts = [p for p in result["points"] if p["series"] == name and p["k"] == k and "recall_item_queries" in p]
+                if len(pts) < 2:
+                    continue
+                ax.plot([p["p50_ms"] for p in pts], [p["recall_item_queries"] for p in pts], ":", marker=marker, ms=3,
+                        color=colors[name], label=f"{name} @{k}: item queries")
+                ax.plot([p["p50_ms"] for p in pts], [p["recall"] for p in pts], "-", marker=marker, ms=3,
+                        color=colors[name], label=f"{name} @{k}: user queries")
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency (ms)")
+        ax.set_ylabel("recall")
+        ax.set_title("user-tower queries (solid) vs item vectors as queries (dotted)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+
+    return draw
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+def _csv(text: str, what: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise ConfigError(f"{what}: give a comma-separated list, got {text!r}")
+    return items
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _csv(text, "--k"))
+    except ValueError as e:
+        raise ConfigError(f"--k: expected comma-separated integers like 100,1000, got {text!r}") from e
+
+
+def print_table(result: dict[str, Any]) -> None:
+    series = {s["name"]: s for s in result["series"]}
+    over = {(o["series"], o["k"], repr(o["params"])): o["overhead"] for o in result["overhead"]}
+    print(f"{'series':<24}{'K':>5}  {'params':<30}{'recall':>8}{'itemQ':>8}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'QPS':>9}{'B/item':>8}{'build s':>9}{'overhd':>8}")
+    for p in result["points"]:
+        s = series[p["series"]]
+        o = over.get((p["series"], p["k"], repr(p["params"])))
+        params = ",".join(f"{k}={v}" for k, v in p["params"].items()) or "-"
+        iq = p.get("recall_item_queries")
+        print(f"{p['series']:<24}{p['k']:>5}  {params:<30}{p['recall']:>8.4f}{'' if iq is None else f'{iq:.4f}':>8}"
+              f"{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['qps_batch']:>9.0f}{s['memory_bytes_per_item']:>8.0f}"
+              f"{s['build_s']:>9.1f}{'' if o is None else f'{o:+.0%}':>8}")
+    for name, t in result["targets"].items():
+        print(f"target {name}: met by {', '.join(t['met_by']) or 'none'}")
+    for name, why in result["skipped"].items():
+        print(f"skipped {name}: {why}")
+
+
+def run(args: argparse.Namespace) -> int:
+    ks = _ks(args.k)
+    backends = _csv(args.backends, "--backends")
+    peers = _csv(args.peers, "--peers") if args.peers.strip() else ()
+    work = Path(args.work) if args.work else Path(args.out) / "work"
+    if bool(args.vectors) != bool(args.queries):
+        raise ConfigError("--vectors and --queries go together: give both (a vectors directory and a .npy of "
+                          "query vectors) or neither (build a synthetic dataset)")
+    if args.vectors:
+        data = given_dataset(args.vectors, args.queries)
+    else:
+        items = QUICK_ITEMS if args.quick and args.items is None else (args.items or 1_000_000)
+        users = args.users or (2_000 if args.quick else 50_000)
+        data = synthetic_dataset(work, items, users, args.dim, train_seconds=60 if args.quick else args.train_seconds)
+    n_queries = args.queries_n or (100 if args.quick else 300)
+    work.mkdir(parents=True, exist_ok=True)
+    result = run_ann_bench(data.vectors, data.queries, ks=ks, backends=backends, peers=peers, n_queries=n_queries,
+                           quick=args.quick, out=args.out, work=work, source=data.source)
+    print_table(result)
+    print(f"wrote {' and '.join(result['files'])}")
+    return 0
+
+
+def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("ann", help="recall vs latency of each index backend beside the raw libraries, LanceDB "
+                             "and brute force", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=None, help="synthetic catalog size (default 1000000; --quick: 20000)")
+    p.add_argument("--users", type=int, default=None, help="synthetic users (default 50000; --quick: 2000)")
+    p.add_argument("--dim", type=int, default=128, help="vector dimension of the trained model (default 128)")
+    p.add_argument("--train-seconds", type=float, default=300.0, help="cap on model training time (default 300)")
+    p.add_argument("--vectors", default=None, help="use this vectors directory instead of a synthetic dataset")
+    p.add_argument("--queries", default=None, help="with --vectors: .npy file of user-tower query vectors [m, dim]")
+    p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
+    p.add_argument("--queries-n", type=int, default=None, help="queries measured (default 300; --quick: 100)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"towerann backends (default {','.join(BACKENDS)})")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"peers measured beside them (default {','.join(PEERS)}; "
+                   "empty for none)")
+    p.add_argument("--quick", action="store_true", help="small dataset and few parameter settings (smoke run)")
+    p.add_argument("--out", default="bench-results", help="directory for ann.json and ann.png")
+    p.add_argument("--work", default=None, help="cache for dataset, model, vectors, queries (default OUT/work)")
+    p.set_defaults(func=run)

@@ -1,0 +1,56 @@
+"""`towerann serve`: the HTTP API over a retrieval bundle and a feature store."""
+
+from __future__ import annotations
+
+import argparse
+
+from towerann.config import load_config
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve top-K candidates over HTTP (FastAPI + uvicorn)",
+                              description="Serve POST /v1/candidates, POST /v1/events, /healthz, /readyz and "
+                              "/metrics. Settings come from --config (TOML); flags override it.")
+    p.add_argument("--config", default=None, help="TOML config file (default: built-in defaults, see towerann.config)")
+    p.add_argument("--index", default=None, help="bundle root with CURRENT, or one bundle/snapshot directory")
+    p.add_argument("--model", default=None,
+                   help="model directory; needed only when --index is a plain snapshot from `towerann index build`")
+    p.add_argument("--store", default=None, help="embedded | memory | redis://HOST:PORT/DB")
+    p.add_argument("--store-path", default=None, help="SQLite file of the embedded store")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default 1000)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from towerann.serving.server import serve_forever
+
+    cfg = load_config(args.config).with_overrides(
+        paths_index=args.index, paths_model=args.model, features_store=args.store, features_path=args.store_path,
+        serve_host=args.host, serve_port=args.port, serve_max_k=args.max_k)
+    serve_forever(cfg, model_dir=args.model)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m towerann.serving.commands serve ...`: the server alone, without the rest of the CLI
+    (what benchmarks start in a subprocess)."""
+    import logging
+    import sys
+
+    from towerann.errors import TowerannError
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="towerann")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TowerannError as e:
+        print(f"towerann serve: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

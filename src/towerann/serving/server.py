@@ -1,0 +1,144 @@
+"""Run the HTTP app: in the foreground (`towerann serve`), in a background thread (demo, tests) or
+in a subprocess (benchmarks, where the load generator must not share the server's GIL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from towerann.config import Config
+from towerann.errors import BackendUnavailable
+from towerann.features import FeatureStore, open_store
+from towerann.serving.app import create_app
+from towerann.serving.bundle import RetrievalBundle
+from towerann.serving.holder import BundleHolder
+from towerann.serving.retriever import Retriever
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_configured_store(cfg: Config) -> FeatureStore:
+    f = cfg.features
+    path = f.path if f.store == "embedded" else None
+    return open_store(f.store, path=path, max_events=f.max_events, ttl_s=f.ttl_s)
+
+
+def build_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: str | None = None) -> Retriever:
+    """Load the configured bundle and open the configured store.
+
+    A bundle carries its own model; [paths] model is used only for a plain index snapshot."""
+    from towerann.index.snapshot import resolve
+
+    if model_dir is None and not (resolve(cfg.paths.index) / "model").is_dir():
+        model_dir = cfg.paths.model
+    bundle = RetrievalBundle.load(cfg.paths.index, model_dir=model_dir)
+    return Retriever(BundleHolder(bundle), store or open_configured_store(cfg), max_k=cfg.serve.max_k)
+
+
+def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    # access_log off: one INFO line per request costs more than the retrieval itself
+    return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
+
+
+def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
+    retriever = build_retriever(cfg, model_dir=model_dir)
+    try:
+        app = create_app(retriever, cfg.serve.max_body_bytes)
+        log.warning("serving %s on http://%s:%d", retriever.holder.current().describe(), cfg.serve.host, cfg.serve.port)
+        uvicorn.Server(_uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
+    finally:
+        retriever.store.close()
+
+
+@dataclass
+class ServerHandle:
+    url: str
+    retriever: Retriever | None
+    _stop: Any
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s: float = 30.0) -> ServerHandle:
+    """Serve in a daemon thread on a free loopback port (cfg.serve.port is ignored); `.stop()` ends it
+    and closes the store it opened."""
+    own = retriever is None
+    retriever = retriever or build_retriever(cfg)
+    app = create_app(retriever, cfg.serve.max_body_bytes)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((cfg.serve.host, 0))
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="towerann-http",
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise BackendUnavailable(f"HTTP server on {host}:{port} did not start within {timeout_s:.0f}s")
+        time.sleep(0.01)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        if own:
+            retriever.store.close()
+
+    return ServerHandle(f"http://{host}:{port}", retriever, stop)
+
+
+def start_subprocess(index: str | Path, store: str, store_path: str | None = None, max_k: int = 1000,
+                     timeout_s: float = 120.0) -> ServerHandle:
+    """`towerann serve` in a child process on a free port; waits for /readyz."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "towerann.serving.commands", "serve", "--index", str(index), "--store", store,
+           "--port", str(port), "--max-k", str(max_k)]
+    if store_path:
+        cmd += ["--store-path", store_path]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise BackendUnavailable(f"`{' '.join(cmd)}` exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise BackendUnavailable(f"server at {url} not ready within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    return ServerHandle(url, None, stop)

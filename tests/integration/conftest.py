@@ -1,0 +1,41 @@
+"""Fixtures for the HTTP tests: one small real bundle (synth 2k items, dim-32 model, 2 epochs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from towerann.config import Config, FeaturesConfig, PathsConfig
+from towerann.serving.server import ServerHandle, start_background
+
+
+@pytest.fixture(scope="session")
+def bundle_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from towerann.bench.serve import prepare
+
+    # One fixed place per test session, so tests/unit/test_retriever.py reuses the same build.
+    return prepare(tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2,
+                   kind="exact")
+
+
+def make_config(paths: dict[str, Path], store: str = "memory", store_path: str = "", **serve: object) -> Config:
+    from towerann.config import ServeConfig
+
+    return Config(serve=ServeConfig(**serve), paths=PathsConfig(index=str(paths["index"]), model=str(paths["model"])),
+                  features=FeaturesConfig(store=store, path=store_path))
+
+
+@pytest.fixture(scope="session")
+def config_for(bundle_paths: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """make_config bound to the shared bundle: config_for(store=..., store_path=..., **serve)."""
+    return lambda **kw: make_config(bundle_paths, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(bundle_paths: dict[str, Path]) -> Iterator[ServerHandle]:
+    """A real uvicorn server in a thread on a free loopback port, memory store, max_k=200, 1 KiB bodies."""
+    handle = start_background(make_config(bundle_paths, max_k=200, max_body_bytes=1024))
+    yield handle
+    handle.stop()

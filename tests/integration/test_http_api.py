@@ -1,0 +1,90 @@
+"""End to end over real HTTP on loopback: clicks move candidates, metrics move, schema is served."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from towerann.data.dataset import read_interactions, read_items
+
+
+@pytest.fixture(scope="module")
+def items(bundle_paths: dict[str, Path]) -> pd.DataFrame:
+    """The catalog with each item's interaction count (clicks go to popular items, as real clicks do)."""
+    frame = read_items(bundle_paths["data"])
+    counts = read_interactions(bundle_paths["data"])["item_id"].value_counts()
+    return frame.assign(pop=frame["item_id"].map(counts).fillna(0)).sort_values("pop", ascending=False)
+
+
+def category_share(candidates: list[dict], item_category: dict[int, str], category: str) -> float:
+    return sum(item_category[c["item_id"]] == category for c in candidates) / len(candidates)
+
+
+def clicks_shift_toward(url: str, items: pd.DataFrame, user: str, k: int = 50) -> tuple[float, float]:
+    """Click 10 items of the user's least-recommended big category; return its share before and after."""
+    item_category = dict(zip(items["item_id"].tolist(), items["category"].tolist()))
+    before = httpx.post(f"{url}/v1/candidates", json={"user_id": user, "k": k}).json()["candidates"]
+    counts = items[items["available"]]["category"].value_counts()
+    big = counts[counts >= 50].index
+    category = min(big, key=lambda c: category_share(before, item_category, c))
+    clicked = items[(items["category"] == category) & items["available"]]["item_id"].head(10)  # most popular
+    for item in clicked:
+        r = httpx.post(f"{url}/v1/events", json={"user_id": user, "item_id": str(item), "type": "click"})
+        assert r.status_code == 200, r.text
+    after = httpx.post(f"{url}/v1/candidates", json={"user_id": user, "k": k}).json()["candidates"]
+    return category_share(before, item_category, category), category_share(after, item_category, category)
+
+
+def test_clicks_move_candidates_toward_the_clicked_category(server, items) -> None:
+    before, after = clicks_shift_toward(server.url, items, "7")
+    assert after >= before + 0.3, (before, after)
+
+
+def test_candidates_response_shape(server, items) -> None:
+    r = httpx.post(f"{server.url}/v1/candidates", json={"user_id": "12", "k": 25,
+                                                         "filter": {"categories": ["cat_0001", "cat_0002"]}})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["candidates"]) == 25
+    cats = dict(zip(items["item_id"].tolist(), items["category"].tolist()))
+    assert {cats[c["item_id"]] for c in body["candidates"]} <= {"cat_0001", "cat_0002"}
+    scores = [c["score"] for c in body["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+    assert set(body["timings_ms"]) == {"features", "user_tower", "ann", "total"}
+    assert body["model_version"] and body["index_version"]
+
+
+def test_health_ready_and_openapi(server) -> None:
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["items"] == 2000
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/candidates", "/v1/events"} <= set(schema["paths"])
+    req = schema["components"]["schemas"]["CandidatesRequest"]
+    assert set(req["required"]) == {"user_id", "k"}
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_move_after_requests(server) -> None:
+    before = httpx.get(f"{server.url}/metrics").text
+    for _ in range(3):
+        assert httpx.post(f"{server.url}/v1/candidates", json={"user_id": "1", "k": 5}).status_code == 200
+    assert httpx.post(f"{server.url}/v1/candidates", json={"user_id": "1", "k": 0}).status_code == 400
+    after = httpx.get(f"{server.url}/metrics").text
+    ok = "towerann_http_requests_total"
+    assert _sample(after, ok, route="/v1/candidates", status="200") - _sample(before, ok, route="/v1/candidates", status="200") == 3
+    assert _sample(after, ok, route="/v1/candidates", status="400") - _sample(before, ok, route="/v1/candidates", status="400") == 1
+    for stage in ("features", "user_tower", "ann", "total"):
+        n0 = _sample(before, "towerann_stage_seconds_count", stage=stage)
+        assert _sample(after, "towerann_stage_seconds_count", stage=stage) - n0 == 3
+    assert _sample(after, "towerann_index_items") == 2000
+    assert "towerann_bundle_info{" in after
