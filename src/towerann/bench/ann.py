@@ -61,9 +61,8 @@ def synthetic_dataset(work: str | Path, n_items: int, n_users: int, dim: int = 1
     """Synthetic catalog -> trained model -> item vectors + held-out users' query vectors, cached in `work`."""
     from towerann.data.dataset import validate_dataset
     from towerann.data.synth import generate
-    from towerann.model.evaluate import held_out, user_queries
+    from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel, model_version_of
-    from towerann.model.prepare import TEST, prepare
     from towerann.model.towers import TowerConfig
     from towerann.model.train import TrainConfig, train
 
@@ -95,31 +94,13 @@ def synthetic_dataset(work: str | Path, n_items: int, n_users: int, dim: int = 1
     model = TwoTowerModel.load(model_dir)
     vec_dir = root / "vectors"
     if not (vec_dir / "manifest.json").exists():
-        try:
-            from towerann.embed.runner import embed_catalog
-        except ImportError:  # the streaming runner is optional here: embed in memory instead
-            embed_catalog = None
-        if embed_catalog is not None:
-            embed_catalog(model_dir, data_dir, vec_dir, overwrite=True, progress=False)
-        else:
-            from towerann.embed.vectors import write_vectors
-            from towerann.data.dataset import read_items
+        from towerann.embed.runner import embed_catalog
 
-            items = read_items(data_dir)
-            v = model.encode_items(items)
-            write_vectors(vec_dir, v, np.arange(len(v), dtype=np.int64), np.zeros(len(v), np.int32),
-                          np.ones(len(v), bool), [], model.version, items["item_id"].to_numpy(), overwrite=True)
+        embed_catalog(model_dir, data_dir, vec_dir, overwrite=True, progress=False)
     from towerann.embed.vectors import read_vectors
 
     vs = read_vectors(vec_dir, verify=False)
-    p = prepare(data_dir, model.cfg.history_len)
-    held = held_out(p, TEST)
-    rows = held.rows
-    if len(rows) > max_queries:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_queries, replace=False))
-    catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
-    catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
-    q = user_queries(model, p, rows, catalog_vocab, catalog_cat).astype(np.float32)
+    q = heldout_user_queries(model, data_dir, max_queries, seed)
     source = {"kind": "synthetic", "items": n_items, "users": n_users, "dim": dim, "seed": seed,
               "model_version": model.version, "queries": "user tower, held-out (test) users",
               "prepare_s": round(time.perf_counter() - t0, 1)}

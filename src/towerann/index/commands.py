@@ -27,9 +27,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="backend; auto = exact below 20k items, else hnsw tuned to --recall")
     b.add_argument("--out", required=True, help="snapshot root (e.g. indexes/); CURRENT points at the new version")
     b.add_argument("--recall", type=float, default=None,
-                   help="tune search params to this recall@k on --queries (e.g. 0.95)")
+                   help="tune search params to this recall@k on user-tower queries (e.g. 0.95); "
+                        "give --queries, or --data with --model")
     b.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
     b.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim]) for tuning")
+    b.add_argument("--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)")
+    b.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
     b.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="build parameter (e.g. M=32, nlist=4096) or search default (e.g. ef=512); repeatable")
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
@@ -60,11 +63,17 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 def _build(args: argparse.Namespace) -> int:
     from towerann.embed.vectors import read_vectors
 
-    if args.recall is not None and args.queries is None and args.kind != "exact":
-        raise ConfigError("--recall needs --queries (user-tower vectors): tuning on item vectors overestimates recall")
+    if (args.data is None) != (args.model is None):
+        raise ConfigError("--data and --model go together: the model's user tower turns the dataset's held-out "
+                          "users into tuning queries")
+    if args.recall is not None and args.queries is None and args.data is None and args.kind != "exact":
+        raise ConfigError("--recall needs user-tower queries (--queries FILE, or --data DIR --model DIR): "
+                          "tuning on item vectors overestimates recall")
     t0 = time.perf_counter()
     vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
+    if queries is None and args.data is not None:
+        queries = _dataset_queries(args.model, args.data, vs.model_version)
     params = _parse_params(args.param)
     kind = args.kind
     search_keys = set(backend_class("hnsw" if kind == "auto" else kind).default_search)
@@ -93,6 +102,17 @@ def _build(args: argparse.Namespace) -> int:
               f"{t['queries']} queries{'' if t['reached'] else ', NOT reached'})")
     print(f"snapshot: {path}")
     return 0
+
+
+def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> Any:
+    from towerann.model.evaluate import heldout_user_queries
+    from towerann.model.model import TwoTowerModel
+
+    model = TwoTowerModel.load(model_dir)
+    if model.version != vectors_model_version:
+        raise ConfigError(f"--model {model_dir} is {model.version!r} but the vectors come from "
+                          f"{vectors_model_version!r}; tune with the model that embedded them")
+    return heldout_user_queries(model, data)
 
 
 def _rollback(args: argparse.Namespace) -> int:

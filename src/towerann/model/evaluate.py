@@ -72,6 +72,19 @@ def user_queries(model: TwoTowerModel, p: Prepared, rows: np.ndarray, catalog_vo
     return model.encode_users(p.user_key[rows], static_num, static_cat, hist_idx, hist_cat, filled)
 
 
+def heldout_user_queries(model: TwoTowerModel, data: str | Path, max_queries: int = 2000, seed: int = 0) -> np.ndarray:
+    """User-tower vectors of held-out (test) requests: the queries an index is tuned and checked on.
+
+    They are what serving sends; item vectors as queries overestimate an ANN index's recall."""
+    p = prepare(data, model.cfg.history_len)
+    rows = held_out(p, TEST).rows
+    if len(rows) > max_queries:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_queries, replace=False))
+    catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
+    catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
+    return user_queries(model, p, rows, catalog_vocab, catalog_cat).astype(np.float32)
+
+
 def rank_scores(scores: torch.Tensor, seen: list[np.ndarray], k: int) -> np.ndarray:
     """Top-k catalog rows per user after masking what each user has already seen."""
     for i, s in enumerate(seen):

@@ -83,7 +83,9 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
     own = retriever is None
     retriever = retriever or build_retriever(cfg)
     app = create_app(retriever, cfg.serve.max_body_bytes)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so; without it, Nagle plus
+    # delayed ACKs add 40 ms to every response (uvicorn writes headers and body separately).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.serve.host, 0))
     host, port = sock.getsockname()[:2]
