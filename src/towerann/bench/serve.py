@@ -57,15 +57,18 @@ def embed_items(model_dir: Path, data_dir: Path, out: Path) -> Path:
 
 
 def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: int = 2, kind: str = "auto",
-            seed: int = 0) -> dict[str, Path]:
-    """Build (once; reused when present) dataset, model, vectors and a published bundle under workdir."""
+            seed: int = 0, recall: float | None = None, k: int = 1000) -> dict[str, Path]:
+    """Build (once; reused when present) dataset, model, vectors and a published bundle under workdir.
+
+    recall: tune the index's search parameters to this recall@k on held-out users' queries."""
     from towerann.data.synth import generate
     from towerann.model.towers import TowerConfig
     from towerann.model.train import TrainConfig, train
     from towerann.serving.bundle import publish_bundle
 
     work = Path(workdir)
-    paths = {"data": work / "data", "model": work / "model", "vectors": work / "vectors", "index": work / "indexes"}
+    index_name = "indexes" if recall is None else f"indexes-{kind}-r{recall}@{k}"  # one cached bundle per setting
+    paths = {"data": work / "data", "model": work / "model", "vectors": work / "vectors", "index": work / index_name}
     if not (paths["data"] / "manifest.json").exists():
         generate(paths["data"], items, users, seed=seed, overwrite=True)
     if not (paths["model"] / "manifest.json").exists():
@@ -74,7 +77,14 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
     if not (paths["vectors"] / "manifest.json").exists():
         embed_items(paths["model"], paths["data"], paths["vectors"])
     if not (paths["index"] / "CURRENT").exists():
-        publish_bundle(paths["index"], paths["model"], paths["vectors"], kind=kind)
+        tune = None
+        if recall is not None:
+            from towerann.model.evaluate import heldout_user_queries
+            from towerann.model.model import TwoTowerModel
+
+            queries = heldout_user_queries(TwoTowerModel.load(paths["model"]), paths["data"], 1000, seed)
+            tune = (queries, k, recall)
+        publish_bundle(paths["index"], paths["model"], paths["vectors"], kind=kind, tune=tune)
     return paths
 
 
@@ -203,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
 
     work = Path(args.workdir) / f"serve-{args.items}"
     t0 = time.perf_counter()
-    paths = prepare(work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind="hnsw")
+    paths = prepare(work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind=args.kind,
+                    recall=args.recall, k=args.k)
     prep_s = time.perf_counter() - t0
     redis_proc = None
     store_url, store_path = args.store, None
@@ -241,11 +252,15 @@ def run(args: argparse.Namespace) -> int:
             redis_proc.terminate()
             redis_proc.wait(timeout=10)
     ok = [r for r in rates if r["achieved_rps"] >= 0.95 * r["target_rps"] and r["end_to_end"]["p99_ms"] < 100]
+    from towerann.index.snapshot import resolve
+
+    served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
     result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store,
+              "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
               "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates,
               "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
               "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0)}
-    json_path, png_path = write_report(args.out, f"serve-{args.items}-{args.store.split(':')[0]}", result, _plot(result))
+    json_path, png_path = write_report(args.out, f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}", result, _plot(result))
     print(f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
           f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}")
     return 0
@@ -286,6 +301,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=64, help="embedding dim of the model trained for the bench (default 64)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs for the bench model (default 1)")
     p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
+    p.add_argument("--kind", default="hnsw", help="index backend of the served bundle (default hnsw)")
+    p.add_argument("--recall", type=float, default=0.95,
+                   help="tune the index to this recall@k on held-out user queries (default 0.95)")
     p.add_argument("--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB")
     p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 400, 600, 800, 1200, 1600],
                    help="arrival rates to sweep, requests/s (stops at saturation)")

@@ -117,7 +117,9 @@ class ScannIndex(Index):
             bad |= ~mask.bits[slots]
         if bad.any():
             scores = np.where(bad, -np.inf, scores)
-        slots, scores = self._compact(slots, scores, k)
+            slots, scores = self._compact(slots, scores, k)
+        elif slots.shape[1] != k:  # ScaNN rows come sorted: only cut or pad them
+            slots, scores = self._compact(slots, scores, k)
         if self.n_slots > n_main:  # delta tier: exact over items added since the build
             delta = self._vecs.data[n_main:]
             ds = inner_products(q, delta)

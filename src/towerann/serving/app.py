@@ -13,10 +13,10 @@ threadpool still held p99 14 ms - faiss and ONNX Runtime release the GIL, so two
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -176,7 +176,8 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536) -> FastAPI:
             observe[stage].observe(ms / 1e3)
         body = {"candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
                 "model_version": c.model_version, "index_version": c.index_version, "timings_ms": c.timings_ms}
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        # orjson: at k=1000, json.dumps costs ~0.8 ms a request, as much as the retrieval itself
+        return Response(orjson.dumps(body), media_type="application/json")
 
     @app.post("/v1/events", response_model=EventResponse, responses=ERRORS)
     def events(req: EventRequest) -> dict[str, Any]:
