@@ -153,6 +153,9 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
 
 
 def _loadgen_main(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int, out: Any) -> None:
+    import gc
+
+    gc.disable()  # a collector pause in the generator would show up as server latency
     out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections)))
 
 
@@ -236,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         server = start_subprocess(paths["index"], store_url, store_path)
         rates = []
         try:
-            run_load(server.url, bodies, 50, 2, 8)  # warm-up
+            run_load(server.url, bodies, 100, 5, 8)  # warm-up: fault in the memory-mapped index
             for rate in args.rates:
                 r = run_load(server.url, bodies, rate, args.duration, args.connections)
                 rates.append(r)

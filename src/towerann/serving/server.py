@@ -52,6 +52,18 @@ def build_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: s
     return Retriever(BundleHolder(bundle), store or open_configured_store(cfg), max_k=cfg.serve.max_k)
 
 
+def freeze_heap() -> None:
+    """Exempt everything loaded so far (the bundle: models, id maps) from the cyclic GC.
+
+    Without it, each full collection walks the million-entry id map and the model's objects and
+    stalls the event loop for 100-170 ms (measured at 1M items), which is the p99 at 200 req/s.
+    Call it again after a bundle swap, so the new bundle is exempt too."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     # access_log off: one INFO line per request costs more than the retrieval itself
     return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
@@ -59,6 +71,7 @@ def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
 
 def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
     retriever = build_retriever(cfg, model_dir=model_dir)
+    freeze_heap()
     try:
         app = create_app(retriever, cfg.serve.max_body_bytes)
         log.warning("serving %s on http://%s:%d", retriever.holder.current().describe(), cfg.serve.host, cfg.serve.port)
@@ -83,6 +96,7 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
     own = retriever is None
     retriever = retriever or build_retriever(cfg)
     app = create_app(retriever, cfg.serve.max_body_bytes)
+    freeze_heap()
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so; without it, Nagle plus
     # delayed ACKs add 40 ms to every response (uvicorn writes headers and body separately).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
