@@ -2,7 +2,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/pip
-EXTRAS ?= test,scann
+# lancedb is a peer in `towerann bench ann` (and in its test)
+EXTRAS ?= test,scann,lancedb
 
 .PHONY: setup demo test redis bench clean
 
