@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "towerann.index.commands",
     "towerann.features.commands",
     "towerann.serving.commands",
+    "towerann.freshness.commands",
     "towerann.bench.commands",
 )
 

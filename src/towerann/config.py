@@ -1,8 +1,14 @@
 """One TOML file configures a deployment; every setting has a default that works after `towerann demo`.
 
     [serve]    host, port, max_k, max_body_bytes
-    [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory)
+    [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory),
+               data (the dataset whose catalog `towerann refresh` re-embeds)
     [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s
+    [freshness] delta_path (SQLite delta log, default beside [paths] index; with a redis feature store
+               the log is a stream in that Redis instead),
+               token_file (bearer token for writes; env TOWERANN_API_TOKEN wins), poll_s (how often the
+               server checks CURRENT for a new bundle; 0 = never), min_recall (a new bundle's recall@100
+               vs exact search on sample user queries must reach this, or it is refused)
 
 Command-line flags override the file (`Config.with_overrides`).
 """
@@ -32,6 +38,7 @@ class ServeConfig:
 class PathsConfig:
     model: str = f"{DEMO_DIR}/models/demo"  # only needed to build a bundle; a bundle carries its own model copy
     index: str = f"{DEMO_DIR}/indexes"
+    data: str = f"{DEMO_DIR}/data"
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,36 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class FreshnessConfig:
+    delta_path: str = ""  # "" = delta.sqlite beside [paths] index (the demo: towerann-demo/delta.sqlite)
+    token_file: str = ""
+    poll_s: float = 2.0
+    min_recall: float = 0.8
+
+
+@dataclass(frozen=True)
 class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
+
+    def api_token(self) -> str | None:
+        """The bearer token for write endpoints: env TOWERANN_API_TOKEN, else [freshness] token_file."""
+        import os
+
+        token = os.environ.get("TOWERANN_API_TOKEN", "").strip()
+        if token:
+            return token
+        if self.freshness.token_file:
+            path = Path(self.freshness.token_file)
+            if not path.is_file():
+                raise ConfigError(f"[freshness] token_file {path}: file not found")
+            token = path.read_text().strip()
+            if not token:
+                raise ConfigError(f"[freshness] token_file {path} is empty")
+            return token
+        return None
 
     def with_overrides(self, **flags: Any) -> "Config":
         """Replace settings by flag values given as section_key=value (None = not given)."""
@@ -84,6 +117,8 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
     if getattr(obj, "ttl_s", 1.0) <= 0:
         raise ConfigError(f"{source}: [{section}] ttl_s must be positive")
+    if getattr(obj, "poll_s", 0.0) < 0 or not 0.0 <= getattr(obj, "min_recall", 0.0) <= 1.0:
+        raise ConfigError(f"{source}: [{section}] poll_s must be >= 0 and min_recall in [0, 1]")
     return obj
 
 
@@ -99,7 +134,7 @@ def load_config(path: str | Path | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     sections: dict[str, Any] = {}
-    classes = {"serve": ServeConfig, "paths": PathsConfig, "features": FeaturesConfig}
+    classes = {"serve": ServeConfig, "paths": PathsConfig, "features": FeaturesConfig, "freshness": FreshnessConfig}
     for name, values in data.items():
         if name not in classes:
             raise ConfigError(f"{path}: unknown section [{name}]; known sections: {', '.join(classes)}")

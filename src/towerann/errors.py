@@ -41,6 +41,10 @@ class Unauthorized(TowerannError):
     http_status = 401
 
 
+class Forbidden(TowerannError):
+    http_status = 403
+
+
 class BackendUnavailable(TowerannError):
     """An optional backend (scann, ray, lancedb, redis) is not installed or cannot be reached."""
 

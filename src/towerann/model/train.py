@@ -41,6 +41,8 @@ class TrainConfig:
     patience: int = 3
     eval_k: int = 100
     id_dropout: float = 0.1  # how often the user id is hidden, so the cold-start path is trained
+    item_id_dropout: float = 0.1  # how often a positive item's id is hidden: new items (unknown ids, added
+    # live) are then embedded from their content - category and attributes - instead of an untrained row
     seed: int = 0
     max_item_vocab: int = 1_000_000
     max_seconds: float | None = None  # stop early (keeping the best epoch) when time runs out
@@ -108,7 +110,8 @@ def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | 
             k = known[rows].unsqueeze(1)
             u = net.user_tower(uidx, user_num_t[ur] * k, user_cat_t[ur] * k, hist_idx_all[rows], hist_cat_all[rows],
                                hist_mask_all[rows])
-            v = net.item_tower(item_idx[items], item_cat[items], item_num[items], item_attrs[items])
+            iidx = torch.where(torch.rand(len(rows)) < cfg.item_id_dropout, 0, item_idx[items])
+            v = net.item_tower(iidx, item_cat[items], item_num[items], item_attrs[items])
             logits = (u @ v.T) / cfg.temperature - log_q[items].unsqueeze(0)
             same = items.unsqueeze(0) == items.unsqueeze(1)
             logits = logits.masked_fill(same & ~torch.eye(len(rows), dtype=torch.bool), -torch.inf)

@@ -13,6 +13,8 @@ threadpool still held p99 14 ms - faiss and ONNX Runtime release the GIL, so two
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 from typing import Any
 
@@ -24,13 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from towerann.errors import TowerannError
+from towerann.errors import Forbidden, NotFound, TowerannError, Unauthorized
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.retriever import STAGES, Retriever
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/candidates", "/v1/events", "/healthz", "/readyz", "/metrics")
+ROUTES = ("/v1/candidates", "/v1/events", "/v1/items", "/v1/admin/reload", "/healthz", "/readyz", "/metrics")
 BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -75,11 +77,23 @@ class EventResponse(BaseModel):
     ts: float
 
 
+class ItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    items: list[dict[str, Any]] = Field(description="item rows: item_id (string), category, available?, and "
+                                                    "the item tower's feature columns", min_length=1)
+
+
+class AvailabilityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    available: bool
+
+
 class ErrorResponse(BaseModel):
     error: str
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)}
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -96,6 +110,8 @@ class Metrics:
         self.stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
         self.index_items = Gauge("towerann_index_items", "live items in the served index", registry=self.registry)
         self.bundle = Info("towerann_bundle", "the served retrieval bundle", registry=self.registry)
+        self.reloads = Counter("towerann_bundle_reloads", "bundle reloads by outcome (swapped, refused)",
+                               ["outcome"], registry=self.registry)
 
     def on_swap(self, bundle: RetrievalBundle) -> None:
         self.index_items.set(len(bundle.index))
@@ -159,9 +175,15 @@ class GuardMiddleware:
                           "(raise [serve] max_body_bytes if this was intended)")(scope, receive, send)
 
 
-def create_app(retriever: Retriever, max_body_bytes: int = 65536) -> FastAPI:
-    """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap."""
+def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: Any = None, reloader: Any = None,
+               token: str | None = None) -> FastAPI:
+    """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
+
+    writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
+    admin endpoints; they need `Authorization: Bearer <token>`."""
     metrics = Metrics()
+    if reloader is not None:
+        reloader.on_result = lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc()
     holder = retriever.holder
     holder.subscribe(metrics.on_swap)
     app = FastAPI(title="towerann", summary="two-tower retrieval: top-K candidates for a user, now",
@@ -186,6 +208,41 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536) -> FastAPI:
     async def events(req: EventRequest) -> dict[str, Any]:
         e = retriever.record_event(req.user_id, req.item_id, req.type, req.ts)
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
+
+    def authorize(request: Request) -> None:
+        if writer is None:
+            raise NotFound("item writes are not enabled on this server")
+        if token is None:
+            raise Forbidden("writes are disabled: no API token is configured (set TOWERANN_API_TOKEN or "
+                            "[freshness] token_file)")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    @app.post("/v1/items", responses=WRITE_ERRORS)
+    async def upsert_items(req: ItemsRequest, request: Request) -> dict[str, Any]:
+        """Embed the items with the item tower and add them to the live index: searchable on return."""
+        authorize(request)
+        return writer.upsert(req.items)
+
+    @app.patch("/v1/items/{item_id}", responses=WRITE_ERRORS)
+    async def set_available(item_id: str, req: AvailabilityRequest, request: Request) -> dict[str, Any]:
+        authorize(request)
+        return writer.set_available(item_id, req.available)
+
+    @app.delete("/v1/items/{item_id}", responses=WRITE_ERRORS)
+    async def delete_item(item_id: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        return writer.delete(item_id)
+
+    @app.post("/v1/admin/reload", responses=WRITE_ERRORS)
+    async def reload(request: Request) -> JSONResponse:
+        """Load the bundle CURRENT names now (validated; refused if bad, the old one keeps serving)."""
+        authorize(request)
+        if reloader is None:
+            raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
+        info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
+        return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -59,8 +59,11 @@ def build_index(vs: Any, kind: str = "auto", build_params: dict[str, Any] | None
 def publish_bundle(root: str | Path, model_dir: str | Path, vectors: Any, kind: str = "auto",
                    build_params: dict[str, Any] | None = None,
                    tune: tuple[np.ndarray, int, float] | None = None, keep: int = 3,
-                   index: Index | None = None) -> Path:
-    """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it."""
+                   index: Index | None = None, delta_seq: int = 0) -> Path:
+    """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it.
+
+    delta_seq: the last delta-log entry folded into `vectors` (a refresh's cut-off); a server that
+    loads the bundle replays only the entries after it."""
     from towerann.model.model import model_version_of
 
     model_dir = Path(model_dir)
@@ -84,7 +87,8 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: Any, kind: 
         save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
         save_npy(tmp / "item_categories.npy", item_cats)
         write_snapshot(index, tmp, model_version, extra={"bundle": {
-            "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs)}})
+            "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs),
+            "delta_seq": int(delta_seq)}})
     _set_current(root, version)
     prune(root, keep)
     log.info("published bundle %s (%s, %d items, model %s)", root / version, index.describe(), len(index), model_version)
@@ -107,6 +111,7 @@ class RetrievalBundle:
     item_internal: dict[str, int]  # str(external id) -> internal id
     item_model_cat: np.ndarray  # internal id -> the model's category code (user-tower history input)
     history_len: int
+    delta_seq: int = 0  # delta-log entries up to this seq are in the bundle (cut-off, then replays)
 
     @classmethod
     def load(cls, directory: str | Path, model_dir: str | Path | None = None, runtime: str = "onnx") -> "RetrievalBundle":
@@ -161,9 +166,9 @@ class RetrievalBundle:
                    encoder=UserEncoder(model, model_dir, runtime=runtime), index=index, external_ids=external_ids,
                    category_names=names, category_code={n: i for i, n in enumerate(names)},
                    item_internal=item_internal, item_model_cat=item_model_cat,
-                   history_len=model.cfg.history_len)
+                   history_len=model.cfg.history_len, delta_seq=int((info or {}).get("delta_seq", 0)))
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "index_version": self.version, "model_version": self.model_version,
-                "index": self.index.describe(), "items": len(self.index)}
+                "index": self.index.describe(), "items": len(self.index), "delta_seq": self.delta_seq}
 

@@ -40,6 +40,17 @@ def open_configured_store(cfg: Config) -> FeatureStore:
     return open_store(f.store, path=path, max_events=f.max_events, ttl_s=f.ttl_s)
 
 
+def open_configured_delta_log(cfg: Config) -> Any:
+    """The delta log of item writes: a stream in the feature store's Redis, else SQLite at
+    [freshness] delta_path (default: delta.sqlite beside [paths] index)."""
+    from towerann.freshness.deltalog import open_delta_log
+
+    store = cfg.features.store
+    if store.startswith(("redis://", "rediss://", "unix://")):
+        return open_delta_log(store)
+    return open_delta_log("embedded", cfg.freshness.delta_path or Path(cfg.paths.index).parent / "delta.sqlite")
+
+
 def build_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: str | None = None) -> Retriever:
     """Load the configured bundle and open the configured store.
 
@@ -50,6 +61,39 @@ def build_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: s
         model_dir = cfg.paths.model
     bundle = RetrievalBundle.load(cfg.paths.index, model_dir=model_dir)
     return Retriever(BundleHolder(bundle), store or open_configured_store(cfg), max_k=cfg.serve.max_k)
+
+
+@dataclass
+class Freshness:
+    """Item writes and hot swaps for one server: the delta log, the writer, the CURRENT watcher."""
+
+    writer: Any  # freshness.live.ItemWriter, or None when no delta log is configured
+    reloader: Any  # freshness.reload.Reloader, or None when the index path has no CURRENT to watch
+    token: str | None
+
+    def start(self, poll_s: float) -> None:
+        if self.reloader is not None:
+            self.reloader.start(poll_s)
+
+    def close(self) -> None:
+        if self.reloader is not None:
+            self.reloader.stop()
+        if self.writer is not None:
+            self.writer.delta.close()
+
+
+def open_freshness(cfg: Config, retriever: Retriever) -> Freshness:
+    """Open the delta log, replay it onto the loaded bundle (a restart loses no acknowledged write),
+    and set up the CURRENT watcher. The log lives in Redis when the feature store does."""
+    from towerann.freshness.live import ItemWriter, replay
+    from towerann.freshness.reload import Reloader
+
+    writer = ItemWriter(retriever.holder, open_configured_delta_log(cfg))
+    if retriever.holder.ready:
+        replay(retriever.holder.current(), writer.delta)
+    root = Path(cfg.paths.index)
+    reloader = Reloader(writer, root, cfg.freshness.min_recall) if (root / "CURRENT").is_file() else None
+    return Freshness(writer, reloader, cfg.api_token())
 
 
 def freeze_heap() -> None:
@@ -71,12 +115,15 @@ def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
 
 def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
     retriever = build_retriever(cfg, model_dir=model_dir)
-    freeze_heap()
+    fresh = open_freshness(cfg, retriever)
     try:
-        app = create_app(retriever, cfg.serve.max_body_bytes)
+        app = create_app(retriever, cfg.serve.max_body_bytes, fresh.writer, fresh.reloader, fresh.token)
+        freeze_heap()
+        fresh.start(cfg.freshness.poll_s)
         log.warning("serving %s on http://%s:%d", retriever.holder.current().describe(), cfg.serve.host, cfg.serve.port)
         uvicorn.Server(_uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
     finally:
+        fresh.close()
         retriever.store.close()
 
 
@@ -85,6 +132,8 @@ class ServerHandle:
     url: str
     retriever: Retriever | None
     _stop: Any
+    freshness: Freshness | None = None
+    process: subprocess.Popen | None = None  # start_subprocess only
 
     def stop(self) -> None:
         self._stop()
@@ -95,8 +144,10 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
     and closes the store it opened."""
     own = retriever is None
     retriever = retriever or build_retriever(cfg)
-    app = create_app(retriever, cfg.serve.max_body_bytes)
+    fresh = open_freshness(cfg, retriever)
+    app = create_app(retriever, cfg.serve.max_body_bytes, fresh.writer, fresh.reloader, fresh.token)
     freeze_heap()
+    fresh.start(cfg.freshness.poll_s)
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so; without it, Nagle plus
     # delayed ACKs add 40 ms to every response (uvicorn writes headers and body separately).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -117,15 +168,17 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+        fresh.close()
         if own:
             retriever.store.close()
 
-    return ServerHandle(f"http://{host}:{port}", retriever, stop)
+    return ServerHandle(f"http://{host}:{port}", retriever, stop, fresh)
 
 
 def start_subprocess(index: str | Path, store: str, store_path: str | None = None, max_k: int = 1000,
-                     timeout_s: float = 120.0) -> ServerHandle:
-    """`towerann serve` in a child process on a free port; waits for /readyz."""
+                     timeout_s: float = 120.0, config: str | Path | None = None,
+                     env: dict[str, str] | None = None) -> ServerHandle:
+    """`towerann serve` in a child process on a free port; waits for /readyz (`handle.process` is the child)."""
     import httpx
 
     port = free_port()
@@ -133,7 +186,9 @@ def start_subprocess(index: str | Path, store: str, store_path: str | None = Non
            "--port", str(port), "--max-k", str(max_k)]
     if store_path:
         cmd += ["--store-path", store_path]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if config:
+        cmd += ["--config", str(config)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -157,4 +212,4 @@ def start_subprocess(index: str | Path, store: str, store_path: str | None = Non
             proc.kill()
             proc.wait()
 
-    return ServerHandle(url, None, stop)
+    return ServerHandle(url, None, stop, process=proc)

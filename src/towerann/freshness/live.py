@@ -1,0 +1,242 @@
+"""Item writes on the live bundle: new items searchable at once, availability and deletes at once.
+
+Every write is checked, then appended to the delta log (durable), then applied to the bundle being
+served; only then is it acknowledged. `replay` applies the log's entries after a bundle's cut-off to
+a bundle - at startup, and to a freshly loaded bundle before it is swapped in - so an acknowledged
+write survives restarts and rebuilds. Upserts are re-embedded with the bundle's own item tower.
+
+Writes and swaps are serialised by `ItemWriter.lock`. Searches take no lock: the HTTP handlers run
+on one event loop, so a search never overlaps an index write there; Python callers that search from
+other threads must hold the lock around their own writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from towerann.errors import BadRequest, NotFound
+from towerann.freshness.deltalog import DeltaLog
+from towerann.serving.bundle import RetrievalBundle
+from towerann.serving.holder import BundleHolder
+
+log = logging.getLogger(__name__)
+
+RESERVED = ("item_id", "category", "available")
+
+
+def item_columns(bundle: RetrievalBundle) -> tuple[list[str], list[str]]:
+    """The item tower's feature columns: (numeric, categorical)."""
+    s = bundle.model.schema
+    return [c.name for c in s.item_numeric], [c.name for c in s.item_categorical]
+
+
+def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
+    """Validate item rows for an upsert; return them normalised (available defaults to true)."""
+    if not isinstance(rows, list) or not rows:
+        raise BadRequest("items must be a non-empty list of item objects")
+    numeric, categorical = item_columns(bundle)
+    known = {*RESERVED, *numeric, *categorical}
+    int_ids = bundle.external_ids.dtype.kind in "iu"
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        where = f"items[{i}]"
+        if not isinstance(row, Mapping):
+            raise BadRequest(f"{where}: expected an object with item_id, category and the item features")
+        extra = set(row) - known
+        if extra:
+            raise BadRequest(f"{where}: unknown fields {sorted(extra)}; the item tower takes {sorted(known)}")
+        item_id = row.get("item_id")
+        if not isinstance(item_id, str) or not item_id:
+            raise BadRequest(f"{where}.item_id: a non-empty string is required")
+        if int_ids and not (item_id.isascii() and item_id.lstrip("-").isdigit()):
+            raise BadRequest(f"{where}.item_id: this catalog's item ids are integers, got {item_id!r}")
+        if item_id in seen:
+            raise BadRequest(f"{where}.item_id: {item_id!r} appears twice in one request")
+        seen.add(item_id)
+        if not isinstance(row.get("category"), str) or not row["category"]:
+            raise BadRequest(f"{where}.category: a non-empty string is required")
+        available = row.get("available", True)
+        if not isinstance(available, bool):
+            raise BadRequest(f"{where}.available: true or false")
+        clean: dict[str, Any] = {"item_id": item_id, "category": row["category"], "available": available}
+        for name in numeric:
+            v = row.get(name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise BadRequest(f"{where}.{name}: a finite number is required")
+            clean[name] = float(v)
+        for name in categorical:
+            v = row.get(name)
+            if not isinstance(v, str):
+                raise BadRequest(f"{where}.{name}: a string is required")
+            clean[name] = v
+        out.append(clean)
+    return out
+
+
+def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarray:
+    frame = pd.DataFrame(rows)
+    if bundle.external_ids.dtype.kind in "iu":
+        frame["item_id"] = frame["item_id"].astype(np.int64)  # the item vocabulary holds the catalog's ints
+    return bundle.model.encode_items(frame)
+
+
+def apply_upserts(bundle: RetrievalBundle, rows: list[dict[str, Any]], vectors: np.ndarray | None = None) -> None:
+    """Add or replace items in `bundle` (index, id map, categories). Rows come from check_rows."""
+    if vectors is None:
+        vectors = embed_rows(bundle, rows)
+    int_ids = bundle.external_ids.dtype.kind in "iu"
+    internal, new_ext, new_cat = [], [], []
+    for row in rows:
+        iid = bundle.item_internal.get(row["item_id"])
+        if iid is None:
+            iid = len(bundle.external_ids) + len(new_ext)
+            bundle.item_internal[row["item_id"]] = iid
+            new_ext.append(int(row["item_id"]) if int_ids else row["item_id"])
+            new_cat.append(bundle.model.schema.categories.encode_one(row["category"]))
+        else:
+            bundle.item_model_cat[iid] = bundle.model.schema.categories.encode_one(row["category"])
+        internal.append(iid)
+    if new_ext:
+        ext = np.asarray(new_ext, dtype=np.int64 if int_ids else None)
+        if not int_ids:
+            ext = ext.astype(np.result_type(bundle.external_ids.dtype, ext.dtype))
+        bundle.external_ids = np.concatenate([bundle.external_ids, ext])
+        bundle.item_model_cat = np.concatenate([bundle.item_model_cat, np.asarray(new_cat, np.int64)])
+    codes = []
+    for row in rows:
+        code = bundle.category_code.get(row["category"])
+        if code is None:  # a category the catalog had not seen: give it the next filter code
+            code = len(bundle.category_names)
+            bundle.category_names.append(row["category"])
+            bundle.category_code[row["category"]] = code
+        codes.append(code)
+    bundle.index.add(vectors, np.asarray(internal, np.int64), np.asarray(codes, np.int32),
+                     np.asarray([r["available"] for r in rows], bool))
+
+
+def apply_available(bundle: RetrievalBundle, item_id: str, available: bool) -> bool:
+    iid = bundle.item_internal.get(item_id)
+    if iid is None:
+        return False
+    bundle.index.set_available([iid], available)
+    return True
+
+
+def apply_delete(bundle: RetrievalBundle, item_id: str) -> bool:
+    iid = bundle.item_internal.get(item_id)
+    if iid is None:
+        return False
+    bundle.index.remove([iid])
+    return True
+
+
+def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -> int:
+    """Apply the log's entries with seq > `after` (default: the bundle's cut-off); return the last seq."""
+    last = bundle.delta_seq if after is None else after
+    pending: dict[str, dict[str, Any]] = {}  # consecutive upserts, embedded as one batch
+
+    def flush() -> None:
+        if pending:
+            apply_upserts(bundle, list(pending.values()))
+            pending.clear()
+
+    n = 0
+    for entry in delta.since(last):
+        if entry.op == "upsert":
+            pending.pop(entry.item_id, None)
+            pending[entry.item_id] = entry.payload
+        else:
+            flush()
+            if entry.op == "available":
+                apply_available(bundle, entry.item_id, bool(entry.payload.get("available")))
+            else:
+                apply_delete(bundle, entry.item_id)
+        last, n = entry.seq, n + 1
+    flush()
+    bundle.delta_seq = last
+    if n:
+        log.info("replayed %d delta-log entries onto bundle %s (up to seq %d)", n, bundle.version, last)
+    return last
+
+
+class ItemWriter:
+    """Item writes through the delta log onto the holder's current bundle."""
+
+    def __init__(self, holder: BundleHolder, delta: DeltaLog):
+        self.holder, self.delta = holder, delta
+        self.lock = threading.Lock()
+
+    def upsert(self, rows: Any) -> dict[str, Any]:
+        with self.lock:
+            b = self.holder.current()
+            clean = check_rows(b, rows)
+            vectors = embed_rows(b, clean)  # before logging: a row the tower cannot take is refused, not logged
+            entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
+            apply_upserts(b, clean, vectors)
+            b.delta_seq = entries[-1].seq
+        return {"upserted": len(clean), "seq": entries[-1].seq, "index_version": b.version}
+
+    def set_available(self, item_id: str, available: bool) -> dict[str, Any]:
+        if not isinstance(available, bool):
+            raise BadRequest("available must be true or false")
+        with self.lock:
+            b = self._known(item_id)
+            entry = self.delta.append("available", item_id, {"available": available})
+            apply_available(b, item_id, available)
+            b.delta_seq = entry.seq
+        return {"item_id": item_id, "available": available, "seq": entry.seq}
+
+    def delete(self, item_id: str) -> dict[str, Any]:
+        with self.lock:
+            b = self._known(item_id)
+            entry = self.delta.append("delete", item_id, {})
+            apply_delete(b, item_id)
+            b.delta_seq = entry.seq
+        return {"item_id": item_id, "deleted": True, "seq": entry.seq}
+
+    def _known(self, item_id: str) -> RetrievalBundle:
+        b = self.holder.current()
+        if item_id not in b.item_internal:
+            raise NotFound(f"item {item_id!r} is not in the served catalog (bundle {b.version})")
+        return b
+
+
+def fold_catalog(items: pd.DataFrame, entries: Iterable[Any]) -> pd.DataFrame:
+    """The catalog with delta-log entries applied: what a rebuild embeds."""
+    frame = items.copy()
+    key = frame["item_id"].astype(str)
+    pos = dict(zip(key, range(len(frame))))
+    added: dict[str, dict[str, Any]] = {}
+    dropped: set[str] = set()
+    for e in entries:
+        if e.op == "upsert":
+            row = dict(e.payload)
+            dropped.discard(e.item_id)
+            if e.item_id in pos:
+                for col, v in row.items():
+                    if col != "item_id" and col in frame.columns:
+                        frame.iat[pos[e.item_id], frame.columns.get_loc(col)] = v
+            else:
+                added[e.item_id] = row
+        elif e.op == "available":
+            if e.item_id in pos:
+                frame.iat[pos[e.item_id], frame.columns.get_loc("available")] = bool(e.payload.get("available"))
+            elif e.item_id in added:
+                added[e.item_id]["available"] = bool(e.payload.get("available"))
+        elif e.op == "delete":
+            added.pop(e.item_id, None)
+            if e.item_id in pos:
+                dropped.add(e.item_id)
+    if added:
+        new = pd.DataFrame(list(added.values()))
+        if frame["item_id"].dtype.kind in "iu":
+            new["item_id"] = new["item_id"].astype(np.int64)
+        frame = pd.concat([frame, new[frame.columns.intersection(new.columns)]], ignore_index=True)
+    if dropped:
+        frame = frame[~frame["item_id"].astype(str).isin(dropped)].reset_index(drop=True)
+    return frame

@@ -1,0 +1,127 @@
+"""Hot swap: notice a newly published bundle, load and validate it, replay the delta log, swap.
+
+The new bundle is loaded, checked (model and index belong together - `RetrievalBundle.load` refuses
+a mismatched pair or a bad checksum - and its recall@100 against exact search on sample user-tower
+queries reaches `min_recall`) and brought up to date with the delta log while the old one keeps
+serving. Only the last catch-up and the swap itself hold the writers' lock, so no write falls
+between the replay and the swap. A bundle that fails is refused and remembered (not retried until
+CURRENT changes again); the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from towerann.errors import TowerannError
+from towerann.freshness.live import ItemWriter, replay
+from towerann.index.snapshot import current_version
+from towerann.serving.bundle import RetrievalBundle
+
+log = logging.getLogger(__name__)
+
+VALIDATION_QUERIES = 64
+
+
+def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: int = 100, seed: int = 0) -> float:
+    """recall@k of the bundle's index vs exact search, for user-tower queries of made-up sessions."""
+    from towerann.index.tune import recall_at_k
+
+    rng = np.random.default_rng(seed)
+    n_items = len(bundle.external_ids)
+    if len(bundle.index) == 0 or n_items == 0:
+        return 1.0
+    queries = []
+    for i in range(n):  # sessions of a few random catalog items: queries as the user tower makes them
+        picks = rng.choice(n_items, size=min(bundle.history_len, 1 + i % 8), replace=False)
+        history = [(str(bundle.external_ids[p]), int(bundle.item_model_cat[p])) for p in picks]
+        queries.append(bundle.encoder.encode(f"validation-{i}", {}, history))
+    q = np.asarray(queries, np.float32)
+    k = min(k, len(bundle.index))
+    return recall_at_k(bundle.index.search(q, k).ids, bundle.index.exact_search(q, k).ids)
+
+
+class Reloader:
+    """Loads the bundle CURRENT names under `root` into the writer's holder when it changes."""
+
+    def __init__(self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8,
+                 on_result: Callable[[str, dict[str, Any]], None] | None = None):
+        self.writer, self.root, self.min_recall = writer, Path(root), float(min_recall)
+        self.on_result = on_result or (lambda outcome, info: None)
+        self._refused: str | None = None
+        self._reload_lock = threading.Lock()  # one reload at a time (watcher vs admin endpoint)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last: dict[str, Any] = {}
+
+    def check(self) -> dict[str, Any] | None:
+        """Reload if CURRENT names a version that is neither served nor already refused."""
+        try:
+            version = current_version(self.root)
+        except TowerannError:
+            return None
+        served = self.writer.holder.current().version if self.writer.holder.ready else None
+        if version in (served, self._refused):
+            return None
+        return self.reload()
+
+    def reload(self) -> dict[str, Any]:
+        """Load, validate, replay and swap in the bundle CURRENT names now. Never raises for a bad bundle."""
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            version = "?"
+            try:
+                version = current_version(self.root)
+                served = self.writer.holder.current().version if self.writer.holder.ready else None
+                if version == served:
+                    return {"outcome": "unchanged", "index_version": version}
+                new = RetrievalBundle.load(self.root / version)
+                recall = validation_recall(new)
+                if recall < self.min_recall:
+                    raise TowerannError(f"recall@100 vs exact search {recall:.3f} < min_recall {self.min_recall}")
+                seq = replay(new, self.writer.delta)  # the bulk, while the old bundle keeps serving
+                with self.writer.lock:
+                    replay(new, self.writer.delta, seq)  # writes acknowledged meanwhile
+                    old = self.writer.holder.swap(new)
+                del old
+                gc.freeze()  # keep the new bundle out of full collections (see serving.server.freeze_heap)
+                self._refused = None
+                info = {"outcome": "swapped", "index_version": version, "model_version": new.model_version,
+                        "validation_recall": round(recall, 4), "delta_seq": new.delta_seq,
+                        "seconds": round(time.perf_counter() - t0, 3)}
+                log.warning("swapped in bundle %s (model %s, recall %.3f, delta seq %d) in %.2fs", version,
+                            new.model_version, recall, new.delta_seq, info["seconds"])
+            except Exception as e:  # any failure: refuse this bundle, keep serving the old one
+                self._refused = version
+                info = {"outcome": "refused", "index_version": version, "error": f"{type(e).__name__}: {e}"}
+                log.error("refused bundle %s under %s: %s; the served bundle stays", version, self.root, info["error"])
+            self.last = info
+            self.on_result(info["outcome"], info)
+            return info
+
+    def start(self, poll_s: float) -> None:
+        """Watch CURRENT every `poll_s` seconds in a daemon thread (0: do not watch)."""
+        if poll_s <= 0 or self._thread is not None:
+            return
+
+        def run() -> None:
+            while not self._stop.wait(poll_s):
+                try:
+                    self.check()
+                except Exception:  # the watcher must outlive any surprise
+                    log.exception("bundle watcher")
+
+        self._thread = threading.Thread(target=run, name="towerann-bundle-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
