@@ -12,6 +12,7 @@ BENCH_MODULES = (
     "towerann.bench.embed",
     "towerann.bench.ann",
     "towerann.bench.serve",
+    "towerann.bench.freshness",
 )
 
 

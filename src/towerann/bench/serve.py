@@ -57,7 +57,7 @@ def embed_items(model_dir: Path, data_dir: Path, out: Path) -> Path:
 
 
 def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: int = 2, kind: str = "auto",
-            seed: int = 0, recall: float | None = None, k: int = 1000) -> dict[str, Path]:
+            seed: int = 0, recall: float | None = None, k: int = 1000, publish: bool = True) -> dict[str, Path]:
     """Build (once; reused when present) dataset, model, vectors and a published bundle under workdir.
 
     recall: tune the index's search parameters to this recall@k on held-out users' queries."""
@@ -76,7 +76,7 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
               name="bench", overwrite=True, progress=False)
     if not (paths["vectors"] / "manifest.json").exists():
         embed_items(paths["model"], paths["data"], paths["vectors"])
-    if not (paths["index"] / "CURRENT").exists():
+    if publish and not (paths["index"] / "CURRENT").exists():
         tune = None
         if recall is not None:
             from towerann.model.evaluate import heldout_user_queries
@@ -90,8 +90,11 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
 
 # ---- load generation -----------------------------------------------------------------------------
 
-async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int) -> dict[str, Any]:
-    """Send len(schedule) requests at fixed arrival times over a pool of keep-alive connections."""
+async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int,
+                     timeline: bool = False) -> dict[str, Any]:
+    """Send len(schedule) requests at fixed arrival times over a pool of keep-alive connections.
+
+    timeline: also return each request's send time (unix s), latency (ms) and HTTP status (0 = failed)."""
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
@@ -99,6 +102,7 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
     n = max(1, int(rate * duration_s))
     queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
     lat = np.full(n, np.nan)
+    codes = np.zeros(n, np.int32)
     stages: list[dict[str, float]] = []
     errors: dict[str, int] = {}
 
@@ -122,6 +126,7 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
                     payload = await reader.readexactly(length)
                     lat[i] = time.perf_counter() - t_sched  # from the scheduled send: includes queueing
                     status = int(status_line.split()[1])
+                    codes[i] = status
                     if status != 200:
                         errors[str(status)] = errors.get(str(status), 0) + 1
                     else:
@@ -135,6 +140,7 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
 
     workers = [asyncio.create_task(worker()) for _ in range(connections)]
     t0 = time.perf_counter() + 0.05
+    t0_unix = time.time() + 0.05
     for i in range(n):
         t_sched = t0 + i / rate
         delay = t_sched - time.perf_counter()
@@ -146,24 +152,30 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
     await asyncio.gather(*workers)
     wall = time.perf_counter() - t0
     done = lat[~np.isnan(lat)]
-    return {"target_rps": rate, "sent": n, "ok": len(stages), "errors": errors,
-            "achieved_rps": len(done) / wall, "end_to_end": percentiles(done),
-            "stages": {s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in
-                       ("features", "user_tower", "ann", "total")} if stages else {}}
+    out = {"target_rps": rate, "sent": n, "ok": len(stages), "errors": errors,
+           "achieved_rps": len(done) / wall, "end_to_end": percentiles(done),
+           "stages": {s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in
+                      ("features", "user_tower", "ann", "total")} if stages else {}}
+    if timeline:
+        out["timeline"] = {"sent_unix": (t0_unix + np.arange(n) / rate).tolist(),
+                           "latency_ms": np.where(np.isnan(lat), -1.0, np.round(lat * 1e3, 3)).tolist(), "status": codes.tolist()}
+    return out
 
 
-def _loadgen_main(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int, out: Any) -> None:
+def _loadgen_main(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int, out: Any,
+                  timeline: bool = False) -> None:
     import gc
 
     gc.disable()  # a collector pause in the generator would show up as server latency
-    out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections)))
+    out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections, timeline)))
 
 
-def run_load(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int) -> dict[str, Any]:
+def run_load(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int,
+             timeline: bool = False) -> dict[str, Any]:
     """The generator in its own process, so it never competes with the server for the GIL."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_loadgen_main, args=(url, bodies, rate, duration_s, connections, q))
+    p = ctx.Process(target=_loadgen_main, args=(url, bodies, rate, duration_s, connections, q, timeline))
     p.start()
     try:
         return q.get(timeout=duration_s * 4 + 60)

@@ -55,6 +55,8 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"{where}.item_id: a non-empty string is required")
         if int_ids and not (item_id.isascii() and item_id.lstrip("-").isdigit()):
             raise BadRequest(f"{where}.item_id: this catalog's item ids are integers, got {item_id!r}")
+        if int_ids:
+            item_id = str(int(item_id))  # one spelling per id: "007" is item 7
         if item_id in seen:
             raise BadRequest(f"{where}.item_id: {item_id!r} appears twice in one request")
         seen.add(item_id)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -47,6 +49,18 @@ def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: i
     return recall_at_k(bundle.index.search(q, k).ids, bundle.index.exact_search(q, k).ids)
 
 
+@contextmanager
+def _short_gil_slices(seconds: float = 0.0005) -> Iterator[None]:
+    """While a bundle loads in the background, hand the GIL back to the request loop every 0.5 ms
+    instead of every 5 ms: Python-level loading work then delays requests far less."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 class Reloader:
     """Loads the bundle CURRENT names under `root` into the writer's holder when it changes."""
 
@@ -73,7 +87,7 @@ class Reloader:
 
     def reload(self) -> dict[str, Any]:
         """Load, validate, replay and swap in the bundle CURRENT names now. Never raises for a bad bundle."""
-        with self._reload_lock:
+        with self._reload_lock, _short_gil_slices():
             t0 = time.perf_counter()
             version = "?"
             try:

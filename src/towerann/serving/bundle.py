@@ -95,6 +95,15 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: Any, kind: 
     return root / version
 
 
+def _id_lookup(external_ids: np.ndarray, chunk: int = 65536) -> dict[str, int]:
+    """str(external id) -> internal id, built in chunks: one `tolist()` of a million ids holds the GIL
+    for ~0.1 s, which a server loading a bundle in the background would add to its requests' latency."""
+    lookup: dict[str, int] = {}
+    for s in range(0, len(external_ids), chunk):
+        lookup.update(zip(map(str, external_ids[s:s + chunk].tolist()), range(s, s + chunk)))
+    return lookup
+
+
 @dataclass
 class RetrievalBundle:
     """Everything one request needs, from one directory, checked to belong together."""
@@ -161,7 +170,7 @@ class RetrievalBundle:
         # The model codes categories by its own vocabulary; translate the bundle's codes once.
         to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
         item_model_cat = to_model[np.where(item_cats >= 0, item_cats, len(names))]
-        item_internal = {str(e): i for i, e in enumerate(external_ids.tolist())}
+        item_internal = _id_lookup(external_ids)
         return cls(path=path, version=path.name, model_version=model.version, model=model,
                    encoder=UserEncoder(model, model_dir, runtime=runtime), index=index, external_ids=external_ids,
                    category_names=names, category_code={n: i for i, n in enumerate(names)},

@@ -9,8 +9,9 @@ from towerann.config import load_config
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve top-K candidates over HTTP (FastAPI + uvicorn)",
-                              description="Serve POST /v1/candidates, POST /v1/events, /healthz, /readyz and "
-                              "/metrics. Settings come from --config (TOML); flags override it.")
+                              description="Serve POST /v1/candidates, POST /v1/events, /healthz, /readyz, /metrics, "
+                              "and (with a bearer token) POST/PATCH/DELETE /v1/items and POST /v1/admin/reload. "
+                              "Settings come from --config (TOML); flags override it.")
     p.add_argument("--config", default=None, help="TOML config file (default: built-in defaults, see towerann.config)")
     p.add_argument("--index", default=None, help="bundle root with CURRENT, or one bundle/snapshot directory")
     p.add_argument("--model", default=None,

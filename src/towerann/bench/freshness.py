@@ -1,0 +1,218 @@
+"""`towerann bench freshness`: new items at once, bulk inserts, and a hot swap under steady load.
+
+Against a real `towerann serve` in a subprocess over loopback HTTP, on an HNSW bundle (default 1M
+items, the `bench serve` workload, cached under --workdir):
+1. new item: POST /v1/items with one item, then the very next /v1/candidates (filtered to the
+   bench's own new category, so the answer is exact) must return it - latency of the write alone
+   (acknowledged = searchable) and of write + check, p50/p99;
+2. bulk: POST /v1/items with --bulk-batch items per call, items/s into the live index;
+3. hot swap: an open-loop generator sends --rate requests/s while `refresh` rebuilds the bundle
+   (re-embed + index build, in this process) and POST /v1/admin/reload swaps it in; failed
+   requests, p99 before / during the rebuild / during the swap, and the server's RSS over time
+   (two bundles live at once only during the swap). JSON + a PNG of latency over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towerann.bench.report import percentiles, write_report
+
+TOKEN = "bench-token"
+NEW_CATEGORY = "bench_new"
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MiB, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def _window(timeline: dict[str, list], start: float, end: float) -> dict[str, Any]:
+    sent, lat, status = (np.asarray(timeline[k]) for k in ("sent_unix", "latency_ms", "status"))
+    sel = (sent >= start) & (sent < end)
+    ok = sel & (status == 200)
+    return {**percentiles(lat[ok] / 1e3), "failed": int((sel & (status != 200)).sum()), "from": start, "to": end}
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from towerann.bench.serve import prepare, run_load
+    from towerann.data.dataset import read_items
+    from towerann.freshness.deltalog import open_delta_log
+    from towerann.freshness.refresh import refresh
+    from towerann.model.evaluate import heldout_user_queries
+    from towerann.model.model import TwoTowerModel
+    from towerann.serving.bundle import publish_bundle
+    from towerann.serving.server import start_subprocess
+
+    work = Path(args.workdir) / f"serve-{args.items}"
+    paths = prepare(work, args.items, args.users, dim=args.dim, epochs=1, publish=False)  # data, model, vectors
+    root, delta_path = work / "fresh-indexes", work / "fresh-delta.sqlite"
+    shutil.rmtree(root, ignore_errors=True)
+    delta_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    # Tuned like a real deployment (and like the rebuild below): an untuned index would fail the
+    # swap's recall validation, which is the point of that check.
+    queries = heldout_user_queries(TwoTowerModel.load(paths["model"]), paths["data"], 1000)
+    publish_bundle(root, paths["model"], paths["vectors"], kind=args.kind, tune=(queries, args.k, args.recall))
+    build_s = time.perf_counter() - t0
+    print(f"initial {args.kind} bundle over {args.items} items built and tuned in {build_s:.1f}s", flush=True)
+    (work / "token").write_text(TOKEN)
+    toml = work / "fresh.toml"
+    toml.write_text(f'[serve]\nmax_body_bytes = {64 << 20}\n[paths]\nindex = "{root}"\ndata = "{paths["data"]}"\n'
+                    f'[features]\nstore = "memory"\n[freshness]\ndelta_path = "{delta_path}"\n'
+                    f'token_file = "{work / "token"}"\npoll_s = 0.0\n')
+    template = read_items(paths["data"]).head(args.bulk_batch * args.bulk_calls + args.new_items)
+    rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in template.to_dict("records")]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    result: dict[str, Any] = {"items": args.items, "index": args.kind, "initial_build_s": round(build_s, 1)}
+
+    server = start_subprocess(root, "memory", config=toml, timeout_s=600)
+    pid = server.process.pid
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            # 1. one new item per call, then the very next request must return it
+            write_ms, visible_ms, missing = [], [], 0
+            for i in range(args.new_items):
+                item = {**rows[i], "item_id": str(10_000_000_000 + i), "category": NEW_CATEGORY, "available": True}
+                t = time.perf_counter()
+                http.post("/v1/items", json={"items": [item]}, headers=auth).raise_for_status()
+                write_ms.append((time.perf_counter() - t) * 1e3)
+                got = http.post("/v1/candidates", json={"user_id": "bench", "k": min(1000, i + 1),
+                                                        "filter": {"categories": [NEW_CATEGORY]}}).json()
+                visible_ms.append((time.perf_counter() - t) * 1e3)
+                missing += int(item["item_id"]) not in {c["item_id"] for c in got["candidates"]}
+            result["new_item"] = {"write": percentiles(np.array(write_ms) / 1e3),
+                                  "write_then_found": percentiles(np.array(visible_ms) / 1e3),
+                                  "not_found_by_next_request": missing}
+            print(f"new item: write p50 {np.median(write_ms):.2f} ms p99 {np.percentile(write_ms, 99):.2f} ms; "
+                  f"not found by the next request: {missing}", flush=True)
+
+            # 2. bulk upserts into the live index
+            t = time.perf_counter()
+            base = args.new_items
+            for c in range(args.bulk_calls):
+                chunk = rows[base + c * args.bulk_batch: base + (c + 1) * args.bulk_batch]
+                body = [{**r, "item_id": str(20_000_000_000 + base + c * args.bulk_batch + j)} for j, r in enumerate(chunk)]
+                http.post("/v1/items", json={"items": body}, headers=auth).raise_for_status()
+            bulk_s = time.perf_counter() - t
+            n_bulk = args.bulk_calls * args.bulk_batch
+            result["bulk"] = {"items": n_bulk, "batch": args.bulk_batch, "seconds": round(bulk_s, 3),
+                              "items_per_s": round(n_bulk / bulk_s, 1)}
+            print(f"bulk: {n_bulk} items in {bulk_s:.2f}s = {n_bulk / bulk_s:.0f} items/s", flush=True)
+
+            # 3. hot swap under a steady request rate
+            rss: list[tuple[float, float]] = []
+            sampling = threading.Event()
+
+            def sample() -> None:
+                while not sampling.is_set():
+                    rss.append((time.time(), _rss_mb(pid)[0]))
+                    time.sleep(0.1)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            bodies = [json.dumps({"user_id": str(u), "k": args.k}).encode() for u in range(5000)]
+            load_out: dict[str, Any] = {}
+            duration = args.steady_s * 2 + args.swap_budget_s
+            loader = threading.Thread(target=lambda: load_out.update(
+                run_load(server.url, bodies, args.rate, duration, 16, timeline=True)), daemon=True)
+            loader.start()
+            time.sleep(args.steady_s)
+            events: dict[str, float] = {"rebuild_start": time.time()}
+            delta = open_delta_log("embedded", delta_path)
+            rebuilt = refresh(paths["data"], paths["model"], root, delta, kind=args.kind, recall=args.recall, k=args.k)
+            delta.close()
+            events["swap_start"] = time.time()
+            swap = http.post("/v1/admin/reload", headers=auth).json()
+            events["swap_end"] = time.time()
+            loader.join()
+            sampling.set()
+            sampler.join()
+    finally:
+        peak_mb = _rss_mb(pid)[1]
+        server.stop()
+    tl = load_out["timeline"]
+    steady = _window(tl, tl["sent_unix"][0] + 2.0, events["rebuild_start"])
+    during_swap = _window(tl, events["swap_start"] - 0.5, events["swap_end"] + 1.0)
+    result["swap"] = {
+        "rate": args.rate, "reload": swap, "refresh": rebuilt, "events": events,
+        "failed_requests": int(sum(1 for s in tl["status"] if s != 200)), "sent": len(tl["status"]),
+        "steady": steady, "during_rebuild": _window(tl, events["rebuild_start"], events["swap_start"]),
+        "during_swap": during_swap, "after": _window(tl, events["swap_end"] + 1.0, float("inf")),
+        "p99_swap_over_steady": round(during_swap["p99_ms"] / steady["p99_ms"], 2),
+        "rss_mb_before": round(max((m for t, m in rss if t < events["rebuild_start"]), default=0.0), 1),
+        "rss_mb_peak_during_swap": round(max((m for t, m in rss if events["swap_start"] <= t <= events["swap_end"] + 1),
+                                             default=0.0), 1),
+        "rss_mb_after": round(rss[-1][1], 1) if rss else 0.0, "rss_mb_peak_process": round(peak_mb, 1)}
+    s = result["swap"]
+    print(f"swap under {args.rate}/s: {s['failed_requests']} failed of {s['sent']}; p99 steady {steady['p99_ms']:.2f} ms, "
+          f"during swap {during_swap['p99_ms']:.2f} ms ({s['p99_swap_over_steady']}x); RSS {s['rss_mb_before']} -> "
+          f"peak {s['rss_mb_peak_during_swap']} -> {s['rss_mb_after']} MiB; reload {swap.get('outcome')} in "
+          f"{swap.get('seconds')}s", flush=True)
+    result["rss_timeline"] = [[round(t, 2), round(m, 1)] for t, m in rss]
+    result["timeline"] = tl
+    json_path, png_path = write_report(args.out, f"freshness-{args.items}-{args.kind}", result, _plot(result))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _plot(result: dict[str, Any]) -> Any:
+    def draw(fig: Any) -> None:
+        ax = fig.subplots(1, 1)
+        tl, ev = result["timeline"], result["swap"]["events"]
+        t0 = tl["sent_unix"][0]
+        sent = np.asarray(tl["sent_unix"]) - t0
+        lat = np.asarray(tl["latency_ms"])
+        ok = np.asarray(tl["status"]) == 200
+        ax.scatter(sent[ok], lat[ok], s=3, label="request latency (ms)")
+        if (~ok).any():
+            ax.scatter(sent[~ok], np.full((~ok).sum(), lat[ok].max() if ok.any() else 1), s=8, c="red", label="failed")
+        ax.axvspan(ev["rebuild_start"] - t0, ev["swap_start"] - t0, alpha=0.15, color="gray", label="rebuild (refresh)")
+        ax.axvspan(ev["swap_start"] - t0, ev["swap_end"] - t0, alpha=0.3, color="orange", label="load + validate + swap")
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("ms")
+        ax2 = ax.twinx()
+        rss = np.asarray(result["rss_timeline"]) if result["rss_timeline"] else np.zeros((0, 2))
+        if len(rss):
+            ax2.plot(rss[:, 0] - t0, rss[:, 1], c="green", lw=1, label="server RSS (MiB)")
+        ax2.set_ylabel("server RSS, MiB")
+        s = result["swap"]
+        ax.set_title(f"hot swap, {result['items']} items {result['index']}, {s['rate']:.0f} req/s: "
+                     f"{s['failed_requests']} failed, p99 swap/steady {s['p99_swap_over_steady']}x")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="upper right", fontsize=8)
+
+    return draw
+
+
+def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("freshness", help="new-item latency, bulk inserts, hot swap under load (JSON + PNG)",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
+    p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
+    p.add_argument("--dim", type=int, default=128, help="embedding dim of the bench model (default 128)")
+    p.add_argument("--kind", default="hnsw", help="index backend (default hnsw)")
+    p.add_argument("--new-items", type=int, default=300, help="single-item writes measured (default 300)")
+    p.add_argument("--bulk-batch", type=int, default=1000, help="items per bulk call (default 1000)")
+    p.add_argument("--bulk-calls", type=int, default=10, help="bulk calls (default 10)")
+    p.add_argument("--rate", type=float, default=100.0, help="requests/s during the swap (default 100)")
+    p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
+    p.add_argument("--recall", type=float, default=0.95, help="both bundles are tuned to this recall@k (default 0.95)")
+    p.add_argument("--steady-s", type=float, default=15.0, help="steady load before and after (default 15 s)")
+    p.add_argument("--swap-budget-s", type=float, default=120.0,
+                   help="load time left for rebuild + swap (default 120 s; raise it for big catalogs)")
+    p.add_argument("--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
+    p.set_defaults(func=run)
