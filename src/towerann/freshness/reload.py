@@ -50,14 +50,21 @@ def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: i
 
 
 @contextmanager
-def _short_gil_slices(seconds: float = 0.0005) -> Iterator[None]:
-    """While a bundle loads in the background, hand the GIL back to the request loop every 0.5 ms
-    instead of every 5 ms: Python-level loading work then delays requests far less."""
-    before = sys.getswitchinterval()
+def _background_manners(seconds: float = 0.0005) -> Iterator[None]:
+    """While a bundle loads, validates and replays in the background: hand the GIL back to the
+    request loop every 0.5 ms instead of every 5 ms, and keep BLAS / OpenMP to one thread, so the
+    requests being served keep a core and the GIL."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    before, omp = sys.getswitchinterval(), faiss.omp_get_max_threads()
     sys.setswitchinterval(seconds)
+    faiss.omp_set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
+        faiss.omp_set_num_threads(omp)
         sys.setswitchinterval(before)
 
 
@@ -87,7 +94,7 @@ class Reloader:
 
     def reload(self) -> dict[str, Any]:
         """Load, validate, replay and swap in the bundle CURRENT names now. Never raises for a bad bundle."""
-        with self._reload_lock, _short_gil_slices():
+        with self._reload_lock, _background_manners():
             t0 = time.perf_counter()
             version = "?"
             try:

@@ -3,12 +3,16 @@
     POST /v1/candidates {user_id, k, filter?} -> {candidates: [{item_id, score}], model_version, index_version, timings_ms}
     POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns
     GET  /healthz  /readyz (503 until a bundle is loaded)  /metrics (Prometheus text)
+    POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/)
 
 Every bad input gets a 4xx with {"error": message}; an unexpected exception a logged 500 JSON, and
-the server keeps serving. Endpoints are plain `def` (threadpool), chosen by measurement with
-`towerann bench serve` (100k items, hnsw, 2 cores, loadgen on the same machine): `async def` was
-~0.3 ms faster at 200 rps (p50 1.6 vs 1.8-2.0 ms) but its p99 hit 300 ms at 1200 rps, where the
-threadpool still held p99 14 ms - faiss and ONNX Runtime release the GIL, so two requests overlap.
+the server keeps serving. Request handlers are `async def`: they run one at a time on the event loop,
+which (1) serialises searches with live index writes (POST/PATCH/DELETE /v1/items) without a lock on
+the read path, and (2) measured at 1M items, K=1000 (`towerann bench serve`), kept p99 at 4.2 ms at
+200 req/s and 5.4 ms at 400 req/s together with the frozen heap (serving.server.freeze_heap). An
+earlier measurement at 100k items, K=100, before the heap was frozen, favoured the thread pool at
+1200 req/s (faiss and ONNX Runtime release the GIL, so two requests can overlap on two cores);
+re-measure before changing this.
 """
 
 from __future__ import annotations
