@@ -68,6 +68,18 @@ def _background_manners(seconds: float = 0.0005) -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
+class _Phases:
+    """Seconds per reload phase, for the reload's answer and the log (where a swap spends its time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._last = round(now - self._last, 4), now
+
+
 class Reloader:
     """Loads the bundle CURRENT names under `root` into the writer's holder when it changes."""
 
@@ -102,20 +114,27 @@ class Reloader:
                 served = self.writer.holder.current().version if self.writer.holder.ready else None
                 if version == served:
                     return {"outcome": "unchanged", "index_version": version}
+                phases = _Phases()
                 new = RetrievalBundle.load(self.root / version)
+                phases.mark("load")
                 recall = validation_recall(new)
                 if recall < self.min_recall:
                     raise TowerannError(f"recall@100 vs exact search {recall:.3f} < min_recall {self.min_recall}")
+                phases.mark("validate")
                 seq = replay(new, self.writer.delta)  # the bulk, while the old bundle keeps serving
+                phases.mark("replay")
                 with self.writer.lock:
                     replay(new, self.writer.delta, seq)  # writes acknowledged meanwhile
                     old = self.writer.holder.swap(new)
+                phases.mark("swap")
                 del old
+                phases.mark("release_old")
                 gc.freeze()  # keep the new bundle out of full collections (see serving.server.freeze_heap)
+                phases.mark("freeze")
                 self._refused = None
                 info = {"outcome": "swapped", "index_version": version, "model_version": new.model_version,
                         "validation_recall": round(recall, 4), "delta_seq": new.delta_seq,
-                        "seconds": round(time.perf_counter() - t0, 3)}
+                        "seconds": round(time.perf_counter() - t0, 3), "phases_s": phases.seconds}
                 log.warning("swapped in bundle %s (model %s, recall %.3f, delta seq %d) in %.2fs", version,
                             new.model_version, recall, new.delta_seq, info["seconds"])
             except Exception as e:  # any failure: refuse this bundle, keep serving the old one

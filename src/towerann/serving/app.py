@@ -137,7 +137,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = path if path in ROUTES else "/v1/items/{item_id}" if path.startswith("/v1/items/") else "other"
         status = [500]
 
         async def send_counted(message: dict) -> None:
