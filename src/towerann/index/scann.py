@@ -118,7 +118,7 @@ class ScannIndex(Index):
         if bad.any():
             scores = np.where(bad, -np.inf, scores)
             slots, scores = self._compact(slots, scores, k)
-        elif slots.shape[1] != k:  # ScaNN rows come sorted: only cut or pad them
+        elif slots.shape[1] != k or (scores[:, :-1] < scores[:, 1:]).any():  # rows usually come sorted
             slots, scores = self._compact(slots, scores, k)
         if self.n_slots > n_main:  # delta tier: exact over items added since the build
             delta = self._vecs.data[n_main:]
