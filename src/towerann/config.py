@@ -8,7 +8,8 @@
                the log is a stream in that Redis instead),
                token_file (bearer token for writes; env TOWERANN_API_TOKEN wins), poll_s (how often the
                server checks CURRENT for a new bundle; 0 = never), min_recall (a new bundle's recall@100
-               vs exact search on sample user queries must reach this, or it is refused)
+               vs exact search on sample user queries must reach this, or it is refused),
+               refresh_every_s (the schedule of `towerann refresh`: rebuild every N seconds; 0 = once)
 
 Command-line flags override the file (`Config.with_overrides`).
 """
@@ -55,6 +56,7 @@ class FreshnessConfig:
     token_file: str = ""
     poll_s: float = 2.0
     min_recall: float = 0.8
+    refresh_every_s: float = 0.0  # `towerann refresh` repeats this often (e.g. 3600: hourly); 0 = once
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         raise ConfigError(f"{source}: [{section}] ttl_s must be positive")
     if getattr(obj, "poll_s", 0.0) < 0 or not 0.0 <= getattr(obj, "min_recall", 0.0) <= 1.0:
         raise ConfigError(f"{source}: [{section}] poll_s must be >= 0 and min_recall in [0, 1]")
+    if getattr(obj, "refresh_every_s", 0.0) < 0:
+        raise ConfigError(f"{source}: [{section}] refresh_every_s must be >= 0 (0 = refresh once)")
     return obj
 
 

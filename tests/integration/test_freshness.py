@@ -286,22 +286,31 @@ def test_corrupted_or_incompatible_bundle_is_refused_and_the_old_one_keeps_servi
 
 # ---- restart ------------------------------------------------------------------------------------
 
-def test_killed_server_keeps_every_acknowledged_write(tmp_path: Path, bundle_paths, items) -> None:
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+def test_killed_server_keeps_every_acknowledged_write(store: str, tmp_path: Path, bundle_paths, items,
+                                                      request: pytest.FixtureRequest) -> None:
+    """kill -9 after the writes were acknowledged; the restarted server replays the delta log (a SQLite
+    file, or with a Redis feature store a stream in that Redis) onto the bundle."""
     cfg = make_root(tmp_path, bundle_paths)
+    if store == "redis":  # a database of its own on the session's redis-server: the stream key is fixed
+        import redis
+
+        store = request.getfixturevalue("redis_server").rsplit("/", 1)[0] + "/9"
+        redis.Redis.from_url(store).flushdb()
     toml = tmp_path / "towerann.toml"
     toml.write_text(f"""
 [paths]
 index = "{cfg.paths.index}"
 data = "{cfg.paths.data}"
 [features]
-store = "embedded"
+store = "{store}"
 path = "{cfg.features.path}"
 [freshness]
 delta_path = "{cfg.freshness.delta_path}"
 token_file = "{cfg.freshness.token_file}"
 poll_s = 0.0
 """)
-    start = lambda: start_subprocess(cfg.paths.index, "embedded", cfg.features.path, config=toml)  # noqa: E731
+    start = lambda: start_subprocess(cfg.paths.index, store, cfg.features.path, config=toml)  # noqa: E731
     first = start()
     added = [new_item(items, "cat_0004", str(920000 + i), template_rank=i) for i in range(5)]
     hidden = [str(i) for i in items[items["category"] == "cat_0004"]["item_id"].head(3)]
@@ -321,6 +330,11 @@ poll_s = 0.0
         assert not {int(i) for i in hidden} & got
     finally:
         second.stop()
+    if store.startswith("redis://"):  # the writes went to the Redis stream, not to a SQLite file
+        assert not Path(cfg.freshness.delta_path).exists()
+        delta = open_delta_log(store)
+        assert [e.op for e in delta.since(0)] == ["upsert"] * len(added) + ["available"] * len(hidden)
+        delta.close()
 
 
 def test_item_write_applies_to_the_served_index_at_once_in_python(server, items) -> None:

@@ -29,8 +29,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recall", type=float, default=0.95, help="tune to this recall@k on held-out user queries")
     p.add_argument("--k", type=int, default=100, help="k for tuning (default 100)")
     p.add_argument("--keep", type=int, default=3, help="bundle versions to keep for rollback (default 3)")
-    p.add_argument("--every", type=float, default=0.0, metavar="SECONDS",
-                   help="repeat every SECONDS (e.g. 3600 for hourly) until interrupted; default: once")
+    p.add_argument("--every", type=float, default=None, metavar="SECONDS",
+                   help="repeat every SECONDS (e.g. 3600 for hourly) until interrupted; default: "
+                        "[freshness] refresh_every_s, 0 = once")
     p.set_defaults(func=_refresh)
 
 
@@ -38,9 +39,11 @@ def _refresh(args: argparse.Namespace) -> int:
     from towerann.freshness.refresh import refresh
     from towerann.serving.server import open_configured_delta_log
 
-    if args.every < 0:
+    if args.every is not None and args.every < 0:
         raise ConfigError("--every must be >= 0 seconds")
-    cfg = load_config(args.config).with_overrides(paths_index=args.index, paths_data=args.data)
+    cfg = load_config(args.config).with_overrides(paths_index=args.index, paths_data=args.data,
+                                                  freshness_refresh_every_s=args.every)
+    every = cfg.freshness.refresh_every_s  # --every, else the config's schedule
     root = Path(cfg.paths.index)
     while True:
         model = args.model or _current_model(root) or cfg.paths.model
@@ -49,17 +52,17 @@ def _refresh(args: argparse.Namespace) -> int:
             out = refresh(cfg.paths.data, model, root, delta, kind=args.kind, recall=args.recall, k=args.k,
                           keep=args.keep)
         except TowerannError as e:
-            if not args.every:
+            if not every:
                 raise
-            log.error("refresh failed: %s; next try in %.0fs", e, args.every)
+            log.error("refresh failed: %s; next try in %.0fs", e, every)
         else:
             print(f"published {out['path']}: {out['items']} items, delta log folded up to seq {out['delta_seq']}, "
                   f"{out['seconds']:.1f}s")
         finally:
             delta.close()
-        if not args.every:
+        if not every:
             return 0
-        time.sleep(args.every)
+        time.sleep(every)
 
 
 def _current_model(root: Path) -> str | None:

@@ -1,0 +1,77 @@
+"""Releasing a swapped-out bundle: its index pages go back to the kernel, but only once no request holds it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from towerann.freshness.reload import index_buffers, release_pages, release_when_unused
+from towerann.serving.bundle import RetrievalBundle, publish_bundle
+
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def hnsw_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from towerann.bench.serve import prepare
+
+    # same place and sizes as tests/integration/conftest.py, so one session builds the model once
+    paths = prepare(tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2,
+                    kind="exact")
+    root = tmp_path_factory.mktemp("hnsw-bundle")
+    publish_bundle(root, paths["model"], paths["vectors"], kind="hnsw")
+    return root
+
+
+def test_release_pages_zeroes_whole_pages_inside_the_buffer_only() -> None:
+    owner = np.ones(5 * PAGE, np.uint8)
+    buf = owner[100: 4 * PAGE + 50]  # starts and ends inside a page: those partial pages are not touched
+    released = release_pages(buf)
+    assert released > 0 and released % PAGE == 0
+    assert released <= buf.nbytes
+    assert int(buf.sum()) == buf.nbytes - released  # exactly the released bytes read as zero now
+    assert buf[0] == 1 and buf[-1] == 1
+
+
+def test_old_bundle_is_released_only_after_its_last_request_lets_go(hnsw_root: Path) -> None:
+    old = RetrievalBundle.load(hnsw_root)
+    buffers = index_buffers(old.index)
+    assert len(buffers) == 2 and sum(b.nbytes for b in buffers) >= len(old.index) * 32 * 4  # vectors + graph
+    q = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    before = old.index.search(q, 10).ids
+
+    request = old  # a request still holds the bundle: nothing may be released under it
+    assert release_when_unused(old, wait_s=0.05) == 0
+    assert np.array_equal(old.index.search(q, 10).ids, before)
+
+    held = threading.Event()
+
+    def in_flight(bundle: RetrievalBundle) -> None:  # a request that finishes 0.2 s after the swap
+        held.set()
+        time.sleep(0.2)
+        del bundle
+
+    del request
+    t = threading.Thread(target=in_flight, args=(old,))
+    t.start()
+    held.wait()
+    t0 = time.monotonic()
+    released = release_when_unused(old, wait_s=5.0)
+    waited = time.monotonic() - t0
+    t.join()
+    assert waited >= 0.15, "released while a request still held the bundle"
+    assert released >= 0.9 * sum(b.nbytes for b in buffers)
+    assert not index_buffers(old.index)[0][PAGE:-PAGE].any()  # the vectors' pages are gone (read as zeros)
+    del old  # the destructor frees what is left without touching the released pages
+
+
+def test_non_faiss_indexes_have_no_buffers_to_release() -> None:
+    from towerann.index import create
+
+    index = create("exact", 8, "ip")
+    index.build(np.eye(8, dtype=np.float32), np.arange(8))
+    assert index_buffers(index) == []
