@@ -48,9 +48,31 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """Flush every file under `directory`, and the directories themselves, to disk."""
+    for here, _, files in os.walk(directory):
+        for name in files:
+            fsync_path(os.path.join(here, name))
+        fsync_path(here)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` when the block ends without error."""
+    """Yield a temporary directory that becomes `target` when the block ends without error.
+
+    Its files are flushed to disk before the rename, so after a crash `target` holds complete files
+    (not the empty ones a rename of unflushed data can leave) - and a rebuild's gigabytes are written
+    while it runs, not later by the kernel's flusher while a server is swapping the bundle in (measured
+    at 1M items: lazy writeback of a fresh bundle stalled the serving VM for 0.1-0.9 s)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
@@ -59,6 +81,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; artifacts are meant to be shared
     try:
         yield tmp
+        fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -66,6 +89,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        fsync_path(target.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

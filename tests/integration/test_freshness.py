@@ -82,6 +82,9 @@ def test_writes_need_the_token(server, items) -> None:
     assert httpx.patch(f"{handle.url}/v1/items/1", json={"available": False}).status_code == 401
     assert httpx.delete(f"{handle.url}/v1/items/1").status_code == 401
     assert httpx.post(f"{handle.url}/v1/admin/reload").status_code == 401
+    # The token is checked before the body: a bad body without it learns nothing about the schema.
+    assert httpx.post(f"{handle.url}/v1/items", json={"items": "x"}).status_code == 401
+    assert httpx.patch(f"{handle.url}/v1/items/1", json={"available": "no"}).status_code == 401
     assert httpx.post(f"{handle.url}/v1/items", json=body, headers=AUTH).status_code == 200
     # Reads need no token.
     assert httpx.post(f"{handle.url}/v1/candidates", json={"user_id": "1", "k": 3}).status_code == 200
@@ -155,28 +158,30 @@ def test_unavailable_and_deleted_items_are_never_returned(server, items) -> None
 # ---- hot swap -----------------------------------------------------------------------------------
 
 class Load:
-    """Steady requests from a thread: every status and (model, index) version pair is recorded."""
+    """Steady requests from a few threads: every status and (model, index) version pair is recorded."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, threads: int = 3):
         self.url, self.stop, self.results = url, threading.Event(), []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
 
-    def _run(self) -> None:
+    def _run(self, t: int) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as http:
-            i = 0
+            i = t
             while not self.stop.is_set():
                 r = http.post("/v1/candidates", json={"user_id": str(i % 50), "k": 20})
                 body = r.json()
                 self.results.append((r.status_code, body.get("model_version"), body.get("index_version")))
-                i += 1
+                i += len(self.threads)
 
     def __enter__(self) -> "Load":
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
-        self.thread.join(timeout=30)
+        for thread in self.threads:
+            thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -196,30 +201,47 @@ def test_refresh_with_a_new_model_swaps_model_and_index_together_under_load(serv
     before = {"items": [new_item(items, "cat_0002", "910001")]}
     assert httpx.post(f"{handle.url}/v1/items", json=before, headers=AUTH).status_code == 200
     delta = open_delta_log("embedded", cfg.freshness.delta_path)
+    published: dict[str, Any] = {}
+    written: list[int] = []
     with Load(handle.url) as load:
-        published = refresh(cfg.paths.data, second_model, cfg.paths.index, delta, kind="exact", recall=None)
-        # Written after the rebuild's cut-off: must be replayed onto the new bundle at the swap.
-        after = {"items": [new_item(items, "cat_0003", "910002")]}
-        assert httpx.post(f"{handle.url}/v1/items", json=after, headers=AUTH).status_code == 200
-        assert httpx.patch(f"{handle.url}/v1/items/910001", json={"available": False}, headers=AUTH).status_code == 200
+        rebuild = threading.Thread(target=lambda: published.update(
+            refresh(cfg.paths.data, second_model, cfg.paths.index, delta, kind="exact", recall=None)))
+        rebuild.start()
+        while rebuild.is_alive() and not list(Path(cfg.paths.index).glob(".refresh-*")):
+            threading.Event().wait(0.001)  # its work dir appears once the cut-off is taken
+        # Writes all through the rebuild come after its cut-off: the swap must replay them onto the new
+        # bundle (910001, written before, is folded into it). Three more land after the rebuild ended.
+        while rebuild.is_alive() or sum(i < 0 for i in written) < 3:
+            item_id = 910100 + len(written)
+            mid_rebuild = rebuild.is_alive()
+            row = new_item(items, "cat_0003", str(item_id), template_rank=len(written) % 5)
+            assert httpx.post(f"{handle.url}/v1/items", json={"items": [row]}, headers=AUTH).status_code == 200
+            written.append(item_id if mid_rebuild else -item_id)  # negative: written after the rebuild
+            if len(written) == 1:
+                assert httpx.patch(f"{handle.url}/v1/items/910001", json={"available": False},
+                                   headers=AUTH).status_code == 200
+        rebuild.join()
         r = httpx.post(f"{handle.url}/v1/admin/reload", headers=AUTH, timeout=60)
         assert r.status_code == 200 and r.json()["outcome"] == "swapped", r.text
-        while len(load.results) < 50:  # keep requests flowing across the swap and after it
+        served = len(load.results)
+        while len(load.results) < served + 50:  # keep requests flowing after the swap
             threading.Event().wait(0.05)
     delta.close()
+    during = sum(i > 0 for i in written)
+    written = [abs(i) for i in written]
     new = handle.retriever.holder.current()
     new_pair = (new.model_version, new.version)
     assert new.version == Path(published["path"]).name and new_pair[0] != old_pair[0]
-    assert published["delta_seq"] >= 1
+    assert published["delta_seq"] >= 1 and during >= 1, "writes ran during the rebuild"
     statuses = {s for s, _, _ in load.results}
     pairs = {(m, v) for _, m, v in load.results}
     assert statuses == {200}, statuses
     assert pairs <= {old_pair, new_pair} and new_pair in pairs, pairs
-    # Nothing acknowledged is lost: the item written before the cut-off (folded) and the one after (replayed).
-    cat2 = candidate_ids(handle.url, "x", 1000, ["cat_0003"])
-    assert 910002 in cat2
+    # Nothing acknowledged is lost: items written before the cut-off (folded) and after it (replayed).
+    cat3 = candidate_ids(handle.url, "x", 1000, ["cat_0003"])
+    assert len(cat3) < 1000 and not set(written) - set(cat3)
     assert 910001 not in candidate_ids(handle.url, "x", 1000, ["cat_0002"])  # its availability change too
-    assert "910001" in new.item_internal and 910002 in new.external_ids
+    assert "910001" in new.item_internal and all(str(i) in new.item_internal for i in written)
 
 
 def test_watcher_picks_up_a_published_bundle_and_rollback(tmp_path: Path, bundle_paths, items) -> None:

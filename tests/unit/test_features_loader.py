@@ -97,3 +97,18 @@ def test_cli_load_then_get(tmp_path, capsys, redis_server: str, redis_prefix: st
     assert "loaded 4 users" in capsys.readouterr().out
     assert _cli(["features", "stats", "--store", redis_server, "--prefix", redis_prefix]) == 0
     assert '"users": 4' in capsys.readouterr().out
+
+
+def test_cli_load_writes_where_serve_reads(tmp_path, capsys) -> None:
+    """No --store/--path: the [features] store and path of the config (as `towerann serve` reads them)."""
+    from towerann.config import load_config
+
+    _write_dataset(tmp_path / "ds")
+    toml = tmp_path / "towerann.toml"
+    toml.write_text(f'[features]\nstore = "embedded"\npath = "{tmp_path / "served.sqlite"}"\n')
+    assert _cli(["features", "load", "--data", str(tmp_path / "ds"), "--config", str(toml)]) == 0
+    capsys.readouterr()
+    cfg = load_config(toml).features
+    store = open_store(cfg.store, path=cfg.path)
+    assert store.stats()["users"] == 4 and store.get_one("1").known
+    store.close()

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import time
 
+from towerann.config import load_config
 from towerann.features import open_store
 from towerann.features.loader import load_dataset_features
 
@@ -34,17 +35,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default="embedded",
-                   help="embedded | embedded:///abs/path.sqlite | memory | redis://HOST:PORT/DB (default embedded)")
-    p.add_argument("--path", default=None, help="SQLite file for the embedded store (e.g. features.sqlite)")
+    p.add_argument("--config", default=None,
+                   help="TOML config whose [features] store and path to use, as `towerann serve` does "
+                        "(default: built-in defaults, the demo's towerann-demo/features.sqlite)")
+    p.add_argument("--store", default=None,
+                   help="embedded | embedded:///abs/path.sqlite | memory | redis://HOST:PORT/DB (default: [features] store)")
+    p.add_argument("--path", default=None, help="SQLite file for the embedded store (default: [features] path)")
     p.add_argument("--prefix", default="towerann:", help="key prefix (namespace) in Redis (default towerann:)")
 
 
 def _open(args: argparse.Namespace):  # -> FeatureStore
-    path = args.path
-    if args.store == "embedded" and path is None:
-        path = "features.sqlite"  # a CLI load that kept nothing would be useless
-    return open_store(args.store, path=path, prefix=args.prefix)
+    # The same store and file `towerann serve --config` reads, unless the flags say otherwise.
+    cfg = load_config(args.config).features
+    store = args.store or cfg.store
+    path = args.path or (cfg.path if store == "embedded" else None)
+    return open_store(store, path=path, prefix=args.prefix)
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -55,7 +60,7 @@ def _load(args: argparse.Namespace) -> int:
         stats = store.stats()
     finally:
         store.close()
-    print(f"loaded {n} users into {args.store}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
+    print(f"loaded {n} users into {args.store or 'the configured store'}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
           f"in {time.perf_counter() - t0:.2f}s; store now holds {stats['users']} users")
     return 0
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from towerann.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, write_json_atomic
+from towerann.artifacts import MANIFEST, atomic_dir, fsync_path, read_manifest, sha256_file, write_json_atomic
 from towerann.errors import ArtifactError, IndexIncompatible
 from towerann.index.base import Index
 
@@ -76,6 +76,7 @@ def _set_current(root: Path, version: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, root / CURRENT)
+        fsync_path(root)  # the rename itself
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -214,6 +214,8 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: Any = 
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
 
     def authorize(request: Request) -> None:
+        """A dependency of every write route: FastAPI runs it before it validates the body, so a
+        request without the token gets 401 whatever it carries."""
         if writer is None:
             raise NotFound("item writes are not enabled on this server")
         if token is None:
@@ -223,26 +225,24 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: Any = 
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
 
-    @app.post("/v1/items", responses=WRITE_ERRORS)
-    async def upsert_items(req: ItemsRequest, request: Request) -> dict[str, Any]:
+    writes = {"responses": WRITE_ERRORS, "dependencies": [Depends(authorize)]}
+
+    @app.post("/v1/items", **writes)
+    async def upsert_items(req: ItemsRequest) -> dict[str, Any]:
         """Embed the items with the item tower and add them to the live index: searchable on return."""
-        authorize(request)
         return writer.upsert(req.items)
 
-    @app.patch("/v1/items/{item_id}", responses=WRITE_ERRORS)
-    async def set_available(item_id: str, req: AvailabilityRequest, request: Request) -> dict[str, Any]:
-        authorize(request)
+    @app.patch("/v1/items/{item_id}", **writes)
+    async def set_available(item_id: str, req: AvailabilityRequest) -> dict[str, Any]:
         return writer.set_available(item_id, req.available)
 
-    @app.delete("/v1/items/{item_id}", responses=WRITE_ERRORS)
-    async def delete_item(item_id: str, request: Request) -> dict[str, Any]:
-        authorize(request)
+    @app.delete("/v1/items/{item_id}", **writes)
+    async def delete_item(item_id: str) -> dict[str, Any]:
         return writer.delete(item_id)
 
-    @app.post("/v1/admin/reload", responses=WRITE_ERRORS)
-    async def reload(request: Request) -> JSONResponse:
+    @app.post("/v1/admin/reload", **writes)
+    async def reload() -> JSONResponse:
         """Load the bundle CURRENT names now (validated; refused if bad, the old one keeps serving)."""
-        authorize(request)
         if reloader is None:
             raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
         info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
