@@ -47,6 +47,11 @@ def test_old_bundle_is_released_only_after_its_last_request_lets_go(hnsw_root: P
     request = old  # a request still holds the bundle: nothing may be released under it
     assert release_when_unused(old, wait_s=0.05) == 0
     assert np.array_equal(old.index.search(q, 10).ids, before)
+    del request
+    index = old.index  # something kept the index alone: still nothing released
+    assert release_when_unused(old, wait_s=0.05) == 0
+    assert np.array_equal(index.search(q, 10).ids, before)
+    del index
 
     held = threading.Event()
 
@@ -55,7 +60,6 @@ def test_old_bundle_is_released_only_after_its_last_request_lets_go(hnsw_root: P
         time.sleep(0.2)
         del bundle
 
-    del request
     t = threading.Thread(target=in_flight, args=(old,))
     t.start()
     held.wait()

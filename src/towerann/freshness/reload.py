@@ -110,11 +110,13 @@ def release_when_unused(old: RetrievalBundle, wait_s: float = 5.0) -> int:
 
     Measured at 1M items: the faiss HNSW destructor holds the GIL ~55 ms while the kernel unmaps
     ~800 MB, and every request queued behind it waits. So wait until no request still holds the old
-    bundle (refcount: the caller's name and our argument only), give its big buffers' pages back
-    with the GIL released, and let the destructor free what is by then almost nothing. If a caller
-    keeps the bundle beyond `wait_s`, its memory is left to plain reference counting."""
+    bundle nor its index (refcounts: the caller's name and our argument; the bundle's attribute),
+    give its big buffers' pages back with the GIL released, and let the destructor free what is by
+    then almost nothing. If anything keeps them beyond `wait_s`, their memory is left to plain
+    reference counting."""
     deadline = time.monotonic() + wait_s
-    while sys.getrefcount(old) > 3:  # the caller's name, our argument, getrefcount's argument
+    # The counts include getrefcount's own argument.
+    while sys.getrefcount(old) > 3 or sys.getrefcount(old.index) > 2:
         if time.monotonic() > deadline:
             log.info("bundle %s is still in use after %.0fs; freed when its last user lets go", old.version, wait_s)
             return 0

@@ -262,6 +262,12 @@ class Index(ABC):
         vecs = self._vectors()
         if mask is None:
             return topk_rows(inner_products(q, vecs), k)
+        if mask.count * 4 > len(mask.bits):
+            # Most slots qualify: score them all and exclude the rest, rather than gather the
+            # qualifying vectors (at 1M items a 0.5 GB copy per call, e.g. in a bundle's validation).
+            scores = inner_products(q, vecs)
+            scores[:, ~mask.bits] = -np.inf
+            return topk_rows(scores, k)
         idx = mask.idx
         return topk_rows(inner_products(q, vecs[idx]), k, labels=idx)
 

@@ -109,7 +109,12 @@ class ScannIndex(Index):
         if mask is not None and leaves:  # search more leaves when few items qualify
             leaves = min(self._leaves, math.ceil(leaves * n_main / max(qual_main, 1)))
         reorder = max(int(params.get("reorder") or 0), fetch)
-        idx, dist = self._searcher.search_batched(q, fetch, reorder if self._leaves else -1, leaves or -1)
+        pre_reorder, leaves = reorder if self._leaves else -1, leaves or -1
+        if len(q) == 1:  # the single-query entry point: less per-call work than a batch of one
+            idx, dist = self._searcher.search(q[0], fetch, pre_reorder, leaves)
+            idx, dist = idx[None, :], dist[None, :]
+        else:
+            idx, dist = self._searcher.search_batched(q, fetch, pre_reorder, leaves)
         slots = idx.astype(np.int64)
         scores = np.asarray(dist, np.float32)
         bad = ~np.isfinite(scores)  # ScaNN pads short rows with index 0, score NaN
