@@ -5,7 +5,8 @@ queueing shows up in the latency instead of silently lowering the rate) runs in 
 with asyncio and many keep-alive HTTP/1.1 connections, against a real uvicorn server on loopback
 in another process. It sweeps arrival rates up to saturation and reports p50/p99/p99.9 per stage
 (from each response's timings_ms) and end to end, the achieved rate and errors. The same requests
-run against the Retriever in-process, so the HTTP overhead is visible.
+run against the Retriever in-process, so the HTTP overhead is visible. Last, click events are
+posted one after another (POST /v1/events: stored before the reply) and their latency reported.
 
 The workload is built on demand under --workdir: synthetic catalog -> trained model -> item
 vectors -> hnsw bundle -> user features loaded into the store.
@@ -183,6 +184,21 @@ def run_load(url: str, bodies: list[bytes], rate: float, duration_s: float, conn
         p.join(timeout=10)
 
 
+def _event_writes(url: str, user_ids: list[str], item_ids: list[str], n: int) -> dict[str, Any]:
+    """POST /v1/events one at a time (a click is stored before the reply): client-side latency."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for i in range(n + 50):  # the first 50 warm up the connection
+            body = {"user_id": user_ids[i % len(user_ids)], "item_id": item_ids[i % len(item_ids)], "type": "click"}
+            t = time.perf_counter()
+            http.post("/v1/events", json=body).raise_for_status()
+            if i >= 50:
+                times.append(time.perf_counter() - t)
+    return percentiles(times)
+
+
 def _in_process(index_root: Path, store_url: str, store_path: str | None, user_ids: list[str], k: int,
                 n: int) -> dict[str, Any]:
     """The Retriever alone, one request after another: the floor the HTTP server adds to."""
@@ -222,6 +238,7 @@ def _start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from towerann.data.dataset import read_items
     from towerann.features import open_store
     from towerann.features.loader import load_dataset_features
     from towerann.serving.server import start_subprocess
@@ -260,6 +277,10 @@ def run(args: argparse.Namespace) -> int:
                       f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}", flush=True)
                 if r["achieved_rps"] < 0.9 * rate or e["p99_ms"] > 1000:
                     break  # saturated: higher rates only grow the queue
+            items = [str(i) for i in read_items(paths["data"], columns=["item_id"])["item_id"].head(1000)]
+            events = _event_writes(server.url, user_ids, items, args.events)
+            print(f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms (stored before the reply)",
+                  flush=True)
         finally:
             server.stop()
     finally:
@@ -272,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
     result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store,
               "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
-              "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates,
+              "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates, "event_write": events,
               "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
               "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0)}
     json_path, png_path = write_report(args.out, f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}", result, _plot(result))
@@ -324,6 +345,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    help="arrival rates to sweep, requests/s (stops at saturation)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections of the generator (default 64)")
+    p.add_argument("--events", type=int, default=500, help="click events posted one at a time (default 500)")
     p.add_argument("--inproc-requests", type=int, default=3000, help="requests for the in-process run (default 3000)")
     p.add_argument("--workdir", default="bench-work", help="where the workload is built and cached (default bench-work/)")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
