@@ -8,9 +8,9 @@ items, the `bench serve` workload, cached under --workdir):
 2. bulk: POST /v1/items with --bulk-batch items per call, items/s into the live index;
 3. hot swap: an open-loop generator sends --rate requests/s while `refresh` rebuilds the bundle
    (re-embed + index build, in a child process at nice 10) and, --settle-s later, POST
-   /v1/admin/reload swaps it in; failed
-   requests, p99 before / during the rebuild / during the swap, and the server's RSS over time
-   (two bundles live at once only during the swap). JSON + a PNG of latency over time.
+   /v1/admin/reload swaps it in; failed requests, p99 steady (before the rebuild and after the
+   swap) / during the rebuild / during the swap, and the server's RSS over time (two bundles live
+   at once only during the swap). JSON + a PNG of latency over time.
 """
 
 from __future__ import annotations

@@ -44,11 +44,15 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="towerann:", help="key prefix (namespace) in Redis (default towerann:)")
 
 
-def _open(args: argparse.Namespace):  # -> FeatureStore
-    # The same store and file `towerann serve --config` reads, unless the flags say otherwise.
+def _store_url(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(store, SQLite path): the ones `towerann serve --config` reads, unless the flags say otherwise."""
     cfg = load_config(args.config).features
     store = args.store or cfg.store
-    path = args.path or (cfg.path if store == "embedded" else None)
+    return store, args.path or (cfg.path if store == "embedded" else None)
+
+
+def _open(args: argparse.Namespace):  # -> FeatureStore
+    store, path = _store_url(args)
     return open_store(store, path=path, prefix=args.prefix)
 
 
@@ -60,7 +64,7 @@ def _load(args: argparse.Namespace) -> int:
         stats = store.stats()
     finally:
         store.close()
-    print(f"loaded {n} users into {args.store or 'the configured store'}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
+    print(f"loaded {n} users into {_store_url(args)[0]}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
           f"in {time.perf_counter() - t0:.2f}s; store now holds {stats['users']} users")
     return 0
 

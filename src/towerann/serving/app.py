@@ -213,9 +213,9 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: Any = 
         e = retriever.record_event(req.user_id, req.item_id, req.type, req.ts)
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         """A dependency of every write route: FastAPI runs it before it validates the body, so a
-        request without the token gets 401 whatever it carries."""
+        request without the token gets 401 whatever it carries. (async: no thread-pool hop.)"""
         if writer is None:
             raise NotFound("item writes are not enabled on this server")
         if token is None:
