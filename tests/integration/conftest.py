@@ -27,12 +27,6 @@ def make_config(paths: dict[str, Path], store: str = "memory", store_path: str =
                   features=FeaturesConfig(store=store, path=store_path))
 
 
-@pytest.fixture(scope="session")
-def config_for(bundle_paths: dict[str, Path]):  # type: ignore[no-untyped-def]
-    """make_config bound to the shared bundle: config_for(store=..., store_path=..., **serve)."""
-    return lambda **kw: make_config(bundle_paths, **kw)
-
-
 @pytest.fixture(scope="module")
 def server(bundle_paths: dict[str, Path]) -> Iterator[ServerHandle]:
     """A real uvicorn server in a thread on a free loopback port, memory store, max_k=200, 1 KiB bodies."""
