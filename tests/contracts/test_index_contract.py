@@ -190,7 +190,7 @@ def test_set_available_false_then_true(index, data):
 @pytest.mark.parametrize("library_path", [False, True], ids=["auto", "forced-library"])
 def test_category_filter(index, data, exact, library_path):
     if library_path:
-        index.brute_force_max = 0  # search through the library's own filtering, not brute force
+        index.search_defaults["exact_below"] = 0  # search through the library's own filtering, not brute force
     f = Filter(categories=frozenset({0, 1, 2}))
     res = index.search(data["queries"], 100, filter=f)
     cat_of = dict(zip(data["ids"].tolist(), data["categories"].tolist()))
@@ -203,7 +203,7 @@ def test_category_filter(index, data, exact, library_path):
 @pytest.mark.parametrize("library_path", [False, True], ids=["auto", "forced-library"])
 def test_selective_filter_returns_exactly_k(index, data, exact, library_path):
     if library_path:
-        index.brute_force_max = 0
+        index.search_defaults["exact_below"] = 0
     f = Filter(categories=frozenset({RARE}))  # 1% of items
     res = index.search(data["queries"], 40, filter=f)
     rare = set(data["ids"][data["categories"] == RARE].tolist())
@@ -216,7 +216,7 @@ def test_selective_filter_returns_exactly_k(index, data, exact, library_path):
 
 def test_library_shortfall_falls_back_to_exact(index, data):
     cheap = {"exact": {}, "hnsw": {"ef": 16}, "ivfpq": {"nprobe": 1, "rerank": 0}, "scann": {"leaves": 1, "reorder": 1}}
-    index.brute_force_max = 0
+    index.search_defaults["exact_below"] = 0
     res = index.search(data["queries"][:5], 1000, params=cheap[index.kind])
     assert (res.ids >= 0).all() and all(len(set(r)) == 1000 for r in res.ids)
 

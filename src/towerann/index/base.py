@@ -31,7 +31,10 @@ METRICS = ("ip",)
 # A filtered (or masked) search with at most this many qualifying items is answered by brute force
 # over them: ~2M multiply-adds at d=128 (well under a millisecond), exact, and immune to what hurts
 # filtered graph/IVF search (few qualifying items, often clustered away from the query).
-BRUTE_FORCE_MAX = 16384
+# It is a search parameter of every backend ("exact_below"), so a call, a snapshot's defaults or a
+# test can move it; 0 sends every masked search through the library.
+EXACT_BELOW = 16384
+COMMON_SEARCH: dict[str, Any] = {"exact_below": EXACT_BELOW}
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,7 @@ def inner_products(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
 
 class Index(ABC):
     kind: ClassVar[str]
-    default_search: ClassVar[dict[str, Any]] = {}
-    brute_force_max: int = BRUTE_FORCE_MAX  # per instance: 0 sends filtered searches to the library (tests, benchmarks)
+    default_search: ClassVar[dict[str, Any]] = {}  # the backend's own search parameters
 
     def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
         if metric not in METRICS:
@@ -130,7 +132,7 @@ class Index(ABC):
         self.dim = int(dim)
         self.metric = metric
         self.build_params: dict[str, Any] = dict(build_params)
-        self.search_defaults: dict[str, Any] = dict(self.default_search)
+        self.search_defaults: dict[str, Any] = {**COMMON_SEARCH, **self.default_search}
         self.tuning: dict[str, Any] | None = None  # what tune() measured, saved with the snapshot
         self.manifest: dict[str, Any] | None = None  # the snapshot manifest this index was loaded from
         self._ids = Growable(np.empty(0, np.int64))  # id per slot
@@ -224,7 +226,7 @@ class Index(ABC):
         if n_qual == 0:
             ids, scores = padded(len(q), k)
             return SearchResult(ids=ids, scores=scores)
-        if n_qual <= k or (mask is not None and n_qual <= self.brute_force_max):
+        if n_qual <= k or (mask is not None and n_qual <= int(p.get("exact_below", EXACT_BELOW))):
             slots, scores = self._exact(q, k, mask)
         else:
             slots, scores = self._search(q, k, p, mask)
@@ -251,10 +253,11 @@ class Index(ABC):
 
     # ---- shared machinery ----------------------------------------------------------------------
     def _merge_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - set(self.default_search)
+        known = {*COMMON_SEARCH, *self.default_search}
+        unknown = set(params) - known
         if unknown:
             raise BadRequest(f"search params {sorted(unknown)} are not understood by the {self.kind} index; "
-                             f"it takes {sorted(self.default_search)}")
+                             f"it takes {sorted(known)}")
         return {**self.search_defaults, **params}
 
     def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
@@ -378,7 +381,7 @@ class Index(ABC):
         directory = Path(directory)
         try:
             index = cls(int(manifest["dim"]), manifest["metric"], **manifest["build_params"])
-            index.search_defaults = dict(manifest["search_defaults"])
+            index.search_defaults = {**COMMON_SEARCH, **manifest["search_defaults"]}
             index.tuning = manifest.get("tuning")
             n = int(manifest["slots"])
             state = manifest["backend_state"]
