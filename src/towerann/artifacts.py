@@ -83,17 +83,24 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_path(target.parent)  # the rename itself
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: str | Path, target: str | Path) -> None:
+    """Rename directory `src` to `target`, moving an existing `target` aside first and deleting it after;
+    the rename is flushed to disk."""
+    src, target = Path(src), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(src, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, target)
+    fsync_path(target.parent)  # the rename itself
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> str:

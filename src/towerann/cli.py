@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "towerann.embed.commands",
     "towerann.index.commands",
     "towerann.features.commands",
-    "towerann.serving.commands",
+    "towerann.service.commands",
     "towerann.freshness.commands",
     "towerann.bench.commands",
 )

@@ -3,7 +3,8 @@
     [serve]    host, port, max_k, max_body_bytes
     [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory),
                data (the dataset whose catalog `towerann refresh` re-embeds)
-    [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s
+    [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s,
+               purge_every_s (how often a server reclaims expired sessions; 0 = never)
     [freshness] delta_path (SQLite delta log, default beside [paths] index; with a redis feature store
                the log is a stream in that Redis instead),
                token_file (bearer token for writes; env TOWERANN_API_TOKEN wins), poll_s (how often the
@@ -48,6 +49,7 @@ class FeaturesConfig:
     path: str = f"{DEMO_DIR}/features.sqlite"
     max_events: int = 50
     ttl_s: float = 86400.0
+    purge_every_s: float = 3600.0  # how often a server reclaims expired sessions (0 = never)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         raise ConfigError(f"{source}: [{section}] ttl_s must be positive")
     if getattr(obj, "poll_s", 0.0) < 0 or not 0.0 <= getattr(obj, "min_recall", 0.0) <= 1.0:
         raise ConfigError(f"{source}: [{section}] poll_s must be >= 0 and min_recall in [0, 1]")
+    if getattr(obj, "purge_every_s", 0.0) < 0:
+        raise ConfigError(f"{source}: [{section}] purge_every_s must be >= 0 (0 = never purge)")
     if getattr(obj, "refresh_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] refresh_every_s must be >= 0 (0 = refresh once)")
     return obj

@@ -78,8 +78,8 @@ def build_and_publish(model_dir: Path, data: Path, vectors: Path, index_root: Pa
                       seed: int) -> dict[str, Any]:
     """Build HNSW, tune it on held-out users' queries, measure it against exact search, publish the bundle."""
     from towerann.embed.vectors import read_vectors
-    from towerann.index import create
-    from towerann.index.tune import recall_at_k, tune
+    from towerann.index.build import Tuning, build_index
+    from towerann.index.tune import recall_at_k
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
     from towerann.serving.bundle import publish_bundle
@@ -88,14 +88,12 @@ def build_and_publish(model_dir: Path, data: Path, vectors: Path, index_root: Pa
     queries = heldout_user_queries(TwoTowerModel.load(model_dir), data, max_queries=1000, seed=seed)
     tuning_q, check_q = queries[::2], queries[1::2]  # tune on one half, report on the other
     t0 = time.perf_counter()
-    hnsw = create("hnsw", vs.dim, vs.metric)
-    hnsw.build(vs.vectors, vs.ids, vs.categories, vs.available)
-    build_s = time.perf_counter() - t0
-    tuned = tune(hnsw, tuning_q, k, target_recall)
-    exact = create("exact", vs.dim, vs.metric)
-    exact.build(vs.vectors, vs.ids, vs.categories, vs.available)
+    hnsw = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind="hnsw", metric=vs.metric,
+                       tuning=Tuning(tuning_q, k, target_recall))
+    build_s = time.perf_counter() - t0  # build + tuning
+    exact = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind="exact", metric=vs.metric)
     truth = exact.search(check_q, k).ids
-    out = {"kind": "hnsw", "build_s": round(build_s, 2), "params": tuned["params"],
+    out = {"kind": "hnsw", "build_s": round(build_s, 2), "params": hnsw.tuning["params"],
            f"recall@{k}": round(recall_at_k(hnsw.search(check_q, k).ids, truth), 4)}
     for name, index in (("hnsw", hnsw), ("exact", exact)):
         lat = one_query_latencies_ms(index, check_q[:200], k)
@@ -132,7 +130,7 @@ def serve_and_click(data: Path, model_dir: Path, index_root: Path, store_path: P
 
     from towerann.config import Config, FeaturesConfig, PathsConfig
     from towerann.data.dataset import read_interactions, read_items
-    from towerann.serving.server import start_background
+    from towerann.service.server import start_background
 
     cfg = Config(paths=PathsConfig(model=str(model_dir), index=str(index_root)),
                  features=FeaturesConfig(store="embedded", path=str(store_path)))
@@ -195,7 +193,7 @@ def print_report(r: dict[str, Any]) -> None:
         print(f"{name:<12}{v['recall@10']:>11.4f}{v['recall@100']:>12.4f}{v['ndcg@10']:>10.4f}")
     ix, k = r["index"], r["k"]
     print(f"embedding: {r['items']} items at {r['embed_items_per_s']} items/s")
-    print(f"index: HNSW built in {ix['build_s']} s, search params {ix['params']}: recall@{k} {ix[f'recall@{k}']} "
+    print(f"index: HNSW built and tuned in {ix['build_s']} s, search params {ix['params']}: recall@{k} {ix[f'recall@{k}']} "
           f"vs exact on held-out user queries; one query p50 {ix['hnsw_p50_ms']} ms (exact {ix['exact_p50_ms']} ms), "
           f"p99 {ix['hnsw_p99_ms']} ms (exact {ix['exact_p99_ms']} ms)")
     s = r["serve"]

@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 
 from towerann.config import Config, FeaturesConfig, PathsConfig
-from towerann.serving.server import ServerHandle, start_background
+from towerann.service.server import ServerHandle, start_background
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig
 from towerann.data.dataset import read_interactions, read_items
 from towerann.freshness.deltalog import open_delta_log
 from towerann.freshness.refresh import refresh
-from towerann.index.snapshot import _set_current, current_version
+from towerann.index.snapshot import current_version, set_current
 from towerann.serving.bundle import publish_bundle
-from towerann.serving.server import ServerHandle, start_background, start_subprocess
+from towerann.service.server import ServerHandle, start_background, start_subprocess
 
 TOKEN = "test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -299,7 +299,7 @@ def test_corrupted_or_incompatible_bundle_is_refused_and_the_old_one_keeps_servi
     shutil.copytree(corrupt.parent / serving, mixed)
     shutil.rmtree(mixed / "model")
     shutil.copytree(second_model, mixed / "model")
-    _set_current(corrupt.parent, mixed.name)
+    set_current(corrupt.parent, mixed.name)
     r = httpx.post(f"{handle.url}/v1/admin/reload", headers=AUTH, timeout=60)
     assert r.status_code == 409 and "model" in r.json()["error"]
     assert httpx.get(f"{handle.url}/readyz").json()["index_version"] == serving
@@ -362,7 +362,7 @@ poll_s = 0.0
 def test_item_write_applies_to_the_served_index_at_once_in_python(server, items) -> None:
     """The Python API: ItemWriter on the running server's bundle (what the endpoints call)."""
     handle, _ = server
-    writer = handle.freshness.writer
+    writer = handle.service.writer
     out = writer.upsert([new_item(items, "cat_0006", "930001")])
     assert out["upserted"] == 1 and out["seq"] >= 1
     assert 930001 in candidate_ids(handle.url, "z", 1000, ["cat_0006"])

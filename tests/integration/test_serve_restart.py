@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 
 from towerann.data.dataset import read_interactions, read_items
-from towerann.serving.server import start_subprocess
+from towerann.service.server import start_subprocess
 
 
 def test_restart_keeps_session_with_embedded_store(bundle_paths: dict[str, Path], tmp_path: Path) -> None:

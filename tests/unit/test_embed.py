@@ -200,13 +200,14 @@ def test_read_ahead_reader_gives_the_same_batches(model: TwoTowerModel, dataset:
     """The read-ahead thread (used with a GPU) hands over the same encoded batches as inline reading."""
     import torch
 
-    from towerann.embed.runner import _columns, _iter_from, _open_catalog, _Reader, resolve_items_file
+    from towerann.embed.runner import BatchReader, iter_batches_from, open_catalog, resolve_items_file
 
     file = resolve_items_file(dataset)
-    cols = _columns(model.schema)
+    cols = model.schema.item_columns()
     runs = []
     for ahead in (False, True):
-        reader = _Reader(_iter_from(_open_catalog(file, cols), file, cols, 700, 256), model, torch.device("cpu"), ahead)
+        reader = BatchReader(iter_batches_from(open_catalog(file, cols), file, cols, 700, 256), model, torch.device("cpu"),
+                             ahead)
         reader.start()
         runs.append(list(reader))
         reader.close()

@@ -9,7 +9,8 @@ import pytest
 
 from towerann.errors import BadRequest
 from towerann.index import create
-from towerann.index.tune import build_auto, recall_at_k, tune
+from towerann.index.build import AUTO_EXACT_ITEMS, Tuning, build_index
+from towerann.index.tune import recall_at_k, tune
 
 D, N = 32, 6000
 
@@ -71,8 +72,11 @@ def test_tune_rejects_bad_target(data):
 
 def test_build_auto_picks_exact_for_small_and_tuned_hnsw_for_large(data):
     v, ids, q = data
-    small = build_auto(v, ids, queries=q, k=50, target_recall=0.95)
+    assert N < AUTO_EXACT_ITEMS
+    small = build_index(v, ids, kind="auto", params={"M": 8}, tuning=Tuning(q, 50, 0.95))  # M: not for exact
     assert small.kind == "exact" and small.tuning["recall"] == 1.0
-    big = build_auto(v, ids, queries=q, k=50, target_recall=0.95, exact_below=1000, M=8, ef_construction=32)
+    big = build_index(v, ids, kind="auto", params={"M": 8, "ef_construction": 32}, tuning=Tuning(q, 50, 0.95),
+                      auto_exact_items=1000)
     assert big.kind == "hnsw" and big.tuning["reached"] and len(big) == N
+    assert big.build_params == {"M": 8, "ef_construction": 32}
     assert recall_at_k(big.search(q, 50).ids, small.search(q, 50).ids) >= 0.95

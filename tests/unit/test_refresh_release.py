@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from towerann.freshness.reload import index_buffers, release_pages, release_when_unused
+from towerann.freshness.reload import release_when_unused
+from towerann.index.base import release_pages
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
 
 PAGE = 4096
@@ -39,7 +40,7 @@ def test_release_pages_zeroes_whole_pages_inside_the_buffer_only() -> None:
 
 def test_old_bundle_is_released_only_after_its_last_request_lets_go(hnsw_root: Path) -> None:
     old = RetrievalBundle.load(hnsw_root)
-    buffers = index_buffers(old.index)
+    buffers = old.index.buffers()
     assert len(buffers) == 2 and sum(b.nbytes for b in buffers) >= len(old.index) * 32 * 4  # vectors + graph
     q = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     before = old.index.search(q, 10).ids
@@ -69,13 +70,14 @@ def test_old_bundle_is_released_only_after_its_last_request_lets_go(hnsw_root: P
     t.join()
     assert waited >= 0.15, "released while a request still held the bundle"
     assert released >= 0.9 * sum(b.nbytes for b in buffers)
-    assert not index_buffers(old.index)[0][PAGE:-PAGE].any()  # the vectors' pages are gone (read as zeros)
+    assert not old.index.buffers()[0][PAGE:-PAGE].any()  # the vectors' pages are gone (read as zeros)
     del old  # the destructor frees what is left without touching the released pages
 
 
-def test_non_faiss_indexes_have_no_buffers_to_release() -> None:
+def test_indexes_without_c_buffers_release_nothing_and_keep_answering() -> None:
     from towerann.index import create
 
     index = create("exact", 8, "ip")
     index.build(np.eye(8, dtype=np.float32), np.arange(8))
-    assert index_buffers(index) == []
+    assert index.release_memory() == 0
+    assert index.search(np.eye(8, dtype=np.float32)[:1], 1).ids[0, 0] == 0

@@ -235,13 +235,10 @@ def measure_point(series: "Series", queries: np.ndarray, k: int, params: dict[st
             "qps_batch": m / batch_s}
 
 
-def machine_ceilings() -> dict[str, Any] | None:
-    """SGEMM and memory bandwidth from towerann.bench.machine, when that module exists."""
-    try:
-        from towerann.bench import machine
-    except ImportError:
-        log.info("towerann.bench.machine is absent: no machine ceilings in this run")
-        return None
+def machine_ceilings() -> dict[str, Any]:
+    """This machine's SGEMM and memory bandwidth (towerann.bench.machine): the ceilings beside the results."""
+    from towerann.bench import machine
+
     return {"sgemm_gflops_1_thread": machine.sgemm_gflops(1), "sgemm_gflops_all_cores": machine.sgemm_gflops(None),
             "memory_bandwidth_gbs": machine.memory_bandwidth_gbs()}
 
@@ -254,6 +251,7 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
     from towerann.bench.peers import (faiss_hnsw_series, faiss_ivfpq_series, hnswlib_series, lancedb_series,
                                       numpy_series, scann_series)
     from towerann.bench.report import write_report
+    from towerann.index import create
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -290,14 +288,16 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
         all_series += s
         built[kind] = ix
         log.info("built towerann %s in %.1fs", kind, s[0].build_s)
-    from towerann.index.ivfpq import default_nlist, default_pq_m
-
-    hp = built["hnsw"].build_params if "hnsw" in built else {"M": 32, "ef_construction": 128}
-    ivf = built.get("ivfpq")
-    nlist = ivf._ix.nlist if ivf is not None and ivf._ix is not None else max(1, min(default_nlist(n), n // 39))
-    ivf_p = ivf.build_params if ivf is not None else {"pq_m": default_pq_m(dim), "nbits": 8, "train_sample": 200_000, "seed": 1234}
+    # The raw libraries get the build params towerann chose (its own defaults where it built nothing).
+    hp = (built.get("hnsw") or create("hnsw", dim)).build_params
+    ivf = built.get("ivfpq") or create("ivfpq", dim)
+    nlist = ivf.nlist or ivf.nlist_for(n)
+    ivf_p = ivf.build_params
     sc = built.get("scann")
-    leaves = sc._leaves if sc is not None else max(2, min(int(round(math.sqrt(n))), n // 50))
+    leaves = sc.leaves if sc is not None else 0  # 0: no scann grid (neither towerann's nor the raw one runs)
+    if sc is None and "scann" in peers:
+        skipped["scann"] = "towerann's scann backend was not built, so its build params are unknown"
+        peers = [p for p in peers if p != "scann"]
     peer_builders: list[tuple[str, Callable[[], list[Any]]]] = []
     if "numpy" in peers:
         peer_builders.append(("numpy", lambda: numpy_series(vectors)))
@@ -307,9 +307,9 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
                                                                         ivf_p["train_sample"], ivf_p["seed"])))
     if "hnswlib" in peers:
         peer_builders.append(("hnswlib", lambda: hnswlib_series(vectors, hp["M"], hp["ef_construction"], cores)))
-    if "scann" in peers:
-        sp = sc.build_params if sc is not None else {"reorder": 1000, "train_sample": 100_000, "quantization_threshold": 0.2}
-        search_leaves = (sc.search_defaults.get("leaves") if sc is not None else 0) or max(1, leaves // 5)
+    if "scann" in peers and sc is not None:
+        sp = sc.build_params
+        search_leaves = sc.search_defaults.get("leaves") or max(1, leaves // 5)
         peer_builders.append(("scann", lambda: scann_series(vectors, leaves, search_leaves, sp["reorder"],
                                                             sp["train_sample"], sp["quantization_threshold"])))
     lance_tmp = None

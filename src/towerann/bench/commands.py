@@ -22,10 +22,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                            "report ratios; results go to --out as JSON and a PNG plot. Quote medians.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # a missing dependency inside the module is a real error
-                raise
-            continue
-        module.add_bench_command(bench_sub)
+        importlib.import_module(name).add_bench_command(bench_sub)

@@ -68,16 +68,16 @@ def _model(work: Path) -> Path:
 
 def _stages(model_dir: Path, items: Path, batch_size: int, threads: int) -> dict[str, Any]:
     """Each stage alone on the first SAMPLE rows: decode, encode, tower on tensors already in memory."""
-    from towerann.embed.runner import _columns, _iter_from, _open_catalog, encode_batch, resolve_items_file
+    from towerann.embed.runner import encode_batch, iter_batches_from, open_catalog, resolve_items_file
     from towerann.model.model import TwoTowerModel
 
     model = TwoTowerModel.load(model_dir)
     file = resolve_items_file(items)
-    columns = _columns(model.schema)
-    pf = _open_catalog(file, columns)
+    columns = model.schema.item_columns()
+    pf = open_catalog(file, columns)
     t0 = time.perf_counter()
     batches = []
-    for start, b in _iter_from(pf, file, columns, 0, batch_size):
+    for start, b in iter_batches_from(pf, file, columns, 0, batch_size):
         if start >= SAMPLE:
             break
         batches.append((start, b))

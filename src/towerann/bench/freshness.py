@@ -87,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     from towerann.data.dataset import read_items
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
+    from towerann.index.build import Tuning
+    from towerann.service.server import start_subprocess
     from towerann.serving.bundle import publish_bundle
-    from towerann.serving.server import start_subprocess
 
     work = Path(args.workdir) / f"serve-{args.items}"
     paths = prepare(work, args.items, args.users, dim=args.dim, epochs=1, publish=False)  # data, model, vectors
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     # Tuned like a real deployment (and like the rebuild below): an untuned index would fail the
     # swap's recall validation, which is the point of that check.
     queries = heldout_user_queries(TwoTowerModel.load(paths["model"]), paths["data"], 1000)
-    publish_bundle(root, paths["model"], paths["vectors"], kind=args.kind, tune=(queries, args.k, args.recall))
+    publish_bundle(root, paths["model"], paths["vectors"], kind=args.kind, tuning=Tuning(queries, args.k, args.recall))
     build_s = time.perf_counter() - t0
     print(f"initial {args.kind} bundle over {args.items} items built and tuned in {build_s:.1f}s", flush=True)
     (work / "token").write_text(TOKEN)

@@ -57,10 +57,8 @@ def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
 
 def threadpools() -> list[dict[str, Any]]:
     """BLAS/OpenMP pools loaded in this process (threadpoolctl), which decide the GEMM rate."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return []
+    from threadpoolctl import threadpool_info
+
     return threadpool_info()
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from towerann.artifacts import write_json_atomic
+from towerann.errors import BackendUnavailable
 
 
 def machine_info() -> dict[str, Any]:
@@ -44,8 +45,10 @@ def write_report(out_dir: str | Path, name: str, result: dict[str, Any],
     write_json_atomic(json_path, result)
     png_path = None
     if plot is not None:
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError as e:
+            raise BackendUnavailable(f"plots need matplotlib: pip install 'towerann[bench]' ({e})") from e
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -35,28 +35,6 @@ log = logging.getLogger(__name__)
 
 # ---- workload ------------------------------------------------------------------------------------
 
-def embed_items(model_dir: Path, data_dir: Path, out: Path) -> Path:
-    """Item vectors for the catalog (the embed runner when present, else model.encode_items)."""
-    try:
-        from towerann.embed.runner import embed_catalog  # type: ignore[import-not-found]
-    except ImportError:
-        embed_catalog = None
-    if embed_catalog is not None:
-        embed_catalog(model_dir, data_dir, out)
-        return out
-    from towerann.data.dataset import read_items
-    from towerann.embed.vectors import write_vectors
-    from towerann.model.model import TwoTowerModel
-
-    model = TwoTowerModel.load(model_dir)
-    items = read_items(data_dir)
-    cat = items["category"].astype("category")
-    write_vectors(out, model.encode_items(items), np.arange(len(items), dtype=np.int64),
-                  cat.cat.codes.to_numpy().astype(np.int32), items["available"].to_numpy(bool),
-                  [str(c) for c in cat.cat.categories], model.version, items["item_id"].to_numpy())
-    return out
-
-
 def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: int = 2, kind: str = "auto",
             seed: int = 0, recall: float | None = None, k: int = 1000, publish: bool = True) -> dict[str, Path]:
     """Build (once; reused when present) dataset, model, vectors and a published bundle under workdir.
@@ -64,6 +42,8 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
     recall: tune the index's search parameters to this recall@k on held-out users' queries."""
     from towerann.data.synth import generate
     from towerann.model.towers import TowerConfig
+    from towerann.embed.runner import embed_catalog
+    from towerann.index.build import Tuning
     from towerann.model.train import TrainConfig, train
     from towerann.serving.bundle import publish_bundle
 
@@ -76,7 +56,7 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
         train(paths["data"], paths["model"], TowerConfig(dim=dim), TrainConfig(epochs=epochs, seed=seed),
               name="bench", overwrite=True, progress=False)
     if not (paths["vectors"] / "manifest.json").exists():
-        embed_items(paths["model"], paths["data"], paths["vectors"])
+        embed_catalog(paths["model"], paths["data"], paths["vectors"])
     if publish and not (paths["index"] / "CURRENT").exists():
         tune = None
         if recall is not None:
@@ -84,8 +64,8 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
             from towerann.model.model import TwoTowerModel
 
             queries = heldout_user_queries(TwoTowerModel.load(paths["model"]), paths["data"], 1000, seed)
-            tune = (queries, k, recall)
-        publish_bundle(paths["index"], paths["model"], paths["vectors"], kind=kind, tune=tune)
+            tune = Tuning(queries, k, recall)
+        publish_bundle(paths["index"], paths["model"], paths["vectors"], kind=kind, tuning=tune)
     return paths
 
 
@@ -225,7 +205,7 @@ def _in_process(index_root: Path, store_url: str, store_path: str | None, user_i
 
 
 def _start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    from towerann.serving.server import free_port
+    from towerann.service.server import free_port
 
     exe = shutil.which("redis-server")
     if exe is None:
@@ -241,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     from towerann.data.dataset import read_items
     from towerann.features import open_store
     from towerann.features.loader import load_dataset_features
-    from towerann.serving.server import start_subprocess
+    from towerann.service.server import start_subprocess
 
     work = Path(args.workdir) / f"serve-{args.items}"
     t0 = time.perf_counter()

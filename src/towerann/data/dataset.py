@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 KIND = "dataset"
 FORMAT_VERSION = 1
 ITEMS, USERS, INTERACTIONS = "items.parquet", "users.parquet", "interactions.parquet"
-ITEM_RESERVED = frozenset({"item_id", "category", "available"})
+# The catalog schema, for every producer and reader (data, model, embed, freshness): these columns
+# are not tower features; every other float column is a numeric feature, every string one categorical.
+ITEM_KEY_COLUMNS = ("item_id", "category", "available")
+ITEM_RESERVED = frozenset(ITEM_KEY_COLUMNS)
 USER_RESERVED = frozenset({"user_id"})
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 

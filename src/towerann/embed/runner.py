@@ -7,9 +7,9 @@ directory `<out>.partial/` and are listed in `progress.json` (atomic writes), so
 run picks up after the last finished part. When every part is done the attribute arrays and the
 manifest are written and the work directory is renamed to `<out>`.
 
-Feature encoding here is a vectorised twin of `FeatureSchema.encode_item_features`: string
-columns are dictionary-encoded by Arrow and only the (small) dictionaries go through the
-schema's lookup, which gives the same codes without a Python call per row.
+Features are encoded by the model's own `FeatureSchema.encode_item_features` (Arrow-based: string
+columns arrive dictionary-encoded from the Parquet pages and only the small dictionaries go through
+the schema's lookup), the same encoder that training and live item writes use.
 """
 
 from __future__ import annotations
@@ -26,18 +26,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from towerann.artifacts import MANIFEST, load_npy, sha256_file, write_json_atomic
+from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, write_json_atomic
 from towerann.data.dataset import ITEMS
 from towerann.embed.vectors import manifest_for, part_names, write_part
 from towerann.errors import ArtifactError, ConfigError, DataError
 from towerann.model.model import TwoTowerModel
-from towerann.model.schema import CategoricalColumn, FeatureSchema
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +62,7 @@ def work_dir_for(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-# --- feature encoding (vectorised, same codes as FeatureSchema) ------------------------------
-
-def _encode_strings(col: CategoricalColumn, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """String column -> int64 codes, looking up each distinct value once."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if not pa.types.is_dictionary(arr.type):
-        arr = pc.dictionary_encode(arr)
-    dict_codes = col.encode(arr.dictionary.to_pylist())  # str(v) lookups, as the schema does
-    idx = arr.indices
-    if idx.null_count:
-        # the schema sees a null as None and looks up str(None)
-        idx = idx.fill_null(len(dict_codes))
-        dict_codes = np.append(dict_codes, col.encode_one(None))
-    return dict_codes[idx.to_numpy(zero_copy_only=False)]
-
-
-def _standardise(arr: pa.Array | pa.ChunkedArray, mean: float, std: float) -> np.ndarray:
-    v = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls come back as NaN
-    return np.nan_to_num((v - mean) / std)
-
+# --- encoding -------------------------------------------------------------------------------
 
 @dataclass
 class Encoded:
@@ -98,21 +76,13 @@ class Encoded:
 
 
 def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int) -> Encoded:
-    schema: FeatureSchema = model.schema
-    n = batch.num_rows
     ids = batch.column("item_id")
     if pa.types.is_integer(ids.type):
         external = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     else:  # string ids are kept as numpy unicode (no object arrays: they could not be saved without pickle)
         external = ids.to_numpy(zero_copy_only=False).astype(str)
     item_idx = model.item_vocab.encode(external)
-    cat = _encode_strings(schema.categories, batch.column("category"))
-    num = np.empty((n, len(schema.item_numeric)), np.float32)
-    for j, c in enumerate(schema.item_numeric):
-        num[:, j] = _standardise(batch.column(c.name), c.mean, c.std)
-    attrs = np.empty((n, len(schema.item_categorical)), np.int64)
-    for j, c in enumerate(schema.item_categorical):
-        attrs[:, j] = _encode_strings(c, batch.column(c.name))
+    cat, num, attrs = model.schema.encode_item_features(batch)
     available = batch.column("available").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
     inputs = (torch.from_numpy(item_idx), torch.from_numpy(cat), torch.from_numpy(num), torch.from_numpy(attrs))
     return Encoded(start, inputs, external, cat.astype(np.int32), available)
@@ -120,12 +90,8 @@ def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int) -> Enc
 
 # --- reading --------------------------------------------------------------------------------
 
-def _columns(schema: FeatureSchema) -> list[str]:
-    return ["item_id", "category", "available"] + [c.name for c in schema.item_numeric] \
-        + [c.name for c in schema.item_categorical]
-
-
-def _open_catalog(file: Path, columns: list[str]) -> pq.ParquetFile:
+def open_catalog(file: Path, columns: list[str]) -> pq.ParquetFile:
+    """The catalog's Parquet file, checked to have `columns` (e.g. `FeatureSchema.item_columns()`)."""
     try:
         schema = pq.read_schema(file)
         missing = [c for c in columns if c not in schema.names]
@@ -138,8 +104,8 @@ def _open_catalog(file: Path, columns: list[str]) -> pq.ParquetFile:
         raise DataError(f"{file}: not a readable Parquet file ({e})") from e
 
 
-def _iter_from(pf: pq.ParquetFile, file: Path, columns: list[str], start: int, batch_size: int
-               ) -> Iterator[tuple[int, pa.RecordBatch]]:
+def iter_batches_from(pf: pq.ParquetFile, file: Path, columns: list[str], start: int, batch_size: int
+                      ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Record batches from catalog row `start` on, skipping whole row groups before it unread."""
     meta = pf.metadata
     first_row, groups = 0, []
@@ -166,7 +132,7 @@ def _iter_from(pf: pq.ParquetFile, file: Path, columns: list[str], start: int, b
         raise DataError(f"{file}: cannot read ({e})") from e
 
 
-class _Reader(threading.Thread):
+class BatchReader(threading.Thread):
     """Reads and encodes batches ahead of the tower; an error is handed over through the queue."""
 
     _END = object()
@@ -310,18 +276,6 @@ def _assemble_attrs(work: Path, n_parts: int, count: int) -> dict[str, str]:
     return sums
 
 
-def _install(work: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
-
-
 def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int = 16384,
                   part_size: int = 1_048_576, resume: bool = True, overwrite: bool = False,
                   device: str | torch.device | None = None, progress: bool | None = None,
@@ -341,8 +295,8 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     file = resolve_items_file(items)
     model = TwoTowerModel.load(model_dir)
-    columns = _columns(model.schema)
-    pf = _open_catalog(file, columns)
+    columns = model.schema.item_columns()
+    pf = open_catalog(file, columns)
     t = pf.schema_arrow.field("item_id").type
     if not (pa.types.is_int64(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataError(f"{file}: column 'item_id' has type {t}; expected int64 or string")
@@ -377,7 +331,8 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     # Read-ahead pays when the tower runs on a GPU. On CPU the reader thread competes with the
     # tower's OpenMP threads for the same cores: measured on 2 cores (10M items), the tower ran
     # 35% slower beside it and the whole run took longer, so there decoding runs inline.
-    reader = _Reader(_iter_from(pf, file, columns, done_rows, batch_size), model, dev, ahead=dev.type != "cpu")
+    reader = BatchReader(iter_batches_from(pf, file, columns, done_rows, batch_size), model, dev,
+                         ahead=dev.type != "cpu")
     bar = tqdm(total=n_rows, initial=done_rows, desc="embed", unit="item", unit_scale=True, disable=None if progress is None else not progress)
     new_parts = 0
     try:
@@ -437,7 +392,9 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
                             extra={"source": {"items": str(file), "rows": n_rows, "model": str(model_dir)}})
     write_json_atomic(work / MANIFEST, manifest)
     progress_path.unlink()
-    _install(work, out, overwrite)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    replace_dir(work, out)
     timings["finish_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t_start
     if stats is not None:

@@ -1,6 +1,6 @@
 """User features at request time: static features + offline history + real-time session events.
 
-`open_store(url)` picks a backend by URL:
+`open_store(url)` picks a backend by URL (parsed by `towerann.storeurl`):
   "embedded"                    in-process, persisted to `path` (SQLite) or memory-only if no path
   "embedded:///abs/path.sqlite" in-process, persisted to that file
   "memory"                      in-process, nothing persisted
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from towerann.config import FeaturesConfig
 from towerann.errors import ConfigError
 from towerann.features.base import (
     DEFAULT_MAX_EVENTS,
@@ -19,36 +20,33 @@ from towerann.features.base import (
     FeatureStore,
     UserFeatures,
 )
+from towerann.storeurl import parse_store_url
 
-__all__ = ["Event", "FeatureStore", "UserFeatures", "open_store"]
+__all__ = ["Event", "FeatureStore", "UserFeatures", "open_configured_store", "open_store"]
 
 
 def open_store(url: str = "embedded", *, path: str | Path | None = None, max_events: int = DEFAULT_MAX_EVENTS,
                ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:") -> FeatureStore:
     """Open the feature store that `url` names; a bad url raises ConfigError."""
-    if not isinstance(url, str):
-        raise ConfigError(f"feature store url must be a string, got {url!r}")
-    if url in ("embedded", "memory") or url.startswith("embedded://"):
-        from towerann.features.embedded import EmbeddedFeatureStore
-
-        if url == "memory":
-            if path is not None:
-                raise ConfigError("feature store 'memory' keeps nothing on disk; drop --path or use 'embedded'")
-        elif url.startswith("embedded://"):
-            url_path = url[len("embedded://"):]
-            if not url_path.startswith("/"):
-                raise ConfigError(f"feature store url {url!r}: give an absolute path, e.g. embedded:///srv/features.sqlite")
-            if path is not None and Path(path) != Path(url_path):
-                raise ConfigError(f"feature store url {url!r} and path {str(path)!r} disagree; give one of them")
-            path = url_path
-        return EmbeddedFeatureStore(path, max_events=max_events, ttl_s=ttl_s)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    u = parse_store_url(url)
+    if u.is_redis:
         from towerann.features.redis_store import RedisFeatureStore
 
         if path is not None:
             raise ConfigError("--path is for the embedded store; a Redis store keeps its data in the server")
-        return RedisFeatureStore(url, max_events=max_events, ttl_s=ttl_s, prefix=prefix)
-    raise ConfigError(
-        f"unknown feature store {url!r}; use 'embedded', 'embedded:///abs/path.sqlite', 'memory' "
-        "or 'redis://HOST:PORT/DB'"
-    )
+        return RedisFeatureStore(u.url, max_events=max_events, ttl_s=ttl_s, prefix=prefix)
+    from towerann.features.embedded import EmbeddedFeatureStore
+
+    if u.scheme == "memory" and path is not None:
+        raise ConfigError("feature store 'memory' keeps nothing on disk; drop --path or use 'embedded'")
+    if u.path is not None:
+        if path is not None and Path(path) != Path(u.path):
+            raise ConfigError(f"feature store url {u.url!r} and path {str(path)!r} disagree; give one of them")
+        path = u.path
+    return EmbeddedFeatureStore(path, max_events=max_events, ttl_s=ttl_s)
+
+
+def open_configured_store(cfg: FeaturesConfig) -> FeatureStore:
+    """The store a deployment's [features] section names (its path only for the embedded store)."""
+    path = cfg.path if cfg.store == "embedded" else None
+    return open_store(cfg.store, path=path, max_events=cfg.max_events, ttl_s=cfg.ttl_s)

@@ -2,16 +2,17 @@
 
 Two kinds of features meet here: static ones (loaded in bulk from the dataset, plus the user's
 offline item history) and real-time session events (the click made a second ago must count).
-Every backend implements `FeatureStore` and shares the validation helpers below, so that the
-contract test suite holds for all of them alike.
+Every backend subclasses `FeatureStore`, which holds the shared behaviour and validation, so that
+the contract test suite holds for all of them alike.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, Sequence
 
 from towerann.errors import BadRequest, ConfigError, DataError
 
@@ -46,33 +47,67 @@ class UserFeatures:
     session: tuple[Event, ...]  # real-time events, newest first, <= max_events, none older than ttl_s
 
 
-@runtime_checkable
-class FeatureStore(Protocol):
-    max_events: int
-    ttl_s: float
+class FeatureStore(ABC):
+    """The contract, with the behaviour every backend shares; a backend supplies the primitives.
 
+    Shared here: validation (ids, rows, events, limits), stamping events with the time, and
+    `get_one`/`append_event(s)` over the primitives `get` and `_append`. Maintenance is the same
+    on every backend: `purge_expired` reclaims expired sessions, `clear` empties the store.
+    """
+
+    def __init__(self, max_events: int, ttl_s: float) -> None:
+        self.max_events, self.ttl_s = check_limits(max_events, ttl_s)
+
+    @abstractmethod
     def put_users(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Upsert users; each row is user_id + static features (+ optional "recent_items").
 
         A row replaces the user's whole record (a missing "recent_items" means no history).
         """
-        ...
 
+    @abstractmethod
     def get(self, user_ids: Sequence[str], now: float | None = None) -> list[UserFeatures]:
         """Features for many users, in input order (unknown users included, known=False)."""
-        ...
 
-    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures: ...
+    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures:
+        check_id(user_id, "user_id")
+        return self.get([user_id], now)[0]
 
     def append_event(self, event: Event) -> Event:
         """Store one event durably before returning; return it with `ts` filled in."""
-        ...
+        stored = stamp_event(event)
+        self._append([stored])
+        return stored
 
-    def append_events(self, events: Sequence[Event]) -> int: ...
+    def append_events(self, events: Sequence[Event]) -> int:
+        now = time.time()
+        stored = [stamp_event(e, now) for e in events]
+        self._append(stored)
+        return len(stored)
 
+    @abstractmethod
+    def _append(self, events: list[Event]) -> None:
+        """Store validated, stamped events durably (one transaction), capped at max_events per user."""
+
+    @abstractmethod
+    def purge_expired(self, now: float | None = None) -> int:
+        """Reclaim the space of sessions older than ttl_s; return how many users' sessions went."""
+
+    @abstractmethod
+    def clear(self) -> int:
+        """Delete every user and session of this store; return how many records went."""
+
+    @abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
+    @abstractmethod
     def close(self) -> None: ...
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---- shared validation, so every backend accepts and rejects the same inputs -------------------

@@ -22,13 +22,12 @@ from towerann.features.base import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_TTL_S,
     Event,
+    FeatureStore,
     UserFeatures,
     check_id,
-    check_limits,
     check_user_ids,
     live_session,
     normalize_row,
-    stamp_event,
 )
 
 log = logging.getLogger(__name__)
@@ -46,12 +45,12 @@ CREATE INDEX IF NOT EXISTS events_user_seq ON events (user_id, seq);
 _Record = tuple[dict[str, float | str], tuple[str, ...]]
 
 
-class EmbeddedFeatureStore:
+class EmbeddedFeatureStore(FeatureStore):
     """In-memory feature store with optional SQLite persistence (`path=None`: memory only)."""
 
     def __init__(self, path: str | Path | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
                  ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.max_events, self.ttl_s = check_limits(max_events, ttl_s)
+        super().__init__(max_events, ttl_s)
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._users: dict[str, _Record] = {}
@@ -126,17 +125,6 @@ class EmbeddedFeatureStore:
                 self._users[user_id] = (static, recent)
         return len(records)
 
-    def append_event(self, event: Event) -> Event:
-        stored = stamp_event(event)
-        self._append([stored])
-        return stored
-
-    def append_events(self, events: Sequence[Event]) -> int:
-        now = time.time()
-        stored = [stamp_event(e, now) for e in events]
-        self._append(stored)
-        return len(stored)
-
     def _append(self, events: list[Event]) -> None:
         if not events:
             return
@@ -177,6 +165,19 @@ class EmbeddedFeatureStore:
                 del self._sessions[u]
         return len(stale)
 
+    def clear(self) -> int:
+        with self._lock:
+            self._check_open()
+            n = len(self._users) + len(self._sessions)
+            if self._db is not None:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.execute("DELETE FROM users")
+                    self._db.execute("DELETE FROM events")
+            self._users.clear()
+            self._sessions.clear()
+        return n
+
     # ---- reads ---------------------------------------------------------------------------------
 
     def get(self, user_ids: Sequence[str], now: float | None = None) -> list[UserFeatures]:
@@ -187,7 +188,7 @@ class EmbeddedFeatureStore:
             found = [(u, self._users.get(u), tuple(self._sessions.get(u, ()))) for u in ids]
         return [self._features(u, rec, events, now) for u, rec, events in found]
 
-    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures:
+    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures:  # the request path: no list
         check_id(user_id, "user_id")
         now = time.time() if now is None else now
         with self._lock:
@@ -216,9 +217,3 @@ class EmbeddedFeatureStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-
-    def __enter__(self) -> "EmbeddedFeatureStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -20,18 +20,17 @@ from typing import Any, Iterable, Mapping, Sequence
 import redis
 
 from towerann.errors import BackendUnavailable, DataError
+from towerann.storeurl import redact
 from towerann.features.base import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_TTL_S,
     RECENT_ITEMS,
     Event,
+    FeatureStore,
     UserFeatures,
-    check_id,
-    check_limits,
     check_user_ids,
     live_session,
     normalize_row,
-    stamp_event,
 )
 
 log = logging.getLogger(__name__)
@@ -39,22 +38,22 @@ log = logging.getLogger(__name__)
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-class RedisFeatureStore:
+class RedisFeatureStore(FeatureStore):
     """FeatureStore on a real Redis server at `url` (redis://host:port/db)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, max_events: int = DEFAULT_MAX_EVENTS,
                  ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:",
                  connect_timeout_s: float = 2.0) -> None:
-        self.max_events, self.ttl_s = check_limits(max_events, ttl_s)
-        self.url = url
+        super().__init__(max_events, ttl_s)
+        self.url = redact(url)  # for messages: the password never leaves
         self.prefix = prefix
         try:
             self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout_s,
                                            socket_timeout=max(connect_timeout_s, 5.0))
         except ValueError as e:  # malformed URL
-            raise BackendUnavailable(f"bad redis URL {url!r} ({e}); expected redis://HOST:PORT/DB") from e
+            raise BackendUnavailable(f"bad redis URL {self.url!r} ({redact(str(e))}); expected redis://HOST:PORT/DB") from e
         self._call(self._r.ping)
-        log.info("feature store on %s (prefix %r)", url, prefix)
+        log.info("feature store on %s (prefix %r)", self.url, prefix)
 
     def _call(self, fn: Any, *args: Any) -> Any:
         """Run one Redis call; turn a dead server into a BackendUnavailable that says what to check."""
@@ -62,11 +61,11 @@ class RedisFeatureStore:
             return fn(*args)
         except _REDIS_DOWN as e:
             raise BackendUnavailable(
-                f"cannot reach Redis at {self.url} ({e}); is redis-server running and listening there? "
+                f"cannot reach Redis at {self.url} ({redact(str(e))}); is redis-server running and listening there? "
                 "Or use the embedded store (--store embedded)"
             ) from e
         except redis.exceptions.ResponseError as e:
-            raise BackendUnavailable(f"Redis at {self.url} refused a command ({e})") from e
+            raise BackendUnavailable(f"Redis at {self.url} refused a command ({redact(str(e))})") from e
 
     def _ukey(self, user_id: str) -> str:
         return f"{self.prefix}u:{user_id}"
@@ -89,17 +88,6 @@ class RedisFeatureStore:
             pipe.hset(key, mapping=mapping)
         self._call(pipe.execute)
         return len(records)
-
-    def append_event(self, event: Event) -> Event:
-        stored = stamp_event(event)
-        self._append([stored])
-        return stored
-
-    def append_events(self, events: Sequence[Event]) -> int:
-        now = time.time()
-        stored = [stamp_event(e, now) for e in events]
-        self._append(stored)
-        return len(stored)
 
     def _append(self, events: list[Event]) -> None:
         if not events:
@@ -126,10 +114,6 @@ class RedisFeatureStore:
             pipe.lrange(self._skey(u), 0, self.max_events - 1)
         replies = self._call(pipe.execute)
         return [self._features(u, replies[2 * i], replies[2 * i + 1], now) for i, u in enumerate(ids)]
-
-    def get_one(self, user_id: str, now: float | None = None) -> UserFeatures:
-        check_id(user_id, "user_id")
-        return self.get([user_id], now)[0]
 
     def _features(self, user_id: str, fields: dict[str, str], raw_events: list[str], now: float) -> UserFeatures:
         try:  # one json.loads for the whole list: the parse dominates a batch get
@@ -159,6 +143,10 @@ class RedisFeatureStore:
     def _count(self, pattern: str) -> int:
         return sum(1 for _ in self._r.scan_iter(pattern, 1000))
 
+    def purge_expired(self, now: float | None = None) -> int:
+        """Nothing to do: every push sets the session key's PEXPIRE, so Redis drops idle sessions itself."""
+        return 0
+
     def clear(self) -> int:
         """Delete every key under this store's prefix (tests, reloads); return how many."""
         keys = self._call(lambda: list(self._r.scan_iter(f"{self.prefix}*", 1000)))
@@ -168,9 +156,3 @@ class RedisFeatureStore:
 
     def close(self) -> None:
         self._r.close()
-
-    def __enter__(self) -> "RedisFeatureStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

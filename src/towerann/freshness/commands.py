@@ -9,6 +9,7 @@ from pathlib import Path
 
 from towerann.config import load_config
 from towerann.errors import ConfigError, TowerannError
+from towerann.index.build import AUTO_HELP
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="model directory (default: the model of the bundle now current, else [paths] model)")
     p.add_argument("--index", default=None, help="bundle root with CURRENT (default [paths] index)")
-    p.add_argument("--kind", default="auto", help="index backend (default auto: exact below 20k items, else hnsw)")
+    p.add_argument("--kind", default="auto", help=f"index backend (default {AUTO_HELP})")
     p.add_argument("--recall", type=float, default=0.95, help="tune to this recall@k on held-out user queries")
     p.add_argument("--k", type=int, default=100, help="k for tuning (default 100)")
     p.add_argument("--keep", type=int, default=3, help="bundle versions to keep for rollback (default 3)")
@@ -36,8 +37,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _refresh(args: argparse.Namespace) -> int:
+    from towerann.freshness.deltalog import open_configured_delta_log
     from towerann.freshness.refresh import refresh
-    from towerann.serving.server import open_configured_delta_log
 
     if args.every is not None and args.every < 0:
         raise ConfigError("--every must be >= 0 seconds")

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+from towerann.config import Config
 from towerann.errors import BackendUnavailable, BadRequest, ConfigError
+from towerann.storeurl import parse_store_url, redact
 
 OPS = ("upsert", "available", "delete")
 
@@ -39,11 +41,14 @@ class DeltaLog(Protocol):
     def close(self) -> None: ...
 
 
-def _check(op: str, item_id: str) -> None:
-    if op not in OPS:
-        raise BadRequest(f"unknown delta-log op {op!r}; expected one of {', '.join(OPS)}")
-    if not isinstance(item_id, str) or not item_id:
-        raise BadRequest("item_id must be a non-empty string")
+def _encode(entries: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
+    """Check every entry, then encode the payloads: (op, item_id, payload JSON), all or none."""
+    for op, item_id, _ in entries:
+        if op not in OPS:
+            raise BadRequest(f"unknown delta-log op {op!r}; expected one of {', '.join(OPS)}")
+        if not isinstance(item_id, str) or not item_id:
+            raise BadRequest("item_id must be a non-empty string")
+    return [(op, item_id, json.dumps(payload or {}, default=_json_default)) for op, item_id, payload in entries]
 
 
 class SQLiteDeltaLog:
@@ -63,10 +68,8 @@ class SQLiteDeltaLog:
         return self.append_many([(op, item_id, payload or {})])[0]
 
     def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]:
-        for op, item_id, _ in entries:
-            _check(op, item_id)
         now = time.time()
-        rows = [(now, op, item_id, json.dumps(payload or {}, default=_json_default)) for op, item_id, payload in entries]
+        rows = [(now, op, item_id, payload) for op, item_id, payload in _encode(entries)]
         out = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -108,7 +111,8 @@ class RedisDeltaLog:
         try:
             self._r.ping()
         except redis.exceptions.ConnectionError as e:
-            raise BackendUnavailable(f"cannot reach Redis at {url} for the delta log ({e}); is redis-server running?") from e
+            raise BackendUnavailable(f"cannot reach Redis at {redact(url)} for the delta log ({redact(str(e))}); "
+                                     "is redis-server running?") from e
 
     @staticmethod
     def _seq(stream_id: bytes | str) -> int:
@@ -123,13 +127,11 @@ class RedisDeltaLog:
         return self.append_many([(op, item_id, payload or {})])[0]
 
     def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]:
-        for op, item_id, _ in entries:
-            _check(op, item_id)
+        encoded = _encode(entries)
         now = time.time()
         pipe = self._r.pipeline(transaction=True)
-        for op, item_id, payload in entries:
-            pipe.xadd(self.key, {"op": op, "item_id": item_id, "payload": json.dumps(payload or {}, default=_json_default),
-                                 "ts": repr(now)})
+        for op, item_id, payload in encoded:
+            pipe.xadd(self.key, {"op": op, "item_id": item_id, "payload": payload, "ts": repr(now)})
         ids = pipe.execute()
         return [DeltaEntry(self._seq(i), op, item_id, payload or {}, now) for i, (op, item_id, payload) in zip(ids, entries)]
 
@@ -154,13 +156,21 @@ class RedisDeltaLog:
 
 def open_delta_log(url: str, path: str | Path | None = None, key: str = "towerann:delta") -> DeltaLog:
     """"embedded" (SQLite at `path`) or "redis://host:port/db" (a stream at `key`)."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisDeltaLog(url, key)
-    if url in ("embedded", "memory") or url.startswith("embedded://"):
-        if path is None:
-            raise ConfigError("the embedded delta log needs a file path")
-        return SQLiteDeltaLog(path)
-    raise ConfigError(f"unknown delta-log store {url!r}; use 'embedded' or redis://HOST:PORT")
+    u = parse_store_url(url)
+    if u.is_redis:
+        return RedisDeltaLog(u.url, key)
+    path = path or u.path
+    if path is None:
+        raise ConfigError("the embedded delta log needs a file path")
+    return SQLiteDeltaLog(path)
+
+
+def open_configured_delta_log(cfg: Config) -> DeltaLog:
+    """A deployment's delta log: a stream in the feature store's Redis, else SQLite at
+    [freshness] delta_path (default: delta.sqlite beside [paths] index)."""
+    if parse_store_url(cfg.features.store).is_redis:
+        return open_delta_log(cfg.features.store)
+    return open_delta_log("embedded", cfg.freshness.delta_path or Path(cfg.paths.index).parent / "delta.sqlite")
 
 
 def _json_default(value: Any) -> Any:

@@ -19,28 +19,21 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from towerann.errors import BadRequest, NotFound
+from towerann.data.dataset import ITEM_RESERVED
+from towerann.errors import BadRequest, NotFound, TowerannError
 from towerann.freshness.deltalog import DeltaLog
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 
 log = logging.getLogger(__name__)
 
-RESERVED = ("item_id", "category", "available")
-
-
-def item_columns(bundle: RetrievalBundle) -> tuple[list[str], list[str]]:
-    """The item tower's feature columns: (numeric, categorical)."""
-    s = bundle.model.schema
-    return [c.name for c in s.item_numeric], [c.name for c in s.item_categorical]
-
 
 def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
     """Validate item rows for an upsert; return them normalised (available defaults to true)."""
     if not isinstance(rows, list) or not rows:
         raise BadRequest("items must be a non-empty list of item objects")
-    numeric, categorical = item_columns(bundle)
-    known = {*RESERVED, *numeric, *categorical}
+    numeric, categorical = bundle.model.schema.item_feature_names()
+    known = {*ITEM_RESERVED, *numeric, *categorical}
     int_ids = bundle.external_ids.dtype.kind in "iu"
     out, seen = [], set()
     for i, row in enumerate(rows):
@@ -81,70 +74,39 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
 
 
 def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The bundle's item tower over checked rows; a row it cannot turn into a finite vector is refused."""
     frame = pd.DataFrame(rows)
     if bundle.external_ids.dtype.kind in "iu":
         frame["item_id"] = frame["item_id"].astype(np.int64)  # the item vocabulary holds the catalog's ints
-    return bundle.model.encode_items(frame)
-
-
-def apply_upserts(bundle: RetrievalBundle, rows: list[dict[str, Any]], vectors: np.ndarray | None = None) -> None:
-    """Add or replace items in `bundle` (index, id map, categories). Rows come from check_rows."""
-    if vectors is None:
-        vectors = embed_rows(bundle, rows)
-    int_ids = bundle.external_ids.dtype.kind in "iu"
-    internal, new_ext, new_cat = [], [], []
-    for row in rows:
-        iid = bundle.item_internal.get(row["item_id"])
-        if iid is None:
-            iid = len(bundle.external_ids) + len(new_ext)
-            bundle.item_internal[row["item_id"]] = iid
-            new_ext.append(int(row["item_id"]) if int_ids else row["item_id"])
-            new_cat.append(bundle.model.schema.categories.encode_one(row["category"]))
-        else:
-            bundle.item_model_cat[iid] = bundle.model.schema.categories.encode_one(row["category"])
-        internal.append(iid)
-    if new_ext:
-        ext = np.asarray(new_ext, dtype=np.int64 if int_ids else None)
-        if not int_ids:
-            ext = ext.astype(np.result_type(bundle.external_ids.dtype, ext.dtype))
-        bundle.external_ids = np.concatenate([bundle.external_ids, ext])
-        bundle.item_model_cat = np.concatenate([bundle.item_model_cat, np.asarray(new_cat, np.int64)])
-    codes = []
-    for row in rows:
-        code = bundle.category_code.get(row["category"])
-        if code is None:  # a category the catalog had not seen: give it the next filter code
-            code = len(bundle.category_names)
-            bundle.category_names.append(row["category"])
-            bundle.category_code[row["category"]] = code
-        codes.append(code)
-    bundle.index.add(vectors, np.asarray(internal, np.int64), np.asarray(codes, np.int32),
-                     np.asarray([r["available"] for r in rows], bool))
-
-
-def apply_available(bundle: RetrievalBundle, item_id: str, available: bool) -> bool:
-    iid = bundle.item_internal.get(item_id)
-    if iid is None:
-        return False
-    bundle.index.set_available([iid], available)
-    return True
-
-
-def apply_delete(bundle: RetrievalBundle, item_id: str) -> bool:
-    iid = bundle.item_internal.get(item_id)
-    if iid is None:
-        return False
-    bundle.index.remove([iid])
-    return True
+    vectors = bundle.model.encode_items(frame)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise BadRequest(f"items[{i}] ({rows[i]['item_id']!r}): the item tower gives a non-finite vector for "
+                         "these features (a value far outside the catalog's range?); nothing was written")
+    return vectors
 
 
 def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -> int:
-    """Apply the log's entries with seq > `after` (default: the bundle's cut-off); return the last seq."""
+    """Apply the log's entries with seq > `after` (default: the bundle's cut-off); return the last seq.
+
+    An entry the bundle cannot apply (an upsert the item tower refuses) is skipped and logged, never
+    fatal: one bad entry must not stop a server from starting or a new bundle from swapping in."""
     last = bundle.delta_seq if after is None else after
     pending: dict[str, dict[str, Any]] = {}  # consecutive upserts, embedded as one batch
 
     def flush() -> None:
         if pending:
-            apply_upserts(bundle, list(pending.values()))
+            rows = list(pending.values())
+            try:
+                bundle.upsert(rows, embed_rows(bundle, rows))
+            except TowerannError:  # one bad row spoils the batch: apply them one by one, skip the bad ones
+                for row in rows:
+                    try:
+                        bundle.upsert([row], embed_rows(bundle, [row]))
+                    except TowerannError as e:
+                        log.error("delta log: skipped the upsert of item %r on bundle %s: %s",
+                                  row.get("item_id"), bundle.version, e)
             pending.clear()
 
     n = 0
@@ -155,9 +117,9 @@ def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -
         else:
             flush()
             if entry.op == "available":
-                apply_available(bundle, entry.item_id, bool(entry.payload.get("available")))
+                bundle.set_available(entry.item_id, bool(entry.payload.get("available")))
             else:
-                apply_delete(bundle, entry.item_id)
+                bundle.remove(entry.item_id)
         last, n = entry.seq, n + 1
     flush()
     bundle.delta_seq = last
@@ -167,7 +129,10 @@ def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -
 
 
 class ItemWriter:
-    """Item writes through the delta log onto the holder's current bundle."""
+    """Item writes through the delta log onto the holder's current bundle (serving.app.ItemWrites).
+
+    A write is checked and embedded first, logged second, applied third: the log only ever holds
+    what the bundle would accept."""
 
     def __init__(self, holder: BundleHolder, delta: DeltaLog):
         self.holder, self.delta = holder, delta
@@ -179,8 +144,7 @@ class ItemWriter:
             clean = check_rows(b, rows)
             vectors = embed_rows(b, clean)  # before logging: a row the tower cannot take is refused, not logged
             entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
-            apply_upserts(b, clean, vectors)
-            b.delta_seq = entries[-1].seq
+            b.upsert(clean, vectors, entries[-1].seq)
         return {"upserted": len(clean), "seq": entries[-1].seq, "index_version": b.version}
 
     def set_available(self, item_id: str, available: bool) -> dict[str, Any]:
@@ -189,16 +153,14 @@ class ItemWriter:
         with self.lock:
             b = self._known(item_id)
             entry = self.delta.append("available", item_id, {"available": available})
-            apply_available(b, item_id, available)
-            b.delta_seq = entry.seq
+            b.set_available(item_id, available, entry.seq)
         return {"item_id": item_id, "available": available, "seq": entry.seq}
 
     def delete(self, item_id: str) -> dict[str, Any]:
         with self.lock:
             b = self._known(item_id)
             entry = self.delta.append("delete", item_id, {})
-            apply_delete(b, item_id)
-            b.delta_seq = entry.seq
+            b.remove(item_id, entry.seq)
         return {"item_id": item_id, "deleted": True, "seq": entry.seq}
 
     def _known(self, item_id: str) -> RetrievalBundle:

@@ -21,6 +21,7 @@ from towerann.data.dataset import read_items
 from towerann.errors import DataError
 from towerann.freshness.deltalog import DeltaLog
 from towerann.freshness.live import fold_catalog
+from towerann.index.build import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,8 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
         with atomic_dir(work / "catalog") as tmp:
             catalog.to_parquet(tmp / "items.parquet", index=False)
         embed_catalog(model_dir, work / "catalog", work / "vectors", progress=progress)
-        tune = None
-        if recall is not None and kind != "exact":
-            tune = _tuning_queries(model_dir, data_dir, k, recall)
-        path = publish_bundle(root, model_dir, read_vectors(work / "vectors"), kind=kind, tune=tune, keep=keep,
+        tuning = _tuning(model_dir, data_dir, k, recall) if recall is not None and kind != "exact" else None
+        path = publish_bundle(root, model_dir, read_vectors(work / "vectors"), kind=kind, tuning=tuning, keep=keep,
                               delta_seq=cut)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -56,7 +55,7 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
     return out
 
 
-def _tuning_queries(model_dir: str | Path, data_dir: str | Path, k: int, recall: float) -> Any:
+def _tuning(model_dir: str | Path, data_dir: str | Path, k: int, recall: float) -> Tuning | None:
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
 
@@ -65,4 +64,4 @@ def _tuning_queries(model_dir: str | Path, data_dir: str | Path, k: int, recall:
     except DataError as e:  # a catalog without interactions: nothing to tune on
         log.warning("refresh: no held-out user queries in %s (%s); search defaults stay untuned", data_dir, e)
         return None
-    return (queries, k, recall) if len(queries) else None
+    return Tuning(queries, k, recall) if len(queries) else None

@@ -73,46 +73,14 @@ def _background_manners(seconds: float = 0.0005) -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
-def index_buffers(index: Any) -> list[np.ndarray]:
-    """Views of the big C++ buffers of a faiss HNSW index (vectors, graph), for release_pages."""
-    import faiss
-
-    ix = getattr(index, "_ix", None)  # the hnsw backend's faiss index
-    if not isinstance(ix, faiss.IndexHNSW):
-        return []
-    storage = faiss.downcast_index(ix.storage)
-    vecs = [getattr(storage, "codes", None), ix.hnsw.neighbors]
-    return [faiss.rev_swig_ptr(v.data(), v.size()) for v in vecs if v is not None and v.size()]
-
-
-def release_pages(buf: np.ndarray) -> int:
-    """Hand the whole pages inside `buf` back to the kernel (madvise DONTNEED); return the bytes.
-
-    The buffer must never be read again (its pages read as zeros): call this only on memory about
-    to be freed. ctypes releases the GIL for the call, so the kernel's work does not stall requests."""
-    import ctypes
-    import mmap
-
-    page = mmap.PAGESIZE
-    start = -(-buf.ctypes.data // page) * page  # whole pages inside the buffer only: never its allocator's headers
-    end = (buf.ctypes.data + buf.nbytes) // page * page
-    if end <= start:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) != 0:  # 4 = MADV_DONTNEED (Linux)
-        log.debug("madvise failed (errno %d); the pages are freed with the buffer", ctypes.get_errno())
-        return 0
-    return end - start
-
-
 def release_when_unused(old: RetrievalBundle, wait_s: float = 5.0) -> int:
     """Free the swapped-out bundle's index memory without a long GIL hold; return the bytes released.
 
-    Measured at 1M items: the faiss HNSW destructor holds the GIL ~55 ms while the kernel unmaps
-    ~800 MB, and every request queued behind it waits. So wait until no request still holds the old
-    bundle nor its index (refcounts: the caller's name and our argument; the bundle's attribute),
-    give its big buffers' pages back with the GIL released, and let the destructor free what is by
-    then almost nothing. If anything keeps them beyond `wait_s`, their memory is left to plain
+    Freeing a big index at once can hold the GIL for tens of milliseconds (see Index.release_memory),
+    and every request queued behind it waits. So wait until no request still holds the old bundle
+    nor its index (refcounts: the caller's name and our argument; the bundle's attribute), let the
+    index hand its pages back with the GIL released, and let the destructor free what is by then
+    almost nothing. If anything keeps them beyond `wait_s`, their memory is left to plain
     reference counting."""
     deadline = time.monotonic() + wait_s
     # The counts include getrefcount's own argument.
@@ -121,9 +89,7 @@ def release_when_unused(old: RetrievalBundle, wait_s: float = 5.0) -> int:
             log.info("bundle %s is still in use after %.0fs; freed when its last user lets go", old.version, wait_s)
             return 0
         time.sleep(0.002)
-    if sys.platform != "linux":
-        return 0
-    return sum(release_pages(buf) for buf in index_buffers(old.index))
+    return old.index.release_memory()
 
 
 class _Phases:
@@ -141,10 +107,9 @@ class _Phases:
 class Reloader:
     """Loads the bundle CURRENT names under `root` into the writer's holder when it changes."""
 
-    def __init__(self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8,
-                 on_result: Callable[[str, dict[str, Any]], None] | None = None):
+    def __init__(self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8):
         self.writer, self.root, self.min_recall = writer, Path(root), float(min_recall)
-        self.on_result = on_result or (lambda outcome, info: None)
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._refused: str | None = None
         self._reload_lock = threading.Lock()  # one reload at a time (watcher vs admin endpoint)
         self._stop = threading.Event()
@@ -189,7 +154,7 @@ class Reloader:
                     release_when_unused(old)
                 del old
                 phases.mark("release_old")
-                gc.freeze()  # keep the new bundle out of full collections (see serving.server.freeze_heap)
+                gc.freeze()  # keep the new bundle out of full collections (see service.server.freeze_heap)
                 phases.mark("freeze")
                 self._refused = None
                 info = {"outcome": "swapped", "index_version": version, "model_version": new.model_version,
@@ -202,8 +167,13 @@ class Reloader:
                 info = {"outcome": "refused", "index_version": version, "error": f"{type(e).__name__}: {e}"}
                 log.error("refused bundle %s under %s: %s; the served bundle stays", version, self.root, info["error"])
             self.last = info
-            self.on_result(info["outcome"], info)
+            for listener in self._listeners:
+                listener(info["outcome"], info)
             return info
+
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(outcome, info)` after every reload (e.g. to count outcomes in /metrics)."""
+        self._listeners.append(listener)
 
     def start(self, poll_s: float) -> None:
         """Watch CURRENT every `poll_s` seconds in a daemon thread (0: do not watch)."""

@@ -11,10 +11,10 @@ from typing import Any
 
 from towerann.artifacts import load_npy
 from towerann.errors import ConfigError
-from towerann.index import KINDS, backend_class, create
+from towerann.index import KINDS
+from towerann.index.build import AUTO_HELP, Tuning, build_index
 from towerann.index.snapshot import (current_version, list_versions, publish, read_checked_manifest, resolve,
                                      rollback)
-from towerann.index.tune import build_auto, tune
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build an index from a vectors directory and publish it as a snapshot")
     b.add_argument("--vectors", required=True, help="vectors directory written by `towerann embed`")
     b.add_argument("--kind", required=True, choices=[*KINDS, "auto"],
-                   help="backend; auto = exact below 20k items, else hnsw tuned to --recall")
+                   help=f"backend; {AUTO_HELP} (--recall, default 0.95)")
     b.add_argument("--out", required=True, help="snapshot root (e.g. indexes/); CURRENT points at the new version")
     b.add_argument("--recall", type=float, default=None,
                    help="tune search params to this recall@k on user-tower queries (e.g. 0.95); "
@@ -74,21 +74,11 @@ def _build(args: argparse.Namespace) -> int:
     queries = load_npy(args.queries) if args.queries else None
     if queries is None and args.data is not None:
         queries = _dataset_queries(args.model, args.data, vs.model_version)
-    params = _parse_params(args.param)
-    kind = args.kind
-    search_keys = set(backend_class("hnsw" if kind == "auto" else kind).default_search)
-    search = {k: v for k, v in params.items() if k in search_keys}
-    build = {k: v for k, v in params.items() if k not in search_keys}
+    recall = args.recall if args.recall is not None else 0.95 if args.kind == "auto" else None
+    tuning = Tuning(queries, args.k, recall) if recall is not None and queries is not None else None
     t_build = time.perf_counter()
-    if kind == "auto":
-        index = build_auto(vs.vectors, vs.ids, vs.categories, vs.available, queries=queries, k=args.k,
-                           target_recall=args.recall or 0.95, **build)
-    else:
-        index = create(kind, vs.dim, vs.metric, **build)
-        index.build(vs.vectors, vs.ids, vs.categories, vs.available)
-        if args.recall is not None and queries is not None:
-            tune(index, queries, args.k, args.recall)
-    index.search_defaults.update({k: v for k, v in search.items() if k in index.search_defaults})
+    index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=args.kind,
+                        params=_parse_params(args.param), tuning=tuning, metric=vs.metric)
     build_s = time.perf_counter() - t_build
     path = publish(index, args.out, vs.model_version, keep=args.keep,
                    extra={"vectors_dir": str(Path(args.vectors).resolve()), "category_names": vs.category_names,

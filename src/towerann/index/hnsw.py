@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import ArtifactError
-from towerann.index.base import Index, Mask
+from towerann.index.base import Index, Mask, release_pages
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ class HNSWIndex(Index):
     def search_space(self, k: int) -> list[dict[str, Any]]:
         base = max(k, 16)  # faiss searches with max(ef, k): smaller ef changes nothing
         return [{"ef": int(base * f)} for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)]
+
+    def buffers(self) -> list[np.ndarray]:
+        """Views of the big C++ buffers (vectors, graph): what `release_memory` hands back."""
+        storage = faiss.downcast_index(self._ix.storage)
+        vecs = [getattr(storage, "codes", None), self._ix.hnsw.neighbors]
+        return [faiss.rev_swig_ptr(v.data(), v.size()) for v in vecs if v is not None and v.size()]
+
+    def release_memory(self) -> int:
+        # Measured at 1M items: the faiss destructor holds the GIL ~55 ms while the kernel unmaps
+        # ~800 MB; released here first (GIL dropped), the destructor then frees almost nothing.
+        return sum(release_pages(buf) for buf in self.buffers())
 
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
         if self._ix.ntotal != first_slot:

@@ -51,6 +51,16 @@ class IVFPQIndex(Index):
         self._vecs = Growable(np.empty((0, self.dim), np.float32))
         self._ix: faiss.IndexIVFPQ | None = None  # None: untrained (tiny catalog), brute force
 
+    @property
+    def nlist(self) -> int | None:
+        """Inverted lists of the trained index (None: untrained, a tiny catalog searched by brute force)."""
+        return None if self._ix is None else int(self._ix.nlist)
+
+    def nlist_for(self, n: int) -> int:
+        """The number of lists a build over `n` vectors uses (the build param, clamped, or the default)."""
+        nlist = self.build_params["nlist"]
+        return default_nlist(n) if nlist is None else max(1, min(nlist, n // 39))
+
     def describe(self) -> str:
         if self._ix is None:
             return "Flat(untrained IVF-PQ: too few items)"
@@ -82,7 +92,7 @@ class IVFPQIndex(Index):
             log.debug("ivfpq: %d items is too few to train IVF-PQ (< %d); searching by brute force", n, MIN_TRAIN)
             return
         p = self.build_params
-        nlist = default_nlist(n) if p["nlist"] is None else max(1, min(p["nlist"], n // 39))
+        nlist = self.nlist_for(n)
         quantizer = faiss.IndexFlatIP(self.dim)
         ix = faiss.IndexIVFPQ(quantizer, self.dim, nlist, p["pq_m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
         ix.cp.seed = p["seed"]

@@ -1,6 +1,6 @@
 """Top-k by score, and merging of per-source top-k lists (higher score is better: metric "ip").
 
-Used by every backend (exact scoring, fallbacks), by the ScaNN delta tier, and by the sharded index.
+Used by every backend (exact scoring, fallbacks) and by the ScaNN delta tier.
 faiss' own merge helpers assume "smaller is better" unless told otherwise; these never do.
 """
 

@@ -27,6 +27,11 @@ MIN_TREE = 2000  # below this many items ScaNN runs brute force (no partitioning
 MAX_OVERFETCH = 10  # fetch at most this many times k from ScaNN when items are masked
 
 
+def default_leaves(n: int, num_leaves: int | None = None) -> int:
+    """Tree leaves of a build over `n` items: sqrt(n) unless given, at least 50 items a leaf."""
+    return max(2, min(num_leaves or int(round(math.sqrt(n))), n // 50))
+
+
 def _scann() -> Any:
     try:
         from scann.scann_ops.py import scann_ops_pybind
@@ -49,6 +54,11 @@ class ScannIndex(Index):
         self._searcher: Any = None
         self._n_main = 0  # slots [0, n_main) are in ScaNN; the rest form the delta tier
         self._leaves = 0  # 0: brute force
+
+    @property
+    def leaves(self) -> int:
+        """Tree leaves of the main tier (0: brute force, a catalog too small for a tree)."""
+        return self._leaves
 
     def describe(self) -> str:
         main = f"ScaNN(tree{self._leaves},AH2,reorder)" if self._leaves else "ScaNN(brute)"
@@ -75,8 +85,7 @@ class ScannIndex(Index):
         reorder = max(1, min(p["reorder"], n))
         builder = sp.builder(vecs, min(10, n), "dot_product")
         if n >= MIN_TREE and self.dim % 2 == 0:
-            leaves = p["num_leaves"] or int(round(math.sqrt(n)))
-            leaves = max(2, min(leaves, n // 50))
+            leaves = default_leaves(n, p["num_leaves"])
             search_leaves = max(1, leaves // 5)  # 20%: user-tower queries sit between clusters
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=search_leaves,
                                    training_sample_size=min(n, p["train_sample"]))

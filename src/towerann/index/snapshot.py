@@ -14,7 +14,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from towerann.artifacts import MANIFEST, atomic_dir, fsync_path, read_manifest, sha256_file, write_json_atomic
 from towerann.errors import ArtifactError, IndexIncompatible
@@ -56,19 +56,26 @@ def write_snapshot(index: Index, directory: Path, model_version: str, extra: dic
 
 
 def publish(index: Index, root: str | Path, model_version: str, extra: dict[str, Any] | None = None,
-            keep: int = 3) -> Path:
-    """Write a new snapshot version under `root`, point CURRENT at it, prune old versions; return its path."""
+            keep: int = 3, add_files: Callable[[Path], None] | None = None) -> Path:
+    """Write a new snapshot version under `root`, point CURRENT at it, prune old versions; return its path.
+
+    `add_files(tmp)` may write more files into the version directory before the manifest lists and
+    checksums them (a retrieval bundle adds its model and id map this way)."""
     root = Path(root)
     version = new_version()
     with atomic_dir(root / version) as tmp:
+        if add_files is not None:
+            add_files(tmp)
         write_snapshot(index, tmp, model_version, extra)
-    _set_current(root, version)
+    set_current(root, version)
     prune(root, keep)
     log.info("published index snapshot %s (%s, %d items)", root / version, index.describe(), len(index))
     return root / version
 
 
-def _set_current(root: Path, version: str) -> None:
+def set_current(root: str | Path, version: str) -> None:
+    """Point root/CURRENT at `version`, atomically (temp file + rename, both flushed to disk)."""
+    root = Path(root)
     fd, tmp = tempfile.mkstemp(prefix=f".{CURRENT}.", dir=root)
     try:
         with os.fdopen(fd, "w") as f:
@@ -118,7 +125,7 @@ def rollback(root: str | Path) -> str:
     older = [v for v in list_versions(root) if v < current]
     if not older:
         raise ArtifactError(f"{root}: no version older than {current} to roll back to")
-    _set_current(root, older[-1])
+    set_current(root, older[-1])
     log.info("rolled back %s: %s -> %s", root, current, older[-1])
     return older[-1]
 

@@ -2,7 +2,7 @@
 
 Recall is measured against exact search over the same items, on a sample of user-tower query
 vectors: they are distributed differently from item vectors, and tuning on items overestimates
-recall. `build_auto` picks the backend by catalog size (brute force is fast below ~20k items).
+recall. (`towerann.index.build` decides the kind; this module only measures and picks parameters.)
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from towerann.errors import BadRequest
 from towerann.index.base import Index, as_vectors
 
 log = logging.getLogger(__name__)
-
-AUTO_EXACT_BELOW = 20_000
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -64,23 +62,3 @@ def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index 
               "reached": reached}
     index.tuning = result
     return result
-
-
-def build_auto(vectors: Any, ids: Any, categories: Any = None, available: Any = None, *,
-               queries: Any = None, k: int = 1000, target_recall: float = 0.95,
-               exact_below: int = AUTO_EXACT_BELOW, **build_params: Any) -> Index:
-    """Exact for small catalogs, else HNSW tuned to `target_recall` on `queries` (if given)."""
-    from towerann.index import create
-
-    v = np.asarray(vectors)
-    kind = "exact" if len(v) < exact_below else "hnsw"
-    index = create(kind, v.shape[1], **(build_params if kind != "exact" else {}))
-    index.build(v, ids, categories, available)
-    if kind == "exact":
-        index.tuning = {"params": {}, "recall": 1.0, "k": k, "target": target_recall, "queries": 0, "reached": True}
-    elif queries is not None:
-        tune(index, queries, k, target_recall)
-    else:
-        log.warning("auto index: no query vectors given, so the %s search defaults are untuned", kind)
-    log.info("auto index: %d items -> %s", len(v), index.describe())
-    return index

@@ -14,10 +14,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-ITEM_RESERVED = {"item_id", "category", "available"}
-USER_RESERVED = {"user_id"}
+from towerann.data.dataset import ITEM_KEY_COLUMNS, ITEM_RESERVED, USER_RESERVED, feature_columns
+
 MAX_CATEGORICAL_VOCAB = 10_000
+Columns = pd.DataFrame | pa.RecordBatch | pa.Table
 
 
 @dataclass
@@ -43,17 +45,22 @@ class CategoricalColumn:
     def encode_one(self, value: Any) -> int:
         return self._lookup.get(str(value), 0)
 
+    def encode_arrow(self, arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """An Arrow column -> int64 codes, looking up each distinct value once (no Python call per row)."""
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if not pa.types.is_dictionary(arr.type):
+            arr = pc.dictionary_encode(arr)
+        dict_codes = self.encode(arr.dictionary.to_pylist())  # str(v) lookups, as encode() does
+        idx = arr.indices
+        if idx.null_count:  # a null is looked up as str(None), as encode() would
+            idx = idx.fill_null(len(dict_codes))
+            dict_codes = np.append(dict_codes, self.encode_one(None))
+        return dict_codes[idx.to_numpy(zero_copy_only=False)]
+
     @property
     def size(self) -> int:
         return len(self.values) + 1
-
-
-def _is_numeric(t: pa.DataType) -> bool:
-    return pa.types.is_floating(t)
-
-
-def _is_categorical(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _numeric(df: pd.DataFrame, name: str) -> NumericColumn:
@@ -82,12 +89,8 @@ class FeatureSchema:
 
     @classmethod
     def from_frames(cls, items: pd.DataFrame, users: pd.DataFrame, history_len: int) -> "FeatureSchema":
-        item_schema = pa.Schema.from_pandas(items, preserve_index=False)
-        user_schema = pa.Schema.from_pandas(users, preserve_index=False)
-        item_num = [f.name for f in item_schema if f.name not in ITEM_RESERVED and _is_numeric(f.type)]
-        item_cat = [f.name for f in item_schema if f.name not in ITEM_RESERVED and _is_categorical(f.type)]
-        user_num = [f.name for f in user_schema if f.name not in USER_RESERVED and _is_numeric(f.type)]
-        user_cat = [f.name for f in user_schema if f.name not in USER_RESERVED and _is_categorical(f.type)]
+        item_num, item_cat = feature_columns(pa.Schema.from_pandas(items, preserve_index=False), ITEM_RESERVED)
+        user_num, user_cat = feature_columns(pa.Schema.from_pandas(users, preserve_index=False), USER_RESERVED)
         return cls(
             categories=_categorical(items, "category"),
             item_numeric=[_numeric(items, c) for c in item_num],
@@ -99,16 +102,26 @@ class FeatureSchema:
             user_id_kind="int" if pd.api.types.is_integer_dtype(users["user_id"]) else "str",
         )
 
-    # --- encoding -------------------------------------------------------------------------
+    # --- columns and encoding -------------------------------------------------------------
 
-    def encode_item_features(self, frame: pd.DataFrame | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Catalog rows -> (category idx [n], numeric f32 [n, a], categorical idx [n, b])."""
-        if isinstance(frame, pa.RecordBatch):
-            frame = frame.to_pandas()
-        cat = self.categories.encode(frame["category"].to_numpy())
-        num = _standardise(frame, self.item_numeric)
-        cats = np.stack([c.encode(frame[c.name].to_numpy()) for c in self.item_categorical], axis=1) \
-            if self.item_categorical else np.zeros((len(frame), 0), np.int64)
+    def item_feature_names(self) -> tuple[list[str], list[str]]:
+        """The item tower's feature columns: (numeric, categorical)."""
+        return [c.name for c in self.item_numeric], [c.name for c in self.item_categorical]
+
+    def item_columns(self) -> list[str]:
+        """Every catalog column the item side reads: ids, category, availability, then the features."""
+        numeric, categorical = self.item_feature_names()
+        return [*ITEM_KEY_COLUMNS, *numeric, *categorical]
+
+    def encode_item_features(self, frame: Columns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Catalog rows (pandas or Arrow) -> (category idx [n], numeric f32 [n, a], categorical idx [n, b]).
+
+        The one item encoder: training, batch embedding and live item writes all come through here."""
+        cols = _arrow_columns(frame, ["category", *(c.name for c in self.item_numeric),
+                                      *(c.name for c in self.item_categorical)])
+        cat = self.categories.encode_arrow(cols["category"])
+        num = _standardise(cols, self.item_numeric, len(cat))
+        cats = _stack_codes(cols, self.item_categorical, len(cat))
         return cat, num, cats
 
     def encode_user_static(self, rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -124,11 +137,11 @@ class FeatureSchema:
                 cats[r, j] = 0 if v is None else c.encode_one(v)
         return num, cats
 
-    def encode_user_frame(self, users: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        num = _standardise(users, self.user_numeric)
-        cats = np.stack([c.encode(users[c.name].to_numpy()) for c in self.user_categorical], axis=1) \
-            if self.user_categorical else np.zeros((len(users), 0), np.int64)
-        return num, cats
+    def encode_user_frame(self, users: Columns) -> tuple[np.ndarray, np.ndarray]:
+        """User rows (pandas or Arrow) -> (numeric f32 [n, a], categorical idx [n, b])."""
+        cols = _arrow_columns(users, [*(c.name for c in self.user_numeric), *(c.name for c in self.user_categorical)])
+        n = len(users) if isinstance(users, pd.DataFrame) else users.num_rows
+        return _standardise(cols, self.user_numeric, n), _stack_codes(cols, self.user_categorical, n)
 
     # --- JSON -----------------------------------------------------------------------------
 
@@ -164,11 +177,27 @@ class FeatureSchema:
         )
 
 
-def _standardise(frame: pd.DataFrame, columns: list[NumericColumn]) -> np.ndarray:
-    if not columns:
-        return np.zeros((len(frame), 0), np.float32)
-    out = np.empty((len(frame), len(columns)), np.float32)
+def _arrow_columns(frame: Columns, names: list[str]) -> dict[str, pa.Array | pa.ChunkedArray]:
+    if isinstance(frame, pd.DataFrame):
+        return {n: pa.array(frame[n], from_pandas=True) for n in names}
+    return {n: frame.column(n) for n in names}
+
+
+def standardise(values: pa.Array | pa.ChunkedArray, col: NumericColumn) -> np.ndarray:
+    """Raw numbers -> z-scores by the training statistics; a null (or NaN) becomes 0, the mean."""
+    v = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls come back as NaN
+    return np.nan_to_num((v - col.mean) / col.std)
+
+
+def _standardise(cols: dict[str, Any], columns: list[NumericColumn], n: int) -> np.ndarray:
+    out = np.empty((n, len(columns)), np.float32)
     for j, c in enumerate(columns):
-        v = frame[c.name].to_numpy(dtype=np.float64, na_value=np.nan)
-        out[:, j] = np.nan_to_num((v - c.mean) / c.std)
+        out[:, j] = standardise(cols[c.name], c)
+    return out
+
+
+def _stack_codes(cols: dict[str, Any], columns: list[CategoricalColumn], n: int) -> np.ndarray:
+    out = np.empty((n, len(columns)), np.int64)
+    for j, c in enumerate(columns):
+        out[:, j] = c.encode_arrow(cols[c.name])
     return out

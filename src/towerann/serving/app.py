@@ -9,7 +9,7 @@ Every bad input gets a 4xx with {"error": message}; an unexpected exception a lo
 the server keeps serving. Request handlers are `async def`: they run one at a time on the event loop,
 which (1) serialises searches with live index writes (POST/PATCH/DELETE /v1/items) without a lock on
 the read path, and (2) measured at 1M items, K=1000 (`towerann bench serve`), kept p99 at 4.2 ms at
-200 req/s and 5.4 ms at 400 req/s together with the frozen heap (serving.server.freeze_heap). An
+200 req/s and 5.4 ms at 400 req/s together with the frozen heap (service.server.freeze_heap). An
 earlier measurement at 100k items, K=100, before the heap was frozen, favoured the thread pool at
 1200 req/s (faiss and ONNX Runtime release the GIL, so two requests can overlap on two cores);
 re-measure before changing this.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -98,6 +98,19 @@ class ErrorResponse(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)}
+
+
+# ---- what the write routes call (freshness/ implements them; serving never imports it) -------------
+
+class ItemWrites(Protocol):
+    def upsert(self, rows: Any) -> dict[str, Any]: ...
+    def set_available(self, item_id: str, available: bool) -> dict[str, Any]: ...
+    def delete(self, item_id: str) -> dict[str, Any]: ...
+
+
+class BundleReloads(Protocol):
+    def reload(self) -> dict[str, Any]: ...
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None: ...
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
@@ -179,15 +192,15 @@ class GuardMiddleware:
                           "(raise [serve] max_body_bytes if this was intended)")(scope, receive, send)
 
 
-def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: Any = None, reloader: Any = None,
-               token: str | None = None) -> FastAPI:
+def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWrites | None = None,
+               reloader: BundleReloads | None = None, token: str | None = None) -> FastAPI:
     """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
 
     writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
     admin endpoints; they need `Authorization: Bearer <token>`."""
     metrics = Metrics()
     if reloader is not None:
-        reloader.on_result = lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc()
+        reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
     holder = retriever.holder
     holder.subscribe(metrics.on_swap)
     app = FastAPI(title="towerann", summary="two-tower retrieval: top-K candidates for a user, now",

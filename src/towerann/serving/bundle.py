@@ -9,8 +9,11 @@ its CURRENT pointer and checksums over every file) that also holds:
   model/              a copy of the model directory (user_tower.onnx, vocabularies, manifest)
   external_ids.npy    the catalog's item id per internal id (int64 or unicode)
   item_categories.npy category code per internal id (codes index bundle.category_names)
-and `{"bundle": {...}}` in the snapshot manifest. `snapshot.publish` cannot add files before its
-atomic rename, so `publish_bundle` builds the directory itself with the same conventions.
+and `{"bundle": {...}}` in the snapshot manifest; `publish_bundle` writes it with `snapshot.publish`.
+
+The bundle owns its changes (`upsert`, `set_available`, `remove`): the index call comes first and
+the id map and categories change only after it succeeded, so a failing write leaves the bundle as
+it was. Callers serialise writes (freshness.live.ItemWriter holds a lock); requests read without one.
 """
 
 from __future__ import annotations
@@ -19,46 +22,34 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from towerann.artifacts import atomic_dir, load_npy, save_npy
+from towerann.artifacts import load_npy, save_npy
 from towerann.errors import ArtifactError, IndexIncompatible
-from towerann.index import Index, create
-from towerann.index.snapshot import _set_current, load_snapshot, new_version, prune, resolve, write_snapshot
+from towerann.index import Index
+from towerann.index.build import Tuning, build_index
+from towerann.index.snapshot import load_snapshot, publish, resolve
+
+if TYPE_CHECKING:
+    from towerann.embed.vectors import VectorSet
+    from towerann.model.export import UserEncoder
+    from towerann.model.model import TwoTowerModel
 
 log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
-AUTO_EXACT_MAX = 20_000  # kind="auto": exact below this many items, hnsw above (as `index build --kind auto`)
 
 
-def _vector_set(vectors: Any) -> Any:
+def _vector_set(vectors: "VectorSet | str | Path") -> "VectorSet":
     from towerann.embed.vectors import VectorSet, read_vectors
 
     return vectors if isinstance(vectors, VectorSet) else read_vectors(vectors)
 
 
-def build_index(vs: Any, kind: str = "auto", build_params: dict[str, Any] | None = None,
-                tune: tuple[np.ndarray, int, float] | None = None) -> Index:
-    """Build the index over a VectorSet. `tune` = (user query vectors, k, target recall)."""
-    params = dict(build_params or {})
-    if kind == "auto":
-        kind = "exact" if len(vs) < AUTO_EXACT_MAX else "hnsw"
-    index = create(kind, vs.dim, vs.metric, **params)
-    index.build(vs.vectors, vs.ids, vs.categories, vs.available)
-    if tune is not None:
-        from towerann.index.tune import tune as tune_index
-
-        queries, k, recall = tune
-        tune_index(index, queries, k, recall)
-    return index
-
-
-def publish_bundle(root: str | Path, model_dir: str | Path, vectors: Any, kind: str = "auto",
-                   build_params: dict[str, Any] | None = None,
-                   tune: tuple[np.ndarray, int, float] | None = None, keep: int = 3,
+def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet | str | Path", kind: str = "auto",
+                   params: dict[str, Any] | None = None, tuning: Tuning | None = None, keep: int = 3,
                    index: Index | None = None, delta_seq: int = 0) -> Path:
     """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it.
 
@@ -73,26 +64,25 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: Any, kind: 
         raise IndexIncompatible(f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
                                 f"{model_version!r}; embed the catalog with this model first")
     if index is None:
-        index = build_index(vs, kind, build_params, tune)
+        index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params,
+                            tuning=tuning, metric=vs.metric)
     n_ext = int(vs.ids.max()) + 1 if len(vs) else 0
     if len(vs.external_ids) < n_ext or len(vs.categories) != len(vs.ids):
         raise ArtifactError("vectors: external_ids must cover every internal id and categories one per item")
     # Per internal id, so that lookups are one array index; internal ids are catalog rows.
     item_cats = np.full(len(vs.external_ids), -1, np.int32)
     item_cats[vs.ids] = vs.categories
-    root = Path(root)
-    version = new_version()
-    with atomic_dir(root / version) as tmp:
+
+    def add_files(tmp: Path) -> None:
         shutil.copytree(model_dir, tmp / "model")
         save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
         save_npy(tmp / "item_categories.npy", item_cats)
-        write_snapshot(index, tmp, model_version, extra={"bundle": {
-            "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs),
-            "delta_seq": int(delta_seq)}})
-    _set_current(root, version)
-    prune(root, keep)
-    log.info("published bundle %s (%s, %d items, model %s)", root / version, index.describe(), len(index), model_version)
-    return root / version
+
+    path = publish(index, root, model_version, keep=keep, add_files=add_files, extra={"bundle": {
+        "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs),
+        "delta_seq": int(delta_seq)}})
+    log.info("published bundle %s (%s, %d items, model %s)", path, index.describe(), len(index), model_version)
+    return path
 
 
 class IdLookup:
@@ -144,8 +134,8 @@ class RetrievalBundle:
     path: Path
     version: str  # the snapshot (index) version
     model_version: str
-    model: Any  # TwoTowerModel
-    encoder: Any  # UserEncoder
+    model: "TwoTowerModel"
+    encoder: "UserEncoder"
     index: Index
     external_ids: np.ndarray  # external item id per internal id
     category_names: list[str]
@@ -209,6 +199,72 @@ class RetrievalBundle:
                    category_names=names, category_code={n: i for i, n in enumerate(names)},
                    item_internal=item_internal, item_model_cat=item_model_cat,
                    history_len=model.cfg.history_len, delta_seq=int((info or {}).get("delta_seq", 0)))
+
+    # ---- changes: each one all-or-nothing, the index first ------------------------------------------
+    def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: np.ndarray, seq: int | None = None) -> None:
+        """Add or replace items: rows of {item_id (the catalog's spelling, as a string), category,
+        available} with one vector each. Nothing changes when the index refuses the vectors."""
+        int_ids = self.external_ids.dtype.kind in "iu"
+        encode_cat = self.model.schema.categories.encode_one
+        n = len(rows)
+        internal = np.empty(n, np.int64)
+        codes = np.empty(n, np.int32)
+        new_ids: dict[str, int] = {}  # external id -> new internal id
+        new_model_cats: dict[str, int] = {}  # external id -> the model's category code
+        new_names: dict[str, int] = {}  # category never seen by this bundle -> its new filter code
+        recoded: dict[int, int] = {}  # existing internal id -> its new model category
+        for j, row in enumerate(rows):
+            item_id, category = row["item_id"], row["category"]
+            iid = self.item_internal.get(item_id)
+            if iid is None:
+                iid = new_ids.setdefault(item_id, len(self.external_ids) + len(new_ids))
+                new_model_cats[item_id] = encode_cat(category)
+            else:
+                recoded[iid] = encode_cat(category)
+            internal[j] = iid
+            code = self.category_code.get(category)
+            if code is None:
+                code = new_names.setdefault(category, len(self.category_names) + len(new_names))
+            codes[j] = code
+        available = np.asarray([bool(r.get("available", True)) for r in rows], bool)
+        self.index.add(vectors, internal, codes, available)  # may raise: nothing below has run yet
+        if new_ids:
+            if int_ids:
+                ext = np.asarray([int(i) for i in new_ids], np.int64)
+            else:  # a longer id may need a wider unicode dtype
+                ext = np.asarray(list(new_ids))
+                ext = ext.astype(np.result_type(self.external_ids.dtype, ext.dtype))
+            self.external_ids = np.concatenate([self.external_ids, ext])
+            self.item_model_cat = np.concatenate([self.item_model_cat,
+                                                  np.fromiter(new_model_cats.values(), np.int64, len(new_ids))])
+            for item_id, iid in new_ids.items():
+                self.item_internal[item_id] = iid
+        for iid, cat in recoded.items():
+            self.item_model_cat[iid] = cat
+        for name, code in new_names.items():
+            self.category_names.append(name)
+            self.category_code[name] = code
+        self._advance(seq)
+
+    def set_available(self, item_id: str, available: bool, seq: int | None = None) -> bool:
+        """Hide or show an item from the next search on; False if the bundle does not hold it."""
+        iid = self.item_internal.get(item_id)
+        if iid is not None:
+            self.index.set_available([iid], available)
+        self._advance(seq)
+        return iid is not None
+
+    def remove(self, item_id: str, seq: int | None = None) -> bool:
+        """Delete an item for good; False if the bundle does not hold it."""
+        iid = self.item_internal.get(item_id)
+        if iid is not None:
+            self.index.remove([iid])
+        self._advance(seq)
+        return iid is not None
+
+    def _advance(self, seq: int | None) -> None:
+        if seq is not None:
+            self.delta_seq = max(self.delta_seq, int(seq))
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "index_version": self.version, "model_version": self.model_version,

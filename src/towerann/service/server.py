@@ -13,17 +13,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
+from fastapi import FastAPI
 
 from towerann.config import Config
 from towerann.errors import BackendUnavailable
-from towerann.features import FeatureStore, open_store
 from towerann.serving.app import create_app
-from towerann.serving.bundle import RetrievalBundle
-from towerann.serving.holder import BundleHolder
 from towerann.serving.retriever import Retriever
+from towerann.service.wiring import Service, open_service
 
 log = logging.getLogger(__name__)
 
@@ -34,66 +33,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def open_configured_store(cfg: Config) -> FeatureStore:
-    f = cfg.features
-    path = f.path if f.store == "embedded" else None
-    return open_store(f.store, path=path, max_events=f.max_events, ttl_s=f.ttl_s)
-
-
-def open_configured_delta_log(cfg: Config) -> Any:
-    """The delta log of item writes: a stream in the feature store's Redis, else SQLite at
-    [freshness] delta_path (default: delta.sqlite beside [paths] index)."""
-    from towerann.freshness.deltalog import open_delta_log
-
-    store = cfg.features.store
-    if store.startswith(("redis://", "rediss://", "unix://")):
-        return open_delta_log(store)
-    return open_delta_log("embedded", cfg.freshness.delta_path or Path(cfg.paths.index).parent / "delta.sqlite")
-
-
-def build_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: str | None = None) -> Retriever:
-    """Load the configured bundle and open the configured store.
-
-    A bundle carries its own model; [paths] model is used only for a plain index snapshot."""
-    from towerann.index.snapshot import resolve
-
-    if model_dir is None and not (resolve(cfg.paths.index) / "model").is_dir():
-        model_dir = cfg.paths.model
-    bundle = RetrievalBundle.load(cfg.paths.index, model_dir=model_dir)
-    return Retriever(BundleHolder(bundle), store or open_configured_store(cfg), max_k=cfg.serve.max_k)
-
-
-@dataclass
-class Freshness:
-    """Item writes and hot swaps for one server: the delta log, the writer, the CURRENT watcher."""
-
-    writer: Any  # freshness.live.ItemWriter, or None when no delta log is configured
-    reloader: Any  # freshness.reload.Reloader, or None when the index path has no CURRENT to watch
-    token: str | None
-
-    def start(self, poll_s: float) -> None:
-        if self.reloader is not None:
-            self.reloader.start(poll_s)
-
-    def close(self) -> None:
-        if self.reloader is not None:
-            self.reloader.stop()
-        if self.writer is not None:
-            self.writer.delta.close()
-
-
-def open_freshness(cfg: Config, retriever: Retriever) -> Freshness:
-    """Open the delta log, replay it onto the loaded bundle (a restart loses no acknowledged write),
-    and set up the CURRENT watcher. The log lives in Redis when the feature store does."""
-    from towerann.freshness.live import ItemWriter, replay
-    from towerann.freshness.reload import Reloader
-
-    writer = ItemWriter(retriever.holder, open_configured_delta_log(cfg))
-    if retriever.holder.ready:
-        replay(retriever.holder.current(), writer.delta)
-    root = Path(cfg.paths.index)
-    reloader = Reloader(writer, root, cfg.freshness.min_recall) if (root / "CURRENT").is_file() else None
-    return Freshness(writer, reloader, cfg.api_token())
+def app_for(svc: Service) -> FastAPI:
+    return create_app(svc.retriever, svc.cfg.serve.max_body_bytes, svc.writer, svc.reloader, svc.token)
 
 
 def freeze_heap() -> None:
@@ -101,7 +42,7 @@ def freeze_heap() -> None:
 
     Without it, each full collection walks the million-entry id map and the model's objects and
     stalls the event loop for 100-170 ms (measured at 1M items), which is the p99 at 200 req/s.
-    Call it again after a bundle swap, so the new bundle is exempt too."""
+    The reloader freezes again after a bundle swap, so the new bundle is exempt too."""
     import gc
 
     gc.collect()
@@ -114,26 +55,28 @@ def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
 
 
 def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
-    retriever = build_retriever(cfg, model_dir=model_dir)
-    fresh = open_freshness(cfg, retriever)
+    svc = open_service(cfg, model_dir=model_dir)
     try:
-        app = create_app(retriever, cfg.serve.max_body_bytes, fresh.writer, fresh.reloader, fresh.token)
+        app = app_for(svc)
         freeze_heap()
-        fresh.start(cfg.freshness.poll_s)
-        log.warning("serving %s on http://%s:%d", retriever.holder.current().describe(), cfg.serve.host, cfg.serve.port)
+        svc.start()
+        log.warning("serving %s on http://%s:%d", svc.retriever.holder.current().describe(), cfg.serve.host,
+                    cfg.serve.port)
         uvicorn.Server(_uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
     finally:
-        fresh.close()
-        retriever.store.close()
+        svc.close()
 
 
 @dataclass
 class ServerHandle:
     url: str
-    retriever: Retriever | None
-    _stop: Any
-    freshness: Freshness | None = None
+    service: Service | None  # start_background only
+    _stop: Callable[[], None]
     process: subprocess.Popen | None = None  # start_subprocess only
+
+    @property
+    def retriever(self) -> Retriever | None:
+        return self.service.retriever if self.service is not None else None
 
     def stop(self) -> None:
         self._stop()
@@ -141,13 +84,11 @@ class ServerHandle:
 
 def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s: float = 30.0) -> ServerHandle:
     """Serve in a daemon thread on a free loopback port (cfg.serve.port is ignored); `.stop()` ends it
-    and closes the store it opened."""
-    own = retriever is None
-    retriever = retriever or build_retriever(cfg)
-    fresh = open_freshness(cfg, retriever)
-    app = create_app(retriever, cfg.serve.max_body_bytes, fresh.writer, fresh.reloader, fresh.token)
+    and closes what it opened (the store too, unless `retriever` was given)."""
+    svc = open_service(cfg, retriever)
+    app = app_for(svc)
     freeze_heap()
-    fresh.start(cfg.freshness.poll_s)
+    svc.start()
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so; without it, Nagle plus
     # delayed ACKs add 40 ms to every response (uvicorn writes headers and body separately).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -168,11 +109,9 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-        fresh.close()
-        if own:
-            retriever.store.close()
+        svc.close()
 
-    return ServerHandle(f"http://{host}:{port}", retriever, stop, fresh)
+    return ServerHandle(f"http://{host}:{port}", svc, stop)
 
 
 def start_subprocess(index: str | Path, store: str, store_path: str | None = None, max_k: int = 1000,
@@ -182,7 +121,7 @@ def start_subprocess(index: str | Path, store: str, store_path: str | None = Non
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "towerann.serving.commands", "serve", "--index", str(index), "--store", store,
+    cmd = [sys.executable, "-m", "towerann.service.commands", "serve", "--index", str(index), "--store", store,
            "--port", str(port), "--max-k", str(max_k)]
     if store_path:
         cmd += ["--store-path", store_path]
@@ -193,7 +132,7 @@ def start_subprocess(index: str | Path, store: str, store_path: str | None = Non
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise BackendUnavailable(f"`{' '.join(cmd)}` exited with {proc.returncode} before it was ready")
+            raise BackendUnavailable(f"`towerann serve` (port {port}) exited with {proc.returncode} before it was ready")
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                 break

@@ -25,7 +25,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from towerann.serving.server import serve_forever
+    from towerann.service.server import serve_forever
 
     cfg = load_config(args.config).with_overrides(
         paths_index=args.index, paths_model=args.model, features_store=args.store, features_path=args.store_path,
@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m towerann.serving.commands serve ...`: the server alone, without the rest of the CLI
+    """`python -m towerann.service.commands serve ...`: the server alone, without the rest of the CLI
     (what benchmarks start in a subprocess)."""
     import logging
     import sys
