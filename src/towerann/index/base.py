@@ -158,6 +158,7 @@ class Index(ABC):
         self.search_defaults: dict[str, Any] = {**COMMON_SEARCH, **self.default_search}
         self.tuning: dict[str, Any] | None = None  # what tune() measured, saved with the snapshot
         self.manifest: dict[str, Any] | None = None  # the snapshot manifest this index was loaded from
+        self.version: str | None = None  # the snapshot version it was loaded from (stamped on answers)
         self._ids = Growable(np.empty(0, np.int64))  # id per slot
         self._cats = Growable(np.empty(0, np.int32))  # category per slot (-1: none)
         self._alive = Growable(np.empty(0, bool))  # False once removed or replaced

@@ -176,7 +176,7 @@ def load_snapshot(directory: str | Path, expected_model_version: str | None = No
     directory = resolve(directory)
     m = read_checked_manifest(directory, expected_model_version, expected_dim, verify)
     index = backend_class(m["backend"]).load(directory, m)
-    index.manifest = m
+    index.manifest, index.version = m, directory.name
     if len(index) != m.get("count", len(index)):
         raise ArtifactError(f"{directory}: {len(index)} live items loaded, the manifest says {m['count']}")
     return index

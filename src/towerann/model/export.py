@@ -69,6 +69,7 @@ class UserEncoder:
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown user-tower runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.model = model
+        self.model_version = model.version  # stamped on every answer: the tower that made the query
         self.schema = model.schema
         self.N = model.cfg.history_len
         self.runtime = runtime

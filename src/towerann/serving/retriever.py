@@ -62,7 +62,9 @@ class Retriever:
         n = int(np.count_nonzero(ids >= 0))  # rows are padded with -1 at the end when fewer qualify
         items = b.external_ids[ids[:n]].tolist()
         t4 = time.perf_counter()
-        return Candidates(items, scores[:n].tolist(), b.model_version, b.version, {
+        # The versions come from the parts that did the work (the encoder, the index searched), not
+        # from the bundle's labels, so a request that paired parts of two bundles would show it.
+        return Candidates(items, scores[:n].tolist(), b.encoder.model_version, b.index.version or b.version, {
             "features": (t1 - t0) * 1e3, "user_tower": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,
             "total": (t4 - t0) * 1e3})
 
