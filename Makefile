@@ -2,8 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 PIP = $(VENV)/bin/pip
-# lancedb is a peer in `towerann bench ann` (and in its test)
-EXTRAS ?= test,scann,lancedb
+# eval: the ALS baseline (demo, `towerann eval`); bench: plots and the hnswlib / lancedb peers of `bench ann`.
+# `pip install towerann` alone is what a serving machine needs.
+EXTRAS ?= test,scann,eval,bench,lancedb
 
 .PHONY: setup demo test redis bench clean
 

@@ -17,20 +17,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from towerann.artifacts import load_npy, read_manifest, save_npy, write_json_atomic
 from towerann.errors import ArtifactError, ConfigError, DataError, TowerannError
 from towerann.index.tune import recall_at_k
+
+if TYPE_CHECKING:
+    from towerann.bench.peers import Series
 
 log = logging.getLogger(__name__)
 

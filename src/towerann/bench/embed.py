@@ -34,18 +34,23 @@ def tower_flops_per_item(tower: torch.nn.Module) -> int:
     return sum(2 * m.in_features * m.out_features for m in tower.modules() if isinstance(m, torch.nn.Linear))
 
 
+def _reuse(path: Path, check: Any, invalid: type[Exception]) -> Path | None:
+    """`path` if an earlier run left a valid artifact there (check passes), else None (and it is removed)."""
+    try:
+        check(path)
+    except invalid:
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    log.info("reusing %s", path)
+    return path
+
+
 def _catalog(work: Path, n_items: int) -> Path:
     from towerann.data.dataset import validate_dataset
     from towerann.data.synth import generate
 
     path = work / f"catalog-{n_items}"
-    try:
-        validate_dataset(path)
-        log.info("reusing catalog %s", path)
-        return path
-    except DataError:
-        shutil.rmtree(path, ignore_errors=True)
-    return generate(path, n_items, 1000, seed=1)
+    return _reuse(path, validate_dataset, DataError) or generate(path, n_items, 1000, seed=1)
 
 
 def _model(work: Path) -> Path:
@@ -55,12 +60,8 @@ def _model(work: Path) -> Path:
     from towerann.model.train import TrainConfig, train
 
     path = work / "model"
-    try:
-        model_version_of(path)
-        log.info("reusing model %s", path)
+    if _reuse(path, model_version_of, ArtifactError):
         return path
-    except ArtifactError:
-        shutil.rmtree(path, ignore_errors=True)
     data = generate(work / "train-data", TRAIN_ITEMS, TRAIN_USERS, seed=0, overwrite=True)
     train(data, path, TowerConfig(), TrainConfig(epochs=2, max_seconds=60), overwrite=True)  # default tower sizes
     return path

@@ -146,7 +146,7 @@ def hnswlib_series(vectors: np.ndarray, M: int, ef_construction: int, threads: i
     try:
         import hnswlib
     except ImportError as e:
-        raise BackendUnavailable(f"the hnswlib peer needs hnswlib: pip install hnswlib ({e})") from e
+        raise BackendUnavailable(f"the hnswlib peer needs hnswlib: pip install 'towerann[bench]' ({e})") from e
     n, d = vectors.shape
     t0 = time.perf_counter()
     ix = hnswlib.Index(space="ip", dim=d)

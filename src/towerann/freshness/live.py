@@ -165,8 +165,8 @@ class ItemWriter:
 
     def _known(self, item_id: str) -> RetrievalBundle:
         b = self.holder.current()
-        if item_id not in b.item_internal:
-            raise NotFound(f"item {item_id!r} is not in the served catalog (bundle {b.version})")
+        if not b.holds(item_id):
+            raise NotFound(f"item {item_id!r} is not in the served catalog (bundle {b.version}), or was deleted")
         return b
 
 

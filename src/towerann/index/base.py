@@ -387,6 +387,15 @@ class Index(ABC):
         self._gen += 1
 
     # ---- persistence ---------------------------------------------------------------------------
+    def _load_vectors(self, directory: Path, name: str) -> Growable:
+        """A backend's saved full vectors, memory-mapped (copied into memory only if items are added),
+        checked against the slot count and dim of the manifest."""
+        vecs = load_npy(directory / name, mmap=True)
+        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
+            raise ArtifactError(f"{directory / name}: {vecs.dtype}{list(vecs.shape)} does not match "
+                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
+        return Growable(vecs)
+
     def save(self, directory: Path) -> dict[str, Any]:
         """Write the index files into `directory` (which must exist); return the manifest fields."""
         directory = Path(directory)

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from towerann.artifacts import load_npy, save_npy
-from towerann.errors import ArtifactError
+from towerann.artifacts import save_npy
 from towerann.index.base import Growable, Index, Mask, inner_products
 from towerann.index.merge import topk_rows
 
@@ -54,8 +53,4 @@ class ExactIndex(Index):
         return {"vectors": "vectors.npy"}
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        vecs = load_npy(directory / state["vectors"], mmap=True)
-        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
-            raise ArtifactError(f"{directory / state['vectors']}: {vecs.dtype}{list(vecs.shape)} does not match "
-                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
-        self._vecs = Growable(vecs)  # mmap: copied into memory only if items are added
+        self._vecs = self._load_vectors(directory, state["vectors"])

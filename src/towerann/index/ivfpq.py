@@ -15,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from towerann.artifacts import load_npy, save_npy
+from towerann.artifacts import save_npy
 from towerann.errors import ArtifactError, ConfigError
 from towerann.index.base import Growable, Index, Mask
 from towerann.index.merge import topk_rows
@@ -143,11 +143,7 @@ class IVFPQIndex(Index):
         return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        vecs = load_npy(directory / state["vectors"], mmap=True)
-        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
-            raise ArtifactError(f"{directory / state['vectors']}: {vecs.dtype}{list(vecs.shape)} does not match "
-                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
-        self._vecs = Growable(vecs)
+        self._vecs = self._load_vectors(directory, state["vectors"])
         if state.get("file"):
             path = directory / state["file"]
             try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from towerann.artifacts import load_npy, save_npy
+from towerann.artifacts import save_npy
 from towerann.errors import ArtifactError, BackendUnavailable
 from towerann.index.base import Growable, Index, Mask, inner_products
 from towerann.index.merge import merge_topk, topk_rows
@@ -162,11 +162,7 @@ class ScannIndex(Index):
         return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        vecs = load_npy(directory / state["vectors"], mmap=True)
-        if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
-            raise ArtifactError(f"{directory / state['vectors']}: {vecs.dtype}{list(vecs.shape)} does not match "
-                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
-        self._vecs = Growable(vecs)
+        self._vecs = self._load_vectors(directory, state["vectors"])
         self._n_main, self._leaves = int(state["n_main"]), int(state["leaves"])
         if state.get("scann_dir"):
             sdir = directory / state["scann_dir"]

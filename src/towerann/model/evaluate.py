@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from towerann.errors import BackendUnavailable
 from towerann.model.model import TwoTowerModel
 from towerann.model.prepare import TEST, Prepared, prepare
 
@@ -131,7 +132,10 @@ def popularity_topk(p: Prepared, q: Queries, k: int) -> np.ndarray:
 def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int = 15, seed: int = 0) -> np.ndarray:
     """implicit's ALS on the same training interactions (everything before the held-out period)."""
     import scipy.sparse as sp
-    from implicit.als import AlternatingLeastSquares
+    try:
+        from implicit.als import AlternatingLeastSquares
+    except ImportError as e:
+        raise BackendUnavailable(f"the ALS baseline needs implicit: pip install 'towerann[eval]' ({e})") from e
 
     before = p.split < TEST
     users, uidx = np.unique(p.user_key[before], return_inverse=True)

@@ -247,20 +247,28 @@ class RetrievalBundle:
         self._advance(seq)
 
     def set_available(self, item_id: str, available: bool, seq: int | None = None) -> bool:
-        """Hide or show an item from the next search on; False if the bundle does not hold it."""
-        iid = self.item_internal.get(item_id)
+        """Hide or show an item from the next search on; False if the bundle does not hold it (any more)."""
+        iid = self._live(item_id)
         if iid is not None:
             self.index.set_available([iid], available)
         self._advance(seq)
         return iid is not None
 
     def remove(self, item_id: str, seq: int | None = None) -> bool:
-        """Delete an item for good; False if the bundle does not hold it."""
-        iid = self.item_internal.get(item_id)
+        """Delete an item for good; False if the bundle does not hold it (any more)."""
+        iid = self._live(item_id)
         if iid is not None:
             self.index.remove([iid])
         self._advance(seq)
         return iid is not None
+
+    def holds(self, item_id: str) -> bool:
+        """The item is in the index now (not removed; unavailable items are held)."""
+        return self._live(item_id) is not None
+
+    def _live(self, item_id: str) -> int | None:
+        iid = self.item_internal.get(item_id)
+        return iid if iid is not None and iid in self.index else None
 
     def _advance(self, seq: int | None) -> None:
         if seq is not None:
