@@ -222,6 +222,26 @@ def _check_progress(path: Path, p: dict[str, Any], want: dict[str, Any]) -> None
                                 "rerun with --overwrite to start over")
 
 
+def _start_or_resume(work: Path, want: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """The progress state of the run in `work`: an unfinished one of the same model and catalog
+    (unless `fresh`), else a new, empty one."""
+    progress_path = work / PROGRESS
+    if work.exists() and fresh:
+        log.info("discarding unfinished run in %s", work)
+        shutil.rmtree(work)
+    if work.exists():
+        if not progress_path.exists():
+            raise ArtifactError(f"{work}: no {PROGRESS} in the work directory; remove it or rerun with --overwrite")
+        state = _read_progress(progress_path)
+        _check_progress(progress_path, state, want)
+        log.info("resuming %s: %d part(s) already done", work, len(state["parts"]))
+        return state
+    work.mkdir(parents=True)
+    state = {"kind": PROGRESS_KIND, "format_version": PROGRESS_VERSION, **want, "parts": []}
+    write_json_atomic(progress_path, state)
+    return state
+
+
 # --- the run --------------------------------------------------------------------------------
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -306,19 +326,7 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     work = work_dir_for(out)
     progress_path = work / PROGRESS
     want = {"model_version": model.version, "catalog": catalog_fingerprint(file, pf), "part_size": int(part_size)}
-    if work.exists() and (overwrite or not resume):
-        log.info("discarding unfinished run in %s", work)
-        shutil.rmtree(work)
-    if work.exists():
-        if not progress_path.exists():
-            raise ArtifactError(f"{work}: no {PROGRESS} in the work directory; remove it or rerun with --overwrite")
-        state = _read_progress(progress_path)
-        _check_progress(progress_path, state, want)
-        log.info("resuming %s: %d part(s) already done", work, len(state["parts"]))
-    else:
-        work.mkdir(parents=True)
-        state = {"kind": PROGRESS_KIND, "format_version": PROGRESS_VERSION, **want, "parts": []}
-        write_json_atomic(progress_path, state)
+    state = _start_or_resume(work, want, fresh=overwrite or not resume)
 
     parts: list[dict[str, Any]] = state["parts"]
     n_parts = -(-n_rows // part_size)
