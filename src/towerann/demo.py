@@ -35,7 +35,9 @@ class Steps:
 
 
 def run_demo(workdir: str | Path = DEFAULT_WORKDIR, items: int = 20_000, users: int = 4_000, seed: int = 0,
-             train_seconds: float = 90.0, k: int = 100, target_recall: float = 0.95) -> dict[str, Any]:
+             train_seconds: float = 90.0, k: int = 100, target_recall: float = 0.95,
+             search_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole job on a synthetic catalog; `search_params` go to the HNSW index (e.g. exact_below)."""
     from towerann.data.synth import generate
     from towerann.embed.runner import embed_catalog
     from towerann.model.evaluate import evaluate
@@ -64,7 +66,8 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, items: int = 20_000, users: 
     steps.run("embed the catalog with the item tower", lambda: embed_catalog(model_dir, data, vectors, progress=False))
     report["embed_items_per_s"] = round(items / steps.times["embed the catalog with the item tower"])
     report["index"] = steps.run(f"HNSW index tuned to recall@{k} >= {target_recall} on user queries; publish bundle",
-                                lambda: build_and_publish(model_dir, data, vectors, index_root, k, target_recall, seed))
+                                lambda: build_and_publish(model_dir, data, vectors, index_root, k, target_recall, seed,
+                                                          search_params))
     report["features_users"] = steps.run("feature store (embedded SQLite): load users and their recent history",
                                          lambda: load_features(data, store_path))
     report["serve"] = steps.run("serve over HTTP: requests, a click, the candidates move",
@@ -75,7 +78,7 @@ def run_demo(workdir: str | Path = DEFAULT_WORKDIR, items: int = 20_000, users: 
 
 
 def build_and_publish(model_dir: Path, data: Path, vectors: Path, index_root: Path, k: int, target_recall: float,
-                      seed: int) -> dict[str, Any]:
+                      seed: int, search_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build HNSW, tune it on held-out users' queries, measure it against exact search, publish the bundle."""
     from towerann.embed.vectors import read_vectors
     from towerann.index.build import Tuning, build_index
@@ -89,7 +92,7 @@ def build_and_publish(model_dir: Path, data: Path, vectors: Path, index_root: Pa
     tuning_q, check_q = queries[::2], queries[1::2]  # tune on one half, report on the other
     t0 = time.perf_counter()
     hnsw = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind="hnsw", metric=vs.metric,
-                       tuning=Tuning(tuning_q, k, target_recall))
+                       params=search_params, tuning=Tuning(tuning_q, k, target_recall))
     build_s = time.perf_counter() - t0  # build + tuning
     exact = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind="exact", metric=vs.metric)
     truth = exact.search(check_q, k).ids

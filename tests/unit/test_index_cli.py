@@ -38,14 +38,18 @@ def test_build_publish_info_rollback(vectors_dir, tmp_path, capsys):
     q = np.random.default_rng(1).standard_normal((20, D)).astype(np.float32)
     np.save(tmp_path / "users.npy", q / np.linalg.norm(q, axis=1, keepdims=True))
     assert run(["index", "build", "--vectors", str(vectors_dir), "--kind", "hnsw", "--out", str(root),
-                "--param", "M=8", "--param", "ef=64"]) == 0
+                "--param", "M=8", "--param", "ef=64", "--param", "exact_below=0"]) == 0
     out = capsys.readouterr().out
     assert "HNSW8,Flat" in out and "peak memory" in out and "snapshot:" in out
     first = current_version(root)
     ix = load(root, expected_model_version="tower-7", expected_dim=D)
     assert ix.kind == "hnsw" and len(ix) == N and ix.search_defaults["ef"] == 64
+    assert ix.search_defaults["exact_below"] == 0  # masked searches go through HNSW, not brute force
     assert ix.manifest["category_names"] == ["a", "b", "c"]
-    assert not np.isin(ix.search(q, 50).ids, np.arange(0, N, 10)).any()  # unavailable items stay out
+    found = ix.search(q, 50).ids
+    assert not np.isin(found, np.arange(0, N, 10)).any()  # unavailable items stay out of the graph walk
+    truth = ix.exact_search(q, 50).ids
+    assert np.mean([len(np.intersect1d(f, t)) / 50 for f, t in zip(found, truth)]) >= 0.95
 
     assert run(["index", "build", "--vectors", str(vectors_dir), "--kind", "auto", "--out", str(root),
                 "--recall", "0.9", "--k", "20", "--queries", str(tmp_path / "users.npy")]) == 0
