@@ -47,7 +47,7 @@ class HNSWIndex(Index):
         return f"HNSW{self.build_params['M']},Flat"
 
     def search_space(self, k: int) -> list[dict[str, Any]]:
-        base = max(k, 16)  # faiss searches with max(ef, k): smaller ef changes nothing
+        base = max(k, 16)  # _search raises ef to at least k: smaller ef changes nothing
         return [{"ef": int(base * f)} for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)]
 
     def buffers(self) -> list[np.ndarray]:
@@ -77,7 +77,7 @@ class HNSWIndex(Index):
 
     def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         p = faiss.SearchParametersHNSW()
-        ef = max(int(params["ef"]), k)  # faiss searches with max(ef, k)
+        ef = max(int(params["ef"]), k)  # a beam narrower than k cannot return k results
         if mask is not None:  # widen the beam as the filter narrows, up to 4x: wider costs more than
             # brute force over the qualifying items, which the base class uses for narrower filters
             ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)

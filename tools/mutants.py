@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Targeted mutation testing: do the tests notice when the production code breaks?
+
+Each mutant replaces one exact snippet of one file under src/towerann with a broken variant (the
+snippet must occur exactly once; if it no longer does, the mutant is reported as an error, never
+as killed). The working tree is never modified: src/ and tests/ (and pyproject.toml, for the
+pytest settings) are copied once into a temporary tree, each mutant gets a fresh copy of that
+src/ with its one change, and pytest runs in the temporary tree with its src/ first on
+PYTHONPATH (ahead of the editable install's path entry). A small pytest plugin, loaded with -p,
+records where every imported towerann module came from; a run that imported towerann from
+anywhere but the mutant's copy is an error. Before the mutants, the same test selections run
+once unmutated (the baseline): a selection that fails unmutated cannot score a mutant.
+
+    .venv/bin/python tools/mutants.py                 # every mutant, default tests
+    .venv/bin/python tools/mutants.py --list
+    .venv/bin/python tools/mutants.py --only hnsw-no-selector --only merge-direction
+    .venv/bin/python tools/mutants.py --tests tests/contracts/test_index_contract.py tests/unit/test_index_tune.py
+    .venv/bin/python tools/mutants.py --only base-mask-only-with-filter -k hnsw   # who kills it on HNSW
+    .venv/bin/python tools/mutants.py --tests-from HEAD   # the test files as committed (score an older suite)
+    .venv/bin/python tools/mutants.py --tests /tmp/old_contract.py   # a file outside the repo
+
+Exit status: 0 every mutant killed; 1 a mutant survived; 2 an error (snippet not found or
+ambiguous, baseline failing, towerann imported from the wrong tree, a mutant that breaks
+collection) and none survived.
+
+To add a mutant, append a Mutant to MUTANTS: the file (relative to src/towerann), the exact
+original snippet, its replacement, what it breaks, and optionally `select` (a pytest -k
+expression: the tests able to see it, so a ScaNN mutant need not wait for the other backends)
+and `tests` (test paths, when the default --tests cannot see it, e.g. freshness or serving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TESTS = ("tests/contracts/test_index_contract.py",)
+PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider", "-rfE")
+GUARD = "_towerann_mutant_guard"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to src/towerann
+    old: str  # exact snippet, must occur exactly once
+    new: str
+    why: str
+    select: str | None = None  # pytest -k expression; None: every selected test
+    tests: tuple[str, ...] = ()  # test paths for this mutant; empty: --tests
+
+
+MUTANTS: list[Mutant] = [
+    # ---- base class: masks, mutations, fallbacks -------------------------------------------------
+    Mutant("base-mask-only-with-filter", "index/base.py",
+           "slots, scores = self._search(q, k, p, mask)",
+           "slots, scores = self._search(q, k, p, mask if filter is not None else None)",
+           "the library ignores removed/unavailable items when the request has no filter"),
+    Mutant("base-shortfall-off", "index/base.py",
+           "if short.any():", "if False:",
+           "rows the library returns short of k are not completed by exact search"),
+    Mutant("base-exact-below-ignored", "index/base.py",
+           'n_qual <= int(p.get("exact_below", EXACT_BELOW))', "n_qual <= EXACT_BELOW",
+           "the exact_below search parameter is ignored (a forced-library test would silently run brute force)"),
+    Mutant("base-remove-keeps-slot", "index/base.py",
+           "self._alive.data[slots] = False", "pass",
+           "remove() does not mark the item's slot dead"),
+    Mutant("base-upsert-keeps-old", "index/base.py",
+           "self._alive.data[old] = False", "pass",
+           "an upsert leaves the old vector's slot alive"),
+    Mutant("base-set-available-ignored", "index/base.py",
+           "self._avail.data[slots] = bool(available)", "pass",
+           "set_available() changes nothing"),
+    Mutant("base-exact-dense-mask-ignored", "index/base.py",
+           "scores[:, ~mask.bits] = -np.inf", "pass",
+           "exact search over a mask admitting most slots returns masked-out slots"),
+    Mutant("merge-direction", "index/merge.py",
+           "part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]",
+           "part = np.argpartition(scores, kk - 1, axis=1)[:, :kk]",
+           "top-k keeps the lowest scores (merge direction flipped)"),
+    Mutant("merge-padding-kept", "index/merge.py",
+           "ids[~np.isfinite(top) | np.isnan(top)] = PAD_ID", "pass",
+           "excluded (-inf) columns come back as real ids instead of -1 padding"),
+    # ---- backends ---------------------------------------------------------------------------------
+    Mutant("exact-mask-ignored", "index/exact.py",
+           "scores = np.where(mask.bits, scores, np.float32(-np.inf))", "pass",
+           "the exact backend's search returns masked-out slots when most qualify", select="exact"),
+    Mutant("hnsw-no-selector", "index/hnsw.py",
+           "p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))", "pass",
+           "HNSW searches without the mask's bitmap selector", select="hnsw"),
+    Mutant("hnsw-ef-param-ignored", "index/hnsw.py",
+           'ef = max(int(params["ef"]), k)', 'ef = max(int(self.default_search["ef"]), k)',
+           "HNSW ignores the ef search parameter (always searches with the class default)", select="hnsw"),
+    Mutant("hnsw-efsearch-unset", "index/hnsw.py",
+           "p.efSearch = ef", "pass",
+           "HNSW never sets efSearch (faiss' default, 16)", select="hnsw"),
+    Mutant("hnsw-filter-ef-not-widened", "index/hnsw.py",
+           "ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)", "ef = ef",
+           "HNSW does not widen the beam as the mask narrows", select="hnsw"),
+    Mutant("ivfpq-no-selector", "index/ivfpq.py",
+           "p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))", "pass",
+           "IVF-PQ searches without the mask's bitmap selector", select="ivfpq"),
+    Mutant("ivfpq-nprobe-param-ignored", "index/ivfpq.py",
+           'nprobe = int(params["nprobe"])', 'nprobe = int(self.default_search["nprobe"])',
+           "IVF-PQ ignores the nprobe search parameter (always probes the class default)", select="ivfpq"),
+    Mutant("ivfpq-nprobe-unset", "index/ivfpq.py",
+           "p.nprobe = min(nprobe, self._ix.nlist)", "pass",
+           "IVF-PQ never sets nprobe (faiss' default: 1 list)", select="ivfpq"),
+    Mutant("ivfpq-filter-nprobe-not-widened", "index/ivfpq.py",
+           "nprobe = math.ceil(nprobe * len(mask.bits) / max(mask.count, 1))", "nprobe = nprobe",
+           "IVF-PQ does not probe more lists as the mask narrows", select="ivfpq"),
+    Mutant("ivfpq-rerank-ignored", "index/ivfpq.py",
+           'rerank = int(params.get("rerank") or 0)', "rerank = 0",
+           "IVF-PQ never re-ranks with the full vectors", select="ivfpq"),
+    Mutant("scann-mask-ignored", "index/scann.py",
+           "bad |= ~mask.bits[slots]", "pass",
+           "ScaNN's main tier returns masked-out slots", select="scann"),
+    Mutant("scann-leaves-ignored", "index/scann.py",
+           'leaves = int(params.get("leaves") or 0) if self._leaves else 0', "leaves = 0",
+           "ScaNN ignores the leaves parameter (searches the build's default)", select="scann"),
+    Mutant("scann-delta-mask-ignored", "index/scann.py",
+           "ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))", "pass",
+           "ScaNN's delta tier (items added since the build) returns masked-out slots", select="scann"),
+]
+
+
+GUARD_PLUGIN = '''\
+"""Written by tools/mutants.py: record where every towerann module was imported from."""
+import json, os, sys
+
+def _dump():
+    mods = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())
+            if (n == "towerann" or n.startswith("towerann.")) and m is not None}
+    with open(os.environ["TOWERANN_MUTANT_REPORT"], "w") as f:
+        json.dump(mods, f)
+
+def pytest_configure(config):
+    import towerann  # noqa: F401  (imported before any test, so the report always names it)
+
+def pytest_unconfigure(config):
+    _dump()
+'''
+
+
+@dataclass
+class Outcome:
+    status: str  # killed | survived | error
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache"))
+
+
+def prepare(tmp: Path, tests: list[str], tests_from: str | None) -> tuple[Path, list[str]]:
+    """The temporary tree: a snapshot of src/ and tests/; returns (tree, test paths inside it)."""
+    tree = tmp / "repo"
+    tree.mkdir()
+    _copy_tree(REPO / "src", tmp / "pristine-src")
+    _copy_tree(REPO / "tests", tree / "tests")
+    if (REPO / "pyproject.toml").exists():
+        shutil.copy2(REPO / "pyproject.toml", tree / "pyproject.toml")
+    if (REPO.parent / "shared").exists():  # tests that read data beside the checkout find it beside the tree
+        (tmp / "shared").symlink_to(REPO.parent / "shared")
+    (tmp / "plugins").mkdir()
+    (tmp / "plugins" / f"{GUARD}.py").write_text(GUARD_PLUGIN)
+    mapped = []
+    for t in tests:
+        path = Path(t)
+        full = path if path.is_absolute() else REPO / path
+        if tests_from:
+            rel = full.resolve().relative_to(REPO) if full.resolve().is_relative_to(REPO) else None
+            if rel is None:
+                raise SystemExit(f"--tests-from needs test paths inside the repository, not {t}")
+            text = subprocess.run(["git", "-C", str(REPO), "show", f"{tests_from}:{rel.as_posix()}"],
+                                  check=True, capture_output=True, text=True).stdout
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tree / rel).write_text(text)
+            mapped.append(rel.as_posix())
+        elif full.resolve().is_relative_to(REPO):
+            mapped.append(full.resolve().relative_to(REPO).as_posix())
+        else:  # outside the repo: under tests/ in the tree, so tests/conftest.py applies
+            name = full.name if full.name.startswith("test_") else f"test_{full.name}"
+            dest = tree / "tests" / "external" / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(full, dest)
+            mapped.append(dest.relative_to(tree).as_posix())
+    return tree, mapped
+
+
+def apply(mutant: Mutant, pristine: Path, dest: Path) -> str | None:
+    """Copy the pristine src/ to dest with the mutation applied; return an error, or None."""
+    target = pristine / "towerann" / mutant.file
+    if not target.exists():
+        return f"file not found: src/towerann/{mutant.file}"
+    text = target.read_text()
+    n = text.count(mutant.old)
+    if n != 1:
+        return (f"snippet not found in src/towerann/{mutant.file}" if n == 0 else
+                f"snippet ambiguous: {n} matches in src/towerann/{mutant.file}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    _copy_tree(pristine, dest)
+    (dest / "towerann" / mutant.file).write_text(text.replace(mutant.old, mutant.new))
+    return None
+
+
+def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str | None,
+               timeout: float, log: Path) -> Outcome:
+    report = tmp / "imports.json"
+    report.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(src), str(tmp / "plugins")] +
+                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["TOWERANN_MUTANT_REPORT"] = str(report)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale bytecode between mutants
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, "-p", GUARD, *tests]
+    if select:
+        cmd += ["-k", select]
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    secs = time.monotonic() - start
+    text = log.read_text(errors="replace")
+    if rc is None:
+        return Outcome("killed", f"timeout after {timeout:.0f}s", secs)
+    wrong = _wrong_imports(report, src)
+    if wrong:
+        return Outcome("error", wrong, secs)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)
+    if rc == 0:
+        return Outcome("survived", "", secs)
+    if rc == 1 and failed:
+        return Outcome("killed", failed[0], secs)
+    tail = " | ".join(line for line in text.strip().splitlines()[-3:])
+    what = {2: "interrupted (collection error?)", 3: "pytest internal error", 4: "pytest usage error",
+            5: "no tests collected"}.get(rc, f"pytest exit {rc}")
+    return Outcome("error", f"{what}: {tail[:300]}", secs)
+
+
+def _wrong_imports(report: Path, src: Path) -> str:
+    if not report.exists():
+        return "the import guard wrote no report (pytest did not start?)"
+    mods = json.loads(report.read_text())
+    if "towerann" not in mods:
+        return "towerann was never imported"
+    root = src.resolve()
+    bad = [f"{n} from {f}" for n, f in mods.items() if f and not Path(f).resolve().is_relative_to(root)]
+    return ("towerann imported from outside the mutant's tree: " + "; ".join(bad[:3])) if bad else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
+    ap.add_argument("--tests", nargs="+", metavar="PATH",
+                    help=f"test paths for every mutant (default: each mutant's own, else {' '.join(DEFAULT_TESTS)})")
+    ap.add_argument("--tests-from", metavar="REV", help="take the test files from this git revision (git show)")
+    ap.add_argument("-k", "--select", metavar="EXPR",
+                    help="pytest -k expression for every mutant, replacing each mutant's own (e.g. 'hnsw')")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per pytest run (default 300)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary tree and the pytest logs")
+    args = ap.parse_args(argv)
+
+    names = [m.name for m in MUTANTS]
+    assert len(set(names)) == len(names), "mutant names must be unique"
+    if args.list:
+        for m in MUTANTS:
+            sel = f"  [-k {m.select}]" if m.select else ""
+            print(f"{m.name:32} src/towerann/{m.file:18} {m.why}{sel}")
+        return 0
+    chosen = MUTANTS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            print(f"unknown mutant(s): {', '.join(unknown)}; see --list", file=sys.stderr)
+            return 2
+        chosen = [m for m in MUTANTS if m.name in args.only]
+
+    tmp = Path(tempfile.mkdtemp(prefix="towerann-mutants-"))
+    try:
+        all_tests = sorted({t for m in chosen for t in (args.tests or m.tests or DEFAULT_TESTS)})
+        tree, mapped_list = prepare(tmp, all_tests, args.tests_from)
+        mapped = dict(zip(all_tests, mapped_list))
+        pristine = tmp / "pristine-src"
+        logs = tmp / "logs"
+        logs.mkdir()
+        print(f"mutants: {len(chosen)}; tree {tmp}; src snapshot of {REPO / 'src'}"
+              + (f"; tests from {args.tests_from}" if args.tests_from else ""), flush=True)
+
+        def selection(m: Mutant) -> tuple[tuple[str, ...], str | None]:
+            return tuple(mapped[t] for t in (args.tests or m.tests or DEFAULT_TESTS)), args.select or m.select
+
+        baseline: dict[tuple[tuple[str, ...], str | None], Outcome] = {}
+        if not args.no_baseline:
+            for key in dict.fromkeys(selection(m) for m in chosen):
+                tests, select = key
+                out = run_pytest(tree, pristine, tmp, list(tests), select, args.timeout,
+                                 logs / f"baseline-{len(baseline)}.log")
+                baseline[key] = out
+                label = " ".join(tests) + (f" -k {select}" if select else "")
+                ok = out.status == "survived"
+                print(f"baseline {label}: {'passes' if ok else 'FAILS'} ({out.seconds:.0f}s)"
+                      + ("" if ok else f" {out.detail}"), flush=True)
+
+        results: list[tuple[Mutant, Outcome]] = []
+        for m in chosen:
+            key = selection(m)
+            base = baseline.get(key)
+            if base is not None and base.status != "survived":
+                out = Outcome("error", f"unmutated tests fail: {base.detail}")
+            else:
+                err = apply(m, pristine, tmp / "mutant-src")
+                if err:
+                    out = Outcome("error", err)
+                else:
+                    out = run_pytest(tree, tmp / "mutant-src", tmp, list(key[0]), key[1], args.timeout,
+                                     logs / f"{m.name}.log")
+            results.append((m, out))
+            print(f"{m.name}: {out.status.upper()} {out.detail} ({out.seconds:.0f}s)", flush=True)
+
+        width = max([len("mutant")] + [len(m.name) for m, _ in results])
+        print(f"\n{'mutant':{width}}  {'result':8}  {'s':>4}  killed by / detail")
+        for m, out in results:
+            print(f"{m.name:{width}}  {out.status:8}  {out.seconds:4.0f}  {out.detail}")
+        killed = sum(o.status == "killed" for _, o in results)
+        survived = [m.name for m, o in results if o.status == "survived"]
+        errors = [m.name for m, o in results if o.status == "error"]
+        scored = killed + len(survived)
+        print(f"\nkilled {killed}/{scored} scored ({100 * killed / max(scored, 1):.0f}%); "
+              f"survived {len(survived)}; errors {len(errors)}")
+        if args.keep:
+            print(f"kept {tmp}")
+        return 1 if survived else 2 if errors else 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
