@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 # `pip install towerann` alone is what a serving machine needs.
 EXTRAS ?= test,scann,eval,bench,lancedb
 
-.PHONY: setup demo test redis bench clean
+.PHONY: setup demo test mutants redis bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ redis:
 
 test: setup redis
 	$(VENV)/bin/pytest -q
+
+# Targeted mutations (tools/mutants.py): each must make the tests fail; run on a copy of the tree.
+mutants: setup redis
+	$(VENV)/bin/python tools/mutants.py
 
 clean:
 	rm -rf towerann-demo bench-results .pytest_cache
