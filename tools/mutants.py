@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
            "slots, scores = self._search(q, k, p, mask if filter is not None else None)",
            "the library ignores removed/unavailable items when the request has no filter"),
     Mutant("base-shortfall-off", "index/base.py",
-           "if short.any():", "if False:",
+           "            if exact_rows:\n", "            if False:\n",
            "rows the library returns short of k are not completed by exact search"),
     Mutant("base-exact-below-ignored", "index/base.py",
            'n_qual <= int(p.get("exact_below", EXACT_BELOW))', "n_qual <= EXACT_BELOW",
@@ -132,6 +132,16 @@ MUTANTS: list[Mutant] = [
     Mutant("scann-delta-mask-ignored", "index/scann.py",
            "ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))", "pass",
            "ScaNN's delta tier (items added since the build) returns masked-out slots", select="scann"),
+    # ---- tuning ----------------------------------------------------------------------------------
+    Mutant("tune-takes-fallback", "index/tune.py",
+           "        if res.exact_rows:\n", "        if False:\n",
+           "the tuner counts rows answered by the exact fallback as ANN recall",
+           tests=("tests/unit/test_index_tune.py",)),
+    Mutant("tune-first-reaching", "index/tune.py",
+           'if point["recall"] >= target_recall and (best is None or point["p50_ms"] < best["p50_ms"]):',
+           'if point["recall"] >= target_recall and best is None:',
+           "the tuner keeps the first setting reaching the target, not the fastest",
+           tests=("tests/unit/test_index_tune.py",)),
 ]
 
 

@@ -46,7 +46,6 @@ src/towerann against this file; every one of its mutants must be killed.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -420,7 +419,7 @@ def test_selective_filter_returns_exactly_k(index, data, catalog, mode):
 
 @pytest.mark.parametrize("built", LIBRARY_KINDS, indirect=True)
 @pytest.mark.parametrize("masked_by", ["filter", "availability"])
-def test_library_shortfall_falls_back_to_exact(built, data, catalog, caplog, masked_by):
+def test_library_shortfall_falls_back_to_exact(built, data, catalog, masked_by):
     """A 1% mask on the library path with starved settings: the library comes up short on every row,
     and the rows must still be complete and exactly the brute-force answer."""
     kind, _, path = built
@@ -435,10 +434,8 @@ def test_library_shortfall_falls_back_to_exact(built, data, catalog, caplog, mas
         ix.set_available(hide, False)
         catalog.set_available(hide, False)
         flt, cats = None, None
-    with caplog.at_level(logging.DEBUG, logger="towerann.index"):
-        res = ix.search(q, K, filter=flt, params=STARVED[kind])
-    assert any("short" in r.getMessage() for r in caplog.records if r.name.startswith("towerann.index")), (
-        f"{kind}: the library never came up short, so this test does not exercise the fallback")
+    res = ix.search(q, K, filter=flt, params=STARVED[kind])
+    assert res.exact_rows > 0, f"{kind}: the library never came up short, so this test does not exercise the fallback"
     _check(res, catalog, q, K, 1.0, f"{kind} shortfall ({masked_by})", cats)
     exact = ix.exact_search(q, K, filter=flt)
     np.testing.assert_array_equal(res.ids, exact.ids)

@@ -1,4 +1,4 @@
-"""Tuning: the cheapest setting reaching the target, measured on query vectors; auto picks the backend."""
+"""Tuning: the fastest measured setting reaching the target on query vectors, never brute force in disguise."""
 
 from __future__ import annotations
 
@@ -32,33 +32,113 @@ def test_recall_at_k_counts_overlap_and_ignores_padding():
     assert recall_at_k(found, truth) == pytest.approx((2 + 4) / (3 + 4))
 
 
-def test_tune_picks_the_cheapest_setting_reaching_target(data):
-    v, ids, q = data
-    ix = create("hnsw", D, M=8, ef_construction=32)
-    ix.build(v, ids)
-    result = tune(ix, q, 100, 0.99)
-    assert result["reached"] and result["recall"] >= 0.99 and result["k"] == 100 and result["queries"] == 60
+@pytest.fixture(scope="module")
+def big():
+    """60k items: big enough that HNSW beats brute force by a wide margin (at 6k it does not)."""
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((30, D))
+    v = centers[rng.integers(0, 30, 60_000)] + 0.5 * rng.standard_normal((60_000, D))
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    q = centers[rng.integers(0, 30, 60)] + centers[rng.integers(0, 30, 60)] + rng.standard_normal((60, D))
+    return v, np.arange(len(v), dtype=np.int64), (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def big_hnsw_built(big):
+    ix = create("hnsw", D, M=16, ef_construction=64)
+    ix.build(big[0], big[1])
+    return ix
+
+
+@pytest.fixture
+def big_hnsw(big_hnsw_built):
+    """One HNSW over `big`, built once; each test gets it with fresh search defaults."""
+    big_hnsw_built.search_defaults = {**big_hnsw_built.search_defaults, "ef": 256}
+    return big_hnsw_built
+
+
+def test_tune_picks_the_fastest_measured_setting_reaching_target(big, big_hnsw):
+    v, ids, q = big
+    ix = big_hnsw
+    result = tune(ix, q, 100, 0.9)  # measured: ef 100 -> 0.77, ef 600 -> 0.92, ef 1600 -> 0.99
+    assert result["reached"] and result["recall"] >= 0.9 and result["k"] == 100 and result["queries"] == 60
     assert ix.search_defaults["ef"] == result["params"]["ef"] and ix.tuning == result
     truth = ix.exact_search(q, 100).ids
     assert recall_at_k(ix.search(q, 100).ids, truth) == pytest.approx(result["recall"], abs=1e-5)  # defaults now tuned
-    space = ix.search_space(100)
-    chosen = space.index(result["params"])
-    if chosen > 0:  # the setting before it was measured and fell short
-        assert recall_at_k(ix.search(q, 100, params=space[chosen - 1]).ids, truth) < 0.99
+    usable = [p for p in result["curve"] if "refused" not in p]
+    assert len(usable) >= 2 and all(p["p50_ms"] > 0 for p in usable)  # every setting measured is on the curve
+    reaching = [p for p in usable if p["recall"] >= 0.9]
+    assert result["p50_ms"] == min(p["p50_ms"] for p in reaching)  # the fastest of those reaching the target
+    assert result["p50_ms"] <= result["exact_p50_ms"]
+    missed = [p for p in usable if p["recall"] < 0.9]
+    assert missed, "the sweep starts below the target, so the curve shows what a cheaper setting gives"
 
 
-def test_unreachable_target_returns_best_and_warns(data, caplog):
-    v, ids, q = data
-    ix = create("hnsw", D, M=2, ef_construction=4)  # a graph too sparse to ever find everything
-    ix.build(v, ids)
+def test_tune_keeps_the_fastest_reaching_setting_not_the_first(big, big_hnsw, monkeypatch):
+    """The search space's order is an estimate; the measurement decides. Here the costlier setting
+    comes first, and both reach the target (ef 1600 -> 0.99, ef 800 -> 0.94 on this data)."""
+    q = big[2]
+    ix = big_hnsw
+    monkeypatch.setattr(ix, "search_space", lambda k: [{"ef": 1600}, {"ef": 800}])
+    result = tune(ix, q, 100, 0.9)
+    first, second = result["curve"]
+    assert first["recall"] >= 0.9 and second["recall"] >= 0.9 and second["p50_ms"] < first["p50_ms"]
+    assert result["params"] == {"ef": 800} and ix.search_defaults["ef"] == 800
+
+
+def test_tune_never_picks_a_setting_that_falls_back_to_exact_search() -> None:
+    """IVF-PQ at k=200 over 50k items in ~900 lists: one probed list holds ~56 codes, so small nprobe
+    comes up short on every row and the exact fallback (recall 1.0) would win a recall-only tuner."""
+    rng = np.random.default_rng(11)
+    n, d, k = 50_000, 32, 200
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    q = rng.standard_normal((40, d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ix = create("ivfpq", d)
+    ix.build(v, np.arange(n))
+    assert ix.search(q, k, params={"nprobe": 1, "rerank": 0}).exact_rows == len(q)  # the trap is real
+    result = tune(ix, q, k, 0.9)
+    assert result["params"]["nprobe"] * n / ix.nlist >= k  # the space starts where lists can fill k rows
+    res = ix.search(q, k)
+    assert res.exact_rows == 0 and (res.ids >= 0).all()  # k rows, all from the library
+    assert all(p.get("refused") for p in result["curve"] if p["exact_rows"] > 0)
+    assert recall_at_k(res.ids, ix.exact_search(q, k).ids) == pytest.approx(result["recall"], abs=1e-5)
+
+
+def test_unreachable_target_returns_best_and_warns(big, caplog):
+    v, ids, q = big
+    ix = create("hnsw", D, M=4, ef_construction=8)  # a graph too sparse to ever find everything
+    ix.build(v, ids)  # (M=3 and sparser come up short of k rows: see the next test)
     with caplog.at_level(logging.WARNING, logger="towerann.index.tune"):
         result = tune(ix, q, 100, 1.0)
     assert result["reached"] is False and result["recall"] < 1.0
     assert "not reached" in caplog.text
     assert ix.search_defaults["ef"] == result["params"]["ef"]
     truth = ix.exact_search(q, 100).ids
-    best = max(recall_at_k(ix.search(q, 100, params=p).ids, truth) for p in ix.search_space(100))
+    usable = [p["params"] for p in result["curve"] if "refused" not in p]
+    best = max(recall_at_k(ix.search(q, 100, params=p).ids, truth) for p in usable)
     assert result["recall"] == pytest.approx(best, abs=1e-5)
+
+
+def test_a_graph_that_comes_up_short_everywhere_is_not_called_tuned(big):
+    v, ids, q = big
+    ix = create("hnsw", D, M=3, ef_construction=6)  # too sparse: some rows find fewer than k items
+    ix.build(v, ids)
+    result = tune(ix, q, 100, 0.9)
+    assert not result["reached"] and result["params"] == {} and "exact_path" not in result
+    assert all(p["refused"] == "rows fell back to exact search" for p in result["curve"])
+
+
+def test_an_index_that_brute_force_beats_is_left_untuned(data, caplog):
+    """6k items: every HNSW setting is slower than brute force or falls back; the tuner says so."""
+    v, ids, q = data
+    ix = create("hnsw", D, M=8, ef_construction=32)
+    ix.build(v, ids)
+    ix.set_available(ids[::50], False)  # a mask: with the default exact_below every search is brute force
+    result = tune(ix, q, 100, 0.95)
+    assert result["exact_path"] and result["params"] == {} and ix.search_defaults["ef"] == 256
+    assert all(p["refused"] == "rows fell back to exact search" for p in result["curve"])
 
 
 def test_tune_rejects_bad_target(data):

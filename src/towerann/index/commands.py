@@ -88,8 +88,10 @@ def _build(args: argparse.Namespace) -> int:
           f"(total {time.perf_counter() - t0:.2f}s), peak memory {peak_mb:.0f} MiB")
     if index.tuning:
         t = index.tuning
-        print(f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f} (target {t['target']}, "
-              f"{t['queries']} queries{'' if t['reached'] else ', NOT reached'})")
+        speed = f", p50 {t['p50_ms']:.3f} ms vs exact {t['exact_p50_ms']:.3f} ms" if t.get("p50_ms") else ""
+        print(f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}, "
+              f"{t['queries']} queries, {len(t.get('curve', []))} settings measured"
+              f"{'' if t['reached'] else ', NOT reached'}; `towerann index info` shows the curve)")
     print(f"snapshot: {path}")
     return 0
 

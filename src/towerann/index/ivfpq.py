@@ -72,7 +72,9 @@ class IVFPQIndex(Index):
         if self._ix is None:
             return [{}]
         nlist, n = self._ix.nlist, max(self.n_slots, 1)
-        probes = sorted({min(2**i, nlist) for i in range(0, 12)})
+        # Start where the probed lists hold about 2k codes: fewer cannot fill k rows from the library.
+        first = min(nlist, max(1, math.ceil(2 * k * nlist / n)))
+        probes = sorted({min(max(2**i, first), nlist) for i in range(0, 12)})
         grid = [{"nprobe": p, "rerank": r} for p in probes for r in (0, 2 * k, 4 * k, 8 * k)]
         return sorted(grid, key=lambda g: g["nprobe"] * n / nlist * self.build_params["pq_m"] + g["rerank"] * self.dim)
 

@@ -69,7 +69,9 @@ class ScannIndex(Index):
         if not self._leaves:
             return [{}]
         n = max(self._n_main, 1)
-        leaves = sorted({min(2**i, self._leaves) for i in range(0, 14)})
+        # Start where the searched leaves hold about 2k items: fewer cannot fill k rows from the library.
+        first = min(self._leaves, max(1, math.ceil(2 * k * self._leaves / n)))
+        leaves = sorted({min(max(2**i, first), self._leaves) for i in range(0, 14)})
         grid = [{"leaves": lv, "reorder": r} for lv in leaves for r in (k, 2 * k, 4 * k, 8 * k)]
         return sorted(grid, key=lambda g: g["leaves"] * n / self._leaves * self.dim / 2 + g["reorder"] * self.dim)
 
