@@ -142,6 +142,10 @@ MUTANTS: list[Mutant] = [
            'if point["recall"] >= target_recall and best is None:',
            "the tuner keeps the first setting reaching the target, not the fastest",
            tests=("tests/unit/test_index_tune.py",)),
+    Mutant("auto-keeps-the-slower", "index/build.py",
+           'return float(ta["p50_ms"]) < float(tb["p50_ms"])', 'return float(ta["p50_ms"]) > float(tb["p50_ms"])',
+           "auto keeps the slower of two candidates that reach the target",
+           select="auto", tests=("tests/unit/test_index_tune.py",)),
 ]
 
 

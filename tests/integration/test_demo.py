@@ -19,7 +19,8 @@ def test_demo_runs_end_to_end_and_the_click_moves_candidates(tmp_path: Path) -> 
     assert report["eval"]["two_tower"]["recall@100"] > report["eval"]["popularity"]["recall@100"]
     assert report["index"]["recall@50"] >= 0.9  # tuned to 0.95 on other queries of the same users
     served = json.loads((Path(report["index"]["bundle"]) / "manifest.json").read_text())
-    assert served["backend"] == "hnsw" and served["search_defaults"]["exact_below"] == 0
+    assert served["backend"] == report["index"]["kind"] and served["search_defaults"]["exact_below"] == 0
+    assert {c[0] for c in report["index"]["candidates"]} == {"hnsw", "ivfpq", "scann"}  # auto measured them all
     serve = report["serve"]
     assert serve["share_after"] >= serve["share_before"] + 0.1, serve  # 5 clicks, a 2 s model
     assert serve["versions"]["index"] == Path(report["index"]["bundle"]).name

@@ -2,16 +2,25 @@
 
 Used by `towerann index build`, by bundle publishing (demo, refresh, benchmarks) and by tests, so
 "auto" means the same everywhere and a tuned build is described by one small `Tuning` value.
+
+"auto" decides by measurement: below AUTO_EXACT_ITEMS brute force; above, with tuning queries, it
+builds each installed candidate backend, tunes it, and keeps the one with the lowest measured p50
+that reaches the target (else the best recall); `index.tuning["auto"]` records every candidate
+and why the winner won. Without queries there is nothing to measure: hnsw, untuned.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import backend_class, create
 from towerann.index.base import COMMON_SEARCH, Index
 from towerann.index.tune import tune
@@ -21,7 +30,10 @@ log = logging.getLogger(__name__)
 # kind="auto": brute force below this many items (a gemv over <20k x 128 floats is well under a
 # millisecond and exact), else hnsw tuned to the recall target.
 AUTO_EXACT_ITEMS = 20_000
-AUTO_HELP = f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else hnsw tuned to the recall target"
+AUTO_CANDIDATES = ("hnsw", "ivfpq", "scann")  # tried in this order; scann only where it is installed
+AUTO_BUDGET_S = 1800.0  # candidates are not started once building and tuning have taken this long
+AUTO_HELP = (f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else the fastest of {'/'.join(AUTO_CANDIDATES)} "
+             "at the recall target, measured on the tuning queries")
 
 
 @dataclass(frozen=True)
@@ -49,12 +61,16 @@ def split_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], dic
 
 def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any = None, *, kind: str = "auto",
                 params: dict[str, Any] | None = None, tuning: Tuning | None = None, metric: str = "ip",
-                auto_exact_items: int = AUTO_EXACT_ITEMS) -> Index:
+                auto_exact_items: int = AUTO_EXACT_ITEMS, auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
+                auto_budget_s: float = AUTO_BUDGET_S) -> Index:
     """Build an index over a catalog's vectors; tune it when `tuning` is given.
 
-    Explicit search params in `params` win over tuned ones. With kind="auto" resolving to exact,
-    build params of the ANN backend are ignored (brute force has none)."""
+    Explicit search params in `params` win over tuned ones. With kind="auto", each candidate takes
+    the params it understands (brute force takes none)."""
     v = np.asarray(vectors)
+    if kind == "auto" and len(v) >= auto_exact_items and tuning is not None:
+        return _build_fastest(v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds,
+                              auto_budget_s)
     resolved = resolve_kind(kind, len(v), auto_exact_items)
     build, search = split_params(resolved, dict(params or {}))
     if resolved == "exact" and kind == "auto" and build:
@@ -72,3 +88,60 @@ def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any =
     index.search_defaults.update(search)
     log.info("built %s over %d items (kind %s)", index.describe(), len(index), kind)
     return index
+
+
+def _accepted(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The subset of mixed params that a backend takes (its build args and search params)."""
+    build_args = set(inspect.signature(backend_class(kind).__init__).parameters) - {"self", "dim", "metric"}
+    search = {*COMMON_SEARCH, *backend_class(kind).default_search}
+    return {k: v for k, v in params.items() if k in build_args or k in search}
+
+
+def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: Any, params: dict[str, Any],
+                   tuning: Tuning, metric: str, kinds: tuple[str, ...], budget_s: float) -> Index:
+    """Build and tune each candidate; keep the fastest at the target (else the best recall)."""
+    unknown = set(params) - {key for kind in kinds for key in _accepted(kind, params)}
+    if unknown:
+        raise ConfigError(f"params {sorted(unknown)} are taken by none of the auto candidates {', '.join(kinds)}")
+    t_start = time.perf_counter()
+    best: Index | None = None
+    report: list[dict[str, Any]] = []
+    for kind in kinds:
+        if time.perf_counter() - t_start > budget_s:
+            report.append({"kind": kind, "skipped": f"build budget of {budget_s:.0f}s spent"})
+            continue
+        t0 = time.perf_counter()
+        try:
+            index = build_index(vectors, ids, categories, available, kind=kind, params=_accepted(kind, params),
+                                tuning=tuning, metric=metric)
+        except BackendUnavailable as e:
+            report.append({"kind": kind, "skipped": str(e)})
+            continue
+        t = index.tuning or {}
+        report.append({"kind": kind, "describe": index.describe(), "build_and_tune_s": round(time.perf_counter() - t0, 2),
+                       "params": t.get("params"), "recall": t.get("recall"), "p50_ms": t.get("p50_ms"),
+                       "reached": bool(t.get("reached")) and not t.get("exact_path")})
+        if best is None or _better(index, best):
+            best = index
+        del index
+        gc.collect()  # a losing candidate's memory goes before the next one is built
+    if best is None:
+        raise BackendUnavailable(f"auto index: none of {', '.join(kinds)} could be built ({report})")
+    chosen = next(r for r in report if r["kind"] == best.kind)
+    why = ("the lowest measured p50 among the candidates reaching the target" if chosen["reached"]
+           else "no candidate reached the target; the best recall")
+    best.tuning = {**(best.tuning or {}), "auto": {"chosen": best.kind, "why": why, "candidates": report}}
+    log.warning("auto index: %s (%s); candidates %s", best.kind, why,
+                [(r["kind"], r.get("recall"), r.get("p50_ms")) for r in report])
+    return best
+
+
+def _better(a: Index, b: Index) -> bool:
+    """Does tuned index `a` beat `b`: reaching the target beats not; then lower p50 (reaching) or recall."""
+    ta, tb = a.tuning or {}, b.tuning or {}
+    ra, rb = bool(ta.get("reached")) and not ta.get("exact_path"), bool(tb.get("reached")) and not tb.get("exact_path")
+    if ra != rb:
+        return ra
+    if ra:
+        return float(ta["p50_ms"]) < float(tb["p50_ms"])
+    return float(ta.get("recall") or 0) > float(tb.get("recall") or 0)
