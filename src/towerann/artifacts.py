@@ -130,6 +130,8 @@ def read_manifest(directory: str | Path, kind: str, format_version: int) -> dict
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: not UTF-8 text (corrupted?): {e.reason} at byte {e.start}") from e
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         raise ArtifactError(f"{path}: expected a {kind} manifest, found kind={manifest.get('kind') if isinstance(manifest, dict) else None!r}")
     if manifest.get("format_version") != format_version:

@@ -1,16 +1,27 @@
 """One TOML file configures a deployment; every setting has a default that works after `towerann demo`.
 
-    [serve]    host, port, max_k, max_body_bytes
+    [serve]    host, port, max_k, max_body_bytes, and the limits on what one unauthenticated request may
+               make the server keep: max_id_length (user, item and event-type ids), max_items_per_write,
+               max_clock_skew_s (an event's ts may lie at most this far ahead of the server's clock; one older
+               than [features] ttl_s is refused too, it would be expired on arrival)
     [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory),
                data (the dataset whose catalog `towerann refresh` re-embeds)
     [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s,
-               purge_every_s (how often a server reclaims expired sessions; 0 = never)
+               purge_every_s (how often a server reclaims expired sessions; 0 = never),
+               max_session_users (the embedded store keeps the sessions of at most this many users, dropping
+               the least recently active), timeout_ms (deadline of a feature read on the request path: past
+               it, the request is answered without the user's features, `degraded: true`), write_timeout_ms
+               (deadline of storing a click; past it the click gets 503), retry_s (after a failure, a network
+               store is not tried again for this long: requests answer at once, degraded or 503)
     [freshness] delta_path (SQLite delta log, default beside [paths] index; with a redis feature store
                the log is a stream in that Redis instead),
                token_file (bearer token for writes; env TOWERANN_API_TOKEN wins), poll_s (how often the
                server checks CURRENT for a new bundle; 0 = never), min_recall (a new bundle's recall@100
                vs exact search on sample user queries must reach this, or it is refused),
-               refresh_every_s (the schedule of `towerann refresh`: rebuild every N seconds; 0 = once)
+               refresh_every_s (the schedule of `towerann refresh`: rebuild every N seconds; 0 = once),
+               timeout_ms (deadline of one delta-log call to Redis; past it the item write gets 503),
+               allow_volatile (serve even when the delta log's Redis does not append-only-log its writes,
+               so a crash of Redis can lose acknowledged writes; default false: refuse to start)
 
 Command-line flags override the file (`Config.with_overrides`).
 """
@@ -18,6 +29,7 @@ Command-line flags override the file (`Config.with_overrides`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +46,9 @@ class ServeConfig:
     port: int = 8000
     max_k: int = 1000
     max_body_bytes: int = 65536
+    max_id_length: int = 256  # characters of a user_id, item_id or event type
+    max_items_per_write: int = 1000  # rows of one POST /v1/items
+    max_clock_skew_s: float = 300.0  # an event's ts may be at most this far in the future
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,10 @@ class FeaturesConfig:
     max_events: int = 50
     ttl_s: float = 86400.0
     purge_every_s: float = 3600.0  # how often a server reclaims expired sessions (0 = never)
+    max_session_users: int = 1_000_000  # embedded store: sessions kept, least recently active dropped first
+    timeout_ms: float = 100.0  # feature read deadline on the request path (then: degraded answer)
+    write_timeout_ms: float = 1000.0  # click write deadline (then: 503)
+    retry_s: float = 1.0  # a network store that failed is not tried again for this long
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,8 @@ class FreshnessConfig:
     poll_s: float = 2.0
     min_recall: float = 0.8
     refresh_every_s: float = 0.0  # `towerann refresh` repeats this often (e.g. 3600: hourly); 0 = once
+    timeout_ms: float = 1000.0  # deadline of one delta-log call to Redis (then: 503)
+    allow_volatile: bool = False  # serve with a delta log in a Redis without appendonly (warn, don't refuse)
 
 
 @dataclass(frozen=True)
@@ -100,8 +121,14 @@ class Config:
 
 
 def _check_type(value: Any, want: type, where: str) -> Any:
+    if want is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if want is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, want):
         raise ConfigError(f"{where}: expected {want.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -113,12 +140,18 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
     for key, value in values.items():
         if key not in types:
             raise ConfigError(f"{source}: unknown key [{section}] {key!r}; known keys: {', '.join(types)}")
-        want = {"str": str, "int": int, "float": float}[str(types[key])]
+        want = {"str": str, "int": int, "float": float, "bool": bool}[str(types[key])]
         kwargs[key] = _check_type(value, want, f"{source}: [{section}] {key}")
     obj = cls(**kwargs)
-    for key in ("port", "max_k", "max_body_bytes", "max_events"):
+    for key in ("port", "max_k", "max_body_bytes", "max_events", "max_id_length", "max_items_per_write",
+                "max_session_users"):
         if hasattr(obj, key) and getattr(obj, key) < (0 if key == "port" else 1):
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
+    for key in ("timeout_ms", "write_timeout_ms"):
+        if hasattr(obj, key) and not getattr(obj, key) > 0:
+            raise ConfigError(f"{source}: [{section}] {key} must be a positive number of milliseconds")
+    if getattr(obj, "retry_s", 0.0) < 0 or getattr(obj, "max_clock_skew_s", 0.0) < 0:
+        raise ConfigError(f"{source}: [{section}] retry_s and max_clock_skew_s must be >= 0")
     if getattr(obj, "ttl_s", 1.0) <= 0:
         raise ConfigError(f"{source}: [{section}] ttl_s must be positive")
     if getattr(obj, "poll_s", 0.0) < 0 or not 0.0 <= getattr(obj, "min_recall", 0.0) <= 1.0:

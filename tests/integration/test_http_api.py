@@ -61,6 +61,7 @@ def test_health_ready_and_openapi(server) -> None:
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/readyz")
     assert ready.status_code == 200 and ready.json()["items"] == 2000
+    assert ready.json()["degraded"] is False and ready.json()["dependencies"] == {"features": "up", "delta_log": "up"}
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/v1/candidates", "/v1/events"} <= set(schema["paths"])
     req = schema["components"]["schemas"]["CandidatesRequest"]

@@ -56,3 +56,32 @@ def test_missing_file_and_unknown_flag(tmp_path: Path) -> None:
         Config().with_overrides(serve_nope=1)
     with pytest.raises(ConfigError, match="expected int"):
         Config().with_overrides(serve_port="80")
+
+
+def test_limits_deadlines_and_durability_settings(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    assert (cfg.serve.max_id_length, cfg.serve.max_items_per_write, cfg.serve.max_clock_skew_s) == (256, 1000, 300.0)
+    assert (cfg.features.timeout_ms, cfg.features.write_timeout_ms, cfg.features.retry_s) == (100.0, 1000.0, 1.0)
+    assert cfg.features.max_session_users == 1_000_000
+    assert (cfg.freshness.timeout_ms, cfg.freshness.allow_volatile) == (1000.0, False)
+    cfg = load_config(write(tmp_path, "[features]\ntimeout_ms = 50\nmax_session_users = 10\n"
+                                      "[freshness]\nallow_volatile = true\n[serve]\nmax_id_length = 64\n"))
+    assert (cfg.features.timeout_ms, cfg.features.max_session_users, cfg.freshness.allow_volatile,
+            cfg.serve.max_id_length) == (50.0, 10, True, 64)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[freshness]\nallow_volatile = "yes"\n', "expected true or false"),
+    ("[freshness]\nallow_volatile = 1\n", "expected true or false"),
+    ("[features]\ntimeout_ms = 0\n", "timeout_ms must be a positive"),
+    ("[features]\nwrite_timeout_ms = -5\n", "write_timeout_ms must be a positive"),
+    ("[features]\ntimeout_ms = nan\n", "finite"),
+    ("[features]\nmax_session_users = 0\n", "max_session_users must be positive"),
+    ("[serve]\nmax_id_length = 0\n", "max_id_length must be positive"),
+    ("[serve]\nmax_clock_skew_s = -1\n", "max_clock_skew_s must be >= 0"),
+    ("[features]\nretry_s = inf\n", "finite"),
+])
+def test_bad_limits_are_refused(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert words in str(e.value)

@@ -61,3 +61,92 @@ def test_sqlite_log_survives_a_killed_writer(tmp_path: Path) -> None:
 def test_unreachable_redis_is_a_clear_error(free_port: int) -> None:
     with pytest.raises(BackendUnavailable, match="redis-server"):
         open_delta_log(f"redis://127.0.0.1:{free_port}/0")
+
+
+def _private_redis(tmp_path: Path, port: int, *extra: str):  # type: ignore[no-untyped-def]
+    import shutil
+    import time
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.monotonic() < deadline and proc.poll() is None, "private redis-server did not start"
+            time.sleep(0.05)
+    client.close()
+    return proc
+
+
+def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(tmp_path: Path, free_port: int) -> None:
+    """append/since/last_seq of the Redis log: 503-type errors (were a raw redis ConnectionError: HTTP 500),
+    within the deadline when Redis hangs, at once while it is marked down, and fine again once it is back."""
+    import signal
+    import time
+
+    proc = _private_redis(tmp_path, free_port, "--appendonly", "no")
+    log = open_delta_log(f"redis://127.0.0.1:{free_port}/0", timeout_s=0.2, retry_s=0.3)
+    try:
+        first = log.append("upsert", "i1", {"n": 1})
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailable, match="delta log"):
+            log.append("upsert", "i2", {})
+        assert time.perf_counter() - t0 < 1.5  # the 0.2 s deadline (redis-py's own retries are off)
+        t0 = time.perf_counter()
+        for call in (lambda: log.append("delete", "i1", {}), lambda: list(log.since(0)), log.last_seq):
+            with pytest.raises(BackendUnavailable, match="redis-server running"):
+                call()
+        assert time.perf_counter() - t0 < 0.1 and not log.available()  # marked down: no waiting
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.35)
+        assert log.last_seq() >= first.seq and log.available()
+        proc.kill()
+        proc.wait(timeout=10)
+        time.sleep(0.35)
+        for call in (lambda: log.append("delete", "i1", {}), lambda: list(log.since(0)), log.last_seq):
+            with pytest.raises(BackendUnavailable):
+                call()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.parametrize("settings, outcome", [
+    (("--appendonly", "no"), "refused"),
+    (("--appendonly", "yes", "--appendfsync", "everysec"), "appendonly yes, appendfsync everysec"),
+    (("--appendonly", "yes", "--appendfsync", "always"), "appendonly yes, appendfsync always"),
+    (("--appendonly", "no", "--rename-command", "CONFIG", ""), "refused"),
+])
+def test_check_durable_reads_the_servers_persistence(tmp_path: Path, free_port: int, settings, outcome) -> None:  # type: ignore[no-untyped-def]
+    from towerann.errors import ConfigError
+    from towerann.freshness.deltalog import check_durable
+
+    proc = _private_redis(tmp_path, free_port, *settings)
+    log = open_delta_log(f"redis://127.0.0.1:{free_port}/0")
+    try:
+        if outcome == "refused":
+            with pytest.raises(ConfigError, match="allow_volatile"):
+                check_durable(log)
+            assert check_durable(log, allow_volatile=True) == "volatile (allowed)"
+        else:
+            assert check_durable(log) == outcome
+    finally:
+        log.close()
+        proc.kill()
+        proc.wait(timeout=10)
+    sqlite = open_delta_log("embedded", tmp_path / "d.sqlite")
+    assert check_durable(sqlite) == "sqlite"
+    sqlite.close()

@@ -79,3 +79,55 @@ def test_server_going_away_is_backend_unavailable(free_port: int, tmp_path) -> N
     with pytest.raises(BackendUnavailable, match="redis-server running"):
         store.append_event(Event("u", "j"))
     store.close()
+
+
+def test_a_hung_redis_answers_within_the_deadline_and_recovers(free_port: int, tmp_path) -> None:
+    """SIGSTOP: reads fail after timeout_s (not redis-py's 5 s x retries), then fail fast while marked
+    down, and work again by themselves once the server runs again."""
+    import os
+    import signal
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH")
+    proc = subprocess.Popen([exe, "--port", str(free_port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{free_port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store = RedisFeatureStore(url, prefix="hung:", timeout_s=0.1, write_timeout_s=0.3, retry_s=0.3)
+                break
+            except BackendUnavailable:
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+        assert store.does_io and store.available()
+        store.append_event(Event("u", "i"))
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailable, match="Timeout"):
+            store.get_one("u")
+        assert time.perf_counter() - t0 < 1.0
+        assert not store.available()
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailable, match="not retried"):
+            store.append_event(Event("u", "j"))
+        assert time.perf_counter() - t0 < 0.05
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.35)
+        assert [e.item_id for e in store.get_one("u").session][-1] == "i" and store.available()
+        store.ping()
+        store.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_redis_errors_never_carry_the_password(free_port: int) -> None:
+    url = f"redis://:Secret-Pw-4417@127.0.0.1:{free_port}/0"
+    with pytest.raises(BackendUnavailable) as e:
+        open_store(url)
+    assert "Secret-Pw-4417" not in str(e.value) and "redis://***@127.0.0.1" in str(e.value)

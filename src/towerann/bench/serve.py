@@ -211,8 +211,11 @@ def _start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     if exe is None:
         raise ConfigError("--store redis needs redis-server on PATH (apt-get install redis-server)")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # appendonly: the server refuses a delta log in a Redis that a crash could empty (everysec: a
+    # crash of the machine may lose the last second, a crash of Redis nothing)
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                             "--appendfsync", "everysec", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     return proc, f"redis://127.0.0.1:{port}/0"
 

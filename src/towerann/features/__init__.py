@@ -47,6 +47,16 @@ def open_store(url: str = "embedded", *, path: str | Path | None = None, max_eve
 
 
 def open_configured_store(cfg: FeaturesConfig) -> FeatureStore:
-    """The store a deployment's [features] section names (its path only for the embedded store)."""
-    path = cfg.path if cfg.store == "embedded" else None
-    return open_store(cfg.store, path=path, max_events=cfg.max_events, ttl_s=cfg.ttl_s)
+    """The store a deployment's [features] section names, with every [features] setting: its path
+    (embedded only), the request-path deadlines (Redis) and the session cap (embedded)."""
+    u = parse_store_url(cfg.store)
+    if u.is_redis:
+        from towerann.features.redis_store import RedisFeatureStore
+
+        return RedisFeatureStore(u.url, max_events=cfg.max_events, ttl_s=cfg.ttl_s, timeout_s=cfg.timeout_ms / 1e3,
+                                 write_timeout_s=cfg.write_timeout_ms / 1e3, retry_s=cfg.retry_s)
+    from towerann.features.embedded import EmbeddedFeatureStore
+
+    path = cfg.path if cfg.store == "embedded" else u.path  # "memory": None
+    return EmbeddedFeatureStore(path, max_events=cfg.max_events, ttl_s=cfg.ttl_s,
+                                max_session_users=cfg.max_session_users)

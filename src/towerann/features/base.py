@@ -53,10 +53,23 @@ class FeatureStore(ABC):
     Shared here: validation (ids, rows, events, limits), stamping events with the time, and
     `get_one`/`append_event(s)` over the primitives `get` and `_append`. Maintenance is the same
     on every backend: `purge_expired` reclaims expired sessions, `clear` empties the store.
+
+    Health, for the request path: `does_io` says whether a call may wait on the network (then the
+    HTTP app runs it off the event loop, under a deadline); `available()` is False while a backend
+    that just failed is not being tried (calls fail fast with BackendUnavailable); `ping()` checks
+    the backend now.
     """
+
+    does_io: bool = False
 
     def __init__(self, max_events: int, ttl_s: float) -> None:
         self.max_events, self.ttl_s = check_limits(max_events, ttl_s)
+
+    def available(self) -> bool:
+        return True
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable unless the backend answers now."""
 
     @abstractmethod
     def put_users(self, rows: Iterable[Mapping[str, Any]]) -> int:

@@ -10,6 +10,7 @@ import time
 from towerann.config import load_config
 from towerann.features import open_store
 from towerann.features.loader import load_dataset_features
+from towerann.storeurl import parse_store_url, redact
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +54,11 @@ def _store_url(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _open(args: argparse.Namespace):  # -> FeatureStore
     store, path = _store_url(args)
+    if parse_store_url(store).is_redis:
+        from towerann.features.redis_store import RedisFeatureStore
+
+        # batch work, not the request path: bulk pipelines and SCANs get generous deadlines
+        return RedisFeatureStore(store, prefix=args.prefix, timeout_s=10.0, write_timeout_s=60.0)
     return open_store(store, path=path, prefix=args.prefix)
 
 
@@ -64,7 +70,8 @@ def _load(args: argparse.Namespace) -> int:
         stats = store.stats()
     finally:
         store.close()
-    print(f"loaded {n} users into {_store_url(args)[0]}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
+    where = redact(_store_url(args)[0])  # a Redis URL may carry a password: never printed
+    print(f"loaded {n} users into {where}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
           f"in {time.perf_counter() - t0:.2f}s; store now holds {stats['users']} users")
     return 0
 
@@ -72,7 +79,7 @@ def _load(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     store = _open(args)
     try:
-        print(json.dumps(store.stats(), indent=2, sort_keys=True))
+        print(redact(json.dumps(store.stats(), indent=2, sort_keys=True)))
     finally:
         store.close()
     return 0

@@ -4,6 +4,10 @@ Reads are served from memory (microseconds, no IO on the request path). Writes g
 WAL mode with synchronous=NORMAL before they are acknowledged: a committed transaction then
 survives a killed process (SIGKILL), though not a power cut, which is the trade-off a session
 store wants. A new store object on the same file rebuilds its memory from SQLite on open.
+
+Bounded: at most `max_events` events per user and the sessions of at most `max_session_users`
+users; a click of one more user drops the session of the least recently active one (memory and
+file alike), so traffic from ever new user ids cannot grow the process or the file without end.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from towerann.errors import ArtifactError, BackendUnavailable
+from towerann.errors import ArtifactError, BackendUnavailable, ConfigError
 from towerann.features.base import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_TTL_S,
@@ -32,6 +36,7 @@ from towerann.features.base import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_SESSION_USERS = 1_000_000
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,12 +54,17 @@ class EmbeddedFeatureStore(FeatureStore):
     """In-memory feature store with optional SQLite persistence (`path=None`: memory only)."""
 
     def __init__(self, path: str | Path | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
-                 ttl_s: float = DEFAULT_TTL_S) -> None:
+                 ttl_s: float = DEFAULT_TTL_S, max_session_users: int = DEFAULT_MAX_SESSION_USERS) -> None:
         super().__init__(max_events, ttl_s)
+        if isinstance(max_session_users, bool) or not isinstance(max_session_users, int) or max_session_users < 1:
+            raise ConfigError(f"max_session_users must be an integer >= 1, got {max_session_users!r}")
+        self.max_session_users = max_session_users
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._users: dict[str, _Record] = {}
-        self._sessions: dict[str, deque[Event]] = {}  # newest at the left
+        # user -> events (newest at the left); the least recently active user first
+        self._sessions: OrderedDict[str, deque[Event]] = OrderedDict()
+        self.evicted_sessions = 0
         self._closed = False
         self._db: sqlite3.Connection | None = None
         if self.path is not None:
@@ -96,14 +106,46 @@ class EmbeddedFeatureStore(FeatureStore):
         for user_id, item_id, type_, ts in db.execute(
                 "SELECT user_id, item_id, type, ts FROM events ORDER BY seq"):
             self._session_for(user_id).appendleft(Event(user_id, item_id, type_, ts))
+        evicted = self._evict_overflow()  # a file written with a larger cap
+        if evicted:
+            with db:
+                db.execute("BEGIN")
+                self._delete_sessions(db, evicted)
         log.info("feature store %s: %d users, %d session users loaded in %.2fs", self.path,
                  len(self._users), len(self._sessions), time.perf_counter() - t0)
 
     def _session_for(self, user_id: str) -> deque[Event]:
+        """The user's session, now the most recently active one."""
         session = self._sessions.get(user_id)
         if session is None:
             session = self._sessions[user_id] = deque(maxlen=self.max_events)
+        else:
+            self._sessions.move_to_end(user_id)
         return session
+
+    def _evict_overflow(self, keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Drop the least recently active sessions beyond max_session_users (users in `keep` last)."""
+        evicted: list[str] = []
+        over = len(self._sessions) - self.max_session_users
+        if over <= 0:
+            return evicted
+        for user_id in self._sessions:  # oldest first; stops after `over` victims
+            if user_id not in keep:
+                evicted.append(user_id)
+                if len(evicted) == over:
+                    break
+        for user_id in evicted:
+            del self._sessions[user_id]
+        while len(self._sessions) > self.max_session_users:  # one batch brought more users than the cap
+            evicted.append(self._sessions.popitem(last=False)[0])
+        self.evicted_sessions += len(evicted)
+        return evicted
+
+    @staticmethod
+    def _delete_sessions(db: sqlite3.Connection, user_ids: list[str]) -> None:
+        for start in range(0, len(user_ids), 500):  # SQLite caps the number of bound parameters
+            chunk = user_ids[start:start + 500]
+            db.execute(f"DELETE FROM events WHERE user_id IN ({','.join('?' * len(chunk))})", chunk)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -128,6 +170,7 @@ class EmbeddedFeatureStore(FeatureStore):
     def _append(self, events: list[Event]) -> None:
         if not events:
             return
+        users = {e.user_id for e in events}
         with self._lock:
             self._check_open()
             if self._db is not None:
@@ -135,10 +178,15 @@ class EmbeddedFeatureStore(FeatureStore):
                     self._db.execute("BEGIN")
                     self._db.executemany("INSERT INTO events (user_id, item_id, type, ts) VALUES (?, ?, ?, ?)",
                                          [(e.user_id, e.item_id, e.type, e.ts) for e in events])
-                    for user_id in {e.user_id for e in events}:
+                    for user_id in users:
                         self._trim(self._db, user_id)
             for e in events:
                 self._session_for(e.user_id).appendleft(e)
+            evicted = self._evict_overflow(keep=users)
+            if evicted and self._db is not None:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._delete_sessions(self._db, evicted)
 
     def _trim(self, db: sqlite3.Connection, user_id: str) -> None:
         # Keep the file bounded like the memory: only the last max_events rows per user survive.
@@ -207,7 +255,12 @@ class EmbeddedFeatureStore(FeatureStore):
             return {"backend": "embedded", "path": str(self.path) if self.path else None,
                     "users": len(self._users), "session_users": len(self._sessions),
                     "events": sum(len(s) for s in self._sessions.values()),
-                    "max_events": self.max_events, "ttl_s": self.ttl_s}
+                    "max_events": self.max_events, "ttl_s": self.ttl_s,
+                    "max_session_users": self.max_session_users, "evicted_sessions": self.evicted_sessions}
+
+    def ping(self) -> None:
+        with self._lock:
+            self._check_open()
 
     def close(self) -> None:
         with self._lock:

@@ -7,17 +7,27 @@ Layout under a key prefix (a namespace, so tenants and tests don't collide):
   {prefix}s:{user_id}  list: session events as JSON [item_id, type, ts], newest at the head,
                        capped by LTRIM and expired by PEXPIRE in the same MULTI/EXEC as the LPUSH.
 A get() of many users is one pipelined round trip. Durability of events is the server's
-(its appendonly/save settings): append_event returns once the server has applied the write.
+(its appendonly/appendfsync settings, which `RedisLink.persistence` reads): append_event returns
+once the server has applied the write.
+
+A Redis that is down or hung never holds a caller for long: every call has a socket deadline
+(reads `timeout_s`, writes `write_timeout_s`), redis-py's own retries are off (one immediate retry
+on a dropped connection, which is what a restarted Redis leaves in the pool), and after a failure
+the link fails fast for `retry_s` instead of waiting on the server again (`available()` is False
+meanwhile; the next call after it tries again, so the store recovers by itself).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from towerann.errors import BackendUnavailable, DataError
 from towerann.storeurl import redact
@@ -35,37 +45,128 @@ from towerann.features.base import (
 
 log = logging.getLogger(__name__)
 
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class RedisLink:
+    """Clients for one Redis URL with deadlines, fail-fast after a failure, and redacted errors.
+
+    Shared by the feature store and the delta log (freshness.deltalog). `read` has the short
+    request-path deadline, `write` the longer one for acknowledged writes and maintenance."""
+
+    def __init__(self, url: str, *, what: str, timeout_s: float = 0.1, write_timeout_s: float = 1.0,
+                 retry_s: float = 1.0, decode_responses: bool = True) -> None:
+        self.safe_url = redact(url)  # for messages: the password never leaves
+        self.what, self.retry_s = what, float(retry_s)
+        self._down_until = 0.0
+        self._last_error = ""
+        self._lock = threading.Lock()
+
+        def client(deadline_s: float) -> redis.Redis:
+            return redis.Redis.from_url(
+                url, decode_responses=decode_responses, socket_connect_timeout=deadline_s,
+                socket_timeout=deadline_s, retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)))
+
+        try:
+            self.read, self.write = client(timeout_s), client(write_timeout_s)
+        except ValueError as e:  # malformed URL
+            raise BackendUnavailable(f"bad redis URL {self.safe_url!r} ({redact(str(e))}); "
+                                     "expected redis://HOST:PORT/DB") from e
+
+    def available(self) -> bool:
+        """False while a recent failure makes calls fail fast (for `retry_s` after it)."""
+        return time.monotonic() >= self._down_until
+
+    def call(self, fn: Callable[..., Any], *args: Any, track: bool = True) -> Any:
+        """Run one Redis call; a dead, hung or refusing server becomes a BackendUnavailable.
+
+        track=False (the startup probe): a failure is raised but not remembered nor logged."""
+        if track and time.monotonic() < self._down_until:
+            raise BackendUnavailable(f"cannot reach Redis at {self.safe_url} for the {self.what} ({self._last_error}; "
+                                     f"not retried for {self.retry_s:g}s after a failure); is redis-server running "
+                                     "and listening there?")
+        try:
+            out = fn(*args)
+        except REDIS_DOWN as e:
+            if track:
+                self._failed(e)
+            raise BackendUnavailable(
+                f"cannot reach Redis at {self.safe_url} for the {self.what} ({redact(str(e))}); is redis-server "
+                "running and listening there?") from e
+        except redis.exceptions.ResponseError as e:
+            raise BackendUnavailable(f"Redis at {self.safe_url} refused a command of the {self.what} "
+                                     f"({redact(str(e))})") from e
+        if self._down_until:
+            with self._lock:
+                if self._down_until:
+                    self._down_until = 0.0
+                    log.warning("Redis at %s (%s) answers again", self.safe_url, self.what)
+        return out
+
+    def _failed(self, e: Exception) -> None:
+        with self._lock:
+            first = self._down_until == 0.0
+            self._last_error = redact(f"{type(e).__name__}: {e}")
+            self._down_until = time.monotonic() + self.retry_s
+        if first:  # once per outage, not once per request
+            log.warning("Redis at %s (%s) is unavailable: %s", self.safe_url, self.what, self._last_error)
+
+    def ping(self) -> None:
+        self.call(self.read.ping)
+
+    def persistence(self) -> dict[str, str]:
+        """The server's appendonly and appendfsync settings (CONFIG GET); raises BackendUnavailable
+        when the server refuses CONFIG (e.g. a managed Redis that renamed it)."""
+        out: dict[str, str] = {}
+        for key in ("appendonly", "appendfsync"):
+            got = self.call(self.write.config_get, key)
+            value = got.get(key, got.get(key.encode(), "")) if isinstance(got, dict) else ""
+            out[key] = value.decode() if isinstance(value, bytes) else str(value)
+        return out
+
+    def close(self) -> None:
+        self.read.close()
+        self.write.close()
 
 
 class RedisFeatureStore(FeatureStore):
     """FeatureStore on a real Redis server at `url` (redis://host:port/db)."""
 
+    does_io = True
+
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, max_events: int = DEFAULT_MAX_EVENTS,
-                 ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:",
-                 connect_timeout_s: float = 2.0) -> None:
+                 ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:", connect_timeout_s: float = 2.0,
+                 timeout_s: float = 0.1, write_timeout_s: float = 1.0, retry_s: float = 1.0) -> None:
         super().__init__(max_events, ttl_s)
-        self.url = redact(url)  # for messages: the password never leaves
+        self._link = RedisLink(url, what="feature store", timeout_s=timeout_s, write_timeout_s=write_timeout_s,
+                               retry_s=retry_s)
+        self.url = self._link.safe_url  # for messages: the password never leaves
         self.prefix = prefix
+        self._r, self._w = self._link.read, self._link.write
+        # At startup a slow first connection is no outage: one ping with a longer deadline.
+        probe = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
+                                     socket_timeout=max(connect_timeout_s, write_timeout_s),
+                                     retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)))
         try:
-            self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=connect_timeout_s,
-                                           socket_timeout=max(connect_timeout_s, 5.0))
-        except ValueError as e:  # malformed URL
-            raise BackendUnavailable(f"bad redis URL {self.url!r} ({redact(str(e))}); expected redis://HOST:PORT/DB") from e
-        self._call(self._r.ping)
+            self._link.call(probe.ping, track=False)
+        except BackendUnavailable as e:
+            raise BackendUnavailable(f"{e} Or use the embedded store (--store embedded)") from e
+        finally:
+            probe.close()
         log.info("feature store on %s (prefix %r)", self.url, prefix)
 
+    @property
+    def link(self) -> RedisLink:
+        return self._link
+
     def _call(self, fn: Any, *args: Any) -> Any:
-        """Run one Redis call; turn a dead server into a BackendUnavailable that says what to check."""
-        try:
-            return fn(*args)
-        except _REDIS_DOWN as e:
-            raise BackendUnavailable(
-                f"cannot reach Redis at {self.url} ({redact(str(e))}); is redis-server running and listening there? "
-                "Or use the embedded store (--store embedded)"
-            ) from e
-        except redis.exceptions.ResponseError as e:
-            raise BackendUnavailable(f"Redis at {self.url} refused a command ({redact(str(e))})") from e
+        return self._link.call(fn, *args)
+
+    def available(self) -> bool:
+        return self._link.available()
+
+    def ping(self) -> None:
+        self._link.ping()
 
     def _ukey(self, user_id: str) -> str:
         return f"{self.prefix}u:{user_id}"
@@ -79,7 +180,7 @@ class RedisFeatureStore(FeatureStore):
         records = [normalize_row(r) for r in rows]  # validate all before writing any
         if not records:
             return 0
-        pipe = self._r.pipeline(transaction=True)
+        pipe = self._w.pipeline(transaction=True)
         for user_id, static, recent in records:
             key = self._ukey(user_id)
             mapping = {k: json.dumps(v) for k, v in static.items()}
@@ -93,7 +194,7 @@ class RedisFeatureStore(FeatureStore):
         if not events:
             return
         ttl_ms = max(1, int(self.ttl_s * 1000))
-        pipe = self._r.pipeline(transaction=True)  # MULTI/EXEC: push, cap and expire together
+        pipe = self._w.pipeline(transaction=True)  # MULTI/EXEC: push, cap and expire together
         for e in events:
             key = self._skey(e.user_id)
             pipe.lpush(key, json.dumps([e.item_id, e.type, e.ts]))
@@ -141,7 +242,7 @@ class RedisFeatureStore(FeatureStore):
                 "session_users": sessions, "max_events": self.max_events, "ttl_s": self.ttl_s}
 
     def _count(self, pattern: str) -> int:
-        return sum(1 for _ in self._r.scan_iter(pattern, 1000))
+        return sum(1 for _ in self._w.scan_iter(pattern, 1000))
 
     def purge_expired(self, now: float | None = None) -> int:
         """Nothing to do: every push sets the session key's PEXPIRE, so Redis drops idle sessions itself."""
@@ -149,10 +250,10 @@ class RedisFeatureStore(FeatureStore):
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (tests, reloads); return how many."""
-        keys = self._call(lambda: list(self._r.scan_iter(f"{self.prefix}*", 1000)))
+        keys = self._call(lambda: list(self._w.scan_iter(f"{self.prefix}*", 1000)))
         if keys:
-            self._call(self._r.delete, *keys)
+            self._call(self._w.delete, *keys)
         return len(keys)
 
     def close(self) -> None:
-        self._r.close()
+        self._link.close()

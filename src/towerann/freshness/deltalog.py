@@ -4,12 +4,19 @@ A swap to a rebuilt bundle, or a restart, replays the entries newer than the bun
 so nothing acknowledged is lost. Upserts log the item's *features*, not its vector: a bundle
 built by a new item tower re-embeds them with that tower on replay.
 
-Two backends: SQLite (WAL; the embedded default) and a Redis stream.
+Two backends: SQLite (WAL; the embedded default) and a Redis stream. A Redis that is down, hung or
+refusing turns every call into BackendUnavailable (HTTP 503) within `timeout_s`, and for `retry_s`
+after a failure calls fail at once (`available()` is False meanwhile).
+
+Durable means durable: a stream entry survives a crash of Redis only if Redis logs its writes
+(appendonly yes). `check_durable` reads the server's settings; the service refuses to start on a
+Redis that does not (unless [freshness] allow_volatile = true, which only warns).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,7 +26,9 @@ from typing import Any, Iterator, Protocol
 
 from towerann.config import Config
 from towerann.errors import BackendUnavailable, BadRequest, ConfigError
-from towerann.storeurl import parse_store_url, redact
+from towerann.storeurl import parse_store_url
+
+log = logging.getLogger(__name__)
 
 OPS = ("upsert", "available", "delete")
 
@@ -34,6 +43,10 @@ class DeltaEntry:
 
 
 class DeltaLog(Protocol):
+    does_io: bool  # calls may wait on the network (then the HTTP app makes them off its event loop)
+
+    def available(self) -> bool: ...
+    def ping(self) -> None: ...
     def append(self, op: str, item_id: str, payload: dict[str, Any] | None = None) -> DeltaEntry: ...
     def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]: ...
     def since(self, seq: int) -> Iterator[DeltaEntry]: ...
@@ -53,6 +66,8 @@ def _encode(entries: list[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, s
 
 class SQLiteDeltaLog:
     """Append-only table in a SQLite file (WAL, synchronous=NORMAL: survives a killed process)."""
+
+    does_io = False
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -95,6 +110,12 @@ class SQLiteDeltaLog:
             row = self._db.execute("SELECT MAX(seq) FROM delta").fetchone()
         return int(row[0] or 0)
 
+    def available(self) -> bool:
+        return True
+
+    def ping(self) -> None:
+        self.last_seq()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -103,16 +124,42 @@ class SQLiteDeltaLog:
 class RedisDeltaLog:
     """A Redis stream; entry ids are mapped to increasing integers (ms * 2^20 + sequence)."""
 
-    def __init__(self, url: str, key: str = "towerann:delta"):
+    does_io = True
+
+    def __init__(self, url: str, key: str = "towerann:delta", timeout_s: float = 1.0, retry_s: float = 1.0,
+                 connect_timeout_s: float = 2.0):
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        from towerann.features.redis_store import RedisLink
 
         self.key = key
-        self._r = redis.Redis.from_url(url, socket_connect_timeout=2.0)
+        self._link = RedisLink(url, what="delta log", timeout_s=timeout_s, write_timeout_s=timeout_s,
+                               retry_s=retry_s, decode_responses=False)
+        self.url = self._link.safe_url
+        self._r = self._link.write
+        # At startup a slow first connection is no outage: one ping with a longer deadline.
+        probe = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
+                                     socket_timeout=max(connect_timeout_s, timeout_s),
+                                     retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)))
         try:
-            self._r.ping()
-        except redis.exceptions.ConnectionError as e:
-            raise BackendUnavailable(f"cannot reach Redis at {redact(url)} for the delta log ({redact(str(e))}); "
-                                     "is redis-server running?") from e
+            self._link.call(probe.ping, track=False)
+        finally:
+            probe.close()
+
+    @property
+    def link(self):  # -> towerann.features.redis_store.RedisLink
+        return self._link
+
+    def available(self) -> bool:
+        return self._link.available()
+
+    def ping(self) -> None:
+        self._link.ping()
+
+    def persistence(self) -> dict[str, str]:
+        return self._link.persistence()
 
     @staticmethod
     def _seq(stream_id: bytes | str) -> int:
@@ -132,13 +179,13 @@ class RedisDeltaLog:
         pipe = self._r.pipeline(transaction=True)
         for op, item_id, payload in encoded:
             pipe.xadd(self.key, {"op": op, "item_id": item_id, "payload": payload, "ts": repr(now)})
-        ids = pipe.execute()
+        ids = self._link.call(pipe.execute)
         return [DeltaEntry(self._seq(i), op, item_id, payload or {}, now) for i, (op, item_id, payload) in zip(ids, entries)]
 
     def since(self, seq: int) -> Iterator[DeltaEntry]:
         start = "(" + self._stream_id(seq) if seq > 0 else "-"
         while True:
-            batch = self._r.xrange(self.key, min=start, max="+", count=10_000)
+            batch = self._link.call(lambda: self._r.xrange(self.key, min=start, max="+", count=10_000))
             if not batch:
                 return
             for sid, f in batch:
@@ -147,18 +194,19 @@ class RedisDeltaLog:
             start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else batch[-1][0])
 
     def last_seq(self) -> int:
-        last = self._r.xrevrange(self.key, count=1)
+        last = self._link.call(lambda: self._r.xrevrange(self.key, count=1))
         return self._seq(last[0][0]) if last else 0
 
     def close(self) -> None:
-        self._r.close()
+        self._link.close()
 
 
-def open_delta_log(url: str, path: str | Path | None = None, key: str = "towerann:delta") -> DeltaLog:
+def open_delta_log(url: str, path: str | Path | None = None, key: str = "towerann:delta", timeout_s: float = 1.0,
+                   retry_s: float = 1.0) -> DeltaLog:
     """"embedded" (SQLite at `path`) or "redis://host:port/db" (a stream at `key`)."""
     u = parse_store_url(url)
     if u.is_redis:
-        return RedisDeltaLog(u.url, key)
+        return RedisDeltaLog(u.url, key, timeout_s=timeout_s, retry_s=retry_s)
     path = path or u.path
     if path is None:
         raise ConfigError("the embedded delta log needs a file path")
@@ -169,8 +217,42 @@ def open_configured_delta_log(cfg: Config) -> DeltaLog:
     """A deployment's delta log: a stream in the feature store's Redis, else SQLite at
     [freshness] delta_path (default: delta.sqlite beside [paths] index)."""
     if parse_store_url(cfg.features.store).is_redis:
-        return open_delta_log(cfg.features.store)
+        return open_delta_log(cfg.features.store, timeout_s=cfg.freshness.timeout_ms / 1e3,
+                              retry_s=cfg.features.retry_s)
     return open_delta_log("embedded", cfg.freshness.delta_path or Path(cfg.paths.index).parent / "delta.sqlite")
+
+
+def check_durable(delta: DeltaLog, allow_volatile: bool = False) -> str:
+    """Refuse (ConfigError) a delta log in a Redis that would lose acknowledged writes in a crash of
+    Redis itself; with `allow_volatile`, only warn. Return what was found, for the log.
+
+    appendonly yes + appendfsync always: nothing acknowledged is lost, even in a power cut.
+    appendonly yes + everysec (or no): a crash of Redis loses nothing (each write reaches the file
+    before the reply); a crash of the machine can lose the last second (or the OS's flush interval).
+    appendonly no: RDB snapshots at best, so everything since the last snapshot can go: refused."""
+    persistence = getattr(delta, "persistence", None)
+    if persistence is None:
+        return "sqlite"
+    where = getattr(delta, "url", "Redis")
+    fix = ("start Redis with --appendonly yes --appendfsync always (or set them in redis.conf; see SECURITY.md), "
+           "or set [freshness] allow_volatile = true to serve anyway")
+    try:
+        found = persistence()
+    except BackendUnavailable as e:
+        problem = f"cannot read the persistence settings of {where} ({e})"
+    else:
+        if found.get("appendonly") == "yes":
+            if found.get("appendfsync") != "always":
+                log.warning("delta log in %s: appendonly yes, appendfsync %s: a crash of Redis loses no acknowledged "
+                            "write, a crash of the machine can lose the last second of them (appendfsync always "
+                            "closes that gap)", where, found.get("appendfsync"))
+            return f"appendonly yes, appendfsync {found.get('appendfsync')}"
+        problem = (f"{where} runs with appendonly {found.get('appendonly') or '?'}: a crash of Redis would lose "
+                   "acknowledged item writes and clicks")
+    if not allow_volatile:
+        raise ConfigError(f"refusing to keep the delta log in Redis: {problem}; {fix}")
+    log.warning("[freshness] allow_volatile = true: serving although %s", problem)
+    return "volatile (allowed)"
 
 
 def _json_default(value: Any) -> Any:

@@ -13,6 +13,7 @@ other threads must hold the lock around their own writes.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any, Iterable, Mapping
 
@@ -26,6 +27,8 @@ from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 
 log = logging.getLogger(__name__)
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
@@ -49,6 +52,8 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
         if int_ids and not (item_id.isascii() and item_id.lstrip("-").isdigit()):
             raise BadRequest(f"{where}.item_id: this catalog's item ids are integers, got {item_id!r}")
         if int_ids:
+            if not INT64_MIN <= int(item_id) <= INT64_MAX:
+                raise BadRequest(f"{where}.item_id: this catalog's item ids are 64-bit integers, got {item_id!r}")
             item_id = str(int(item_id))  # one spelling per id: "007" is item 7
         if item_id in seen:
             raise BadRequest(f"{where}.item_id: {item_id!r} appears twice in one request")
@@ -61,9 +66,13 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
         clean: dict[str, Any] = {"item_id": item_id, "category": row["category"], "available": available}
         for name in numeric:
             v = row.get(name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            try:  # float() first: a JSON integer may be too big for numpy (and for a float)
+                number = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+            except OverflowError:
+                number = math.nan
+            if not math.isfinite(number):
                 raise BadRequest(f"{where}.{name}: a finite number is required")
-            clean[name] = float(v)
+            clean[name] = number
         for name in categorical:
             v = row.get(name)
             if not isinstance(v, str):

@@ -16,10 +16,13 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from towerann.artifacts import atomic_dir
 from towerann.data.dataset import read_items
 from towerann.errors import DataError
-from towerann.freshness.deltalog import DeltaLog
+from towerann.freshness.deltalog import DeltaEntry, DeltaLog
 from towerann.freshness.live import fold_catalog
 from towerann.index.build import Tuning
 
@@ -36,7 +39,9 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
 
     t0 = time.perf_counter()
     cut = delta.last_seq()
-    catalog = fold_catalog(read_items(data_dir), takewhile(lambda e: e.seq <= cut, delta.since(0)))
+    items = read_items(data_dir)
+    entries = list(takewhile(lambda e: e.seq <= cut, delta.since(0)))
+    catalog = fold_catalog(items, _embeddable(model_dir, entries, items["item_id"].dtype.kind in "iu"))
     root = Path(index_root)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".refresh-", dir=root))  # beside the bundles: same disk, cleaned below
@@ -53,6 +58,42 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
     log.info("refresh: published %s (%d items, delta log folded up to seq %d) in %.1fs",
              path, len(catalog), cut, out["seconds"])
     return out
+
+
+def _embeddable(model_dir: str | Path, entries: list[DeltaEntry], int_ids: bool) -> list[DeltaEntry]:
+    """The entries without the upserts the item tower cannot turn into a finite vector (a log written
+    before writes were checked may hold one): skipped and reported, as `replay` skips them, so that one
+    bad entry cannot fail every rebuild."""
+    from towerann.model.model import TwoTowerModel
+
+    upserts = [e for e in entries if e.op == "upsert"]
+    if not upserts:
+        return entries
+    model = TwoTowerModel.load(model_dir)
+
+    def finite(batch: list[DeltaEntry]) -> np.ndarray:
+        frame = pd.DataFrame([e.payload for e in batch])
+        if int_ids:
+            frame["item_id"] = frame["item_id"].astype(np.int64)
+        return np.isfinite(model.encode_items(frame)).all(axis=1)
+
+    try:
+        ok = finite(upserts)
+    except Exception:  # a row the encoder cannot read at all: find it one row at a time
+        ok = np.array([_quietly(finite, [e]) for e in upserts])
+    bad = {e.seq for e, good in zip(upserts, ok) if not good}
+    for e in upserts:
+        if e.seq in bad:
+            log.error("refresh: skipped delta-log entry %d (upsert of item %r): the item tower gives no finite "
+                      "vector for its features", e.seq, e.item_id)
+    return [e for e in entries if e.seq not in bad]
+
+
+def _quietly(finite: Any, batch: list[DeltaEntry]) -> bool:
+    try:
+        return bool(finite(batch)[0])
+    except Exception:
+        return False
 
 
 def _tuning(model_dir: str | Path, data_dir: str | Path, k: int, recall: float) -> Tuning | None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from towerann.errors import ConfigError
+from towerann.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
     from towerann.model.model import TwoTowerModel
@@ -84,7 +84,13 @@ class UserEncoder:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 1
             opts.inter_op_num_threads = 1
-            sess = ort.InferenceSession(str(Path(model_dir) / "user_tower.onnx"), opts, providers=["CPUExecutionProvider"])
+            path = Path(model_dir) / "user_tower.onnx"
+            try:
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, NoSuchFile...)
+                detail = " ".join(str(e).split())[:300]
+                raise ArtifactError(f"{path}: not a loadable ONNX user tower ({type(e).__name__}: {detail}); "
+                                    "retrain or re-save the model (towerann model train), or republish the bundle") from e
             names = [i.name for i in sess.get_inputs()]
 
             def run_onnx(*arrays: np.ndarray) -> np.ndarray:

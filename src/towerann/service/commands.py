@@ -26,6 +26,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from towerann.service.server import serve_forever
+    from towerann.storeurl import redact_logging
+
+    redact_logging()  # whatever is logged (ours, uvicorn's, redis-py's) never shows a store password
 
     cfg = load_config(args.config).with_overrides(
         paths_index=args.index, paths_model=args.model, features_store=args.store, features_path=args.store_path,
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from towerann.errors import TowerannError
+    from towerann.storeurl import redact
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="towerann")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TowerannError as e:
-        print(f"towerann serve: error: {e}", file=sys.stderr)
+        print(f"towerann serve: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
 
 

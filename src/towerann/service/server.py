@@ -34,7 +34,14 @@ def free_port() -> int:
 
 
 def app_for(svc: Service) -> FastAPI:
-    return create_app(svc.retriever, svc.cfg.serve.max_body_bytes, svc.writer, svc.reloader, svc.token)
+    return create_app(svc.retriever, svc.cfg.serve.max_body_bytes, svc.writer, svc.reloader, svc.token,
+                      max_items_per_write=svc.cfg.serve.max_items_per_write)
+
+
+def _close_app(app: FastAPI | None) -> None:
+    pool = getattr(getattr(app, "state", None), "write_pool", None)
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 def freeze_heap() -> None:
@@ -56,6 +63,7 @@ def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
 
 def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
     svc = open_service(cfg, model_dir=model_dir)
+    app: FastAPI | None = None
     try:
         app = app_for(svc)
         freeze_heap()
@@ -64,6 +72,7 @@ def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
                     cfg.serve.port)
         uvicorn.Server(_uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
     finally:
+        _close_app(app)
         svc.close()
 
 
@@ -109,6 +118,7 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+        _close_app(app)
         svc.close()
 
     return ServerHandle(f"http://{host}:{port}", svc, stop)

@@ -10,26 +10,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from towerann.config import Config
+from towerann.errors import ArtifactError, TowerannError
 from towerann.features import FeatureStore, open_configured_store
-from towerann.freshness.deltalog import open_configured_delta_log
+from towerann.freshness.deltalog import check_durable, open_configured_delta_log
 from towerann.freshness.live import ItemWriter, replay
 from towerann.freshness.reload import Reloader
 from towerann.index.snapshot import CURRENT, resolve
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 from towerann.serving.retriever import Retriever
+from towerann.storeurl import redact
 
 log = logging.getLogger(__name__)
+
+
+def load_bundle(cfg: Config, model_dir: str | None = None) -> RetrievalBundle:
+    """The configured bundle; whatever goes wrong reading it (a corrupted file that the libraries below
+    fail on in their own ways) is an ArtifactError: one line, exit code 2, no traceback."""
+    try:
+        if model_dir is None and not (resolve(cfg.paths.index) / "model").is_dir():
+            model_dir = cfg.paths.model
+        return RetrievalBundle.load(cfg.paths.index, model_dir=model_dir)
+    except TowerannError:
+        raise
+    except Exception as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ArtifactError(f"{cfg.paths.index}: cannot load the bundle ({type(e).__name__}: {detail}); "
+                            "republish it, or point --index ([paths] index) at a good one") from e
 
 
 def open_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: str | None = None) -> Retriever:
     """Load the configured bundle and open the configured store.
 
     A bundle carries its own model; [paths] model is used only for a plain index snapshot."""
-    if model_dir is None and not (resolve(cfg.paths.index) / "model").is_dir():
-        model_dir = cfg.paths.model
-    bundle = RetrievalBundle.load(cfg.paths.index, model_dir=model_dir)
-    return Retriever(BundleHolder(bundle), store or open_configured_store(cfg.features), max_k=cfg.serve.max_k)
+    bundle = load_bundle(cfg, model_dir)
+    f, s = cfg.features, cfg.serve
+    return Retriever(BundleHolder(bundle), store or open_configured_store(f), max_k=s.max_k,
+                     max_id_length=s.max_id_length, max_clock_skew_s=s.max_clock_skew_s,
+                     features_timeout_s=f.timeout_ms / 1e3, write_timeout_s=f.write_timeout_ms / 1e3)
 
 
 @dataclass
@@ -72,6 +90,7 @@ class Service:
             self.reloader.stop()
         self.writer.delta.close()
         if self.owns_store:
+            self.retriever.close()
             self.retriever.store.close()
 
 
@@ -80,9 +99,25 @@ def open_service(cfg: Config, retriever: Retriever | None = None, model_dir: str
     acknowledged write) and set up the CURRENT watcher. The log lives in Redis when the store does."""
     owns_store = retriever is None
     retriever = retriever or open_retriever(cfg, model_dir=model_dir)
-    writer = ItemWriter(retriever.holder, open_configured_delta_log(cfg))
-    if retriever.holder.ready:
-        replay(retriever.holder.current(), writer.delta)
+    try:
+        delta = open_configured_delta_log(cfg)
+    except BaseException:
+        if owns_store:
+            retriever.close()
+            retriever.store.close()
+        raise
+    try:
+        durability = check_durable(delta, cfg.freshness.allow_volatile)  # a Redis delta log must survive Redis
+        log.info("delta log: %s (%s)", redact(getattr(delta, "url", "") or str(getattr(delta, "path", ""))), durability)
+        writer = ItemWriter(retriever.holder, delta)
+        if retriever.holder.ready:
+            replay(retriever.holder.current(), writer.delta)
+    except BaseException:
+        delta.close()
+        if owns_store:
+            retriever.close()
+            retriever.store.close()
+        raise
     root = Path(cfg.paths.index)
     reloader = Reloader(writer, root, cfg.freshness.min_recall) if (root / CURRENT).is_file() else None
     return Service(cfg, retriever, writer, reloader, cfg.api_token(), owns_store)

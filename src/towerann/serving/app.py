@@ -1,12 +1,22 @@
 """The HTTP API: a thin FastAPI shell around the Retriever (no logic the Python API lacks).
 
-    POST /v1/candidates {user_id, k, filter?} -> {candidates: [{item_id, score}], model_version, index_version, timings_ms}
-    POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns
-    GET  /healthz  /readyz (503 until a bundle is loaded)  /metrics (Prometheus text)
+    POST /v1/candidates {user_id, k, filter?} -> {candidates: [{item_id, score}], model_version, index_version,
+                        timings_ms, degraded}
+    POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns (503 if it cannot be)
+    GET  /healthz (always at once: touches nothing)  /readyz  /metrics (Prometheus text)
     POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/)
 
+Ids (user_id, item_id) are strings or JSON integers (spelled in decimal, as the catalog prints them).
+
 Every bad input gets a 4xx with {"error": message}; an unexpected exception a logged 500 JSON, and
-the server keeps serving. Request handlers are `async def`: they run one at a time on the event loop,
+the server keeps serving (on the same keep-alive connection). When the feature store (Redis) is down
+or slower than [features] timeout_ms, candidates are answered without the user's features, with
+`degraded: true`; a click or an item write that cannot be stored gets 503. /readyz answers 200 while
+a bundle is loaded, even with a dependency down ("degraded": true, "dependencies": {"features":
+"down"}): candidates are still served, and a shared Redis going down must not take every replica
+out of its load balancer at once; it answers 503 only until a bundle is loaded.
+
+Request handlers are `async def`: they run one at a time on the event loop,
 which (1) serialises searches with live index writes (POST/PATCH/DELETE /v1/items) without a lock on
 the read path, and (2) measured at 1M items, K=1000 (`towerann bench serve`), kept p99 at 4.2 ms at
 200 req/s and 5.4 ms at 400 req/s together with the frozen heap (service.server.freeze_heap). An
@@ -15,24 +25,28 @@ earlier measurement at 100k items, K=100, before the heap was frozen, favoured t
 re-measure before changing this.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: the request models are built per app (their limits come
+# from the config), and FastAPI must see the handlers' annotations as those classes, not as strings.
 
 import asyncio
 import hmac
 import logging
-from typing import Any, Callable, Protocol
+import math
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Annotated, Any, Callable, Protocol
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from towerann.errors import Forbidden, NotFound, TowerannError, Unauthorized
+from towerann.errors import BackendUnavailable, BadRequest, Forbidden, NotFound, TowerannError, Unauthorized
 from towerann.serving.bundle import RetrievalBundle
-from towerann.serving.retriever import STAGES, Retriever
+from towerann.serving.retriever import STAGES, Retriever, int64_spelling_in_range
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +55,6 @@ BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0
 
 
 # ---- schema (OpenAPI) -------------------------------------------------------------------------------
-
-class CandidateFilter(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    categories: list[str] | None = Field(None, description="keep only items of these category names")
-
-
-class CandidatesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    user_id: str = Field(min_length=1)
-    k: int = Field(description="number of candidates, 1..max_k")
-    filter: CandidateFilter | None = None
-
 
 class Candidate(BaseModel):
     item_id: int | str
@@ -64,14 +66,8 @@ class CandidatesResponse(BaseModel):
     model_version: str
     index_version: str
     timings_ms: dict[str, float]
-
-
-class EventRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    user_id: str = Field(min_length=1)
-    item_id: str = Field(min_length=1, description="the catalog's item id, as a string")
-    type: str = Field("click", min_length=1)
-    ts: float | None = Field(None, description="unix seconds; omitted = now")
+    degraded: bool = Field(description="true: the feature store did not answer in time, so these candidates "
+                                       "were ranked without the user's features and session (cold start)")
 
 
 class EventResponse(BaseModel):
@@ -79,12 +75,6 @@ class EventResponse(BaseModel):
     item_id: str
     type: str
     ts: float
-
-
-class ItemsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    items: list[dict[str, Any]] = Field(description="item rows: item_id (string), category, available?, and "
-                                                    "the item tower's feature columns", min_length=1)
 
 
 class AvailabilityRequest(BaseModel):
@@ -96,8 +86,86 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
-WRITE_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)}
+def _integral(value: Any) -> Any:
+    """A JSON number with no fraction is an integer (JSON Schema says so: 29.0 is a valid "integer")."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
+def request_models(max_k: int = 1000, max_id_length: int = 256, max_items: int = 1000) -> SimpleNamespace:
+    """The request bodies, with this deployment's limits in the schema (OpenAPI shows them)."""
+    Id = Annotated[str, StringConstraints(min_length=1, max_length=max_id_length)]
+    id_doc = f"a string of 1..{max_id_length} characters, or an integer (taken in its decimal spelling)"
+
+    class CandidateFilter(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        categories: list[Id] | None = Field(None, description="keep only items of these category names")
+
+    class CandidatesRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        user_id: Id | JsonInt = Field(description=id_doc)
+        # The bounds are checked by the Retriever (400 with what to send), and documented here.
+        k: JsonInt = Field(description=f"number of candidates, 1..{max_k}",
+                       json_schema_extra={"minimum": 1, "maximum": max_k})
+        filter: CandidateFilter | None = None
+
+    class EventRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        user_id: Id | JsonInt = Field(description=id_doc)
+        item_id: Id | JsonInt = Field(description="the catalog's item id: " + id_doc)
+        type: Id = "click"
+        ts: float | None = Field(None, description="unix seconds, within the session window ([features] ttl_s) "
+                                                   "and at most [serve] max_clock_skew_s ahead; omitted = now")
+
+    class ItemsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        items: list[dict[str, Any]] = Field(description="item rows: item_id (string or integer), category, available?, "
+                                                        "and the item tower's feature columns",
+                                            min_length=1, max_length=max_items)
+
+    return SimpleNamespace(CandidateFilter=CandidateFilter, CandidatesRequest=CandidatesRequest,
+                           EventRequest=EventRequest, ItemsRequest=ItemsRequest, ItemId=Id)
+
+
+_defaults = request_models()  # for Python callers and tests; each app builds its own with its limits
+CandidateFilter, CandidatesRequest = _defaults.CandidateFilter, _defaults.CandidatesRequest
+EventRequest, ItemsRequest = _defaults.EventRequest, _defaults.ItemsRequest
+
+_JSON_ERROR = {"model": ErrorResponse}
+ERRORS: dict[int | str, dict[str, Any]] = {code: _JSON_ERROR for code in (400, 404, 413, 422, 503)}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {code: _JSON_ERROR for code in (400, 401, 403, 404, 413, 422, 503)}
+
+
+def entry_rows(rows: list[dict[str, Any]], bundle: RetrievalBundle, retriever: Retriever) -> list[dict[str, Any]]:
+    """Item rows as they come in over HTTP, made safe for the checks underneath (freshness.live.check_rows):
+    an integer item_id becomes its decimal string; an item_id outside int64 on a catalog of integer ids,
+    and a number too large for a float, are refused here (400) instead of failing deep in numpy."""
+    int_ids = bundle.external_ids.dtype.kind in "iu"
+    out = []
+    for i, row in enumerate(rows):
+        clean: dict[str, Any] = {}
+        for key, value in row.items():
+            where = f"items[{i}].{key}"
+            if key == "item_id" and isinstance(value, (str, int)) and not isinstance(value, bool):
+                value = retriever.check_id(value, where)
+                if int_ids and not int64_spelling_in_range(value.strip()):
+                    raise BadRequest(f"{where}: {value!r} is outside the 64-bit integer range of this catalog's ids")
+            elif key == "category" and isinstance(value, str):
+                value = retriever.check_id(value, where)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    value = float(value)  # what the feature check does anyway, before numpy sees a huge int
+                except OverflowError:
+                    raise BadRequest(f"{where}: a number too large for a 64-bit float") from None
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise BadRequest(f"{where}: a finite number is required")
+            clean[key] = value
+        out.append(clean)
+    return out
 
 
 # ---- what the write routes call (freshness/ implements them; serving never imports it) -------------
@@ -129,6 +197,8 @@ class Metrics:
         self.bundle = Info("towerann_bundle", "the served retrieval bundle", registry=self.registry)
         self.reloads = Counter("towerann_bundle_reloads", "bundle reloads by outcome (swapped, refused)",
                                ["outcome"], registry=self.registry)
+        self.degraded = Counter("towerann_degraded_answers", "candidates answered without the user's features "
+                                "(the feature store was down or missed its deadline)", registry=self.registry)
 
     def on_swap(self, bundle: RetrievalBundle) -> None:
         self.index_items.set(len(bundle.index))
@@ -141,7 +211,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 class GuardMiddleware:
-    """Pure ASGI: refuse oversized bodies (declared or actual) with 413, count requests by route/status."""
+    """Pure ASGI: refuse oversized bodies (declared or actual) with 413, count requests by route/status,
+    and answer an unexpected exception with a logged 500 JSON without letting it reach the server (which
+    would drop the keep-alive connection). A client that goes away before its answer counts as 499."""
 
     def __init__(self, app: Any, max_body_bytes: int, metrics: Metrics):
         self.app, self.max_body, self.metrics = app, max_body_bytes, metrics
@@ -151,7 +223,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         path = scope["path"]
         route = path if path in ROUTES else "/v1/items/{item_id}" if path.startswith("/v1/items/") else "other"
-        status = [500]
+        status = [0]  # 0: no answer started (yet)
 
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -167,7 +239,7 @@ class GuardMiddleware:
                 while more:
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        return
+                        return  # gone mid-body: counted as 499 below
                     body += message.get("body", b"")
                     more = message.get("more_body", False)
                     if len(body) > self.max_body:
@@ -184,8 +256,14 @@ class GuardMiddleware:
                 await self.app(scope, replay, send_counted)
             else:
                 await self.app(scope, receive, send_counted)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", scope.get("method"), path)
+            if status[0] == 0:  # nothing sent yet: answer it, and the connection stays usable
+                await _error(500, f"internal error ({type(exc).__name__}); see the server log")(scope, receive,
+                                                                                                 send_counted)
         finally:
-            self.metrics.requests.labels(route=route, status=str(status[0])).inc()
+            # 499 (nginx's "client closed request"): the client went away before any answer started
+            self.metrics.requests.labels(route=route, status=str(status[0] or 499)).inc()
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
         await _error(413, f"request body over {self.max_body} bytes; send a smaller body "
@@ -193,7 +271,8 @@ class GuardMiddleware:
 
 
 def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWrites | None = None,
-               reloader: BundleReloads | None = None, token: str | None = None) -> FastAPI:
+               reloader: BundleReloads | None = None, token: str | None = None,
+               max_items_per_write: int = 1000) -> FastAPI:
     """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
 
     writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
@@ -203,27 +282,41 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
     holder = retriever.holder
     holder.subscribe(metrics.on_swap)
+    models = request_models(retriever.max_k, retriever.max_id_length, max_items_per_write)
+    CandidatesRequest, EventRequest, ItemsRequest = models.CandidatesRequest, models.EventRequest, models.ItemsRequest
+    PathItemId = Annotated[str, Path(min_length=1, max_length=retriever.max_id_length,
+                                     description="the catalog's item id")]
+    # redirect_slashes off: Starlette would build the redirect's Location from the Host header
     app = FastAPI(title="towerann", summary="two-tower retrieval: top-K candidates for a user, now",
-                  responses={})
+                  responses={}, redirect_slashes=False)
     app.state.retriever, app.state.metrics = retriever, metrics
     observe = metrics.stage_children
+    delta = getattr(writer, "delta", None)
+    # A delta log on the network (Redis): its writes run in one worker thread, so a hung Redis holds
+    # only the write (and the searches, which must not overlap it: retriever.gate), never the loop.
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="towerann-write") if getattr(delta, "does_io", False) else None
+    app.state.write_pool = write_pool
 
     # The request handlers are `async` on purpose: they run on the event loop, one at a time. A
     # request is ~1-2 ms of CPU, mostly under the GIL; in uvicorn's thread pool, concurrent
     # requests fought over the GIL and the p99 at 200 requests/s grew ten-fold.
     @app.post("/v1/candidates", response_model=None, responses={200: {"model": CandidatesResponse}, **ERRORS})
     async def candidates(req: CandidatesRequest) -> Response:
-        c = retriever.candidates(req.user_id, req.k, None if req.filter is None else req.filter.model_dump())
+        flt = None if req.filter is None else req.filter.model_dump()
+        c = await retriever.candidates_async(req.user_id, req.k, flt)
         for stage, ms in c.timings_ms.items():
             observe[stage].observe(ms / 1e3)
+        if c.degraded:
+            metrics.degraded.inc()
         body = {"candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
-                "model_version": c.model_version, "index_version": c.index_version, "timings_ms": c.timings_ms}
+                "model_version": c.model_version, "index_version": c.index_version, "timings_ms": c.timings_ms,
+                "degraded": c.degraded}
         # orjson: at k=1000, json.dumps costs ~0.8 ms a request, as much as the retrieval itself
         return Response(orjson.dumps(body), media_type="application/json")
 
     @app.post("/v1/events", response_model=EventResponse, responses=ERRORS)
     async def events(req: EventRequest) -> dict[str, Any]:
-        e = retriever.record_event(req.user_id, req.item_id, req.type, req.ts)
+        e = await retriever.record_event_async(req.user_id, req.item_id, req.type, req.ts)
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
 
     async def authorize(request: Request) -> None:
@@ -234,26 +327,37 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
         if token is None:
             raise Forbidden("writes are disabled: no API token is configured (set TOWERANN_API_TOKEN or "
                             "[freshness] token_file)")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme in any case (RFC 9110); the token compared in constant time, whatever the scheme was
+        same = hmac.compare_digest(given.strip().encode(), token.encode())
+        if not (same and scheme.lower() == "bearer"):
             raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def write(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        if write_pool is None:
+            return fn(*args)  # a local delta log (SQLite): on the loop, as searches are
+        if not delta.available():
+            raise BackendUnavailable("the delta log's Redis is unavailable (it failed a moment ago); nothing was "
+                                     "written: retry later")
+        async with retriever.gate.writing():  # searches wait; /healthz, /readyz, clicks do not
+            return await asyncio.get_running_loop().run_in_executor(write_pool, fn, *args)
 
     writes = {"responses": WRITE_ERRORS, "dependencies": [Depends(authorize)]}
 
     @app.post("/v1/items", **writes)
     async def upsert_items(req: ItemsRequest) -> dict[str, Any]:
         """Embed the items with the item tower and add them to the live index: searchable on return."""
-        return writer.upsert(req.items)
+        return await write(writer.upsert, entry_rows(req.items, holder.current(), retriever))
 
     @app.patch("/v1/items/{item_id}", **writes)
-    async def set_available(item_id: str, req: AvailabilityRequest) -> dict[str, Any]:
-        return writer.set_available(item_id, req.available)
+    async def set_available(item_id: PathItemId, req: AvailabilityRequest) -> dict[str, Any]:
+        return await write(writer.set_available, retriever.item_key(item_id), req.available)
 
     @app.delete("/v1/items/{item_id}", **writes)
-    async def delete_item(item_id: str) -> dict[str, Any]:
-        return writer.delete(item_id)
+    async def delete_item(item_id: PathItemId) -> dict[str, Any]:
+        return await write(writer.delete, retriever.item_key(item_id))
 
-    @app.post("/v1/admin/reload", **writes)
+    @app.post("/v1/admin/reload", responses={409: _JSON_ERROR, **WRITE_ERRORS}, dependencies=[Depends(authorize)])
     async def reload() -> JSONResponse:
         """Load the bundle CURRENT names now (validated; refused if bad, the old one keeps serving)."""
         if reloader is None:
@@ -262,17 +366,42 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
+        """Liveness: answered on the event loop at once; touches no store."""
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
-    def readyz() -> Response:
+    async def probe(dependency: Any) -> str:
+        """"up" or "down", within [features] timeout_ms; a dependency that failed a moment ago is not waited on."""
+        if not getattr(dependency, "does_io", False):
+            try:
+                dependency.ping()
+                return "up"
+            except Exception:
+                return "down"
+        if not dependency.available():
+            return "down"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(dependency.ping), retriever.features_timeout_s)
+            return "up"
+        except (asyncio.TimeoutError, TowerannError):
+            return "down"
+
+    @app.get("/readyz", responses={503: _JSON_ERROR})
+    async def readyz() -> Response:
+        """200 while a bundle is served, with each dependency's state; 503 until a bundle is loaded."""
         if not holder.ready:
             return _error(503, "no retrieval bundle loaded yet")
-        return JSONResponse({"status": "ready", **holder.current().describe()})
+        deps = {"features": await probe(retriever.store)}
+        if delta is not None:
+            deps["delta_log"] = await probe(delta)
+        degraded = any(state != "up" for state in deps.values())
+        return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps,
+                             **holder.current().describe()})
 
-    @app.get("/metrics")
-    def prometheus() -> Response:
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(TowerannError)
@@ -294,12 +423,12 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow on 405
+        return response
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
-
+    # Unexpected exceptions are answered by GuardMiddleware: a handler registered here for Exception
+    # would sit in Starlette's outermost middleware, which re-raises after answering, and the server
+    # would then drop the keep-alive connection.
     app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
     return app

@@ -4,20 +4,30 @@
     retriever.candidates("u42", k=100, filter={"categories": ["c001"]})
     retriever.record_event("u42", "1234")        # visible to the next candidates() call
 
-The HTTP app is a thin shell around this class; everything it answers, this answers.
+The HTTP app is a thin shell around this class; everything it answers, this answers. The app calls
+the `*_async` twins, which differ in one thing only: a feature store that does network IO (Redis)
+is called off the event loop, under a deadline, so a slow or dead Redis never stalls the server.
+
+When the feature store is down or misses its deadline, candidates still come back, from the
+user tower with no features (the cold-start path an unknown user takes) and `degraded=True`; a
+click that cannot be stored is refused (BackendUnavailable, HTTP 503), never dropped silently.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
-from towerann.errors import BadRequest, NotFound
-from towerann.features import Event, FeatureStore
+from towerann.errors import BackendUnavailable, BadRequest, NotFound
+from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
@@ -25,6 +35,7 @@ from towerann.serving.holder import BundleHolder
 log = logging.getLogger(__name__)
 
 STAGES = ("features", "user_tower", "ann", "total")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -34,24 +45,102 @@ class Candidates:
     model_version: str
     index_version: str
     timings_ms: dict[str, float]  # features, user_tower, ann, total
+    degraded: bool = False  # the feature store did not answer: ranked without the user's features
+
+
+class SearchGate:
+    """Searches on the event loop wait while an item write runs in a worker thread.
+
+    Index writes must never overlap a search. On the event loop they cannot (one handler at a time);
+    a write whose delta log does network IO runs in a thread, so that a hung Redis holds only that
+    write, and closes this gate meanwhile. A search checks the gate right before it searches, with
+    no await in between, so no write starts under it."""
+
+    def __init__(self) -> None:
+        self._writers = 0
+        self._waiters: list[asyncio.Future[None]] = []  # futures, not an Event: no tie to one event loop
+
+    @property
+    def closed(self) -> bool:
+        return self._writers > 0
+
+    async def wait_open(self) -> None:
+        while self._writers:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        self._writers += 1
+        try:
+            yield
+        finally:
+            self._writers -= 1
+            if not self._writers:
+                waiters, self._waiters = self._waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
 
 
 class Retriever:
-    def __init__(self, holder: BundleHolder, store: FeatureStore, max_k: int = 1000):
+    def __init__(self, holder: BundleHolder, store: FeatureStore, max_k: int = 1000, *, max_id_length: int = 256,
+                 max_clock_skew_s: float = 300.0, features_timeout_s: float = 0.1, write_timeout_s: float = 1.0,
+                 io_workers: int = 4):
         self.holder = holder
         self.store = store
         self.max_k = int(max_k)
+        self.max_id_length = int(max_id_length)
+        self.max_clock_skew_s = float(max_clock_skew_s)
+        self.features_timeout_s = float(features_timeout_s)
+        self.write_timeout_s = float(write_timeout_s)
+        self.gate = SearchGate()
+        # Only a store that waits on the network gets threads; the embedded store is called inline.
+        self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="towerann-store") if store.does_io else None
 
-    def candidates(self, user_id: str, k: int, filter: dict[str, Any] | None = None) -> Candidates:
+    # ---- candidates -------------------------------------------------------------------------------
+
+    def candidates(self, user_id: str | int, k: int, filter: dict[str, Any] | None = None) -> Candidates:
         """Top-k items for this user now, counting their session events up to this call."""
         t0 = time.perf_counter()
-        if not isinstance(user_id, str) or not user_id:
-            raise BadRequest(f"user_id must be a non-empty string, got {user_id!r}")
+        user_id, b, flt = self._check(user_id, k, filter)
+        try:
+            f: UserFeatures | None = self.store.get_one(user_id)
+        except BackendUnavailable:
+            f = None
+        return self._rank(b, user_id, k, flt, f, t0)
+
+    async def candidates_async(self, user_id: str | int, k: int, filter: dict[str, Any] | None = None) -> Candidates:
+        """candidates() for an event loop: the store's network IO off the loop, within features_timeout_s."""
+        t0 = time.perf_counter()
+        user_id, b, flt = self._check(user_id, k, filter)
+        store = self.store
+        if self._io is None:
+            f: UserFeatures | None = store.get_one(user_id)  # in memory: microseconds, no thread hop
+        elif not store.available():
+            f = None  # failed a moment ago: don't wait on it again yet
+        else:
+            try:
+                f = await self._off_loop(store.get_one, user_id, timeout_s=self.features_timeout_s, what="read")
+            except BackendUnavailable:
+                f = None
+        if self.gate.closed:
+            await self.gate.wait_open()
+        return self._rank(b, user_id, k, flt, f, t0)  # no await from the gate check to the search
+
+    def _check(self, user_id: Any, k: Any, filter: Any) -> tuple[str, RetrievalBundle, Filter | None]:
+        user_id = self.check_id(user_id, "user_id")
         if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= self.max_k:
             raise BadRequest(f"k must be an integer between 1 and {self.max_k}, got {k!r}")
         b = self.holder.current()  # read once: the whole request uses one bundle version
-        flt = self._filter(b, filter)
-        f = self.store.get_one(user_id)  # unknown user: known=False, empty static, session only (cold start)
+        return user_id, b, self._filter(b, filter)
+
+    def _rank(self, b: RetrievalBundle, user_id: str, k: int, flt: Filter | None, f: UserFeatures | None,
+              t0: float) -> Candidates:
+        degraded = f is None
+        if f is None:  # no features to be had: the cold-start path an unknown user takes
+            f = UserFeatures(user_id, False, {}, (), ())
         history = self._history(b, f.session, f.recent_items)
         t1 = time.perf_counter()
         query = b.encoder.encode(user_id, f.static, history)
@@ -66,15 +155,88 @@ class Retriever:
         # from the bundle's labels, so a request that paired parts of two bundles would show it.
         return Candidates(items, scores[:n].tolist(), b.encoder.model_version, b.index.version or b.version, {
             "features": (t1 - t0) * 1e3, "user_tower": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,
-            "total": (t4 - t0) * 1e3})
+            "total": (t4 - t0) * 1e3}, degraded)
 
-    def record_event(self, user_id: str, item_id: str, type: str = "click", ts: float | None = None) -> Event:
+    # ---- events -----------------------------------------------------------------------------------
+
+    def record_event(self, user_id: str | int, item_id: str | int, type: str = "click",
+                     ts: float | None = None) -> Event:
         """Store one event (durably, before returning); unknown items are refused."""
+        return self.store.append_event(self._event(user_id, item_id, type, ts))
+
+    async def record_event_async(self, user_id: str | int, item_id: str | int, type: str = "click",
+                                 ts: float | None = None) -> Event:
+        """record_event() for an event loop: a network store is written off the loop, within write_timeout_s."""
+        event = self._event(user_id, item_id, type, ts)
+        if self._io is None:
+            return self.store.append_event(event)
+        if not self.store.available():
+            raise BackendUnavailable("the feature store is unavailable (it failed a moment ago); the event was not "
+                                     "stored: retry it later")
+        return await self._off_loop(self.store.append_event, event, timeout_s=self.write_timeout_s, what="write")
+
+    def _event(self, user_id: Any, item_id: Any, type: Any, ts: Any) -> Event:
+        user_id = self.check_id(user_id, "user_id")
+        type = self.check_id(type, "type")
         b = self.holder.current()
-        if not isinstance(item_id, str) or item_id not in b.item_internal:
+        item_id = self.item_key(item_id, b)
+        if item_id not in b.item_internal:
             raise NotFound(f"item_id {item_id!r} is not in the served catalog (bundle {b.version}); "
-                           "send ids as the catalog gives them, as strings")
-        return self.store.append_event(Event(user_id, item_id, type, 0.0 if ts is None else ts))
+                           "send ids as the catalog gives them")
+        if ts is None or (not isinstance(ts, bool) and isinstance(ts, (int, float)) and ts == 0):
+            return Event(user_id, item_id, type, 0.0)  # the store stamps it with the time
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise BadRequest(f"ts must be unix seconds (a finite number), got {ts!r}")
+        now, ttl = time.time(), self.store.ttl_s
+        if not now - ttl <= ts <= now + self.max_clock_skew_s:
+            raise BadRequest(f"ts {ts!r} is outside the session window: an event's ts must lie within the last "
+                             f"{ttl:g} s ([features] ttl_s) and at most {self.max_clock_skew_s:g} s ahead of the "
+                             "server's clock ([serve] max_clock_skew_s); omit it to mean now")
+        return Event(user_id, item_id, type, float(ts))
+
+    # ---- ids --------------------------------------------------------------------------------------
+
+    def check_id(self, value: Any, field: str) -> str:
+        """A user, item or type id as a string: JSON integers are accepted and spelled in decimal."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value = str(value)
+            except ValueError:  # more digits than Python converts
+                raise BadRequest(f"{field}: an integer of more than {self.max_id_length} digits") from None
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"{field} must be a non-empty string or an integer, got {value!r}")
+        if len(value) > self.max_id_length:
+            raise BadRequest(f"{field} is {len(value)} characters long; at most {self.max_id_length} are accepted "
+                             "([serve] max_id_length)")
+        return value
+
+    def item_key(self, item_id: Any, bundle: RetrievalBundle | None = None) -> str:
+        """The catalog's id for `item_id` (a string or a JSON integer); an integer id outside int64 on a catalog
+        of integer ids is no item of it (NotFound), whatever the lookup underneath would make of it."""
+        item_id = self.check_id(item_id, "item_id")
+        b = bundle or self.holder.current()
+        if b.external_ids.dtype.kind in "iu" and not int64_spelling_in_range(item_id):
+            raise NotFound(f"item_id {item_id!r} is not in the served catalog (bundle {b.version}): this catalog's "
+                           "ids are 64-bit integers")
+        return item_id
+
+    # ---- off the event loop -----------------------------------------------------------------------
+
+    async def _off_loop(self, fn: Callable[..., Any], arg: Any, *, timeout_s: float, what: str) -> Any:
+        assert self._io is not None
+        future = asyncio.get_running_loop().run_in_executor(self._io, fn, arg)
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            raise BackendUnavailable(f"the feature store did not answer a {what} within {timeout_s * 1e3:.0f} ms"
+                                     + ("; the event is not acknowledged: retry it" if what == "write" else "")) from None
+
+    def close(self) -> None:
+        """Stop the store's worker threads (the store itself is closed by whoever opened it)."""
+        if self._io is not None:
+            self._io.shutdown(wait=False, cancel_futures=True)
+
+    # ---- request parts ----------------------------------------------------------------------------
 
     @staticmethod
     def _history(b: RetrievalBundle, session: tuple[Event, ...], recent: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -107,6 +269,15 @@ class Retriever:
         for name in names:
             code = b.category_code.get(name) if isinstance(name, str) else None
             if code is None:
-                raise BadRequest(f"filter.categories: unknown category {name!r}; known e.g. {b.category_names[:5]}")
+                raise BadRequest(f"filter.categories: unknown category {str(name)[:100]!r}; known e.g. "
+                                 f"{b.category_names[:5]}")
             codes.append(code)
         return Filter(categories=frozenset(codes))
+
+
+def int64_spelling_in_range(item_id: str) -> bool:
+    """False only for a decimal integer outside int64 (which an int64 id lookup must never see)."""
+    digits = item_id[1:] if item_id[:1] in "+-" else item_id
+    if not (digits.isascii() and digits.isdigit()):
+        return True  # not an integer spelling: the lookup finds no such item itself
+    return len(digits) <= 19 and INT64_MIN <= int(item_id) <= INT64_MAX
