@@ -280,22 +280,28 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
     metrics = Metrics()
     if reloader is not None:
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
-    holder = retriever.holder
-    holder.subscribe(metrics.on_swap)
+    retriever.holder.subscribe(metrics.on_swap)
     models = request_models(retriever.max_k, retriever.max_id_length, max_items_per_write)
-    CandidatesRequest, EventRequest, ItemsRequest = models.CandidatesRequest, models.EventRequest, models.ItemsRequest
-    PathItemId = Annotated[str, Path(min_length=1, max_length=retriever.max_id_length,
-                                     description="the catalog's item id")]
     # redirect_slashes off: Starlette would build the redirect's Location from the Host header
     app = FastAPI(title="towerann", summary="two-tower retrieval: top-K candidates for a user, now",
                   responses={}, redirect_slashes=False)
     app.state.retriever, app.state.metrics = retriever, metrics
-    observe = metrics.stage_children
     delta = getattr(writer, "delta", None)
-    # A delta log on the network (Redis): its writes run in one worker thread, so a hung Redis holds
-    # only the write (and the searches, which must not overlap it: retriever.gate), never the loop.
-    write_pool = ThreadPoolExecutor(1, thread_name_prefix="towerann-write") if getattr(delta, "does_io", False) else None
-    app.state.write_pool = write_pool
+    _add_read_routes(app, retriever, metrics, models, delta)
+    _add_write_routes(app, retriever, models, writer, reloader, token, delta)
+    _add_error_handlers(app)
+
+    # Unexpected exceptions are answered by GuardMiddleware: a handler registered here for Exception
+    # would sit in Starlette's outermost middleware, which re-raises after answering, and the server
+    # would then drop the keep-alive connection.
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
+    return app
+
+
+def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, models: Any, delta: Any) -> None:
+    """candidates, events, healthz, readyz, metrics: no token."""
+    holder, observe = retriever.holder, metrics.stage_children
+    CandidatesRequest, EventRequest = models.CandidatesRequest, models.EventRequest
 
     # The request handlers are `async` on purpose: they run on the event loop, one at a time. A
     # request is ~1-2 ms of CPU, mostly under the GIL; in uvicorn's thread pool, concurrent
@@ -318,6 +324,57 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
     async def events(req: EventRequest) -> dict[str, Any]:
         e = await retriever.record_event_async(req.user_id, req.item_id, req.type, req.ts)
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: answered on the event loop at once; touches no store."""
+        return {"status": "ok"}
+
+    async def probe(dependency: Any) -> str:
+        """"up" or "down", within [features] timeout_ms; a dependency that failed a moment ago is not waited on."""
+        if not getattr(dependency, "does_io", False):
+            try:
+                dependency.ping()
+                return "up"
+            except Exception:
+                return "down"
+        if not dependency.available():
+            return "down"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(dependency.ping), retriever.features_timeout_s)
+            return "up"
+        except (asyncio.TimeoutError, TowerannError):
+            return "down"
+
+    @app.get("/readyz", responses={503: _JSON_ERROR})
+    async def readyz() -> Response:
+        """200 while a bundle is served, with each dependency's state; 503 until a bundle is loaded."""
+        if not holder.ready:
+            return _error(503, "no retrieval bundle loaded yet")
+        deps = {"features": await probe(retriever.store)}
+        if delta is not None:
+            deps["delta_log"] = await probe(delta)
+        degraded = any(state != "up" for state in deps.values())
+        return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps,
+                             **holder.current().describe()})
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: ItemWrites | None,
+                      reloader: BundleReloads | None, token: str | None, delta: Any) -> None:
+    """Item writes and the admin reload: bearer token."""
+    holder, ItemsRequest = retriever.holder, models.ItemsRequest
+    PathItemId = Annotated[str, Path(min_length=1, max_length=retriever.max_id_length,
+                                     description="the catalog's item id")]
+    # A delta log on the network (Redis): its writes run in one worker thread, so a hung Redis holds
+    # only the write (and the searches, which must not overlap it: retriever.gate), never the loop.
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="towerann-write") if getattr(delta, "does_io", False) else None
+    app.state.write_pool = write_pool
 
     async def authorize(request: Request) -> None:
         """A dependency of every write route: FastAPI runs it before it validates the body, so a
@@ -365,45 +422,8 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
         info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: answered on the event loop at once; touches no store."""
-        return {"status": "ok"}
 
-    async def probe(dependency: Any) -> str:
-        """"up" or "down", within [features] timeout_ms; a dependency that failed a moment ago is not waited on."""
-        if not getattr(dependency, "does_io", False):
-            try:
-                dependency.ping()
-                return "up"
-            except Exception:
-                return "down"
-        if not dependency.available():
-            return "down"
-        try:
-            await asyncio.wait_for(asyncio.to_thread(dependency.ping), retriever.features_timeout_s)
-            return "up"
-        except (asyncio.TimeoutError, TowerannError):
-            return "down"
-
-    @app.get("/readyz", responses={503: _JSON_ERROR})
-    async def readyz() -> Response:
-        """200 while a bundle is served, with each dependency's state; 503 until a bundle is loaded."""
-        if not holder.ready:
-            return _error(503, "no retrieval bundle loaded yet")
-        deps = {"features": await probe(retriever.store)}
-        if delta is not None:
-            deps["delta_log"] = await probe(delta)
-        degraded = any(state != "up" for state in deps.values())
-        return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps,
-                             **holder.current().describe()})
-
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition format"}})
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TowerannError)
     async def towerann_error(request: Request, exc: TowerannError) -> JSONResponse:
         return _error(exc.http_status, str(exc))
@@ -426,9 +446,3 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
         response = _error(exc.status_code, str(exc.detail))
         response.headers.update(exc.headers or {})  # e.g. Allow on 405
         return response
-
-    # Unexpected exceptions are answered by GuardMiddleware: a handler registered here for Exception
-    # would sit in Starlette's outermost middleware, which re-raises after answering, and the server
-    # would then drop the keep-alive connection.
-    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
-    return app
