@@ -42,6 +42,7 @@ class SearchResult:
     ids: np.ndarray  # int64 [m, k]; -1 padding
     scores: np.ndarray  # float32 [m, k]; -inf padding; each row sorted by score descending
     exact_rows: int = 0  # rows answered (wholly, or completed) by exact search instead of the library
+    short_rows: int = 0  # of those, rows the library was asked for and came up short on
 
 
 @dataclass(frozen=True)
@@ -261,18 +262,18 @@ class Index(ABC):
             return SearchResult(ids=ids, scores=scores)
         if n_qual <= k or (mask is not None and n_qual <= int(p.get("exact_below", EXACT_BELOW))):
             slots, scores = self._exact(q, k, mask)
-            exact_rows = len(q)
+            exact_rows, short_rows = len(q), 0
         else:
             slots, scores = self._search(q, k, p, mask)
             short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
-            exact_rows = int(short.sum())
+            exact_rows = short_rows = int(short.sum())
             if exact_rows:
                 log.debug("%s: %d of %d rows short of k=%d; exact fallback over %d items",
                           self.kind, exact_rows, len(q), k, n_qual)
                 slots[short], scores[short] = self._exact(q[short], k, mask)
         ids = self._ids.data[slots]
         ids[slots < 0] = -1
-        return SearchResult(ids=ids, scores=scores, exact_rows=exact_rows)
+        return SearchResult(ids=ids, scores=scores, exact_rows=exact_rows, short_rows=short_rows)
 
     def exact_search(self, queries: Any, k: int, filter: Filter | None = None) -> SearchResult:
         """Brute force over the same qualifying items: the ground truth for recall, on any backend."""
