@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -161,13 +160,30 @@ def test_refuses_other_catalog(model_dir: Path, items: pd.DataFrame, tmp_path: P
     assert len(read_vectors(embed_catalog(model_dir, file, out, part_size=500, resume=False, progress=False))) == 1500
 
 
-def test_existing_output_needs_overwrite(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
-    out = embed_catalog(model_dir, dataset, tmp_path / "vec", progress=False)
+def test_existing_output_needs_overwrite(model_dir: Path, model: TwoTowerModel, dataset: Path, items: pd.DataFrame,
+                                        tmp_path: Path) -> None:
+    out = embed_catalog(model_dir, dataset, tmp_path / "vec", part_size=500, progress=False)  # 4 parts
+    before = json.loads((out / "manifest.json").read_text())
     with pytest.raises(ArtifactError, match="already exists"):
         embed_catalog(model_dir, dataset, out, progress=False)
-    shutil.copy(out / "manifest.json", tmp_path / "before.json")
-    embed_catalog(model_dir, dataset, out, overwrite=True, progress=False)
-    assert len(read_vectors(out)) == 2000
+    assert json.loads((out / "manifest.json").read_text()) == before  # refused: nothing touched
+    # Overwritten with another catalog (1,500 rows, new ids): the output is that catalog's, whole,
+    # and nothing of the first run is left (its 4 parts, its attributes).
+    df = items.iloc[:1500].copy()
+    df["item_id"] = df["item_id"] + 1_000_000
+    file = tmp_path / "items.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), file)
+    embed_catalog(model_dir, file, out, overwrite=True, progress=False)
+    after = json.loads((out / "manifest.json").read_text())
+    assert (before["count"], after["count"]) == (2000, 1500) and after["model_version"] == model.version
+    assert len(before["parts"]) == 4 and len(after["parts"]) == 1
+    assert after["attrs_sha256"]["external_ids"] != before["attrs_sha256"]["external_ids"]
+    listed = {"manifest.json", *after["attrs_sha256"]} | {p[key] for p in after["parts"] for key in ("vectors", "ids")}
+    assert {f.name for f in out.iterdir()} == {n if "." in n else f"{n}.npy" for n in listed}
+    vs = read_vectors(out)
+    assert np.array_equal(vs.external_ids, df["item_id"].to_numpy())
+    assert np.allclose(vs.vectors, model.encode_items(df), atol=1e-5)
+    assert vs.model_version == model.version
 
 
 def test_input_errors(model_dir: Path, items: pd.DataFrame, tmp_path: Path) -> None:

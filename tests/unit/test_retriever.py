@@ -140,3 +140,36 @@ def test_plain_snapshot_needs_model_and_holder_swaps(paths: dict[str, Path], bun
     assert (before.index_version, after.index_version) == (bundle.version, plain.version)
     assert after.item_ids == before.item_ids  # same vectors, same exact index: same answer
     assert seen == [bundle.version, plain.version]
+
+
+def test_readyz_is_503_until_a_bundle_is_loaded(bundle: RetrievalBundle) -> None:
+    """An app on an empty holder is up (healthz) but not ready; requests get a 503 that says why;
+    the first swap makes it ready and serving, with the bundle's versions. (In-process ASGI calls.)"""
+    import asyncio
+
+    import httpx
+
+    from towerann.serving.app import create_app
+
+    holder = BundleHolder()
+    app = create_app(Retriever(holder, open_store("memory")))
+
+    async def calls() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://towerann") as client:
+            assert (await client.get("/healthz")).status_code == 200
+            r = await client.get("/readyz")
+            assert r.status_code == 503 and "no retrieval bundle" in r.json()["error"]
+            r = await client.post("/v1/candidates", json={"user_id": "3", "k": 5})
+            assert r.status_code == 503 and "no retrieval bundle" in r.json()["error"]
+            assert (await client.post("/v1/events", json={"user_id": "3", "item_id": "1"})).status_code == 503
+            holder.swap(bundle)
+            r = await client.get("/readyz")
+            assert r.status_code == 200 and r.json()["index_version"] == bundle.version
+            assert r.json()["model_version"] == bundle.model_version
+            r = await client.post("/v1/candidates", json={"user_id": "3", "k": 5})
+            assert r.status_code == 200 and len(r.json()["candidates"]) == 5
+            assert r.json()["index_version"] == bundle.version
+            metrics = (await client.get("/metrics")).text
+            assert 'towerann_http_requests_total{route="/readyz",status="503"} 1.0' in metrics
+
+    asyncio.run(calls())

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path, delta: DeltaLog,
             kind: str = "auto", recall: float | None = 0.95, k: int = 100, keep: int = 3,
-            progress: bool | None = None) -> dict[str, Any]:
-    """Rebuild and publish a bundle; returns {path, delta_seq, items, seconds}."""
+            progress: bool | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild and publish a bundle; returns {path, delta_seq, items, seconds}. `params`: build and
+    search params of the index (as `towerann index build --param`)."""
     from towerann.embed.runner import embed_catalog
     from towerann.embed.vectors import read_vectors
     from towerann.serving.bundle import publish_bundle
@@ -50,8 +51,8 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
             catalog.to_parquet(tmp / "items.parquet", index=False)
         embed_catalog(model_dir, work / "catalog", work / "vectors", progress=progress)
         tuning = _tuning(model_dir, data_dir, k, recall) if recall is not None and kind != "exact" else None
-        path = publish_bundle(root, model_dir, read_vectors(work / "vectors"), kind=kind, tuning=tuning, keep=keep,
-                              delta_seq=cut)
+        path = publish_bundle(root, model_dir, read_vectors(work / "vectors"), kind=kind, params=params,
+                              tuning=tuning, keep=keep, delta_seq=cut)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {"path": str(path), "delta_seq": cut, "items": len(catalog), "seconds": round(time.perf_counter() - t0, 2)}

@@ -78,6 +78,7 @@ def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any =
         build = {}
     index = create(resolved, v.shape[1], metric, **build)
     index.build(v, ids, categories, available)
+    index.search_defaults.update(search)  # before tuning: it must measure the path the index will serve
     if resolved == "exact":
         index.tuning = {"params": {}, "recall": 1.0, "k": tuning.k if tuning else None,
                         "target": tuning.recall if tuning else None, "queries": 0, "reached": True}
@@ -85,7 +86,7 @@ def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any =
         tune(index, tuning.queries, tuning.k, tuning.recall)
     elif kind == "auto":
         log.warning("auto index: no tuning queries given, so the %s search defaults are untuned", resolved)
-    index.search_defaults.update(search)
+    index.search_defaults.update(search)  # and after: explicit params win over tuned ones
     log.info("built %s over %d items (kind %s)", index.describe(), len(index), kind)
     return index
 
