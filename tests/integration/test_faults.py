@@ -4,7 +4,6 @@ corrupted artifacts at startup. Every wait has a deadline; all traffic stays on 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig
 from towerann.data.dataset import read_items
 from towerann.errors import ConfigError
 from towerann.freshness.deltalog import open_delta_log
-from towerann.service.server import ServerHandle, free_port, start_background
+from towerann.service.server import free_port, start_background
 
 TOKEN = "fault-token-3c1d"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
