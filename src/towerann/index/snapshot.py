@@ -63,10 +63,14 @@ def publish(index: Index, root: str | Path, model_version: str, extra: dict[str,
     checksums them (a retrieval bundle adds its model and id map this way)."""
     root = Path(root)
     version = new_version()
-    with atomic_dir(root / version) as tmp:
-        if add_files is not None:
-            add_files(tmp)
-        write_snapshot(index, tmp, model_version, extra)
+    try:
+        with atomic_dir(root / version) as tmp:
+            if add_files is not None:
+                add_files(tmp)
+            write_snapshot(index, tmp, model_version, extra)
+    except (OSError, RuntimeError) as e:  # disk full, a file size limit, faiss failing to write: nothing landed
+        raise ArtifactError(f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT "
+                            "is unchanged - free space and publish again") from e
     set_current(root, version)
     prune(root, keep)
     log.info("published index snapshot %s (%s, %d items)", root / version, index.describe(), len(index))
