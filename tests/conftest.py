@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -38,15 +38,41 @@ def _wait_for_ping(url: str, proc: subprocess.Popen, timeout_s: float = 10.0) ->
         client.close()
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start Debian's redis-server on a free loopback port, no persistence; yield its URL."""
+def _redis_exe() -> str:
+    """Debian's redis-server; a skip with the reason where it is missing, an error under CI."""
     exe = shutil.which("redis-server")
     if exe is None:
         reason = "redis-server is not on PATH; install it (apt-get install redis-server) to run the Redis tests"
         if os.environ.get("CI"):
             pytest.fail(reason + " (CI is set, so this is an error, not a skip)")
         pytest.skip(reason)
+    return exe
+
+
+@pytest.fixture
+def spawn_redis(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """A factory of private redis-server processes on loopback (for tests that stop, kill or restart
+    one): spawn(port, *extra_args); any still running after the test is killed."""
+    exe = _redis_exe()
+    procs: list[subprocess.Popen] = []
+
+    def spawn(port: int, *extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir",
+                                 str(tmp_path), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start Debian's redis-server on a free loopback port, no persistence; yield its URL."""
+    exe = _redis_exe()
     workdir = tmp_path_factory.mktemp("redis")
     for _attempt in range(3):  # a free port can be taken between probing and binding
         port = _free_port()

@@ -63,17 +63,13 @@ def test_unreachable_redis_is_a_clear_error(free_port: int) -> None:
         open_delta_log(f"redis://127.0.0.1:{free_port}/0")
 
 
-def _private_redis(tmp_path: Path, port: int, *extra: str):  # type: ignore[no-untyped-def]
-    import shutil
+def _private_redis(spawn_redis, port: int, *extra: str):  # type: ignore[no-untyped-def]
+    """A redis-server of the test's own (tests/conftest.py spawn_redis), once it answers PING."""
     import time
 
     import redis
 
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path),
-                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_redis(port, *extra)
     client = redis.Redis(port=port, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10
     while True:
@@ -87,13 +83,13 @@ def _private_redis(tmp_path: Path, port: int, *extra: str):  # type: ignore[no-u
     return proc
 
 
-def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(tmp_path: Path, free_port: int) -> None:
+def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(spawn_redis, free_port: int) -> None:
     """append/since/last_seq of the Redis log: 503-type errors (were a raw redis ConnectionError: HTTP 500),
     within the deadline when Redis hangs, at once while it is marked down, and fine again once it is back."""
     import signal
     import time
 
-    proc = _private_redis(tmp_path, free_port, "--appendonly", "no")
+    proc = _private_redis(spawn_redis, free_port, "--appendonly", "no")
     log = open_delta_log(f"redis://127.0.0.1:{free_port}/0", timeout_s=0.2, retry_s=0.3)
     try:
         first = log.append("upsert", "i1", {"n": 1})
@@ -130,11 +126,12 @@ def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(tmp_path: Pat
     (("--appendonly", "yes", "--appendfsync", "always"), "appendonly yes, appendfsync always"),
     (("--appendonly", "no", "--rename-command", "CONFIG", ""), "refused"),
 ])
-def test_check_durable_reads_the_servers_persistence(tmp_path: Path, free_port: int, settings, outcome) -> None:  # type: ignore[no-untyped-def]
+def test_check_durable_reads_the_servers_persistence(spawn_redis, tmp_path: Path, free_port: int, settings,
+                                                     outcome) -> None:  # type: ignore[no-untyped-def]
     from towerann.errors import ConfigError
     from towerann.freshness.deltalog import check_durable
 
-    proc = _private_redis(tmp_path, free_port, *settings)
+    proc = _private_redis(spawn_redis, free_port, *settings)
     log = open_delta_log(f"redis://127.0.0.1:{free_port}/0")
     try:
         if outcome == "refused":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 
 import pytest
@@ -52,13 +50,8 @@ def test_prefixes_are_separate_namespaces(redis_server: str, redis_prefix: str) 
         open_store(redis_server, path="x.sqlite")
 
 
-def test_server_going_away_is_backend_unavailable(free_port: int, tmp_path) -> None:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH")
-    proc = subprocess.Popen([exe, "--port", str(free_port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_server_going_away_is_backend_unavailable(free_port: int, spawn_redis) -> None:
+    proc = spawn_redis(free_port, "--appendonly", "no")
     try:
         url = f"redis://127.0.0.1:{free_port}/0"
         for _ in range(200):  # wait until it answers
@@ -81,18 +74,13 @@ def test_server_going_away_is_backend_unavailable(free_port: int, tmp_path) -> N
     store.close()
 
 
-def test_a_hung_redis_answers_within_the_deadline_and_recovers(free_port: int, tmp_path) -> None:
+def test_a_hung_redis_answers_within_the_deadline_and_recovers(free_port: int, spawn_redis) -> None:
     """SIGSTOP: reads fail after timeout_s (not redis-py's 5 s x retries), then fail fast while marked
     down, and work again by themselves once the server runs again."""
     import os
     import signal
 
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not on PATH")
-    proc = subprocess.Popen([exe, "--port", str(free_port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_redis(free_port, "--appendonly", "no")
     url = f"redis://127.0.0.1:{free_port}/0"
     try:
         deadline = time.monotonic() + 10
