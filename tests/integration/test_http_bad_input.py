@@ -69,7 +69,9 @@ def test_unknown_route_and_method(server) -> None:
 
 def test_server_keeps_serving_after_bad_input(server) -> None:
     for _ in range(3):
-        httpx.post(f"{server.url}/v1/candidates", content=b"\xff\xfe", headers={"content-type": "application/json"})
+        bad = httpx.post(f"{server.url}/v1/candidates", content=b"\xff\xfe",
+                         headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "error" in bad.json(), bad.text
     r = httpx.post(f"{server.url}/v1/candidates", json=GOOD)
     assert r.status_code == 200 and len(r.json()["candidates"]) == 5
 
