@@ -4,6 +4,7 @@ corrupted artifacts at startup. Every wait has a deadline; all traffic stays on 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -190,6 +191,47 @@ def test_a_stopped_redis_never_freezes_the_server(redis_up: PrivateRedis, bundle
         print(f"\nredis stopped: healthz max {health_max * 1e3:.1f} ms, first candidates {first_s * 1e3:.0f} ms, "
               f"later degraded max {max(s for _, s in later) * 1e3:.1f} ms, click 503 in {click_s * 1e3:.0f} ms, "
               f"item write 503 in {write_s * 1e3:.0f} ms, healthz during it max {max(during) * 1e3:.1f} ms")
+    finally:
+        redis_up.resume()
+        http.close()
+        handle.stop()
+
+
+def test_searches_never_wait_for_a_write_stuck_on_the_delta_log(redis_up: PrivateRedis, bundle_paths,
+                                                                   tmp_path: Path) -> None:
+    """An item write blocked on a hung Redis delta log holds only itself: searches meanwhile answer
+    (degraded) long before it gives up; a write after the recovery is searchable on return."""
+    cfg = redis_config(bundle_paths, tmp_path, redis_up.url)
+    cfg = dataclasses.replace(cfg, freshness=dataclasses.replace(cfg.freshness, timeout_ms=3000))
+    handle = start_background(cfg)
+    http = httpx.Client(base_url=handle.url, timeout=30)
+    try:
+        assert http.post("/v1/items", json={"items": [item_row(bundle_paths, "990201")]}, headers=AUTH).status_code == 200
+        redis_up.pause()
+        done: dict[str, Any] = {}
+
+        def stuck_write() -> None:
+            with httpx.Client(base_url=handle.url, timeout=30) as w:
+                done["response"] = w.post("/v1/items", json={"items": [item_row(bundle_paths, "990202")]}, headers=AUTH)
+            done["at"] = time.perf_counter()
+
+        writer = threading.Thread(target=stuck_write)
+        writer.start()
+        time.sleep(0.3)  # the write is now waiting on the stopped Redis (for up to 3 s)
+        search = http.post("/v1/candidates", json={"user_id": "u1", "k": 10})
+        search_at = time.perf_counter()
+        writer.join(timeout=20)
+        assert search.status_code == 200 and search.json()["degraded"] is True, search.text
+        assert done["response"].status_code == 503, done["response"].text
+        # Before the fix the search waited at a gate until the write had timed out: both ended together.
+        assert done["at"] - search_at > 1.0, (done["at"] - search_at)
+
+        redis_up.resume()
+        wait_for(lambda: http.get("/readyz").json()["dependencies"] == {"features": "up", "delta_log": "up"})
+        row = item_row(bundle_paths, "990203", category="fault_new_cat")
+        assert http.post("/v1/items", json={"items": [row]}, headers=AUTH).status_code == 200
+        got = http.post("/v1/candidates", json={"user_id": "u1", "k": 5, "filter": {"categories": ["fault_new_cat"]}})
+        assert [c["item_id"] for c in got.json()["candidates"]] == [990203], got.text
     finally:
         redis_up.resume()
         http.close()

@@ -6,7 +6,9 @@ a bundle - at startup, and to a freshly loaded bundle before it is swapped in - 
 write survives restarts and rebuilds. Upserts are re-embedded with the bundle's own item tower.
 
 Writes and swaps are serialised by `ItemWriter.lock`. Searches take no lock: the HTTP handlers run
-on one event loop, so a search never overlaps an index write there; Python callers that search from
+on one event loop, and every change to the served index runs there too (`apply_on`), so a search never
+overlaps an index write; a write whose log lives on the network runs in a thread and hands only its
+final, IO-free step to the loop, so searches never wait on the log. Python callers that search from
 other threads must hold the lock around their own writes.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,13 @@ from towerann.serving.holder import BundleHolder
 log = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Runs one change of the served bundle (no IO, fast): where searches cannot overlap it.
+ApplyOn = Callable[[Callable[[], None]], None]
+
+
+def apply_here(change: Callable[[], None]) -> None:
+    change()
 
 
 def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
@@ -141,35 +150,35 @@ class ItemWriter:
     """Item writes through the delta log onto the holder's current bundle (serving.app.ItemWrites).
 
     A write is checked and embedded first, logged second, applied third: the log only ever holds
-    what the bundle would accept."""
+    what the bundle would accept. `apply_on` runs the third step (default: right here)."""
 
     def __init__(self, holder: BundleHolder, delta: DeltaLog):
         self.holder, self.delta = holder, delta
         self.lock = threading.Lock()
 
-    def upsert(self, rows: Any) -> dict[str, Any]:
+    def upsert(self, rows: Any, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
             b = self.holder.current()
             clean = check_rows(b, rows)
             vectors = embed_rows(b, clean)  # before logging: a row the tower cannot take is refused, not logged
             entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
-            b.upsert(clean, vectors, entries[-1].seq)
+            apply_on(lambda: b.upsert(clean, vectors, entries[-1].seq))
         return {"upserted": len(clean), "seq": entries[-1].seq, "index_version": b.version}
 
-    def set_available(self, item_id: str, available: bool) -> dict[str, Any]:
+    def set_available(self, item_id: str, available: bool, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         if not isinstance(available, bool):
             raise BadRequest("available must be true or false")
         with self.lock:
             b = self._known(item_id)
             entry = self.delta.append("available", item_id, {"available": available})
-            b.set_available(item_id, available, entry.seq)
+            apply_on(lambda: b.set_available(item_id, available, entry.seq))
         return {"item_id": item_id, "available": available, "seq": entry.seq}
 
-    def delete(self, item_id: str) -> dict[str, Any]:
+    def delete(self, item_id: str, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
             b = self._known(item_id)
             entry = self.delta.append("delete", item_id, {})
-            b.remove(item_id, entry.seq)
+            apply_on(lambda: b.remove(item_id, entry.seq))
         return {"item_id": item_id, "deleted": True, "seq": entry.seq}
 
     def _known(self, item_id: str) -> RetrievalBundle:

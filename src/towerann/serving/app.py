@@ -29,10 +29,11 @@ re-measure before changing this.
 # from the config), and FastAPI must see the handlers' annotations as those classes, not as strings.
 
 import asyncio
+import concurrent.futures
+import functools
 import hmac
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Protocol
 
@@ -170,10 +171,14 @@ def entry_rows(rows: list[dict[str, Any]], bundle: RetrievalBundle, retriever: R
 
 # ---- what the write routes call (freshness/ implements them; serving never imports it) -------------
 
+# apply_on: a write hands its last step - the change of the served index, no IO - to this runner.
+ApplyOn = Callable[[Callable[[], None]], None]
+
+
 class ItemWrites(Protocol):
-    def upsert(self, rows: Any) -> dict[str, Any]: ...
-    def set_available(self, item_id: str, available: bool) -> dict[str, Any]: ...
-    def delete(self, item_id: str) -> dict[str, Any]: ...
+    def upsert(self, rows: Any, apply_on: ApplyOn = ...) -> dict[str, Any]: ...
+    def set_available(self, item_id: str, available: bool, apply_on: ApplyOn = ...) -> dict[str, Any]: ...
+    def delete(self, item_id: str, apply_on: ApplyOn = ...) -> dict[str, Any]: ...
 
 
 class BundleReloads(Protocol):
@@ -372,8 +377,9 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
     PathItemId = Annotated[str, Path(min_length=1, max_length=retriever.max_id_length,
                                      description="the catalog's item id")]
     # A delta log on the network (Redis): its writes run in one worker thread, so a hung Redis holds
-    # only the write (and the searches, which must not overlap it: retriever.gate), never the loop.
-    write_pool = ThreadPoolExecutor(1, thread_name_prefix="towerann-write") if getattr(delta, "does_io", False) else None
+    # only that write, never the loop; the index change itself runs on the loop (apply_on), where
+    # no search can overlap it, so searches never wait on the log.
+    write_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="towerann-write") if getattr(delta, "does_io", False) else None
     app.state.write_pool = write_pool
 
     async def authorize(request: Request) -> None:
@@ -396,8 +402,8 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
         if not delta.available():
             raise BackendUnavailable("the delta log's Redis is unavailable (it failed a moment ago); nothing was "
                                      "written: retry later")
-        async with retriever.gate.writing():  # searches wait; /healthz, /readyz, clicks do not
-            return await asyncio.get_running_loop().run_in_executor(write_pool, fn, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(write_pool, functools.partial(fn, *args, apply_on=on_loop(loop)))
 
     writes = {"responses": WRITE_ERRORS, "dependencies": [Depends(authorize)]}
 
@@ -421,6 +427,28 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
             raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
         info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
+
+
+APPLY_WAIT_S = 60.0  # the loop runs a change within milliseconds; this only bounds a loop that is shutting down
+
+
+def on_loop(loop: asyncio.AbstractEventLoop) -> ApplyOn:
+    """An ApplyOn for a worker thread: run the change on `loop` between two handlers, and wait for it."""
+    def apply(change: Callable[[], None]) -> None:
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                change()
+            except BaseException as e:  # handed back to the waiting thread, which raises it
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result(timeout=APPLY_WAIT_S)
+
+    return apply
 
 
 def _add_error_handlers(app: FastAPI) -> None:

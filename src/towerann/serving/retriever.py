@@ -16,13 +16,12 @@ click that cannot be stored is refused (BackendUnavailable, HTTP 503), never dro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,42 +47,6 @@ class Candidates:
     degraded: bool = False  # the feature store did not answer: ranked without the user's features
 
 
-class SearchGate:
-    """Searches on the event loop wait while an item write runs in a worker thread.
-
-    Index writes must never overlap a search. On the event loop they cannot (one handler at a time);
-    a write whose delta log does network IO runs in a thread, so that a hung Redis holds only that
-    write, and closes this gate meanwhile. A search checks the gate right before it searches, with
-    no await in between, so no write starts under it."""
-
-    def __init__(self) -> None:
-        self._writers = 0
-        self._waiters: list[asyncio.Future[None]] = []  # futures, not an Event: no tie to one event loop
-
-    @property
-    def closed(self) -> bool:
-        return self._writers > 0
-
-    async def wait_open(self) -> None:
-        while self._writers:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        self._writers += 1
-        try:
-            yield
-        finally:
-            self._writers -= 1
-            if not self._writers:
-                waiters, self._waiters = self._waiters, []
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
-
-
 class Retriever:
     def __init__(self, holder: BundleHolder, store: FeatureStore, max_k: int = 1000, *, max_id_length: int = 256,
                  max_clock_skew_s: float = 300.0, features_timeout_s: float = 0.1, write_timeout_s: float = 1.0,
@@ -95,7 +58,6 @@ class Retriever:
         self.max_clock_skew_s = float(max_clock_skew_s)
         self.features_timeout_s = float(features_timeout_s)
         self.write_timeout_s = float(write_timeout_s)
-        self.gate = SearchGate()
         # Only a store that waits on the network gets threads; the embedded store is called inline.
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="towerann-store") if store.does_io else None
 
@@ -125,9 +87,8 @@ class Retriever:
                 f = await self._off_loop(store.get_one, user_id, timeout_s=self.features_timeout_s, what="read")
             except BackendUnavailable:
                 f = None
-        if self.gate.closed:
-            await self.gate.wait_open()
-        return self._rank(b, user_id, k, flt, f, t0)  # no await from the gate check to the search
+        # Index writes run on this loop too (serving.app.on_loop): none can overlap the search below.
+        return self._rank(b, user_id, k, flt, f, t0)
 
     def _check(self, user_id: Any, k: Any, filter: Any) -> tuple[str, RetrievalBundle, Filter | None]:
         user_id = self.check_id(user_id, "user_id")
