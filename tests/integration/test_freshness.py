@@ -429,6 +429,25 @@ def _metric(url: str, outcome: str) -> float:
     return 0.0
 
 
+def test_a_category_born_in_an_item_write_still_filters_after_a_refresh(tmp_path: Path, bundle_paths, items) -> None:
+    """The model never saw the category: the rebuilt bundle must still file the item under it (it used to
+    be filed as <unknown>, so a filter on it found nothing once the rebuild was swapped in)."""
+    cfg = make_root(tmp_path, bundle_paths)
+    handle = start_background(cfg)
+    try:
+        row = {**new_item(items, items["category"].iloc[0], "930001"), "category": "born_live"}
+        assert httpx.post(f"{handle.url}/v1/items", json={"items": [row]}, headers=AUTH).status_code == 200
+        assert candidate_ids(handle.url, "1", 5, ["born_live"]) == [930001]
+        delta = open_delta_log("embedded", cfg.freshness.delta_path)
+        published = Path(refresh(cfg.paths.data, bundle_paths["model"], cfg.paths.index, delta, kind="exact")["path"])
+        delta.close()
+        swap = httpx.post(f"{handle.url}/v1/admin/reload", headers=AUTH).json()
+        assert swap["outcome"] == "swapped" and swap["index_version"] == published.name, swap
+        assert candidate_ids(handle.url, "1", 5, ["born_live"]) == [930001]
+    finally:
+        handle.stop()
+
+
 def test_corrupted_or_incompatible_bundle_is_refused_and_the_old_one_keeps_serving(server, items,
                                                                                    second_model) -> None:
     handle, cfg = server

@@ -65,10 +65,12 @@ def test_vectors_match_the_model(model_dir: Path, model: TwoTowerModel, items: p
     assert np.array_equal(vs.ids, np.arange(len(df)))
     assert np.array_equal(vs.external_ids, df["item_id"].to_numpy())
     assert vs.external_ids.dtype == np.int64
-    assert np.array_equal(vs.categories, model.schema.categories.encode(df["category"].to_numpy()))
-    assert (vs.categories[10:20] == 0).all()
+    # Filter codes: the model's categories keep the tower's codes; one it never saw gets its own code
+    # after them (the tower embeds it as unknown, but a filter on it must still find these items).
+    assert vs.category_names == ["<unknown>"] + model.schema.categories.values + ["brand-new-category"]
+    assert [vs.category_names[c] for c in vs.categories] == df["category"].astype(str).tolist()
+    assert np.array_equal(vs.categories[20:], model.schema.categories.encode(df["category"].to_numpy()[20:]))
     assert np.array_equal(vs.available, df["available"].to_numpy())
-    assert vs.category_names == ["<unknown>"] + model.schema.categories.values
     assert np.allclose(np.linalg.norm(vs.vectors, axis=1), 1.0, atol=1e-4)
     assert not work_dir_for(out).exists()
 
@@ -216,14 +218,15 @@ def test_read_ahead_reader_gives_the_same_batches(model: TwoTowerModel, dataset:
     """The read-ahead thread (used with a GPU) hands over the same encoded batches as inline reading."""
     import torch
 
-    from towerann.embed.runner import BatchReader, iter_batches_from, open_catalog, resolve_items_file
+    from towerann.embed.runner import BatchReader, filter_categories, iter_batches_from, open_catalog, resolve_items_file
 
     file = resolve_items_file(dataset)
     cols = model.schema.item_columns()
     runs = []
     for ahead in (False, True):
-        reader = BatchReader(iter_batches_from(open_catalog(file, cols), file, cols, 700, 256), model, torch.device("cpu"),
-                             ahead)
+        pf = open_catalog(file, cols)
+        reader = BatchReader(iter_batches_from(pf, file, cols, 700, 256), model, filter_categories(pf, model),
+                             torch.device("cpu"), ahead)
         reader.start()
         runs.append(list(reader))
         reader.close()

@@ -69,7 +69,8 @@ def _model(work: Path) -> Path:
 
 def _stages(model_dir: Path, items: Path, batch_size: int, threads: int) -> dict[str, Any]:
     """Each stage alone on the first SAMPLE rows: decode, encode, tower on tensors already in memory."""
-    from towerann.embed.runner import encode_batch, iter_batches_from, open_catalog, resolve_items_file
+    from towerann.embed.runner import (encode_batch, filter_categories, iter_batches_from, open_catalog,
+                                       resolve_items_file)
     from towerann.model.model import TwoTowerModel
 
     model = TwoTowerModel.load(model_dir)
@@ -83,7 +84,8 @@ def _stages(model_dir: Path, items: Path, batch_size: int, threads: int) -> dict
             break
         batches.append((start, b))
     t1 = time.perf_counter()
-    encoded = [encode_batch(model, b, s) for s, b in batches]
+    vocab = filter_categories(pf, model)
+    encoded = [encode_batch(model, b, s, vocab) for s, b in batches]
     t2 = time.perf_counter()
     n = sum(len(e.available) for e in encoded)
     tower = model.net.item_tower.eval()

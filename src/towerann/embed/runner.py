@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from numpy.lib.format import open_memmap
@@ -36,6 +37,7 @@ from towerann.data.dataset import ITEMS
 from towerann.embed.vectors import manifest_for, part_names, write_part
 from towerann.errors import ArtifactError, ConfigError, DataError
 from towerann.model.model import TwoTowerModel
+from towerann.model.schema import CategoricalColumn
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,21 @@ class Encoded:
     available: np.ndarray
 
 
-def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int) -> Encoded:
+def filter_categories(pf: pq.ParquetFile, model: TwoTowerModel) -> CategoricalColumn:
+    """The bundle's category vocabulary for filters: the model's categories (codes as its tower has
+    them), then every category of the catalog the model never saw, sorted. The tower embeds an unseen
+    category as unknown, but a filter on it must still find its items (a refresh after new categories
+    arrived through item writes, a catalog that grew since training)."""
+    known = set(model.schema.categories.values)
+    new: set[str] = set()
+    for batch in pf.iter_batches(columns=["category"], batch_size=1 << 20):
+        col = batch.column(0)
+        values = col.dictionary if pa.types.is_dictionary(col.type) else pc.unique(col)
+        new.update(str(v) for v in values.to_pylist() if v is not None)
+    return CategoricalColumn("category", list(model.schema.categories.values) + sorted(new - known))
+
+
+def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int, filter_vocab: CategoricalColumn) -> Encoded:
     ids = batch.column("item_id")
     if pa.types.is_integer(ids.type):
         external = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -85,7 +101,8 @@ def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int) -> Enc
     cat, num, attrs = model.schema.encode_item_features(batch)
     available = batch.column("available").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
     inputs = (torch.from_numpy(item_idx), torch.from_numpy(cat), torch.from_numpy(num), torch.from_numpy(attrs))
-    return Encoded(start, inputs, external, cat.astype(np.int32), available)
+    categories = filter_vocab.encode_arrow(batch.column("category")).astype(np.int32)
+    return Encoded(start, inputs, external, categories, available)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -137,10 +154,11 @@ class BatchReader(threading.Thread):
 
     _END = object()
 
-    def __init__(self, batches: Iterator[tuple[int, pa.RecordBatch]], model: TwoTowerModel, device: torch.device,
-                 ahead: bool):
+    def __init__(self, batches: Iterator[tuple[int, pa.RecordBatch]], model: TwoTowerModel,
+                 filter_vocab: CategoricalColumn, device: torch.device, ahead: bool):
         super().__init__(name="towerann-embed-reader", daemon=True)
         self.batches, self.model, self.device, self.ahead = batches, model, device, ahead
+        self.filter_vocab = filter_vocab
         self.q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()
 
@@ -153,7 +171,7 @@ class BatchReader(threading.Thread):
             for start, batch in self.batches:
                 if self.stop.is_set():
                     return
-                enc = encode_batch(self.model, batch, start)
+                enc = encode_batch(self.model, batch, start, self.filter_vocab)
                 if self.device.type != "cpu":
                     enc.inputs = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in enc.inputs)
                 self.q.put(enc)
@@ -164,7 +182,7 @@ class BatchReader(threading.Thread):
     def __iter__(self) -> Iterator[Encoded]:
         if not self.ahead:
             for start, batch in self.batches:
-                enc = encode_batch(self.model, batch, start)
+                enc = encode_batch(self.model, batch, start, self.filter_vocab)
                 enc.inputs = tuple(t.to(self.device) for t in enc.inputs)
                 yield enc
             return
@@ -339,7 +357,8 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     # Read-ahead pays when the tower runs on a GPU. On CPU the reader thread competes with the
     # tower's OpenMP threads for the same cores: measured on 2 cores (10M items), the tower ran
     # 35% slower beside it and the whole run took longer, so there decoding runs inline.
-    reader = BatchReader(iter_batches_from(pf, file, columns, done_rows, batch_size), model, dev,
+    filter_vocab = filter_categories(pf, model)
+    reader = BatchReader(iter_batches_from(pf, file, columns, done_rows, batch_size), model, filter_vocab, dev,
                          ahead=dev.type != "cpu")
     bar = tqdm(total=n_rows, initial=done_rows, desc="embed", unit="item", unit_scale=True, disable=None if progress is None else not progress)
     new_parts = 0
@@ -396,7 +415,7 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     t3 = time.perf_counter()
     attr_sums = _assemble_attrs(work, len(parts), n_rows)
     manifest = manifest_for(parts, attr_sums, model_version=model.version, dim=model.dim, metric=model.metric,
-                            category_names=["<unknown>"] + model.schema.categories.values,
+                            category_names=["<unknown>"] + filter_vocab.values,
                             extra={"source": {"items": str(file), "rows": n_rows, "model": str(model_dir)}})
     write_json_atomic(work / MANIFEST, manifest)
     progress_path.unlink()
