@@ -13,6 +13,7 @@ BENCH_MODULES = (
     "towerann.bench.ann",
     "towerann.bench.serve",
     "towerann.bench.freshness",
+    "towerann.bench.soak",
 )
 
 

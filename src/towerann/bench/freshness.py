@@ -31,13 +31,13 @@ TOKEN = "bench-token"
 NEW_CATEGORY = "bench_new"
 
 
-def _rss_mb(pid: int) -> tuple[float, float]:
+def rss_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) of a process in MiB, from /proc."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def _window(timeline: dict[str, list], *spans: tuple[float, float]) -> dict[str, Any]:
+def window(timeline: dict[str, list], *spans: tuple[float, float]) -> dict[str, Any]:
     """Latency percentiles and failures of the requests sent within the given (start, end) spans."""
     sent, lat, status = (np.asarray(timeline[k]) for k in ("sent_unix", "latency_ms", "status"))
     sel = np.zeros(len(sent), bool)
@@ -50,29 +50,30 @@ def _window(timeline: dict[str, list], *spans: tuple[float, float]) -> dict[str,
 REBUILD_NICE = 10  # the rebuild shares the server's 2 cores: it runs as the background job it is
 
 
-def _refresh_main(data: Path, model: Path, root: Path, delta_path: Path, kind: str, recall: float, k: int,
-                  out: Any) -> None:
+def _refresh_main(data: Path, model: Path, root: Path, delta_url: str, delta_path: Path | None, kind: str,
+                  recall: float, k: int, out: Any) -> None:
     import os
 
     from towerann.freshness.deltalog import open_delta_log
     from towerann.freshness.refresh import refresh
 
     os.nice(REBUILD_NICE)
-    delta = open_delta_log("embedded", delta_path)
+    delta = open_delta_log(delta_url, delta_path)
     try:
         out.put(refresh(data, model, root, delta, kind=kind, recall=recall, k=k, progress=False))
     finally:
         delta.close()
 
 
-def _rebuild_niced(data: Path, model: Path, root: Path, delta_path: Path, kind: str, recall: float,
-                   k: int) -> dict[str, Any]:
-    """`refresh` in a child process at nice 10, as a cron job beside a server would run."""
+def rebuild_niced(data: Path, model: Path, root: Path, delta_path: Path | None, kind: str, recall: float,
+                  k: int, delta_url: str = "embedded") -> dict[str, Any]:
+    """`refresh` in a child process at nice 10, as a cron job beside a server would run. The delta log:
+    "embedded" (SQLite at delta_path) or a Redis URL."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_refresh_main, args=(data, model, root, delta_path, kind, recall, k, q))
+    p = ctx.Process(target=_refresh_main, args=(data, model, root, delta_url, delta_path, kind, recall, k, q))
     p.start()
     try:
         return q.get(timeout=3600)
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
             def sample() -> None:
                 while not sampling.is_set():
-                    rss.append((time.time(), _rss_mb(pid)[0]))
+                    rss.append((time.time(), rss_mb(pid)[0]))
                     time.sleep(0.1)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             loader.start()
             time.sleep(args.steady_s)
             events: dict[str, float] = {"rebuild_start": time.time()}
-            rebuilt = _rebuild_niced(paths["data"], paths["model"], root, delta_path, args.kind, args.recall, args.k)
+            rebuilt = rebuild_niced(paths["data"], paths["model"], root, delta_path, args.kind, args.recall, args.k)
             events["rebuild_end"] = time.time()
             time.sleep(args.settle_s)  # a watcher polling CURRENT would notice it a little later, too
             events["swap_start"] = time.time()
@@ -176,21 +177,21 @@ def run(args: argparse.Namespace) -> int:
             sampling.set()
             sampler.join()
     finally:
-        peak_mb = _rss_mb(pid)[1]
+        peak_mb = rss_mb(pid)[1]
         server.stop()
     tl = load_out["timeline"]
     before = (tl["sent_unix"][0] + 2.0, events["rebuild_start"])
     after = (events["swap_end"] + 1.0, tl["sent_unix"][-1] + 1.0)
     # Steady = no rebuild and no swap running: before the rebuild and after the swap, together, so one
     # hiccup of the machine in a ~13 s window does not set the baseline.
-    steady = _window(tl, before, after)
-    during_swap = _window(tl, (events["swap_start"] - 0.5, events["swap_end"] + 1.0))
+    steady = window(tl, before, after)
+    during_swap = window(tl, (events["swap_start"] - 0.5, events["swap_end"] + 1.0))
     result["swap"] = {
         "rate": args.rate, "reload": swap, "refresh": {**rebuilt, "nice": REBUILD_NICE}, "events": events,
         "failed_requests": int(sum(1 for s in tl["status"] if s != 200)), "sent": len(tl["status"]),
-        "steady": steady, "before": _window(tl, before),
-        "during_rebuild": _window(tl, (events["rebuild_start"], events["swap_start"])),
-        "during_swap": during_swap, "after": _window(tl, after),
+        "steady": steady, "before": window(tl, before),
+        "during_rebuild": window(tl, (events["rebuild_start"], events["swap_start"])),
+        "during_swap": during_swap, "after": window(tl, after),
         "p99_swap_over_steady": round(during_swap["p99_ms"] / steady["p99_ms"], 2),
         "rss_mb_before": round(max((m for t, m in rss if t < events["rebuild_start"]), default=0.0), 1),
         "rss_mb_peak_during_swap": round(max((m for t, m in rss if events["swap_start"] <= t <= events["swap_end"] + 1),

@@ -71,9 +71,14 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
 
 # ---- load generation -----------------------------------------------------------------------------
 
-async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int,
-                     timeline: bool = False) -> dict[str, Any]:
-    """Send len(schedule) requests at fixed arrival times over a pool of keep-alive connections.
+# One request of a load: a JSON body for POST /v1/candidates, or (path, body) for another POST route.
+Request = bytes | tuple[str, bytes]
+
+
+async def _open_loop(url: str, bodies: list[Request], rate: float, duration_s: float, connections: int,
+                     timeline: bool = False, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Send rate * duration_s requests at fixed arrival times over a pool of keep-alive connections,
+    request i being bodies[i % len(bodies)]; headers go with every request (e.g. Authorization).
 
     timeline: also return each request's send time (unix s), latency (ms) and HTTP status (0 = failed)."""
     from urllib.parse import urlsplit
@@ -84,18 +89,23 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
     queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
     lat = np.full(n, np.nan)
     codes = np.zeros(n, np.int32)
+    degraded = np.zeros(n, bool)  # answered without the user's features (the store was down)
     stages: list[dict[str, float]] = []
+    other_ok = 0
     errors: dict[str, int] = {}
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
 
     async def worker() -> None:
+        nonlocal other_ok
         reader, writer = await asyncio.open_connection(host, port)
         try:
             while True:
                 i, t_sched = await queue.get()
                 if i < 0:
                     return
-                body = bodies[i % len(bodies)]
-                head = (f"POST /v1/candidates HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                request = bodies[i % len(bodies)]
+                path, body = request if isinstance(request, tuple) else ("/v1/candidates", request)
+                head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
                         f"Content-Length: {len(body)}\r\n\r\n").encode()
                 try:
                     writer.write(head + body)
@@ -110,8 +120,12 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
                     codes[i] = status
                     if status != 200:
                         errors[str(status)] = errors.get(str(status), 0) + 1
+                    elif path == "/v1/candidates":
+                        answer = json.loads(payload)
+                        stages.append(answer["timings_ms"])
+                        degraded[i] = bool(answer.get("degraded"))
                     else:
-                        stages.append(json.loads(payload)["timings_ms"])
+                        other_ok += 1
                 except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
                     writer.close()
@@ -133,30 +147,31 @@ async def _open_loop(url: str, bodies: list[bytes], rate: float, duration_s: flo
     await asyncio.gather(*workers)
     wall = time.perf_counter() - t0
     done = lat[~np.isnan(lat)]
-    out = {"target_rps": rate, "sent": n, "ok": len(stages), "errors": errors,
+    out = {"target_rps": rate, "sent": n, "ok": len(stages) + other_ok, "errors": errors,
            "achieved_rps": len(done) / wall, "end_to_end": percentiles(done),
            "stages": {s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in
                       ("features", "user_tower", "ann", "total")} if stages else {}}
     if timeline:
         out["timeline"] = {"sent_unix": (t0_unix + np.arange(n) / rate).tolist(),
-                           "latency_ms": np.where(np.isnan(lat), -1.0, np.round(lat * 1e3, 3)).tolist(), "status": codes.tolist()}
+                           "latency_ms": np.where(np.isnan(lat), -1.0, np.round(lat * 1e3, 3)).tolist(), "status": codes.tolist(),
+                           "degraded": degraded.tolist()}
     return out
 
 
-def _loadgen_main(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int, out: Any,
-                  timeline: bool = False) -> None:
+def _loadgen_main(url: str, bodies: list[Request], rate: float, duration_s: float, connections: int, out: Any,
+                  timeline: bool = False, headers: dict[str, str] | None = None) -> None:
     import gc
 
     gc.disable()  # a collector pause in the generator would show up as server latency
-    out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections, timeline)))
+    out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections, timeline, headers)))
 
 
-def run_load(url: str, bodies: list[bytes], rate: float, duration_s: float, connections: int,
-             timeline: bool = False) -> dict[str, Any]:
+def run_load(url: str, bodies: list[Request], rate: float, duration_s: float, connections: int,
+             timeline: bool = False, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """The generator in its own process, so it never competes with the server for the GIL."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_loadgen_main, args=(url, bodies, rate, duration_s, connections, q, timeline))
+    p = ctx.Process(target=_loadgen_main, args=(url, bodies, rate, duration_s, connections, q, timeline, headers))
     p.start()
     try:
         return q.get(timeout=duration_s * 4 + 60)
@@ -204,20 +219,34 @@ def _in_process(index_root: Path, store_url: str, store_path: str | None, user_i
         store.close()
 
 
-def _start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_redis(workdir: Path, port: int | None = None, timeout_s: float = 10.0) -> tuple[subprocess.Popen, str]:
+    """A private redis-server on loopback (a free port unless given), logging every write
+    (appendonly): the server refuses a delta log in a Redis that a crash could empty (everysec: a crash
+    of the machine may lose the last second, a crash of Redis nothing). Waits for PING."""
+    import redis
+
     from towerann.service.server import free_port
 
     exe = shutil.which("redis-server")
     if exe is None:
         raise ConfigError("--store redis needs redis-server on PATH (apt-get install redis-server)")
-    port = free_port()
-    # appendonly: the server refuses a delta log in a Redis that a crash could empty (everysec: a
-    # crash of the machine may lose the last second, a crash of Redis nothing)
+    port = port or free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                              "--appendfsync", "everysec", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with redis.Redis.from_url(url, socket_timeout=0.5) as r:
+                if r.ping():
+                    return proc, url
+        except redis.RedisError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise ConfigError(f"redis-server on port {port} did not answer PING within {timeout_s:.0f}s")
+        time.sleep(0.05)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     redis_proc = None
     store_url, store_path = args.store, None
     if args.store == "redis":
-        redis_proc, store_url = _start_redis(work)
+        redis_proc, store_url = start_redis(work)
     elif args.store == "embedded":
         store_path = str(work / "features.sqlite")
     try:
