@@ -23,11 +23,62 @@ import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import ArtifactError
-from towerann.index.base import Index, Mask, release_pages
+from towerann.index.base import Index, Mask, as_vectors, release_pages
+from towerann.index.merge import padded
 
 log = logging.getLogger(__name__)
 
 ADD_CHUNK = 50_000  # rows per add call, for progress reporting on big builds
+# Masks that keep at least this share of the slots are applied after an unbounded beam search
+# (see _beam); narrower ones go into the graph walk as a bitmap selector.
+POST_FILTER_SHARE = 0.5
+# build() stores a catalog of at least this many items cluster by cluster (k-means, about
+# ITEMS_PER_CLUSTER items each), so that graph neighbours mostly sit in nearby memory.
+LOCALITY_MIN = 10_000
+ITEMS_PER_CLUSTER = 1000
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # Linux
+
+
+def locality_order(vectors: np.ndarray, seed: int = 1234) -> np.ndarray | None:
+    """A permutation that puts each k-means cluster's vectors together (None: too few to matter).
+
+    A graph walk reads ~ef neighbour lists and vectors scattered over the whole catalog; stored in
+    cluster order, most of them share cache lines, pages and TLB entries with recently read ones.
+    Measured 1.45x faster searches at ef=2000 on 200k items (module docstring)."""
+    n, d = vectors.shape
+    if n < LOCALITY_MIN:
+        return None
+    nc = max(2, min(n // ITEMS_PER_CLUSTER, 1024))  # 1024: a few seconds of k-means even at 10M
+    km = faiss.Kmeans(d, nc, niter=10, seed=seed, spherical=True, verbose=False)
+    sample = vectors[:: max(1, n // (64 * nc))]  # evenly spaced: enough for coarse clusters, and deterministic
+    km.train(np.ascontiguousarray(sample))
+    labels = km.index.search(vectors, 1)[1][:, 0]
+    return np.argsort(labels, kind="stable")
+
+
+def huge_pages(buf: np.ndarray, collapse: bool) -> int:
+    """Ask Linux for transparent huge pages over the 2 MB-aligned part of `buf`; return its bytes.
+
+    Random reads over a graph of hundreds of MB miss the TLB on nearly every 4 KB page; with THP
+    in "madvise" mode (the common default) nothing is huge unless asked. `collapse` converts the
+    pages now (MADV_COLLAPSE, Linux 6.1+, ~2 ms per MB, GIL released); otherwise khugepaged does
+    it in the background. Best effort: an unsupported kernel changes nothing."""
+    import ctypes
+    import sys
+
+    if sys.platform != "linux":
+        return 0
+    start = -(-buf.ctypes.data // HUGE_PAGE) * HUGE_PAGE
+    end = (buf.ctypes.data + buf.nbytes) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    for advice in (MADV_HUGEPAGE, MADV_COLLAPSE) if collapse else (MADV_HUGEPAGE,):
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) != 0:
+            log.debug("madvise(%d) failed (errno %d); pages stay as they are", advice, ctypes.get_errno())
+            return 0
+    return end - start
 
 
 class HNSWIndex(Index):
@@ -50,6 +101,18 @@ class HNSWIndex(Index):
         base = max(k, 16)  # _search raises ef to at least k: smaller ef changes nothing
         return [{"ef": int(base * f)} for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)]
 
+    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None) -> None:
+        """Index a whole catalog, stored in locality order (slots are internal: ids map to them)."""
+        v = as_vectors(vectors, self.dim, "vectors")
+        order = None if self.n_slots else locality_order(v)
+        if order is None:
+            return super().build(v, ids, categories, available)
+
+        def permuted(a: Any) -> Any:  # anything of the wrong shape goes through as is, for the base class to refuse
+            return a if a is None or np.shape(a) != (len(v),) else np.asarray(a)[order]
+
+        super().build(v[order], permuted(ids), permuted(categories), permuted(available))
+
     def buffers(self) -> list[np.ndarray]:
         """Views of the big C++ buffers (vectors, graph): what `release_memory` hands back."""
         storage = faiss.downcast_index(self._ix.storage)
@@ -67,6 +130,10 @@ class HNSWIndex(Index):
         chunks = range(0, len(vectors), ADD_CHUNK)
         for s in tqdm(chunks, desc="hnsw add", unit="chunk", disable=None if len(chunks) > 1 else True):
             self._ix.add(vectors[s : s + ADD_CHUNK])
+        self._huge_pages(collapse=build)  # a live write must not wait for the collapse
+
+    def _huge_pages(self, collapse: bool) -> int:
+        return sum(huge_pages(buf, collapse) for buf in self.buffers())
 
     def _vectors(self) -> np.ndarray:
         n = self._ix.ntotal
@@ -76,18 +143,49 @@ class HNSWIndex(Index):
         return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)  # no copy
 
     def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
-        p = faiss.SearchParametersHNSW()
         ef = max(int(params["ef"]), k)  # a beam narrower than k cannot return k results
-        if mask is not None:  # widen the beam as the filter narrows, up to 4x: wider costs more than
-            # brute force over the qualifying items, which the base class uses for narrower filters
-            ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)
-        p.efSearch = ef
         if mask is None:
-            scores, slots = self._ix.search(q, k, params=p)
-        else:
-            bits = mask.packed  # kept referenced until the search returns
-            p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))
-            scores, slots = self._ix.search(q, k, params=p)
+            return self._beam(q, k, ef)
+        share = mask.count / max(len(mask.bits), 1)
+        # widen the beam as the mask narrows, up to 4x: wider costs more than brute force over
+        # the qualifying items, which the base class uses for narrower masks
+        ef = min(math.ceil(ef / max(share, 1e-9)), 4 * ef)
+        if share < POST_FILTER_SHARE:
+            return self._selected(q, k, ef, mask)
+        # Most slots qualify: the unbounded beam (no selector) returns its whole beam, and the
+        # masked-out slots are dropped here. Rows left short of k redo the selector search.
+        slots, scores = self._beam(q, ef, ef)
+        ok = (slots >= 0) & mask.bits[np.maximum(slots, 0)]
+        rank = np.cumsum(ok, axis=1)
+        take = ok & (rank <= k)
+        rows, cols = np.nonzero(take)
+        out_slots, out_scores = padded(len(q), k)
+        out_slots[rows, rank[rows, cols] - 1] = slots[rows, cols]
+        out_scores[rows, rank[rows, cols] - 1] = scores[rows, cols]
+        short = out_slots[:, k - 1] < 0
+        if short.any():
+            out_slots[short], out_scores[short] = self._selected(q[short], k, ef, mask)
+        return out_slots, out_scores
+
+    def _beam(self, q: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unfiltered search with faiss' unbounded queue (binary heaps, as hnswlib has).
+
+        The default bounded queue (MinimaxHeap) scans its whole ef-sized array on every pop, so
+        its cost grows as ef^2: measured 2.1x slower at ef=4000 (module docstring). The unbounded
+        path ignores a selector, which is why masks are applied around it."""
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = ef
+        p.bounded_queue = False
+        scores, slots = self._ix.search(q, k, params=p)
+        return slots, scores
+
+    def _selected(self, q: np.ndarray, k: int, ef: int, mask: Mask) -> tuple[np.ndarray, np.ndarray]:
+        """Search with the mask as a bitmap selector inside the graph walk (bounded queue only)."""
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = ef
+        bits = mask.packed  # kept referenced until the search returns
+        p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))
+        scores, slots = self._ix.search(q, k, params=p)
         return slots, scores
 
     def _save_backend(self, directory: Path) -> dict[str, Any]:
@@ -103,3 +201,4 @@ class HNSWIndex(Index):
         if not isinstance(self._ix, faiss.IndexHNSWFlat) or self._ix.ntotal != self.n_slots or self._ix.d != self.dim:
             raise ArtifactError(f"{path}: holds {type(self._ix).__name__} with {self._ix.ntotal} vectors of dim "
                                 f"{self._ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}")
+        self._huge_pages(collapse=True)
