@@ -1,6 +1,7 @@
 """One TOML file configures a deployment; every setting has a default that works after `towerann demo`.
 
-    [serve]    host, port, max_k, max_body_bytes, and the limits on what one unauthenticated request may
+    [serve]    host, port, workers (processes sharing the port; 0 = one per core when the feature store
+               can be shared across processes (Redis), else 1), max_k, max_body_bytes, and the limits on what one unauthenticated request may
                make the server keep: max_id_length (user, item and event-type ids), max_items_per_write,
                max_clock_skew_s (an event's ts may lie at most this far ahead of the server's clock; one older
                than [features] ttl_s is refused too, it would be expired on arrival)
@@ -20,6 +21,8 @@
                vs exact search on sample user queries must reach this, or it is refused),
                refresh_every_s (the schedule of `towerann refresh`: rebuild every N seconds; 0 = once),
                timeout_ms (deadline of one delta-log call to Redis; past it the item write gets 503),
+               tail_ms (with several workers: how often each one reads the delta log for the writes the
+               others acknowledged; a write is searchable on every worker within about this long),
                allow_volatile (serve even when the delta log's Redis does not append-only-log its writes,
                so a crash of Redis can lose acknowledged writes; default false: refuse to start)
 
@@ -44,6 +47,7 @@ DEMO_DIR = "towerann-demo"
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = 0  # `towerann serve` processes on the port; 0 = the machine's cores if the store allows, else 1
     max_k: int = 1000
     max_body_bytes: int = 65536
     max_id_length: int = 256  # characters of a user_id, item_id or event type
@@ -79,6 +83,7 @@ class FreshnessConfig:
     min_recall: float = 0.8
     refresh_every_s: float = 0.0  # `towerann refresh` repeats this often (e.g. 3600: hourly); 0 = once
     timeout_ms: float = 1000.0  # deadline of one delta-log call to Redis (then: 503)
+    tail_ms: float = 50.0  # several workers: each reads the others' writes from the delta log this often
     allow_volatile: bool = False  # serve with a delta log in a Redis without appendonly (warn, don't refuse)
 
 
@@ -147,7 +152,9 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
                 "max_session_users"):
         if hasattr(obj, key) and getattr(obj, key) < (0 if key == "port" else 1):
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
-    for key in ("timeout_ms", "write_timeout_ms"):
+    if getattr(obj, "workers", 0) < 0:
+        raise ConfigError(f"{source}: [{section}] workers must be >= 0 (0 = one per core)")
+    for key in ("timeout_ms", "write_timeout_ms", "tail_ms"):
         if hasattr(obj, key) and not getattr(obj, key) > 0:
             raise ConfigError(f"{source}: [{section}] {key} must be a positive number of milliseconds")
     if getattr(obj, "retry_s", 0.0) < 0 or getattr(obj, "max_clock_skew_s", 0.0) < 0:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from towerann.data.dataset import ITEM_RESERVED
 from towerann.errors import BadRequest, NotFound, TowerannError
-from towerann.freshness.deltalog import DeltaLog
+from towerann.freshness.deltalog import DeltaEntry, DeltaLog
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 
@@ -106,11 +106,17 @@ def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarra
 
 
 def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -> int:
-    """Apply the log's entries with seq > `after` (default: the bundle's cut-off); return the last seq.
+    """Apply the log's entries with seq > `after` (default: the bundle's cut-off); return the last seq."""
+    last = bundle.delta_seq if after is None else after
+    return apply_entries(bundle, delta.since(last), last)
+
+
+def apply_entries(bundle: RetrievalBundle, entries: Iterable[DeltaEntry], last: int | None = None) -> int:
+    """Apply delta-log entries (in log order) to a bundle; return the last seq, now the bundle's delta_seq.
 
     An entry the bundle cannot apply (an upsert the item tower refuses) is skipped and logged, never
     fatal: one bad entry must not stop a server from starting or a new bundle from swapping in."""
-    last = bundle.delta_seq if after is None else after
+    last = bundle.delta_seq if last is None else last
     pending: dict[str, dict[str, Any]] = {}  # consecutive upserts, embedded as one batch
 
     def flush() -> None:
@@ -128,7 +134,7 @@ def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -
             pending.clear()
 
     n = 0
-    for entry in delta.since(last):
+    for entry in entries:
         if entry.op == "upsert":
             pending.pop(entry.item_id, None)
             pending[entry.item_id] = entry.payload
@@ -142,7 +148,7 @@ def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -
     flush()
     bundle.delta_seq = last
     if n:
-        log.info("replayed %d delta-log entries onto bundle %s (up to seq %d)", n, bundle.version, last)
+        log.info("applied %d delta-log entries onto bundle %s (up to seq %d)", n, bundle.version, last)
     return last
 
 
@@ -150,39 +156,89 @@ class ItemWriter:
     """Item writes through the delta log onto the holder's current bundle (serving.app.ItemWrites).
 
     A write is checked and embedded first, logged second, applied third: the log only ever holds
-    what the bundle would accept. `apply_on` runs the third step (default: right here)."""
+    what the bundle would accept. `apply_on` runs the third step (default: right here).
 
-    def __init__(self, holder: BundleHolder, delta: DeltaLog):
-        self.holder, self.delta = holder, delta
+    `shared`: other processes (the other workers of `towerann serve --workers N`) write to the same
+    log. Then a write first applies the entries they logged since this bundle's delta_seq (so its
+    checks see their items), and applies its own entries after every entry logged before them, in
+    log order: two workers' writes to one item end the same way on every worker. `catch_up` applies
+    the others' writes between two of ours (service.server polls it every [freshness] tail_ms)."""
+
+    def __init__(self, holder: BundleHolder, delta: DeltaLog, shared: bool = False):
+        self.holder, self.delta, self.shared = holder, delta, shared
         self.lock = threading.Lock()
 
     def upsert(self, rows: Any, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
-            b = self.holder.current()
+            b = self._caught_up(apply_on)
             clean = check_rows(b, rows)
             vectors = embed_rows(b, clean)  # before logging: a row the tower cannot take is refused, not logged
             entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
-            apply_on(lambda: b.upsert(clean, vectors, entries[-1].seq))
+            before = self._logged_before(b, entries[0].seq)
+
+            def change() -> None:
+                apply_entries(b, before)
+                b.upsert(clean, vectors, entries[-1].seq)
+
+            apply_on(change)
         return {"upserted": len(clean), "seq": entries[-1].seq, "index_version": b.version}
 
     def set_available(self, item_id: str, available: bool, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         if not isinstance(available, bool):
             raise BadRequest("available must be true or false")
         with self.lock:
-            b = self._known(item_id)
+            b = self._known(item_id, apply_on)
             entry = self.delta.append("available", item_id, {"available": available})
-            apply_on(lambda: b.set_available(item_id, available, entry.seq))
+            before = self._logged_before(b, entry.seq)
+
+            def change() -> None:
+                apply_entries(b, before)
+                b.set_available(item_id, available, entry.seq)
+
+            apply_on(change)
         return {"item_id": item_id, "available": available, "seq": entry.seq}
 
     def delete(self, item_id: str, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
-            b = self._known(item_id)
+            b = self._known(item_id, apply_on)
             entry = self.delta.append("delete", item_id, {})
-            apply_on(lambda: b.remove(item_id, entry.seq))
+            before = self._logged_before(b, entry.seq)
+
+            def change() -> None:
+                apply_entries(b, before)
+                b.remove(item_id, entry.seq)
+
+            apply_on(change)
         return {"item_id": item_id, "deleted": True, "seq": entry.seq}
 
-    def _known(self, item_id: str) -> RetrievalBundle:
+    def catch_up(self, apply_on: ApplyOn = apply_here) -> int:
+        """Apply the entries other processes logged since the served bundle's delta_seq; return how many."""
+        with self.lock:
+            if not self.holder.ready:
+                return 0
+            b = self.holder.current()
+            entries = list(self.delta.since(b.delta_seq))
+            if entries:
+                apply_on(lambda: apply_entries(b, entries))
+            return len(entries)
+
+    def _caught_up(self, apply_on: ApplyOn) -> RetrievalBundle:
+        """The served bundle, with the other processes' writes applied first (under self.lock)."""
         b = self.holder.current()
+        if self.shared:
+            entries = list(self.delta.since(b.delta_seq))
+            if entries:
+                apply_on(lambda: apply_entries(b, entries))
+        return b
+
+    def _logged_before(self, b: RetrievalBundle, seq: int) -> list[DeltaEntry]:
+        """Entries the other processes logged between our catch-up and our own entries at `seq`."""
+        if not self.shared:
+            return []
+        return [e for e in self.delta.since(b.delta_seq) if e.seq < seq]
+
+    def _known(self, item_id: str, apply_on: ApplyOn) -> RetrievalBundle:
+        b = self._caught_up(apply_on)
         if not b.holds(item_id):
             raise NotFound(f"item {item_id!r} is not in the served catalog (bundle {b.version}), or was deleted")
         return b

@@ -20,6 +20,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store-path", default=None, help="SQLite file of the embedded store")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes answering on the port, each with the whole service (default [serve] workers: "
+                   "one per core when the feature store is Redis, else 1); several need --store redis://...")
     p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default 1000)")
     p.set_defaults(func=_serve)
 
@@ -32,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config).with_overrides(
         paths_index=args.index, paths_model=args.model, features_store=args.store, features_path=args.store_path,
-        serve_host=args.host, serve_port=args.port, serve_max_k=args.max_k)
+        serve_host=args.host, serve_port=args.port, serve_max_k=args.max_k,
+        serve_workers=args.workers)
     serve_forever(cfg, model_dir=args.model)
     return 0
 

@@ -33,12 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_for(svc: Service) -> FastAPI:
+def app_for(svc: Service, worker: str | None = None, metrics_dir: str | None = None) -> FastAPI:
     return create_app(svc.retriever, svc.cfg.serve.max_body_bytes, svc.writer, svc.reloader, svc.token,
-                      max_items_per_write=svc.cfg.serve.max_items_per_write)
+                      max_items_per_write=svc.cfg.serve.max_items_per_write, worker=worker,
+                      metrics_dir=metrics_dir)
 
 
-def _close_app(app: FastAPI | None) -> None:
+def close_app(app: FastAPI | None) -> None:
     pool = getattr(getattr(app, "state", None), "write_pool", None)
     if pool is not None:
         pool.shutdown(wait=False)
@@ -56,12 +57,19 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def _uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     # access_log off: one INFO line per request costs more than the retrieval itself
     return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
 
 
 def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
+    """`towerann serve`: one process, or [serve] workers processes on one port (service.workers)."""
+    from towerann.service.workers import resolve_workers, run_workers
+
+    n = resolve_workers(cfg)
+    if n > 1:
+        run_workers(cfg, n, model_dir)
+        return
     svc = open_service(cfg, model_dir=model_dir)
     app: FastAPI | None = None
     try:
@@ -70,9 +78,9 @@ def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
         svc.start()
         log.warning("serving %s on http://%s:%d", svc.retriever.holder.current().describe(), cfg.serve.host,
                     cfg.serve.port)
-        uvicorn.Server(_uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
+        uvicorn.Server(uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
     finally:
-        _close_app(app)
+        close_app(app)
         svc.close()
 
 
@@ -104,7 +112,7 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.serve.host, 0))
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    server = uvicorn.Server(uvicorn_config(app, host, port))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="towerann-http",
                               daemon=True)
     thread.start()
@@ -118,7 +126,7 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-        _close_app(app)
+        close_app(app)
         svc.close()
 
     return ServerHandle(f"http://{host}:{port}", svc, stop)
@@ -126,13 +134,14 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
 
 def start_subprocess(index: str | Path, store: str, store_path: str | None = None, max_k: int = 1000,
                      timeout_s: float = 120.0, config: str | Path | None = None,
-                     env: dict[str, str] | None = None) -> ServerHandle:
-    """`towerann serve` in a child process on a free port; waits for /readyz (`handle.process` is the child)."""
+                     env: dict[str, str] | None = None, workers: int = 1) -> ServerHandle:
+    """`towerann serve --workers N` in a child process on a free port; waits for /readyz (`handle.process`
+    is the child: the server itself, or with workers > 1 the parent of the workers)."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "towerann.service.commands", "serve", "--index", str(index), "--store", store,
-           "--port", str(port), "--max-k", str(max_k)]
+           "--port", str(port), "--max-k", str(max_k), "--workers", str(workers)]
     if store_path:
         cmd += ["--store-path", store_path]
     if config:

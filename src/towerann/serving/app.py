@@ -189,21 +189,39 @@ class BundleReloads(Protocol):
 # ---- metrics ----------------------------------------------------------------------------------------
 
 class Metrics:
-    """Per-app registry, so two apps in one process (tests) never share counters."""
+    """Per-app registry, so two apps in one process (tests) never share counters.
 
-    def __init__(self) -> None:
+    With `multiprocess_dir` (the workers of `towerann serve --workers N`; prometheus_client was
+    imported with PROMETHEUS_MULTIPROC_DIR set to it), every worker's counters and histograms live in
+    files there and `exposition()` answers the totals of all workers, whichever one is asked; the
+    bundle info stays per worker (it names the bundle this worker serves)."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("towerann_http_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
         self.stage = Histogram("towerann_stage_seconds", "server-side time per request stage",
                                ["stage"], buckets=BUCKETS_S, registry=self.registry)
         self.stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
-        self.index_items = Gauge("towerann_index_items", "live items in the served index", registry=self.registry)
-        self.bundle = Info("towerann_bundle", "the served retrieval bundle", registry=self.registry)
+        # livemax: with several workers, the largest index among the live ones (they converge on one)
+        self.index_items = Gauge("towerann_index_items", "live items in the served index", registry=self.registry,
+                                 multiprocess_mode="livemax")
         self.reloads = Counter("towerann_bundle_reloads", "bundle reloads by outcome (swapped, refused)",
                                ["outcome"], registry=self.registry)
         self.degraded = Counter("towerann_degraded_answers", "candidates answered without the user's features "
                                 "(the feature store was down or missed its deadline)", registry=self.registry)
+        self._exposed = [self.registry]
+        info_registry = self.registry
+        if multiprocess_dir is not None:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            totals, info_registry = CollectorRegistry(), CollectorRegistry()
+            MultiProcessCollector(totals, path=multiprocess_dir)
+            self._exposed = [totals, info_registry]
+        self.bundle = Info("towerann_bundle", "the served retrieval bundle", registry=info_registry)
+
+    def exposition(self) -> bytes:
+        return b"".join(generate_latest(r) for r in self._exposed)
 
     def on_swap(self, bundle: RetrievalBundle) -> None:
         self.index_items.set(len(bundle.index))
@@ -220,8 +238,10 @@ class GuardMiddleware:
     and answer an unexpected exception with a logged 500 JSON without letting it reach the server (which
     would drop the keep-alive connection). A client that goes away before its answer counts as 499."""
 
-    def __init__(self, app: Any, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app: Any, max_body_bytes: int, metrics: Metrics, worker: str | None = None):
         self.app, self.max_body, self.metrics = app, max_body_bytes, metrics
+        # which worker answered (`serve --workers N`): clients and tests can tell them apart
+        self.worker_header = None if worker is None else (b"x-towerann-worker", worker.encode())
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -233,6 +253,8 @@ class GuardMiddleware:
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if self.worker_header is not None:
+                    message = {**message, "headers": [*message.get("headers", ()), self.worker_header]}
             await send(message)
 
         try:
@@ -277,12 +299,14 @@ class GuardMiddleware:
 
 def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWrites | None = None,
                reloader: BundleReloads | None = None, token: str | None = None,
-               max_items_per_write: int = 1000) -> FastAPI:
+               max_items_per_write: int = 1000, worker: str | None = None,
+               metrics_dir: str | None = None) -> FastAPI:
     """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
 
     writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
-    admin endpoints; they need `Authorization: Bearer <token>`."""
-    metrics = Metrics()
+    admin endpoints; they need `Authorization: Bearer <token>`. `worker` names this process in an
+    X-Towerann-Worker header; `metrics_dir` makes /metrics the totals of all workers (Metrics)."""
+    metrics = Metrics(metrics_dir)
     if reloader is not None:
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
     retriever.holder.subscribe(metrics.on_swap)
@@ -299,7 +323,7 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
     # Unexpected exceptions are answered by GuardMiddleware: a handler registered here for Exception
     # would sit in Starlette's outermost middleware, which re-raises after answering, and the server
     # would then drop the keep-alive connection.
-    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, metrics=metrics, worker=worker)
     return app
 
 
@@ -367,7 +391,7 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format"}})
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: ItemWrites | None,

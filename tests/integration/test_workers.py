@@ -1,0 +1,235 @@
+"""`towerann serve --workers 2`: a real parent and two worker processes on one loopback port, a
+private Redis (store and delta log). What one worker is told, the other must answer with: item
+writes (through the delta log), clicks (the Redis store), reloads (CURRENT), and /metrics totals.
+
+Which worker answers a request is the kernel's choice per connection; `on_worker` opens new
+connections until the X-Towerann-Worker header names the one it wants."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from towerann.data.dataset import read_items
+from towerann.service.server import ServerHandle, free_port, start_subprocess
+
+TOKEN = "workers-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Worker:
+    """Requests answered by one worker: a one-connection client, re-opened until that worker holds it
+    (the kernel picks which worker accepts a connection); each request goes out right after a
+    /healthz on the same connection has shown the worker, so no write lands on the other one."""
+
+    def __init__(self, url: str, name: str):
+        self.url, self.name = url, name
+        self.client = self._connect()
+
+    def _connect(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, limits=httpx.Limits(max_connections=1))
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        for _ in range(400):
+            if self.client.get("/healthz").headers.get("x-towerann-worker") == self.name:
+                break
+            self.client.close()
+            self.client = self._connect()
+        else:
+            raise AssertionError(f"400 connections and worker {self.name} never accepted one")
+        r = self.client.request(method, path, **kw)
+        assert r.headers.get("x-towerann-worker") == self.name  # the same connection, so the same worker
+        return r
+
+
+def eventually(probe: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
+    """probe() until it returns something true; the deadline only bounds a broken server."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = probe()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f}s")
+
+
+def row(bundle_paths: dict[str, Path], item_id: str, **changes: Any) -> dict[str, Any]:
+    first = read_items(bundle_paths["data"]).iloc[0]
+    out = {k: (v.item() if hasattr(v, "item") else v) for k, v in first.items()}
+    return {**out, "item_id": item_id, "available": True, **changes}
+
+
+def ids_in(worker: Worker, category: str) -> list[str]:
+    body = {"user_id": "7", "k": 10, "filter": {"categories": [category]}}
+    r = worker.request("POST", "/v1/candidates", json=body)
+    assert r.status_code == 200, r.text
+    return [str(c["item_id"]) for c in r.json()["candidates"]]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis that logs its writes (the delta log refuses one that does not)."""
+    from towerann.service.server import free_port as port_of
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not on PATH")
+    port, work = port_of(), tmp_path_factory.mktemp("redis-workers")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    eventually(lambda: _pings(redis, url), "redis-server answering PING")
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def _pings(redis: Any, url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, bundle_paths: dict[str, Path],
+           redis_url: str) -> Iterator[tuple[ServerHandle, Path]]:
+    work = tmp_path_factory.mktemp("workers")
+    root = work / "indexes"
+    shutil.copytree(bundle_paths["index"], root)
+    toml = work / "serve.toml"
+    toml.write_text(f'[paths]\nindex = "{root}"\n[features]\nstore = "{redis_url}"\n'
+                    '[freshness]\npoll_s = 0.3\nmin_recall = 0.5\n')
+    handle = start_subprocess(root, redis_url, config=toml, workers=2, env={"TOWERANN_API_TOKEN": TOKEN})
+    yield handle, root
+    handle.stop()
+
+
+@pytest.fixture
+def w(served) -> Iterator[dict[str, Worker]]:
+    workers = {name: Worker(served[0].url, name) for name in ("0", "1")}
+    yield workers
+    for worker in workers.values():
+        worker.client.close()
+
+
+def test_an_item_written_through_one_worker_is_searchable_on_the_other(w, bundle_paths) -> None:
+    """The guarantee: once worker 0 acknowledged a write, worker 1 answers with it within one tail
+    interval ([freshness] tail_ms); and writes to one item through both workers end the same on both."""
+    r = w["0"].request("POST", "/v1/items", json={"items": [row(bundle_paths, "880001", category="w-new")]},
+                       headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert ids_in(w["0"], "w-new") == ["880001"]  # the writer: at once
+    eventually(lambda: ids_in(w["1"], "w-new") == ["880001"], "worker 1 returning the item worker 0 wrote")
+
+    # hidden through worker 1, shown again through worker 0: worker 0 must apply 1's write first
+    r = w["1"].request("PATCH", "/v1/items/880001", json={"available": False}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    r = w["0"].request("PATCH", "/v1/items/880001", json={"available": True}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    time.sleep(0.3)  # several tail intervals: had worker 1 applied the two writes out of order, it would show now
+    assert ids_in(w["0"], "w-new") == ["880001"] and ids_in(w["1"], "w-new") == ["880001"]
+
+    # deleted through worker 1: gone on worker 0 too
+    r = w["1"].request("DELETE", "/v1/items/880001", headers=AUTH)
+    assert r.status_code == 200, r.text
+    eventually(lambda: ids_in(w["0"], "w-new") == [], "worker 0 dropping the item worker 1 deleted")
+    # an item worker 1 has just created can be changed through worker 0 at once (its write catches up first)
+    assert w["1"].request("POST", "/v1/items", json={"items": [row(bundle_paths, "880002", category="w-two")]},
+                               headers=AUTH).status_code == 200
+    r = w["0"].request("PATCH", "/v1/items/880002", json={"available": False}, headers=AUTH)
+    assert r.status_code == 200, r.text
+
+
+def test_a_click_recorded_by_one_worker_counts_on_the_other(w, bundle_paths) -> None:
+    user = "workers-click-user"
+    body = {"user_id": user, "k": 20}
+    cold = w["1"].request("POST", "/v1/candidates", json=body).json()
+    item = str(read_items(bundle_paths["data"]).iloc[5]["item_id"])
+    r = w["0"].request("POST", "/v1/events", json={"user_id": user, "item_id": item})
+    assert r.status_code == 200, r.text
+    warm1 = w["1"].request("POST", "/v1/candidates", json=body).json()  # the next request on worker 1
+    warm0 = w["0"].request("POST", "/v1/candidates", json=body).json()
+    scores = lambda a: [c["score"] for c in a["candidates"]]  # noqa: E731
+    assert scores(warm1) != scores(cold)  # the click changed the user tower's input on worker 1
+    assert warm1["candidates"] == warm0["candidates"]  # and both workers ranked with the same session
+
+
+def test_a_reload_through_one_worker_reaches_the_other(served, w, bundle_paths) -> None:
+    from towerann.serving.bundle import publish_bundle
+
+    root = served[1]
+    assert w["0"].request("POST", "/v1/items", json={"items": [row(bundle_paths, "880003", category="w-r")]},
+                               headers=AUTH).status_code == 200
+    publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="exact")
+    new = (root / "CURRENT").read_text().strip()
+    r = w["0"].request("POST", "/v1/admin/reload", headers=AUTH)
+    # "unchanged": worker 0's own CURRENT watcher was quicker than the request
+    assert r.status_code == 200 and r.json()["outcome"] in ("swapped", "unchanged"), r.text
+    assert r.json()["index_version"] == new, r.text
+    served_by_1 = lambda: w["1"].request("GET", "/readyz").json()["index_version"] == new  # noqa: E731
+    eventually(served_by_1, "worker 1 serving the bundle worker 0 reloaded (it polls CURRENT every 0.3 s)", 60)
+    # the item written before the rebuild was replayed from the log onto the new bundle, on both
+    assert ids_in(w["0"], "w-r") == ["880003"] and ids_in(w["1"], "w-r") == ["880003"]
+
+
+def _count(worker: Worker) -> float:
+    text = worker.request("GET", "/metrics").text
+    m = re.search(r'^towerann_http_requests_total\{route="/v1/candidates",status="200"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_add_up_across_workers(served, w) -> None:
+    handle, _ = served
+    url = handle.url
+    before = _count(w["0"])
+    assert _count(w["1"]) == before  # one total, whichever worker is asked
+    answered_by = [httpx.post(url + "/v1/candidates", json={"user_id": "3", "k": 5}).headers["x-towerann-worker"]
+                   for _ in range(30)]
+    assert set(answered_by) == {"0", "1"}, answered_by  # both served some, so the totals had to be added
+    for worker in ("0", "1"):  # the count lands just after each answer: wait for it, then it must be exact
+        eventually(lambda: _count(w[worker]) >= before + 30, f"the count on worker {worker}")
+        assert _count(w[worker]) == before + 30
+
+
+def test_sigterm_stops_every_worker(served) -> None:
+    """Last of the tests on `served`: SIGTERM to the parent stops both workers, and the parent exits 0."""
+    handle = served[0]
+    pid = handle.process.pid
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(workers) == 2, children
+    handle.stop()  # SIGTERM to the parent
+    assert handle.process.returncode == 0
+    assert not [c for c in workers if Path(f"/proc/{c}").exists()], "a worker outlived its parent"
+
+
+def test_several_workers_on_a_process_local_store_are_refused_in_one_line(bundle_paths) -> None:
+    proc = subprocess.run([sys.executable, "-m", "towerann.service.commands", "serve", "--index",
+                           str(bundle_paths["index"]), "--store", "memory", "--workers", "2", "--port",
+                           str(free_port())], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and "redis://" in proc.stderr, proc.stderr
+
+
+def test_a_worker_that_cannot_load_the_bundle_is_one_line_and_exit_2(tmp_path, bundle_paths, redis_url) -> None:
+    root = tmp_path / "indexes"
+    shutil.copytree(bundle_paths["index"], root)
+    version = (root / "CURRENT").read_text().strip()
+    (root / version / "manifest.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "towerann.service.commands", "serve", "--index", str(root),
+                           "--store", redis_url, "--workers", "2", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "manifest.json" in proc.stderr, proc.stderr
