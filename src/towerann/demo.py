@@ -133,8 +133,7 @@ def load_features(data: Path, store_path: Path) -> int:
 def serve_and_click(data: Path, model_dir: Path, index_root: Path, store_path: Path, k: int,
                     seed: int) -> dict[str, Any]:
     """Start the real HTTP server, time requests, click one category's items, show the candidates move."""
-    import httpx
-
+    from towerann.client import Client
     from towerann.config import Config, FeaturesConfig, PathsConfig
     from towerann.data.dataset import read_interactions, read_items
     from towerann.service.server import start_background
@@ -149,36 +148,31 @@ def serve_and_click(data: Path, model_dir: Path, index_root: Path, store_path: P
 
     handle = start_background(cfg)
     try:
-        with httpx.Client(base_url=handle.url, timeout=10) as http:
-            def candidates(user: str) -> dict[str, Any]:
-                r = http.post("/v1/candidates", json={"user_id": user, "k": k})
-                r.raise_for_status()
-                return r.json()
-
+        with Client(handle.url, timeout_s=10) as client:
             for user in user_ids[:10]:  # warm up
-                candidates(user)
+                client.candidates(user, k)
             lat, server_ms = [], []
             for user in user_ids:
                 t0 = time.perf_counter()
-                body = candidates(user)
+                got = client.candidates(user, k)
                 lat.append((time.perf_counter() - t0) * 1e3)
-                server_ms.append(body["timings_ms"])
+                server_ms.append(got.timings_ms)
 
             user = user_ids[0]
 
-            def share(body: dict[str, Any], category: str) -> float:
-                return sum(category_of[str(c["item_id"])] == category for c in body["candidates"]) / k
+            def share(got: Any, category: str) -> float:
+                return sum(category_of[str(i)] == category for i in got.item_ids) / k
 
-            before = candidates(user)
+            before = client.candidates(user, k)
             # Click the most popular items of the category this user is shown least of.
             big = items[items["available"]]["category"].value_counts()
             category = min(big[big >= 20].index, key=lambda c: share(before, c))
             clicked = items[(items["category"] == category) & items["available"]]["item_id"].head(5)
             t0 = time.perf_counter()
             for item in clicked:
-                http.post("/v1/events", json={"user_id": user, "item_id": str(item), "type": "click"}).raise_for_status()
+                client.event(user, str(item))
             click_ms = (time.perf_counter() - t0) * 1e3 / len(clicked)
-            after = candidates(user)
+            after = client.candidates(user, k)
     finally:
         handle.stop()
     stage_p50 = {s: round(float(np.median([t[s] for t in server_ms])), 3) for s in server_ms[0]}
@@ -186,9 +180,8 @@ def serve_and_click(data: Path, model_dir: Path, index_root: Path, store_path: P
             "http_p99_ms": round(float(np.percentile(lat, 99)), 2), "server_stage_p50_ms": stage_p50,
             "click_ms": round(click_ms, 2), "user": user, "clicked_category": str(category),
             "share_before": share(before, category), "share_after": share(after, category),
-            "top5_before": [c["item_id"] for c in before["candidates"][:5]],
-            "top5_after": [c["item_id"] for c in after["candidates"][:5]],
-            "versions": {"model": after["model_version"], "index": after["index_version"]}}
+            "top5_before": before.item_ids[:5], "top5_after": after.item_ids[:5],
+            "versions": {"model": after.model_version, "index": after.index_version}}
 
 
 def print_report(r: dict[str, Any]) -> None:

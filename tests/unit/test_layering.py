@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "towerann"
 # Lower layers never import higher ones (docs/architecture.md draws the same picture).
 LAYERS = {
     "__init__": 0, "errors": 0, "artifacts": 0, "config": 0, "storeurl": 0,
-    "data": 1,
+    "data": 1, "client": 1,
     "model": 2,
     "embed": 3, "index": 3, "features": 3,
     "serving": 4,
