@@ -233,3 +233,67 @@ def test_a_worker_that_cannot_load_the_bundle_is_one_line_and_exit_2(tmp_path, b
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "manifest.json" in proc.stderr, proc.stderr
+
+
+# ---- the shared-log logic, in one process: two writers, two copies of a bundle, one SQLite log -------
+
+def test_two_writers_on_one_sqlite_log_end_the_same(tmp_path, bundle_paths) -> None:
+    """What each worker does, on the SQLite log (two connections, as two processes have): a write
+    applies the other writer's earlier entries first, catch_up applies the rest, in log order."""
+    from towerann.freshness.deltalog import SQLiteDeltaLog
+    from towerann.features import open_store
+    from towerann.freshness.live import ItemWriter
+    from towerann.serving.bundle import RetrievalBundle
+    from towerann.serving.holder import BundleHolder
+    from towerann.serving.retriever import Retriever
+
+    path = tmp_path / "delta.sqlite"
+    a, b = (ItemWriter(BundleHolder(RetrievalBundle.load(bundle_paths["index"])), SQLiteDeltaLog(path), shared=True)
+            for _ in range(2))
+    a.upsert([row(bundle_paths, "770001", category="s-new")])
+    b.set_available("770001", False)  # b has not seen the item: without its catch-up, 404
+    a.set_available("770001", True)  # logged after b's: a applies b's first, then its own
+    b.upsert([row(bundle_paths, "770002", category="s-new")])
+    assert a.catch_up() == 1 and a.catch_up() == 0 and b.catch_up() == 0  # b wrote last
+    for writer in (a, b):
+        assert writer.holder.current().delta_seq == writer.delta.last_seq() == 4
+        retriever = Retriever(writer.holder, open_store("memory"))
+        found = retriever.candidates("7", 10, {"categories": ["s-new"]}).item_ids
+        assert sorted(map(str, found)) == ["770001", "770002"]
+    a.delete("770001")
+    b.catch_up()
+    assert not b.holder.current().holds("770001") and b.holder.current().holds("770002")
+    for writer in (a, b):
+        writer.delta.close()
+
+
+APPEND_BATCHES = """
+import os, sys, time
+from towerann.freshness.deltalog import SQLiteDeltaLog
+log = SQLiteDeltaLog(sys.argv[1])
+while not os.path.exists(sys.argv[1] + ".go"):  # both start appending at once
+    time.sleep(0.001)
+for i in range(1000):
+    log.append_many([("available", f"{sys.argv[2]}-{i}-{j}", {"available": True}) for j in range(3)])
+log.close()
+"""
+
+
+def test_the_sqlite_log_takes_two_processes_appending_at_once(tmp_path) -> None:
+    """Two processes append batches at once (WAL, BEGIN IMMEDIATE): no entry lost, each batch contiguous."""
+    from towerann.freshness.deltalog import SQLiteDeltaLog
+
+    path = str(tmp_path / "delta.sqlite")
+    SQLiteDeltaLog(path).close()  # create the table before the race
+    procs = [subprocess.Popen([sys.executable, "-c", APPEND_BATCHES, path, tag]) for tag in ("p", "q")]
+    time.sleep(0.5)
+    Path(path + ".go").touch()
+    assert [p.wait(60) for p in procs] == [0, 0]
+    log = SQLiteDeltaLog(path)
+    entries = list(log.since(0))
+    log.close()
+    assert len(entries) == 6000 and [e.seq for e in entries] == list(range(1, 6001))
+    batches = [{e.item_id.rsplit("-", 1)[0] for e in entries[k:k + 3]} for k in range(0, 6000, 3)]
+    assert all(len(batch) == 1 for batch in batches)  # a batch is 3 consecutive seqs of one process's one batch
+    owners = [next(iter(batch))[0] for batch in batches]
+    assert sum(a != b for a, b in zip(owners, owners[1:])) > 1  # the two really wrote at the same time
