@@ -28,7 +28,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from towerann.service.server import serve_forever
+    from towerann.service.workers import resolve_workers, run_workers
     from towerann.storeurl import redact_logging
 
     redact_logging()  # whatever is logged (ours, uvicorn's, redis-py's) never shows a store password
@@ -37,6 +37,12 @@ def _serve(args: argparse.Namespace) -> int:
         paths_index=args.index, paths_model=args.model, features_store=args.store, features_path=args.store_path,
         serve_host=args.host, serve_port=args.port, serve_max_k=args.max_k,
         serve_workers=args.workers)
+    n = resolve_workers(cfg)
+    if n > 1:  # the parent of the workers loads nothing itself (service.workers)
+        run_workers(cfg, n, model_dir=args.model)
+        return 0
+    from towerann.service.server import serve_forever
+
     serve_forever(cfg, model_dir=args.model)
     return 0
 

@@ -19,7 +19,7 @@ from towerann.index.snapshot import CURRENT, resolve
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 from towerann.serving.retriever import Retriever
-from towerann.storeurl import parse_store_url, redact
+from towerann.storeurl import redact
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ def open_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: st
     return Retriever(BundleHolder(bundle), store or open_configured_store(f), max_k=s.max_k,
                      max_id_length=s.max_id_length, max_clock_skew_s=s.max_clock_skew_s,
                      features_timeout_s=f.timeout_ms / 1e3, write_timeout_s=f.write_timeout_ms / 1e3)
-
-
-def shared_store_problem(cfg: Config) -> str | None:
-    """Why the configured feature store cannot serve several worker processes, or None if it can.
-
-    The embedded store answers reads from its own process's memory (SQLite only persists them), so a
-    click recorded by one worker would never reach the others; Redis is shared by every process."""
-    u = parse_store_url(cfg.features.store)
-    if u.is_redis:
-        return None
-    return (f"feature store {cfg.features.store!r} lives in one process's memory, so a click recorded by one worker "
-            "would not count on the others; serve several workers with --store redis://HOST:PORT/DB "
-            "([features] store), or serve one (--workers 1)")
 
 
 @dataclass

@@ -31,9 +31,14 @@ import tempfile
 import time
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from towerann.config import Config
 from towerann.errors import ConfigError, TowerannError
-from towerann.service.wiring import Service, shared_store_problem
+from towerann.storeurl import parse_store_url
+
+if TYPE_CHECKING:  # the parent imports no web framework, model or bundle code: only the workers do
+    from towerann.service.wiring import Service
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,18 @@ def machine_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def shared_store_problem(cfg: Config) -> str | None:
+    """Why the configured feature store cannot serve several worker processes, or None if it can.
+
+    The embedded store answers reads from its own process's memory (SQLite only persists them), so a
+    click recorded by one worker would never reach the others; Redis is shared by every process."""
+    if parse_store_url(cfg.features.store).is_redis:
+        return None
+    return (f"feature store {cfg.features.store!r} lives in one process's memory, so a click recorded by one worker "
+            "would not count on the others; serve several workers with --store redis://HOST:PORT/DB "
+            "([features] store), or serve one (--workers 1)")
 
 
 def resolve_workers(cfg: Config) -> int:
@@ -89,6 +106,7 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     sock = listening_socket(cfg.serve.host, cfg.serve.port)
     metrics_dir = tempfile.mkdtemp(prefix="towerann-metrics-")
     # prometheus_client reads it at import: the workers, spawned below, inherit it
+    env_before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
     stopping: list[int] = []
@@ -101,16 +119,18 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     pipes = []
     try:
         for i in range(n):
-            parent_end, child_end = ctx.Pipe(duplex=False)
+            parent_end, child_end = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(cfg, model_dir, sock, i, child_end, metrics_dir),
                             name=f"towerann-worker-{i}", daemon=False)
             p.start()
             child_end.close()
             workers.append(p)
             pipes.append(parent_end)
-        _wait_until_ready(workers, pipes, stopping)
+        _wait_until_loaded(workers, pipes, stopping)
         if stopping:
             return
+        for pipe in pipes:  # all loaded: now they may answer (none answers before every one could)
+            pipe.send(("go",))
         log.warning("serving on http://%s:%d with %d workers (pids %s)", cfg.serve.host, cfg.serve.port, n,
                     " ".join(str(p.pid) for p in workers))
         while not stopping:
@@ -125,10 +145,14 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
             signal.signal(s, handler)
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if env_before is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = env_before
 
 
-def _wait_until_ready(workers: list, pipes: list, stopping: list[int]) -> None:
-    """Until every worker says "ready"; the first one that reports an error or dies raises WorkerFailed."""
+def _wait_until_loaded(workers: list, pipes: list, stopping: list[int]) -> None:
+    """Until every worker says "loaded"; the first one that reports an error or dies raises WorkerFailed."""
     waiting = set(range(len(workers)))
     while waiting and not stopping:
         for i in list(waiting):
@@ -137,7 +161,7 @@ def _wait_until_ready(workers: list, pipes: list, stopping: list[int]) -> None:
                     message = pipes[i].recv()
                 except EOFError:
                     message = None
-                if message is not None and message[0] == "ready":
+                if message is not None and message[0] == "loaded":
                     waiting.discard(i)
                     continue
                 if message is not None:  # ("error", text, exit code)
@@ -173,7 +197,8 @@ def _stop_all(workers: list) -> None:
 
 def worker_main(cfg: Config, model_dir: str | None, sock: socket.socket, index: int,
                 conn: multiprocessing.connection.Connection, metrics_dir: str) -> None:
-    """One worker: the whole service on the inherited socket. Reports ("ready",) or ("error", line, code)."""
+    """One worker: the whole service on the inherited socket. Reports ("loaded",) or ("error", line, code),
+    then answers requests once the parent says ("go",) (every worker has loaded)."""
     from towerann.storeurl import redact, redact_logging
 
     logging.basicConfig(level=logging.WARNING,
@@ -196,8 +221,13 @@ def worker_main(cfg: Config, model_dir: str | None, sock: socket.socket, index: 
     try:
         app = app_for(svc, worker=str(index), metrics_dir=metrics_dir)
         freeze_heap()
+        conn.send(("loaded",))
+        try:
+            conn.recv()  # ("go",)
+        except EOFError:  # the parent is gone, or stopping before all were loaded
+            return
         svc.start()
-        _serve_on(svc, app, sock, conn)
+        _serve_on(svc, app, sock)
     finally:
         from towerann.service.server import close_app
 
@@ -218,7 +248,7 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
-def _serve_on(svc: Service, app: Any, sock: socket.socket, conn: multiprocessing.connection.Connection) -> None:
+def _serve_on(svc: Service, app: Any, sock: socket.socket) -> None:
     import uvicorn
 
     from towerann.service.server import uvicorn_config
@@ -229,22 +259,14 @@ def _serve_on(svc: Service, app: Any, sock: socket.socket, conn: multiprocessing
     async def main() -> None:
         stop: list[bool] = []
         tail = asyncio.create_task(tail_delta_log(svc, getattr(app.state, "write_pool", None), stop))
-        announce = asyncio.create_task(_announce_when_started(server, conn))
         try:
             await server.serve(sockets=[sock])
         finally:
             stop.append(True)
-            announce.cancel()
             await tail  # ends within one tail interval; never left waiting on a closed loop
 
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(main())
-
-
-async def _announce_when_started(server: Any, conn: multiprocessing.connection.Connection) -> None:
-    while not server.started:
-        await asyncio.sleep(0.01)
-    conn.send(("ready",))
 
 
 async def tail_delta_log(svc: Service, write_pool: Any, stop: list[bool]) -> None:
