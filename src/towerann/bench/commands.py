@@ -14,6 +14,7 @@ BENCH_MODULES = (
     "towerann.bench.serve",
     "towerann.bench.freshness",
     "towerann.bench.soak",
+    "towerann.bench.model",
 )
 
 

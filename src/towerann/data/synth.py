@@ -87,7 +87,7 @@ class _World:
                                     + [f"global_{j:02d}" for j in range(GLOBAL_BRANDS)])
 
 
-def _write_items(path: Path, world: _World, rng: np.random.Generator, n_items: int
+def _write_items(path: Path, world: _World, rng: np.random.Generator, n_items: int, popularity_skew: float = 1.0
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream items.parquet; return the compact arrays sampling needs (category, popularity, noise)."""
     n_cat = len(world.centres)
@@ -107,6 +107,8 @@ def _write_items(path: Path, world: _World, rng: np.random.Generator, n_items: i
             price = np.round(np.exp(3.0 + 0.6 * latent[:, 0] + 0.2 * rng.normal(size=n)), 2).astype(np.float32)
             quality = rng.beta(4.0, 2.0, n).astype(np.float32)
             pop = ((rng.pareto(1.5, n) + 1.0) * (0.25 + quality)).astype(np.float32)
+            if popularity_skew != 1.0:  # a power of the weights: > 1 concentrates clicks on the head, < 1 flattens
+                pop = (pop.astype(np.float64) ** popularity_skew).astype(np.float32)
             # brand: mostly one of the category's own (skewed to the first), sometimes a global one
             local = (world.n_brands[cat] * rng.random(n) ** 2).astype(np.int64)
             brand = np.where(rng.random(n) < 0.1, world.brand_offset[-1] + rng.integers(0, GLOBAL_BRANDS, n),
@@ -207,13 +209,18 @@ def _interactions_chunk(rng: np.random.Generator, sampler: _Sampler, user0: int,
 
 def generate(out: str | Path, n_items: int, n_users: int, seed: int = 0, n_categories: int | None = None,
              interactions_per_user: tuple[int, int] = (5, 60), categories_per_user: tuple[int, int] = (1, 3),
-             overwrite: bool = False) -> Path:
-    """Write a synthetic dataset to `out` (atomically) and return its path."""
+             overwrite: bool = False, popularity_skew: float = 1.0) -> Path:
+    """Write a synthetic dataset to `out` (atomically) and return its path.
+
+    popularity_skew: exponent on the items' popularity weights; 1 is the default world, > 1 a steeper
+    head (a long, thin tail), < 1 a flatter curve (clicks spread over more items)."""
     if n_items < 1 or n_users < 1:
         raise ConfigError(f"need at least 1 item and 1 user, got items={n_items} users={n_users}")
     n_cat = default_categories(n_items) if n_categories is None else int(n_categories)
     if not 1 <= n_cat <= n_items:
         raise ConfigError(f"categories must be between 1 and the number of items ({n_items}), got {n_cat}")
+    if not 0.0 <= popularity_skew <= 4.0:
+        raise ConfigError(f"popularity_skew must be between 0 and 4, got {popularity_skew}")
     ipu = _check_range("interactions_per_user", interactions_per_user, 1)
     cpu = _check_range("categories_per_user", categories_per_user, 1)
     if cpu[1] > n_cat:
@@ -223,7 +230,7 @@ def generate(out: str | Path, n_items: int, n_users: int, seed: int = 0, n_categ
     world = _World(np.random.default_rng(ss_world), n_cat)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        cat, pop, noise = _write_items(tmp / ITEMS, world, np.random.default_rng(ss_items), n_items)
+        cat, pop, noise = _write_items(tmp / ITEMS, world, np.random.default_rng(ss_items), n_items, popularity_skew)
         sampler = _Sampler(cat, pop, noise, n_cat)
         del cat, pop
         allowed = sampler.count > 0
@@ -245,6 +252,8 @@ def generate(out: str | Path, n_items: int, n_users: int, seed: int = 0, n_categ
                 bar.update(n)
         params = {"n_items": n_items, "n_users": n_users, "n_categories": n_cat,
                   "interactions_per_user": list(ipu), "categories_per_user": list(cpu)}
+        if popularity_skew != 1.0:  # only when set, so default manifests (and their bytes) stay as they were
+            params["popularity_skew"] = popularity_skew
         write_manifest(tmp, "synthetic", {"seed": seed, "params": params})
         validate_dataset(tmp)
     log.info("synthetic dataset %s: %d items, %d users, %d interactions in %.1fs",

@@ -25,6 +25,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search", action="store_true",
+                   help="choose temperature, logQ weight, embedding size, weight decay and dim on the validation "
+                   "split (greedy, starting from the settings given); the trials go into the manifest")
+    p.add_argument("--search-budget-s", type=float, default=300.0,
+                   help="with --search: no trial starts that would end past this many seconds (default 300)")
+    p.add_argument("--search-trials", type=int, default=10, help="with --search: at most this many trials (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=run_train)
 
@@ -35,6 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", required=True, help="model directory")
     e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     e.add_argument("--no-baselines", action="store_true", help="skip popularity and ALS")
+    e.add_argument("--tune-als", action="store_true",
+                   help="also report ALS with factors/regularisation/alpha chosen on the validation split")
     e.set_defaults(func=run_eval)
 
 
@@ -45,7 +53,16 @@ def run_train(args: argparse.Namespace) -> int:
     tower = TowerConfig(dim=args.dim, history_len=args.history)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
                       patience=args.patience, seed=args.seed, max_seconds=args.max_seconds)
-    model = train(args.data, args.out, tower, cfg, name=Path(args.out).name, overwrite=args.overwrite)
+    if args.search:
+        from towerann.model.search import SearchConfig, search
+
+        model = search(args.data, tower, cfg, SearchConfig(args.search_budget_s, args.search_trials))
+        model.save(args.out, name=Path(args.out).name, overwrite=args.overwrite)
+        found = model.info["search"]
+        print(f"search: {len(found['trials'])} trials in {found['seconds']} s (stopped by {found['stopped_by']}); "
+              f"chosen {found['chosen']}")
+    else:
+        model = train(args.data, args.out, tower, cfg, name=Path(args.out).name, overwrite=args.overwrite)
     s = summary(model)
     print(f"model {s['model_version']} -> {args.out}: best epoch {s['best_epoch']}, "
           f"val recall@{cfg.eval_k} {s[f'val_recall@{cfg.eval_k}']:.4f}, {s['train_seconds']} s")
@@ -55,10 +72,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from towerann.model.evaluate import evaluate
 
-    result = evaluate(args.data, args.model, baselines=not args.no_baselines)
+    result = evaluate(args.data, args.model, baselines=not args.no_baselines, tune_als=args.tune_als)
     if args.json_out:
         write_json_atomic(args.json_out, result)
-    methods = [m for m in ("two_tower", "popularity", "als") if m in result]
+    methods = [m for m in ("two_tower", "popularity", "als", "als_tuned") if m in result]
     keys = [k for k in result["two_tower"] if k != "users"]
     print(f"{'method':<12}" + "".join(f"{k:>12}" for k in keys))
     for m in methods:

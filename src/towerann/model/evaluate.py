@@ -18,7 +18,7 @@ import torch
 
 from towerann.errors import BackendUnavailable
 from towerann.model.model import TwoTowerModel
-from towerann.model.prepare import TEST, Prepared, prepare
+from towerann.model.prepare import TEST, TRAIN, VALID, Prepared, prepare
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,17 @@ def popularity_topk(p: Prepared, q: Queries, k: int) -> np.ndarray:
     return rank_scores(scores, q.seen, k)
 
 
-def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int = 15, seed: int = 0) -> np.ndarray:
-    """implicit's ALS on the same training interactions (everything before the held-out period)."""
+def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int = 15, seed: int = 0,
+             regularization: float = 0.01, alpha: float = 1.0,
+             train_splits: tuple[int, ...] = (TRAIN, VALID)) -> np.ndarray:
+    """implicit's ALS on the interactions of `train_splits` (default: everything before the test period)."""
     import scipy.sparse as sp
     try:
         from implicit.als import AlternatingLeastSquares
     except ImportError as e:
         raise BackendUnavailable(f"the ALS baseline needs implicit: pip install 'towerann[eval]' ({e})") from e
 
-    before = p.split < TEST
+    before = np.isin(p.split, train_splits)
     users, uidx = np.unique(p.user_key[before], return_inverse=True)
     mat = sp.csr_matrix((np.ones(before.sum(), np.float32), (uidx, p.item_row[before])),
                         shape=(len(users), len(p.items)))
@@ -146,8 +148,8 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
 
     # implicit parallelises itself and warns about a threaded BLAS underneath: limit BLAS to one thread
     with threadpool_limits(1, "blas"):
-        als = AlternatingLeastSquares(factors=factors, iterations=iterations, random_state=seed,
-                                      calculate_training_loss=False)
+        als = AlternatingLeastSquares(factors=factors, iterations=iterations, regularization=regularization,
+                                      alpha=alpha, random_state=seed, calculate_training_loss=False)
         als.fit(mat, show_progress=False)
     user_pos = np.searchsorted(users, p.user_key[q.rows])
     found = (user_pos < len(users)) & (users[np.minimum(user_pos, len(users) - 1)] == p.user_key[q.rows])
@@ -157,15 +159,23 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
     return rank_scores(scores.float(), q.seen, k)
 
 
-def evaluate(data: str | Path, model_dir: str | Path, ks: tuple[int, ...] = KS, baselines: bool = True) -> dict[str, Any]:
-    model = TwoTowerModel.load(model_dir)
-    p = prepare(data, model.cfg.history_len)
+def evaluate(data: str | Path, model_dir: str | Path | TwoTowerModel, ks: tuple[int, ...] = KS, baselines: bool = True,
+             tune_als: bool = False, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Test-split metrics of a model (a directory or a loaded one) and, with `baselines`, of popularity
+    and ALS; `tune_als` adds "als_tuned": ALS with the grid point chosen on the validation split."""
+    model = model_dir if isinstance(model_dir, TwoTowerModel) else TwoTowerModel.load(model_dir)
+    p = prepared if prepared is not None else prepare(data, model.cfg.history_len)
     q = held_out(p, TEST)
     k = max(ks)
     result: dict[str, Any] = {"two_tower": metrics(two_tower_topk(model, p, q, k), q.targets, ks)}
     if baselines:
         result["popularity"] = metrics(popularity_topk(p, q, k), q.targets, ks)
         result["als"] = metrics(als_topk(p, q, k), q.targets, ks)
+    if baselines and tune_als:
+        from towerann.model.search import tune_als as tune
+
+        chosen, grid = tune(p, seed=0)
+        result["als_tuned"] = metrics(als_topk(p, q, k, **chosen), q.targets, ks) | {"params": chosen, "grid": grid}
     result["model_version"] = model.version
     result["catalog_items"] = len(p.items)
     return result

@@ -38,6 +38,8 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     temperature: float = 0.1
+    logq_weight: float = 1.0  # share of the logQ correction applied: 1 = full (Yi et al.), 0 = none; lower
+    # values keep some popularity in the scores, which held-out clicks (popularity-biased) reward
     patience: int = 3
     eval_k: int = 100
     id_dropout: float = 0.1  # how often the user id is hidden, so the cold-start path is trained
@@ -62,10 +64,19 @@ def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | 
           progress: bool | None = None) -> TwoTowerModel:
     tower = tower or TowerConfig()
     cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    model = fit(prepare(data, tower.history_len), str(data), tower, cfg, progress, t0)
+    if out is not None:
+        model.save(out, name=name, overwrite=overwrite)
+    return model
+
+
+def fit(p: Prepared, data: str, tower: TowerConfig, cfg: TrainConfig, progress: bool | None = None,
+        t0: float | None = None) -> TwoTowerModel:
+    """Train on the TRAIN split of prepared data, early-stopping on VALID; the test split is never read."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    t0 = time.perf_counter()
-    p = prepare(data, tower.history_len)
+    t0 = time.perf_counter() if t0 is None else t0
     train_rows = np.flatnonzero(p.split == TRAIN)
     if len(train_rows) < 2:
         raise DataError(f"{data}: fewer than 2 training interactions; nothing to learn from")
@@ -112,7 +123,7 @@ def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | 
                                hist_mask_all[rows])
             iidx = torch.where(torch.rand(len(rows)) < cfg.item_id_dropout, 0, item_idx[items])
             v = net.item_tower(iidx, item_cat[items], item_num[items], item_attrs[items])
-            logits = (u @ v.T) / cfg.temperature - log_q[items].unsqueeze(0)
+            logits = (u @ v.T) / cfg.temperature - cfg.logq_weight * log_q[items].unsqueeze(0)
             same = items.unsqueeze(0) == items.unsqueeze(1)
             logits = logits.masked_fill(same & ~torch.eye(len(rows), dtype=torch.bool), -torch.inf)
             loss = F.cross_entropy(logits, torch.arange(len(rows)))
@@ -146,10 +157,8 @@ def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | 
         f"val_recall@{cfg.eval_k}": best,
         "epochs": history,
         "train_seconds": round(time.perf_counter() - t0, 1),
-        "train_config": cfg.__dict__,
+        "train_config": dict(cfg.__dict__),
     }
-    if out is not None:
-        model.save(out, name=name, overwrite=overwrite)
     return model
 
 
