@@ -8,9 +8,10 @@ everysec) holding the user features, the sessions and the delta log, as a durabl
   session cap keeps them all) and item writes (POST /v1/items, one new item each, in soak categories
   of 500 items);
 - at 35% of the run `refresh` rebuilds the bundle in a child process at nice 10 (re-embed the catalog
-  plus the delta log, build, tune, publish) and POST /v1/admin/reload swaps it in;
-- at 70% (and after the swap) Redis is killed with SIGKILL and restarted on the same port
-  --redis-down-s later: reads answer `degraded`, clicks and writes get 503 until it is back;
+  plus the delta log, build, tune, publish) and POST /v1/admin/reload swaps it in (retried, as an
+  operator would, while Redis is down);
+- at 70%, whatever the rebuild is doing then, Redis is killed with SIGKILL and restarted on the same
+  port --redis-down-s later: reads answer `degraded`, clicks and writes get 503 until it is back;
 - afterwards every acknowledged item is looked for with a filtered request on its category (exact
   search: the category is small) and every acknowledged click in the user's session in Redis.
 Reports statuses per kind inside and outside the Redis outage, latency percentiles per phase and per
@@ -157,7 +158,7 @@ def _rss_growth(rss: list[tuple[float, float]], start: float, end: float, tail: 
 def run(args: argparse.Namespace) -> int:
     import httpx
 
-    from towerann.bench.freshness import rebuild_niced, rss_mb, window
+    from towerann.bench.freshness import rebuild_niced, rss_mb
     from towerann.bench.serve import prepare, run_load
     from towerann.data.dataset import read_items
     from towerann.features import open_store
@@ -218,16 +219,32 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.time()
         loader.start()
         events: dict[str, float] = {}
-        with httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        swap: dict[str, Any] = {}
+        rebuilt: dict[str, Any] = {}
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+
+        def refresh_and_swap() -> None:
+            """The batch rebuild at 35%, then the reload; an operator retries a reload that met Redis down."""
             time.sleep(max(0.0, t0 + 0.35 * args.duration - time.time()))
             events["refresh_start"] = time.time()
-            rebuilt = rebuild_niced(paths["data"], paths["model"], root, None, args.kind, args.recall or None, args.k,
-                                    delta_url=redis.url)
+            rebuilt.update(rebuild_niced(paths["data"], paths["model"], root, None, args.kind, args.recall or None,
+                                         args.k, delta_url=redis.url))
             events["swap_start"] = time.time()
-            swap = http.post("/v1/admin/reload").json()
+            with httpx.Client(base_url=server.url, timeout=120, headers=auth) as http:
+                for attempt in range(1, 121):
+                    r = http.post("/v1/admin/reload")
+                    swap.update(r.json(), attempts=attempt)
+                    if r.status_code == 200:
+                        break
+                    time.sleep(1.0)
             events["swap_end"] = time.time()
-            print(f"refresh in {rebuilt['seconds']:.1f}s, reload: {swap.get('outcome')}", flush=True)
-            time.sleep(max(0.0, max(t0 + 0.7 * args.duration, events["swap_end"] + 2.0) - time.time()))
+            print(f"refresh in {rebuilt['seconds']:.1f}s, reload: {swap.get('outcome')} "
+                  f"(attempt {swap['attempts']})", flush=True)
+
+        swapper = threading.Thread(target=refresh_and_swap, daemon=True)
+        swapper.start()
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            time.sleep(max(0.0, t0 + 0.7 * args.duration - time.time()))
             events["redis_kill"] = time.time()
             redis.kill()
             time.sleep(args.redis_down_s)
@@ -240,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
             events["redis_ready"] = time.time()
             print(f"redis killed, restarted after {args.redis_down_s}s, server ready again "
                   f"{events['redis_ready'] - events['redis_started']:.2f}s later", flush=True)
-            loader.join()
+        loader.join()
+        swapper.join()
         sampling.set()
         sampler.join()
         tl = load_out["timeline"]
@@ -259,24 +277,32 @@ def run(args: argparse.Namespace) -> int:
     inside = (sent >= outage[0]) & (sent < outage[1])
     server_errors = (status >= 500) | (status == 0)
     warm = t0 + 0.15 * args.duration
+    swapping = (sent >= events["refresh_start"]) & (sent < events["swap_end"] + 1.0)
+    ok = status == 200
+
+    def latency(sel: np.ndarray) -> dict[str, Any]:
+        return {**percentiles(lat[sel & ok] / 1e3), "failed": int((sel & ~ok).sum())}
+
+    load_end = float(sent[-1])
     result: dict[str, Any] = {
         "items": args.items, "index": args.kind, "k": args.k, "rate": args.rate, "duration_s": args.duration,
         "mix": dict(zip(KINDS, args.mix)), "sent": int(len(status)), "achieved_rps": load_out["achieved_rps"],
         "events": {k: round(v - t0, 3) for k, v in events.items()}, "refresh": rebuilt, "reload": swap,
+        "swap_under_load": events["swap_end"] < load_end, "outage_under_load": events["redis_ready"] < load_end,
         "statuses_outside_outage": _statuses(kinds, status, ~inside),
         "statuses_during_outage": _statuses(kinds, status, inside),
         "server_errors_outside_outage": int((server_errors & ~inside).sum()),
         "degraded_reads": {"outside_outage": int((np.asarray(tl["degraded"]) & ~inside).sum()),
                            "during_outage": int((np.asarray(tl["degraded"]) & inside).sum())},
-        "latency": {"steady": window(tl, (warm, events["refresh_start"]), (events["swap_end"] + 1.0, outage[0])),
-                    "during_refresh": window(tl, (events["refresh_start"], events["swap_start"])),
-                    "during_swap": window(tl, (events["swap_start"], events["swap_end"] + 1.0)),
-                    "during_redis_outage": window(tl, outage),
-                    "after_outage": window(tl, (outage[1], sent[-1] + 1.0)),
-                    "per_kind": {name: percentiles(lat[(kinds == i) & (status == 200)] / 1e3)
-                                 for i, name in enumerate(KINDS)}},
-        "rss": {"after_warmup": _rss_growth(rss, warm, events["refresh_start"], 0.1 * args.duration),
-                "after_swap": _rss_growth(rss, events["swap_end"] + 2.0, outage[0], 0.1 * args.duration),
+        "latency": {"steady": latency((sent >= warm) & ~swapping & ~inside),
+                    "during_refresh": latency((sent >= events["refresh_start"]) & (sent < events["swap_start"])),
+                    "during_swap": latency((sent >= events["swap_start"]) & (sent < events["swap_end"] + 1.0)),
+                    "during_redis_outage": latency(inside),
+                    "per_kind": {name: percentiles(lat[(kinds == i) & ok] / 1e3) for i, name in enumerate(KINDS)}},
+        "rss": {"after_warmup": _rss_growth(rss, warm, min(events["refresh_start"], warm + 0.15 * args.duration),
+                                            0.1 * args.duration),
+                "after_swap": _rss_growth(rss, events["swap_end"] + 2.0, events["swap_end"] + 2.0 + 0.1 * args.duration,
+                                          0.1 * args.duration),
                 "peak_mb": round(peak_mb, 1)},
         "readback": readback,
         "per_second": _per_second(sent, lat, status, t0),
