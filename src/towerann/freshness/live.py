@@ -167,6 +167,8 @@ class ItemWriter:
     def __init__(self, holder: BundleHolder, delta: DeltaLog, shared: bool = False):
         self.holder, self.delta, self.shared = holder, delta, shared
         self.lock = threading.Lock()
+        # called with the last seq of each write once it is applied, before it is acknowledged
+        self.on_written: Callable[[int], None] | None = None
 
     def upsert(self, rows: Any, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
@@ -181,6 +183,7 @@ class ItemWriter:
                 b.upsert(clean, vectors, entries[-1].seq)
 
             apply_on(change)
+            self._written(entries[-1].seq)
         return {"upserted": len(clean), "seq": entries[-1].seq, "index_version": b.version}
 
     def set_available(self, item_id: str, available: bool, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
@@ -196,6 +199,7 @@ class ItemWriter:
                 b.set_available(item_id, available, entry.seq)
 
             apply_on(change)
+            self._written(entry.seq)
         return {"item_id": item_id, "available": available, "seq": entry.seq}
 
     def delete(self, item_id: str, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
@@ -209,6 +213,7 @@ class ItemWriter:
                 b.remove(item_id, entry.seq)
 
             apply_on(change)
+            self._written(entry.seq)
         return {"item_id": item_id, "deleted": True, "seq": entry.seq}
 
     def catch_up(self, apply_on: ApplyOn = apply_here) -> int:
@@ -221,6 +226,10 @@ class ItemWriter:
             if entries:
                 apply_on(lambda: apply_entries(b, entries))
             return len(entries)
+
+    def _written(self, seq: int) -> None:
+        if self.on_written is not None:
+            self.on_written(seq)
 
     def _caught_up(self, apply_on: ApplyOn) -> RetrievalBundle:
         """The served bundle, with the other processes' writes applied first (under self.lock)."""

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -33,10 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_for(svc: Service, worker: str | None = None, metrics_dir: str | None = None) -> FastAPI:
+def app_for(svc: Service, worker: str | None = None, metrics_dir: str | None = None,
+            freshen: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     return create_app(svc.retriever, svc.cfg.serve.max_body_bytes, svc.writer, svc.reloader, svc.token,
                       max_items_per_write=svc.cfg.serve.max_items_per_write, worker=worker,
-                      metrics_dir=metrics_dir)
+                      metrics_dir=metrics_dir, freshen=freshen)
 
 
 def close_app(app: FastAPI | None) -> None:

@@ -7,9 +7,11 @@ start (its one-line error and exit code), stops every worker on SIGTERM/SIGINT, 
 when one dies (exit 1), so a supervisor (systemd, Kubernetes) restarts the whole server.
 
 What the workers share, and how:
-- item writes: the delta log. Each worker applies the entries the others logged every
-  [freshness] tail_ms, and before each write of its own (freshness.live.ItemWriter, shared=True);
-  a write acknowledged by one worker is searchable on every other within about tail_ms.
+- item writes: the delta log. Each worker applies the entries the others logged before each write
+  of its own (freshness.live.ItemWriter, shared=True), every [freshness] tail_ms, and before a
+  search when another worker has acknowledged a write it has not applied yet (Peers, through a
+  shared-memory array of acknowledged seqs): a write acknowledged by one worker is in every search
+  that starts after the acknowledgement, on every worker.
 - bundles: CURRENT, which every worker's Reloader polls every [freshness] poll_s.
 - user features: the feature store, which must be Redis (the embedded store lives in one process).
 - metrics: prometheus_client's multiprocess mode in a temp directory of this server, so /metrics
@@ -117,10 +119,11 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     workers: list[multiprocessing.process.BaseProcess] = []
     pipes = []
+    acked = ctx.RawArray("q", n)  # per worker: the last delta-log seq it acknowledged (workers.Peers)
     try:
         for i in range(n):
             parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(cfg, model_dir, sock, i, child_end, metrics_dir),
+            p = ctx.Process(target=worker_main, args=(cfg, model_dir, sock, i, child_end, metrics_dir, acked),
                             name=f"towerann-worker-{i}", daemon=False)
             p.start()
             child_end.close()
@@ -196,7 +199,7 @@ def _stop_all(workers: list) -> None:
 # ---- in a worker process ------------------------------------------------------------------------
 
 def worker_main(cfg: Config, model_dir: str | None, sock: socket.socket, index: int,
-                conn: multiprocessing.connection.Connection, metrics_dir: str) -> None:
+                conn: multiprocessing.connection.Connection, metrics_dir: str, acked: Any) -> None:
     """One worker: the whole service on the inherited socket. Reports ("loaded",) or ("error", line, code),
     then answers requests once the parent says ("go",) (every worker has loaded)."""
     from towerann.storeurl import redact, redact_logging
@@ -219,7 +222,9 @@ def worker_main(cfg: Config, model_dir: str | None, sock: socket.socket, index: 
         raise
     app = None
     try:
-        app = app_for(svc, worker=str(index), metrics_dir=metrics_dir)
+        peers = Peers(svc, acked, index)
+        app = app_for(svc, worker=str(index), metrics_dir=metrics_dir, freshen=peers.freshen)
+        peers.write_pool = getattr(app.state, "write_pool", None)
         freeze_heap()
         conn.send(("loaded",))
         try:
@@ -227,7 +232,7 @@ def worker_main(cfg: Config, model_dir: str | None, sock: socket.socket, index: 
         except EOFError:  # the parent is gone, or stopping before all were loaded
             return
         svc.start()
-        _serve_on(svc, app, sock)
+        _serve_on(svc, app, sock, peers)
     finally:
         from towerann.service.server import close_app
 
@@ -248,7 +253,7 @@ def _die_with_parent() -> None:
         raise SystemExit(1)
 
 
-def _serve_on(svc: Service, app: Any, sock: socket.socket) -> None:
+def _serve_on(svc: Service, app: Any, sock: socket.socket, peers: "Peers") -> None:
     import uvicorn
 
     from towerann.service.server import uvicorn_config
@@ -258,7 +263,7 @@ def _serve_on(svc: Service, app: Any, sock: socket.socket) -> None:
 
     async def main() -> None:
         stop: list[bool] = []
-        tail = asyncio.create_task(tail_delta_log(svc, getattr(app.state, "write_pool", None), stop))
+        tail = asyncio.create_task(peers.tail(stop))
         try:
             await server.serve(sockets=[sock])
         finally:
@@ -269,32 +274,75 @@ def _serve_on(svc: Service, app: Any, sock: socket.socket) -> None:
         runner.run(main())
 
 
-async def tail_delta_log(svc: Service, write_pool: Any, stop: list[bool]) -> None:
-    """Every [freshness] tail_ms, apply the writes the other workers logged. A local log (SQLite) is
-    read on the loop, as local writes are; a Redis log in the write thread, handing only the index
-    change to the loop (serving.app.on_loop), so searches never wait on Redis."""
-    from towerann.serving.app import on_loop
-    from towerann.storeurl import redact
+class Peers:
+    """This worker's view of the others' item writes.
 
-    every = svc.cfg.freshness.tail_ms / 1e3
-    writer, loop = svc.writer, asyncio.get_running_loop()
-    failing = False
-    while not stop:
-        await asyncio.sleep(every)
-        if stop:
-            return
+    `acked` is shared memory with one slot per worker: the last seq that worker acknowledged (set
+    before its answer goes out). A search that finds a slot ahead of the served bundle's delta_seq
+    first applies the log up to there (`freshen`, awaited by the candidates handler), so a write
+    acknowledged by any worker is in every search that starts after the acknowledgement, on every
+    worker. `tail` applies the others' writes every [freshness] tail_ms anyway, so searches rarely
+    have to wait. If the log cannot be read, the search is answered from what this worker has."""
+
+    def __init__(self, svc: Service, acked: Any, index: int):
+        self.svc, self.acked, self.index = svc, acked, index
+        self.write_pool: Any = None  # the app's write thread (a Redis log); None: apply on the loop
+        self._running: asyncio.Task | None = None
+        self._failing = False
+        svc.writer.on_written = self.written
+
+    def written(self, seq: int) -> None:
+        if seq > self.acked[self.index]:
+            self.acked[self.index] = seq
+
+    def behind(self) -> bool:
+        holder = self.svc.writer.holder
+        return holder.ready and max(self.acked) > holder.current().delta_seq
+
+    async def freshen(self) -> None:
+        """Before a search. Waits at most [features] timeout_ms (a hung Redis log must not hold searches:
+        past it, the search is answered without the writes not applied yet)."""
+        if self.behind():
+            try:
+                await asyncio.wait_for(self.catch_up(), self.svc.cfg.features.timeout_ms / 1e3)
+            except asyncio.TimeoutError:
+                pass
+
+    async def catch_up(self) -> None:
+        """One catch-up at a time; concurrent callers wait for the one under way (and a next one if
+        that one had already started before their write was acknowledged)."""
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._catch_up_once())
+        await asyncio.shield(self._running)
+        if self.behind():  # acknowledged after that catch-up had read the log
+            if self._running.done():
+                self._running = asyncio.ensure_future(self._catch_up_once())
+            await asyncio.shield(self._running)
+
+    async def _catch_up_once(self) -> None:
+        from towerann.serving.app import on_loop
+        from towerann.storeurl import redact
+
+        writer, loop = self.svc.writer, asyncio.get_running_loop()
         try:
-            if write_pool is None:
+            if self.write_pool is None:  # a local log (SQLite): read on the loop, as local writes are
                 writer.catch_up()
-            elif writer.delta.available():
-                await loop.run_in_executor(write_pool, functools.partial(writer.catch_up, apply_on=on_loop(loop)))
+            elif writer.delta.available():  # Redis: read in the write thread, only the change on the loop
+                await loop.run_in_executor(self.write_pool, functools.partial(writer.catch_up, apply_on=on_loop(loop)))
             else:
-                continue
-            if failing:
+                return
+            if self._failing:
                 log.warning("delta log readable again: the other workers' writes are applied again")
-            failing = False
-        except Exception as e:  # keep tailing; say so once per outage, not every 50 ms
-            if not failing:
-                log.warning("cannot read the other workers' writes from the delta log (%s: %s); retrying every "
-                            "%.0f ms", type(e).__name__, redact(str(e)), every * 1e3)
-            failing = True
+            self._failing = False
+        except Exception as e:  # keep serving; say so once per outage, not every tail interval
+            if not self._failing:
+                log.warning("cannot read the other workers' writes from the delta log (%s: %s); searches are "
+                            "answered without them until it can be read", type(e).__name__, redact(str(e)))
+            self._failing = True
+
+    async def tail(self, stop: list[bool]) -> None:
+        every = self.svc.cfg.freshness.tail_ms / 1e3
+        while not stop:
+            await asyncio.sleep(every)
+            if not stop:
+                await self.catch_up()

@@ -35,7 +35,7 @@ import hmac
 import logging
 import math
 from types import SimpleNamespace
-from typing import Annotated, Any, Callable, Protocol
+from typing import Annotated, Any, Awaitable, Callable, Protocol
 
 import orjson
 from fastapi import Depends, FastAPI, Path, Request
@@ -300,12 +300,13 @@ class GuardMiddleware:
 def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWrites | None = None,
                reloader: BundleReloads | None = None, token: str | None = None,
                max_items_per_write: int = 1000, worker: str | None = None,
-               metrics_dir: str | None = None) -> FastAPI:
+               metrics_dir: str | None = None, freshen: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
 
     writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
     admin endpoints; they need `Authorization: Bearer <token>`. `worker` names this process in an
-    X-Towerann-Worker header; `metrics_dir` makes /metrics the totals of all workers (Metrics)."""
+    X-Towerann-Worker header; `metrics_dir` makes /metrics the totals of all workers (Metrics);
+    `freshen` is awaited before each search (several workers: apply the others' acknowledged writes)."""
     metrics = Metrics(metrics_dir)
     if reloader is not None:
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
@@ -316,7 +317,7 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
                   responses={}, redirect_slashes=False)
     app.state.retriever, app.state.metrics = retriever, metrics
     delta = getattr(writer, "delta", None)
-    _add_read_routes(app, retriever, metrics, models, delta)
+    _add_read_routes(app, retriever, metrics, models, delta, freshen)
     _add_write_routes(app, retriever, models, writer, reloader, token, delta)
     _add_error_handlers(app)
 
@@ -327,7 +328,8 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
     return app
 
 
-def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, models: Any, delta: Any) -> None:
+def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, models: Any, delta: Any,
+                     freshen: Callable[[], Awaitable[None]] | None) -> None:
     """candidates, events, healthz, readyz, metrics: no token."""
     holder, observe = retriever.holder, metrics.stage_children
     CandidatesRequest, EventRequest = models.CandidatesRequest, models.EventRequest
@@ -338,6 +340,8 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
     @app.post("/v1/candidates", response_model=None, responses={200: {"model": CandidatesResponse}, **ERRORS})
     async def candidates(req: CandidatesRequest) -> Response:
         flt = None if req.filter is None else req.filter.model_dump()
+        if freshen is not None:
+            await freshen()
         c = await retriever.candidates_async(req.user_id, req.k, flt)
         for stage, ms in c.timings_ms.items():
             observe[stage].observe(ms / 1e3)
