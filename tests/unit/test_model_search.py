@@ -96,7 +96,7 @@ def test_train_search_cli_writes_trials_to_the_manifest(data: Path, tmp_path: Pa
     assert rc == 0
     found = json.loads((out / "manifest.json").read_text())["info"]["search"]
     assert len(found["trials"]) == 2 and found["scored_on"] == "validation split"
-    assert set(found["chosen"]) == {"temperature", "id_dim", "logq_weight", "weight_decay", "dim"}
+    assert set(found["chosen"]) == {"temperature", "lr", "id_dim", "logq_weight", "weight_decay", "dim"}
     assert "search: 2 trials" in capsys.readouterr().out
 
 

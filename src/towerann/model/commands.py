@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--search", action="store_true",
-                   help="choose temperature, logQ weight, embedding size, weight decay and dim on the validation "
+                   help="choose temperature, learning rate, logQ weight, embedding size, weight decay and dim on the validation "
                    "split (greedy, starting from the settings given); the trials go into the manifest")
     p.add_argument("--search-budget-s", type=float, default=300.0,
                    help="with --search: no trial starts that would end past this many seconds (default 300)")

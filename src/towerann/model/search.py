@@ -3,7 +3,7 @@
 Fixed constants fit the data they were tuned on (ml-100k) and not data in general, so `towerann
 train --search` tries a handful of settings and keeps the one with the best validation recall@K.
 The search is coordinate-wise and greedy: it starts from the given settings, then changes one
-knob at a time (temperature, logQ weight, id-embedding size, weight decay, output dim) from the
+knob at a time (temperature, learning rate, logQ weight, id-embedding size, weight decay, output dim) from the
 best settings so far, in a fixed order, so a seed gives the same trials and the same choice.
 Epochs are chosen inside each trial by early stopping on the same validation recall.
 
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 # reaches them. Tower knobs live in TowerConfig, the rest in TrainConfig.
 STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (
     ("temperature", (0.05, 0.2)),
+    ("lr", (1e-3,)),
+    ("logq_weight", (1.5, 2.0)),  # below 1 lost on every regime measured (bench model)
     ("id_dim", (64, 16)),
-    ("logq_weight", (1.5, 0.5)),
     ("weight_decay", (1e-6,)),
     ("dim", (64,)),
 )
@@ -82,7 +83,12 @@ def search(data: str | Path, tower: TowerConfig | None = None, cfg: TrainConfig 
     if budget.max_trials < 1 or budget.budget_s < 0:
         raise ConfigError(f"search needs max_trials >= 1 and budget_s >= 0, got {budget.max_trials}, {budget.budget_s}")
     t0 = time.perf_counter()
-    p = prepared if prepared is not None else prepare(data, tower.history_len)
+    cache = {tower.history_len: prepared if prepared is not None else prepare(data, tower.history_len)}
+
+    def prepared_for(history_len: int) -> Prepared:  # the history matrix depends on its length
+        if history_len not in cache:
+            cache[history_len] = prepare(data, history_len)
+        return cache[history_len]
     key = f"val_recall@{cfg.eval_k}"
     trials: list[dict[str, Any]] = []
     tried: set[tuple] = set()
@@ -93,7 +99,7 @@ def search(data: str | Path, tower: TowerConfig | None = None, cfg: TrainConfig 
     def run(t: TowerConfig, c: TrainConfig) -> None:
         nonlocal best_model, best_tower, best_cfg, best_score
         s0 = time.perf_counter()
-        model = fit(p, str(data), t, c, progress=False)
+        model = fit(prepared_for(t.history_len), str(data), t, c, progress=False)
         score = float(model.info[key])
         trial = {"trial": len(trials) + 1, **_settings(t, c), key: round(score, 6),
                  "best_epoch": model.info["best_epoch"], "seconds": round(time.perf_counter() - s0, 1)}
