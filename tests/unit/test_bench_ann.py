@@ -189,3 +189,29 @@ def test_cli_runs_on_given_vectors(tmp_path: Path) -> None:
     assert saved["dataset"]["source"]["kind"] == "given" and saved["dataset"]["items"] == n
     assert {s["name"] for s in saved["series"]} >= {"towerann exact", "towerann hnsw", "numpy brute force"}
     assert main(["bench", "ann", "--vectors", str(tmp_path / "vec"), "--out", str(out)]) == 2  # --queries missing
+
+
+def test_cli_far_off_set(tmp_path: Path) -> None:
+    """`--set far`: the far-off-query catalog generated in-process, every requested series measured,
+    written as ann-far.json/png with the far-off targets."""
+    from towerann.bench.ann import FAR_TARGETS, far_dataset
+    from towerann.cli import main
+
+    out = tmp_path / "out"
+    code = main(["bench", "ann", "--set", "far", "--items", "3000", "--dim", "32", "--k", "10,100", "--quick",
+                 "--backends", "exact,scann", "--peers", "numpy,scann", "--queries-n", "50", "--out", str(out),
+                 "--work", str(tmp_path / "work")])
+    assert code == 0
+    saved = json.loads((out / "ann-far.json").read_text())
+    assert (out / "ann-far.png").read_bytes()[:4] == b"\x89PNG" and not (out / "ann.json").exists()
+    src = saved["dataset"]["source"]
+    assert src["kind"] == "far-off synthetic" and src["items"] == 3000 and src["dim"] == 32 and src["seed"] == 0
+    assert saved["dataset"]["items"] == 3000 and saved["dataset"]["queries"] == 50
+    assert set(saved["targets"]) == set(FAR_TARGETS)
+    names = {"towerann exact", "towerann scann", "numpy brute force", "ScaNN"}
+    assert {s["name"] for s in saved["series"]} == names
+    assert all(_points(saved, n, k) for n in names for k in (10, 100))
+    # the run measured the generator's catalog: exact search over it finds what brute force here finds
+    data = far_dataset(3000, 32, n_queries=5000, seed=0)
+    assert data.vectors.shape == (3000, 32) and _points(saved, "towerann exact", 100)[0]["recall"] == 1.0
+    assert main(["bench", "ann", "--set", "far", "--vectors", "v", "--queries", "q.npy", "--out", str(out)]) == 2

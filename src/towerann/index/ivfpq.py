@@ -75,7 +75,9 @@ class IVFPQIndex(Index):
         # Start where the probed lists hold about 2k codes: fewer cannot fill k rows from the library.
         first = min(nlist, max(1, math.ceil(2 * k * nlist / n)))
         probes = sorted({min(max(2**i, first), nlist) for i in range(0, 12)})
-        grid = [{"nprobe": p, "rerank": r} for p in probes for r in (0, 2 * k, 4 * k, 8 * k)]
+        # Re-rank pools up to 16k: far-off queries score their neighbours close together, and 16-byte
+        # PQ codes cannot order them; the exact re-scoring of a deeper pool can.
+        grid = [{"nprobe": p, "rerank": r} for p in probes for r in (0, 2 * k, 4 * k, 8 * k, 16 * k)]
         return sorted(grid, key=lambda g: g["nprobe"] * n / nlist * self.build_params["pq_m"] + g["rerank"] * self.dim)
 
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:

@@ -71,8 +71,12 @@ class ScannIndex(Index):
         n = max(self._n_main, 1)
         # Start where the searched leaves hold about 2k items: fewer cannot fill k rows from the library.
         first = min(self._leaves, max(1, math.ceil(2 * k * self._leaves / n)))
-        leaves = sorted({min(max(2**i, first), self._leaves) for i in range(0, 14)})
-        grid = [{"leaves": lv, "reorder": r} for lv in leaves for r in (k, 2 * k, 4 * k, 8 * k)]
+        # Steps of ~1.4x (2^i and 1.5 * 2^i): far-off queries need a fifth of the leaves or more, where
+        # a doubling overshoots. Reorder up to 16k: their AH scores sit close together, so a deeper exact
+        # re-scoring lifts recall (1M far-off items, k=100, 200 of 1000 leaves: 0.955 at 8k, 0.968 at 16k).
+        steps = {x for i in range(0, 14) for x in (2**i, 3 * 2**i // 2)}
+        leaves = sorted({min(max(x, first), self._leaves) for x in steps})
+        grid = [{"leaves": lv, "reorder": r} for lv in leaves for r in (k, 2 * k, 4 * k, 8 * k, 16 * k)]
         return sorted(grid, key=lambda g: g["leaves"] * n / self._leaves * self.dim / 2 + g["reorder"] * self.dim)
 
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
