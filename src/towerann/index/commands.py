@@ -22,7 +22,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     b = sub.add_parser("build", help="build an index from a vectors directory and publish it as a snapshot")
-    b.add_argument("--vectors", required=True, help="vectors directory written by `towerann embed`")
+    b.add_argument("--vectors", required=True,
+                   help="vectors directory written by `towerann embed`, or vectors made elsewhere: a .parquet file "
+                        "(an id column and a list-of-floats vector column) or a .npy matrix with --ids; a file is "
+                        "first imported into a vectors directory (--vectors-out)")
+    b.add_argument("--vectors-out", default=None,
+                   help="where an imported vectors file goes (default: beside --out, named OUT-vectors)")
+    b.add_argument("--ids", default=None, help="with a .npy --vectors: the item ids, one per row (.npy)")
+    b.add_argument("--id-column", default="item_id", help="Parquet --vectors: id column (default item_id)")
+    b.add_argument("--vector-column", default="vector", help="Parquet --vectors: vector column (default vector)")
+    b.add_argument("--category-column", default=None, help="Parquet --vectors: category column for filters (optional)")
+    b.add_argument("--available-column", default=None, help="Parquet --vectors: availability column (optional)")
+    b.add_argument("--normalize", action="store_true", help="L2-normalise imported vectors (cosine similarity)")
     b.add_argument("--kind", required=True, choices=[*KINDS, "auto"],
                    help=f"backend; {AUTO_HELP} (--recall, default 0.95)")
     b.add_argument("--out", required=True, help="snapshot root (e.g. indexes/); CURRENT points at the new version")
@@ -70,6 +81,19 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError("--recall needs user-tower queries (--queries FILE, or --data DIR --model DIR): "
                           "tuning on item vectors overestimates recall")
     t0 = time.perf_counter()
+    if Path(args.vectors).is_file():
+        from towerann.embed.external import import_vectors
+
+        out = Path(args.out)
+        vectors_dir = import_vectors(args.vectors, args.vectors_out or out.with_name(out.name + "-vectors"),
+                                     ids=args.ids, id_column=args.id_column, vector_column=args.vector_column,
+                                     category_column=args.category_column, available_column=args.available_column,
+                                     normalize=args.normalize, overwrite=True)
+        print(f"imported {args.vectors} -> {vectors_dir}")
+        args.vectors = str(vectors_dir)
+    elif args.ids or args.normalize or args.category_column or args.available_column:
+        raise ConfigError("--ids, --normalize and the column options apply to a vectors file (.parquet, .npy), "
+                          f"not to the vectors directory {args.vectors}")
     vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
     if queries is None and args.data is not None:
