@@ -39,11 +39,14 @@ def load_bundle(cfg: Config, model_dir: str | None = None) -> RetrievalBundle:
                             "republish it, or point --index ([paths] index) at a good one") from e
 
 
-def open_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: str | None = None) -> Retriever:
-    """Load the configured bundle and open the configured store.
+def open_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: str | None = None,
+                   bundle: RetrievalBundle | None = None) -> Retriever:
+    """Load the configured bundle (unless given: loaded by the parent of the workers) and open the
+    configured store.
 
     A bundle carries its own model; [paths] model is used only for a plain index snapshot."""
-    bundle = load_bundle(cfg, model_dir)
+    if bundle is None:
+        bundle = load_bundle(cfg, model_dir)
     f, s = cfg.features, cfg.serve
     return Retriever(BundleHolder(bundle), store or open_configured_store(f), max_k=s.max_k,
                      max_id_length=s.max_id_length, max_clock_skew_s=s.max_clock_skew_s,
@@ -95,13 +98,13 @@ class Service:
 
 
 def open_service(cfg: Config, retriever: Retriever | None = None, model_dir: str | None = None,
-                 shared: bool = False) -> Service:
+                 shared: bool = False, bundle: RetrievalBundle | None = None) -> Service:
     """Open the store and the delta log, load the bundle, replay the log onto it (a restart loses no
     acknowledged write) and set up the CURRENT watcher. The log lives in Redis when the store does.
 
     `shared`: one of several worker processes on one log (freshness.live.ItemWriter)."""
     owns_store = retriever is None
-    retriever = retriever or open_retriever(cfg, model_dir=model_dir)
+    retriever = retriever or open_retriever(cfg, model_dir=model_dir, bundle=bundle)
     try:
         delta = open_configured_delta_log(cfg)
     except BaseException:

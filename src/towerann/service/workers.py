@@ -1,8 +1,8 @@
 """`towerann serve --workers N`: N processes, each the whole service, answering on one port.
 
-The parent binds the listening socket once and spawns N workers; each one loads the bundle, opens
-the store and the delta log, and runs uvicorn on the inherited socket (the kernel hands each new
-connection to one of them). The parent serves nothing: it reports the first worker that fails to
+The parent binds the listening socket once, loads the bundle and forks N workers from it (they
+share its pages: see _preload); each one opens the store and the delta log, replays the log and
+runs uvicorn on the inherited socket (the kernel hands each new connection to one of them). The parent serves nothing: it reports the first worker that fails to
 start (its one-line error and exit code), stops every worker on SIGTERM/SIGINT, and stops them all
 when one dies (exit 1), so a supervisor (systemd, Kubernetes) restarts the whole server.
 
@@ -103,14 +103,17 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_PRELOADED: Any = None  # the bundle the parent loaded, inherited by the workers it forks (never pickled)
+
+
 def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     """Serve with `n` worker processes until SIGTERM/SIGINT; raise WorkerFailed if one fails."""
+    global _PRELOADED
     sock = listening_socket(cfg.serve.host, cfg.serve.port)
     metrics_dir = tempfile.mkdtemp(prefix="towerann-metrics-")
-    # prometheus_client reads it at import: the workers, spawned below, inherit it
+    # prometheus_client reads it at import: set before anything here or in the workers imports it
     env_before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
     stopping: list[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -119,8 +122,9 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     workers: list[multiprocessing.process.BaseProcess] = []
     pipes = []
-    acked = ctx.RawArray("q", n)  # per worker: the last delta-log seq it acknowledged (workers.Peers)
     try:
+        ctx = _preload(cfg, model_dir)
+        acked = ctx.RawArray("q", n)  # per worker: the last delta-log seq it acknowledged (workers.Peers)
         for i in range(n):
             parent_end, child_end = ctx.Pipe()
             p = ctx.Process(target=worker_main, args=(cfg, model_dir, sock, i, child_end, metrics_dir, acked),
@@ -129,6 +133,7 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
             child_end.close()
             workers.append(p)
             pipes.append(parent_end)
+        _PRELOADED = None  # the workers hold it now; its pages stay shared with them until they change
         _wait_until_loaded(workers, pipes, stopping)
         if stopping:
             return
@@ -143,6 +148,7 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
                                    f"{dead[0].exitcode}; stopped the others")
             multiprocessing.connection.wait([p.sentinel for p in workers], timeout=0.2)
     finally:
+        _PRELOADED = None
         _stop_all(workers)
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -152,6 +158,32 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         else:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = env_before
+
+
+def _preload(cfg: Config, model_dir: str | None) -> Any:
+    """Load the bundle and the web stack here, once, and fork the workers from it: they share the pages
+    (the index, the id maps, the imported modules) until they write to them; measured at 200k items,
+    that is most of a worker. Return the multiprocessing context to start the workers with.
+
+    Forking is safe only while no library has started threads it needs in the child: faiss's OpenMP
+    pool is the one that hangs a child's first search, so the workers run it single-threaded (they
+    answer one request at a time each anyway), set before faiss is loaded. A caller that has loaded
+    faiss already gets workers spawned from scratch instead, each loading the bundle itself."""
+    global _PRELOADED
+    import sys
+
+    if "faiss" in sys.modules:
+        return multiprocessing.get_context("spawn")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import gc
+
+    import towerann.service.server  # noqa: F401 - the web stack, imported once for all workers
+    from towerann.service.wiring import load_bundle
+
+    _PRELOADED = load_bundle(cfg, model_dir)  # a bad bundle: its one-line error, before any worker starts
+    gc.collect()
+    gc.freeze()  # the workers' collections then never touch (and so copy) these objects
+    return multiprocessing.get_context("fork")
 
 
 def _wait_until_loaded(workers: list, pipes: list, stopping: list[int]) -> None:
@@ -202,18 +234,19 @@ def worker_main(cfg: Config, model_dir: str | None, sock: socket.socket, index: 
                 conn: multiprocessing.connection.Connection, metrics_dir: str, acked: Any) -> None:
     """One worker: the whole service on the inherited socket. Reports ("loaded",) or ("error", line, code),
     then answers requests once the parent says ("go",) (every worker has loaded)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the parent's handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (SIGTERM) on Ctrl-C
     from towerann.storeurl import redact, redact_logging
 
-    logging.basicConfig(level=logging.WARNING,
+    logging.basicConfig(level=logging.WARNING, force=True,
                         format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
     redact_logging()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (SIGTERM) on Ctrl-C
     _die_with_parent()
     try:
         from towerann.service.server import app_for, freeze_heap
         from towerann.service.wiring import open_service
 
-        svc = open_service(cfg, model_dir=model_dir, shared=True)
+        svc = open_service(cfg, model_dir=model_dir, shared=True, bundle=_PRELOADED)
     except TowerannError as e:
         conn.send(("error", redact(str(e)), e.exit_code))
         raise SystemExit(e.exit_code) from None
