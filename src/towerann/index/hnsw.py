@@ -16,16 +16,24 @@ Why it was slow at large ef, and what this module does about it (measured on tha
   which shuffles the insertion order (added in cluster-ordered chunks, recall@1000 capped at 0.999).
 - Vectors and graph sit on transparent huge pages (THP "madvise" mode gives none unasked): ~1.1x.
 
-One query at a time on one thread, p50 of the query's thread CPU time (the 2-core machine was shared
-by 4 engineers, so wall-clock p50s were inflated by preemption), 100 queries:
-  200k clustered items      k=100 ef=100   ef=200        ef=600       k=1000 ef=1000  ef=2000      ef=4000
-  faiss HNSWFlat            0.965 0.43 ms  0.999 0.69    1.000 1.31   0.9998 1.96     0.9998 3.23  0.9998 7.01
-  hnswlib                   0.984 0.36     0.999 0.57    1.000 1.08   0.9997 1.51     0.9997 2.05  0.9997 3.19
-  towerann hnsw, before     0.965 0.48     0.999 0.79    1.000 1.49   0.9998 2.24     0.9998 3.56  0.9998 7.58
-  towerann hnsw, now        0.986 0.29     0.999 0.44    1.000 0.79   0.9998 1.15     0.9998 1.58  0.9999 2.60
-Masked searches (availability mask, exact_below=0, 60 queries), before -> now, at k=100 ef=200 and
-k=1000 ef=2000: 90% kept 0.91 -> 0.58 ms and 4.12 -> 2.13 ms; 40% kept 1.32 -> 0.87 and 11.6 -> 4.87;
-12% kept (still the selector) 1.69 -> 1.00 and 23.7 -> 19.7. Recall unchanged (within 0.001).
+One query at a time on one thread; recall / p50 of the query's thread CPU time in ms (the 2-core
+machine was shared by 4 engineers: wall-clock p50s were inflated by preemption), M=32,
+efConstruction=128, 100 queries; "before" is the previous version of this module on faiss' graph.
+  200k clustered items   k=100 ef=100  ef=200      ef=600      k=1000 ef=1000 ef=2000      ef=4000
+  faiss HNSWFlat         0.965 0.43    0.999 0.69  1.000 1.31  0.9998 1.96    0.9998 3.23  0.9998 7.01
+  hnswlib                0.984 0.36    0.999 0.57  1.000 1.08  0.9997 1.51    0.9997 2.05  0.9997 3.19
+  towerann hnsw before   0.965 0.48    0.999 0.79  1.000 1.49  0.9998 2.24    0.9998 3.56  0.9998 7.58
+  towerann hnsw now      0.986 0.29    0.999 0.44  1.000 0.79  0.9998 1.15    0.9998 1.58  0.9999 2.60
+  300k far-off queries   k=100 ef=600  ef=1000     ef=1500     k=1000 ef=1000 ef=2000      ef=3000
+  faiss HNSWFlat         0.868 2.99    0.919 4.98  0.944 6.95  0.863 4.76     0.937 8.38   0.959 11.3
+  hnswlib                0.873 2.40    0.920 4.14  0.950 5.66  0.866 3.77     0.939 6.38   0.962 7.90
+  towerann hnsw before   0.868 3.04    0.919 5.00  0.944 6.77  0.863 4.65     0.937 8.16   0.959 10.9
+  towerann hnsw now      0.853 2.04    0.922 3.37  0.953 4.57  0.864 3.12     0.935 5.16   0.962 6.66
+At recall 0.95 the 300k set gives towerann/hnswlib 0.81x (k=100) and 0.84x (k=1000); before, ~1.25x and
+1.38x. Memory: 784 bytes per item on disk, 823 resident with the slot tables (1.61x raw), unchanged.
+Masked searches (availability mask, exact_below=0, 60 queries), 300k set, before -> now, at k=100
+ef=600 and k=1000 ef=2000: 90% kept 3.89 -> 2.61 ms and 8.80 -> 5.68; 40% kept 6.55 -> 4.52 and
+19.0 -> 10.2; 12% kept (still the selector) 10.0 -> 7.31 and 38.0 -> 30.5. Recall within 0.02.
 """
 
 from __future__ import annotations
