@@ -162,7 +162,8 @@ class ItemWriter:
     log. Then a write first applies the entries they logged since this bundle's delta_seq (so its
     checks see their items), and applies its own entries after every entry logged before them, in
     log order: two workers' writes to one item end the same way on every worker. `catch_up` applies
-    the others' writes between two of ours (service.server polls it every [freshness] tail_ms)."""
+    the others' writes between two of ours (service.workers calls it every [freshness] tail_ms and
+    before a search that is behind another worker's acknowledged write)."""
 
     def __init__(self, holder: BundleHolder, delta: DeltaLog, shared: bool = False):
         self.holder, self.delta, self.shared = holder, delta, shared
@@ -176,75 +177,59 @@ class ItemWriter:
             clean = check_rows(b, rows)
             vectors = embed_rows(b, clean)  # before logging: a row the tower cannot take is refused, not logged
             entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
-            before = self._logged_before(b, entries[0].seq)
-
-            def change() -> None:
-                apply_entries(b, before)
-                b.upsert(clean, vectors, entries[-1].seq)
-
-            apply_on(change)
-            self._written(entries[-1].seq)
-        return {"upserted": len(clean), "seq": entries[-1].seq, "index_version": b.version}
+            last = entries[-1].seq
+            self._apply_own(b, entries[0].seq, last, lambda: b.upsert(clean, vectors, last), apply_on)
+        return {"upserted": len(clean), "seq": last, "index_version": b.version}
 
     def set_available(self, item_id: str, available: bool, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         if not isinstance(available, bool):
             raise BadRequest("available must be true or false")
         with self.lock:
             b = self._known(item_id, apply_on)
-            entry = self.delta.append("available", item_id, {"available": available})
-            before = self._logged_before(b, entry.seq)
-
-            def change() -> None:
-                apply_entries(b, before)
-                b.set_available(item_id, available, entry.seq)
-
-            apply_on(change)
-            self._written(entry.seq)
-        return {"item_id": item_id, "available": available, "seq": entry.seq}
+            seq = self.delta.append("available", item_id, {"available": available}).seq
+            self._apply_own(b, seq, seq, lambda: b.set_available(item_id, available, seq), apply_on)
+        return {"item_id": item_id, "available": available, "seq": seq}
 
     def delete(self, item_id: str, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
             b = self._known(item_id, apply_on)
-            entry = self.delta.append("delete", item_id, {})
-            before = self._logged_before(b, entry.seq)
-
-            def change() -> None:
-                apply_entries(b, before)
-                b.remove(item_id, entry.seq)
-
-            apply_on(change)
-            self._written(entry.seq)
-        return {"item_id": item_id, "deleted": True, "seq": entry.seq}
+            seq = self.delta.append("delete", item_id, {}).seq
+            self._apply_own(b, seq, seq, lambda: b.remove(item_id, seq), apply_on)
+        return {"item_id": item_id, "deleted": True, "seq": seq}
 
     def catch_up(self, apply_on: ApplyOn = apply_here) -> int:
         """Apply the entries other processes logged since the served bundle's delta_seq; return how many."""
         with self.lock:
             if not self.holder.ready:
                 return 0
-            b = self.holder.current()
-            entries = list(self.delta.since(b.delta_seq))
-            if entries:
-                apply_on(lambda: apply_entries(b, entries))
-            return len(entries)
+            return self._apply_since(self.holder.current(), apply_on)
 
-    def _written(self, seq: int) -> None:
-        if self.on_written is not None:
-            self.on_written(seq)
+    def _apply_since(self, b: RetrievalBundle, apply_on: ApplyOn) -> int:
+        entries = list(self.delta.since(b.delta_seq))
+        if entries:
+            apply_on(lambda: apply_entries(b, entries))
+        return len(entries)
 
     def _caught_up(self, apply_on: ApplyOn) -> RetrievalBundle:
         """The served bundle, with the other processes' writes applied first (under self.lock)."""
         b = self.holder.current()
         if self.shared:
-            entries = list(self.delta.since(b.delta_seq))
-            if entries:
-                apply_on(lambda: apply_entries(b, entries))
+            self._apply_since(b, apply_on)
         return b
 
-    def _logged_before(self, b: RetrievalBundle, seq: int) -> list[DeltaEntry]:
-        """Entries the other processes logged between our catch-up and our own entries at `seq`."""
-        if not self.shared:
-            return []
-        return [e for e in self.delta.since(b.delta_seq) if e.seq < seq]
+    def _apply_own(self, b: RetrievalBundle, first: int, last: int, own: Callable[[], None],
+                   apply_on: ApplyOn) -> None:
+        """Apply our logged entries (seqs first..last) after those the other processes logged before
+        them, then say so (on_written), all before the write is acknowledged."""
+        before = [e for e in self.delta.since(b.delta_seq) if e.seq < first] if self.shared else []
+
+        def change() -> None:
+            apply_entries(b, before)
+            own()
+
+        apply_on(change)
+        if self.on_written is not None:
+            self.on_written(last)
 
     def _known(self, item_id: str, apply_on: ApplyOn) -> RetrievalBundle:
         b = self._caught_up(apply_on)
