@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ADD_CHUNK = 50_000  # rows per add call of an incremental add, for progress reporting
 # Masks that keep at least this share of the slots are applied after an unbounded beam search
-# (see _beam); narrower ones go into the graph walk as a bitmap selector.
+# (see _walk); narrower ones go into the graph walk as a bitmap selector.
 POST_FILTER_SHARE = 0.25  # below it the 4x cap on widening leaves the beam fewer than ef qualifying slots
 # build() stores a catalog of at least this many items cluster by cluster (k-means, about
 # ITEMS_PER_CLUSTER items each), so that graph neighbours mostly sit in nearby memory.
@@ -176,16 +176,15 @@ class HNSWIndex(Index):
     def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         ef = max(int(params["ef"]), k)  # a beam narrower than k cannot return k results
         if mask is None:
-            return self._beam(q, k, ef)
-        share = mask.count / max(len(mask.bits), 1)
+            return self._walk(q, k, ef, None)
         # widen the beam as the mask narrows, up to 4x: wider costs more than brute force over
         # the qualifying items, which the base class uses for narrower masks
-        ef = min(math.ceil(ef / max(share, 1e-9)), 4 * ef)
-        if share < POST_FILTER_SHARE:
-            return self._selected(q, k, ef, mask)
+        ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)
+        if mask.count < POST_FILTER_SHARE * len(mask.bits):
+            return self._walk(q, k, ef, mask)
         # Most slots qualify: the unbounded beam (no selector) returns its whole beam, and the
         # masked-out slots are dropped here. Rows left short of k redo the selector search.
-        slots, scores = self._beam(q, ef, ef)
+        slots, scores = self._walk(q, ef, ef, None)
         ok = (slots >= 0) & mask.bits[np.maximum(slots, 0)]
         rank = np.cumsum(ok, axis=1)
         take = ok & (rank <= k)
@@ -195,28 +194,25 @@ class HNSWIndex(Index):
         out_scores[rows, rank[rows, cols] - 1] = scores[rows, cols]
         short = out_slots[:, k - 1] < 0
         if short.any():
-            out_slots[short], out_scores[short] = self._selected(q[short], k, ef, mask)
+            out_slots[short], out_scores[short] = self._walk(q[short], k, ef, mask)
         return out_slots, out_scores
 
-    def _beam(self, q: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        """Unfiltered search with faiss' unbounded queue (binary heaps, as hnswlib has).
+    def _walk(self, q: np.ndarray, k: int, ef: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        """One faiss search: without a mask on the unbounded queue, with one as a bitmap selector.
 
-        The default bounded queue (MinimaxHeap) scans its whole ef-sized array on every pop, so
-        its cost grows as ef^2: measured 2.1x slower at ef=4000 (module docstring). The unbounded
-        path ignores a selector, which is why masks are applied around it."""
+        faiss' default bounded queue (MinimaxHeap) scans its whole ef-sized array on every pop,
+        so its cost grows as ef^2 (2.1x the unbounded queue's at ef=4000, module docstring); the
+        unbounded queue (binary heaps, hnswlib's algorithm) ignores a selector, so a mask needs
+        the bounded one."""
         p = faiss.SearchParametersHNSW()
         p.efSearch = ef
-        p.bounded_queue = False
-        scores, slots = self._ix.search(q, k, params=p)
-        return slots, scores
-
-    def _selected(self, q: np.ndarray, k: int, ef: int, mask: Mask) -> tuple[np.ndarray, np.ndarray]:
-        """Search with the mask as a bitmap selector inside the graph walk (bounded queue only)."""
-        p = faiss.SearchParametersHNSW()
-        p.efSearch = ef
-        bits = mask.packed  # kept referenced until the search returns
-        p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))
-        scores, slots = self._ix.search(q, k, params=p)
+        if mask is None:
+            p.bounded_queue = False
+            scores, slots = self._ix.search(q, k, params=p)
+        else:
+            bits = mask.packed  # kept referenced until the search returns
+            p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))
+            scores, slots = self._ix.search(q, k, params=p)
         return slots, scores
 
     def _save_backend(self, directory: Path) -> dict[str, Any]:
