@@ -109,6 +109,9 @@ _PRELOADED: Any = None  # the bundle the parent loaded, inherited by the workers
 def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     """Serve with `n` worker processes until SIGTERM/SIGINT; raise WorkerFailed if one fails."""
     global _PRELOADED
+    if cfg.freshness.poll_s <= 0:
+        log.warning("[freshness] poll_s = 0: a new bundle (CURRENT, POST /v1/admin/reload) reaches only the worker "
+                    "that is asked to reload; set poll_s > 0 so every worker picks it up")
     sock = listening_socket(cfg.serve.host, cfg.serve.port)
     metrics_dir = tempfile.mkdtemp(prefix="towerann-metrics-")
     # prometheus_client reads it at import: set before anything here or in the workers imports it
