@@ -2,9 +2,10 @@
 
 The parent binds the listening socket once, loads the bundle and forks N workers from it (they
 share its pages: see _preload); each one opens the store and the delta log, replays the log and
-runs uvicorn on the inherited socket (the kernel hands each new connection to one of them). The parent serves nothing: it reports the first worker that fails to
-start (its one-line error and exit code), stops every worker on SIGTERM/SIGINT, and stops them all
-when one dies (exit 1), so a supervisor (systemd, Kubernetes) restarts the whole server.
+runs uvicorn on the inherited socket (the kernel hands each new connection to one of them). The
+parent serves nothing: it reports the first worker that fails to start (its one-line error and exit
+code), stops every worker on SIGTERM/SIGINT, and stops them all when one dies (exit 1), so a
+supervisor (systemd, Kubernetes) restarts the whole server.
 
 What the workers share, and how:
 - item writes: the delta log. Each worker applies the entries the others logged before each write
@@ -31,9 +32,7 @@ import signal
 import socket
 import tempfile
 import time
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from towerann.config import Config
 from towerann.errors import ConfigError, TowerannError
