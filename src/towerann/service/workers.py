@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -135,7 +136,10 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
             child_end.close()
             workers.append(p)
             pipes.append(parent_end)
-        _PRELOADED = None  # the workers hold it now; its pages stay shared with them until they change
+        if _PRELOADED is not None:  # the workers hold it now; its pages stay shared with them until they change
+            _PRELOADED = None
+            gc.unfreeze()  # what of it sits in reference cycles can then be collected here
+            gc.collect()
         _wait_until_loaded(workers, pipes, stopping)
         if stopping:
             return
@@ -177,8 +181,6 @@ def _preload(cfg: Config, model_dir: str | None) -> Any:
     if "faiss" in sys.modules:
         return multiprocessing.get_context("spawn")
     os.environ["OMP_NUM_THREADS"] = "1"
-    import gc
-
     import towerann.service.server  # noqa: F401 - the web stack, imported once for all workers
     from towerann.service.wiring import load_bundle
 
