@@ -45,3 +45,16 @@ def test_session_eval_is_deterministic_and_clicks_move_the_candidates(trained: t
     if shift["clicks_to_50pct"] is not None:
         assert shift["clicks_to_20pct"] <= shift["clicks_to_50pct"]
         assert share[shift["clicks_to_50pct"]] > 0.5 >= share[shift["clicks_to_50pct"] - 1]
+
+
+def test_eval_session_on_the_command_line_writes_what_the_python_api_returns(trained, tmp_path: Path, capsys) -> None:
+    import json
+
+    from towerann.cli import main
+
+    data, model = trained
+    out = tmp_path / "session.json"
+    assert main(["eval", "--session", "--data", str(data), "--model", str(model), "--users", "100", "--seed", "4",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == json.loads(json.dumps(evaluate_session(data, model, max_users=100, seed=4)))
+    assert "with session recall@10" in capsys.readouterr().out
