@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         inproc = _in_process(paths["index"], store_url, store_path, user_ids, args.k, args.inproc_requests)
         print(f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
               f"{inproc['qps_one_thread']:.0f} qps on one thread", flush=True)
-        server = start_subprocess(paths["index"], store_url, store_path)
+        server = start_subprocess(paths["index"], store_url, store_path, workers=args.workers)
         rates = []
         try:
             run_load(server.url, bodies, 100, 5, 8)  # warm-up: fault in the memory-mapped index
@@ -303,12 +303,13 @@ def run(args: argparse.Namespace) -> int:
     from towerann.index.snapshot import resolve
 
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
-    result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store,
+    result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store, "workers": args.workers,
               "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
               "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates, "event_write": events,
               "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
               "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0)}
-    json_path, png_path = write_report(args.out, f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}", result, _plot(result))
+    json_path, png_path = write_report(args.out, f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}"
+                                       + (f"-w{args.workers}" if args.workers != 1 else ""), result, _plot(result))
     print(f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
           f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}")
     return 0
@@ -353,6 +354,8 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recall", type=float, default=0.95,
                    help="tune the index to this recall@k on held-out user queries (default 0.95)")
     p.add_argument("--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (default 1; more than one needs --store redis)")
     p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 400, 600, 800, 1200, 1600],
                    help="arrival rates to sweep, requests/s (stops at saturation)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
