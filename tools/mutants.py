@@ -210,7 +210,7 @@ MUTANTS: list[Mutant] = [
            "a loaded bundle forgets its cut-off and replays what it holds",
            select="cut_off", tests=("tests/integration/test_freshness.py",)),
     Mutant("write-forgets-seq", "freshness/live.py",
-           "b.upsert(clean, vectors, entries[-1].seq)", "b.upsert(clean, vectors)",
+           "lambda: b.upsert(clean, vectors, last)", "lambda: b.upsert(clean, vectors)",
            "a live write does not advance the bundle's place in the log",
            select="in_python", tests=("tests/integration/test_freshness.py",)),
     Mutant("scann-loads-pickle", "index/scann.py",
