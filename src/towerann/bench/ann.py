@@ -129,7 +129,7 @@ def far_dataset(n_items: int, dim: int = 128, n_queries: int = 5000, seed: int =
 
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
     return Dataset(cat.vectors, cat.queries, {"kind": "far-off synthetic", **cat.params,
-                                              "queries_label": "far-off queries (mean of items + noise)"})
+                                              "queries_label": "far-off queries"})
 
 
 def given_dataset(vectors_dir: str | Path, queries_file: str | Path) -> Dataset:
