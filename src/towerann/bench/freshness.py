@@ -37,6 +37,40 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+class RssSampler:
+    """A thread sampling a process's RSS (MiB) every `every_s` into `samples` [(unix s, MiB)], until stop()."""
+
+    def __init__(self, pid: int, every_s: float):
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), rss_mb(self.pid)[0]))
+            time.sleep(self.every_s)
+
+    def start(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def plot_rss(ax: Any, rss_timeline: list[list[float]], t0: float = 0.0) -> Any:
+    """The server's RSS over time on a second y axis of `ax`; returns that axis."""
+    ax2 = ax.twinx()
+    rss = np.asarray(rss_timeline) if rss_timeline else np.zeros((0, 2))
+    if len(rss):
+        ax2.plot(rss[:, 0] - t0, rss[:, 1], c="green", lw=1, label="server RSS (MiB)")
+    ax2.set_ylabel("server RSS, MiB")
+    return ax2
+
+
 def window(timeline: dict[str, list], *spans: tuple[float, float]) -> dict[str, Any]:
     """Latency percentiles and failures of the requests sent within the given (start, end) spans."""
     sent, lat, status = (np.asarray(timeline[k]) for k in ("sent_unix", "latency_ms", "status"))
@@ -149,16 +183,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"bulk: {n_bulk} items in {bulk_s:.2f}s = {n_bulk / bulk_s:.0f} items/s", flush=True)
 
             # 3. hot swap under a steady request rate
-            rss: list[tuple[float, float]] = []
-            sampling = threading.Event()
-
-            def sample() -> None:
-                while not sampling.is_set():
-                    rss.append((time.time(), rss_mb(pid)[0]))
-                    time.sleep(0.1)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
+            sampler = RssSampler(pid, 0.1).start()
             bodies = [json.dumps({"user_id": str(u), "k": args.k}).encode() for u in range(5000)]
             load_out: dict[str, Any] = {}
             duration = args.steady_s * 2 + args.swap_budget_s
@@ -174,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
             swap = http.post("/v1/admin/reload", headers=auth).json()
             events["swap_end"] = time.time()
             loader.join()
-            sampling.set()
-            sampler.join()
+            rss = sampler.stop()
     finally:
         peak_mb = rss_mb(pid)[1]
         server.stop()
@@ -225,11 +249,7 @@ def _plot(result: dict[str, Any]) -> Any:
         ax.set_yscale("log")
         ax.set_xlabel("seconds")
         ax.set_ylabel("ms")
-        ax2 = ax.twinx()
-        rss = np.asarray(result["rss_timeline"]) if result["rss_timeline"] else np.zeros((0, 2))
-        if len(rss):
-            ax2.plot(rss[:, 0] - t0, rss[:, 1], c="green", lw=1, label="server RSS (MiB)")
-        ax2.set_ylabel("server RSS, MiB")
+        ax2 = plot_rss(ax, result["rss_timeline"], t0)
         s = result["swap"]
         ax.set_title(f"hot swap, {result['items']} items {result['index']}, {s['rate']:.0f} req/s: "
                      f"{s['failed_requests']} failed, p99 swap/steady {s['p99_swap_over_steady']}x")

@@ -159,7 +159,7 @@ def _rss_growth(rss: list[tuple[float, float]], start: float, end: float, until:
 def run(args: argparse.Namespace) -> int:
     import httpx
 
-    from towerann.bench.freshness import rebuild_niced, rss_mb
+    from towerann.bench.freshness import RssSampler, rebuild_niced, rss_mb
     from towerann.bench.serve import prepare, run_load
     from towerann.data.dataset import read_items
     from towerann.features import open_store
@@ -203,16 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
         server = start_subprocess(root, redis.url, config=toml, timeout_s=600)
         pid = server.process.pid
-        rss: list[tuple[float, float]] = []
-        sampling = threading.Event()
-
-        def sample() -> None:
-            while not sampling.is_set():
-                rss.append((time.time(), rss_mb(pid)[0]))
-                time.sleep(0.5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        sampler = RssSampler(pid, 0.5).start()
         load_out: dict[str, Any] = {}
         loader = threading.Thread(target=lambda: load_out.update(run_load(
             server.url, bodies, args.rate, args.duration, args.connections, timeline=True,
@@ -260,8 +251,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{events['redis_ready'] - events['redis_started']:.2f}s later", flush=True)
         loader.join()
         swapper.join()
-        sampling.set()
-        sampler.join()
+        rss = sampler.stop()
         tl = load_out["timeline"]
         status = np.asarray(tl["status"])
         readback = _read_back(server.url, redis.url, kinds[:len(status)], wrote, status)
@@ -334,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(result: dict[str, Any], t: np.ndarray, lat: np.ndarray, status: np.ndarray, kinds: np.ndarray) -> Any:
+    from towerann.bench.freshness import plot_rss
+
     def draw(fig: Any) -> None:
         ax = fig.subplots(1, 1)
         for i, name in enumerate(KINDS):
@@ -350,11 +342,7 @@ def _plot(result: dict[str, Any], t: np.ndarray, lat: np.ndarray, status: np.nda
         ax.set_yscale("log")
         ax.set_xlabel("seconds")
         ax.set_ylabel("latency, ms")
-        ax2 = ax.twinx()
-        rss = np.asarray(result["rss_timeline"]) if result["rss_timeline"] else np.zeros((0, 2))
-        if len(rss):
-            ax2.plot(rss[:, 0], rss[:, 1], c="green", lw=1, label="server RSS (MiB)")
-        ax2.set_ylabel("server RSS, MiB")
+        ax2 = plot_rss(ax, result["rss_timeline"])
         rb = result["readback"]
         ax.set_title(f"soak: {result['items']} items {result['index']}, {result['rate']:.0f} req/s for "
                      f"{result['duration_s']:.0f}s; 5xx outside outage {result['server_errors_outside_outage']}, "
