@@ -196,7 +196,7 @@ def test_served_candidates_match_exact_search_on_the_library_path(kind: str, ser
 CRIPPLED = {
     "hnsw": {"M": 2, "ef_construction": 4, "ef": 1},
     "ivfpq": {"nlist": 4, "pq_m": 1, "nprobe": 1, "rerank": 0},
-    "scann": {"leaves": 1},
+    "scann": {"leaves": 1, "reorder": 100},
 }
 
 

@@ -279,6 +279,7 @@ while not os.path.exists(sys.argv[1] + ".go"):  # both start appending at once
     time.sleep(0.001)
 for i in range(1000):
     log.append_many([("available", f"{sys.argv[2]}-{i}-{j}", {"available": True}) for j in range(3)])
+    time.sleep(0.001)  # a gap between batches, as between requests: the other process's waiting append gets in
 log.close()
 """
 
