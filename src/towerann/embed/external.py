@@ -9,7 +9,6 @@ The vectors are taken as they are (inner product); `normalize` L2-normalises the
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from towerann.artifacts import sha256_file
 from towerann.embed.vectors import write_vectors
 from towerann.errors import DataError
 
 UNKNOWN = "<unknown>"
-
-
-def _fingerprint(*files: Path) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:12]
 
 
 def _vectors_from_column(col: pa.ChunkedArray, file: Path, name: str) -> np.ndarray:
@@ -103,7 +94,7 @@ def read_external(source: str | Path, ids: str | Path | None = None, id_column: 
     if categories is not None:
         codes[categories == UNKNOWN] = 0
     return {"vectors": vectors, "external_ids": external, "categories": codes, "available": available,
-            "category_names": names, "model_version": f"external-{_fingerprint(*files)}"}
+            "category_names": names, "model_version": "external-" + "-".join(sha256_file(f)[:12] for f in files)}
 
 
 def import_vectors(source: str | Path, out: str | Path, ids: str | Path | None = None, id_column: str = "item_id",
