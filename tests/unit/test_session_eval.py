@@ -31,6 +31,7 @@ def test_session_eval_is_deterministic_and_clicks_move_the_candidates(trained: t
     ni = first["next_item"]
     assert ni["users"] == 150 and ni["next_items"] > ni["later_items"] > 0
     # On each user's first held-out item both queries are the same one; they differ only later on.
+    assert ni["with_session"]["later_items"] != ni["without_session"]["later_items"]  # the frozen query differs
     n, later = ni["next_items"], ni["later_items"]
     for k in ("recall@10", "recall@100"):
         firsts = {name: ni[name][k] * n - ni[name]["later_items"][k] * later for name in ("with_session", "without_session")}

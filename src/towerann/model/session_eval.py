@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from towerann.model.evaluate import user_queries
+from towerann.model.evaluate import held_out, rank_scores, user_queries
 from towerann.model.model import TwoTowerModel
 from towerann.model.prepare import TEST, Prepared, prepare
 
@@ -37,11 +37,7 @@ def _catalog_codes(model: TwoTowerModel, p: Prepared) -> tuple[np.ndarray, np.nd
 def _hits(queries: np.ndarray, items: torch.Tensor, seen: list[np.ndarray], targets: np.ndarray,
           k: int) -> np.ndarray:
     """rank of each target within the top-k (exact, seen items excluded); -1 when not in it."""
-    scores = torch.from_numpy(queries) @ items.T
-    for i, s in enumerate(seen):
-        if len(s):
-            scores[i, torch.from_numpy(s)] = -torch.inf
-    top = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices.numpy()
+    top = rank_scores(torch.from_numpy(queries) @ items.T, seen, k)
     match = top == targets[:, None]
     return np.where(match.any(axis=1), match.argmax(axis=1), -1)
 
@@ -54,9 +50,8 @@ def next_item_recall(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray
     if max_users is not None and len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
     test = test[np.isin(p.user_key[test], users)]
-    first_of_user: dict[Any, int] = {}
-    for r in test:  # rows are sorted by (user, time): the first test row of a user comes first
-        first_of_user.setdefault(p.user_key[r], int(r))
+    firsts = held_out(p, TEST).rows  # each user's first held-out interaction
+    first_of_user = dict(zip(p.user_key[firsts], firsts.tolist()))
     user_start = {p.user_key[r]: int(r) for r in np.r_[0, np.flatnonzero(p.user_key[1:] != p.user_key[:-1]) + 1]}
     frozen = np.array([first_of_user[p.user_key[r]] for r in test], np.int64)
     seen = [np.unique(p.item_row[user_start[p.user_key[r]]:r]) for r in test]
@@ -85,8 +80,7 @@ def next_item_recall(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray
 def interest_shift(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, n_users: int, seed: int,
                    k: int = 100, max_clicks: int = MAX_CLICKS) -> dict[str, Any]:
     vocab, cats = _catalog_codes(model, p)
-    test = np.flatnonzero(p.split == TEST)
-    firsts = test[np.r_[0, np.flatnonzero(p.user_key[test][1:] != p.user_key[test][:-1]) + 1]] if len(test) else test
+    firsts = held_out(p, TEST).rows
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(firsts, min(n_users, len(firsts)), replace=False)) if len(firsts) else firsts
     category = p.items["category"].astype(str).to_numpy()
