@@ -4,6 +4,9 @@ in general; these pin the parts a one-line slip in hnsw.py would break without i
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -89,3 +92,6 @@ def test_huge_pages_leave_the_buffer_intact():
     done = huge_pages(buf, collapse=True)
     assert done % (2 << 20) == 0 and done <= buf.nbytes
     assert np.array_equal(buf, np.arange(3 << 20, dtype=np.int32))
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform == "linux" and thp.exists() and "[never]" not in thp.read_text():
+        assert huge_pages(buf, collapse=False) >= 4 << 20  # the advice was really given, over the aligned middle

@@ -13,6 +13,7 @@ serialises them); searches may run in parallel with each other.
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -113,27 +114,41 @@ def as_vectors(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
     return v
 
 
-def release_pages(buf: np.ndarray) -> int:
-    """Hand the whole pages inside `buf` back to the kernel (madvise DONTNEED); return the bytes.
-
-    The buffer must never be read again (its pages read as zeros): call this only on memory about
-    to be freed. ctypes releases the GIL for the call, so the kernel's work does not stall requests."""
+@functools.cache
+def _libc() -> Any:
     import ctypes
-    import mmap
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def madvise_pages(buf: np.ndarray, page: int, advices: tuple[int, ...]) -> int:
+    """madvise(advice) for each advice, in order, over the whole `page`-sized pages inside `buf` (never
+    its allocator's headers); return the bytes covered, or 0 (not Linux, nothing whole, a call failed).
+    ctypes releases the GIL for the calls, so the kernel's work does not stall requests."""
+    import ctypes
     import sys
 
     if sys.platform != "linux":
         return 0
-    page = mmap.PAGESIZE
-    start = -(-buf.ctypes.data // page) * page  # whole pages inside the buffer only: never its allocator's headers
+    start = -(-buf.ctypes.data // page) * page
     end = (buf.ctypes.data + buf.nbytes) // page * page
     if end <= start:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) != 0:  # 4 = MADV_DONTNEED (Linux)
-        log.debug("madvise failed (errno %d); the pages are freed with the buffer", ctypes.get_errno())
-        return 0
+    for advice in advices:
+        if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) != 0:
+            log.debug("madvise(%d) failed (errno %d); the pages stay as they are", advice, ctypes.get_errno())
+            return 0
     return end - start
+
+
+def release_pages(buf: np.ndarray) -> int:
+    """Hand the whole pages inside `buf` back to the kernel (madvise DONTNEED); return the bytes.
+
+    The buffer must never be read again (its pages read as zeros): call this only on memory about
+    to be freed."""
+    import mmap
+
+    return madvise_pages(buf, mmap.PAGESIZE, (4,))  # 4 = MADV_DONTNEED (Linux)
 
 
 def inner_products(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import ArtifactError
-from towerann.index.base import Index, Mask, as_vectors, release_pages
+from towerann.index.base import Index, Mask, as_vectors, madvise_pages, release_pages
 from towerann.index.merge import padded
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def locality_order(vectors: np.ndarray, seed: int = 1234) -> np.ndarray | None:
     n, d = vectors.shape
     if n < LOCALITY_MIN:
         return None
-    nc = max(2, min(n // ITEMS_PER_CLUSTER, 1024))  # 1024: a few seconds of k-means even at 10M
+    nc = min(n // ITEMS_PER_CLUSTER, 1024)  # at least 10 (LOCALITY_MIN); 1024: a few seconds of k-means even at 10M
     km = faiss.Kmeans(d, nc, niter=10, seed=seed, spherical=True, verbose=False)
     sample = vectors[:: max(1, n // (64 * nc))]  # evenly spaced: enough for coarse clusters, and deterministic
     km.train(np.ascontiguousarray(sample))
@@ -89,21 +89,7 @@ def huge_pages(buf: np.ndarray, collapse: bool) -> int:
     in "madvise" mode (the common default) nothing is huge unless asked. `collapse` converts the
     pages now (MADV_COLLAPSE, Linux 6.1+, ~2 ms per MB, GIL released); otherwise khugepaged does
     it in the background. Best effort: an unsupported kernel changes nothing."""
-    import ctypes
-    import sys
-
-    if sys.platform != "linux":
-        return 0
-    start = -(-buf.ctypes.data // HUGE_PAGE) * HUGE_PAGE
-    end = (buf.ctypes.data + buf.nbytes) // HUGE_PAGE * HUGE_PAGE
-    if end <= start:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    for advice in (MADV_HUGEPAGE, MADV_COLLAPSE) if collapse else (MADV_HUGEPAGE,):
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) != 0:
-            log.debug("madvise(%d) failed (errno %d); pages stay as they are", advice, ctypes.get_errno())
-            return 0
-    return end - start
+    return madvise_pages(buf, HUGE_PAGE, (MADV_HUGEPAGE, MADV_COLLAPSE) if collapse else (MADV_HUGEPAGE,))
 
 
 class HNSWIndex(Index):
@@ -190,8 +176,9 @@ class HNSWIndex(Index):
         take = ok & (rank <= k)
         rows, cols = np.nonzero(take)
         out_slots, out_scores = padded(len(q), k)
-        out_slots[rows, rank[rows, cols] - 1] = slots[rows, cols]
-        out_scores[rows, rank[rows, cols] - 1] = scores[rows, cols]
+        pos = rank[rows, cols] - 1
+        out_slots[rows, pos] = slots[rows, cols]
+        out_scores[rows, pos] = scores[rows, cols]
         short = out_slots[:, k - 1] < 0
         if short.any():
             out_slots[short], out_scores[short] = self._walk(q[short], k, ef, mask)
