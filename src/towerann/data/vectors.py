@@ -93,4 +93,4 @@ def far_off_catalog(n_items: int, n_queries: int, dim: int = 128, *, seed: int =
     params = {"generator": FORMAT, "items": n_items, "queries": n_queries, "dim": dim, "seed": seed,
               "n_clusters": c, "zipf": zipf, "spectrum": spectrum, "spread": spread, "mix": [lo, hi], "noise": noise,
               "largest_cluster_share": round(float(sizes.max()) / n_items, 4)}
-    return VectorCatalog(vectors, queries.astype(np.float32), clusters, params)
+    return VectorCatalog(vectors, queries.astype(np.float32, copy=False), clusters, params)

@@ -83,12 +83,8 @@ def search(data: str | Path, tower: TowerConfig | None = None, cfg: TrainConfig 
     if budget.max_trials < 1 or budget.budget_s < 0:
         raise ConfigError(f"search needs max_trials >= 1 and budget_s >= 0, got {budget.max_trials}, {budget.budget_s}")
     t0 = time.perf_counter()
-    cache = {tower.history_len: prepared if prepared is not None else prepare(data, tower.history_len)}
-
-    def prepared_for(history_len: int) -> Prepared:  # the history matrix depends on its length
-        if history_len not in cache:
-            cache[history_len] = prepare(data, history_len)
-        return cache[history_len]
+    # history_len is not a knob of the search, so every trial trains on the same prepared data
+    p = prepared if prepared is not None else prepare(data, tower.history_len)
     key = f"val_recall@{cfg.eval_k}"
     trials: list[dict[str, Any]] = []
     tried: set[tuple] = set()
@@ -99,7 +95,7 @@ def search(data: str | Path, tower: TowerConfig | None = None, cfg: TrainConfig 
     def run(t: TowerConfig, c: TrainConfig) -> None:
         nonlocal best_model, best_tower, best_cfg, best_score
         s0 = time.perf_counter()
-        model = fit(prepared_for(t.history_len), str(data), t, c, progress=False)
+        model = fit(p, str(data), t, c, progress=False)
         score = float(model.info[key])
         trial = {"trial": len(trials) + 1, **_settings(t, c), key: round(score, 6),
                  "best_epoch": model.info["best_epoch"], "seconds": round(time.perf_counter() - s0, 1)}

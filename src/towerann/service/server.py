@@ -23,6 +23,7 @@ from towerann.errors import BackendUnavailable
 from towerann.serving.app import create_app
 from towerann.serving.retriever import Retriever
 from towerann.service.wiring import Service, open_service
+from towerann.service.workers import listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,7 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
     app = app_for(svc)
     freeze_heap()
     svc.start()
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so; without it, Nagle plus
-    # delayed ACKs add 40 ms to every response (uvicorn writes headers and body separately).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg.serve.host, 0))
+    sock = listening_socket(cfg.serve.host, 0)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn_config(app, host, port))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="towerann-http",
