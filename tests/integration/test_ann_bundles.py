@@ -23,6 +23,7 @@ import pytest
 import ann_catalog
 from ann_catalog import ANN_KINDS, AUTH, KINDS, assert_library_path, build_library_index, new_root, server_config
 from towerann.data.dataset import read_interactions, read_items
+from towerann.freshness.reload import validation_recall
 from towerann.index import Filter
 from towerann.index.snapshot import set_current
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
@@ -210,7 +211,10 @@ def test_a_bundle_below_min_recall_is_refused_and_the_old_one_keeps_serving(kind
     r = httpx.post(f"{handle.url}/v1/admin/reload", headers=AUTH, timeout=60)
     assert r.status_code == 409 and r.json()["outcome"] == "refused", r.text
     found = re.search(r"recall@100 vs exact search ([0-9.]+) < min_recall 0.8", r.json()["error"])
-    assert found and float(found.group(1)) < 0.7, r.json()["error"]
+    # The number is the crippled bundle's own (how far below 0.8 depends on the session's model:
+    # 0.56-0.76 for ScaNN on one leaf), not a constant.
+    assert found and float(found.group(1)) < 0.8, r.json()["error"]
+    assert float(found.group(1)) == pytest.approx(validation_recall(RetrievalBundle.load(poor)), abs=1e-3)
     assert r.json()["index_version"] == poor.name
     assert httpx.get(f"{handle.url}/readyz").json()["index_version"] == serving
     assert post_candidates(handle.url, "1", 10)["index_version"] == serving
