@@ -33,7 +33,7 @@ def test_publish_writes_manifest_and_current(tmp_path):
     assert m["model_version"] == "m1" and m["dim"] == D and m["metric"] == "ip" and m["count"] == 40
     assert m["note"] == "hello" and m["created_at"] and m["description"] == "Flat"
     assert set(m["checksums"]) == {p.name for p in path.iterdir() if p.name != "manifest.json"}
-    assert m["search_defaults"] == {"exact_below": 16384}
+    assert m["search_defaults"] == {"exact_below": 16384, "filter_path": "auto", "filter_plan": []}
 
 
 def test_loaded_index_filters_like_the_saved_one(tmp_path):

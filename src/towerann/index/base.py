@@ -1,9 +1,14 @@
 """The Index interface and the bookkeeping every backend shares.
 
 A backend stores vectors under *slots* (0, 1, 2, ... in insertion order); this base class maps
-slots to item ids and keeps per-slot attributes (category, removed, available). An upsert or a
+slots to item ids and keeps per-slot attributes (category, removed, available, and any declared
+filter attributes as int32 codes: `attributes`). An upsert or a
 removal only marks the old slot dead, so no library ever has to delete in place; the mask of
 live-and-available slots is handed to the library (as a bitmap selector where it can take one).
+
+Which path a masked search takes (brute force over the qualifying items, the library's filtered
+search, or over-fetch + post-filter) is decided per query by `towerann.index.plan` from the mask's
+exact count and the index's measured thresholds (search param `filter_plan`).
 
 Contract of `search`: exactly k results whenever at least k items qualify; when the library
 returns fewer (selective filter, many dead slots) the short rows fall back to exact search over
@@ -15,15 +20,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
+from towerann.index import plan
 from towerann.index.merge import padded, topk_rows
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,10 @@ METRICS = ("ip",)
 # It is a search parameter of every backend ("exact_below"), so a call, a snapshot's defaults or a
 # test can move it; 0 sends every masked search through the library.
 EXACT_BELOW = 16384
-COMMON_SEARCH: dict[str, Any] = {"exact_below": EXACT_BELOW}
+# filter_path: "auto" (the planner decides), or one path forced ("exact", "filtered", "post");
+# filter_plan: the measured (share -> path) table of towerann.index.plan ([] = today's constants).
+COMMON_SEARCH: dict[str, Any] = {"exact_below": EXACT_BELOW, "filter_path": "auto", "filter_plan": []}
+ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # becomes a file name: slot_attr_<name>.npy
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,30 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class Filter:
+    """Which items a search may return: AND across the conditions, OR within each value set.
+
+    Filter(categories={3, 7}, attributes={"brand": {0}}) keeps items whose category code is 3 or 7
+    *and* whose brand code is 0. Availability is always applied: unavailable/removed items are never
+    returned. An item with no value for a filtered attribute (code -1) never matches it."""
+
     categories: frozenset[int] | None = None  # keep items whose category code is in the set
-    # availability is always applied: unavailable/removed items are never returned
+    # (name, codes) per attribute, sorted by name (a mapping is accepted and normalised): hashable,
+    # so equal filters share one cached mask
+    attributes: tuple[tuple[str, frozenset[int]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.categories is not None and not isinstance(self.categories, frozenset):
             object.__setattr__(self, "categories", frozenset(int(c) for c in self.categories))
+        attrs = self.attributes.items() if isinstance(self.attributes, Mapping) else self.attributes
+        norm = tuple(sorted((str(name), frozenset(int(c) for c in codes)) for name, codes in attrs))
+        if len({name for name, _ in norm}) != len(norm):
+            raise BadRequest(f"filter: an attribute appears twice in {[n for n, _ in norm]}")
+        object.__setattr__(self, "attributes", norm)
+
+    @property
+    def empty(self) -> bool:
+        """No condition beyond availability."""
+        return self.categories is None and not self.attributes
 
 
 class Growable:
@@ -162,6 +190,7 @@ def inner_products(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
 class Index(ABC):
     kind: ClassVar[str]
     default_search: ClassVar[dict[str, Any]] = {}  # the backend's own search parameters
+    filter_paths: ClassVar[tuple[str, ...]] = ("exact", "filtered")  # the planner's choices (index.plan)
 
     def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
         if metric not in METRICS:
@@ -174,10 +203,12 @@ class Index(ABC):
         self.build_params: dict[str, Any] = dict(build_params)
         self.search_defaults: dict[str, Any] = {**COMMON_SEARCH, **self.default_search}
         self.tuning: dict[str, Any] | None = None  # what tune() measured, saved with the snapshot
+        self.filter_calibration: dict[str, Any] | None = None  # what plan.calibrate measured, saved too
         self.manifest: dict[str, Any] | None = None  # the snapshot manifest this index was loaded from
         self.version: str | None = None  # the snapshot version it was loaded from (stamped on answers)
         self._ids = Growable(np.empty(0, np.int64))  # id per slot
         self._cats = Growable(np.empty(0, np.int32))  # category per slot (-1: none)
+        self._attrs: dict[str, Growable] = {}  # filter attribute -> int32 code per slot (-1: none)
         self._alive = Growable(np.empty(0, bool))  # False once removed or replaced
         self._avail = Growable(np.empty(0, bool))  # availability flag (reversible)
         self._ok = Growable(np.empty(0, bool))  # alive & available: may be returned
@@ -225,16 +256,37 @@ class Index(ABC):
         return 0
 
     # ---- public API -----------------------------------------------------------------------------
-    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None) -> None:
-        """Index a whole catalog (the index must be empty)."""
+    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None,
+              attributes: Mapping[str, Any] | None = None) -> None:
+        """Index a whole catalog (the index must be empty). `attributes`: {name: int codes, one per
+        vector row (-1: no value)}, the filter attributes besides category."""
         if self._ids.n:
             raise ConfigError(f"{self.kind} index already holds {self._ids.n} slots; build() needs a fresh index "
                               "(use add() for more items)")
-        self._insert(vectors, ids, categories, available, build=True)
+        self._insert(vectors, ids, categories, available, build=True, attributes=attributes)
 
-    def add(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None) -> None:
-        """Add items; an id already present is replaced (its old vector is never returned again)."""
-        self._insert(vectors, ids, categories, available, build=self._ids.n == 0)
+    def add(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None,
+            attributes: Mapping[str, Any] | None = None) -> None:
+        """Add items; an id already present is replaced (its old vector is never returned again).
+        An attribute the batch does not give is -1 (no value) for its items."""
+        self._insert(vectors, ids, categories, available, build=self._ids.n == 0, attributes=attributes)
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return sorted(self._attrs)
+
+    def attribute_codes(self, ids: Any) -> dict[str, np.ndarray]:
+        """{attribute: int32 code per id} of live items (-1 for unknown ids or no value)."""
+        ids = np.atleast_1d(np.asarray(ids, np.int64))
+        out = {name: np.full(len(ids), -1, np.int32) for name in self._attrs}
+        if not len(self._sorted_ids) or not len(ids):
+            return out
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        hit = self._sorted_ids[pos] == ids
+        slots = self._sorted_slots[pos[hit]]
+        for name, codes in self._attrs.items():
+            out[name][hit] = codes.data[slots]
+        return out
 
     def remove(self, ids: Any) -> None:
         """Delete items for good. Unknown ids are ignored (removal is idempotent)."""
@@ -275,17 +327,8 @@ class Index(ABC):
         if n_qual == 0:
             ids, scores = padded(len(q), k)
             return SearchResult(ids=ids, scores=scores)
-        if n_qual <= k or (mask is not None and n_qual <= int(p.get("exact_below", EXACT_BELOW))):
-            slots, scores = self._exact(q, k, mask)
-            exact_rows, short_rows = len(q), 0
-        else:
-            slots, scores = self._search(q, k, p, mask)
-            short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
-            exact_rows = short_rows = int(short.sum())
-            if exact_rows:
-                log.debug("%s: %d of %d rows short of k=%d; exact fallback over %d items",
-                          self.kind, exact_rows, len(q), k, n_qual)
-                slots[short], scores[short] = self._exact(q[short], k, mask)
+        path = None if mask is None else plan.choose(n_qual, len(mask.bits), k, p)
+        slots, scores, exact_rows, short_rows = self._run_path(q, k, p, mask, path)
         ids = self._ids.data[slots]
         ids[slots < 0] = -1
         return SearchResult(ids=ids, scores=scores, exact_rows=exact_rows, short_rows=short_rows)
@@ -303,12 +346,35 @@ class Index(ABC):
         return SearchResult(ids=ids, scores=scores)
 
     # ---- shared machinery ----------------------------------------------------------------------
+    def _run_path(self, q: np.ndarray, k: int, p: dict[str, Any], mask: Mask | None,
+                  path: str | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """One search along a planned path (None: unmasked, or the backend's own choice); returns
+        (slots, scores, exact_rows, short_rows). Rows the library leaves short go exact."""
+        n_qual = self._ids.n if mask is None else mask.count
+        if n_qual <= k or path == "exact":
+            slots, scores = self._exact(q, k, mask)
+            return slots, scores, len(q), 0
+        if mask is not None:
+            p = {**p, "filter_path": path or "auto"}
+        slots, scores = self._search(q, k, p, mask)
+        short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
+        n_short = int(short.sum())
+        if n_short:
+            log.debug("%s: %d of %d rows short of k=%d; exact fallback over %d items",
+                      self.kind, n_short, len(q), k, n_qual)
+            slots[short], scores[short] = self._exact(q[short], k, mask)
+        return slots, scores, n_short, n_short
+
     def _merge_params(self, params: dict[str, Any]) -> dict[str, Any]:
         known = {*COMMON_SEARCH, *self.default_search}
         unknown = set(params) - known
         if unknown:
             raise BadRequest(f"search params {sorted(unknown)} are not understood by the {self.kind} index; "
                              f"it takes {sorted(known)}")
+        if "filter_path" in params:
+            plan.check_path(params["filter_path"])
+        if "filter_plan" in params:
+            plan.check_table(params["filter_plan"])
         return {**self.search_defaults, **params}
 
     def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
@@ -327,21 +393,30 @@ class Index(ABC):
 
     def _mask_for(self, filter: Filter | None) -> Mask | None:
         """The slots a search may return, or None when every slot may be (the lean hot path)."""
-        cats = None if filter is None else filter.categories
-        if cats is None and self._n_ok == self._ids.n:
+        if filter is not None and filter.empty:
+            filter = None
+        if filter is None and self._n_ok == self._ids.n:
             return None
-        key = (self._gen, cats)
+        key = (self._gen, filter)
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) > 64 or (self._masks and next(iter(self._masks))[0] != self._gen):
                 self._masks.clear()
             bits = self._ok.data
-            if cats is not None:
-                bits = bits & np.isin(self._cats.data, np.fromiter(cats, np.int64, len(cats)))
+            if filter is not None:
+                conditions = [] if filter.categories is None else [(self._cats, filter.categories)]
+                for name, codes in filter.attributes:
+                    if name not in self._attrs:
+                        raise BadRequest(f"filter: the {self.kind} index has no attribute {name!r}; it has "
+                                         f"{self.attribute_names or 'none'} (declare it in [filters] attributes)")
+                    conditions.append((self._attrs[name], codes))
+                for table, codes in conditions:  # AND across conditions, OR within each value set
+                    bits = bits & np.isin(table.data, np.fromiter(codes, np.int64, len(codes)))
             mask = self._masks[key] = Mask(bits=bits, count=int(bits.sum()))
         return mask
 
-    def _insert(self, vectors: Any, ids: Any, categories: Any, available: Any, build: bool) -> None:
+    def _insert(self, vectors: Any, ids: Any, categories: Any, available: Any, build: bool,
+                attributes: Mapping[str, Any] | None = None) -> None:
         v = as_vectors(vectors, self.dim, "vectors")
         n = len(v)
         ids = np.asarray(ids)
@@ -356,6 +431,7 @@ class Index(ABC):
         avail = np.ones(n, bool) if available is None else np.asarray(available, bool)
         if avail.shape != (n,):
             raise DataError(f"available: expected {n} flags (one per vector row), got shape {avail.shape}")
+        attrs = self._check_attributes(attributes, n)
         if n == 0:
             return
         old = self._slots_of(ids)
@@ -367,6 +443,10 @@ class Index(ABC):
             self._refresh_ok(old)
         self._ids.extend(ids)
         self._cats.extend(cats.astype(np.int32))
+        for name in attrs.keys() - self._attrs.keys():  # a new attribute: no value for the slots before
+            self._attrs[name] = Growable(np.full(first, -1, np.int32))
+        for name, table in self._attrs.items():
+            table.extend(attrs[name] if name in attrs else np.full(n, -1, np.int32))
         self._alive.extend(np.ones(n, bool))
         self._avail.extend(avail)
         self._ok.extend(avail)
@@ -378,6 +458,20 @@ class Index(ABC):
         self._sorted_ids = keys[order]
         self._sorted_slots = np.concatenate([self._sorted_slots, new_slots])[order]
         self._gen += 1
+
+    @staticmethod
+    def _check_attributes(attributes: Mapping[str, Any] | None, n: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for name, codes in (attributes or {}).items():
+            if not isinstance(name, str) or not ATTRIBUTE_NAME.match(name) or name == "categories":
+                raise DataError(f"attribute name {name!r}: use 1-32 characters a-z, 0-9, _ starting with a letter "
+                                "(not 'categories')")
+            a = np.asarray(codes)
+            if a.shape != (n,) or not (np.issubdtype(a.dtype, np.integer) or n == 0):
+                raise DataError(f"attributes[{name!r}]: expected {n} integer codes (one per vector row), got "
+                                f"shape {a.shape} dtype {a.dtype}")
+            out[name] = a.astype(np.int32)
+        return out
 
     def _slots_of(self, ids: Any) -> np.ndarray:
         """Live slots of the given ids (unknown ids skipped)."""
@@ -421,6 +515,8 @@ class Index(ABC):
         for name, arr in (("ids", self._ids.data), ("categories", self._cats.data),
                           ("alive", self._alive.data), ("available", self._avail.data)):
             save_npy(directory / f"slot_{name}.npy", arr)
+        for name, table in self._attrs.items():
+            save_npy(directory / f"slot_attr_{name}.npy", table.data)
         backend = self._save_backend(directory)
         return {
             "backend": self.kind,
@@ -432,6 +528,8 @@ class Index(ABC):
             "slots": self._ids.n,
             "search_defaults": self.search_defaults,
             "tuning": self.tuning,
+            "filter_calibration": self.filter_calibration,
+            "attributes": self.attribute_names,
             "backend_state": backend,
         }
 
@@ -443,11 +541,18 @@ class Index(ABC):
             index = cls(int(manifest["dim"]), manifest["metric"], **manifest["build_params"])
             index.search_defaults = {**COMMON_SEARCH, **manifest["search_defaults"]}
             index.tuning = manifest.get("tuning")
+            index.filter_calibration = manifest.get("filter_calibration")
             n = int(manifest["slots"])
             state = manifest["backend_state"]
-        except (KeyError, TypeError, ValueError) as e:
+            attr_names = [str(a) for a in manifest.get("attributes") or []]
+            plan.check_table(index.search_defaults["filter_plan"])
+        except (KeyError, TypeError, ValueError, BadRequest) as e:
             raise ArtifactError(f"{directory}: index manifest is missing or has a bad field ({e})") from e
-        tables = {name: load_npy(directory / f"slot_{name}.npy") for name in ("ids", "categories", "alive", "available")}
+        bad = [a for a in attr_names if not ATTRIBUTE_NAME.match(a)]
+        if bad:
+            raise ArtifactError(f"{directory}: manifest lists attributes {bad}, which are not attribute names")
+        names = ("ids", "categories", "alive", "available", *(f"attr_{a}" for a in attr_names))
+        tables = {name: load_npy(directory / f"slot_{name}.npy") for name in names}
         for name, arr in tables.items():
             if arr.shape != (n,):
                 raise ArtifactError(f"{directory / f'slot_{name}.npy'}: {arr.shape} does not match {n} slots in the manifest")
@@ -455,6 +560,7 @@ class Index(ABC):
         index._cats = Growable(tables["categories"].astype(np.int32))
         index._alive = Growable(tables["alive"].astype(bool))
         index._avail = Growable(tables["available"].astype(bool))
+        index._attrs = {a: Growable(tables[f"attr_{a}"].astype(np.int32)) for a in attr_names}
         ok = index._alive.data & index._avail.data
         index._ok = Growable(ok.copy())
         index._n_ok = int(ok.sum())

@@ -18,6 +18,7 @@ BLOCK_ROWS = 256
 class ExactIndex(Index):
     kind = "exact"
     default_search: dict[str, Any] = {}
+    filter_paths = ("exact",)  # its library search is brute force too
 
     def __init__(self, dim: int, metric: str = "ip"):
         super().__init__(dim, metric)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import faiss
 import numpy as np
@@ -95,6 +95,7 @@ def huge_pages(buf: np.ndarray, collapse: bool) -> int:
 class HNSWIndex(Index):
     kind = "hnsw"
     default_search: dict[str, Any] = {"ef": 256}
+    filter_paths = ("exact", "filtered", "post")
 
     def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128):
         super().__init__(dim, metric, M=int(M), ef_construction=int(ef_construction))
@@ -112,17 +113,19 @@ class HNSWIndex(Index):
         base = max(k, 16)  # _search raises ef to at least k: smaller ef changes nothing
         return [{"ef": int(base * f)} for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)]
 
-    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None) -> None:
+    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None,
+              attributes: Mapping[str, Any] | None = None) -> None:
         """Index a whole catalog, stored in locality order (slots are internal: ids map to them)."""
         v = as_vectors(vectors, self.dim, "vectors")
         order = None if self.n_slots else locality_order(v)
         if order is None:
-            return super().build(v, ids, categories, available)
+            return super().build(v, ids, categories, available, attributes)
 
         def permuted(a: Any) -> Any:  # anything of the wrong shape goes through as is, for the base class to refuse
             return a if a is None or np.shape(a) != (len(v),) else np.asarray(a)[order]
 
-        super().build(v[order], permuted(ids), permuted(categories), permuted(available))
+        super().build(v[order], permuted(ids), permuted(categories), permuted(available),
+                      {name: permuted(codes) for name, codes in (attributes or {}).items()})
 
     def buffers(self) -> list[np.ndarray]:
         """Views of the big C++ buffers (vectors, graph): what `release_memory` hands back."""
@@ -166,7 +169,8 @@ class HNSWIndex(Index):
         # widen the beam as the mask narrows, up to 4x: wider costs more than brute force over
         # the qualifying items, which the base class uses for narrower masks
         ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)
-        if mask.count < POST_FILTER_SHARE * len(mask.bits):
+        path = params.get("filter_path", "auto")  # the planner's choice (index.plan); auto: by share
+        if path == "filtered" or (path == "auto" and mask.count < POST_FILTER_SHARE * len(mask.bits)):
             return self._walk(q, k, ef, mask)
         # Most slots qualify: the unbounded beam (no selector) returns its whole beam, and the
         # masked-out slots are dropped here. Rows left short of k redo the selector search.

@@ -43,6 +43,8 @@ def _scann() -> Any:
 class ScannIndex(Index):
     kind = "scann"
     default_search: dict[str, Any] = {"leaves": 0, "reorder": 0}  # 0: set from the catalog size at build
+    # "filtered" searches more leaves as the mask narrows; "post" only over-fetches (both drop masked slots)
+    filter_paths = ("exact", "filtered", "post")
 
     def __init__(self, dim: int, metric: str = "ip", num_leaves: int | None = None, reorder: int = 1000,
                  train_sample: int = 100_000, quantization_threshold: float = 0.2):
@@ -121,7 +123,7 @@ class ScannIndex(Index):
             fetch = min(fetch, MAX_OVERFETCH * k + 100)
         fetch = min(fetch, n_main)
         leaves = int(params.get("leaves") or 0) if self._leaves else 0
-        if mask is not None and leaves:  # search more leaves when few items qualify
+        if mask is not None and leaves and params.get("filter_path") != "post":  # more leaves when few qualify
             leaves = min(self._leaves, math.ceil(leaves * n_main / max(qual_main, 1)))
         reorder = max(int(params.get("reorder") or 0), fetch)
         pre_reorder, leaves = reorder if self._leaves else -1, leaves or -1

@@ -1,0 +1,188 @@
+"""The filter planner: which path one masked search takes, from the mask's exact count and a measured table.
+
+Three paths (a backend lists the ones it has in `Index.filter_paths`):
+  exact     brute force over the qualifying items: exact, its cost grows with their count
+  filtered  the library's own filtered search, widened as the mask narrows (HNSW: a bitmap
+            selector in the graph walk, beam widened up to 4x; IVF-PQ: selector, more probes;
+            ScaNN: more leaves, over-fetch)
+  post      over-fetch + post-filter (HNSW: an unbounded beam, masked slots dropped after; ScaNN:
+            over-fetch at the unfiltered leaf count)
+
+The table (search param `filter_plan`, measured by `calibrate` and stored with the index in its
+search defaults) is a list of rows [k, max_share, path]: for a query at k (the nearest calibrated
+k at or above it, else the largest) the first row whose max_share is at least the mask's share of
+the slots gives the path. With no table, today's constants decide: exact at most `exact_below`
+(16,384) qualifying items, else the backend's own choice (HNSW: post-filter from 25% up).
+A query whose mask keeps at most k items always goes exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from towerann.errors import BadRequest
+
+if TYPE_CHECKING:
+    from towerann.index.base import Index, Mask
+
+log = logging.getLogger(__name__)
+
+PATHS = ("exact", "filtered", "post")
+# Shares of the catalog a calibration measures (the plan's rows sit between them, geometrically).
+SHARES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.3, 0.6)
+CALIBRATION_QUERIES = 40  # timed one at a time per (share, path); all of them for recall
+
+
+def check_path(path: Any) -> str:
+    if path != "auto" and path not in PATHS:
+        raise BadRequest(f"filter_path must be 'auto' or one of {', '.join(PATHS)}, got {path!r}")
+    return path
+
+
+def check_table(table: Any) -> list[list[Any]]:
+    """A filter_plan as stored in JSON: rows [k (int >= 1), max_share (0..1], path]."""
+    if not isinstance(table, list):
+        raise BadRequest(f"filter_plan must be a list of [k, max_share, path] rows, got {type(table).__name__}")
+    for row in table:
+        ok = (isinstance(row, (list, tuple)) and len(row) == 3 and isinstance(row[0], int) and row[0] >= 1
+              and isinstance(row[1], (int, float)) and 0 < row[1] <= 1 and row[2] in PATHS)
+        if not ok:
+            raise BadRequest(f"filter_plan row {row!r}: expected [k >= 1, 0 < max_share <= 1, one of {PATHS}]")
+    return table
+
+
+def choose(n_qual: int, n_slots: int, k: int, params: dict[str, Any]) -> str | None:
+    """The path for a masked search keeping n_qual of n_slots slots; None: the backend's own choice."""
+    forced = params.get("filter_path", "auto")
+    if n_qual <= k:
+        return "exact"
+    if forced != "auto":
+        return forced
+    if n_qual <= int(params.get("exact_below", 0)):
+        return "exact"
+    table = params.get("filter_plan")
+    if not table:
+        return None
+    ks = sorted({row[0] for row in table})
+    at = next((x for x in ks if x >= k), ks[-1])
+    share = n_qual / max(n_slots, 1)
+    rows = [row for row in table if row[0] == at]
+    return next((row[2] for row in rows if share <= row[1]), rows[-1][2])
+
+
+def derive(points: list[dict[str, Any]], k: int, target: float) -> list[list[Any]]:
+    """Plan rows for one k from measured points {share, path, recall, p50_ms}: at each share the
+    fastest path meeting the recall target (exact always meets it), switching halfway (geometric
+    mean) between two measured shares; consecutive rows with one path merge."""
+    shares = sorted({p["share"] for p in points})
+    best: list[str] = []
+    for s in shares:
+        ok = [p for p in points if p["share"] == s and (p["path"] == "exact" or p["recall"] >= target)]
+        best.append(min(ok, key=lambda p: p["p50_ms"])["path"] if ok else "exact")
+    rows: list[list[Any]] = []
+    for i, (s, path) in enumerate(zip(shares, best)):
+        upper = 1.0 if i == len(shares) - 1 else math.sqrt(s * shares[i + 1])
+        if rows and rows[-1][2] == path:
+            rows[-1][1] = round(upper, 6)
+        else:
+            rows.append([int(k), round(upper, 6), path])
+    return rows
+
+
+def share_mask(index: "Index", share: float, rng: np.random.Generator) -> "Mask":
+    """A mask keeping about `share` of the slots, made of whole categories in a random order when the
+    index has them (real filters follow categories, and categories follow the vectors' clusters: the
+    hard case for graph search), topped up with random items when the categories cannot reach it."""
+    from towerann.index.base import Mask
+
+    ok = index._ok.data
+    n = len(ok)
+    want = max(1, int(round(share * n)))
+    cats = index._cats.data
+    codes, counts = np.unique(cats[ok], return_counts=True)
+    keep = np.zeros(n, bool)
+    total = 0
+    if len(codes) > 1:
+        chosen = []
+        for i in rng.permutation(len(codes)):
+            if total >= 0.9 * want:
+                break
+            if codes[i] >= 0 and total + counts[i] <= 1.2 * want:
+                chosen.append(codes[i])
+                total += int(counts[i])
+        keep = np.isin(cats, chosen) & ok
+    if total < 0.9 * want:  # few categories, or all too big: random items make up the rest
+        free = np.flatnonzero(ok & ~keep)
+        keep[rng.choice(free, min(len(free), want - total), replace=False)] = True
+    return Mask(bits=keep, count=int(keep.sum()))
+
+
+def measure(index: "Index", queries: np.ndarray, k: int, shares: tuple[float, ...] = SHARES,
+            paths: tuple[str, ...] | None = None, n_time: int = CALIBRATION_QUERIES, seed: int = 0,
+            params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Recall@k (vs exact search over the same mask) and one-query p50/p99 ms of each path at each
+    share of the catalog; `params` are search params over the index's defaults."""
+    from towerann.index.tune import recall_at_k
+
+    rng = np.random.default_rng(seed)
+    p = {**index.search_defaults, **(params or {})}
+    paths = paths or index.filter_paths
+    points = []
+    for share in shares:
+        mask = share_mask(index, share, rng)
+        if mask.count == 0:
+            continue
+        truth, _ = index._exact(queries, k, mask)
+        for path in paths:
+            def run(q: np.ndarray, path: str = path) -> np.ndarray:
+                return index._run_path(q, k, p, mask, path)[0]
+
+            found = run(queries)
+            ms = _one_query_ms(run, queries[:n_time])
+            p50, p99 = np.percentile(ms, [50, 99])
+            points.append({"share": share, "kept": mask.count, "path": path, "k": k,
+                           "recall": round(recall_at_k(found, truth), 5), "p50_ms": round(float(p50), 4),
+                           "p99_ms": round(float(p99), 4)})
+            log.debug("filter calibration %s: %s", index.kind, points[-1])
+    return points
+
+
+def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target: float = 0.95,
+              shares: tuple[float, ...] = SHARES, n_queries: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Measure every path at each share and store the plan on the index (search_defaults
+    filter_plan; exact_below 0, since the plan's exact rows now decide). Returns what was measured."""
+    from towerann.index.base import as_vectors
+
+    q = as_vectors(queries, index.dim, "calibration queries")
+    if len(q) > n_queries:
+        q = q[np.sort(np.random.default_rng(seed).choice(len(q), n_queries, replace=False))]
+    t0 = time.perf_counter()
+    points: list[dict[str, Any]] = []
+    table: list[list[Any]] = []
+    for k in ks:
+        pts = measure(index, q, int(k), shares, seed=seed)
+        points += pts
+        table += derive(pts, int(k), target)
+    index.search_defaults["filter_plan"] = table
+    index.search_defaults["exact_below"] = 0
+    result = {"ks": list(ks), "target": target, "queries": len(q), "plan": table, "points": points,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    index.filter_calibration = result
+    log.info("filter plan of %s: %s (%.1fs)", index.describe(), table, result["seconds"])
+    return result
+
+
+def _one_query_ms(run: Any, q: np.ndarray) -> np.ndarray:
+    for row in q[:2]:  # warm-up
+        run(row[None, :])
+    out = np.empty(len(q))
+    for i, row in enumerate(q):
+        t0 = time.perf_counter()
+        run(row[None, :])
+        out[i] = (time.perf_counter() - t0) * 1e3
+    return out
