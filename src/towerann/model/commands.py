@@ -53,6 +53,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="--session: seed of the sampled users (default 0)")
     e.set_defaults(func=run_eval)
 
+    m = sub.add_parser("model", help="model directories: import towers trained elsewhere")
+    msub = m.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
+    i = msub.add_parser("import", help="ONNX user + item towers and a TOML schema -> a towerann model directory",
+                        description="Check a pair of ONNX towers against a TOML schema (inputs, dtypes, shapes, the "
+                        "output dim and norm) and a sample of a dataset (do users' own history items outscore random "
+                        "ones?), then write a model directory that embed, index build, serve and refresh take.")
+    i.add_argument("--schema", required=True, help="TOML schema of the towers' inputs (see towerann.model.onnx_import)")
+    i.add_argument("--user-tower", required=True, help="user tower, ONNX")
+    i.add_argument("--item-tower", required=True, help="item tower, ONNX")
+    i.add_argument("--data", required=True, help="dataset directory (items/users/interactions.parquet) to check on")
+    i.add_argument("--out", required=True, help="model directory to write")
+    i.add_argument("--min-space-auc", type=float, default=None,
+                   help="share of (own history item, random item) pairs the own item must win (default 0.6)")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    i.set_defaults(func=run_import)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from towerann.model.onnx_import import MIN_SPACE_AUC, import_model
+
+    r = import_model(args.schema, args.user_tower, args.item_tower, args.data, args.out, name=Path(args.out).name,
+                     overwrite=args.overwrite,
+                     min_space_auc=MIN_SPACE_AUC if args.min_space_auc is None else args.min_space_auc)
+    print(f"imported model {r['model_version']} -> {r['out']}: own history items outscore random ones in "
+          f"{r['history_auc']:.0%} of pairs ({r['sample_users']} sample users)")
+    return 0
+
 
 def run_train(args: argparse.Namespace) -> int:
     from towerann.model.towers import TowerConfig

@@ -76,6 +76,11 @@ class UserEncoder:
         self._run = self._make_runner(runtime, model_dir)
 
     def _make_runner(self, runtime: str, model_dir: str | Path | None) -> Any:
+        if getattr(self.model, "tower_kind", None) == "onnx-import":
+            if runtime != "onnx":
+                raise ConfigError(f"an imported model's towers are ONNX graphs; runtime {runtime!r} cannot run them "
+                                  "(use the onnx runtime)")
+            return self.model.user_runner()  # type: ignore[attr-defined]
         if runtime == "onnx":
             import onnxruntime as ort
 

@@ -136,8 +136,16 @@ class TwoTowerModel:
 
     @classmethod
     def load(cls, directory: str | Path) -> "TwoTowerModel":
+        """A model directory. One written by `towerann model import` loads as an ImportedModel, which
+        answers every call the rest of towerann makes of a model (see towerann.model.imported)."""
         directory = Path(directory)
         m = read_manifest(directory, KIND, FORMAT_VERSION)
+        if m.get("tower_kind", "towerann") != "towerann":
+            from towerann.model.imported import TOWER_KIND, ImportedModel
+
+            if m["tower_kind"] != TOWER_KIND:
+                raise ArtifactError(f"{directory / MANIFEST}: unknown tower_kind {m['tower_kind']!r}")
+            return ImportedModel.from_manifest(directory, m)  # type: ignore[return-value]
         try:
             sums = m["checksums"]
             cfg = TowerConfig(**m["tower_config"])
