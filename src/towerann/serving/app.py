@@ -103,7 +103,10 @@ def request_models(max_k: int = 1000, max_id_length: int = 256, max_items: int =
     id_doc = f"a string of 1..{max_id_length} characters, or an integer (taken in its decimal spelling)"
 
     class CandidateFilter(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
+        # Other keys are the bundle's [filters] attributes, each a list of values (strings or booleans);
+        # an item must match every key given (AND), any value of a key's list (OR). The Retriever checks them.
+        model_config = ConfigDict(extra="allow", strict=True)
+        __pydantic_extra__: dict[str, list[Id | bool] | None] = Field(init=False)
         categories: list[Id] | None = Field(None, description="keep only items of these category names")
 
     class CandidatesRequest(BaseModel):
