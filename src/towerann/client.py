@@ -18,10 +18,11 @@ one-line message; the token and any credentials in the URL never appear in them.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 
@@ -61,9 +62,18 @@ class Client:
 
     # ---- reads --------------------------------------------------------------------------------------
 
-    def candidates(self, user_id: str | int, k: int = 100, categories: list[str] | None = None) -> Candidates:
-        """Top-k items for this user now (their clicks up to this call counted); optionally only these categories."""
-        body: dict[str, Any] = {"user_id": user_id, "k": k}
+    def candidates(self, user_id: str | int | None = None, k: int = 100, categories: list[str] | None = None, *,
+                   query_vector: Sequence[float] | None = None) -> Candidates:
+        """Top-k items for this user now (their clicks up to this call counted); optionally only these categories.
+        `query_vector` instead of `user_id`: the top-k for a user-tower output made by the caller."""
+        body: dict[str, Any] = {"k": k}
+        if user_id is not None:
+            body["user_id"] = user_id
+        if query_vector is not None:
+            body["query_vector"] = [float(x) for x in query_vector]
+            bad = [i for i, x in enumerate(body["query_vector"]) if not math.isfinite(x)]
+            if bad:  # JSON has no NaN: the server's own answer to it, without a request
+                raise BadRequest(f"query_vector holds a NaN or infinite value at position {bad[0]}")
         if categories is not None:
             body["filter"] = {"categories": list(categories)}
         got = self._call("POST", "/v1/candidates", body, repeatable=True)

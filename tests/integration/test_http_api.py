@@ -65,7 +65,7 @@ def test_health_ready_and_openapi(server) -> None:
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/v1/candidates", "/v1/events"} <= set(schema["paths"])
     req = schema["components"]["schemas"]["CandidatesRequest"]
-    assert set(req["required"]) == {"user_id", "k"}
+    assert set(req["required"]) == {"k"} and {"user_id", "query_vector"} <= set(req["properties"])
 
 
 def _sample(text: str, name: str, **labels: str) -> float:

@@ -9,7 +9,7 @@ GOOD = {"user_id": "3", "k": 5}
 
 
 @pytest.mark.parametrize("body, status, words", [
-    ({"k": 5}, 422, "user_id"),
+    ({"k": 5}, 400, "give user_id, or query_vector"),
     ({"user_id": "3"}, 422, "k"),
     ({"user_id": "3", "k": 0}, 400, "between 1 and 200"),
     ({"user_id": "3", "k": -4}, 400, "between 1 and 200"),

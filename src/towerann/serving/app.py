@@ -1,7 +1,7 @@
 """The HTTP API: a thin FastAPI shell around the Retriever (no logic the Python API lacks).
 
-    POST /v1/candidates {user_id, k, filter?} -> {candidates: [{item_id, score}], model_version, index_version,
-                        timings_ms, degraded}
+    POST /v1/candidates {user_id | query_vector, k, filter?} -> {candidates: [{item_id, score}], model_version,
+                        index_version, timings_ms, degraded}   (query_vector: a user-tower output made by the caller)
     POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns (503 if it cannot be)
     GET  /healthz (always at once: touches nothing)  /readyz  /metrics (Prometheus text)
     POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/)
@@ -111,7 +111,9 @@ def request_models(max_k: int = 1000, max_id_length: int = 256, max_items: int =
 
     class CandidatesRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
-        user_id: Id | JsonInt = Field(description=id_doc)
+        user_id: Id | JsonInt | None = Field(None, description=id_doc + "; or give query_vector instead")
+        query_vector: list[float] | None = Field(None, description="instead of user_id: a user-tower output made "
+                                                 "by the caller (the served index's dim, finite numbers)")
         # The bounds are checked by the Retriever (400 with what to send), and documented here.
         k: JsonInt = Field(description=f"number of candidates, 1..{max_k}",
                        json_schema_extra={"minimum": 1, "maximum": max_k})
@@ -345,7 +347,7 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         flt = None if req.filter is None else req.filter.model_dump()
         if freshen is not None:
             await freshen()
-        c = await retriever.candidates_async(req.user_id, req.k, flt)
+        c = await retriever.candidates_async(req.user_id, req.k, flt, query_vector=req.query_vector)
         for stage, ms in c.timings_ms.items():
             observe[stage].observe(ms / 1e3)
         if c.degraded:

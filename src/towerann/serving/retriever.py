@@ -21,7 +21,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
+from towerann.serving.query import check_query_vector
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,13 @@ class Retriever:
 
     # ---- candidates -------------------------------------------------------------------------------
 
-    def candidates(self, user_id: str | int, k: int, filter: dict[str, Any] | None = None) -> Candidates:
-        """Top-k items for this user now, counting their session events up to this call."""
+    def candidates(self, user_id: str | int | None, k: int, filter: dict[str, Any] | None = None, *,
+                   query_vector: Sequence[float] | None = None) -> Candidates:
+        """Top-k items for this user now, counting their session events up to this call; or, given
+        `query_vector` instead of a user (a caller that runs the user tower itself), for that vector."""
         t0 = time.perf_counter()
+        if query_vector is not None or user_id is None:
+            return self._for_vector(user_id, query_vector, k, filter, t0)
         user_id, b, flt = self._check(user_id, k, filter)
         try:
             f: UserFeatures | None = self.store.get_one(user_id)
@@ -73,9 +78,12 @@ class Retriever:
             f = None
         return self._rank(b, user_id, k, flt, f, t0)
 
-    async def candidates_async(self, user_id: str | int, k: int, filter: dict[str, Any] | None = None) -> Candidates:
+    async def candidates_async(self, user_id: str | int | None, k: int, filter: dict[str, Any] | None = None, *,
+                               query_vector: Sequence[float] | None = None) -> Candidates:
         """candidates() for an event loop: the store's network IO off the loop, within features_timeout_s."""
         t0 = time.perf_counter()
+        if query_vector is not None or user_id is None:
+            return self._for_vector(user_id, query_vector, k, filter, t0)  # no store, no tower: nothing to wait on
         user_id, b, flt = self._check(user_id, k, filter)
         store = self.store
         if self._io is None:
@@ -92,10 +100,24 @@ class Retriever:
 
     def _check(self, user_id: Any, k: Any, filter: Any) -> tuple[str, RetrievalBundle, Filter | None]:
         user_id = self.check_id(user_id, "user_id")
+        b, flt = self._check_k_filter(k, filter)
+        return user_id, b, flt
+
+    def _check_k_filter(self, k: Any, filter: Any) -> tuple[RetrievalBundle, Filter | None]:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= self.max_k:
             raise BadRequest(f"k must be an integer between 1 and {self.max_k}, got {k!r}")
         b = self.holder.current()  # read once: the whole request uses one bundle version
-        return user_id, b, self._filter(b, filter)
+        return b, self._filter(b, filter)
+
+    def _for_vector(self, user_id: Any, query_vector: Any, k: Any, filter: Any, t0: float) -> Candidates:
+        """The search alone, for a query vector the caller made: same filters, same exact-k search."""
+        if (user_id is None) == (query_vector is None):
+            raise BadRequest("give either user_id or query_vector (a user tower output), not both" if user_id is not None
+                             else "give user_id, or query_vector (a user tower output)")
+        b, flt = self._check_k_filter(k, filter)
+        query = check_query_vector(query_vector, b.index.dim)
+        t1 = time.perf_counter()
+        return self._search(b, query, k, flt, t0, t1, t1, degraded=False)
 
     def _rank(self, b: RetrievalBundle, user_id: str, k: int, flt: Filter | None, f: UserFeatures | None,
               t0: float) -> Candidates:
@@ -105,7 +127,10 @@ class Retriever:
         history = self._history(b, f.session, f.recent_items)
         t1 = time.perf_counter()
         query = b.encoder.encode(user_id, f.static, history)
-        t2 = time.perf_counter()
+        return self._search(b, query, k, flt, t0, t1, time.perf_counter(), degraded)
+
+    def _search(self, b: RetrievalBundle, query: np.ndarray, k: int, flt: Filter | None, t0: float, t1: float,
+                t2: float, degraded: bool) -> Candidates:
         res = b.index.search(query[None, :], k, filter=flt)
         t3 = time.perf_counter()
         ids, scores = res.ids[0], res.scores[0]
