@@ -1,8 +1,11 @@
-"""IVF + PQ on faiss ("IVF{nlist},PQ{m}x8"): compressed codes, optional re-ranking with full vectors.
+"""IVF + PQ on faiss ("IVF{nlist},PQ{m}x8"): compressed codes in RAM, re-ranking from full vectors on disk.
 
-The full vectors are kept (in memory, or memory-mapped after a load) for re-ranking the top
-`rerank` candidates and for the exact fallback. For tiny catalogs, where k-means and PQ cannot
-be trained, the index stays untrained and answers by brute force over the full vectors.
+What the process holds per item is the PQ code, faiss' list id and the slot tables; the full vectors
+stay in the snapshot's vectors.npy (towerann.index.vecfile: memory-mapped, a short list read at a
+time, in parallel) and are read only to re-rank the top `rerank` candidates and for exact fallbacks.
+Items added after a load go to an in-memory tier. `rerank_from="memory"` reads the file into RAM at
+load instead (the in-RAM variant, for machines with RAM to spare). For tiny catalogs, where k-means
+and PQ cannot be trained, the index stays untrained and answers by brute force over the full vectors.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from typing import Any
 import faiss
 import numpy as np
 
-from towerann.artifacts import save_npy
 from towerann.errors import ArtifactError, ConfigError
-from towerann.index.base import Growable, Index, Mask
+from towerann.index.base import Index, Mask
 from towerann.index.merge import topk_rows
+from towerann.index.vecfile import RerankVectors, save_rows
 
 log = logging.getLogger(__name__)
 
+RERANK_FROM = ("disk", "memory")
 MIN_TRAIN = 2560  # below this many vectors: no IVF-PQ (PQ x8 wants 256 centroids per sub-space)
 TRAIN_PER_LIST = 64  # training sample: this many points per inverted list (at least 256 per PQ centroid set)
 
@@ -42,13 +46,15 @@ class IVFPQIndex(Index):
     default_search: dict[str, Any] = {"nprobe": 32, "rerank": 1000}
 
     def __init__(self, dim: int, metric: str = "ip", nlist: int | None = None, pq_m: int | None = None,
-                 nbits: int = 8, train_sample: int = 200_000, seed: int = 1234):
+                 nbits: int = 8, train_sample: int = 200_000, seed: int = 1234, rerank_from: str = "disk"):
         pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
         if dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
+        if rerank_from not in RERANK_FROM:
+            raise ConfigError(f"rerank_from={rerank_from!r}: expected one of {', '.join(RERANK_FROM)}")
         super().__init__(dim, metric, nlist=None if nlist is None else int(nlist), pq_m=pq_m, nbits=int(nbits),
-                         train_sample=int(train_sample), seed=int(seed))
-        self._vecs = Growable(np.empty((0, self.dim), np.float32))
+                         train_sample=int(train_sample), seed=int(seed), rerank_from=rerank_from)
+        self._vecs = RerankVectors(np.empty((0, self.dim), np.float32))
         self._ix: faiss.IndexIVFPQ | None = None  # None: untrained (tiny catalog), brute force
 
     @property
@@ -83,9 +89,10 @@ class IVFPQIndex(Index):
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
         self._vecs.extend(vectors)
         if self._ix is None:  # first build, or a tiny catalog that may have grown past MIN_TRAIN
-            self._train(self._vecs.data)
+            everything = self._vectors()
+            self._train(everything)
             if self._ix is not None:  # index everything stored so far
-                self._ix.add_with_ids(self._vecs.data, np.arange(self._vecs.n, dtype=np.int64))
+                self._ix.add_with_ids(everything, np.arange(self._vecs.n, dtype=np.int64))
             return
         if self._ix is not None:
             self._ix.add_with_ids(vectors, np.arange(first_slot, first_slot + len(vectors), dtype=np.int64))
@@ -109,7 +116,47 @@ class IVFPQIndex(Index):
         self._ix = ix
 
     def _vectors(self) -> np.ndarray:
-        return self._vecs.data
+        """All vectors as one array: a copy once items were added after a load (only a tiny catalog's
+        training needs this; searches go through _exact and the re-ranker, which read the tiers)."""
+        v = self._vecs
+        return v.main if not v.fresh.n else np.concatenate([v.main, v.fresh.data])
+
+    def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        return self._vecs.exact_topk(q, k, None if mask is None else mask.bits)
+
+    def evict_vectors(self) -> bool:
+        """Drop the on-disk vectors from the page cache (benchmarks of the cold path); False if in RAM."""
+        return self._vecs.evict()
+
+    def memory(self, as_loaded: bool = False) -> dict[str, int]:
+        """Bytes this index holds in the process (resident) and leaves on disk, in total and per slot.
+
+        Resident: faiss' codes and list ids, coarse and PQ centroids, the slot tables (ids, category,
+        flags, filter attributes, the id lookup), and vectors held in
+        RAM (the fresh tier, or all of them with rerank_from="memory"). The mapped vector file is not
+        counted: its pages are the kernel's cache, dropped under memory pressure. as_loaded: what a
+        fresh load of this index's snapshot will hold (the manifest records that)."""
+        n = self.n_slots
+        faiss_bytes = 0
+        if self._ix is not None:
+            ix = self._ix
+            faiss_bytes = (ix.ntotal * (ix.code_size + 8)  # codes + int64 list ids
+                           + ix.nlist * (self.dim * 4 + 48)  # centroids + two std::vector headers a list
+                           + ix.pq.centroids.size() * 4)
+        if as_loaded:  # tables at their exact sizes; vectors in the file unless read into RAM
+            tables = n * (8 + 4 + 1 + 1 + 1 + 4 * len(self._attrs)) + len(self) * 16
+            in_ram = self.build_params.get("rerank_from") == "memory"
+            vectors, disk = (n * self.dim * 4, 0) if in_ram else (0, n * self.dim * 4)
+        else:  # what is allocated now (growable tables have spare capacity)
+            tables = sum(g._buf.nbytes for g in (self._ids, self._cats, self._alive, self._avail, self._ok,
+                                                 *self._attrs.values()))
+            tables += self._sorted_ids.nbytes + self._sorted_slots.nbytes
+            vectors, disk = self._vecs.resident_bytes(), self._vecs.disk_bytes()
+        resident = faiss_bytes + tables + vectors
+        per = max(n, 1)
+        return {"resident_bytes": int(resident), "resident_bytes_per_item": round(resident / per, 1),
+                "codes_bytes_per_item": int(self._ix.code_size) if self._ix is not None else 0,
+                "disk_bytes": int(disk), "disk_bytes_per_item": round(disk / per, 1)}
 
     def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         if self._ix is None:
@@ -127,27 +174,25 @@ class IVFPQIndex(Index):
         scores, slots = self._ix.search(q, fetch, params=p)
         if not rerank:
             return slots, scores
-        # Exact scores of the candidates, in faiss' C++ loop: no [m, fetch, dim] gather in numpy
-        # (at k=1000, rerank=4000 that copy alone cost a fifth of the query). -1 slots score -inf.
-        vecs = self._vecs.data
-        exact = np.empty(slots.shape, np.float32)
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact), faiss.swig_ptr(q), faiss.swig_ptr(vecs),
-                                         faiss.swig_ptr(slots), self.dim, len(q), slots.shape[1])
+        exact = self._vecs.scores(q, slots)  # -1 slots score -inf
         cols, top = topk_rows(exact, k)
         out = np.take_along_axis(slots, np.maximum(cols, 0), axis=1)
         out[cols < 0] = -1
         return out, top
 
     def _save_backend(self, directory: Path) -> dict[str, Any]:
-        save_npy(directory / "vectors.npy", self._vecs.data)
-        state: dict[str, Any] = {"vectors": "vectors.npy", "file": None}
+        save_rows(directory / "vectors.npy", [self._vecs.main, self._vecs.fresh.data], self.dim)
+        state: dict[str, Any] = {"vectors": "vectors.npy", "file": None, "memory": self.memory(as_loaded=True)}
         if self._ix is not None:
             faiss.write_index(self._ix, str(directory / "ivfpq.faiss"))
             state["file"] = "ivfpq.faiss"
         return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        self._vecs = self._load_vectors(directory, state["vectors"])
+        vecs = self._load_vectors(directory, state["vectors"]).data  # memory-mapped, shape-checked
+        if self.build_params.get("rerank_from") == "memory":
+            vecs = np.array(vecs)  # read into RAM
+        self._vecs = RerankVectors(vecs, directory / state["vectors"])
         if state.get("file"):
             path = directory / state["file"]
             try:
