@@ -25,6 +25,9 @@
                others acknowledged; a write is searchable on every worker within about this long),
                allow_volatile (serve even when the delta log's Redis does not append-only-log its writes,
                so a crash of Redis can lose acknowledged writes; default false: refuse to start)
+    [filters]  attributes (catalog columns besides category that requests may filter on, e.g.
+               ["brand", "market", "in_stock"]: strings or booleans; `towerann embed` stores them per item
+               as int32 codes with a JSON vocabulary, item writes may carry them)
 
 Command-line flags override the file (`Config.with_overrides`).
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,7 @@ from typing import Any
 from towerann.errors import ConfigError
 
 DEMO_DIR = "towerann-demo"
+ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # as towerann.index.base checks it (a file name there)
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,17 @@ class FreshnessConfig:
 
 
 @dataclass(frozen=True)
+class FiltersConfig:
+    attributes: tuple[str, ...] = ()  # filterable catalog columns besides category
+
+
+@dataclass(frozen=True)
 class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
 
     def api_token(self) -> str | None:
         """The bearer token for write endpoints: env TOWERANN_API_TOKEN, else [freshness] token_file."""
@@ -126,6 +137,12 @@ class Config:
 
 
 def _check_type(value: Any, want: type, where: str) -> Any:
+    if want is tuple:  # a list of names
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: expected a list of names, got {value!r}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: names appear twice in {list(value)}")
+        return tuple(value)
     if want is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
@@ -145,7 +162,7 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
     for key, value in values.items():
         if key not in types:
             raise ConfigError(f"{source}: unknown key [{section}] {key!r}; known keys: {', '.join(types)}")
-        want = {"str": str, "int": int, "float": float, "bool": bool}[str(types[key])]
+        want = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}[str(types[key])]
         kwargs[key] = _check_type(value, want, f"{source}: [{section}] {key}")
     obj = cls(**kwargs)
     for key in ("port", "max_k", "max_body_bytes", "max_events", "max_id_length", "max_items_per_write",
@@ -165,6 +182,10 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         raise ConfigError(f"{source}: [{section}] poll_s must be >= 0 and min_recall in [0, 1]")
     if getattr(obj, "purge_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] purge_every_s must be >= 0 (0 = never purge)")
+    bad = [a for a in getattr(obj, "attributes", ()) if not ATTRIBUTE_NAME.match(a) or a in ("category", "categories")]
+    if bad:
+        raise ConfigError(f"{source}: [{section}] attributes {bad}: use 1-32 characters a-z, 0-9, _ starting with "
+                          "a letter (category is always filterable: leave it out)")
     if getattr(obj, "refresh_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] refresh_every_s must be >= 0 (0 = refresh once)")
     return obj
@@ -182,7 +203,8 @@ def load_config(path: str | Path | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     sections: dict[str, Any] = {}
-    classes = {"serve": ServeConfig, "paths": PathsConfig, "features": FeaturesConfig, "freshness": FreshnessConfig}
+    classes = {"serve": ServeConfig, "paths": PathsConfig, "features": FeaturesConfig, "freshness": FreshnessConfig,
+               "filters": FiltersConfig}
     for name, values in data.items():
         if name not in classes:
             raise ConfigError(f"{path}: unknown section [{name}]; known sections: {', '.join(classes)}")

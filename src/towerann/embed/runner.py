@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, write_json_atomic
 from towerann.data.dataset import ITEMS
+from towerann.embed.attributes import column_values, encode_column
 from towerann.embed.vectors import manifest_for, part_names, write_part
 from towerann.errors import ArtifactError, ConfigError, DataError
 from towerann.model.model import TwoTowerModel
@@ -75,6 +76,7 @@ class Encoded:
     external_ids: np.ndarray
     categories: np.ndarray
     available: np.ndarray
+    attributes: dict[str, np.ndarray] | None = None  # [filters] attributes: int32 codes (-1: no value)
 
 
 def filter_categories(pf: pq.ParquetFile, model: TwoTowerModel) -> CategoricalColumn:
@@ -91,7 +93,8 @@ def filter_categories(pf: pq.ParquetFile, model: TwoTowerModel) -> CategoricalCo
     return CategoricalColumn("category", list(model.schema.categories.values) + sorted(new - known))
 
 
-def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int, filter_vocab: CategoricalColumn) -> Encoded:
+def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int, filter_vocab: CategoricalColumn,
+                 attr_vocab: dict[str, list[str]] | None = None) -> Encoded:
     ids = batch.column("item_id")
     if pa.types.is_integer(ids.type):
         external = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -102,7 +105,8 @@ def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int, filter
     available = batch.column("available").fill_null(False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
     inputs = (torch.from_numpy(item_idx), torch.from_numpy(cat), torch.from_numpy(num), torch.from_numpy(attrs))
     categories = filter_vocab.encode_arrow(batch.column("category")).astype(np.int32)
-    return Encoded(start, inputs, external, categories, available)
+    attributes = {name: encode_column(batch.column(name), values) for name, values in (attr_vocab or {}).items()}
+    return Encoded(start, inputs, external, categories, available, attributes)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -155,10 +159,11 @@ class BatchReader(threading.Thread):
     _END = object()
 
     def __init__(self, batches: Iterator[tuple[int, pa.RecordBatch]], model: TwoTowerModel,
-                 filter_vocab: CategoricalColumn, device: torch.device, ahead: bool):
+                 filter_vocab: CategoricalColumn, device: torch.device, ahead: bool,
+                 attr_vocab: dict[str, list[str]] | None = None):
         super().__init__(name="towerann-embed-reader", daemon=True)
         self.batches, self.model, self.device, self.ahead = batches, model, device, ahead
-        self.filter_vocab = filter_vocab
+        self.filter_vocab, self.attr_vocab = filter_vocab, attr_vocab
         self.q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()
 
@@ -171,7 +176,7 @@ class BatchReader(threading.Thread):
             for start, batch in self.batches:
                 if self.stop.is_set():
                     return
-                enc = encode_batch(self.model, batch, start, self.filter_vocab)
+                enc = encode_batch(self.model, batch, start, self.filter_vocab, self.attr_vocab)
                 if self.device.type != "cpu":
                     enc.inputs = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in enc.inputs)
                 self.q.put(enc)
@@ -182,7 +187,7 @@ class BatchReader(threading.Thread):
     def __iter__(self) -> Iterator[Encoded]:
         if not self.ahead:
             for start, batch in self.batches:
-                enc = encode_batch(self.model, batch, start, self.filter_vocab)
+                enc = encode_batch(self.model, batch, start, self.filter_vocab, self.attr_vocab)
                 enc.inputs = tuple(t.to(self.device) for t in enc.inputs)
                 yield enc
             return
@@ -227,15 +232,16 @@ def _read_progress(path: Path) -> dict[str, Any]:
 
 
 def _check_progress(path: Path, p: dict[str, Any], want: dict[str, Any]) -> None:
-    for key, label in (("model_version", "model"), ("catalog", "catalog"), ("part_size", "part size")):
-        if p.get(key) != want[key]:
+    for key, label in (("model_version", "model"), ("catalog", "catalog"), ("part_size", "part size"),
+                       ("attributes", "attribute list")):
+        if p.get(key, [] if key == "attributes" else None) != want[key]:  # runs before attributes had none
             raise ArtifactError(f"{path}: this unfinished run was started with another {label} "
                                 f"({p.get(key)!r}, now {want[key]!r}); rerun with --overwrite to start over")
     for i, part in enumerate(p["parts"]):
         vec, ids = part_names(i)
         d = path.parent
         if part.get("vectors") != vec or not (d / vec).is_file() or not (d / ids).is_file() \
-                or not all((d / f"{a}-{i:05d}.npy").is_file() for a in ATTRS):
+                or not all((d / f"{a}-{i:05d}.npy").is_file() for a in _attr_files(want["attributes"])):
             raise ArtifactError(f"{path}: part {i} is listed as finished but its files are missing; "
                                 "rerun with --overwrite to start over")
 
@@ -282,21 +288,26 @@ def _check_part(work: Path, i: int, vectors: np.ndarray) -> None:
                             f"[{norms.min():.4f}, {norms.max():.4f}]); the item tower must L2-normalise")
 
 
+def _attr_files(attributes: list[str]) -> tuple[str, ...]:
+    """The per-item arrays a run writes: ATTRS, then attr_<name> per filter attribute."""
+    return ATTRS + tuple(f"attr_{a}" for a in attributes)
+
+
 def _write_attr_part(work: Path, i: int, enc_attrs: dict[str, list[np.ndarray]]) -> None:
-    for a in ATTRS:
+    for a in enc_attrs:
         arr = np.concatenate(enc_attrs[a])
         tmp = work / f".{a}-{i:05d}.tmp.npy"
         np.save(tmp, arr, allow_pickle=False)
         tmp.replace(work / f"{a}-{i:05d}.npy")
 
 
-def _assemble_attrs(work: Path, n_parts: int, count: int) -> dict[str, str]:
+def _assemble_attrs(work: Path, n_parts: int, count: int, names: tuple[str, ...] = ATTRS) -> dict[str, str]:
     """Concatenate the per-part attribute files into one file each, through a memmap (bounded memory)."""
     sums = {}
-    for a in ATTRS:
+    for a in names:
         parts = [load_npy(work / f"{a}-{i:05d}.npy", mmap=True) for i in range(n_parts)]
         dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.int64)
-        if a == "categories":
+        if a == "categories" or a.startswith("attr_"):
             dtype = np.dtype(np.int32)
         elif a == "available":
             dtype = np.dtype(bool)
@@ -317,13 +328,15 @@ def _assemble_attrs(work: Path, n_parts: int, count: int) -> dict[str, str]:
 def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int = 16384,
                   part_size: int = 1_048_576, resume: bool = True, overwrite: bool = False,
                   device: str | torch.device | None = None, progress: bool | None = None,
-                  max_parts: int | None = None, stats: dict[str, Any] | None = None) -> Path:
+                  max_parts: int | None = None, stats: dict[str, Any] | None = None,
+                  attributes: tuple[str, ...] | list[str] = ()) -> Path:
     """Embed every catalog row with the model's item tower and write a vectors directory at `out`.
 
     Internal ids are catalog row numbers. `resume` continues an unfinished run found in
     `<out>.partial/` (same model and catalog only); `overwrite` discards it and replaces `out`.
     `max_parts` stops after that many new parts and returns the work directory (to split a run;
     tests use it to simulate an interruption). `stats`, if given, receives stage timings.
+    `attributes`: catalog columns to keep as filter attributes ([filters] attributes; embed.attributes).
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -333,7 +346,9 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
     file = resolve_items_file(items)
     model = TwoTowerModel.load(model_dir)
+    attributes = list(attributes)
     columns = model.schema.item_columns()
+    columns += [a for a in attributes if a not in columns]
     pf = open_catalog(file, columns)
     t = pf.schema_arrow.field("item_id").type
     if not (pa.types.is_int64(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
@@ -343,7 +358,8 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
 
     work = work_dir_for(out)
     progress_path = work / PROGRESS
-    want = {"model_version": model.version, "catalog": catalog_fingerprint(file, pf), "part_size": int(part_size)}
+    want = {"model_version": model.version, "catalog": catalog_fingerprint(file, pf), "part_size": int(part_size),
+            "attributes": attributes}
     state = _start_or_resume(work, want, fresh=overwrite or not resume)
 
     parts: list[dict[str, Any]] = state["parts"]
@@ -358,14 +374,15 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     # tower's OpenMP threads for the same cores: measured on 2 cores (10M items), the tower ran
     # 35% slower beside it and the whole run took longer, so there decoding runs inline.
     filter_vocab = filter_categories(pf, model)
+    attr_vocab = column_values(pf, attributes)
     reader = BatchReader(iter_batches_from(pf, file, columns, done_rows, batch_size), model, filter_vocab, dev,
-                         ahead=dev.type != "cpu")
+                         ahead=dev.type != "cpu", attr_vocab=attr_vocab)
     bar = tqdm(total=n_rows, initial=done_rows, desc="embed", unit="item", unit_scale=True, disable=None if progress is None else not progress)
     new_parts = 0
     try:
         reader.start()
         buf = np.empty((min(part_size, max(n_rows - done_rows, 0)), model.dim), np.float32)
-        attrs: dict[str, list[np.ndarray]] = {a: [] for a in ATTRS}
+        attrs: dict[str, list[np.ndarray]] = {a: [] for a in _attr_files(attributes)}
         part_start, filled = done_rows, 0
         t_wait = time.perf_counter()
         with torch.inference_mode():
@@ -383,6 +400,8 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
                     attrs["external_ids"].append(enc.external_ids[sl])
                     attrs["categories"].append(enc.categories[sl])
                     attrs["available"].append(enc.available[sl])
+                    for name, codes in (enc.attributes or {}).items():
+                        attrs[f"attr_{name}"].append(codes[sl])
                     filled += take
                     pos += take
                     if filled == len(buf):
@@ -398,7 +417,7 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
                         new_parts += 1
                         part_start += filled
                         filled = 0
-                        attrs = {a: [] for a in ATTRS}
+                        attrs = {a: [] for a in _attr_files(attributes)}
                         buf = np.empty((min(part_size, n_rows - part_start), model.dim), np.float32)
                         if max_parts is not None and new_parts >= max_parts and len(parts) < n_parts:
                             log.info("stopping after %d new part(s) as asked; %s holds the progress", new_parts, work)
@@ -413,10 +432,11 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
         raise DataError(f"{file}: read {part_start} rows but its metadata says {n_rows}; the file changed during the run")
 
     t3 = time.perf_counter()
-    attr_sums = _assemble_attrs(work, len(parts), n_rows)
+    attr_sums = _assemble_attrs(work, len(parts), n_rows, _attr_files(attributes))
     manifest = manifest_for(parts, attr_sums, model_version=model.version, dim=model.dim, metric=model.metric,
                             category_names=["<unknown>"] + filter_vocab.values,
-                            extra={"source": {"items": str(file), "rows": n_rows, "model": str(model_dir)}})
+                            extra={"source": {"items": str(file), "rows": n_rows, "model": str(model_dir)},
+                                   **({"attributes": attr_vocab} if attributes else {})})
     write_json_atomic(work / MANIFEST, manifest)
     progress_path.unlink()
     if out.exists() and not overwrite:

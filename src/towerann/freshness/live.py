@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from towerann.data.dataset import ITEM_RESERVED
+from towerann.embed.attributes import attribute_key
 from towerann.errors import BadRequest, NotFound, TowerannError
 from towerann.freshness.deltalog import DeltaEntry, DeltaLog
 from towerann.serving.bundle import RetrievalBundle
@@ -45,7 +46,8 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
     if not isinstance(rows, list) or not rows:
         raise BadRequest("items must be a non-empty list of item objects")
     numeric, categorical = bundle.model.schema.item_feature_names()
-    known = {*ITEM_RESERVED, *numeric, *categorical}
+    attributes = [a for a in bundle.attribute_values if a not in {*ITEM_RESERVED, *numeric, *categorical}]
+    known = {*ITEM_RESERVED, *numeric, *categorical, *attributes}
     int_ids = bundle.external_ids.dtype.kind in "iu"
     out, seen = [], set()
     for i, row in enumerate(rows):
@@ -87,6 +89,11 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
             if not isinstance(v, str):
                 raise BadRequest(f"{where}.{name}: a string is required")
             clean[name] = v
+        for name in attributes:  # filter attributes: optional (left out: the item keeps its value)
+            if name in row:
+                if row[name] is not None:  # null clears it
+                    attribute_key(row[name], f"{where}.{name}")  # a string or a boolean, else 400
+                clean[name] = row[name]
         out.append(clean)
     return out
 

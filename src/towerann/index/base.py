@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
+from towerann.config import ATTRIBUTE_NAME  # a name becomes a file name here: slot_attr_<name>.npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
 from towerann.index import plan
 from towerann.index.merge import padded, topk_rows
@@ -45,7 +45,6 @@ EXACT_BELOW = 16384
 # filter_path: "auto" (the planner decides), or one path forced ("exact", "filtered", "post");
 # filter_plan: the measured (share -> path) table of towerann.index.plan ([] = today's constants).
 COMMON_SEARCH: dict[str, Any] = {"exact_below": EXACT_BELOW, "filter_path": "auto", "filter_plan": []}
-ATTRIBUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # becomes a file name: slot_attr_<name>.npy
 
 
 @dataclass(frozen=True)
@@ -277,16 +276,31 @@ class Index(ABC):
 
     def attribute_codes(self, ids: Any) -> dict[str, np.ndarray]:
         """{attribute: int32 code per id} of live items (-1 for unknown ids or no value)."""
-        ids = np.atleast_1d(np.asarray(ids, np.int64))
-        out = {name: np.full(len(ids), -1, np.int32) for name in self._attrs}
-        if not len(self._sorted_ids) or not len(ids):
-            return out
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        hit = self._sorted_ids[pos] == ids
-        slots = self._sorted_slots[pos[hit]]
+        hit, slots = self._aligned_slots(ids)
+        out = {name: np.full(len(hit), -1, np.int32) for name in self._attrs}
         for name, codes in self._attrs.items():
             out[name][hit] = codes.data[slots]
         return out
+
+    def set_attributes(self, ids: Any, attributes: Mapping[str, Any]) -> None:
+        """Change filter attributes of live items in place ({name: one code per id}; a new name is
+        -1 for every other item). Unknown ids are ignored; the next search sees the change."""
+        hit, slots = self._aligned_slots(ids)
+        attrs = self._check_attributes(attributes, len(hit))
+        for name, codes in attrs.items():
+            if name not in self._attrs:
+                self._attrs[name] = Growable(np.full(self._ids.n, -1, np.int32))
+            self._attrs[name].data[slots] = codes[hit]
+        self._gen += 1
+
+    def _aligned_slots(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(found: bool per id, the live slot of each found id, in the ids' order)."""
+        ids = np.atleast_1d(np.asarray(ids, np.int64))
+        if not len(self._sorted_ids) or not len(ids):
+            return np.zeros(len(ids), bool), np.empty(0, np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        hit = self._sorted_ids[pos] == ids
+        return hit, self._sorted_slots[pos[hit]]
 
     def remove(self, ids: Any) -> None:
         """Delete items for good. Unknown ids are ignored (removal is idempotent)."""

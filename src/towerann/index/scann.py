@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MIN_TREE = 2000  # below this many items ScaNN runs brute force (no partitioning to train)
 MAX_OVERFETCH = 10  # fetch at most this many times k from ScaNN when items are masked
+REFETCH_ROUNDS = 2  # the "filtered" path: rows left short fetch 4x more, this many times
 
 
 def default_leaves(n: int, num_leaves: int | None = None) -> int:
@@ -125,6 +126,30 @@ class ScannIndex(Index):
         leaves = int(params.get("leaves") or 0) if self._leaves else 0
         if mask is not None and leaves and params.get("filter_path") != "post":  # more leaves when few qualify
             leaves = min(self._leaves, math.ceil(leaves * n_main / max(qual_main, 1)))
+        slots, scores = self._main(q, k, fetch, leaves, params, mask)
+        if mask is not None and params.get("filter_path") == "filtered":
+            # A filter that follows the vectors' clusters can hide every item of the first `fetch`
+            # (and of the nearest leaves): rows left short search 4x more leaves and fetch 4x more,
+            # twice, before the base class goes exact.
+            for _ in range(REFETCH_ROUNDS):
+                short = slots[:, k - 1] < 0
+                if not short.any() or fetch >= n_main:
+                    break
+                fetch = min(fetch * 4, n_main)
+                leaves = min(self._leaves, leaves * 4)
+                slots[short], scores[short] = self._main(q[short], k, fetch, leaves, params, mask)
+        if self.n_slots > n_main:  # delta tier: exact over items added since the build
+            delta = self._vecs.data[n_main:]
+            ds = inner_products(q, delta)
+            if mask is not None:
+                ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))
+            d_slots, d_scores = topk_rows(ds, k, labels=np.arange(n_main, self.n_slots))
+            slots, scores = merge_topk([slots, d_slots], [scores, d_scores], k)
+        return slots, scores
+
+    def _main(self, q: np.ndarray, k: int, fetch: int, leaves: int, params: dict[str, Any],
+              mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        """ScaNN over the main tier: the `fetch` best, masked-out slots dropped, k per row (-1 padded)."""
         reorder = max(int(params.get("reorder") or 0), fetch)
         pre_reorder, leaves = reorder if self._leaves else -1, leaves or -1
         if len(q) == 1:  # the single-query entry point: less per-call work than a batch of one
@@ -139,16 +164,9 @@ class ScannIndex(Index):
             bad |= ~mask.bits[slots]
         if bad.any():
             scores = np.where(bad, -np.inf, scores)
-            slots, scores = self._compact(slots, scores, k)
-        elif slots.shape[1] != k or (scores[:, :-1] < scores[:, 1:]).any():  # rows usually come sorted
-            slots, scores = self._compact(slots, scores, k)
-        if self.n_slots > n_main:  # delta tier: exact over items added since the build
-            delta = self._vecs.data[n_main:]
-            ds = inner_products(q, delta)
-            if mask is not None:
-                ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))
-            d_slots, d_scores = topk_rows(ds, k, labels=np.arange(n_main, self.n_slots))
-            slots, scores = merge_topk([slots, d_slots], [scores, d_scores], k)
+            return self._compact(slots, scores, k)
+        if slots.shape[1] != k or (scores[:, :-1] < scores[:, 1:]).any():  # rows usually come sorted
+            return self._compact(slots, scores, k)
         return slots, scores
 
     @staticmethod

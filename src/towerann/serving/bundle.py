@@ -1,7 +1,8 @@
 """The retrieval bundle: what is served and swapped as one unit.
 
 user tower + item index + id map (internal int64 <-> external item id) + filter attributes
-(category per item), one version. A request can never pair a user tower with an index built by
+(category per item, and the [filters] attributes: codes in the index's slot tables, vocabularies
+here), one version. A request can never pair a user tower with an index built by
 another item tower, because both are loaded from the same directory and checked against each other.
 
 On disk a bundle is an index snapshot directory (the layout `towerann.index.snapshot` reads, with
@@ -9,7 +10,8 @@ its CURRENT pointer and checksums over every file) that also holds:
   model/              a copy of the model directory (user_tower.onnx, vocabularies, manifest)
   external_ids.npy    the catalog's item id per internal id (int64 or unicode)
   item_categories.npy category code per internal id (codes index bundle.category_names)
-and `{"bundle": {...}}` in the snapshot manifest; `publish_bundle` writes it with `snapshot.publish`.
+and `{"bundle": {...}}` in the snapshot manifest (with "attributes": {name: [value, ...]}, code i =
+value i); `publish_bundle` writes it with `snapshot.publish`.
 
 The bundle owns its changes (`upsert`, `set_available`, `remove`): the index call comes first and
 the id map and categories change only after it succeeded, so a failing write leaves the bundle as
@@ -20,20 +22,22 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
+from towerann.embed.attributes import attribute_key, read_vector_attributes
+from towerann.embed.vectors import VectorSet
 from towerann.errors import ArtifactError, IndexIncompatible
 from towerann.index import Index
-from towerann.index.build import Tuning, build_index
+from towerann.index.build import Tuning, build_index, split_params
+from towerann.index.plan import calibrate
 from towerann.index.snapshot import load_snapshot, publish, resolve
 
 if TYPE_CHECKING:
-    from towerann.embed.vectors import VectorSet
     from towerann.model.export import UserEncoder
     from towerann.model.model import TwoTowerModel
 
@@ -43,18 +47,23 @@ BUNDLE_FORMAT = 1
 
 
 def _vector_set(vectors: "VectorSet | str | Path") -> "VectorSet":
-    from towerann.embed.vectors import VectorSet, read_vectors
+    from towerann.embed.vectors import read_vectors
 
     return vectors if isinstance(vectors, VectorSet) else read_vectors(vectors)
 
 
 def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet | str | Path", kind: str = "auto",
                    params: dict[str, Any] | None = None, tuning: Tuning | None = None, keep: int = 3,
-                   index: Index | None = None, delta_seq: int = 0) -> Path:
+                   index: Index | None = None, delta_seq: int = 0,
+                   attributes: dict[str, tuple[np.ndarray, list[str]]] | None = None,
+                   calibrate_filters: bool = True) -> Path:
     """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it.
 
     delta_seq: the last delta-log entry folded into `vectors` (a refresh's cut-off); a server that
-    loads the bundle replays only the entries after it."""
+    loads the bundle replays only the entries after it. `attributes`: the filter attributes
+    ({name: (int32 code per internal id, vocabulary)}); default: those of a vectors directory given
+    by path (embed.attributes). With `tuning`, a built index also gets its filter plan measured
+    (index.plan.calibrate at tuning.k), unless calibrate_filters is False."""
     from towerann.model.model import model_version_of
 
     model_dir = Path(model_dir)
@@ -63,9 +72,16 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
     if vs.model_version != model_version:
         raise IndexIncompatible(f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
                                 f"{model_version!r}; embed the catalog with this model first")
+    if attributes is None:
+        attributes = {} if isinstance(vectors, VectorSet) else read_vector_attributes(vectors)
     if index is None:
         index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params,
                             tuning=tuning, metric=vs.metric)
+        if tuning is not None and calibrate_filters and index.kind != "exact":
+            calibrate(index, tuning.queries, ks=(tuning.k,), target=tuning.recall)
+            index.search_defaults.update(split_params(index.kind, dict(params or {}))[1])  # explicit params win
+    if attributes:
+        index.set_attributes(vs.ids, {name: codes[vs.ids] for name, (codes, _) in attributes.items()})
     n_ext = int(vs.ids.max()) + 1 if len(vs) else 0
     if len(vs.external_ids) < n_ext or len(vs.categories) != len(vs.ids):
         raise ArtifactError("vectors: external_ids must cover every internal id and categories one per item")
@@ -80,7 +96,7 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
 
     path = publish(index, root, model_version, keep=keep, add_files=add_files, extra={"bundle": {
         "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs),
-        "delta_seq": int(delta_seq)}})
+        "delta_seq": int(delta_seq), "attributes": {name: list(values) for name, (_, values) in attributes.items()}}})
     log.info("published bundle %s (%s, %d items, model %s)", path, index.describe(), len(index), model_version)
     return path
 
@@ -144,6 +160,9 @@ class RetrievalBundle:
     item_model_cat: np.ndarray  # internal id -> the model's category code (user-tower history input)
     history_len: int
     delta_seq: int = 0  # delta-log entries up to this seq are in the bundle (cut-off, then replays)
+    # [filters] attributes: name -> values (code i = value i; the codes live in the index's slot tables)
+    attribute_values: dict[str, list[str]] = field(default_factory=dict)
+    attribute_code: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> value -> code
 
     @classmethod
     def load(cls, directory: str | Path, model_dir: str | Path | None = None, runtime: str = "onnx") -> "RetrievalBundle":
@@ -180,12 +199,19 @@ class RetrievalBundle:
             external_ids = load_npy(path / "external_ids.npy")
             item_cats = load_npy(path / "item_categories.npy")
             names = [str(n) for n in info["category_names"]]
+            attr_values = {str(a): [str(v) for v in vals] for a, vals in (info.get("attributes") or {}).items()}
+            if sorted(attr_values) != index.attribute_names:
+                raise ArtifactError(f"{path}: the bundle lists attributes {sorted(attr_values)}, its index holds "
+                                    f"{index.attribute_names}; republish the bundle")
         else:
             vectors_dir = m.get("vectors_dir")
             if not vectors_dir:
                 raise ArtifactError(f"{path}/manifest.json: neither 'bundle' nor 'vectors_dir'; publish a bundle instead")
             vs = _vector_set(vectors_dir)
             external_ids, names = vs.external_ids, [str(n) for n in vs.category_names]
+            # a plain snapshot filters on the attributes its index was built with
+            attr_values = {a: vals for a, (_, vals) in read_vector_attributes(vectors_dir, verify=False).items()
+                           if a in index.attribute_names}
             item_cats = np.full(len(external_ids), -1, np.int32)
             item_cats[vs.ids] = vs.categories
         if item_cats.shape != external_ids.shape:
@@ -198,7 +224,9 @@ class RetrievalBundle:
                    encoder=UserEncoder(model, model_dir, runtime=runtime), index=index, external_ids=external_ids,
                    category_names=names, category_code={n: i for i, n in enumerate(names)},
                    item_internal=item_internal, item_model_cat=item_model_cat,
-                   history_len=model.cfg.history_len, delta_seq=int((info or {}).get("delta_seq", 0)))
+                   history_len=model.cfg.history_len, delta_seq=int((info or {}).get("delta_seq", 0)),
+                   attribute_values=attr_values,
+                   attribute_code={a: {v: i for i, v in enumerate(vals)} for a, vals in attr_values.items()})
 
     # ---- changes: each one all-or-nothing, the index first ------------------------------------------
     def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: np.ndarray, seq: int | None = None) -> None:
@@ -227,7 +255,8 @@ class RetrievalBundle:
                 code = new_names.setdefault(category, len(self.category_names) + len(new_names))
             codes[j] = code
         available = np.asarray([bool(r.get("available", True)) for r in rows], bool)
-        self.index.add(vectors, internal, codes, available)  # may raise: nothing below has run yet
+        attrs, new_values = self._attribute_codes(rows, internal)
+        self.index.add(vectors, internal, codes, available, attrs)  # may raise: nothing below has run yet
         if new_ids:
             if int_ids:
                 ext = np.asarray([int(i) for i in new_ids], np.int64)
@@ -244,7 +273,37 @@ class RetrievalBundle:
         for name, code in new_names.items():
             self.category_names.append(name)
             self.category_code[name] = code
+        for attr, values in new_values.items():
+            for value, code in values.items():
+                self.attribute_values[attr].append(value)
+                self.attribute_code[attr][value] = code
         self._advance(seq)
+
+    def _attribute_codes(self, rows: Sequence[Mapping[str, Any]], internal: np.ndarray
+                         ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+        """Per attribute, the rows' codes: a value given (null: no value, -1), else the item's current
+        one (an upsert that leaves an attribute out keeps it, as a rebuild from the folded catalog does).
+        Also the values this bundle never saw, with their new codes (appended once the write succeeded)."""
+        current = self.index.attribute_codes(internal) if self.attribute_values else {}
+        codes: dict[str, np.ndarray] = {}
+        new: dict[str, dict[str, int]] = {}
+        for attr, vocab in self.attribute_code.items():
+            out = current.get(attr, np.full(len(rows), -1, np.int32)).copy()
+            added = new.setdefault(attr, {})
+            for j, row in enumerate(rows):
+                if attr not in row:
+                    continue
+                value = row[attr]
+                if value is None:
+                    out[j] = -1
+                    continue
+                key = attribute_key(value, f"items[{j}].{attr}")
+                code = vocab.get(key)
+                if code is None:
+                    code = added.setdefault(key, len(self.attribute_values[attr]) + len(added))
+                out[j] = code
+            codes[attr] = out
+        return codes, new
 
     def set_available(self, item_id: str, available: bool, seq: int | None = None) -> bool:
         """Hide or show an item from the next search on; False if the bundle does not hold it (any more)."""

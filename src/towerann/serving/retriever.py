@@ -1,7 +1,7 @@
 """The request flow as one Python call: features >> user tower >> ANN top-K >> external ids.
 
     retriever = Retriever(BundleHolder(RetrievalBundle.load("indexes/")), open_store("embedded"))
-    retriever.candidates("u42", k=100, filter={"categories": ["c001"]})
+    retriever.candidates("u42", k=100, filter={"categories": ["c001"], "brand": ["acme", "zenith"]})
     retriever.record_event("u42", "1234")        # visible to the next candidates() call
 
 The HTTP app is a thin shell around this class; everything it answers, this answers. The app calls
@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from towerann.embed.attributes import attribute_key
 from towerann.errors import BackendUnavailable, BadRequest, NotFound
 from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
@@ -242,23 +243,48 @@ class Retriever:
 
     @staticmethod
     def _filter(b: RetrievalBundle, filter: dict[str, Any] | None) -> Filter | None:
+        """{"categories": [names], <attribute>: [values], ...} -> an index Filter: an item must match
+        every key given (AND), and match a key when its value is any of the listed ones (OR)."""
         if filter is None:
             return None
-        if not isinstance(filter, dict) or set(filter) - {"categories"}:
-            raise BadRequest(f"filter must be an object with only 'categories' (a list of category names), got {filter!r}")
-        names = filter.get("categories")
-        if names is None:
+        known = ["categories", *b.attribute_values]
+        if not isinstance(filter, dict) or set(filter) - set(known):
+            raise BadRequest(f"filter must be an object with keys among {known} (each a list of values), got "
+                             f"{str(filter)[:200]!r}")
+        categories = None
+        attributes = {}
+        for key, values in filter.items():
+            if values is None:
+                continue
+            if isinstance(values, str) or not isinstance(values, (list, tuple)) or not values:
+                raise BadRequest(f"filter.{key} must be a non-empty list of values, got {str(values)[:100]!r}")
+            if key == "categories":
+                vocab, names = b.category_code, b.category_names
+                keys = [v if isinstance(v, str) else None for v in values]
+            else:
+                vocab, names = b.attribute_code[key], b.attribute_values[key]
+                keys = [_value_key(v) for v in values]
+            codes = []
+            for value, k in zip(values, keys):
+                code = vocab.get(k) if k is not None else None
+                if code is None:
+                    what = "category" if key == "categories" else f"{key} value"
+                    raise BadRequest(f"filter.{key}: unknown {what} {str(value)[:100]!r}; known e.g. {names[:5]}")
+                codes.append(code)
+            if key == "categories":
+                categories = frozenset(codes)
+            else:
+                attributes[key] = frozenset(codes)
+        if categories is None and not attributes:
             return None
-        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
-            raise BadRequest(f"filter.categories must be a non-empty list of category names, got {names!r}")
-        codes = []
-        for name in names:
-            code = b.category_code.get(name) if isinstance(name, str) else None
-            if code is None:
-                raise BadRequest(f"filter.categories: unknown category {str(name)[:100]!r}; known e.g. "
-                                 f"{b.category_names[:5]}")
-            codes.append(code)
-        return Filter(categories=frozenset(codes))
+        return Filter(categories=categories, attributes=attributes)
+
+
+def _value_key(value: Any) -> str | None:
+    try:
+        return attribute_key(value)
+    except BadRequest:
+        return None
 
 
 def int64_spelling_in_range(item_id: str) -> bool:
