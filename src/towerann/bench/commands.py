@@ -11,6 +11,8 @@ BENCH_MODULES = (
     "towerann.bench.tower",
     "towerann.bench.embed",
     "towerann.bench.ann",
+    "towerann.bench.compressed",
+    "towerann.bench.filter",
     "towerann.bench.serve",
     "towerann.bench.freshness",
     "towerann.bench.soak",

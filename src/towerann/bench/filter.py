@@ -1,0 +1,225 @@
+"""`towerann bench filter`: recall and latency of filtered search against the share of the catalog a filter keeps.
+
+On a seeded clustered catalog (towerann.data.vectors.far_off_catalog; an item's category is its
+cluster, so a filter keeps items that sit together, as real category filters do) each backend is
+built, tuned unfiltered to --recall at each K (index.tune), and its filter plan calibrated on half of
+the queries (index.plan.calibrate). On the other half, for each share of the catalog (whole
+categories in a seeded random order until the share is reached; 100% = no filter) it measures
+recall@K against exact filtered search (`Index.exact_search`) and p50/p99 of one query at a time on
+one thread, for the planner and for each single path (exact, filtered, post: index.plan).
+
+Targets (the issue's, at 1M items): recall@K >= 0.95 at every share, and the planner's filtered p99
+at most 2x the unfiltered p99 of the same index. Writes filter-<items>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from towerann.bench.ann import _csv, _ks, threads
+from towerann.bench.report import percentiles, write_report
+from towerann.errors import BackendUnavailable, ConfigError
+from towerann.index import Filter, create, plan
+from towerann.index.tune import recall_at_k, tune
+
+log = logging.getLogger(__name__)
+
+SHARES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.3, 1.0)
+BACKENDS = ("exact", "hnsw", "ivfpq", "scann")
+TARGET = {"recall": 0.95, "p99_vs_unfiltered": 2.0}
+
+
+def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator) -> Filter | None:
+    """Whole categories in a random order until about `share` of the items are kept (None: 100%)."""
+    if share >= 1.0:
+        return None
+    chosen, _ = plan.categories_for_share(clusters, share, rng)
+    if not chosen:  # every category is bigger than the share: the smallest one
+        codes, counts = np.unique(clusters, return_counts=True)
+        chosen = [int(codes[np.argmin(counts)])]
+    return Filter(categories=frozenset(chosen))
+
+
+def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal: np.ndarray, q_eval: np.ndarray,
+                    ks: tuple[int, ...], shares: tuple[float, ...], recall: float, n_time: int,
+                    seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Build, tune and calibrate one backend; measure every (K, share, path)."""
+    t0 = time.perf_counter()
+    index = create(kind, vectors.shape[1])
+    index.build(vectors, np.arange(len(vectors)), clusters)
+    info: dict[str, Any] = {"describe": index.describe(), "build_s": round(time.perf_counter() - t0, 1),
+                            "tuned": {}, "calibration_s": 0.0}
+    params_at: dict[int, dict[str, Any]] = {}
+    table: list[list[Any]] = []
+    for k in ks:
+        if kind != "exact":
+            params_at[k] = tune(index, q_cal, k, recall)["params"]
+        else:
+            params_at[k] = {}
+        info["tuned"][str(k)] = params_at[k]
+        cal = plan.calibrate(index, q_cal, ks=(k,), target=recall)
+        info["calibration_s"] += cal["seconds"]
+        info.setdefault("calibration", {})[str(k)] = cal["points"]
+        table += cal["plan"]
+    index.search_defaults["filter_plan"] = table
+    info["plan"] = table
+    info["describe"] = index.describe()
+    rng = np.random.default_rng(seed)
+    filters = [(share, share_filter(clusters, share, rng)) for share in shares]
+    points = []
+    for k in ks:
+        base = {key: v for key, v in params_at[k].items()}
+        for share, flt in filters:
+            kept = len(clusters) if flt is None else int(np.isin(clusters, list(flt.categories)).sum())
+            truth = index.exact_search(q_eval, k, filter=flt).ids
+            chosen = plan.choose(kept, len(clusters), k, {**index.search_defaults, **base}) if flt else "unfiltered"
+            paths = ("planner",) if flt is None else ("planner", *index.filter_paths)
+
+            def search_for(path: str) -> Callable[[np.ndarray], Any]:
+                params = base if path == "planner" else {**base, "filter_path": path}
+                return lambda q: index.search(q, k, filter=flt, params=params or None)
+
+            runs = {path: search_for(path) for path in paths}
+            times = plan.time_paths(runs, q_eval[:n_time])  # the paths take turns on each query
+            for path, search in runs.items():
+                res = search(q_eval)
+                lat = percentiles(times[path] / 1e3)
+                points.append({"kind": kind, "k": k, "share": share, "kept": kept, "path": path,
+                               "planner_chose": chosen if path == "planner" else None,
+                               "recall": round(recall_at_k(res.ids, truth), 4),
+                               "exact_rows": round(res.exact_rows / len(q_eval), 3),
+                               "p50_ms": round(lat["p50_ms"], 4), "p99_ms": round(lat["p99_ms"], 4)})
+                log.info("bench filter: %s", points[-1])
+    return info, points
+
+
+def check_targets(points: list[dict[str, Any]], target: dict[str, float] = TARGET) -> list[dict[str, Any]]:
+    """Per (kind, K, share): does the planner meet the recall floor and the p99 bound?"""
+    unfiltered = {(p["kind"], p["k"]): p["p99_ms"] for p in points if p["share"] >= 1.0}
+    out = []
+    for p in points:
+        if p["path"] != "planner":
+            continue
+        bound = target["p99_vs_unfiltered"] * unfiltered[(p["kind"], p["k"])]
+        out.append({"kind": p["kind"], "k": p["k"], "share": p["share"], "recall_ok": p["recall"] >= target["recall"],
+                    "p99_ok": p["p99_ms"] <= bound, "p99_bound_ms": round(bound, 4)})
+    return out
+
+
+def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100, 1000),
+                     backends: tuple[str, ...] = BACKENDS, shares: tuple[float, ...] = SHARES, recall: float = 0.95,
+                     n_queries: int = 400, n_time: int = 200, seed: int = 0, out: str | Path | None = None,
+                     ) -> dict[str, Any]:
+    from towerann.data.vectors import far_off_catalog
+
+    cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
+    half = n_queries // 2
+    q_cal, q_eval = cat.queries[:half], cat.queries[half:]
+    result: dict[str, Any] = {
+        "params": {"items": n_items, "dim": dim, "ks": list(ks), "shares": list(shares), "recall_target": recall,
+                   "queries": len(q_eval), "timed_queries": min(n_time, len(q_eval)), "seed": seed,
+                   "threads": 1, "categories": int(len(np.unique(cat.clusters)))},
+        "dataset": {"kind": "far-off synthetic (towerann.data.vectors)", **cat.params},
+        "backends": {}, "points": [], "skipped": {},
+    }
+    with threads(1):
+        for kind in backends:
+            try:
+                info, points = measure_backend(kind, cat.vectors, cat.clusters, q_cal, q_eval, ks, shares, recall,
+                                               n_time, seed)
+            except BackendUnavailable as e:
+                result["skipped"][kind] = str(e)
+                continue
+            result["backends"][kind] = info
+            result["points"] += points
+    result["targets"] = check_targets(result["points"])
+    if out is not None:
+        name = f"filter-{n_items}"
+        files = write_report(out, name, result, plot(result))
+        result["files"] = [str(f) for f in files if f is not None]
+    return result
+
+
+STYLE = {"planner": "-", "exact": ":", "filtered": "--", "post": "-."}
+
+
+def plot(result: dict[str, Any]) -> Callable[[Any], None]:
+    def draw(fig: Any) -> None:
+        ks = result["params"]["ks"]
+        kinds = list(result["backends"])
+        colours = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+        axes = fig.subplots(2, len(ks), squeeze=False)
+        for col, k in enumerate(ks):
+            for row, metric in enumerate(("recall", "p99_ms")):
+                ax = axes[row][col]
+                for kind in kinds:
+                    for path, style in STYLE.items():
+                        pts = sorted((p for p in result["points"] if p["kind"] == kind and p["k"] == k
+                                      and (p["path"] == path or (p["share"] >= 1.0 and path != "planner"
+                                                                  and p["path"] == "planner"))),
+                                     key=lambda p: p["share"])
+                        if len(pts) < 2:
+                            continue
+                        ax.plot([100 * p["share"] for p in pts], [p[metric] for p in pts], style,
+                                color=colours[kind], marker="o" if path == "planner" else None, markersize=3,
+                                linewidth=2 if path == "planner" else 1,
+                                label=f"{kind} {path}" if col == 0 and row == 0 else None)
+                ax.set_xscale("log")
+                if metric == "p99_ms":
+                    ax.set_yscale("log")
+                else:
+                    ax.axhline(result["params"]["recall_target"], color="grey", linewidth=0.8)
+                ax.set_xlabel("share of the catalog the filter keeps (%)")
+                ax.set_ylabel(f"recall@{k}" if metric == "recall" else f"p99 ms, k={k} (one query, one thread)")
+                ax.grid(True, which="both", alpha=0.3)
+        fig.legend(loc="upper center", ncol=min(8, 4 * len(kinds)), fontsize=7)
+        fig.suptitle(f"filtered search, {result['params']['items']:,} items: planner (solid) and single paths", y=0.98)
+        fig.subplots_adjust(top=0.85)
+
+    return draw
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'backend':<8}{'K':>6}{'share':>8}  {'path':<10}{'chose':<11}{'recall':>8}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'exact rows':>11}")
+    for p in result["points"]:
+        print(f"{p['kind']:<8}{p['k']:>6}{p['share']:>8.1%}  {p['path']:<10}{p['planner_chose'] or '':<11}"
+              f"{p['recall']:>8.4f}{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['exact_rows']:>11.2f}")
+    for kind, why in result["skipped"].items():
+        print(f"skipped {kind}: {why}")
+
+
+def run(args: argparse.Namespace) -> int:
+    shares = tuple(float(s) for s in _csv(args.shares, "--shares"))
+    if not all(0 < s <= 1 for s in shares):
+        raise ConfigError(f"--shares: each share must be in (0, 1], got {args.shares!r}")
+    result = run_filter_bench(args.items, dim=args.dim, ks=_ks(args.k), backends=_csv(args.backends, "--backends"),
+                              shares=shares, recall=args.recall, n_queries=2 * args.queries_n, n_time=args.time_n,
+                              seed=args.seed, out=args.out)
+    print_table(result)
+    print(f"wrote {' and '.join(result['files'])}")
+    return 0
+
+
+def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("filter", help="filtered search: recall and p50/p99 against the share of the catalog "
+                             "kept, planner and each path", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
+    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
+    p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
+    p.add_argument("--shares", default=",".join(str(s) for s in SHARES),
+                   help=f"shares of the catalog kept (default {','.join(str(s) for s in SHARES)}; 1 = no filter)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"backends (default {','.join(BACKENDS)})")
+    p.add_argument("--recall", type=float, default=0.95, help="tuning and planner recall target (default 0.95)")
+    p.add_argument("--queries-n", type=int, default=200, help="queries measured (as many again calibrate; default 200)")
+    p.add_argument("--time-n", type=int, default=200, help="of those, timed one at a time (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="catalog and filter seed (default 0)")
+    p.add_argument("--out", default="bench-results", help="directory for filter-<items>.json and .png")
+    p.set_defaults(func=run)
