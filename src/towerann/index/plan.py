@@ -37,6 +37,7 @@ PATHS = ("exact", "filtered", "post")
 SHARES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.3, 0.6)
 CALIBRATION_QUERIES = 40  # timed one at a time per (share, path); all of them for recall
 EXACT_MARGIN = 0.8  # a library path replaces exact search only when its p50 is below 0.8x exact's
+RECALL_SLACK = 0.01  # the recall floor of a path: the target, or the index's unfiltered recall less this
 
 
 def check_path(path: Any) -> str:
@@ -161,23 +162,32 @@ def measure(index: "Index", queries: np.ndarray, k: int, shares: tuple[float, ..
 def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target: float = 0.95,
               shares: tuple[float, ...] = SHARES, n_queries: int = 200, seed: int = 0) -> dict[str, Any]:
     """Measure every path at each share and store the plan on the index (search_defaults
-    filter_plan; exact_below 0, since the plan's exact rows now decide). Returns what was measured."""
+    filter_plan; exact_below 0, since the plan's exact rows now decide). A path qualifies at a share
+    when its recall reaches `target`, or the index's own unfiltered recall at k less RECALL_SLACK
+    when that is lower. Returns what was measured."""
     from towerann.index.base import as_vectors
 
     q = as_vectors(queries, index.dim, "calibration queries")
     if len(q) > n_queries:
         q = q[np.sort(np.random.default_rng(seed).choice(len(q), n_queries, replace=False))]
     t0 = time.perf_counter()
+    from towerann.index.tune import recall_at_k
+
     points: list[dict[str, Any]] = []
     table: list[list[Any]] = []
+    floors = {}
     for k in ks:
+        # An index tuned below the target unfiltered is held to its own unfiltered recall (less a
+        # little): else every masked search (one hidden item makes a mask) would go brute force.
+        unfiltered = recall_at_k(index.search(q, int(k)).ids, index.exact_search(q, int(k)).ids)
+        floors[int(k)] = floor = min(target, unfiltered - RECALL_SLACK)
         pts = measure(index, q, int(k), shares, seed=seed)
         points += pts
-        table += derive(pts, int(k), target)
+        table += derive(pts, int(k), floor)
     index.search_defaults["filter_plan"] = table
     index.search_defaults["exact_below"] = 0
-    result = {"ks": list(ks), "target": target, "queries": len(q), "plan": table, "points": points,
-              "seconds": round(time.perf_counter() - t0, 2)}
+    result = {"ks": list(ks), "target": target, "recall_floor": floors, "queries": len(q), "plan": table,
+              "points": points, "seconds": round(time.perf_counter() - t0, 2)}
     index.filter_calibration = result
     log.info("filter plan of %s: %s (%.1fs)", index.describe(), table, result["seconds"])
     return result
