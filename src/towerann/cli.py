@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "towerann.service.commands",
     "towerann.freshness.commands",
     "towerann.bench.commands",
+    "towerann.bench.plan",
 )
 
 

@@ -5,11 +5,13 @@ A compressed index holds codes in RAM and needs a full vector only for the short
 stays resident, not the process) and rows added after the load in an in-memory buffer, so a live add
 never copies the whole file into RAM.
 
-Reads of a short list from the file go out in parallel: the rows are split over a pool of reader
-threads, each gathering its rows (numpy releases the GIL for the gather, so each thread's page faults
-are in flight at once) - on this machine's virtual disk 1,000 random rows take ~180 ms one fault at a
-time and ~25 ms from 32 threads. The mapping is advised MADV_RANDOM: a fault then reads its own page,
-not the 128 KB read-around a sequential reader wants.
+Reads of a short list from the file go out in parallel: rows on pages this process has not read
+since the last eviction are split over a pool of reader threads, each scoring its rows in faiss (the
+GIL is released, so each thread's page faults are in flight at once) - on this machine's virtual disk
+1,000 random rows take ~180 ms one fault at a time and ~25-40 ms from 16-32 threads. Rows on pages
+already read are scored inline: a thread hand-off costs more than reading a cached page. The mapping
+is advised MADV_RANDOM: a fault then reads its own page, not the 128 KB read-around a sequential
+reader wants.
 """
 
 from __future__ import annotations
@@ -91,7 +93,13 @@ class RerankVectors:
         self._file = np.asarray(main)  # a plain ndarray view: its gathers skip np.memmap's wrapping
         self.fresh = Growable(np.empty((0, self.dim), np.float32))
         if self.on_disk:
-            madvise_pages(np.frombuffer(_mapping(main), np.uint8), mmap.PAGESIZE, (MADV_RANDOM,))
+            mapping = np.frombuffer(_mapping(main), np.uint8)
+            madvise_pages(mapping, mmap.PAGESIZE, (MADV_RANDOM,))
+            self._offset = self._file.ctypes.data - mapping.ctypes.data  # the .npy header, before row 0
+            self._row_bytes = self.dim * 4
+            # Pages of the file this process has read since the last evict(): their rows are read inline.
+            self._seen = np.zeros(-(-len(mapping) // mmap.PAGESIZE), bool)
+            del mapping
 
     @property
     def main(self) -> np.ndarray:
@@ -110,7 +118,7 @@ class RerankVectors:
 
     def resident_bytes(self) -> int:
         """Bytes the process itself must hold: the in-memory tiers (a mapped file is the kernel's cache)."""
-        return self.fresh.data.nbytes + (0 if self.on_disk else self.main.nbytes)
+        return self.fresh.data.nbytes + (self._seen.nbytes if self.on_disk else self.main.nbytes)
 
     def disk_bytes(self) -> int:
         return self.main.nbytes if self.on_disk else 0
@@ -122,27 +130,42 @@ class RerankVectors:
         that reads it: the same bits from the file as from memory."""
         slots = np.ascontiguousarray(slots, np.int64)
         in_main = np.where(slots < self.n_main, slots, -1)
-        if self.on_disk and slots.shape[1] >= 2 * ROWS_PER_READ:
-            out = np.empty(slots.shape, np.float32)
+        out = _inner_products_by_idx(q, self.main, in_main) if not self.on_disk else np.empty(slots.shape, np.float32)
+        if self.on_disk:
             for i in range(len(q)):
-                self._read_in_parallel(q[i:i + 1], in_main[i], out[i])
-        else:
-            out = _inner_products_by_idx(q, self.main, in_main)
+                self._read_from_file(q[i:i + 1], in_main[i], out[i])
         if self.fresh.n and (slots >= self.n_main).any():
             fresh = _inner_products_by_idx(q, self.fresh.data, np.where(slots >= self.n_main, slots - self.n_main, -1))
             out = np.where(slots >= self.n_main, fresh, out)
         return out
 
-    def _read_in_parallel(self, query: np.ndarray, slots: np.ndarray, out: np.ndarray) -> None:
-        # Sorted slots: each reader takes a run of nearby rows (shared pages, shorter seeks).
-        order = np.argsort(slots, kind="stable")
-        parts = np.array_split(order, min(READERS, len(slots) // ROWS_PER_READ))
+    def _read_from_file(self, query: np.ndarray, slots: np.ndarray, out: np.ndarray) -> None:
+        """Score one query's rows of the file: rows on pages this process has not read since the last
+        eviction go to the reader threads (disk reads in flight together), the others are read here
+        (their pages are in memory: a thread hand-off would cost more than the read)."""
+        ok = slots >= 0
+        first = (self._offset + np.where(ok, slots, 0) * self._row_bytes) // mmap.PAGESIZE
+        last = (self._offset + (np.where(ok, slots, 0) + 1) * self._row_bytes - 1) // mmap.PAGESIZE
+        unread = ok & ~(self._seen[first] & self._seen[last])
+        cold = np.flatnonzero(unread)
+        if len(cold) < 2 * ROWS_PER_READ:
+            out[:] = _inner_products_by_idx(query, self.main, slots[None, :])[0]
+        else:
+            warm = np.flatnonzero(~unread)
+            # Sorted slots: each reader takes a run of nearby rows (shared pages, shorter seeks).
+            cold = cold[np.argsort(slots[cold], kind="stable")]
+            parts = np.array_split(cold, min(READERS, len(cold) // ROWS_PER_READ))
 
-        def read(part: np.ndarray) -> None:
-            out[part] = _inner_products_by_idx(query, self.main, slots[part][None, :])[0]
+            def read(part: np.ndarray) -> None:
+                out[part] = _inner_products_by_idx(query, self.main, slots[part][None, :])[0]
 
-        for f in [_readers().submit(read, part) for part in parts]:
-            f.result()
+            pending = [_readers().submit(read, part) for part in parts]
+            if len(warm):
+                read(warm)
+            for f in pending:
+                f.result()
+        self._seen[first[ok]] = True  # benign races: concurrent searches only ever set flags
+        self._seen[last[ok]] = True
 
     def exact_topk(self, q: np.ndarray, k: int, bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-k slots over both tiers (bits: the slots that may be returned, or None: all)."""
@@ -180,6 +203,7 @@ class RerankVectors:
         whole = -(-len(view) // mmap.PAGESIZE) * mmap.PAGESIZE
         ctypes.CDLL(None).madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(whole), MADV_DONTNEED)
         del view
+        self._seen[:] = False
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then the cache can let them go
