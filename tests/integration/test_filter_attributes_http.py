@@ -78,13 +78,17 @@ def test_attribute_filters_and_live_attribute_writes(tmp_path: Path, bundle_path
         assert ids(url, {"label": ["acme"], "in_stock": [True]}) == acme_in_stock - {moved}
         r = httpx.post(f"{url}/v1/items", json={"items": [{**row, "item_id": kept, "label": 7}]}, headers=AUTH)
         assert r.status_code == 400, r.text
+        r = httpx.post(f"{url}/v1/items", json={"items": [{**row, "item_id": kept, "label": None}]}, headers=AUTH)
+        assert r.status_code == 200, r.text  # null: no label any more, so no label filter matches it
+        assert ids(url, {"label": ["acme"], "in_stock": [True]}) == acme_in_stock - {moved, kept}
+        assert kept in ids(url, {"in_stock": [True], "categories": [cat_of[kept]]})  # the other attribute stays
     finally:
         handle.stop()
 
     handle = start_background(cfg)  # a restart replays the delta log onto the published bundle
     try:
         assert ids(handle.url, {"label": ["hooli"]}) == {moved}
-        assert ids(handle.url, {"label": ["acme"], "in_stock": [True]}) == acme_in_stock - {moved}
+        assert ids(handle.url, {"label": ["acme"], "in_stock": [True]}) == acme_in_stock - {moved, kept}
     finally:
         handle.stop()
 

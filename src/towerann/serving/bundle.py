@@ -80,8 +80,15 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
         if tuning is not None and calibrate_filters and index.kind != "exact":
             calibrate(index, tuning.queries, ks=(tuning.k,), target=tuning.recall)
             index.search_defaults.update(split_params(index.kind, dict(params or {}))[1])  # explicit params win
+    for name, (codes, values) in attributes.items():
+        if len(codes) < len(vs.external_ids) or (len(codes) and int(codes.max()) >= len(values)):
+            raise ArtifactError(f"attribute {name!r}: expected a code (< {len(values)} values) per internal id, "
+                                f"got {len(codes)} codes for {len(vs.external_ids)} ids")
     if attributes:
         index.set_attributes(vs.ids, {name: codes[vs.ids] for name, (codes, _) in attributes.items()})
+    if sorted(attributes) != index.attribute_names:
+        raise ArtifactError(f"the index holds attributes {index.attribute_names} but their values are given for "
+                            f"{sorted(attributes)}; pass attributes= for each")
     n_ext = int(vs.ids.max()) + 1 if len(vs) else 0
     if len(vs.external_ids) < n_ext or len(vs.categories) != len(vs.ids):
         raise ArtifactError("vectors: external_ids must cover every internal id and categories one per item")
