@@ -78,3 +78,13 @@ def test_build_errors_are_towerann_errors(vectors_dir, tmp_path):
     with pytest.raises(TowerannError, match="manifest.json"):
         run(["index", "build", "--vectors", str(tmp_path), "--kind", "exact", "--out", str(tmp_path / "i")])
     assert not (tmp_path / "i").exists()
+
+
+def test_info_reports_the_compressed_index_memory(vectors_dir, tmp_path, capsys):
+    root = tmp_path / "indexes"
+    assert run(["index", "build", "--vectors", str(vectors_dir), "--kind", "ivfpq", "--out", str(root)]) == 0
+    capsys.readouterr()
+    assert run(["index", "info", str(root)]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert memory["disk_bytes_per_item"] == D * 4  # the full vectors stay in the file
+    assert 0 < memory["resident_bytes_per_item"] < D * 4  # slot tables (too few items for codes here)

@@ -145,6 +145,9 @@ def _info(args: argparse.Namespace) -> int:
     info = {k: m.get(k) for k in ("backend", "description", "model_version", "dim", "metric", "count", "slots",
                                   "build_params", "search_defaults", "tuning", "created_at")}
     info.update(path=str(directory), files=len(m["checksums"]), bytes=size, checksums="ok")
+    memory = (m.get("backend_state") or {}).get("memory")  # ivfpq: resident vs on-disk bytes once loaded
+    if memory:
+        info["memory"] = memory
     root = Path(args.directory)
     if directory != root:
         info.update(current=current_version(root), versions=list_versions(root))
