@@ -92,6 +92,7 @@ class FeastFeatureStore(FeatureStore):
         # p50 but 5 ms p99 here (loaded 2-core machine), too long to hold the loop that every request shares.
         self.does_io = True
         self._check_refs()
+        self._read(["__towerann_warm_up__"])  # the first read opens the online store: not on a request's clock
 
     def _check_refs(self) -> None:
         """Every mapped feature exists in the repo's registry (a typo fails at startup, not per request)."""
