@@ -22,7 +22,7 @@ from towerann.embed.vectors import read_vectors
 from towerann.errors import BadRequest
 from towerann.model.model import model_version_of
 from towerann.serving.bundle import publish_bundle
-from towerann.service.server import ServerHandle, start_background
+from towerann.service.server import start_background
 
 
 @pytest.fixture(scope="module")
