@@ -271,6 +271,10 @@ def test_bad_schemas_get_one_line_naming_what_does_not_match(shop, tmp_path, cap
     assert "'price'" in bad(s, tmp_path, good.replace('name = "price"\ndtype = "float32"', 'name = "price"\ndtype = "int64"'))
     assert "'country'" in bad(s, tmp_path, good.replace('feature = "country"', 'feature = "nation"'))
 
+    # an id list longer than the shop's table: found on its last id, not at the request that meets it
+    (s["work"] / "more_skus.txt").write_text((s["work"] / "skus.txt").read_text() + "123456789\n")
+    assert "last index of a vocabulary" in bad(s, tmp_path, good.replace('"skus.txt"', '"more_skus.txt"'))
+
     # outputs that are not unit-norm for metric ip: found on the sample run; "cosine" normalises them
     z = torch.zeros(2, dtype=torch.int64)
     scaled = export(ItemSide(s["model"], normalize=False), (z, z, torch.zeros(2, 1)), ["sku", "dept", "price"],

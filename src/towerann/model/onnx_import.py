@@ -365,6 +365,37 @@ def _check_vectors(v: np.ndarray, side: str, output: str, dim: int, unit: bool) 
                           "tower, or set metric = \"cosine\" to have towerann normalise")
 
 
+def _check_largest_indexes(model: ImportedModel) -> None:
+    """Both towers on the unknown and the last entry of every vocabulary: an [ids] file or a values list
+    longer than the graph's table would otherwise fail only at the request that meets its last ids."""
+    sch = model.schema
+
+    def codes(size: int) -> np.ndarray:
+        return np.array([0, size - 1], np.int64)  # 0: unknown; size - 1: the vocabulary's last entry
+
+    item_attrs = np.stack([codes(c.size) for c in sch.item_categorical], axis=1) if sch.item_categorical else \
+        np.zeros((2, 0), np.int64)
+    item = (codes(model.item_vocab.size), codes(sch.categories.size), np.zeros((2, len(sch.item_numeric)), np.float32),
+            item_attrs)
+    user_cats = np.stack([codes(c.size) for c in sch.user_categorical], axis=1) if sch.user_categorical else \
+        np.zeros((2, 0), np.int64)
+    n = model.cfg.history_len
+    hist = np.repeat(codes(model.item_vocab.size)[:, None], n, axis=1)
+    user = (codes(model.user_vocab.size), np.zeros((2, len(sch.user_numeric)), np.float32), user_cats, hist,
+            np.zeros((2, n), np.int64), np.ones((2, n), np.float32))
+    for side, tower, feed in (("item", model.item_tower(), model.item_feeds.item(*item)),
+                              ("user", model.user_tower(), model.user_feeds.user(*user))):
+        try:
+            tower.run(feed)
+        except TowerannError:
+            raise
+        except Exception as e:
+            detail = " ".join(str(e).split())[:200]
+            raise ConfigError(f"the {side} tower fails on the last index of a vocabulary ([ids] or values); is a "
+                              f"list longer than the graph's table, or first_index off? ({type(e).__name__}: "
+                              f"{detail})") from e
+
+
 def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> dict[str, Any]:
     """Both towers on a sample; then: do users' own history items outscore random items (AUC)?"""
     from towerann.model.evaluate import user_queries
@@ -375,6 +406,7 @@ def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> di
     n_items = len(p.items)
     sample = np.sort(rng.choice(n_items, min(SAMPLE_ITEMS, n_items), replace=False))
     unit = not model.normalize
+    _check_largest_indexes(model)
     _check_vectors(_run("the item tower", model.encode_items, p.items.iloc[sample]), "item",
                    model.item_feeds.output, model.dim, unit)
     with_history = np.flatnonzero(p.hist_rows[:, 0] >= 0)
