@@ -108,6 +108,17 @@ def metrics(top: np.ndarray, targets: list[np.ndarray], ks: tuple[int, ...] = KS
     return out
 
 
+SCORES_PER_BATCH = 1 << 26  # users x items scored at once: 256 MB of float32 (1024 users at 65k items)
+
+
+def subsample(q: Queries, n: int, seed: int = 0) -> Queries:
+    """At most `n` of the held-out users (a seeded sample, in order): validation over a huge catalog."""
+    if len(q.rows) <= n:
+        return q
+    keep = np.sort(np.random.default_rng(seed).choice(len(q.rows), n, replace=False))
+    return Queries(q.rows[keep], [q.targets[i] for i in keep], [q.seen[i] for i in keep])
+
+
 def two_tower_topk(model: TwoTowerModel, p: Prepared, q: Queries, k: int, item_vectors: np.ndarray | None = None,
                    batch: int = 1024) -> np.ndarray:
     catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
@@ -115,6 +126,7 @@ def two_tower_topk(model: TwoTowerModel, p: Prepared, q: Queries, k: int, item_v
     if item_vectors is None:
         item_vectors = model.encode_items(p.items)
     items_t = torch.from_numpy(item_vectors)
+    batch = max(1, min(batch, SCORES_PER_BATCH // max(len(item_vectors), 1)))  # 10M items: 6 users a batch, not 40 GB
     out = []
     for s in range(0, len(q.rows), batch):
         Q = user_queries(model, p, q.rows[s:s + batch], catalog_vocab, catalog_cat)
