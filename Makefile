@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 # `pip install towerann` alone is what a serving machine needs.
 EXTRAS ?= test,scann,eval,bench,lancedb
 
-.PHONY: setup demo test mutants redis bench clean
+.PHONY: setup demo test test-feast mutants redis bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,18 @@ redis:
 
 test: setup redis
 	$(VENV)/bin/pytest -q
+
+# Feast pins pandas < 3 and prometheus-client < 0.25: its backend is tested in a venv of its own, where
+# the Feast tests run instead of skipping.
+FEAST_VENV ?= .venv-feast
+test-feast: redis $(FEAST_VENV)/.installed
+	$(FEAST_VENV)/bin/pytest -q tests/contracts/test_feast_contract.py tests/integration/test_feast_serving.py
+
+$(FEAST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FEAST_VENV)
+	$(FEAST_VENV)/bin/pip install -q --upgrade pip
+	$(FEAST_VENV)/bin/pip install -q -e '.[test,feast]'
+	touch $@
 
 # Targeted mutations (tools/mutants.py): each must make the tests fail; run on a copy of the tree.
 # --no-baseline: CI runs the whole suite unmutated right after (`make test`), so a broken test fails CI

@@ -4,6 +4,7 @@
     "embedded:///abs/path.sqlite"   in-process, persisted to that file
     "memory"                        in-process, nothing persisted
     "redis://[[user]:password@]host:port/db", "rediss://...", "unix://[[user]:password@]/path?db=N"
+    "feast:PATH"                    a Feast feature repository (static features; sessions per its towerann.toml)
 
 A Redis URL may carry a password, so it is never printed as given: `redact` (and `StoreURL.safe`)
 replace the credentials with `***` in anything that goes to a response, a log line or an error.
@@ -58,9 +59,9 @@ def _remember_secrets(url: str) -> None:
 
 @dataclass(frozen=True)
 class StoreURL:
-    scheme: str  # "embedded" | "memory" | "redis"
+    scheme: str  # "embedded" | "memory" | "redis" | "feast"
     url: str  # as given: may hold a password, use `safe` in messages
-    path: str | None = None  # embedded:///abs/path
+    path: str | None = None  # embedded:///abs/path, or the feast: repository
 
     @property
     def is_redis(self) -> bool:
@@ -81,13 +82,17 @@ def parse_store_url(url: object) -> StoreURL:
         return StoreURL("redis", url)
     if url in ("embedded", "memory"):
         return StoreURL(url, url)
+    if url.startswith("feast:"):
+        if not url[len("feast:"):]:
+            raise ConfigError("store 'feast:' needs the feature repository's path, e.g. feast:/srv/feature_repo")
+        return StoreURL("feast", url, url[len("feast:"):])
     if url.startswith("embedded://"):
         path = url[len("embedded://"):]
         if not path.startswith("/"):
             raise ConfigError(f"store url {url!r}: give an absolute path, e.g. embedded:///srv/features.sqlite")
         return StoreURL("embedded", url, path)
     raise ConfigError(f"unknown store {redact(url)!r}; use 'embedded', 'embedded:///abs/path.sqlite', 'memory' "
-                      "or 'redis://HOST:PORT/DB'")
+                      "'redis://HOST:PORT/DB' or 'feast:REPO_PATH'")
 
 
 class RedactingFilter(logging.Filter):

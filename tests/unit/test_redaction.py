@@ -42,3 +42,13 @@ def test_the_logging_filter_redacts_messages_and_tracebacks() -> None:
     assert RedactingFilter().filter(record)
     assert "filter-pw-5521" not in record.getMessage() and "filter-pw-5521" not in (record.exc_text or "")
     assert "redis://***@h:1/0" in record.getMessage()
+
+
+def test_a_feast_store_url_is_a_non_redis_store_with_its_repo_path():
+    from towerann.errors import ConfigError
+    from towerann.storeurl import parse_store_url
+
+    u = parse_store_url("feast:/srv/feature_repo")
+    assert (u.scheme, u.path, u.is_redis) == ("feast", "/srv/feature_repo", False)
+    with pytest.raises(ConfigError, match="repository's path"):
+        parse_store_url("feast:")

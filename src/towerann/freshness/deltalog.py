@@ -207,6 +207,8 @@ def open_delta_log(url: str, path: str | Path | None = None, key: str = "toweran
     u = parse_store_url(url)
     if u.is_redis:
         return RedisDeltaLog(u.url, key, timeout_s=timeout_s, retry_s=retry_s)
+    if u.scheme == "feast":
+        raise ConfigError("the delta log cannot live in Feast; use 'embedded' (SQLite) or a Redis URL")
     path = path or u.path
     if path is None:
         raise ConfigError("the embedded delta log needs a file path")
