@@ -78,6 +78,8 @@ def test_a_cold_search_returns_what_a_warm_one_does(cat, published):
         cold = ix.search(q[i:i + 1], K)
         np.testing.assert_array_equal(cold.ids, warm[i].ids)
         np.testing.assert_array_equal(cold.scores, warm[i].scores)
+    assert ix.warm_vectors() and resident_fraction(vectors_file) == 1.0  # and back: every page cached
+    np.testing.assert_array_equal(ix.search(q[:1], K).ids, warm[0].ids)
     assert not create("ivfpq", D).evict_vectors()  # nothing on disk: nothing to evict
 
 

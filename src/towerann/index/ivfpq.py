@@ -124,6 +124,10 @@ class IVFPQIndex(Index):
     def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         return self._vecs.exact_topk(q, k, None if mask is None else mask.bits)
 
+    def warm_vectors(self) -> bool:
+        """Read the on-disk vectors into the page cache (benchmarks of the warm path); False if in RAM."""
+        return self._vecs.warm()
+
     def evict_vectors(self) -> bool:
         """Drop the on-disk vectors from the page cache (benchmarks of the cold path); False if in RAM."""
         return self._vecs.evict()
