@@ -178,9 +178,8 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
                 ax.set_xlabel("share of the catalog the filter keeps (%)")
                 ax.set_ylabel(f"recall@{k}" if metric == "recall" else f"p99 ms, k={k} (one query, one thread)")
                 ax.grid(True, which="both", alpha=0.3)
-        fig.legend(loc="upper center", ncol=min(8, 4 * len(kinds)), fontsize=7)
-        fig.suptitle(f"filtered search, {result['params']['items']:,} items: planner (solid) and single paths", y=0.98)
-        fig.subplots_adjust(top=0.85)
+        axes[0][0].legend(loc="lower left", ncol=2, fontsize=6)  # inside an axes: tight_layout keeps it clear
+        fig.suptitle(f"filtered search, {result['params']['items']:,} items: planner (solid) and single paths")
 
     return draw
 
