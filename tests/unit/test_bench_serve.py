@@ -20,4 +20,6 @@ def test_bench_serve_reports_rates_stages_and_event_writes(tmp_path: Path) -> No
     assert set(rate["stages"]) == {"features", "user_tower", "ann", "total"}
     assert result["event_write"]["n"] == 20 and 0 < result["event_write"]["p50_ms"] <= result["event_write"]["p99_ms"]
     assert result["in_process"]["requests"] == 50
+    mem = result["server_memory_after_load"]  # the served process's own numbers, read from /proc
+    assert 0 < mem["RssAnon"] <= mem["VmRSS"] <= mem["VmHWM"]
     assert (out / "serve-2000-k50-exact-embedded.png").stat().st_size > 0

@@ -293,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
             events = _event_writes(server.url, user_ids, items, args.events)
             print(f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms (stored before the reply)",
                   flush=True)
+            server_memory = _process_memory(server.process.pid) if server.process is not None else None
         finally:
             server.stop()
     finally:
@@ -306,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store, "workers": args.workers,
               "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
               "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates, "event_write": events,
+              "server_memory_after_load": server_memory, "index_memory": (served.get("backend_state") or {}).get("memory"),
+              "raw_vector_bytes": args.items * int(served.get("dim", 0)) * 4,
               "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
               "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0)}
     json_path, png_path = write_report(args.out, f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}"
@@ -313,6 +316,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
           f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}")
     return 0
+
+
+def _process_memory(pid: int) -> dict[str, float]:
+    """The server's memory in MiB after the load: all of it (VmRSS, VmHWM), its own (RssAnon) and mapped
+    files (RssFile: the page cache of a memory-mapped index, which the kernel can drop)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+            if key in fields}
 
 
 def _plot(result: dict[str, Any]) -> Any:
