@@ -121,3 +121,26 @@ def test_embed_keeps_declared_columns_as_attributes_and_the_bundle_filters_on_th
     want = items[items["brand"].isin(some) & ~items["in_stock"] & items["available"]]["item_id"]
     got = retriever.candidates("u1", 2000, {"brand": some, "in_stock": [False]}).item_ids
     assert 0 < len(want) and sorted(got) == sorted(want.tolist())
+
+
+def test_a_refresh_keeps_declared_attributes_with_the_values_item_writes_gave_them(
+        tmp_path: Path, bundle_paths: dict[str, Path]) -> None:
+    from towerann.freshness.deltalog import open_delta_log
+    from towerann.freshness.refresh import refresh
+    from towerann.serving.bundle import RetrievalBundle
+
+    items = read_items(bundle_paths["data"])
+    moved = items.iloc[0]
+    row = {k: (v.item() if hasattr(v, "item") else v) for k, v in moved.items()}
+    delta = open_delta_log("embedded", tmp_path / "delta.sqlite")
+    delta.append("upsert", str(moved["item_id"]), {**row, "available": True, "brand": "brand-new-in-the-log"})
+    out = refresh(bundle_paths["data"], bundle_paths["model"], tmp_path / "indexes", delta, kind="exact",
+                  recall=None, attributes=("brand",))
+    bundle = RetrievalBundle.load(out["path"])
+    assert "brand-new-in-the-log" in bundle.attribute_values["brand"]  # the write's value, folded in
+    from towerann.features import open_store
+    from towerann.serving.holder import BundleHolder
+    from towerann.serving.retriever import Retriever
+
+    retriever = Retriever(BundleHolder(bundle), open_store("memory"), max_k=2000)
+    assert retriever.candidates("u1", 50, {"brand": ["brand-new-in-the-log"]}).item_ids == [moved["item_id"]]

@@ -51,7 +51,7 @@ def _refresh(args: argparse.Namespace) -> int:
         delta = open_configured_delta_log(cfg)
         try:
             out = refresh(cfg.paths.data, model, root, delta, kind=args.kind, recall=args.recall, k=args.k,
-                          keep=args.keep)
+                          keep=args.keep, attributes=cfg.filters.attributes)
         except TowerannError as e:
             if not every:
                 raise

@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 
 def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path, delta: DeltaLog,
             kind: str = "auto", recall: float | None = 0.95, k: int = 100, keep: int = 3,
-            progress: bool | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+            progress: bool | None = None, params: dict[str, Any] | None = None,
+            attributes: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Rebuild and publish a bundle; returns {path, delta_seq, items, seconds}. `params`: build and
-    search params of the index (as `towerann index build --param`)."""
+    search params of the index (as `towerann index build --param`); `attributes`: the catalog columns
+    requests may filter on besides category ([filters] attributes), with the values item writes gave them."""
     from towerann.embed.runner import embed_catalog
-    from towerann.embed.vectors import read_vectors
     from towerann.serving.bundle import publish_bundle
 
     t0 = time.perf_counter()
@@ -49,9 +50,10 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
     try:
         with atomic_dir(work / "catalog") as tmp:
             catalog.to_parquet(tmp / "items.parquet", index=False)
-        embed_catalog(model_dir, work / "catalog", work / "vectors", progress=progress)
+        embed_catalog(model_dir, work / "catalog", work / "vectors", progress=progress, attributes=tuple(attributes))
         tuning = _tuning(model_dir, data_dir, k, recall) if recall is not None and kind != "exact" else None
-        path = publish_bundle(root, model_dir, read_vectors(work / "vectors"), kind=kind, params=params,
+        # By path: the bundle takes the vectors directory's filter attributes too.
+        path = publish_bundle(root, model_dir, work / "vectors", kind=kind, params=params,
                               tuning=tuning, keep=keep, delta_seq=cut)
     finally:
         shutil.rmtree(work, ignore_errors=True)
