@@ -64,8 +64,8 @@ class Mutant:
 MUTANTS: list[Mutant] = [
     # ---- base class: masks, mutations, fallbacks -------------------------------------------------
     Mutant("base-mask-only-with-filter", "index/base.py",
-           "slots, scores = self._search(q, k, p, mask)",
-           "slots, scores = self._search(q, k, p, mask if filter is not None else None)",
+           "self._run_path(q, k, p, mask, path)",
+           "self._run_path(q, k, p, mask if filter is not None else None, path)",
            "the library ignores removed/unavailable items when the request has no filter"),
     Mutant("base-shortfall-off", "index/base.py",
            "        if n_short:\n", "        if False:\n",
