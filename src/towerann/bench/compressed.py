@@ -52,12 +52,6 @@ def _peak_rss_reset() -> None:
         pass
 
 
-def _rss_mb() -> tuple[float, float]:
-    from towerann.bench.freshness import rss_mb
-
-    return rss_mb(os.getpid())
-
-
 def _timed(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, k: int,
            before_each: Callable[[], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(found ids [m, k], seconds [m]) of one query at a time; `before_each` runs untimed before each."""
@@ -78,6 +72,7 @@ def run_pq_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...
                  quick: bool = False, out: str | Path | None = "bench-results", work: str | Path | None = None,
                  source: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     from towerann.bench.ann import exact_topk, threads
+    from towerann.bench.freshness import rss_mb
     from towerann.bench.report import percentiles, write_report
     from towerann.index import create
     from towerann.index.ivfpq import IVFPQIndex
@@ -100,12 +95,12 @@ def run_pq_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...
         if dim % pq_m:
             raise ConfigError(f"--pq-m {pq_m} must divide the dimension {dim}")
         _peak_rss_reset()
-        rss0 = _rss_mb()[0]
+        rss0 = rss_mb(os.getpid())[0]
         t0 = time.perf_counter()
         built = create("ivfpq", dim, pq_m=pq_m)
         built.build(vectors, np.arange(n, dtype=np.int64))
         build_s = time.perf_counter() - t0
-        build_peak = _rss_mb()[1]
+        build_peak = rss_mb(os.getpid())[1]
         root = Path(tempfile.mkdtemp(prefix=f"pq{pq_m}-", dir=work))
         path = publish(built, root, "bench-pq")
         del built

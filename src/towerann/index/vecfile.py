@@ -17,7 +17,6 @@ reader wants.
 from __future__ import annotations
 
 import ctypes
-import logging
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +29,6 @@ import numpy as np
 from towerann.artifacts import sha256_file
 from towerann.index.base import Growable, inner_products, madvise_pages
 from towerann.index.merge import merge_topk, padded, topk_rows
-
-log = logging.getLogger(__name__)
 
 READERS = 16  # reader threads for a short list read from the file: I/O in flight at once
 ROWS_PER_READ = 32  # fewer rows than this per thread is not worth a thread hand-off
