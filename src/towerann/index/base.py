@@ -31,7 +31,7 @@ from towerann.artifacts import load_npy, save_npy
 from towerann.config import ATTRIBUTE_NAME  # a name becomes a file name here: slot_attr_<name>.npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
 from towerann.index import plan
-from towerann.index.merge import padded, topk_rows
+from towerann.index.merge import padded, topk_blocked, topk_rows
 
 log = logging.getLogger(__name__)
 
@@ -410,17 +410,20 @@ class Index(ABC):
         """Brute force over the qualifying slots (all slots when mask is None)."""
         vecs = self._vectors()
         if mask is None:
-            return topk_rows(inner_products(q, vecs), k)
+            return topk_blocked(q, k, lambda b: inner_products(b, vecs), len(vecs))
         if len(q) <= BY_INDEX_ROWS and vecs.dtype == np.float32 and vecs.flags.c_contiguous:
             return topk_rows(inner_products_at(q, vecs, mask.idx), k, labels=mask.idx)
         if mask.count * 4 > len(mask.bits):
             # Most slots qualify: score them all and exclude the rest, rather than gather the
             # qualifying vectors (at 1M items a 0.5 GB copy per call, e.g. in a bundle's validation).
-            scores = inner_products(q, vecs)
-            scores[:, ~mask.bits] = -np.inf
-            return topk_rows(scores, k)
+            def masked(b: np.ndarray) -> np.ndarray:
+                scores = inner_products(b, vecs)
+                scores[:, ~mask.bits] = -np.inf
+                return scores
+            return topk_blocked(q, k, masked, len(vecs))
         idx = mask.idx
-        return topk_rows(inner_products(q, vecs[idx]), k, labels=idx)
+        qualifying = vecs[idx]
+        return topk_blocked(q, k, lambda b: inner_products(b, qualifying), len(idx), labels=idx)
 
     def _mask_for(self, filter: Filter | None) -> Mask | None:
         """The slots a search may return, or None when every slot may be (the lean hot path)."""

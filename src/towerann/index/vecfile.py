@@ -28,7 +28,7 @@ import numpy as np
 
 from towerann.artifacts import sha256_file
 from towerann.index.base import Growable, inner_products, madvise_pages
-from towerann.index.merge import merge_topk, padded, topk_rows
+from towerann.index.merge import merge_topk, padded, topk_blocked
 
 READERS = 16  # reader threads for a short list read from the file: I/O in flight at once
 ROWS_PER_READ = 32  # fewer rows than this per thread is not worth a thread hand-off
@@ -175,15 +175,20 @@ class RerankVectors:
             if not len(arr):
                 continue
             if score_all:
-                every = inner_products(q, arr)
-                if bits is not None:
-                    every[:, ~bits[first:first + len(arr)]] = -np.inf
-                s, top = topk_rows(every, k)
+                hidden = None if bits is None else ~bits[first:first + len(arr)]
+
+                def every(b: np.ndarray, arr: np.ndarray = arr, hidden: np.ndarray | None = hidden) -> np.ndarray:
+                    scores = inner_products(b, arr)
+                    if hidden is not None:
+                        scores[:, hidden] = -np.inf
+                    return scores
+                s, top = topk_blocked(q, k, every, len(arr))
             else:
                 idx = np.flatnonzero(bits[first:first + len(arr)])
                 if not len(idx):
                     continue
-                s, top = topk_rows(inner_products(q, arr[idx]), k, labels=idx)
+                qualifying = arr[idx]
+                s, top = topk_blocked(q, k, lambda b: inner_products(b, qualifying), len(idx), labels=idx)
             ids.append(np.where(s >= 0, s + first, -1))
             scores.append(top)
         if not ids:
