@@ -52,15 +52,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from towerann.cluster import create_index as create, load_index  # towerann.index's, plus kind "sharded"
 from towerann.errors import ArtifactError, BackendUnavailable, IndexIncompatible
-from towerann.index import Filter, create, load
-from towerann.index.snapshot import load_snapshot, publish
+from towerann.index import Filter
+from towerann.index.snapshot import publish
+
+load = load_snapshot = load_index
 
 D, N, NQ, CLUSTERS = 32, 30_000, 100, 40
 K = 100
 MODEL = "model-v1"
-PARAMS = {"exact": {}, "hnsw": {"M": 16, "ef_construction": 64}, "ivfpq": {}, "scann": {}}
-KINDS = ("exact", "hnsw", "ivfpq", "scann")
+# sharded: towerann.cluster.ShardedIndex with its shards in this process (3 exact shards)
+PARAMS = {"exact": {}, "hnsw": {"M": 16, "ef_construction": 64}, "ivfpq": {}, "scann": {},
+          "sharded": {"shards": 3, "backend": "exact"}}
+KINDS = ("exact", "hnsw", "ivfpq", "scann", "sharded")
 LIBRARY_KINDS = ("hnsw", "ivfpq", "scann")  # backends with an approximate library path
 MODES = ("configured", "library")
 RARE = 99  # a category held by 1% of items (300), for selective filters
@@ -70,6 +75,7 @@ NARROW = frozenset({0, 1, 2})  # 29% (8.8k): brute force as configured, the libr
 _PATHS = ("unmasked", "removed", "removed+broad", "hidden", "upserted", "broad", "narrow", "rare")
 FLOORS = {  # recall@k floors per backend and path: measured (module docstring) minus ~0.02-0.03
     "exact": dict.fromkeys(_PATHS, 1.0),
+    "sharded": dict.fromkeys(_PATHS, 1.0),
     "hnsw": {"unmasked": 0.965, "removed": 0.96, "removed+broad": 0.97, "hidden": 0.965, "upserted": 0.965,
              "broad": 0.97, "narrow": 0.975, "rare": 0.87},
     "ivfpq": {"unmasked": 0.775, "removed": 0.75, "removed+broad": 0.81, "hidden": 0.79, "upserted": 0.78,
@@ -451,13 +457,13 @@ def test_mismatched_snapshot_is_refused(built, tmp_path):
     assert len(load(path, expected_model_version=MODEL, expected_dim=D)) == N
     root = tmp_path / "root"
     tampered = publish(ix, root, MODEL)
-    target = tampered / "slot_ids.npy"
+    target = next(tampered.rglob("slot_ids.npy"))  # a sharded snapshot has one per shard
     raw = bytearray(target.read_bytes())
     raw[-1] ^= 0xFF
     target.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="checksum"):
         load(root)
-    (tampered / "slot_ids.npy").write_bytes(Path(path / "slot_ids.npy").read_bytes())
+    target.write_bytes(Path(path / target.relative_to(tampered)).read_bytes())
     (tampered / "extra.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match="differ from the manifest"):
         load(root)

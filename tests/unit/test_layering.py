@@ -19,7 +19,7 @@ LAYERS = {
     "data": 1, "client": 1,
     "model": 2,
     "embed": 3, "index": 3, "features": 3,
-    "serving": 4,
+    "serving": 4, "cluster": 4,
     "freshness": 5,
     "service": 6,
     "bench": 7, "demo": 7,

@@ -54,6 +54,11 @@ class SearchResult:
     scores: np.ndarray  # float32 [m, k]; -inf padding; each row sorted by score descending
     exact_rows: int = 0  # rows answered (wholly, or completed) by exact search instead of the library
     short_rows: int = 0  # of those, rows the library was asked for and came up short on
+    # A sharded index (towerann.cluster) may answer without some shards (a missed deadline, a shard
+    # restarting): partial=True and which shards; `version` names the one snapshot version searched.
+    partial: bool = False
+    missing_shards: tuple[int, ...] = ()
+    version: str | None = None
 
 
 @dataclass(frozen=True)
