@@ -50,6 +50,7 @@ from tqdm import tqdm
 from towerann.errors import ArtifactError
 from towerann.index.base import Index, Mask, as_vectors, madvise_pages, release_pages
 from towerann.index.merge import padded
+from towerann.index.partition import DEFAULT_MIN_ITEMS, Partitions
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,22 @@ def huge_pages(buf: np.ndarray, collapse: bool) -> int:
 
 class HNSWIndex(Index):
     kind = "hnsw"
-    default_search: dict[str, Any] = {"ef": 256}
+    # partition_ef_scale: a partition's beam is ef times this (its graph is smaller than the whole one)
+    default_search: dict[str, Any] = {"ef": 256, "partition_ef_scale": 1.0}
     filter_paths = ("exact", "filtered", "post")
 
-    def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128):
-        super().__init__(dim, metric, M=int(M), ef_construction=int(ef_construction))
+    def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128,
+                 partition_by: str | None = None, partition_min: int = DEFAULT_MIN_ITEMS):
+        """partition_by: keep a sub-index per value of this attribute ("category" or a filter
+        attribute) with at least partition_min items (index.partition: the planner's "partition" path)."""
+        extra = {} if partition_by is None else {"partition_by": partition_by, "partition_min": int(partition_min)}
+        super().__init__(dim, metric, M=int(M), ef_construction=int(ef_construction), **extra)
         self._ix = self._new_index()
+        self._partitions: Partitions | None = None
+        if partition_by is not None:
+            self._partitions = Partitions(self, partition_by, int(partition_min),
+                                          {"M": int(M), "ef_construction": int(ef_construction)})
+            self.filter_paths = (*type(self).filter_paths, "partition")
 
     def _new_index(self) -> faiss.IndexHNSWFlat:
         ix = faiss.IndexHNSWFlat(self.dim, self.build_params["M"], faiss.METRIC_INNER_PRODUCT)
@@ -107,7 +118,8 @@ class HNSWIndex(Index):
         return ix
 
     def describe(self) -> str:
-        return f"HNSW{self.build_params['M']},Flat"
+        parts = "" if self._partitions is None else f",partitions={self._partitions.by}>={self._partitions.min_items}"
+        return f"HNSW{self.build_params['M']},Flat{parts}"
 
     def search_space(self, k: int) -> list[dict[str, Any]]:
         base = max(k, 16)  # _search raises ef to at least k: smaller ef changes nothing
@@ -136,7 +148,35 @@ class HNSWIndex(Index):
     def release_memory(self) -> int:
         # Measured at 1M items: the faiss destructor holds the GIL ~55 ms while the kernel unmaps
         # ~800 MB; released here first (GIL dropped), the destructor then frees almost nothing.
-        return sum(release_pages(buf) for buf in self.buffers())
+        subs = [] if self._partitions is None else self._partitions.subs
+        return sum(release_pages(buf) for buf in self.buffers()) + sum(sub.release_memory() for sub in subs)
+
+    # ---- partitions: kept in step with every change of the slot tables -------------------------
+    def _insert(self, vectors: Any, ids: Any, categories: Any, available: Any, build: bool,
+                attributes: Mapping[str, Any] | None = None) -> None:
+        if self._partitions is None:
+            return super()._insert(vectors, ids, categories, available, build, attributes)
+        replaced = self._slots_of(np.asarray(ids)) if np.ndim(ids) == 1 and len(self._sorted_ids) else None
+        first = self.n_slots
+        super()._insert(vectors, ids, categories, available, build, attributes)
+        if replaced is not None and len(replaced):
+            self._partitions.forget(replaced)
+        self._partitions.sync(np.arange(first, self.n_slots))
+
+    def set_attributes(self, ids: Any, attributes: Mapping[str, Any]) -> None:
+        super().set_attributes(ids, attributes)
+        if self._partitions is not None and self._partitions.by in attributes:
+            self._partitions.sync(self._aligned_slots(ids)[1])
+
+    def remove(self, ids: Any) -> None:
+        slots = self._slots_of(ids) if self._partitions is not None else None
+        super().remove(ids)
+        if slots is not None and len(slots):
+            self._partitions.forget(slots)
+
+    def partition_memory(self) -> dict[str, Any] | None:
+        """What the partitions add (index.partition.Partitions.memory), or None without them."""
+        return None if self._partitions is None else self._partitions.memory()
 
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
         if self._ix.ntotal != first_slot:
@@ -170,6 +210,13 @@ class HNSWIndex(Index):
         # the qualifying items, which the base class uses for narrower masks
         ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)
         path = params.get("filter_path", "auto")  # the planner's choice (index.plan); auto: by share
+        if self._partitions is not None and path in ("partition", "auto"):
+            route = self._partitions.route(mask, k, params)
+            if route.aligned:
+                return self._partitions.search(q, k, params, mask)
+            if path == "partition":  # a filter on another attribute: it would walk every partition
+                log.debug("hnsw: mask not aligned with the %s partitions; brute force", self._partitions.by)
+                return self._exact(q, k, mask)
         if path == "filtered" or (path == "auto" and mask.count < POST_FILTER_SHARE * len(mask.bits)):
             return self._walk(q, k, ef, mask)
         # Most slots qualify: the unbounded beam (no selector) returns its whole beam, and the
@@ -208,7 +255,10 @@ class HNSWIndex(Index):
 
     def _save_backend(self, directory: Path) -> dict[str, Any]:
         faiss.write_index(self._ix, str(directory / "hnsw.faiss"))
-        return {"file": "hnsw.faiss"}
+        state: dict[str, Any] = {"file": "hnsw.faiss"}
+        if self._partitions is not None:
+            state["partitions"] = self._partitions.save(directory)
+        return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
         path = directory / state["file"]
@@ -220,3 +270,5 @@ class HNSWIndex(Index):
             raise ArtifactError(f"{path}: holds {type(self._ix).__name__} with {self._ix.ntotal} vectors of dim "
                                 f"{self._ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}")
         self._huge_pages(collapse=True)
+        if self._partitions is not None:
+            self._partitions.load(directory, state.get("partitions"))

@@ -1,12 +1,14 @@
 """The filter planner: which path one masked search takes, from the mask's exact count and a measured table.
 
-Three paths (a backend lists the ones it has in `Index.filter_paths`):
+Four paths (a backend lists the ones it has in `Index.filter_paths`):
   exact     brute force over the qualifying items: exact, its cost grows with their count
   filtered  the library's own filtered search, widened as the mask narrows (HNSW: a bitmap
             selector in the graph walk, beam widened up to 4x; IVF-PQ: selector, more probes;
             ScaNN: more leaves, over-fetch)
   post      over-fetch + post-filter (HNSW: an unbounded beam, masked slots dropped after; ScaNN:
             over-fetch at the unfiltered leaf count)
+  partition only the sub-indexes of the filter's values (index.partition; HNSW built with
+            partition_by), merged by score; brute force over values without a partition
 
 The table (search param `filter_plan`, measured by `calibrate` and stored with the index in its
 search defaults) is a list of rows [k, max_share, path]: for a query at k (the nearest calibrated
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PATHS = ("exact", "filtered", "post")
+PATHS = ("exact", "filtered", "post", "partition")
 # Shares of the catalog a calibration measures (the plan's rows sit between them, geometrically).
 # 0.95 stands for an unfiltered search with a few hidden items (any hidden item makes a mask): measured
 # at 0.6 alone, the top row once said exact for IVF-PQ at k=1000, a brute force over the whole catalog.
@@ -40,6 +42,11 @@ SHARES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.3, 0.6, 0.95)
 CALIBRATION_QUERIES = 40  # timed one at a time per (share, path); all of them for recall
 EXACT_MARGIN = 0.8  # a library path replaces exact search only when its p50 is below 0.8x exact's
 RECALL_SLACK = 0.01  # the recall floor of a path: the target, or the index's unfiltered recall less this
+# A partition's graph is a fraction of the whole one, so its beam can be narrower for the same recall:
+# calibration keeps the smallest of these scales of ef (search param partition_ef_scale) that holds
+# the floor on the partition path at PARTITION_SHARES.
+PARTITION_EF_SCALES = (0.125, 0.25, 0.5, 1.0)
+PARTITION_SHARES = (0.02, 0.1, 0.3)
 
 
 def check_path(path: Any) -> str:
@@ -161,12 +168,29 @@ def measure(index: "Index", queries: np.ndarray, k: int, shares: tuple[float, ..
     return points
 
 
+def partition_ef_scale(index: "Index", queries: np.ndarray, k: int, floor: float, seed: int = 0) -> float:
+    """The smallest PARTITION_EF_SCALES entry at which the partition path's recall@k holds `floor`
+    at every PARTITION_SHARES mask (1.0 when none does)."""
+    from towerann.index.tune import recall_at_k
+
+    rng = np.random.default_rng(seed)
+    masks = [m for m in (share_mask(index, s, rng) for s in PARTITION_SHARES) if m.count > k]
+    truths = [index._exact(queries, k, m)[0] for m in masks]
+    for scale in PARTITION_EF_SCALES:
+        p = {**index.search_defaults, "partition_ef_scale": scale}
+        if all(recall_at_k(index._run_path(queries, k, p, m, "partition")[0], t) >= floor
+               for m, t in zip(masks, truths)):
+            return scale
+    return 1.0
+
+
 def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target: float = 0.95,
               shares: tuple[float, ...] = SHARES, n_queries: int = 200, seed: int = 0) -> dict[str, Any]:
     """Measure every path at each share and store the plan on the index (search_defaults
     filter_plan; exact_below 0, since the plan's exact rows now decide). A path qualifies at a share
     when its recall reaches `target`, or the index's own unfiltered recall at k less RECALL_SLACK
-    when that is lower. Returns what was measured."""
+    when that is lower. An index with partitions first gets its partition beam (partition_ef_scale:
+    the largest any k needs). Returns what was measured."""
     from towerann.index.base import as_vectors
 
     q = as_vectors(queries, index.dim, "calibration queries")
@@ -178,18 +202,27 @@ def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target
     points: list[dict[str, Any]] = []
     table: list[list[Any]] = []
     floors = {}
+    partitioned = "partition" in index.filter_paths and "partition_ef_scale" in index.search_defaults
+    scales = {}
     for k in ks:
         # An index tuned below the target unfiltered is held to its own unfiltered recall (less a
         # little): else every masked search (one hidden item makes a mask) would go brute force.
         unfiltered = recall_at_k(index.search(q, int(k)).ids, index.exact_search(q, int(k)).ids)
         floors[int(k)] = floor = min(target, unfiltered - RECALL_SLACK)
+        if partitioned:
+            scales[int(k)] = index.search_defaults["partition_ef_scale"] = partition_ef_scale(index, q, int(k), floor,
+                                                                                              seed)
         pts = measure(index, q, int(k), shares, seed=seed)
         points += pts
         table += derive(pts, int(k), floor)
+    if scales:
+        index.search_defaults["partition_ef_scale"] = max(scales.values())
     index.search_defaults["filter_plan"] = table
     index.search_defaults["exact_below"] = 0
     result = {"ks": list(ks), "target": target, "recall_floor": floors, "queries": len(q), "plan": table,
               "points": points, "seconds": round(time.perf_counter() - t0, 2)}
+    if scales:
+        result["partition_ef_scale"] = scales
     index.filter_calibration = result
     log.info("filter plan of %s: %s (%.1fs)", index.describe(), table, result["seconds"])
     return result
