@@ -72,6 +72,13 @@ class ShardedIndex(Index):
         index.shards = shards
         return index
 
+    def switch(self, version: str) -> None:
+        """Serve `version` of the same snapshot root from now on (shards on Ray workers): every shard
+        loads and checks it first, then one assignment moves every later search to it."""
+        manifest = self.shards.switch(version)
+        self.search_defaults = {**COMMON_SEARCH, **manifest["search_defaults"]}
+        self.manifest, self.version = dict(manifest), version
+
     def describe(self) -> str:
         return f"sharded({self.n_shards} x {self.backend})"
 

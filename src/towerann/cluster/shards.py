@@ -7,6 +7,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
+from towerann.errors import ConfigError
 from towerann.index.base import Index
 
 
@@ -38,6 +39,11 @@ class ShardSet(ABC):
     def local_indexes(self) -> list[Index] | None:
         """The shards' Index objects when they live in this process (save needs them), else None."""
         return None
+
+    def switch(self, version: str) -> dict[str, Any]:
+        """Serve another version of the snapshot (every shard loads and checks it first); return its manifest."""
+        raise ConfigError("shards in this process switch versions by loading the new snapshot as a new index "
+                          "(the bundle holder swaps it)")
 
 
 class LocalShards(ShardSet):
