@@ -83,7 +83,7 @@ def test_partitions_follow_the_values_with_enough_items(ix, world):
         assert sorted(sub._ids.data.tolist()) == want.tolist()  # a sub-index's ids are the host's slots
         assert (part.home.data[want] == part.values.index(value)).all()
     assert (part.home.data[~np.isin(ix._cats.data, big)] == -1).all()
-    mem = ix.partition_memory()
+    mem = ix.partition_info()["memory"]
     assert mem["items"] == int(np.isin(world["cats"], big).sum())
     assert mem["bytes_per_partitioned_item"] > DIM * 4  # at least the vector stored again
     assert "partition" in ix.filter_paths and "partitions=category" in ix.describe()
@@ -199,7 +199,7 @@ def test_save_and_load_keep_the_partitions(ix, world, tmp_path):
     assert any(f.startswith("partitions/") for f in manifest["checksums"])
     loaded = load_snapshot(path)
     assert loaded._partitions.values == ix._partitions.values
-    assert loaded.partition_memory()["items"] == ix.partition_memory()["items"]
+    assert loaded.partition_info()["memory"]["items"] == ix.partition_info()["memory"]["items"]
     f = Filter(categories=_share(world, 0.15))
     np.testing.assert_array_equal(loaded.search(world["queries"], K, filter=f, params=PARAMS).ids,
                                   ix.search(world["queries"], K, filter=f, params=PARAMS).ids)

@@ -7,6 +7,9 @@ the queries (index.plan.calibrate). On the other half, for each share of the cat
 categories in a seeded random order until the share is reached; 100% = no filter) it measures
 recall@K against exact filtered search (`Index.exact_search`) and p50/p99 of one query at a time on
 one thread, for the planner and for each single path (exact, filtered, post: index.plan).
+With --partition-by category, hnsw is built with a sub-index per category of at least
+--partition-min items (index.partition) and the "partition" path is measured too; the JSON
+records what the partitions cost in memory (bytes per item).
 
 Targets (the issue's, at 1M items): recall@K >= 0.95 at every share, and the planner's filtered p99
 at most 2x the unfiltered p99 of the same index. Writes filter-<items>.json and .png.
@@ -26,6 +29,7 @@ from towerann.bench.ann import _csv, _ks, threads
 from towerann.bench.report import percentiles, write_report
 from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import Filter, create, plan
+from towerann.index.partition import DEFAULT_MIN_ITEMS
 from towerann.index.tune import recall_at_k, tune
 
 log = logging.getLogger(__name__)
@@ -48,13 +52,17 @@ def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator) -
 
 def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal: np.ndarray, q_eval: np.ndarray,
                     ks: tuple[int, ...], shares: tuple[float, ...], recall: float, n_time: int,
-                    seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    seed: int, build_params: dict[str, Any] | None = None,
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build, tune and calibrate one backend; measure every (K, share, path)."""
     t0 = time.perf_counter()
-    index = create(kind, vectors.shape[1])
+    index = create(kind, vectors.shape[1], **(build_params or {}))
     index.build(vectors, np.arange(len(vectors)), clusters)
     info: dict[str, Any] = {"describe": index.describe(), "build_s": round(time.perf_counter() - t0, 1),
                             "tuned": {}, "calibration_s": 0.0}
+    partitions = getattr(index, "partition_info", lambda: None)()
+    if partitions is not None:
+        info["partitions"] = partitions
     params_at: dict[int, dict[str, Any]] = {}
     table: list[list[Any]] = []
     for k in ks:
@@ -64,6 +72,8 @@ def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal:
             params_at[k] = {}
         info["tuned"][str(k)] = params_at[k]
         cal = plan.calibrate(index, q_cal, ks=(k,), target=recall)
+        if "partition_ef_scale" in cal:  # one calibration per K: each K keeps its own beam scale
+            params_at[k]["partition_ef_scale"] = cal["partition_ef_scale"][k]
         info["calibration_s"] += cal["seconds"]
         info.setdefault("calibration", {})[str(k)] = cal["points"]
         table += cal["plan"]
@@ -115,7 +125,7 @@ def check_targets(points: list[dict[str, Any]], target: dict[str, float] = TARGE
 def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100, 1000),
                      backends: tuple[str, ...] = BACKENDS, shares: tuple[float, ...] = SHARES, recall: float = 0.95,
                      n_queries: int = 400, n_time: int = 200, seed: int = 0, out: str | Path | None = None,
-                     ) -> dict[str, Any]:
+                     partition_by: str | None = None, partition_min: int = DEFAULT_MIN_ITEMS) -> dict[str, Any]:
     from towerann.data.vectors import far_off_catalog
 
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
@@ -124,15 +134,17 @@ def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100
     result: dict[str, Any] = {
         "params": {"items": n_items, "dim": dim, "ks": list(ks), "shares": list(shares), "recall_target": recall,
                    "queries": len(q_eval), "timed_queries": min(n_time, len(q_eval)), "seed": seed,
-                   "threads": 1, "categories": int(len(np.unique(cat.clusters)))},
+                   "threads": 1, "categories": int(len(np.unique(cat.clusters))),
+                   "partition_by": partition_by, "partition_min": partition_min if partition_by else None},
         "dataset": {"kind": "far-off synthetic (towerann.data.vectors)", **cat.params},
         "backends": {}, "points": [], "skipped": {},
     }
     with threads(1):
         for kind in backends:
             try:
+                build = {"partition_by": partition_by, "partition_min": partition_min} if kind == "hnsw" and partition_by else {}
                 info, points = measure_backend(kind, cat.vectors, cat.clusters, q_cal, q_eval, ks, shares, recall,
-                                               n_time, seed)
+                                               n_time, seed, build)
             except BackendUnavailable as e:
                 result["skipped"][kind] = str(e)
                 continue
@@ -140,13 +152,13 @@ def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100
             result["points"] += points
     result["targets"] = check_targets(result["points"])
     if out is not None:
-        name = f"filter-{n_items}"
+        name = f"filter-{n_items}" + (f"-partitions-{partition_by}" if partition_by else "")
         files = write_report(out, name, result, plot(result))
         result["files"] = [str(f) for f in files if f is not None]
     return result
 
 
-STYLE = {"planner": "-", "exact": ":", "filtered": "--", "post": "-."}
+STYLE = {"planner": "-", "exact": ":", "filtered": "--", "post": "-.", "partition": (0, (1, 1, 3, 1))}
 
 
 def plot(result: dict[str, Any]) -> Callable[[Any], None]:
@@ -166,7 +178,7 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
                                      key=lambda p: p["share"])
                         if len(pts) < 2:
                             continue
-                        ax.plot([100 * p["share"] for p in pts], [p[metric] for p in pts], style,
+                        ax.plot([100 * p["share"] for p in pts], [p[metric] for p in pts], linestyle=style,
                                 color=colours[kind], marker="o" if path == "planner" else None, markersize=3,
                                 linewidth=2 if path == "planner" else 1,
                                 label=f"{kind} {path}" if col == 0 and row == 0 else None)
@@ -190,6 +202,13 @@ def print_table(result: dict[str, Any]) -> None:
     for p in result["points"]:
         print(f"{p['kind']:<8}{p['k']:>6}{p['share']:>8.1%}  {p['path']:<10}{p['planner_chose'] or '':<11}"
               f"{p['recall']:>8.4f}{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['exact_rows']:>11.2f}")
+    for kind, info in result["backends"].items():
+        part = info.get("partitions")
+        if part:
+            mem = part["memory"]
+            print(f"{kind} partitions by {part['by']} (>= {part['min_items']} items): {mem['partitions']} partitions, "
+                  f"{mem['items']} items, {mem['bytes_per_item']:.0f} bytes per catalog item "
+                  f"({mem['bytes_per_partitioned_item']:.0f} per partitioned item); plan {info['plan']}")
     for kind, why in result["skipped"].items():
         print(f"skipped {kind}: {why}")
 
@@ -200,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shares: each share must be in (0, 1], got {args.shares!r}")
     result = run_filter_bench(args.items, dim=args.dim, ks=_ks(args.k), backends=_csv(args.backends, "--backends"),
                               shares=shares, recall=args.recall, n_queries=2 * args.queries_n, n_time=args.time_n,
-                              seed=args.seed, out=args.out)
+                              seed=args.seed, out=args.out, partition_by=args.partition_by,
+                              partition_min=args.partition_min)
     print_table(result)
     print(f"wrote {' and '.join(result['files'])}")
     return 0
@@ -220,5 +240,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries-n", type=int, default=200, help="queries measured (as many again calibrate; default 200)")
     p.add_argument("--time-n", type=int, default=200, help="of those, timed one at a time (default 200)")
     p.add_argument("--seed", type=int, default=0, help="catalog and filter seed (default 0)")
-    p.add_argument("--out", default="bench-results", help="directory for filter-<items>.json and .png")
+    p.add_argument("--partition-by", default=None, choices=["category"],
+                   help="build hnsw with a sub-index per category (index.partition) and measure the partition path")
+    p.add_argument("--partition-min", type=int, default=DEFAULT_MIN_ITEMS,
+                   help=f"a category gets a partition from this many items (default {DEFAULT_MIN_ITEMS})")
+    p.add_argument("--out", default="bench-results", help="directory for filter-<items>[-partitions-category].json and .png")
     p.set_defaults(func=run)

@@ -45,7 +45,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)")
     b.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
     b.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="build parameter (e.g. M=32, nlist=4096) or search default (e.g. ef=512); repeatable")
+                   help="build parameter (e.g. M=32, nlist=4096; hnsw partition_by=category partition_min=10000: "
+                        "a sub-index per category for filters) or search default (e.g. ef=512); repeatable")
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
     b.set_defaults(func=_build)
 
@@ -148,6 +149,10 @@ def _info(args: argparse.Namespace) -> int:
     memory = (m.get("backend_state") or {}).get("memory")  # ivfpq: resident vs on-disk bytes once loaded
     if memory:
         info["memory"] = memory
+    parts = (m.get("backend_state") or {}).get("partitions")  # hnsw partition_by: a sub-index per value
+    if parts:
+        info["partitions"] = {"by": parts["by"], "min_items": parts["min_items"],
+                              "values": {str(s["value"]): s["manifest"]["count"] for s in parts["subs"]}}
     root = Path(args.directory)
     if directory != root:
         info.update(current=current_version(root), versions=list_versions(root))

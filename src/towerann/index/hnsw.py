@@ -174,9 +174,12 @@ class HNSWIndex(Index):
         if slots is not None and len(slots):
             self._partitions.forget(slots)
 
-    def partition_memory(self) -> dict[str, Any] | None:
-        """What the partitions add (index.partition.Partitions.memory), or None without them."""
-        return None if self._partitions is None else self._partitions.memory()
+    def partition_info(self) -> dict[str, Any] | None:
+        """The partitions (attribute, minimum size, values, sizes) and the memory they add
+        (index.partition.Partitions.memory), or None without them."""
+        if self._partitions is None:
+            return None
+        return {**self._partitions.describe(), "memory": self._partitions.memory()}
 
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
         if self._ix.ntotal != first_slot:
