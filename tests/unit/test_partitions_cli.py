@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
+from test_index_cli import run  # the parser built from add_commands
 
 from towerann.embed.vectors import write_vectors
 from towerann.errors import ConfigError
 from towerann.index import Filter, load
-from towerann.index.commands import add_commands
 
 D, N = 16, 900
-
-
-def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="towerann")
-    add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 @pytest.fixture
