@@ -28,6 +28,10 @@
     [filters]  attributes (catalog columns besides category that requests may filter on, e.g.
                ["brand", "market", "in_stock"]: strings or booleans; `towerann embed` stores them per item
                as int32 codes with a JSON vocabulary, item writes may carry them)
+    [monitor]  sample (the share of live requests replayed with exact search off the request path, for the
+               online recall monitor; 0 = off), threshold (a bundle whose recall@k vs exact search falls
+               under it is marked unhealthy in /readyz details, which stays 200, and logged; 0 = never),
+               queue (samples waiting to be scored; when full, a drawn sample is dropped and counted)
 
 Command-line flags override the file (`Config.with_overrides`).
 """
@@ -98,12 +102,20 @@ class FiltersConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    sample: float = 0.01  # share of requests replayed with exact search (serving.monitor); 0 = off
+    threshold: float = 0.9  # recall@k under this marks the bundle unhealthy in /readyz details; 0 = never
+    queue: int = 64  # samples waiting for the monitor's thread; a full queue drops (and counts) new ones
+
+
+@dataclass(frozen=True)
 class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def api_token(self) -> str | None:
         """The bearer token for write endpoints: env TOWERANN_API_TOKEN, else [freshness] token_file."""
@@ -166,7 +178,7 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         kwargs[key] = _check_type(value, want, f"{source}: [{section}] {key}")
     obj = cls(**kwargs)
     for key in ("port", "max_k", "max_body_bytes", "max_events", "max_id_length", "max_items_per_write",
-                "max_session_users"):
+                "max_session_users", "queue"):
         if hasattr(obj, key) and getattr(obj, key) < (0 if key == "port" else 1):
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
     if getattr(obj, "workers", 0) < 0:
@@ -186,6 +198,9 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
     if bad:
         raise ConfigError(f"{source}: [{section}] attributes {bad}: use 1-32 characters a-z, 0-9, _ starting with "
                           "a letter (category is always filterable: leave it out)")
+    if isinstance(obj, MonitorConfig) and not (0.0 <= obj.sample <= 1.0 and 0.0 <= obj.threshold <= 1.0):
+        raise ConfigError(f"{source}: [{section}] sample and threshold must be in [0, 1], got {obj.sample} and "
+                          f"{obj.threshold}")
     if getattr(obj, "refresh_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] refresh_every_s must be >= 0 (0 = refresh once)")
     return obj
@@ -204,7 +219,7 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     sections: dict[str, Any] = {}
     classes = {"serve": ServeConfig, "paths": PathsConfig, "features": FeaturesConfig, "freshness": FreshnessConfig,
-               "filters": FiltersConfig}
+               "filters": FiltersConfig, "monitor": MonitorConfig}
     for name, values in data.items():
         if name not in classes:
             raise ConfigError(f"{path}: unknown section [{name}]; known sections: {', '.join(classes)}")

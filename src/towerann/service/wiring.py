@@ -18,6 +18,7 @@ from towerann.freshness.reload import Reloader
 from towerann.index.snapshot import CURRENT, resolve
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
+from towerann.serving.monitor import RecallMonitor
 from towerann.serving.retriever import Retriever
 from towerann.storeurl import redact
 
@@ -47,10 +48,13 @@ def open_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: st
     A bundle carries its own model; [paths] model is used only for a plain index snapshot."""
     if bundle is None:
         bundle = load_bundle(cfg, model_dir)
-    f, s = cfg.features, cfg.serve
-    return Retriever(BundleHolder(bundle), store or open_configured_store(f), max_k=s.max_k,
+    f, s, m = cfg.features, cfg.serve, cfg.monitor
+    holder = BundleHolder(bundle)
+    monitor = RecallMonitor(holder, m.sample, m.threshold, m.queue) if m.sample > 0 else None
+    return Retriever(holder, store or open_configured_store(f), max_k=s.max_k,
                      max_id_length=s.max_id_length, max_clock_skew_s=s.max_clock_skew_s,
-                     features_timeout_s=f.timeout_ms / 1e3, write_timeout_s=f.write_timeout_ms / 1e3)
+                     features_timeout_s=f.timeout_ms / 1e3, write_timeout_s=f.write_timeout_ms / 1e3,
+                     monitor=monitor)
 
 
 @dataclass
@@ -116,6 +120,8 @@ def open_service(cfg: Config, retriever: Retriever | None = None, model_dir: str
         durability = check_durable(delta, cfg.freshness.allow_volatile)  # a Redis delta log must survive Redis
         log.info("delta log: %s (%s)", redact(getattr(delta, "url", "") or str(getattr(delta, "path", ""))), durability)
         writer = ItemWriter(retriever.holder, delta, shared=shared)
+        if retriever.monitor is not None:  # its exact searches must not overlap an index write or a swap
+            retriever.monitor.guard = writer.lock
         if retriever.holder.ready:
             replay(retriever.holder.current(), writer.delta)
     except BaseException:

@@ -5,6 +5,7 @@
     POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns (503 if it cannot be)
     GET  /healthz (always at once: touches nothing)  /readyz  /metrics (Prometheus text)
     POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/)
+    GET  /v1/admin/recall (bearer token): the online recall monitor's recall@k per bundle and filter kind
 
 Ids (user_id, item_id) are strings or JSON integers (spelled in decimal, as the catalog prints them).
 
@@ -47,12 +48,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from towerann.errors import BackendUnavailable, BadRequest, Forbidden, NotFound, TowerannError, Unauthorized
 from towerann.serving.bundle import RetrievalBundle
+from towerann.serving.monitor import RecallMonitor
 from towerann.serving.retriever import STAGES, Retriever, int64_spelling_in_range
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/candidates", "/v1/events", "/v1/items", "/v1/admin/reload", "/healthz", "/readyz", "/metrics")
+ROUTES = ("/v1/candidates", "/v1/events", "/v1/items", "/v1/admin/reload", "/v1/admin/recall", "/healthz", "/readyz",
+          "/metrics")
 BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+RECALL_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 
 
 # ---- schema (OpenAPI) -------------------------------------------------------------------------------
@@ -215,6 +219,14 @@ class Metrics:
                                ["outcome"], registry=self.registry)
         self.degraded = Counter("towerann_degraded_answers", "candidates answered without the user's features "
                                 "(the feature store was down or missed its deadline)", registry=self.registry)
+        # the online recall monitor (serving.monitor); livemin: with several workers, the worst one
+        self.recall = Gauge("towerann_recall", "recall@k vs exact search of sampled live requests (mean of the "
+                            "last samples)", ["bundle", "filter"], registry=self.registry, multiprocess_mode="livemin")
+        self.recall_samples = Histogram("towerann_recall_sample", "recall@k vs exact search, one per sampled request",
+                                        ["bundle", "filter"], buckets=RECALL_BUCKETS, registry=self.registry)
+        self.recall_dropped = Counter("towerann_recall_samples_dropped", "sampled requests not scored (queue_full: "
+                                      "the monitor was busy; stale: their bundle was swapped out)", ["reason"],
+                                      registry=self.registry)
         self._exposed = [self.registry]
         info_registry = self.registry
         if multiprocess_dir is not None:
@@ -227,6 +239,21 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return b"".join(generate_latest(r) for r in self._exposed)
+
+    def watch(self, monitor: RecallMonitor) -> None:
+        """Export what the recall monitor measures (its thread calls these; prometheus_client is thread-safe)."""
+        def sample(version: str, kind: str, recall: float, mean: float) -> None:
+            self.recall.labels(bundle=version, filter=kind).set(mean)
+            self.recall_samples.labels(bundle=version, filter=kind).observe(recall)
+
+        def forget(version: str, kind: str) -> None:  # a bundle long swapped out: no label per version forever
+            for metric in (self.recall, self.recall_samples):
+                try:
+                    metric.remove(version, kind)
+                except KeyError:
+                    pass
+
+        monitor.listen(sample, lambda reason: self.recall_dropped.labels(reason=reason).inc(), forget)
 
     def on_swap(self, bundle: RetrievalBundle) -> None:
         self.index_items.set(len(bundle.index))
@@ -316,6 +343,8 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
     if reloader is not None:
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
     retriever.holder.subscribe(metrics.on_swap)
+    if retriever.monitor is not None:
+        metrics.watch(retriever.monitor)
     models = request_models(retriever.max_k, retriever.max_id_length, max_items_per_write)
     # redirect_slashes off: Starlette would build the redirect's Location from the Host header
     app = FastAPI(title="towerann", summary="two-tower retrieval: top-K candidates for a user, now",
@@ -393,8 +422,12 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         if delta is not None:
             deps["delta_log"] = await probe(delta)
         degraded = any(state != "up" for state in deps.values())
-        return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps,
-                             **holder.current().describe()})
+        b = holder.current()
+        # The recall monitor's verdict is a detail, not readiness: a bundle that finds less than it
+        # should still serves (pulling every replica of it out of the load balancer would serve nothing).
+        recall = {} if retriever.monitor is None else {"recall": retriever.monitor.health(b.version)}
+        return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps, **recall,
+                             **b.describe()})
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
@@ -420,9 +453,13 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
         request without the token gets 401 whatever it carries. (async: no thread-pool hop.)"""
         if writer is None:
             raise NotFound("item writes are not enabled on this server")
+        await authorize_admin(request)
+
+    async def authorize_admin(request: Request) -> None:
+        """The bearer token, for every route that needs it (writes and admin reads)."""
         if token is None:
-            raise Forbidden("writes are disabled: no API token is configured (set TOWERANN_API_TOKEN or "
-                            "[freshness] token_file)")
+            raise Forbidden("writes and admin routes are disabled: no API token is configured (set "
+                            "TOWERANN_API_TOKEN or [freshness] token_file)")
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme in any case (RFC 9110); the token compared in constant time, whatever the scheme was
         same = hmac.compare_digest(given.strip().encode(), token.encode())
@@ -460,6 +497,16 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
             raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
         info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
+
+    @app.get("/v1/admin/recall", responses={k: v for k, v in WRITE_ERRORS.items() if k in (401, 403, 404)},
+             dependencies=[Depends(authorize_admin)])
+    async def recall() -> JSONResponse:
+        """The online recall monitor: recall@k vs exact search of sampled live requests, per bundle
+        version and filter kind, with sample sizes ([monitor] in the config)."""
+        if retriever.monitor is None:
+            raise NotFound("the recall monitor is off on this server ([monitor] sample = 0)")
+        served = holder.current().version if holder.ready else None
+        return JSONResponse({"served": served, **retriever.monitor.snapshot()})
 
 
 APPLY_WAIT_S = 60.0  # the loop runs a change within milliseconds; this only bounds a loop that is shutting down

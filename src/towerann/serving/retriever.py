@@ -31,6 +31,7 @@ from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
+from towerann.serving.monitor import RecallMonitor
 from towerann.serving.query import check_query_vector
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class Candidates:
 class Retriever:
     def __init__(self, holder: BundleHolder, store: FeatureStore, max_k: int = 1000, *, max_id_length: int = 256,
                  max_clock_skew_s: float = 300.0, features_timeout_s: float = 0.1, write_timeout_s: float = 1.0,
-                 io_workers: int = 4):
+                 io_workers: int = 4, monitor: RecallMonitor | None = None):
         self.holder = holder
+        self.monitor = monitor  # replays a sample of the answers with exact search (serving.monitor)
         self.store = store
         self.max_k = int(max_k)
         self.max_id_length = int(max_id_length)
@@ -135,6 +137,8 @@ class Retriever:
         res = b.index.search(query[None, :], k, filter=flt)
         t3 = time.perf_counter()
         ids, scores = res.ids[0], res.scores[0]
+        if self.monitor is not None:
+            self.monitor.offer(b, query, k, flt, ids)  # a random draw; a drawn sample is queued, never waited on
         n = int(np.count_nonzero(ids >= 0))  # rows are padded with -1 at the end when fewer qualify
         items = b.external_ids[ids[:n]].tolist()
         t4 = time.perf_counter()
@@ -219,7 +223,9 @@ class Retriever:
                                      + ("; the event is not acknowledged: retry it" if what == "write" else "")) from None
 
     def close(self) -> None:
-        """Stop the store's worker threads (the store itself is closed by whoever opened it)."""
+        """Stop the store's worker threads and the recall monitor (the store itself is closed by whoever opened it)."""
+        if self.monitor is not None:
+            self.monitor.close()
         if self._io is not None:
             self._io.shutdown(wait=False, cancel_futures=True)
 
