@@ -10,12 +10,7 @@ and a killed shard worker: partial answers while it is down, then back by itself
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,8 +26,6 @@ from towerann.index import Filter, create
 from towerann.index.snapshot import publish
 
 D, N = 16, 3000
-RAY = Path(sys.executable).parent / "ray"
-NODE = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats"]
 
 
 def _ray() -> Any:
@@ -45,34 +38,21 @@ def _ray() -> Any:
     return ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
+    """Two nodes: `ray start --head --port=P --num-cpus=1 --object-store-memory=300000000 ...`, then
+    `ray start --address=127.0.0.1:P ...` (cluster.local_cluster); `ray stop --force` after the module."""
     ray = _ray()
-    port = _free_port()
-    temp = tempfile.mkdtemp(prefix="ray-t")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    from towerann.cluster.local_cluster import LocalCluster
+
+    local = LocalCluster(nodes=2)
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
-                        *NODE], check=True, capture_output=True, env=env, timeout=120)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *NODE], check=True, capture_output=True,
-                       env=env, timeout=120)
-        ray.init(address=f"127.0.0.1:{port}", namespace="towerann-test", log_to_driver=False, logging_level="ERROR")
-        deadline = time.monotonic() + 60
-        while sum(n["Alive"] for n in ray.nodes()) < 2:
-            assert time.monotonic() < deadline, "the second Ray node never joined"
-            time.sleep(0.2)
+        address = local.start()
+        ray.init(address=address, namespace="towerann-test", log_to_driver=False, logging_level="ERROR")
+        local.wait_for_nodes()
         yield ray
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        local.stop()
 
 
 def _norm(x: np.ndarray) -> np.ndarray:
@@ -230,3 +210,20 @@ def test_killed_shard_worker_gives_partial_then_recovers(attach, data, tmp_path)
     np.testing.assert_array_equal(r.ids, plain.search(q, 20).ids)  # its removals were replayed
     assert not np.isin(r.ids, gone).any()
     assert ix.shards.metrics.as_dict()[0]["errors"] + ix.shards.metrics.as_dict()[0]["late"] >= 1
+
+
+def test_bench_shards_runs_on_the_cluster(cluster, tmp_path) -> None:
+    """`towerann bench shards` at a toy size on this module's cluster: every path timed, recall kept."""
+    from towerann.bench.shards import run_shards_bench
+
+    result = run_shards_bench(3000, dim=16, k=20, shard_counts=(2,), n_queries=30, n_time=5, out=tmp_path,
+                              compiled=False)  # compiled graphs take seconds each to set up: the bench runs them
+    assert [p["shards"] for p in result["points"]] == [2]
+    for p in result["points"]:
+        assert p["recall"] >= result["unsharded"]["recall"] - 0.005 and p["ray_recall"] == p["recall"]
+        assert p["shard_nodes"] == p["shards"]  # S=2: one shard on each node
+        assert "search_compiled" not in p
+        for path in ("search_plain", "noop_plain", "merge", "local_in_process"):
+            assert p[path]["n"] == 5 and p[path]["p50_ms"] > 0, path
+    assert (tmp_path / "shards-3000.json").is_file() and (tmp_path / "shards-3000.png").is_file()
+    assert cluster.is_initialized()  # the bench used this cluster and left it running

@@ -17,6 +17,7 @@ BENCH_MODULES = (
     "towerann.bench.freshness",
     "towerann.bench.soak",
     "towerann.bench.model",
+    "towerann.bench.shards",
 )
 
 

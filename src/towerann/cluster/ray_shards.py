@@ -19,7 +19,7 @@ CURRENT snapshot; the front notices the new incarnation (every answer carries it
 call, and a background thread brings the shard to the front's version and replays the writes the
 front logged for it, leaving the shard out of searches (partial) until then.
 
-Ray is imported here only (lazily, through `_ray`): the core never imports it.
+Ray is imported here only (lazily, through `require_ray`): the core never imports it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from towerann.cluster.shards import WRITES, ShardSet, apply
 
 log = logging.getLogger(__name__)
 
+INLINE_BYTES = 64 * 1024  # below Ray's own inline limit (100 KiB)
 RECOVER_WAIT_S = 120.0  # how long a recovery thread waits for a restarting actor before giving up
 
 
@@ -46,7 +47,7 @@ class ShardVersionMissing(ArtifactError):
     """A shard was asked for a version it does not hold (restarted, or not yet switched)."""
 
 
-def _ray() -> Any:
+def require_ray() -> Any:
     try:
         import ray
     except ImportError as e:
@@ -121,7 +122,7 @@ class ShardWorker:
     def info(self) -> dict[str, Any]:
         import os
 
-        node = _ray().get_runtime_context().get_node_id()
+        node = require_ray().get_runtime_context().get_node_id()
         return {"shard": self.shard, "incarnation": self.incarnation, "current": self.current,
                 "held": sorted(self.held), "node": node, "pid": os.getpid(),
                 "count": len(self.held[self.current]) if self.current in self.held else 0}
@@ -149,18 +150,20 @@ class RayShards(ShardSet):
     """One Ray actor per shard; this process only routes, fans out and merges."""
 
     def __init__(self, root: str | Path, n_shards: int, name: str = "towerann", detached: bool = False):
-        ray = _ray()
+        ray = require_ray()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.root, self.n = Path(root).resolve(), int(n_shards)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         worker = ray.remote(ShardWorker)
-        # Shards round-robin over the nodes (soft: a shard whose node died restarts elsewhere).
-        # num_cpus=0: a shard is mostly idle between searches, and the nodes are small.
+        # Shards round-robin over the nodes. Hard affinity: soft placement put two shards on one node
+        # now and then although the other was free; the cost is that a shard whose node died stays
+        # missing (partial answers) until the front attaches again. num_cpus=0: a shard is mostly
+        # idle between searches, and the nodes are small.
         self.actors = [worker.options(
             name=f"{name}-shard-{s}", get_if_exists=True, lifetime="detached" if detached else None,
             max_restarts=-1, max_task_retries=0, num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[s % len(nodes)], soft=True),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[s % len(nodes)], soft=False),
         ).remote(str(self.root), s, self.n) for s in range(self.n)]
         self.version: str = current_version(self.root)
         self.dim = int(top_manifest(self.root, self.version)["dim"])
@@ -175,13 +178,20 @@ class RayShards(ShardSet):
     # ---- searches -------------------------------------------------------------------------------
     def fan_out(self, method: str, args: tuple, deadline_s: float | None = None
                 ) -> tuple[dict[int, Any], tuple[int, ...], str | None]:
-        ray = _ray()
+        ray = require_ray()
         version = self.version  # read once: every shard is asked for this one version
         start = time.perf_counter()
-        payload = ray.put(args)  # serialised once, read by every shard
+        # A big batch is serialised once into the object store for every shard to read; a few queries
+        # go inline with each call (a put costs an object-store round trip, ~ms, that they do not need).
+        payload = ray.put(args) if sum(getattr(a, "nbytes", 0) for a in args) > INLINE_BYTES else args
         asked = {s: a.call.remote(version, method, payload) for s, a in enumerate(self.actors)
                  if s not in self._recovering}
-        ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=deadline_s)
+        refs = list(asked.values())
+        ready = refs if deadline_s is None else ray.wait(refs, num_returns=len(refs), timeout=deadline_s)[0]
+        try:
+            got = dict(zip(ready, ray.get(ready)))  # one round trip when every shard answered
+        except ray.exceptions.RayError:
+            got = {}  # some shard failed: each on its own below
         done = set(ready)
         elapsed = time.perf_counter() - start
         answers: dict[int, Any] = {}
@@ -193,7 +203,7 @@ class RayShards(ShardSet):
                 missing.append(s)
                 continue
             try:
-                incarnation, value = ray.get(ref)
+                incarnation, value = got[ref] if ref in got else ray.get(ref)
             except ray.exceptions.RayError as e:
                 self._failed(s, version, e)
                 missing.append(s)
@@ -223,7 +233,7 @@ class RayShards(ShardSet):
         threading.Thread(target=self._bring_back, args=(s,), name=f"shard-{s}-recovery", daemon=True).start()
 
     def _bring_back(self, s: int) -> None:
-        ray = _ray()
+        ray = require_ray()
         deadline = time.monotonic() + RECOVER_WAIT_S
         try:
             while True:
@@ -247,7 +257,7 @@ class RayShards(ShardSet):
 
     # ---- targeted calls (writes, stats) ---------------------------------------------------------
     def call(self, method: str, args: Mapping[int, tuple]) -> dict[int, Any]:
-        ray = _ray()
+        ray = require_ray()
         with self._lock:
             version = self.version
             refs = {s: self.actors[s].call.remote(version, method, a) for s, a in args.items()}
@@ -274,7 +284,7 @@ class RayShards(ShardSet):
     def switch(self, version: str) -> dict[str, Any]:
         """Load and check `version` on every shard, replay this front's writes onto it, then switch;
         return its top manifest. On any failure nothing is switched."""
-        ray = _ray()
+        ray = require_ray()
         manifest = top_manifest(self.root, version)
         if int(manifest["dim"]) != self.dim:
             raise ArtifactError(f"{self.root / version}: dim {manifest['dim']}; this index serves dim {self.dim}")
@@ -300,11 +310,11 @@ class RayShards(ShardSet):
         return manifest
 
     def info(self) -> list[dict[str, Any]]:
-        return _ray().get([a.info.remote() for a in self.actors])
+        return require_ray().get([a.info.remote() for a in self.actors])
 
     def close(self) -> None:
         """Stop this set's shard actors for good (no restart)."""
-        ray = _ray()
+        ray = require_ray()
         for a in self.actors:
             ray.kill(a, no_restart=True)
 
@@ -313,7 +323,7 @@ def attach(root: str | Path, address: str | None = None, name: str = "towerann",
            namespace: str = "towerann") -> ShardedIndex:
     """A ShardedIndex over Ray actors serving the CURRENT version of the sharded snapshot root `root`
     (a path every node can read). Connects to the cluster at `address` unless already connected."""
-    ray = _ray()
+    ray = require_ray()
     if not ray.is_initialized():
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False, logging_level="WARNING")
     root = Path(root).resolve()
