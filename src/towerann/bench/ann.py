@@ -170,12 +170,12 @@ def threads(n: int) -> Iterator[None]:
             torch.set_num_threads(torch_before)
 
 
-def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> np.ndarray:
-    """Ground truth: ids [m, k] of the k largest inner products, best first."""
-    from towerann.index.merge import topk_rows
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ground truth: ids [m, k] of the k largest inner products, best first (in 256 MB score blocks)."""
+    from towerann.index.merge import topk_blocked
 
     k = min(k, len(vectors))
-    return np.concatenate([topk_rows(queries[s:s + block] @ vectors.T, k)[0] for s in range(0, len(queries), block)])
+    return topk_blocked(queries, k, lambda b: b @ vectors.T, len(vectors))[0]
 
 
 def grids(k: int, quick: bool, nlist: int, leaves: int) -> dict[str, list[dict[str, Any]]]:
