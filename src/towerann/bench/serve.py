@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from towerann.bench.report import percentiles, write_report
+from towerann.config import MonitorConfig
 from towerann.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,6 @@ def run(args: argparse.Namespace) -> int:
     from towerann.data.dataset import read_items
     from towerann.features import open_store
     from towerann.features.loader import load_dataset_features
-    from towerann.service.server import start_subprocess
 
     work = Path(args.workdir) / f"serve-{args.items}"
     t0 = time.perf_counter()
@@ -277,18 +277,32 @@ def run(args: argparse.Namespace) -> int:
         inproc = _in_process(paths["index"], store_url, store_path, user_ids, args.k, args.inproc_requests)
         print(f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
               f"{inproc['qps_one_thread']:.0f} qps on one thread", flush=True)
-        server = start_subprocess(paths["index"], store_url, store_path, workers=args.workers)
-        rates = []
+        compare = args.monitor_sample is not None and args.monitor_sample > 0
+        sample = MonitorConfig().sample if args.monitor_sample is None else args.monitor_sample
+        server = _start_server(work, paths["index"], store_url, store_path, args.workers, sample)
+        # --monitor-sample S > 0: a second server with the monitor off takes the same load, rate by rate,
+        # in alternation (who goes first alternates too), so both see the same machine load.
+        off = _start_server(work, paths["index"], store_url, store_path, args.workers, 0.0) if compare else None
+        rates, rates_off = [], []
         try:
-            run_load(server.url, bodies, 100, 5, 8)  # warm-up: fault in the memory-mapped index
-            for rate in args.rates:
-                r = run_load(server.url, bodies, rate, args.duration, args.connections)
-                rates.append(r)
-                e = r["end_to_end"]
-                print(f"rate {rate:>6.0f}/s: achieved {r['achieved_rps']:.0f}/s, p50 {e['p50_ms']:.2f} ms, "
-                      f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}", flush=True)
-                if r["achieved_rps"] < 0.9 * rate or e["p99_ms"] > 1000:
+            for s in (server, off):
+                if s is not None:
+                    run_load(s.url, bodies, 100, 5, 8)  # warm-up: fault in the memory-mapped index
+            for i, rate in enumerate(args.rates):
+                runs = [("monitor", server), ("off", off)][:: 1 if i % 2 == 0 else -1]
+                for name, s in runs:
+                    if s is None:
+                        continue
+                    r = run_load(s.url, bodies, rate, args.duration, args.connections)
+                    (rates if name == "monitor" else rates_off).append(r)
+                    e = r["end_to_end"]
+                    label = "" if off is None else (f" [monitor {sample:g}]" if name == "monitor" else " [monitor off]")
+                    print(f"rate {rate:>6.0f}/s{label}: achieved {r['achieved_rps']:.0f}/s, p50 {e['p50_ms']:.2f} ms, "
+                          f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}", flush=True)
+                r = rates[-1]
+                if r["achieved_rps"] < 0.9 * rate or r["end_to_end"]["p99_ms"] > 1000:
                     break  # saturated: higher rates only grow the queue
+            monitor = _monitor_report(server.url, sample, rates, rates_off)
             items = [str(i) for i in read_items(paths["data"], columns=["item_id"])["item_id"].head(1000)]
             events = _event_writes(server.url, user_ids, items, args.events)
             print(f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms (stored before the reply)",
@@ -296,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             server_memory = _process_memory(server.process.pid) if server.process is not None else None
         finally:
             server.stop()
+            if off is not None:
+                off.stop()
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
@@ -306,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
     result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store, "workers": args.workers,
               "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
-              "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates, "event_write": events,
+              "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates, "http_monitor_off": rates_off,
+              "monitor": monitor, "event_write": events,
               "server_memory_after_load": server_memory, "index_memory": (served.get("backend_state") or {}).get("memory"),
               "raw_vector_bytes": args.items * int(served.get("dim", 0)) * 4,
               "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
@@ -316,6 +333,36 @@ def run(args: argparse.Namespace) -> int:
     print(f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
           f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}")
     return 0
+
+
+def _start_server(work: Path, index: Path, store_url: str, store_path: str | None, workers: int,
+                  sample: float) -> Any:
+    """`towerann serve` on the bundle with [monitor] sample = `sample` (0: the recall monitor off)."""
+    from towerann.service.server import start_subprocess
+
+    config = work / f"monitor-{sample:g}.toml"
+    config.write_text(f"[monitor]\nsample = {float(sample)!r}\n")
+    return start_subprocess(index, store_url, store_path, workers=workers, config=config)
+
+
+def _monitor_report(url: str, sample: float, rates: list[dict[str, Any]],
+                    rates_off: list[dict[str, Any]]) -> dict[str, Any]:
+    """The monitored server's recall gauge, sample count and drops (from /metrics), and per rate the p99
+    with the monitor over the p99 without it (when a monitor-off server ran beside it)."""
+    import httpx
+
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("towerann_recall{", "towerann_recall_sample_count{", "towerann_recall_samples_dropped_total{")):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    out: dict[str, Any] = {"sample": sample, "metrics": values}
+    if rates_off:
+        out["p99_with_over_without"] = [round(a["end_to_end"]["p99_ms"] / b["end_to_end"]["p99_ms"], 3)
+                                        for a, b in zip(rates, rates_off)]
+        print("p99 with the monitor / without, per rate: " + ", ".join(
+            f"{a['target_rps']:.0f}/s {x:.3f}" for a, x in zip(rates, out["p99_with_over_without"])), flush=True)
+    return out
 
 
 def _process_memory(pid: int) -> dict[str, float]:
@@ -373,6 +420,10 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections of the generator (default 64)")
     p.add_argument("--events", type=int, default=500, help="click events posted one at a time (default 500)")
     p.add_argument("--inproc-requests", type=int, default=3000, help="requests for the in-process run (default 3000)")
+    p.add_argument("--monitor-sample", type=float, default=None,
+                   help="[monitor] sample of the served config, and a second server with the recall monitor off "
+                        "taking the same load, rate by rate in alternation: the p99 with and without it (0: one "
+                        "server, monitor off; default: one server with the config's default, 1%%)")
     p.add_argument("--workdir", default="bench-work", help="where the workload is built and cached (default bench-work/)")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
     p.set_defaults(func=run)
