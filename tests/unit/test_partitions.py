@@ -218,10 +218,24 @@ def test_calibration_measures_the_partition_path(ix, world):
 
 
 def test_partition_beam_scale_is_the_smallest_that_holds_the_floor(ix, world):
-    q = world["queries"]
-    scale = plan.partition_ef_scale(ix, q, K, FLOOR)
+    q, floor = world["queries"], 0.97
+    saved = ix.search_defaults
+    ix.search_defaults = {**saved, "ef": 400}
+    try:
+        scale = plan.partition_ef_scale(ix, q, K, floor)
+    finally:
+        ix.search_defaults = saved
     assert scale in plan.PARTITION_EF_SCALES
-    mask = plan.share_mask(ix, 0.3, np.random.default_rng(1))
-    truth = ix._exact(q, K, mask)[0]
-    got = ix._run_path(q, K, {**ix.search_defaults, "ef": 120, "partition_ef_scale": scale}, mask, "partition")[0]
-    assert recall_at_k(got, truth) >= FLOOR - 0.05  # another draw of masks than the calibration's
+    codes, counts = _sizes(world)
+    probes = [Filter(categories=frozenset({int(c)})) for c in codes[np.argsort(-counts)[:plan.PARTITION_PROBES]]]
+
+    def worst(at_scale: float) -> float:
+        at = {**PARAMS, "ef": 400, "partition_ef_scale": at_scale}
+        assert all(ix._partitions.route(ix._mask_for(f), K, at).walk for f in probes)  # walked, not scanned
+        return min(recall_at_k(ix.search(q, K, filter=f, params=at).ids, ix.exact_search(q, K, filter=f).ids)
+                   for f in probes)
+
+    assert worst(scale) >= floor
+    i = plan.PARTITION_EF_SCALES.index(scale)
+    if i:  # the next narrower beam misses the floor on some probe
+        assert worst(plan.PARTITION_EF_SCALES[i - 1]) < floor

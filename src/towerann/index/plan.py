@@ -43,10 +43,10 @@ CALIBRATION_QUERIES = 40  # timed one at a time per (share, path); all of them f
 EXACT_MARGIN = 0.8  # a library path replaces exact search only when its p50 is below 0.8x exact's
 RECALL_SLACK = 0.01  # the recall floor of a path: the target, or the index's unfiltered recall less this
 # A partition's graph is a fraction of the whole one, so its beam can be narrower for the same recall:
-# calibration keeps the smallest of these scales of ef (search param partition_ef_scale) that holds
-# the floor on the partition path at PARTITION_SHARES.
+# calibration keeps the smallest of these scales of ef (search param partition_ef_scale) at which a
+# walk of each of the PARTITION_PROBES biggest partitions alone holds the recall floor.
 PARTITION_EF_SCALES = (0.125, 0.25, 0.5, 1.0)
-PARTITION_SHARES = (0.02, 0.1, 0.3)
+PARTITION_PROBES = 3
 
 
 def check_path(path: Any) -> str:
@@ -168,18 +168,25 @@ def measure(index: "Index", queries: np.ndarray, k: int, shares: tuple[float, ..
     return points
 
 
-def partition_ef_scale(index: "Index", queries: np.ndarray, k: int, floor: float, seed: int = 0) -> float:
+def partition_ef_scale(index: "Index", queries: np.ndarray, k: int, floor: float) -> float:
     """The smallest PARTITION_EF_SCALES entry at which the partition path's recall@k holds `floor`
-    at every PARTITION_SHARES mask (1.0 when none does)."""
+    on a filter of each of the biggest partitions' values (masks made of many small values are
+    mostly scanned, and would pass any beam); 1.0 when none does."""
+    from towerann.index.base import Mask
     from towerann.index.tune import recall_at_k
 
-    rng = np.random.default_rng(seed)
-    masks = [m for m in (share_mask(index, s, rng) for s in PARTITION_SHARES) if m.count > k]
+    info = index.partition_info()  # type: ignore[attr-defined]  # only indexes with the partition path
+    biggest = sorted(zip(info["sizes"], info["values"]), reverse=True)[:PARTITION_PROBES]
+    ok = index._ok.data
+    table = index._cats.data if info["by"] == "category" else index._attrs[info["by"]].data
+    masks = [Mask(bits=b, count=int(b.sum())) for b in (ok & (table == value) for _, value in biggest)]
+    masks = [m for m in masks if m.count > k]
     truths = [index._exact(queries, k, m)[0] for m in masks]
     for scale in PARTITION_EF_SCALES:
         p = {**index.search_defaults, "partition_ef_scale": scale}
-        if all(recall_at_k(index._run_path(queries, k, p, m, "partition")[0], t) >= floor
-               for m, t in zip(masks, truths)):
+        got = [recall_at_k(index._run_path(queries, k, p, m, "partition")[0], t) for m, t in zip(masks, truths)]
+        log.info("partition beam at %.3f x ef=%s, k=%d: recall %s", scale, p.get("ef"), k, [round(r, 4) for r in got])
+        if all(r >= floor for r in got):
             return scale
     return 1.0
 
@@ -202,7 +209,7 @@ def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target
     points: list[dict[str, Any]] = []
     table: list[list[Any]] = []
     floors = {}
-    partitioned = "partition" in index.filter_paths and "partition_ef_scale" in index.search_defaults
+    partitioned = "partition" in index.filter_paths and getattr(index, "partition_info", lambda: None)()
     scales = {}
     for k in ks:
         # An index tuned below the target unfiltered is held to its own unfiltered recall (less a
@@ -210,8 +217,7 @@ def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target
         unfiltered = recall_at_k(index.search(q, int(k)).ids, index.exact_search(q, int(k)).ids)
         floors[int(k)] = floor = min(target, unfiltered - RECALL_SLACK)
         if partitioned:
-            scales[int(k)] = index.search_defaults["partition_ef_scale"] = partition_ef_scale(index, q, int(k), floor,
-                                                                                              seed)
+            scales[int(k)] = index.search_defaults["partition_ef_scale"] = partition_ef_scale(index, q, int(k), floor)
         pts = measure(index, q, int(k), shares, seed=seed)
         points += pts
         table += derive(pts, int(k), floor)
