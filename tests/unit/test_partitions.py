@@ -165,15 +165,19 @@ def test_live_writes_keep_partitions_right(world):
     ix.remove([item])
     assert item not in ix.search(q, K, filter=fb, params=PARAMS).ids
     assert len(ix._partitions.subs[pb]) == int(counts[codes == b][0])  # removed from its partition
-    # a new value reaching the minimum gets its partition on that write
-    new_cat = int(codes.max()) + 1
+    # a new value gets its partition on a write of at least the minimum, not one item at a time
     rows = np.flatnonzero(world["cats"] == b)[:MIN]
+    trickle = int(codes.max()) + 1
+    ix.add(world["vectors"][rows[:-1]], np.arange(MIN - 1) + 20 * N, categories=np.full(MIN - 1, trickle))
+    ix.add(world["vectors"][rows[-1:]], [21 * N], categories=[trickle])  # the one that reaches MIN
+    assert trickle not in ix._partitions.values  # no pass over the catalog for a one-item write
+    new_cat = trickle + 1
     ix.add(world["vectors"][rows], np.arange(MIN) + 10 * N, categories=np.full(MIN, new_cat))
-    assert new_cat in ix._partitions.values
-    res = ix.search(world["queries"], K, filter=Filter(categories=frozenset({new_cat})), params=PARAMS)
-    assert ix._partitions.route(ix._mask_for(Filter(categories=frozenset({new_cat}))), K, PARAMS).walk
+    assert new_cat in ix._partitions.values and trickle not in ix._partitions.values
+    f = Filter(categories=frozenset({new_cat}))
+    assert ix._partitions.route(ix._mask_for(f), K, PARAMS).walk
+    res = ix.search(world["queries"], K, filter=f, params=PARAMS)
     assert set(res.ids.ravel().tolist()) <= set((np.arange(MIN) + 10 * N).tolist())
-
 
 def test_an_attribute_partition_moves_an_item_whose_value_changes(world):
     ix = _build(world, partition_by="brand", partition_min=MIN)

@@ -9,8 +9,11 @@ items are scored by brute force over the host's own vectors, as the planner's ex
 Bookkeeping, all over the host's slots: `home[slot]` is the partition that indexes the slot under
 its current value (-1: none). A sub-index's ids *are* host slots. Availability needs no change here
 (the host's mask already drops hidden slots); an upsert adds the new slot to its value's partition; an attribute change moves the slot (out of the old value's partition, into the new one's); a
-removal or replacement takes the dead slot out of its partition too. A value that reaches
-`min_items` gets its partition on the write that takes it there.
+removal or replacement takes the dead slot out of its partition too. Partitions start at build and
+on any write of at least `min_items` items (a bulk add, attributes set over the catalog) for each
+value that then has `min_items` unpartitioned items: counting a value means a pass over the
+catalog, which a one-item live write does not pay; a value that grew one item at a time is
+partitioned by the next build (its items are scanned until then, as any small value's are).
 
 Memory: every partitioned item is stored once more (its vector and graph links in the sub-index,
 plus the sub-index's slot tables); `memory()` reports it.
@@ -95,7 +98,8 @@ class Partitions:
 
     def sync(self, slots: np.ndarray) -> None:
         """After the host added `slots` or changed their partition attribute: index each live one in
-        its value's partition, and start partitions for values that now reach min_items."""
+        its value's partition; a write of at least min_items slots also starts partitions for the
+        values that now reach min_items."""
         h = self.host
         n = h.n_slots
         if self.home.n < n:
@@ -112,7 +116,8 @@ class Partitions:
         for pid in np.unique(want[moved]):
             if pid >= 0:
                 self._add_to(int(pid), slots[moved & (want == pid)])
-        self._start_partitions(codes, np.unique(codes[slots[want < 0]]))
+        if len(slots) >= self.min_items:
+            self._start_partitions(codes, np.unique(codes[slots[want < 0]]))
         self._version += 1
 
     def forget(self, slots: np.ndarray) -> None:
