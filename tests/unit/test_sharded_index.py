@@ -120,7 +120,7 @@ def test_writes_go_to_the_owning_shard_only(data) -> None:
 
 
 def test_hnsw_shards_keep_recall_and_take_search_params(data) -> None:
-    sharded, plain = _pair(data, backend="hnsw", M=16, ef_construction=64)
+    sharded, plain = _pair(data, shards=2, backend="hnsw", M=8, ef_construction=40)
     q = data["queries"]
     truth = plain.exact_search(q, 50).ids
     np.testing.assert_array_equal(sharded.exact_search(q, 50).ids, truth)
@@ -166,3 +166,19 @@ def test_create_index_knows_plain_and_sharded_kinds() -> None:
         create_index("sharded", D, backend="sharded")
     with pytest.raises(ConfigError, match="unknown index kind"):
         create_index("sharded", D, backend="nope")
+
+
+def test_the_core_and_local_mode_do_not_import_ray() -> None:
+    """Ray is an extra: the cluster package, the bench module and a local sharded search run without it."""
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np\n"
+              "import towerann.cluster, towerann.cluster.local_cluster, towerann.bench.shards\n"
+              "from towerann.cluster import ShardedIndex\n"
+              "ix = ShardedIndex(4, shards=2); ix.build(np.eye(4, dtype=np.float32), np.arange(4))\n"
+              "assert ix.search(np.eye(4, dtype=np.float32), 1).ids[:, 0].tolist() == [0, 1, 2, 3]\n"
+              "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

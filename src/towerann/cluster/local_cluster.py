@@ -44,7 +44,8 @@ class LocalCluster:
         self.nodes, self.args = nodes, node_args(num_cpus, object_store_bytes)
         self.address: str | None = None
         self.temp: str | None = None
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        # no usage stats; no metrics export (core Ray has no metrics agent: each process would log its absence)
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
     def _ray(self, *args: str) -> None:
         done = subprocess.run([str(ray_command()), *args], capture_output=True, text=True, env=self.env, timeout=180)

@@ -25,6 +25,7 @@ Ray is imported here only (lazily, through `require_ray`): the core never import
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -120,8 +121,6 @@ class ShardWorker:
         return len(writes)
 
     def info(self) -> dict[str, Any]:
-        import os
-
         node = require_ray().get_runtime_context().get_node_id()
         return {"shard": self.shard, "incarnation": self.incarnation, "current": self.current,
                 "held": sorted(self.held), "node": node, "pid": os.getpid(),
@@ -187,7 +186,10 @@ class RayShards(ShardSet):
         asked = {s: a.call.remote(version, method, payload) for s, a in enumerate(self.actors)
                  if s not in self._recovering}
         refs = list(asked.values())
-        ready = refs if deadline_s is None else ray.wait(refs, num_returns=len(refs), timeout=deadline_s)[0]
+        if deadline_s is None or not refs:
+            ready = refs
+        else:
+            ready = ray.wait(refs, num_returns=len(refs), timeout=deadline_s)[0]
         try:
             got = dict(zip(ready, ray.get(ready)))  # one round trip when every shard answered
         except ray.exceptions.RayError:
