@@ -3,7 +3,8 @@ Ray cluster of several nodes on this machine, beside the unsharded index of the 
 
 On a seeded far-off catalog (towerann.data.vectors) it builds the unsharded index and, for each S,
 a ShardedIndex of S shards of the same backend and build parameters, searched at the same
-per-shard search parameters. Recall@K is against exact search. Then the sharded snapshot is
+per-shard search parameters. Recall@K is against exact search, at each of the backend's settings
+in RECALL_SETTINGS (the last one is the timed one). Then the sharded snapshot is
 published and served by one Ray actor per shard, and one query at a time (the serving path) is
 timed: through plain actor calls (one call per shard), through a compiled graph (ray.dag) of the
 same calls, and a batch of queries per call (per query). Also timed: the bare S-way fan-out of
@@ -17,6 +18,7 @@ fan-out + merge overhead at S=4 under 2 ms p50. Writes shards-<items>.json and .
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -36,9 +38,12 @@ from towerann.index.tune import recall_at_k
 log = logging.getLogger(__name__)
 
 BUILD = {"hnsw": {"M": 16, "ef_construction": 80}, "exact": {}, "ivfpq": {}, "scann": {}}
-SEARCH = {"hnsw": {"ef": 128}, "exact": {}, "ivfpq": {}, "scann": {}}
+# recall is compared at each setting; the last is the one timed (ef=1200: recall@100 ~0.94 on this
+# catalog in docs/bench/ann-far-200k.json, M=32)
+RECALL_SETTINGS = {"hnsw": [{"ef": 128}, {"ef": 512}, {"ef": 1200}], "exact": [{}], "ivfpq": [{}], "scann": [{}]}
 TARGET = {"recall_points": 0.5, "overhead_p50_ms_at_4": 2.0}
 BATCH = 32
+COMPILED_TIMEOUT_S = 60
 
 
 def _time_each(fn: Callable[[int], Any], n: int, warm: int = 10) -> dict[str, float]:
@@ -54,8 +59,11 @@ def _time_each(fn: Callable[[int], Any], n: int, warm: int = 10) -> dict[str, fl
 
 def _compiled(actors: list[Any], method: str, *bound: Any) -> Any:
     """A compiled graph (ray.dag) calling `method(*bound, input)` on every actor at once."""
-    from ray.dag import InputNode, MultiOutputNode
+    from ray.dag import DAGContext, InputNode, MultiOutputNode
 
+    # a compiled graph's first executions set up its channels: seconds on a loaded machine, past the
+    # default 10 s read timeout
+    DAGContext.get_current().get_timeout = COMPILED_TIMEOUT_S
     with InputNode() as inp:
         dag = MultiOutputNode([getattr(a, method).bind(*bound, inp) for a in actors])
     return dag.experimental_compile()
@@ -112,10 +120,16 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
     ray = require_ray()
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
     q = cat.queries
-    build, search = BUILD.get(backend, {}), SEARCH.get(backend, {})
+    build, settings = BUILD.get(backend, {}), RECALL_SETTINGS.get(backend, [{}])
+    search = settings[-1]
+
+    def recalls(index: Any) -> dict[str, float]:
+        return {json.dumps(p, sort_keys=True): round(recall_at_k(index.search(q, k, params=p or None).ids, gt), 4)
+                for p in settings}
+
     result: dict[str, Any] = {
         "params": {"items": n_items, "dim": dim, "k": k, "shards": list(shard_counts), "backend": backend,
-                   "build_params": build, "search_params": search, "nodes": nodes, "queries": n_queries,
+                   "build_params": build, "search_params": search, "recall_settings": settings, "nodes": nodes, "queries": n_queries,
                    "timed_queries": n_time, "batch": BATCH, "seed": seed},
         "dataset": {"kind": "far-off synthetic (towerann.data.vectors)", **cat.params},
         "points": [],
@@ -131,6 +145,7 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
         build_s = time.perf_counter() - t0
     with threads(1):
         base = {"recall": round(recall_at_k(plain.search(q, k, params=search or None).ids, gt), 4),
+                "recall_by_setting": recalls(plain),
                 "local": _time_each(lambda i: plain.search(q[i % n_queries], k, params=search or None), n_time),
                 "build_s": round(build_s, 1)}
     plain = None  # freed before the shards load their copies
@@ -152,6 +167,7 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
                 built = time.perf_counter() - t0
             with threads(1):
                 recall = recall_at_k(sharded.search(q, k, params=search or None).ids, gt)
+                by_setting = recalls(sharded)
                 local = _time_each(lambda i: sharded.search(q[i % n_queries], k, params=search or None), n_time)
             with tempfile.TemporaryDirectory(prefix="bench-shards-") as root:
                 publish(sharded, root, "bench")
@@ -163,6 +179,9 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
                 finally:
                     ix.shards.close()
             point = {"shards": s, "recall": round(recall, 4), "ray_recall": round(ray_recall, 4),
+                     "recall_by_setting": by_setting,
+                     "recall_points_by_setting": {key: round(100 * (r - base["recall_by_setting"][key]), 2)
+                                                  for key, r in by_setting.items()},
                      "recall_points_vs_unsharded": round(100 * (recall - base["recall"]), 2),
                      "build_s": round(built, 1), "local_in_process": local, **timings,
                      "overhead_p50_ms": round(timings["search_plain"]["p50_ms"] - base["local"]["p50_ms"], 4),
@@ -234,6 +253,10 @@ def print_table(result: dict[str, Any]) -> None:
               f"{p.get('noop_compiled', {}).get('p50_ms', np.nan):>8.3f}{p['merge']['p50_ms']:>8.3f}"
               f"{p['overhead_p50_ms']:>9.3f}")
     print("(ms, p50 unless named; overhead = Ray p50 - the unsharded p50)")
+    print(f"recall@{result['params']['k']} per search setting: unsharded, then S = "
+          f"{', '.join(str(p['shards']) for p in result['points'])}")
+    for key, r in u["recall_by_setting"].items():
+        print(f"  {key:<16}{r:.4f}  " + "  ".join(f"{p['recall_by_setting'][key]:.4f}" for p in result["points"]))
 
 
 def run(args: argparse.Namespace) -> int:
