@@ -50,6 +50,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
     b.set_defaults(func=_build)
 
+    t = sub.add_parser("tune", help="re-tune a published snapshot's search settings (no rebuild) and publish "
+                                    "them as a new version")
+    t.add_argument("root", help="snapshot root (e.g. indexes/); its CURRENT version is re-tuned")
+    t.add_argument("--recall", type=float, required=True, help="recall@k target on the tuning queries")
+    t.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
+    t.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim])")
+    t.add_argument("--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)")
+    t.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
+    t.add_argument("--calibrate-filters", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the filter plan again (default: when the snapshot has one)")
+    t.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
+    t.set_defaults(func=_tune)
+
     r = sub.add_parser("rollback", help="point CURRENT at the previous snapshot version")
     r.add_argument("--root", required=True, help="snapshot root (e.g. indexes/)")
     r.set_defaults(func=_rollback)
@@ -132,6 +145,24 @@ def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> A
     return heldout_user_queries(model, data)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from towerann.index.retune import retune
+
+    if args.queries:
+        queries = load_npy(args.queries)
+    elif args.data and args.model:
+        queries = _dataset_queries(args.model, args.data, read_checked_manifest(resolve(args.root), verify=False)
+                                   ["model_version"])
+    else:
+        raise ConfigError("index tune needs tuning queries: --queries FILE.npy, or --data DIR with --model DIR")
+    path, t = retune(args.root, queries, args.k, args.recall, keep=args.keep, calibrate_filters=args.calibrate_filters)
+    speed = f", p50 {t['p50_ms']:.3f} ms" if t.get("p50_ms") else ""
+    print(f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}"
+          f"{'' if t['reached'] else ', NOT reached'})")
+    print(f"snapshot: {path}")
+    return 0
+
+
 def _rollback(args: argparse.Namespace) -> int:
     old = current_version(args.root)
     new = rollback(args.root)
@@ -146,6 +177,8 @@ def _info(args: argparse.Namespace) -> int:
     info = {k: m.get(k) for k in ("backend", "description", "model_version", "dim", "metric", "count", "slots",
                                   "build_params", "search_defaults", "tuning", "created_at")}
     info.update(path=str(directory), files=len(m["checksums"]), bytes=size, checksums="ok")
+    if m.get("retuned_from"):  # `index tune`: the version whose files (hard links) and build this one shares
+        info["retuned_from"] = m["retuned_from"]
     memory = (m.get("backend_state") or {}).get("memory")  # ivfpq: resident vs on-disk bytes once loaded
     if memory:
         info["memory"] = memory

@@ -77,6 +77,30 @@ def publish(index: Index, root: str | Path, model_version: str, extra: dict[str,
     return root / version
 
 
+def republish(root: str | Path, source: str | Path, manifest: dict[str, Any], keep: int = 3) -> Path:
+    """Publish a new version under `root` holding `source`'s files (hard links: artifacts are never
+    written in place, so sharing them is safe; copies across filesystems) and `manifest` in place of
+    its manifest - a change of search settings without a rebuild. CURRENT moves to it; returns its path."""
+    root, source = Path(root), Path(source)
+    version = new_version()
+    try:
+        with atomic_dir(root / version) as tmp:
+            for name in _files(source):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source / name, tmp / name)
+                except OSError:
+                    shutil.copy2(source / name, tmp / name)
+            write_json_atomic(tmp / MANIFEST, {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+    except OSError as e:
+        raise ArtifactError(f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT "
+                            "is unchanged") from e
+    set_current(root, version)
+    prune(root, keep)
+    log.info("republished %s as %s", source, root / version)
+    return root / version
+
+
 def set_current(root: str | Path, version: str) -> None:
     """Point root/CURRENT at `version`, atomically (temp file + rename, both flushed to disk)."""
     root = Path(root)
