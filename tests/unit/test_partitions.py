@@ -243,3 +243,15 @@ def test_partition_beam_scale_is_the_smallest_that_holds_the_floor(ix, world):
     i = plan.PARTITION_EF_SCALES.index(scale)
     if i:  # the next narrower beam misses the floor on some probe
         assert worst(plan.PARTITION_EF_SCALES[i - 1]) < floor
+
+
+def test_the_measured_walk_cost_decides_which_partitions_are_walked(ix, world):
+    cost = plan.partition_walk_cost(ix, world["queries"], K, n_time=5)
+    assert cost > 0
+    f = Filter(categories=frozenset({int(v) for v in ix._partitions.values}))
+    mask = ix._mask_for(f)
+    assert ix._partitions.route(mask, K, {**PARAMS, "partition_walk_cost": 0.01}).walk  # walks are cheap: walk
+    dear = {**PARAMS, "partition_walk_cost": N}  # a walk dearer than scanning the catalog: scan everything
+    assert not ix._partitions.route(mask, K, dear).walk
+    np.testing.assert_array_equal(ix.search(world["queries"], K, filter=f, params=dear).ids,
+                                  ix.exact_search(world["queries"], K, filter=f).ids)

@@ -9,7 +9,9 @@ recall@K against exact filtered search (`Index.exact_search`) and p50/p99 of one
 one thread, for the planner and for each single path (exact, filtered, post: index.plan).
 With --partition-by category, hnsw is built with a sub-index per category of at least
 --partition-min items (index.partition) and the "partition" path is measured too; the JSON
-records what the partitions cost in memory (bytes per item).
+records what the partitions cost in memory (bytes per item). --filter-order largest measures
+filters made of the biggest categories first (a few big values: what partitions are for) instead
+of a random order (mostly small categories, which the partition path scans like the exact one).
 
 Targets (the issue's, at 1M items): recall@K >= 0.95 at every share, and the planner's filtered p99
 at most 2x the unfiltered p99 of the same index. Writes filter-<items>.json and .png.
@@ -39,11 +41,23 @@ BACKENDS = ("exact", "hnsw", "ivfpq", "scann")
 TARGET = {"recall": 0.95, "p99_vs_unfiltered": 2.0}
 
 
-def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator) -> Filter | None:
-    """Whole categories in a random order until about `share` of the items are kept (None: 100%)."""
+def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator,
+                 order: str = "random") -> Filter | None:
+    """Whole categories in a random order (order="largest": biggest first, the few-big-values filters
+    partitions are for) until about `share` of the items are kept (None: 100%)."""
     if share >= 1.0:
         return None
-    chosen, _ = plan.categories_for_share(clusters, share, rng)
+    if order == "largest":
+        codes, counts = np.unique(clusters, return_counts=True)
+        chosen, total = [], 0
+        for i in np.argsort(-counts, kind="stable"):
+            if total >= 0.9 * share * len(clusters):
+                break
+            if total + counts[i] <= 1.2 * share * len(clusters):
+                chosen.append(int(codes[i]))
+                total += int(counts[i])
+    else:
+        chosen, _ = plan.categories_for_share(clusters, share, rng)
     if not chosen:  # every category is bigger than the share: the smallest one
         codes, counts = np.unique(clusters, return_counts=True)
         chosen = [int(codes[np.argmin(counts)])]
@@ -52,7 +66,7 @@ def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator) -
 
 def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal: np.ndarray, q_eval: np.ndarray,
                     ks: tuple[int, ...], shares: tuple[float, ...], recall: float, n_time: int,
-                    seed: int, build_params: dict[str, Any] | None = None,
+                    seed: int, build_params: dict[str, Any] | None = None, filter_order: str = "random",
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build, tune and calibrate one backend; measure every (K, share, path)."""
     t0 = time.perf_counter()
@@ -72,8 +86,9 @@ def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal:
             params_at[k] = {}
         info["tuned"][str(k)] = params_at[k]
         cal = plan.calibrate(index, q_cal, ks=(k,), target=recall)
-        if "partition_ef_scale" in cal:  # one calibration per K: each K keeps its own beam scale
+        if "partition_ef_scale" in cal:  # one calibration per K: each K keeps its own beam and walk cost
             params_at[k]["partition_ef_scale"] = cal["partition_ef_scale"][k]
+            params_at[k]["partition_walk_cost"] = cal["partition_walk_cost"][k]
         info["calibration_s"] += cal["seconds"]
         info.setdefault("calibration", {})[str(k)] = cal["points"]
         table += cal["plan"]
@@ -81,7 +96,7 @@ def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal:
     info["plan"] = table
     info["describe"] = index.describe()
     rng = np.random.default_rng(seed)
-    filters = [(share, share_filter(clusters, share, rng)) for share in shares]
+    filters = [(share, share_filter(clusters, share, rng, filter_order)) for share in shares]
     points = []
     for k in ks:
         base = {key: v for key, v in params_at[k].items()}
@@ -125,7 +140,8 @@ def check_targets(points: list[dict[str, Any]], target: dict[str, float] = TARGE
 def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100, 1000),
                      backends: tuple[str, ...] = BACKENDS, shares: tuple[float, ...] = SHARES, recall: float = 0.95,
                      n_queries: int = 400, n_time: int = 200, seed: int = 0, out: str | Path | None = None,
-                     partition_by: str | None = None, partition_min: int = DEFAULT_MIN_ITEMS) -> dict[str, Any]:
+                     partition_by: str | None = None, partition_min: int = DEFAULT_MIN_ITEMS,
+                     filter_order: str = "random") -> dict[str, Any]:
     from towerann.data.vectors import far_off_catalog
 
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
@@ -135,7 +151,8 @@ def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100
         "params": {"items": n_items, "dim": dim, "ks": list(ks), "shares": list(shares), "recall_target": recall,
                    "queries": len(q_eval), "timed_queries": min(n_time, len(q_eval)), "seed": seed,
                    "threads": 1, "categories": int(len(np.unique(cat.clusters))),
-                   "partition_by": partition_by, "partition_min": partition_min if partition_by else None},
+                   "partition_by": partition_by, "partition_min": partition_min if partition_by else None,
+                   "filter_order": filter_order},
         "dataset": {"kind": "far-off synthetic (towerann.data.vectors)", **cat.params},
         "backends": {}, "points": [], "skipped": {},
     }
@@ -144,7 +161,7 @@ def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100
             try:
                 build = {"partition_by": partition_by, "partition_min": partition_min} if kind == "hnsw" and partition_by else {}
                 info, points = measure_backend(kind, cat.vectors, cat.clusters, q_cal, q_eval, ks, shares, recall,
-                                               n_time, seed, build)
+                                               n_time, seed, build, filter_order)
             except BackendUnavailable as e:
                 result["skipped"][kind] = str(e)
                 continue
@@ -152,7 +169,8 @@ def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100
             result["points"] += points
     result["targets"] = check_targets(result["points"])
     if out is not None:
-        name = f"filter-{n_items}" + (f"-partitions-{partition_by}" if partition_by else "")
+        name = (f"filter-{n_items}" + (f"-partitions-{partition_by}" if partition_by else "")
+                + ("-largest" if filter_order == "largest" else ""))
         files = write_report(out, name, result, plot(result))
         result["files"] = [str(f) for f in files if f is not None]
     return result
@@ -220,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_filter_bench(args.items, dim=args.dim, ks=_ks(args.k), backends=_csv(args.backends, "--backends"),
                               shares=shares, recall=args.recall, n_queries=2 * args.queries_n, n_time=args.time_n,
                               seed=args.seed, out=args.out, partition_by=args.partition_by,
-                              partition_min=args.partition_min)
+                              partition_min=args.partition_min, filter_order=args.filter_order)
     print_table(result)
     print(f"wrote {' and '.join(result['files'])}")
     return 0
@@ -244,5 +262,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    help="build hnsw with a sub-index per category (index.partition) and measure the partition path")
     p.add_argument("--partition-min", type=int, default=DEFAULT_MIN_ITEMS,
                    help=f"a category gets a partition from this many items (default {DEFAULT_MIN_ITEMS})")
+    p.add_argument("--filter-order", default="random", choices=["random", "largest"],
+                   help="measured filters: whole categories in a seeded random order (default), or biggest first")
     p.add_argument("--out", default="bench-results", help="directory for filter-<items>[-partitions-category].json and .png")
     p.set_defaults(func=run)

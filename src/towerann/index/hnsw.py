@@ -97,8 +97,10 @@ def huge_pages(buf: np.ndarray, collapse: bool) -> int:
 
 class HNSWIndex(Index):
     kind = "hnsw"
-    # partition_ef_scale: a partition's beam is ef times this (its graph is smaller than the whole one)
-    default_search: dict[str, Any] = {"ef": 256, "partition_ef_scale": 1.0}
+    # partition_ef_scale: a partition's beam is ef times this (its graph is smaller than the whole one);
+    # partition_walk_cost: rows a scan does in the time a walk spends per unit of beam (0: the default
+    # estimate, index.partition.WALK_ROWS_PER_EF); both measured by plan.calibrate
+    default_search: dict[str, Any] = {"ef": 256, "partition_ef_scale": 1.0, "partition_walk_cost": 0}
     filter_paths = ("exact", "filtered", "post")
 
     def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128,

@@ -45,9 +45,10 @@ DEFAULT_MIN_ITEMS = 10_000
 # at a low share) is not, and the host answers it by brute force instead of walking every partition.
 ALIGN_FACTOR = 4
 DIR = "partitions"
-# A graph walk at beam ef cost about as much as a scan of 20 x ef rows (20k x 128-d, M=32, one
-# thread: ef=100 0.82 ms, a 20k-row scan 0.74 ms): a touched partition with fewer qualifying items
-# than this many times its beam is scanned with the rest instead of walked.
+# A graph walk at beam ef costs about as much as a scan of this many rows per unit of ef (20k x
+# 128-d, M=32, one thread: ef=100 0.82 ms, a 20k-row scan 0.74 ms); a touched partition with fewer
+# qualifying items than that is scanned with the rest instead of walked. It is the default of the
+# search param partition_walk_cost, which calibration measures on the index (plan.partition_walk_cost).
 WALK_ROWS_PER_EF = 16
 
 
@@ -183,7 +184,8 @@ class Partitions:
     def route(self, mask: Mask, k: int, params: dict[str, Any]) -> Route:
         """The partitions (and brute-force rest) that cover a mask's qualifying slots; cached per
         (mask, k, beam). A partition is walked only when more of its items qualify than a walk costs."""
-        min_walk = max(2 * k, WALK_ROWS_PER_EF * self.beam(k, params))  # 2k: fewer, and a walk could miss some
+        per_ef = float(params.get("partition_walk_cost") or WALK_ROWS_PER_EF)
+        min_walk = max(2 * k, int(per_ef * self.beam(k, params)))  # 2k: fewer, and a walk could miss some
         key = (id(mask), min_walk)
         hit = self._routes.get(key)
         if hit is not None and hit[0]() is mask and hit[1] == self._version:
@@ -224,6 +226,8 @@ class Partitions:
         decides, inside the sub-index, between its plain walk, post-filter and bitmap walk), the
         rest by brute force, merged by score."""
         r = self.route(mask, k, params)
+        if not r.walk:  # every qualifying item is scanned: the exact path itself, no merge
+            return self.host._exact(q, k, mask)
         p = {**params, "filter_path": "auto", "filter_plan": [], "exact_below": 0, "ef": self.beam(k, params)}
         ids, scores = [], []
         for pid, local in r.walk:

@@ -191,13 +191,36 @@ def partition_ef_scale(index: "Index", queries: np.ndarray, k: int, floor: float
     return 1.0
 
 
+def partition_walk_cost(index: "Index", queries: np.ndarray, k: int, n_time: int = CALIBRATION_QUERIES) -> float:
+    """Rows a brute-force scan gets through in the time one partition walk spends per unit of its
+    beam, timed on the biggest partition (its walk against a scan of its items, in turns): the
+    route walks a partition only where more of its items qualify than that times the beam."""
+    from towerann.index.base import Mask
+
+    parts = index._partitions  # type: ignore[attr-defined]  # only indexes with the partition path
+    sub = max(parts.subs, key=len)
+    slots = np.sort(sub._ids.data[sub._alive.data])
+    bits = np.zeros(index.n_slots, bool)
+    bits[slots] = True
+    scan = Mask(bits=bits, count=len(slots), _idx=slots)
+    beam = parts.beam(k, index.search_defaults)
+    p = {**index.search_defaults, "ef": beam, "filter_path": "auto", "filter_plan": [], "exact_below": 0}
+    ms = time_paths({"walk": lambda row: sub._search(row, k, p, None), "scan": lambda row: index._exact(row, k, scan)},
+                    queries[:n_time])
+    cost = len(slots) * float(np.median(ms["walk"]) / np.median(ms["scan"])) / beam
+    log.info("partition walk at ef=%d, k=%d: %.2f ms, a scan of its %d items %.2f ms: %.1f rows per unit of beam",
+             beam, k, np.median(ms["walk"]), len(slots), np.median(ms["scan"]), cost)
+    return round(cost, 2)
+
+
 def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target: float = 0.95,
               shares: tuple[float, ...] = SHARES, n_queries: int = 200, seed: int = 0) -> dict[str, Any]:
     """Measure every path at each share and store the plan on the index (search_defaults
     filter_plan; exact_below 0, since the plan's exact rows now decide). A path qualifies at a share
     when its recall reaches `target`, or the index's own unfiltered recall at k less RECALL_SLACK
-    when that is lower. An index with partitions first gets its partition beam (partition_ef_scale:
-    the largest any k needs). Returns what was measured."""
+    when that is lower. An index with partitions first gets its partition beam (partition_ef_scale)
+    and the measured cost of a walk (partition_walk_cost), the largest any k needs. Returns what
+    was measured."""
     from towerann.index.base import as_vectors
 
     q = as_vectors(queries, index.dim, "calibration queries")
@@ -210,7 +233,7 @@ def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target
     table: list[list[Any]] = []
     floors = {}
     partitioned = "partition" in index.filter_paths and getattr(index, "partition_info", lambda: None)()
-    scales = {}
+    scales, costs = {}, {}
     for k in ks:
         # An index tuned below the target unfiltered is held to its own unfiltered recall (less a
         # little): else every masked search (one hidden item makes a mask) would go brute force.
@@ -218,17 +241,19 @@ def calibrate(index: "Index", queries: Any, ks: tuple[int, ...] = (100,), target
         floors[int(k)] = floor = min(target, unfiltered - RECALL_SLACK)
         if partitioned:
             scales[int(k)] = index.search_defaults["partition_ef_scale"] = partition_ef_scale(index, q, int(k), floor)
+            costs[int(k)] = index.search_defaults["partition_walk_cost"] = partition_walk_cost(index, q, int(k))
         pts = measure(index, q, int(k), shares, seed=seed)
         points += pts
         table += derive(pts, int(k), floor)
-    if scales:
+    if scales:  # one value for every k: the widest beam, and the dearest walk (scanned more: exact)
         index.search_defaults["partition_ef_scale"] = max(scales.values())
+        index.search_defaults["partition_walk_cost"] = max(costs.values())
     index.search_defaults["filter_plan"] = table
     index.search_defaults["exact_below"] = 0
     result = {"ks": list(ks), "target": target, "recall_floor": floors, "queries": len(q), "plan": table,
               "points": points, "seconds": round(time.perf_counter() - t0, 2)}
     if scales:
-        result["partition_ef_scale"] = scales
+        result["partition_ef_scale"], result["partition_walk_cost"] = scales, costs
     index.filter_calibration = result
     log.info("filter plan of %s: %s (%.1fs)", index.describe(), table, result["seconds"])
     return result
