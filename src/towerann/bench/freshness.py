@@ -81,6 +81,28 @@ def window(timeline: dict[str, list], *spans: tuple[float, float]) -> dict[str, 
     return {**percentiles(lat[ok] / 1e3), "failed": int((sel & (status != 200)).sum()), "spans": spans}
 
 
+def worst_request(timeline: dict[str, list], span: tuple[float, float], reload: dict[str, Any]) -> dict[str, Any]:
+    """The slowest request sent within `span`: its latency, when it was sent (seconds after the reload
+    began, on this machine's clock) and the reload phase running then - where a stall starts, since a
+    request waits from its send time until the stall ends."""
+    sent, lat, status = (np.asarray(timeline[k]) for k in ("sent_unix", "latency_ms", "status"))
+    sel = np.flatnonzero((sent >= span[0]) & (sent < span[1]) & (status == 200))
+    if not len(sel):
+        return {}
+    i = int(sel[np.argmax(lat[sel])])
+    out: dict[str, Any] = {"latency_ms": float(lat[i]), "sent_unix": float(sent[i])}
+    start = reload.get("phases_start_unix")
+    if start is not None:
+        out["after_reload_start_s"] = round(float(sent[i]) - start, 3)
+        t, out["phase"] = start, "after" if sent[i] >= start else "before"
+        for name, seconds in (reload.get("phases_s") or {}).items():
+            if t <= sent[i] < t + seconds:
+                out["phase"] = name
+                break
+            t += seconds
+    return out
+
+
 REBUILD_NICE = 10  # the rebuild shares the server's 2 cores: it runs as the background job it is
 
 
@@ -123,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
     from towerann.index.build import Tuning
+    from towerann.index.snapshot import resolve, set_current
     from towerann.service.server import start_subprocess
     from towerann.serving.bundle import publish_bundle
 
@@ -186,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
             sampler = RssSampler(pid, 0.1).start()
             bodies = [json.dumps({"user_id": str(u), "k": args.k}).encode() for u in range(5000)]
             load_out: dict[str, Any] = {}
-            duration = args.steady_s * 2 + args.swap_budget_s
+            duration = (args.steady_s * 2 + args.swap_budget_s + (args.swaps - 1 + bool(args.control))
+                        * (args.swap_gap_s + 10))
             loader = threading.Thread(target=lambda: load_out.update(
                 run_load(server.url, bodies, args.rate, duration, 16, timeline=True)), daemon=True)
             loader.start()
@@ -195,9 +219,27 @@ def run(args: argparse.Namespace) -> int:
             rebuilt = rebuild_niced(paths["data"], paths["model"], root, delta_path, args.kind, args.recall, args.k)
             events["rebuild_end"] = time.time()
             time.sleep(args.settle_s)  # a watcher polling CURRENT would notice it a little later, too
+            control = None
+            if args.control:  # the control: another process does to the machine what the load does, no swap
+                control = {"kind": args.control, "start": time.time()}
+                control["seconds"] = run_control(args.control, resolve(root))
+                control["end"] = time.time()
+                time.sleep(args.swap_gap_s)
             events["swap_start"] = time.time()
             swap = http.post("/v1/admin/reload", headers=auth).json()
             events["swap_end"] = time.time()
+            # --swaps N: N-1 more swaps, each to a copy of the rebuilt bundle (its files fresh in the page
+            # cache, as a rebuild leaves them), --swap-gap-s apart: the five runs of the target in one load
+            swaps = [{"start": events["swap_start"], "end": events["swap_end"], "reload": swap}]
+            rebuilt_dir = resolve(root)
+            for again in range(1, args.swaps):
+                time.sleep(args.swap_gap_s)
+                copy = root / f"{rebuilt_dir.name}-again{again}"
+                shutil.copytree(rebuilt_dir, copy)
+                set_current(root, copy.name)
+                t_swap = time.time()
+                info = http.post("/v1/admin/reload", headers=auth).json()
+                swaps.append({"start": t_swap, "end": time.time(), "reload": info})
             loader.join()
             rss = sampler.stop()
     finally:
@@ -205,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
     tl = load_out["timeline"]
     before = (tl["sent_unix"][0] + 2.0, events["rebuild_start"])
-    after = (events["swap_end"] + 1.0, tl["sent_unix"][-1] + 1.0)
+    after = (swaps[-1]["end"] + 1.0, tl["sent_unix"][-1] + 1.0)
     # Steady = no rebuild and no swap running: before the rebuild and after the swap, together, so one
     # hiccup of the machine in a ~13 s window does not set the baseline.
     steady = window(tl, before, after)
@@ -217,6 +259,9 @@ def run(args: argparse.Namespace) -> int:
         "during_rebuild": window(tl, (events["rebuild_start"], events["swap_start"])),
         "during_swap": during_swap, "after": window(tl, after),
         "p99_swap_over_steady": round(during_swap["p99_ms"] / steady["p99_ms"], 2),
+        "worst_request": worst_request(tl, during_swap["spans"][0], swap),
+        "swaps": [_swap_window(tl, sw, steady) for sw in swaps],
+        "control": None if control is None else {**control, **_swap_window(tl, {**control, "reload": {}}, steady)},
         "rss_mb_before": round(max((m for t, m in rss if t < events["rebuild_start"]), default=0.0), 1),
         "rss_mb_peak_during_swap": round(max((m for t, m in rss if events["swap_start"] <= t <= events["swap_end"] + 1),
                                              default=0.0), 1),
@@ -226,11 +271,51 @@ def run(args: argparse.Namespace) -> int:
           f"during swap {during_swap['p99_ms']:.2f} ms ({s['p99_swap_over_steady']}x); RSS {s['rss_mb_before']} -> "
           f"peak {s['rss_mb_peak_during_swap']} -> {s['rss_mb_after']} MiB; reload {swap.get('outcome')} in "
           f"{swap.get('seconds')}s", flush=True)
+    for n, sw in enumerate(s["swaps"]):
+        w = sw["worst_request"]
+        print(f"  swap {n + 1}: p99 {sw['p99_ms']:.2f} ms ({sw['p99_over_steady']}x steady), worst {w.get('latency_ms', 0):.1f} ms "
+              f"sent {w.get('after_reload_start_s', float('nan')):.2f}s into the reload (phase {w.get('phase')}); "
+              f"phases {sw['phases_s']}", flush=True)
+    if s["control"] is not None:
+        c = s["control"]
+        print(f"  control ({c['kind']}, {c['seconds']:.2f}s, no swap): p99 {c['p99_ms']:.2f} ms ({c['p99_over_steady']}x "
+              f"steady), worst {c['worst_request'].get('latency_ms', 0):.1f} ms", flush=True)
     result["rss_timeline"] = [[round(t, 2), round(m, 1)] for t, m in rss]
     result["timeline"] = tl
     json_path, png_path = write_report(args.out, f"freshness-{args.items}-{args.kind}", result, _plot(result))
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+CONTROL_SCRIPTS = {
+    # read and checksum every file of the bundle, in 1 MB blocks, as a load's verification does
+    "read": "import hashlib,pathlib,sys\nfor p in sorted(pathlib.Path(sys.argv[1]).rglob('*')):\n"
+            "    if p.is_file():\n        h, f = hashlib.sha256(), open(p, 'rb')\n"
+            "        while b := f.read(1 << 20): h.update(b)\n",
+    # allocate and touch as much anonymous memory as the bundle's files hold (what a load adds to the RSS)
+    "alloc": "import numpy as np,pathlib,sys\n"
+             "n = sum(p.stat().st_size for p in pathlib.Path(sys.argv[1]).rglob('*') if p.is_file())\n"
+             "a = np.ones(n, np.uint8); print(int(a[::4096].sum()))\n",
+}
+
+
+def run_control(kind: str, bundle_dir: Path) -> float:
+    """Run one control process on `bundle_dir` (CONTROL_SCRIPTS) to its end; return its seconds."""
+    import subprocess
+    import sys
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", CONTROL_SCRIPTS[kind], str(bundle_dir)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def _swap_window(timeline: dict[str, list], swap: dict[str, Any], steady: dict[str, Any]) -> dict[str, Any]:
+    """One swap's window (0.5 s before the reload call to 1 s after it answered): p99 vs steady, the worst request."""
+    w = window(timeline, (swap["start"] - 0.5, swap["end"] + 1.0))
+    return {"p99_ms": w["p99_ms"], "p99_over_steady": round(w["p99_ms"] / steady["p99_ms"], 2), "failed": w["failed"],
+            "outcome": swap["reload"].get("outcome"), "phases_s": swap["reload"].get("phases_s"),
+            "worst_request": worst_request(timeline, w["spans"][0], swap["reload"])}
 
 
 def _plot(result: dict[str, Any]) -> Any:
@@ -278,6 +363,14 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                         "rebuild', where the rebuild's after-effects on the machine (writeback, freed memory) show")
     p.add_argument("--swap-budget-s", type=float, default=160.0,
                    help="load time left for rebuild + swap (default 160 s; raise it for big catalogs)")
+    p.add_argument("--swaps", type=int, default=1,
+                   help="swaps after the rebuild (default 1); more swap to copies of the rebuilt bundle, each "
+                        "reported on its own (p99 vs steady, the worst request and the reload phase it fell in)")
+    p.add_argument("--swap-gap-s", type=float, default=8.0, help="seconds between repeated swaps (default 8)")
+    p.add_argument("--control", choices=sorted(CONTROL_SCRIPTS), default=None,
+                   help="before the swaps, under the same load, a plain process that reads and checksums the new "
+                        "bundle's files (read) or allocates and touches as much memory (alloc): does the machine "
+                        "stall the server without any swap? (reported as 'control')")
     p.add_argument("--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
     p.set_defaults(func=run)

@@ -98,6 +98,7 @@ class _Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
+        self.started_unix = time.time()  # where the phases begin on a client's clock (bench freshness)
 
     def mark(self, name: str) -> None:
         now = time.perf_counter()
@@ -159,7 +160,8 @@ class Reloader:
                 self._refused = None
                 info = {"outcome": "swapped", "index_version": version, "model_version": new.model_version,
                         "validation_recall": round(recall, 4), "delta_seq": new.delta_seq,
-                        "seconds": round(time.perf_counter() - t0, 3), "phases_s": phases.seconds}
+                        "seconds": round(time.perf_counter() - t0, 3), "phases_s": phases.seconds,
+                        "phases_start_unix": round(phases.started_unix, 4)}
                 log.warning("swapped in bundle %s (model %s, recall %.3f, delta seq %d) in %.2fs", version,
                             new.model_version, recall, new.delta_seq, info["seconds"])
             except Exception as e:  # any failure: refuse this bundle, keep serving the old one
