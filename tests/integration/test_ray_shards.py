@@ -163,18 +163,25 @@ def test_version_switch_under_load_never_mixes_versions(attach, data, tmp_path) 
             r = ix.search(q, 20)
             seen.append((r.version, bool((r.ids < 10**6).all()), bool((r.ids >= 10**6).all())))
 
+    def answered_with(version: str, since: int = 0) -> None:  # a few answers, however loaded the machine
+        deadline = time.monotonic() + 30
+        while sum(v == version for v, _, _ in seen[since:]) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=load) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    answered_with(first)
     ix.switch(second)
-    time.sleep(0.5)
+    answered_with(second)
+    n_before = len(seen)
     ix.switch(first)  # rollback: the same path back
-    time.sleep(0.5)
+    answered_with(first, since=n_before)
     stop.set()
     for t in threads:
         t.join()
     assert {v for v, _, _ in seen} == {first, second}, "the load should have seen both versions"
+    assert any(v == first for v, _, _ in seen[n_before:]), "no answer named the rolled-back version"
     for version, old, new in seen:
         assert (old if version == first else new), f"an answer named {version} but held ids of the other version"
     assert ix.version == first and len(ix) == N

@@ -100,9 +100,10 @@ class ShardWorker:
         """Make `version` current; keep it and the one before (searches in flight may still name that)."""
         if version not in self.held:
             raise ShardVersionMissing(f"shard {self.shard}: version {version} is not loaded")
-        previous, self.current = self.current, version
-        for v in set(self.held) - {version, previous}:
-            del self.held[v]
+        if version != self.current:  # (a recovery re-switches to the current one: nothing to drop)
+            previous, self.current = self.current, version
+            for v in set(self.held) - {version, previous}:
+                del self.held[v]
         return self.info()
 
     def drop(self, version: str) -> None:
