@@ -255,3 +255,13 @@ def test_the_measured_walk_cost_decides_which_partitions_are_walked(ix, world):
     assert not ix._partitions.route(mask, K, dear).walk
     np.testing.assert_array_equal(ix.search(world["queries"], K, filter=f, params=dear).ids,
                                   ix.exact_search(world["queries"], K, filter=f).ids)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq", "exact"])
+def test_forcing_the_partition_path_on_an_index_without_partitions_is_a_400(world, kind):
+    from towerann.errors import BadRequest
+
+    plain = create(kind, DIM)
+    plain.build(world["vectors"][:2000], np.arange(2000), world["cats"][:2000])
+    with pytest.raises(BadRequest, match="no partitions"):
+        plain.search(world["queries"][:1], 10, Filter(categories=frozenset({0})), params={"filter_path": "partition"})

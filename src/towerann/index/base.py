@@ -407,6 +407,9 @@ class Index(ABC):
                              f"it takes {sorted(known)}")
         if "filter_path" in params:
             plan.check_path(params["filter_path"])
+            if params["filter_path"] == "partition" and "partition" not in self.filter_paths:
+                raise BadRequest(f"filter_path 'partition': this {self.kind} index has no partitions (build it "
+                                 "with partition_by=ATTRIBUTE)")
         if "filter_plan" in params:
             plan.check_table(params["filter_plan"])
         return {**self.search_defaults, **params}
