@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP = $(VENV)/bin/pip
 # eval: the ALS baseline (demo, `towerann eval`); bench: plots and the hnswlib / lancedb peers of `bench ann`.
 # `pip install towerann` alone is what a serving machine needs.
-EXTRAS ?= test,scann,eval,bench,lancedb
+EXTRAS ?= test,scann,eval,bench,lancedb,ray
 
 .PHONY: setup demo test test-feast mutants redis bench clean
 
