@@ -32,6 +32,12 @@ def run(argv: list[str]) -> int:
     return args.func(args)
 
 
+def _tree(directory):
+    """Every file below a version directory except its own manifest (which a re-tune rewrites)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p != directory / "manifest.json")
+
+
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retune")
@@ -45,6 +51,9 @@ def published(tmp_path_factory):
     assert run(["index", "build", "--vectors", str(vectors), "--kind", "ivfpq", "--out", str(root), "--recall", "0.3",
                 "--k", str(K), "--queries", str(tmp / "queries.npy"), "--param", "nlist=128",
                 "--param", "exact_below=0"]) == 0
+    version = root / current_version(root)
+    (version / "model").mkdir()
+    (version / "model" / "manifest.json").write_text('{"kind": "model"}')  # as a bundle carries its model
     return tmp, root, cat
 
 
@@ -69,6 +78,8 @@ def test_a_retuned_snapshot_reaches_the_new_target_and_shares_the_old_files(publ
     assert recall_at_k(high.search(heldout, K).ids, truth) >= 0.7 > low_recall + 0.2
     for name in ("ivfpq.faiss", "vectors.npy", "slot_ids.npy"):
         assert os.stat(root / old / name).st_ino == os.stat(root / new / name).st_ino, name
+    # every file is carried, manifests of subdirectories (a bundle's model/, partitions) included
+    assert _tree(root / new) == _tree(root / old)
     assert load_snapshot(root / old).search_defaults == low.search_defaults  # rollback target intact
 
 

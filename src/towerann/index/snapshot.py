@@ -85,7 +85,10 @@ def republish(root: str | Path, source: str | Path, manifest: dict[str, Any], ke
     version = new_version()
     try:
         with atomic_dir(root / version) as tmp:
-            for name in _files(source):
+            # every file but the top manifest (model/manifest.json and sub-snapshots' manifests included)
+            for name in sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()):
+                if name == MANIFEST:
+                    continue
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(source / name, tmp / name)
