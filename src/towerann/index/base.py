@@ -442,8 +442,11 @@ class Index(ABC):
         key = (self._gen, filter)
         mask = self._masks.get(key)
         if mask is None:
-            if len(self._masks) > 64 or (self._masks and next(iter(self._masks))[0] != self._gen):
-                self._masks.clear()
+            # The cache is read from more than one thread (requests, the recall monitor): a copy of its
+            # keys, not an iterator over the live dict, which another thread's insert would break.
+            keys = list(self._masks)
+            if len(keys) > 64 or (keys and keys[0][0] != self._gen):
+                self._masks = {}
             bits = self._ok.data
             if filter is not None:
                 conditions = [] if filter.categories is None else [(self._cats, filter.categories)]
