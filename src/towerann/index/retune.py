@@ -2,8 +2,7 @@
 
 The tuner picks the fastest setting reaching a recall target *as measured on the machine it ran on*:
 a build on a busy machine (or for another K, recall target or server type) can pick a setting that is
-wrong for the serving machine - at 10M items a build tuned under load chose nprobe 64 where nprobe 8
-reaches the same target at half the cost on an idle machine. Re-tuning loads the current version,
+wrong for the serving machine. Re-tuning loads the current version,
 measures again (`index.tune`; the filter plan too when the snapshot has one, since its paths run at
 the new setting), and publishes a new version: the same data files as hard links, a new manifest. A
 rebuild of 10M items takes about half an hour; this takes minutes, and a running server picks the new
