@@ -28,7 +28,7 @@ def degraded(tmp_path: Path, bundle_paths: dict[str, Path],
     root = tmp_path / "indexes"
     publish_bundle(root, cat["model"], cat["vectors"], index=build_library_index(cat, "ivfpq", nprobe=1))
     cfg = dataclasses.replace(server_config(tmp_path, root, cat),
-                              monitor=MonitorConfig(sample=1.0, threshold=THRESHOLD, queue=256))
+                              monitor=MonitorConfig(sample=1.0, threshold=THRESHOLD, queue=256, max_busy=1.0))
     handle = start_background(cfg)
     yield handle
     handle.stop()

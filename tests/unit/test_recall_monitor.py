@@ -167,7 +167,34 @@ def test_monitor_config(tmp_path: Path) -> None:
     path.write_text("[monitor]\nsample = 0.5\nthreshold = 0.8\nqueue = 8\n")
     m = load_config(path).monitor
     assert (m.sample, m.threshold, m.queue) == (0.5, 0.8, 8)
-    for bad in ("sample = 1.5", "threshold = -0.1", "queue = 0"):
+    for bad in ("sample = 1.5", "threshold = -0.1", "queue = 0", "max_busy = 0", "max_busy = 2"):
         path.write_text(f"[monitor]\n{bad}\n")
         with pytest.raises(ConfigError, match=r"\[monitor\]"):
             load_config(path)
+
+
+def test_after_a_sample_the_monitor_rests_for_its_duty_cycle(poor: RetrievalBundle) -> None:
+    """max_busy bounds the monitor's share of time: after a sample that took t s, offers for the next
+    t / max_busy - t s are dropped as "busy" (an exact search over 10M items takes ~0.2 s)."""
+    holder = BundleHolder(poor)
+    monitor = RecallMonitor(holder, sample=1.0, threshold=0.0, queue_size=100, max_busy=1e-6)
+    try:
+        q = queries(poor, 10)
+        ids = poor.index.search(q, 5).ids
+        monitor.offer(poor, q[0], 5, None, ids[0])
+        assert monitor.drain()
+        for row, found in zip(q[1:], ids[1:]):
+            monitor.offer(poor, row, 5, None, found)
+        assert monitor.drain()
+        snap = monitor.snapshot()
+        assert snap["dropped"]["busy"] == 9 and snap["bundles"][poor.version]["none"]["samples"] == 1
+    finally:
+        monitor.close()
+    eager = RecallMonitor(holder, sample=1.0, threshold=0.0, queue_size=100)  # max_busy 1: never rests
+    try:
+        for row, found in zip(q, ids):
+            eager.offer(poor, row, 5, None, found)
+            assert eager.drain()
+        assert eager.dropped["busy"] == 0 and eager.snapshot()["bundles"][poor.version]["none"]["samples"] == 10
+    finally:
+        eager.close()

@@ -50,7 +50,7 @@ def open_retriever(cfg: Config, store: FeatureStore | None = None, model_dir: st
         bundle = load_bundle(cfg, model_dir)
     f, s, m = cfg.features, cfg.serve, cfg.monitor
     holder = BundleHolder(bundle)
-    monitor = RecallMonitor(holder, m.sample, m.threshold, m.queue) if m.sample > 0 else None
+    monitor = RecallMonitor(holder, m.sample, m.threshold, m.queue, max_busy=m.max_busy) if m.sample > 0 else None
     return Retriever(holder, store or open_configured_store(f), max_k=s.max_k,
                      max_id_length=s.max_id_length, max_clock_skew_s=s.max_clock_skew_s,
                      features_timeout_s=f.timeout_ms / 1e3, write_timeout_s=f.write_timeout_ms / 1e3,

@@ -81,15 +81,18 @@ class _Stats:
 
 class RecallMonitor:
     def __init__(self, holder: BundleHolder, sample: float = 0.01, threshold: float = 0.9, queue_size: int = 64,
-                 guard: ContextManager[Any] | None = None, start: bool = True):
+                 guard: ContextManager[Any] | None = None, start: bool = True, max_busy: float = 1.0):
         self.holder = holder
         self.sample, self.threshold = float(sample), float(threshold)
+        # Duty cycle: after a sample that took t s, none is taken for t / max_busy - t s (see config).
+        self.max_busy = float(max_busy)
+        self._idle_until = 0.0  # time.monotonic() before which offers are dropped as "busy"
         self.guard: ContextManager[Any] = guard or nullcontext()
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=max(1, int(queue_size)))
         self._draw = random.random
         self._lock = threading.Lock()  # the stats: written by the worker, read by /metrics and the admin route
         self._stats: dict[str, dict[str, _Stats]] = {}
-        self.dropped: dict[str, int] = {"queue_full": 0, "stale": 0}
+        self.dropped: dict[str, int] = {"queue_full": 0, "stale": 0, "busy": 0}
         self._on_sample: list[SampleListener] = []
         self._on_drop: list[DropListener] = []
         self._on_forget: list[ForgetListener] = []
@@ -111,6 +114,9 @@ class RecallMonitor:
         """Maybe queue this answered request for replay: a random draw and a put that never waits."""
         if self._draw() >= self.sample:
             return
+        if time.monotonic() < self._idle_until:
+            self._dropped("busy")
+            return
         try:
             self._queue.put_nowait((weakref.ref(bundle), query, k, flt, ids))
         except queue.Full:
@@ -129,7 +135,10 @@ class RecallMonitor:
                 if item is None:
                     return
                 if not self._closing:
+                    t0 = time.monotonic()
                     self.process(*item)
+                    spent = time.monotonic() - t0
+                    self._idle_until = time.monotonic() + spent * (1.0 / self.max_busy - 1.0)
             except Exception:  # a bad sample must not end the monitor
                 log.exception("recall monitor: scoring a sample")
             finally:
