@@ -51,7 +51,8 @@ def operations(api: ServerHandle) -> dict[str, Any]:
 
 WITH_INPUT = ["POST /v1/candidates", "POST /v1/events", "POST /v1/items", "PATCH /v1/items/{item_id}",
               "DELETE /v1/items/{item_id}"]
-WITHOUT_INPUT = ["POST /v1/admin/reload", "GET /healthz", "GET /readyz", "GET /metrics"]  # nothing to violate
+WITHOUT_INPUT = ["POST /v1/admin/reload", "GET /v1/admin/recall", "GET /healthz", "GET /readyz",
+                 "GET /metrics"]  # nothing to violate
 OPERATIONS = WITH_INPUT + WITHOUT_INPUT
 CASES = [(name, mode) for name in WITH_INPUT for mode in ("positive", "negative")] + [
     (name, "positive") for name in WITHOUT_INPUT]
