@@ -224,8 +224,8 @@ class HNSWIndex(Index):
             if path == "partition":  # a filter on another attribute: it would walk every partition
                 log.debug("hnsw: mask not aligned with the %s partitions; brute force", self._partitions.by)
                 return self._exact(q, k, mask)
-        if path == "partition":  # forced on an index without partitions: its own choice
-            path = "auto"
+        if path == "partition":  # a filter_plan row naming partitions this index lacks (a forced
+            path = "auto"        # filter_path is refused in _merge_params): its own choice
         if path == "filtered" or (path == "auto" and mask.count < POST_FILTER_SHARE * len(mask.bits)):
             return self._walk(q, k, ef, mask)
         # Most slots qualify: the unbounded beam (no selector) returns its whole beam, and the

@@ -225,7 +225,8 @@ class Metrics:
         self.recall_samples = Histogram("towerann_recall_sample", "recall@k vs exact search, one per sampled request",
                                         ["bundle", "filter"], buckets=RECALL_BUCKETS, registry=self.registry)
         self.recall_dropped = Counter("towerann_recall_samples_dropped", "sampled requests not scored (queue_full: "
-                                      "the monitor was busy; stale: their bundle was swapped out)", ["reason"],
+                                      "its queue was full; busy: within its duty cycle, [monitor] max_busy; stale: "
+                                      "their bundle was swapped out)", ["reason"],
                                       registry=self.registry)
         self._exposed = [self.registry]
         info_registry = self.registry
