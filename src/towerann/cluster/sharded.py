@@ -239,6 +239,9 @@ class ShardedIndex(Index):
         counts = []
         for name, shard in zip(shard_dirs(self.n_shards), indexes):
             (directory / name).mkdir()
+            # the search settings the shards are served with (tuned on the whole index; every search sends
+            # them too), so a shard's own manifest does not name its backend's untuned defaults
+            shard.search_defaults = {**shard.search_defaults, **self.search_defaults}
             write_snapshot(shard, directory / name, SHARD_MODEL)
             counts.append(len(shard))
         return {

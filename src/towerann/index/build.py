@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 AUTO_EXACT_ITEMS = 20_000
 AUTO_CANDIDATES = ("hnsw", "ivfpq", "scann")  # tried in this order; scann only where it is installed
 AUTO_BUDGET_S = 1800.0  # candidates are not started once building and tuning have taken this long
+# cluster's ShardedIndex (S indexes of one plain `backend`, params "shards" and "backend"). It lives a layer
+# up (cluster/ imports index/), so build_index makes it through the `create_index` its caller passes
+# (towerann.cluster.create_index); here only its params are understood: its search params are its backend's.
+SHARDED = "sharded"
 AUTO_HELP = (f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else the fastest of {'/'.join(AUTO_CANDIDATES)} "
              "at the recall target, measured on the tuning queries")
 
@@ -46,6 +50,8 @@ class Tuning:
 
 
 def resolve_kind(kind: str, n_items: int, auto_exact_items: int = AUTO_EXACT_ITEMS) -> str:
+    if kind == SHARDED:
+        return kind  # its backend is checked when the shards are made
     if kind != "auto":
         backend_class(kind)  # an unknown kind fails here, with the list of kinds
         return kind
@@ -53,8 +59,10 @@ def resolve_kind(kind: str, n_items: int, auto_exact_items: int = AUTO_EXACT_ITE
 
 
 def split_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(build params, search params) of a backend, from one mixed dict (e.g. --param M=32 --param ef=512)."""
-    search_keys = {*COMMON_SEARCH, *backend_class(kind).default_search}
+    """(build params, search params) of a backend, from one mixed dict (e.g. --param M=32 --param ef=512).
+    A sharded index's search params are those of its shards' backend (sent to every shard)."""
+    plain = params.get("backend", "exact") if kind == SHARDED else kind
+    search_keys = {*COMMON_SEARCH, *backend_class(plain).default_search}
     return ({k: v for k, v in params.items() if k not in search_keys},
             {k: v for k, v in params.items() if k in search_keys})
 
@@ -62,11 +70,12 @@ def split_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], dic
 def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any = None, *, kind: str = "auto",
                 params: dict[str, Any] | None = None, tuning: Tuning | None = None, metric: str = "ip",
                 auto_exact_items: int = AUTO_EXACT_ITEMS, auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
-                auto_budget_s: float = AUTO_BUDGET_S) -> Index:
+                auto_budget_s: float = AUTO_BUDGET_S, create_index: Callable[..., Index] = create) -> Index:
     """Build an index over a catalog's vectors; tune it when `tuning` is given.
 
     Explicit search params in `params` win over tuned ones. With kind="auto", each candidate takes
-    the params it understands (brute force takes none)."""
+    the params it understands (brute force takes none). kind="sharded" needs
+    create_index=towerann.cluster.create_index; tuning then tunes the shards' search params."""
     v = np.asarray(vectors)
     if kind == "auto" and len(v) >= auto_exact_items and tuning is not None:
         return _build_fastest(v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds,
@@ -76,10 +85,12 @@ def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any =
     if resolved == "exact" and kind == "auto" and build:
         log.info("auto index: %d items -> exact; build params %s do not apply", len(v), sorted(build))
         build = {}
-    index = create(resolved, v.shape[1], metric, **build)
+    if resolved == SHARDED and create_index is create:
+        raise ConfigError("kind 'sharded' is built by towerann.cluster: pass create_index=towerann.cluster.create_index")
+    index = create_index(resolved, v.shape[1], metric, **build)
     index.build(v, ids, categories, available)
     index.search_defaults.update(search)  # before tuning: it must measure the path the index will serve
-    if resolved == "exact":
+    if (build.get("backend", "exact") if resolved == SHARDED else resolved) == "exact":  # brute force: nothing to tune
         index.tuning = {"params": {}, "recall": 1.0, "k": tuning.k if tuning else None,
                         "target": tuning.recall if tuning else None, "queries": 0, "reached": True}
     elif tuning is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from towerann.artifacts import load_npy
 from towerann.errors import ConfigError
 from towerann.index import KINDS
-from towerann.index.build import AUTO_HELP, Tuning, build_index
+from towerann.index.build import AUTO_HELP, SHARDED, Tuning, build_index
 from towerann.index.snapshot import (current_version, list_versions, publish, read_checked_manifest, resolve,
                                      rollback)
 
@@ -34,8 +34,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--category-column", default=None, help="Parquet --vectors: category column for filters (optional)")
     b.add_argument("--available-column", default=None, help="Parquet --vectors: availability column (optional)")
     b.add_argument("--normalize", action="store_true", help="L2-normalise imported vectors (cosine similarity)")
-    b.add_argument("--kind", required=True, choices=[*KINDS, "auto"],
-                   help=f"backend; {AUTO_HELP} (--recall, default 0.95)")
+    b.add_argument("--kind", required=True, choices=[*KINDS, "auto", SHARDED],
+                   help=f"backend; {AUTO_HELP} (--recall, default 0.95); {SHARDED} = --shards indexes of "
+                        "--shard-kind, items partitioned by id hash (docs/shards.md)")
+    b.add_argument("--shards", type=int, default=None, help=f"--kind {SHARDED}: number of shards")
+    b.add_argument("--shard-kind", default=None, choices=KINDS,
+                   help=f"--kind {SHARDED}: each shard's backend (default hnsw); --param and tuning apply to every shard")
     b.add_argument("--out", required=True, help="snapshot root (e.g. indexes/); CURRENT points at the new version")
     b.add_argument("--recall", type=float, default=None,
                    help="tune search params to this recall@k on user-tower queries (e.g. 0.95); "
@@ -108,6 +112,7 @@ def _build(args: argparse.Namespace) -> int:
     elif args.ids or args.normalize or args.category_column or args.available_column:
         raise ConfigError("--ids, --normalize and the column options apply to a vectors file (.parquet, .npy), "
                           f"not to the vectors directory {args.vectors}")
+    params, create_index = _kind_params(args)
     vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
     if queries is None and args.data is not None:
@@ -116,7 +121,7 @@ def _build(args: argparse.Namespace) -> int:
     tuning = Tuning(queries, args.k, recall) if recall is not None and queries is not None else None
     t_build = time.perf_counter()
     index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=args.kind,
-                        params=_parse_params(args.param), tuning=tuning, metric=vs.metric)
+                        params=params, tuning=tuning, metric=vs.metric, create_index=create_index)
     build_s = time.perf_counter() - t_build
     path = publish(index, args.out, vs.model_version, keep=args.keep,
                    extra={"vectors_dir": str(Path(args.vectors).resolve()), "category_names": vs.category_names,
@@ -132,6 +137,24 @@ def _build(args: argparse.Namespace) -> int:
               f"{'' if t['reached'] else ', NOT reached'}; `towerann index info` shows the curve)")
     print(f"snapshot: {path}")
     return 0
+
+
+def _kind_params(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """The build's params and the factory that makes its kind (a sharded index comes from cluster/)."""
+    from towerann.index import create
+
+    params = _parse_params(args.param)
+    if args.kind != SHARDED:
+        if args.shards is not None or args.shard_kind is not None:
+            raise ConfigError(f"--shards and --shard-kind go with --kind {SHARDED}, not --kind {args.kind}")
+        return params, create
+    if args.shards is None:
+        raise ConfigError(f"--kind {SHARDED} needs --shards N (and --shard-kind, default hnsw)")
+    if "shards" in params or "backend" in params:
+        raise ConfigError("give the shard count and backend as --shards and --shard-kind, not as --param")
+    from towerann.cluster import create_index
+
+    return {"shards": args.shards, "backend": args.shard_kind or "hnsw", **params}, create_index
 
 
 def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> Any:

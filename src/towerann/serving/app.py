@@ -1,7 +1,8 @@
 """The HTTP API: a thin FastAPI shell around the Retriever (no logic the Python API lacks).
 
     POST /v1/candidates {user_id | query_vector, k, filter?} -> {candidates: [{item_id, score}], model_version,
-                        index_version, timings_ms, degraded}   (query_vector: a user-tower output made by the caller)
+                        index_version, timings_ms, degraded, partial?, missing_shards?}   (query_vector: a
+                        user-tower output made by the caller; partial: a sharded index left shards out)
     POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns (503 if it cannot be)
     GET  /healthz (always at once: touches nothing)  /readyz  /metrics (Prometheus text)
     POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/)
@@ -73,6 +74,9 @@ class CandidatesResponse(BaseModel):
     timings_ms: dict[str, float]
     degraded: bool = Field(description="true: the feature store did not answer in time, so these candidates "
                                        "were ranked without the user's features and session (cold start)")
+    partial: bool | None = Field(None, description="only when true: a sharded index answered without some "
+                                 "shards (late or restarting); the candidates are the best of the other shards' items")
+    missing_shards: list[int] | None = Field(None, description="with partial: the shards left out")
 
 
 class EventResponse(BaseModel):
@@ -219,6 +223,8 @@ class Metrics:
                                ["outcome"], registry=self.registry)
         self.degraded = Counter("towerann_degraded_answers", "candidates answered without the user's features "
                                 "(the feature store was down or missed its deadline)", registry=self.registry)
+        self.partial = Counter("towerann_partial_answers", "candidates answered without some shards of a sharded "
+                               "index (late or restarting)", registry=self.registry)
         # the online recall monitor (serving.monitor); livemin: with several workers, the worst one
         self.recall = Gauge("towerann_recall", "recall@k vs exact search of sampled live requests (mean of the "
                             "last samples)", ["bundle", "filter"], registry=self.registry, multiprocess_mode="livemin")
@@ -385,6 +391,9 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         body = {"candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
                 "model_version": c.model_version, "index_version": c.index_version, "timings_ms": c.timings_ms,
                 "degraded": c.degraded}
+        if c.partial:  # absent otherwise: an unsharded answer has nothing to say here
+            metrics.partial.inc()
+            body.update(partial=True, missing_shards=list(c.missing_shards))
         # orjson: at k=1000, json.dumps costs ~0.8 ms a request, as much as the retrieval itself
         return Response(orjson.dumps(body), media_type="application/json")
 

@@ -24,18 +24,19 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from towerann.artifacts import load_npy, save_npy
+from towerann.artifacts import load_npy, save_npy, sha256_file
+from towerann.cluster import create_index, load_index
 from towerann.embed.attributes import attribute_key, read_vector_attributes
 from towerann.embed.vectors import VectorSet
 from towerann.errors import ArtifactError, IndexIncompatible
 from towerann.index import Index
-from towerann.index.build import Tuning, build_index, split_params
+from towerann.index.build import SHARDED, Tuning, build_index, split_params
 from towerann.index.plan import calibrate
-from towerann.index.snapshot import load_snapshot, publish, resolve
+from towerann.index.snapshot import publish, read_checked_manifest, resolve
 
 if TYPE_CHECKING:
     from towerann.model.export import UserEncoder
@@ -63,7 +64,10 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
     loads the bundle replays only the entries after it. `attributes`: the filter attributes
     ({name: (int32 code per internal id, vocabulary)}); default: those of a vectors directory given
     by path (embed.attributes). With `tuning`, a built index also gets its filter plan measured
-    (index.plan.calibrate at tuning.k), unless calibrate_filters is False."""
+    (index.plan.calibrate at tuning.k), unless calibrate_filters is False or the index is sharded.
+
+    kind="sharded": params {"shards": S, "backend": "hnsw", <the backend's build and search params>};
+    tuning tunes the shards' search params (the same for every shard)."""
     from towerann.model.model import model_version_of
 
     model_dir = Path(model_dir)
@@ -76,8 +80,11 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
         attributes = {} if isinstance(vectors, VectorSet) else read_vector_attributes(vectors)
     if index is None:
         index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params,
-                            tuning=tuning, metric=vs.metric)
-        if tuning is not None and calibrate_filters and index.kind != "exact":
+                            tuning=tuning, metric=vs.metric, create_index=create_index)
+        if index.kind == SHARDED and tuning is not None and calibrate_filters:
+            # calibrate measures a backend's own paths; the shards keep the default thresholds
+            log.info("sharded index: no filter plan measured (the shards use the default thresholds)")
+        elif tuning is not None and calibrate_filters and index.kind != "exact":
             calibrate(index, tuning.queries, ks=(tuning.k,), target=tuning.recall)
             index.search_defaults.update(split_params(index.kind, dict(params or {}))[1])  # explicit params win
     for name, (codes, values) in attributes.items():
@@ -106,6 +113,15 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
         "delta_seq": int(delta_seq), "attributes": {name: list(values) for name, (_, values) in attributes.items()}}})
     log.info("published bundle %s (%s, %d items, model %s)", path, index.describe(), len(index), model_version)
     return path
+
+
+def _check_front_files(path: Path, model_version: str, dim: int) -> None:
+    """The pairing and the checksums of the files this process reads itself (model/, the id map):
+    not the shards' files, which the processes holding them check."""
+    m = read_checked_manifest(path, model_version, dim, verify=False)
+    for name, digest in m["checksums"].items():
+        if not name.startswith("shard-") and sha256_file(path / name) != digest:
+            raise ArtifactError(f"{path / name}: checksum mismatch (file corrupted or replaced); republish the bundle")
 
 
 class IdLookup:
@@ -172,11 +188,14 @@ class RetrievalBundle:
     attribute_code: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> value -> code
 
     @classmethod
-    def load(cls, directory: str | Path, model_dir: str | Path | None = None, runtime: str = "onnx") -> "RetrievalBundle":
+    def load(cls, directory: str | Path, model_dir: str | Path | None = None, runtime: str = "onnx",
+             index_loader: Callable[[Path], Index] | None = None) -> "RetrievalBundle":
         """Load a bundle directory, or a root's CURRENT bundle; refuse a mismatched pairing.
 
         A plain index snapshot (from `towerann index build`) is served too when `model_dir` is given:
-        the id map and categories then come from the vectors directory its manifest names.
+        the id map and categories then come from the vectors directory its manifest names. A sharded
+        index loads its shards into this process, unless `index_loader(version directory)` opens the
+        index elsewhere (cluster.ray_shards: shards on Ray actors, which check their own files).
         """
         from towerann.model.export import UserEncoder
         from towerann.model.model import TwoTowerModel
@@ -195,7 +214,13 @@ class RetrievalBundle:
                                 "directory it was built from (--model), or publish a bundle (publish_bundle)")
         model_dir = Path(model_dir)
         model = TwoTowerModel.load(model_dir)
-        index = load_snapshot(path, expected_model_version=model.version, expected_dim=model.dim)
+        if index_loader is None:
+            index = load_index(path, expected_model_version=model.version, expected_dim=model.dim)
+        else:
+            _check_front_files(path, model.version, model.dim)
+            index = index_loader(path)
+            if index.version != path.name:
+                raise ArtifactError(f"{path}: the index loader opened version {index.version}, not {path.name}")
         m = index.manifest or {}
         if m.get("metric") != model.metric:
             raise IndexIncompatible(f"{path}: index metric {m.get('metric')!r} != model metric {model.metric!r}")

@@ -48,6 +48,12 @@ class Candidates:
     index_version: str
     timings_ms: dict[str, float]  # features, user_tower, ann, total
     degraded: bool = False  # the feature store did not answer: ranked without the user's features
+    # a sharded index answered without these shards (late or restarting): the best of the others' items
+    missing_shards: tuple[int, ...] = ()
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing_shards)
 
 
 class Retriever:
@@ -146,7 +152,7 @@ class Retriever:
         # from the bundle's labels, so a request that paired parts of two bundles would show it.
         return Candidates(items, scores[:n].tolist(), b.encoder.model_version, b.index.version or b.version, {
             "features": (t1 - t0) * 1e3, "user_tower": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,
-            "total": (t4 - t0) * 1e3}, degraded)
+            "total": (t4 - t0) * 1e3}, degraded, tuple(int(s) for s in res.missing_shards))
 
     # ---- events -----------------------------------------------------------------------------------
 
