@@ -149,7 +149,8 @@ class ShardMetrics:
 class RayShards(ShardSet):
     """One Ray actor per shard; this process only routes, fans out and merges."""
 
-    def __init__(self, root: str | Path, n_shards: int, name: str = "towerann", detached: bool = False):
+    def __init__(self, root: str | Path, n_shards: int, name: str = "towerann", detached: bool = False,
+                 version: str | None = None):
         ray = require_ray()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -165,7 +166,7 @@ class RayShards(ShardSet):
             max_restarts=-1, max_task_retries=0, num_cpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[s % len(nodes)], soft=False),
         ).remote(str(self.root), s, self.n) for s in range(self.n)]
-        self.version: str = current_version(self.root)
+        self.version: str = version or current_version(self.root)
         self.dim = int(top_manifest(self.root, self.version)["dim"])
         infos = ray.get([a.load.remote(self.version) for a in self.actors])
         self.incarnations = [i["incarnation"] for i in infos]
@@ -323,16 +324,17 @@ class RayShards(ShardSet):
 
 
 def attach(root: str | Path, address: str | None = None, name: str = "towerann", detached: bool = False,
-           namespace: str = "towerann") -> ShardedIndex:
-    """A ShardedIndex over Ray actors serving the CURRENT version of the sharded snapshot root `root`
-    (a path every node can read). Connects to the cluster at `address` unless already connected."""
+           namespace: str = "towerann", version: str | None = None, deadline_s: float | None = None) -> ShardedIndex:
+    """A ShardedIndex over Ray actors serving `version` (default: the CURRENT one) of the sharded
+    snapshot root `root` (a path every node can read). Connects to the cluster at `address` unless
+    already connected. `deadline_s`: how long a search waits for the shards unless it says otherwise."""
     ray = require_ray()
     if not ray.is_initialized():
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False, logging_level="WARNING")
     root = Path(root).resolve()
-    version = current_version(root)
+    version = version or current_version(root)
     manifest = top_manifest(root, version)
-    shards = RayShards(root, int(manifest["build_params"]["shards"]), name=name, detached=detached)
+    shards = RayShards(root, int(manifest["build_params"]["shards"]), name=name, detached=detached, version=version)
     index = ShardedIndex.over(shards, manifest)
-    index.version = shards.version
+    index.version, index.deadline_s = shards.version, deadline_s
     return index

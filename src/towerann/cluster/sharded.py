@@ -54,6 +54,9 @@ class ShardedIndex(Index):
         # the shards' own search parameters, sent with every search (so `search_defaults[...] = x` reaches them)
         self.search_defaults = {**COMMON_SEARCH, **inner.default_search}
         self.shards: ShardSet = LocalShards([create(backend, dim, metric, **backend_params) for _ in range(n)])
+        # a search without its own deadline waits this long for the shards (None: for every one; a
+        # server over Ray shards sets it, so one hung shard makes answers partial, not late)
+        self.deadline_s: float | None = None
 
     @classmethod
     def over(cls, shards: ShardSet, manifest: Mapping[str, Any]) -> "ShardedIndex":
@@ -67,6 +70,7 @@ class ShardedIndex(Index):
         index.search_defaults = {**COMMON_SEARCH, **manifest["search_defaults"]}
         index.tuning, index.filter_calibration = manifest.get("tuning"), manifest.get("filter_calibration")
         index.manifest = dict(manifest)
+        index.deadline_s = None
         if shards.n != index.n_shards:
             raise ConfigError(f"{shards.n} shard workers for a snapshot of {index.n_shards} shards")
         index.shards = shards
@@ -189,12 +193,13 @@ class ShardedIndex(Index):
     def search(self, queries: Any, k: int, filter: Filter | None = None, params: dict[str, Any] | None = None,
                deadline_s: float | None = None) -> SearchResult:
         """Every shard's top-k, merged. `deadline_s`: shards that have not answered by then are left
-        out (partial=True, missing_shards); shards in this process always answer."""
+        out (partial=True, missing_shards); shards in this process always answer. Default: self.deadline_s."""
         q = as_vectors(queries, self.dim, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise BadRequest(f"k must be a positive integer, got {k!r}")
         p = self._merge_params(params or {})
-        return self._merged("search", (q, int(k), filter, p), len(q), int(k), deadline_s)
+        return self._merged("search", (q, int(k), filter, p), len(q), int(k),
+                            self.deadline_s if deadline_s is None else deadline_s)
 
     def exact_search(self, queries: Any, k: int, filter: Filter | None = None) -> SearchResult:
         q = as_vectors(queries, self.dim, "queries")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from towerann.config import load_config
+from towerann.errors import ConfigError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +25,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="processes answering on the port, each with the whole service (default [serve] workers: "
                    "one per core when the feature store is Redis, else 1); several need --store redis://...")
     p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default 1000)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="serve a sharded bundle's index from shard actors on the Ray cluster at ADDRESS (HOST:PORT, "
+                   "or 'auto'); model and id map stay in this process; one process, no hot swap (docs/shards.md)")
+    p.add_argument("--shard-deadline-ms", type=float, default=None,
+                   help="--ray: how long a search waits for the shards; later ones are left out and the answer says "
+                   "partial (default 500)")
     p.set_defaults(func=_serve)
 
 
@@ -37,13 +44,16 @@ def _serve(args: argparse.Namespace) -> int:
         paths_index=args.index, paths_model=args.model, features_store=args.store, features_path=args.store_path,
         serve_host=args.host, serve_port=args.port, serve_max_k=args.max_k,
         serve_workers=args.workers)
+    if args.shard_deadline_ms is not None and (args.ray is None or args.shard_deadline_ms <= 0):
+        raise ConfigError("--shard-deadline-ms goes with --ray and must be > 0")
     n = resolve_workers(cfg)
-    if n > 1:  # the parent of the workers loads nothing itself (service.workers)
+    if n > 1 and args.ray is None:  # the parent of the workers loads nothing itself (service.workers)
         run_workers(cfg, n, model_dir=args.model)
         return 0
-    from towerann.service.server import serve_forever
+    from towerann.service.server import SHARD_DEADLINE_S, serve_forever
 
-    serve_forever(cfg, model_dir=args.model)
+    deadline_s = SHARD_DEADLINE_S if args.shard_deadline_ms is None else args.shard_deadline_ms / 1e3
+    serve_forever(cfg, model_dir=args.model, ray_address=args.ray, shard_deadline_s=deadline_s)
     return 0
 
 

@@ -13,14 +13,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import uvicorn
 from fastapi import FastAPI
 
 from towerann.config import Config
-from towerann.errors import BackendUnavailable
+from towerann.errors import BackendUnavailable, ConfigError
+from towerann.index.snapshot import resolve
 from towerann.serving.app import create_app
+from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.retriever import Retriever
 from towerann.service.wiring import Service, open_service
 from towerann.service.workers import listening_socket
@@ -64,15 +66,67 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
 
 
-def serve_forever(cfg: Config, model_dir: str | None = None) -> None:
-    """`towerann serve`: one process, or [serve] workers processes on one port (service.workers)."""
+# --ray: a search waits this long for the shard actors; a later one is left out (partial answer)
+SHARD_DEADLINE_S = 0.5
+RAY_NO_RELOAD = ("this server's index lives on Ray shard actors (towerann serve --ray), where a bundle cannot be "
+                 "swapped as one unit yet: restart the server to serve the version CURRENT names (docs/shards.md)")
+
+
+class RayReloadRefused:
+    """The reloads of a server over Ray shards: refused. The Reloader would load the new bundle's shards
+    into this process, and switching the actors' version in place would pair the old bundle's user
+    tower and id map with the new index; so neither the admin route nor a CURRENT watcher swaps."""
+
+    def reload(self) -> dict[str, Any]:
+        return {"outcome": "refused", "error": RAY_NO_RELOAD}
+
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        pass  # nothing is ever loaded, so there is no outcome to count
+
+    def start(self, poll_s: float) -> None:
+        if poll_s > 0:
+            log.warning("--ray: CURRENT is not watched ([freshness] poll_s ignored); restart to serve a new version")
+
+    def stop(self) -> None:
+        pass
+
+
+def load_ray_bundle(cfg: Config, address: str, model_dir: str | None = None,
+                    deadline_s: float = SHARD_DEADLINE_S) -> RetrievalBundle:
+    """The configured sharded bundle: model and id map in this process, the index on the Ray
+    cluster's shard actors (cluster.ray_shards.attach, pinned to the bundle's version)."""
+    from towerann.cluster.ray_shards import attach
+
+    path = resolve(cfg.paths.index)
+    if model_dir is None and not (path / "model").is_dir():
+        model_dir = cfg.paths.model
+    return RetrievalBundle.load(path, model_dir=model_dir, index_loader=lambda p: attach(
+        p.parent, address, version=p.name, deadline_s=deadline_s))
+
+
+def open_ray_service(cfg: Config, address: str, model_dir: str | None = None,
+                     deadline_s: float = SHARD_DEADLINE_S) -> Service:
+    svc = open_service(cfg, model_dir=model_dir, bundle=load_ray_bundle(cfg, address, model_dir, deadline_s))
+    if svc.reloader is not None:
+        svc.reloader = RayReloadRefused()  # type: ignore[assignment]  # a BundleReloads that refuses
+    return svc
+
+
+def serve_forever(cfg: Config, model_dir: str | None = None, ray_address: str | None = None,
+                  shard_deadline_s: float = SHARD_DEADLINE_S) -> None:
+    """`towerann serve`: one process, or [serve] workers processes on one port (service.workers);
+    `ray_address`: the index on that Ray cluster's shard actors (one process)."""
     from towerann.service.workers import resolve_workers, run_workers
 
     n = resolve_workers(cfg)
+    if n > 1 and ray_address is not None:
+        raise ConfigError(f"--ray serves from one process, not {n} workers: give --workers 1 (each front process "
+                          "keeps its own log of the writes it sent to the shards)")
     if n > 1:
         run_workers(cfg, n, model_dir)
         return
-    svc = open_service(cfg, model_dir=model_dir)
+    svc = (open_service(cfg, model_dir=model_dir) if ray_address is None
+           else open_ray_service(cfg, ray_address, model_dir, shard_deadline_s))
     app: FastAPI | None = None
     try:
         app = app_for(svc)
@@ -132,9 +186,10 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
 
 def start_subprocess(index: str | Path, store: str, store_path: str | None = None, max_k: int = 1000,
                      timeout_s: float = 120.0, config: str | Path | None = None,
-                     env: dict[str, str] | None = None, workers: int = 1) -> ServerHandle:
+                     env: dict[str, str] | None = None, workers: int = 1, args: Sequence[str] = ()) -> ServerHandle:
     """`towerann serve --workers N` in a child process on a free port; waits for /readyz (`handle.process`
-    is the child: the server itself, or with workers > 1 the parent of the workers)."""
+    is the child: the server itself, or with workers > 1 the parent of the workers). `args`: more flags
+    (e.g. ["--ray", ADDRESS])."""
     import httpx
 
     port = free_port()
@@ -144,6 +199,7 @@ def start_subprocess(index: str | Path, store: str, store_path: str | None = Non
         cmd += ["--store-path", store_path]
     if config:
         cmd += ["--config", str(config)]
+    cmd += list(args)
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

@@ -1,0 +1,122 @@
+"""`towerann serve --ray ADDRESS` on a real local Ray cluster of two nodes (`ray start --head`, then a
+node started with `--address`, as on two machines): the bundle's model and id map in the server
+process, the index on one shard actor per shard. Real HTTP to a real server subprocess; a shard
+worker killed with SIGKILL: 200 answers that say `partial` and name the shard, then back by itself,
+with the write the front made on it replayed. Hot swap is refused with a 409.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from ann_catalog import AUTH, TOKEN
+from towerann.cluster.partition import shard_of
+from towerann.embed.vectors import read_vectors
+from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.service.server import start_subprocess
+
+S, K = 2, 20
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("ray is not installed (pip install '.[ray]'); CI is set, so this is an error, not a skip")
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Any, str]]:
+    """Two local Ray nodes (cluster.local_cluster); this process joins as a driver to find the shards'
+    processes. `ray stop --force` after the module."""
+    ray = _ray()
+    from towerann.cluster.local_cluster import LocalCluster
+
+    local = LocalCluster(nodes=2)
+    try:
+        address = local.start()
+        ray.init(address=address, namespace="towerann", log_to_driver=False, logging_level="ERROR")
+        local.wait_for_nodes()
+        yield ray, address
+    finally:
+        local.stop()
+
+
+def search(url: str, query: np.ndarray) -> dict[str, Any]:
+    r = httpx.post(f"{url}/v1/candidates", json={"query_vector": query.tolist(), "k": K}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def ids_of(body: dict[str, Any]) -> list[Any]:
+    return [c["item_id"] for c in body["candidates"]]
+
+
+def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, bundle_paths, tmp_path) -> None:
+    ray, address = cluster
+    root = tmp_path / "indexes"
+    publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="sharded",
+                   params={"shards": S, "backend": "exact"})
+    local = RetrievalBundle.load(root)  # the same bundle with its shards in this process: the expected answers
+    queries = read_vectors(bundle_paths["vectors"]).vectors[:3]
+
+    def expected(q: np.ndarray) -> list[Any]:
+        ids = local.index.search(q[None, :], K).ids[0]
+        return local.external_ids[ids[ids >= 0]].tolist()
+
+    handle = start_subprocess(root, "memory", env={"TOWERANN_API_TOKEN": TOKEN}, args=["--ray", address],
+                              timeout_s=180)
+    try:
+        url = handle.url
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["index"] == f"sharded({S} x exact)" and ready["items"] == len(local.index)
+        for q in queries:
+            body = search(url, q)
+            assert ids_of(body) == expected(q) and "partial" not in body
+
+        # a write through the front onto the shard that is about to die: its snapshot still shows the item
+        hidden = ids_of(search(url, queries[0]))[0]
+        assert httpx.patch(f"{url}/v1/items/{hidden}", json={"available": False}, headers=AUTH).status_code == 200
+        local.set_available(str(hidden), False)
+        victim = int(shard_of([local.item_internal.get(str(hidden))], S)[0])
+        assert hidden not in ids_of(search(url, queries[0]))
+
+        pid = ray.get(ray.get_actor(f"towerann-shard-{victim}").info.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        partial, body = None, None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            body = search(url, queries[0])
+            if body.get("partial"):
+                partial = body
+            elif partial is not None:
+                break
+            time.sleep(0.2)
+        assert partial is not None, "no answer said partial while the shard was down"
+        assert partial["missing_shards"] == [victim]
+        left = [local.item_internal.get(str(i)) for i in ids_of(partial)]
+        assert len(left) == K and (shard_of(left, S) != victim).all()  # the other shard's best, a full k
+        assert body is not None and "partial" not in body, "the shard did not come back within 60 s"
+        assert ids_of(body) == expected(queries[0]) and hidden not in ids_of(body)  # its write was replayed
+        new_pid = ray.get(ray.get_actor(f"towerann-shard-{victim}").info.remote())["pid"]
+        assert new_pid != pid
+
+        metrics = httpx.get(f"{url}/metrics").text
+        count = [line for line in metrics.splitlines() if line.startswith("towerann_partial_answers_total")]
+        assert count and float(count[0].split()[-1]) >= 1
+
+        r = httpx.post(f"{url}/v1/admin/reload", headers=AUTH)
+        assert r.status_code == 409 and "Ray" in r.json()["error"]
+        assert httpx.get(f"{url}/readyz").json()["index_version"] == root.joinpath("CURRENT").read_text().strip()
+    finally:
+        handle.stop()
