@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ann_catalog import AUTH, TOKEN
+from ray_cluster import two_nodes
 from towerann.cluster.partition import shard_of
 from towerann.embed.vectors import read_vectors
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
@@ -25,31 +26,10 @@ from towerann.service.server import start_subprocess
 S, K = 2, 20
 
 
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("ray is not installed (pip install '.[ray]'); CI is set, so this is an error, not a skip")
-        pytest.skip("ray is not installed (pip install '.[ray]')")
-    return ray
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[Any, str]]:
-    """Two local Ray nodes (cluster.local_cluster); this process joins as a driver to find the shards'
-    processes. `ray stop --force` after the module."""
-    ray = _ray()
-    from towerann.cluster.local_cluster import LocalCluster
-
-    local = LocalCluster(nodes=2)
-    try:
-        address = local.start()
-        ray.init(address=address, namespace="towerann", log_to_driver=False, logging_level="ERROR")
-        local.wait_for_nodes()
-        yield ray, address
-    finally:
-        local.stop()
+    """Two local Ray nodes; this process joins as a driver in the shards' namespace, to find their processes."""
+    yield from two_nodes("towerann")
 
 
 def search(url: str, query: np.ndarray) -> dict[str, Any]:
