@@ -111,6 +111,23 @@ def test_live_writes_land_on_the_owning_shard_and_in_the_next_answer(servers, bu
     assert sum(index.shard_counts()) == 2000 and index.shard_counts()[owner] == before[owner]
 
 
+def test_a_sharded_bundle_hot_swaps_with_the_delta_log_replayed(servers, bundle_paths) -> None:
+    """Another shard count, published under the served root: the reloader loads it, replays the item
+    writes of the test above onto its shards, and it answers as the unsharded server does."""
+    handle = servers["sharded"]
+    publish_bundle(handle.service.cfg.paths.index, bundle_paths["model"], bundle_paths["vectors"], kind="sharded",
+                   params={"shards": 2, "backend": "exact"})
+    r = httpx.post(f"{handle.url}/v1/admin/reload", headers=AUTH)
+    assert r.status_code == 200 and r.json()["outcome"] == "swapped", r.text
+    assert httpx.get(f"{handle.url}/readyz").json()["index"] == "sharded(2 x exact)"
+    index = handle.retriever.holder.current().index
+    assert index.n_shards == 2 and sum(index.shard_counts()) == 2000  # 770001 was added, then deleted
+    for user in USERS[:4]:
+        both(servers, user)
+    schema = httpx.get(f"{handle.url}/openapi.json").json()["components"]["schemas"]["CandidatesResponse"]
+    assert {"partial", "missing_shards"} <= set(schema["properties"]) and "partial" not in schema["required"]
+
+
 def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, tmp_path, capsys) -> None:
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel

@@ -22,13 +22,14 @@ import numpy as np
 from towerann.artifacts import MANIFEST, load_npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
 from towerann.index import backend_class, create
+from towerann.index.build import SHARDED
 from towerann.index.base import COMMON_SEARCH, Filter, Index, SearchResult, as_vectors
 from towerann.index.merge import merge_topk, padded
 from towerann.index.snapshot import read_checked_manifest, write_snapshot
 from towerann.cluster import partition
 from towerann.cluster.shards import LocalShards, ShardSet
 
-KIND = "sharded"
+KIND = SHARDED  # the kind's one name, which index.build (the layer below) knows too
 SHARD_DIR = "shard-{:03d}"
 # A shard's sub-manifest names no model: the top manifest carries the pairing, checked on load.
 SHARD_MODEL = "part of a sharded snapshot"
