@@ -60,6 +60,7 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
         url = handle.url
         ready = httpx.get(f"{url}/readyz").json()
         assert ready["index"] == f"sharded({S} x exact)" and ready["items"] == len(local.index)
+        assert ready["dependencies"]["shards"] == "up" and "missing_shards" not in ready
         for q in queries:
             body = search(url, q)
             assert ids_of(body) == expected(q) and "partial" not in body
@@ -78,6 +79,11 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
         while time.monotonic() < deadline:
             body = search(url, queries[0])
             if body.get("partial"):
+                if partial is None:  # at once, while the worker restarts (a new process: seconds)
+                    ready = httpx.get(f"{url}/readyz", timeout=30)
+                    assert ready.status_code == 200, ready.text  # still serving, partially
+                    assert ready.json()["dependencies"]["shards"] == "partial" and ready.json()["degraded"]
+                    assert ready.json()["missing_shards"] == [victim]
                 partial = body
             elif partial is not None:
                 break
@@ -88,6 +94,7 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
         assert len(left) == K and (shard_of(left, S) != victim).all()  # the other shard's best, a full k
         assert body is not None and "partial" not in body, "the shard did not come back within 60 s"
         assert ids_of(body) == expected(queries[0]) and hidden not in ids_of(body)  # its write was replayed
+        assert httpx.get(f"{url}/readyz").json()["dependencies"]["shards"] == "up"
         new_pid = ray.get(ray.get_actor(f"towerann-shard-{victim}").info.remote())["pid"]
         assert new_pid != pid
 

@@ -70,6 +70,8 @@ def test_sharded_bundle_answers_as_the_unsharded_one(servers) -> None:
     assert isinstance(index, ShardedIndex) and index.n_shards == S and min(index.shard_counts()) > 0
     ready = httpx.get(f"{servers['sharded'].url}/readyz").json()
     assert ready["index"] == f"sharded({S} x exact)" and ready["items"] == 2000
+    assert ready["dependencies"]["shards"] == "up" and not ready["degraded"]
+    assert "shards" not in httpx.get(f"{servers['plain'].url}/readyz").json()["dependencies"]
     for user in USERS:
         assert len(both(servers, user)) == 50
     categories = servers["plain"].retriever.holder.current().category_names[:2]

@@ -316,6 +316,10 @@ class RayShards(ShardSet):
     def info(self) -> list[dict[str, Any]]:
         return require_ray().get([a.info.remote() for a in self.actors])
 
+    def recovering(self) -> tuple[int, ...]:
+        """Shards left out of searches until they are back (restarted, catching up on this front's writes)."""
+        return tuple(sorted(self._recovering))
+
     def close(self) -> None:
         """Stop this set's shard actors for good (no restart)."""
         ray = require_ray()

@@ -58,6 +58,7 @@ class ShardedIndex(Index):
         # a search without its own deadline waits this long for the shards (None: for every one; a
         # server over Ray shards sets it, so one hung shard makes answers partial, not late)
         self.deadline_s: float | None = None
+        self.last_missing: tuple[int, ...] = ()  # the shards the latest search went without
 
     @classmethod
     def over(cls, shards: ShardSet, manifest: Mapping[str, Any]) -> "ShardedIndex":
@@ -71,7 +72,7 @@ class ShardedIndex(Index):
         index.search_defaults = {**COMMON_SEARCH, **manifest["search_defaults"]}
         index.tuning, index.filter_calibration = manifest.get("tuning"), manifest.get("filter_calibration")
         index.manifest = dict(manifest)
-        index.deadline_s = None
+        index.deadline_s, index.last_missing = None, ()
         if shards.n != index.n_shards:
             raise ConfigError(f"{shards.n} shard workers for a snapshot of {index.n_shards} shards")
         index.shards = shards
@@ -166,6 +167,12 @@ class ShardedIndex(Index):
     def attribute_names(self) -> list[str]:
         return sorted({a for st in self._stats() for a in st["attributes"]})
 
+    def missing_shards(self) -> tuple[int, ...]:
+        """Shards the latest search left out, or left out until they are back (Ray workers restarting;
+        in this process: none): what /readyz reports."""
+        recovering = getattr(self.shards, "recovering", None)
+        return tuple(sorted({*self.last_missing, *(recovering() if recovering is not None else ())}))
+
     def shard_counts(self) -> list[int]:
         return [st["count"] for st in self._stats()]
 
@@ -208,6 +215,8 @@ class ShardedIndex(Index):
 
     def _merged(self, method: str, args: tuple, m: int, k: int, deadline_s: float | None) -> SearchResult:
         answers, missing, version = self.shards.fan_out(method, args, deadline_s)
+        if method == "search":
+            self.last_missing = tuple(missing)
         if not answers:
             ids, scores = padded(m, k)
         else:

@@ -431,13 +431,17 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         deps = {"features": await probe(retriever.store)}
         if delta is not None:
             deps["delta_log"] = await probe(delta)
-        degraded = any(state != "up" for state in deps.values())
         b = holder.current()
+        shards = getattr(b.index, "missing_shards", None)  # a sharded index: are answers partial now?
+        missing = list(shards()) if shards is not None else []
+        if shards is not None:
+            deps["shards"] = "partial" if missing else "up"
+        degraded = any(state != "up" for state in deps.values())
         # The recall monitor's verdict is a detail, not readiness: a bundle that finds less than it
         # should still serves (pulling every replica of it out of the load balancer would serve nothing).
         recall = {} if retriever.monitor is None else {"recall": retriever.monitor.health(b.version)}
         return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps, **recall,
-                             **b.describe()})
+                             **({"missing_shards": missing} if missing else {}), **b.describe()})
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
