@@ -167,3 +167,14 @@ def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, t
     snap = out / (out / "CURRENT").read_text().strip()
     assert json.loads((snap / "manifest.json").read_text())["search_defaults"]["ef"] == 33
     assert json.loads((snap / "shard-001" / "manifest.json").read_text())["search_defaults"]["ef"] == 33
+
+
+def test_serve_flags_for_ray_are_checked_before_anything_starts(servers, capsys) -> None:
+    from towerann.service.commands import main as serve
+
+    plain_root = servers["plain"].service.cfg.paths.index
+    assert serve(["serve", "--index", plain_root, "--shard-deadline-ms", "100"]) == 2
+    assert "--shard-deadline-ms goes with --ray" in capsys.readouterr().err
+    # an unsharded bundle: refused from its manifest, before any Ray cluster is contacted (none runs here)
+    assert serve(["serve", "--index", plain_root, "--store", "memory", "--ray", "127.0.0.1:9"]) == 2
+    assert "serve sharded snapshots" in capsys.readouterr().err

@@ -332,12 +332,12 @@ def attach(root: str | Path, address: str | None = None, name: str = "towerann",
     """A ShardedIndex over Ray actors serving `version` (default: the CURRENT one) of the sharded
     snapshot root `root` (a path every node can read). Connects to the cluster at `address` unless
     already connected. `deadline_s`: how long a search waits for the shards unless it says otherwise."""
+    root = Path(root).resolve()
+    version = version or current_version(root)
+    manifest = top_manifest(root, version)  # a snapshot that is not sharded is refused before Ray is reached
     ray = require_ray()
     if not ray.is_initialized():
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False, logging_level="WARNING")
-    root = Path(root).resolve()
-    version = version or current_version(root)
-    manifest = top_manifest(root, version)
     shards = RayShards(root, int(manifest["build_params"]["shards"]), name=name, detached=detached, version=version)
     index = ShardedIndex.over(shards, manifest)
     index.version, index.deadline_s = shards.version, deadline_s

@@ -46,6 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
         serve_workers=args.workers)
     if args.shard_deadline_ms is not None and (args.ray is None or args.shard_deadline_ms <= 0):
         raise ConfigError("--shard-deadline-ms goes with --ray and must be > 0")
+    if args.ray is not None and cfg.serve.workers == 0:  # "one per core" means one for a front over Ray shards
+        cfg = cfg.with_overrides(serve_workers=1)
     n = resolve_workers(cfg)
     if n > 1 and args.ray is None:  # the parent of the workers loads nothing itself (service.workers)
         run_workers(cfg, n, model_dir=args.model)
