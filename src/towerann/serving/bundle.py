@@ -32,7 +32,7 @@ from towerann.artifacts import load_npy, save_npy, sha256_file
 from towerann.cluster import create_index, load_index
 from towerann.embed.attributes import attribute_key, read_vector_attributes
 from towerann.embed.vectors import VectorSet
-from towerann.errors import ArtifactError, IndexIncompatible
+from towerann.errors import ArtifactError, BackendUnavailable, IndexIncompatible
 from towerann.index import Index
 from towerann.index.build import SHARDED, Tuning, build_index, split_params
 from towerann.index.plan import calibrate
@@ -366,6 +366,13 @@ class RetrievalBundle:
             self.delta_seq = max(self.delta_seq, int(seq))
 
     def describe(self) -> dict[str, Any]:
+        """What /readyz and the logs show. `items` is None while shards of a sharded index are missing:
+        counting asks every shard, and one that is down (or restarting) cannot answer."""
+        missing = getattr(self.index, "missing_shards", lambda: ())()
+        try:
+            items = None if missing else len(self.index)
+        except BackendUnavailable:
+            items = None
         return {"path": str(self.path), "index_version": self.version, "model_version": self.model_version,
-                "index": self.index.describe(), "items": len(self.index), "delta_seq": self.delta_seq}
+                "index": self.index.describe(), "items": items, "delta_seq": self.delta_seq}
 
