@@ -167,6 +167,8 @@ def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, t
     snap = out / (out / "CURRENT").read_text().strip()
     assert json.loads((snap / "manifest.json").read_text())["search_defaults"]["ef"] == 33
     assert json.loads((snap / "shard-001" / "manifest.json").read_text())["search_defaults"]["ef"] == 33
+    assert main(["index", "tune", str(out), "--recall", "0.9", "--queries", str(tmp_path / "q.npy")]) == 2
+    assert "does not re-tune a sharded snapshot" in capsys.readouterr().err
 
 
 def test_serve_flags_for_ray_are_checked_before_anything_starts(servers, capsys) -> None:

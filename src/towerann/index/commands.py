@@ -171,6 +171,9 @@ def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> A
 def _tune(args: argparse.Namespace) -> int:
     from towerann.index.retune import retune
 
+    if read_checked_manifest(resolve(args.root), verify=False)["backend"] == SHARDED:
+        raise ConfigError(f"{args.root}: index tune does not re-tune a {SHARDED} snapshot yet; rebuild it with "
+                          "`index build --kind sharded --recall ...` (tuning there sets every shard's search params)")
     if args.queries:
         queries = load_npy(args.queries)
     elif args.data and args.model:
