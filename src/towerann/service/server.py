@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from towerann.config import Config
-from towerann.errors import BackendUnavailable, ConfigError
+from towerann.errors import BackendUnavailable, ConfigError, TowerannError
 from towerann.index.snapshot import resolve
 from towerann.serving.app import create_app
 from towerann.serving.bundle import RetrievalBundle
@@ -100,8 +100,15 @@ def load_ray_bundle(cfg: Config, address: str, model_dir: str | None = None,
     path = resolve(cfg.paths.index)
     if model_dir is None and not (path / "model").is_dir():
         model_dir = cfg.paths.model
-    return RetrievalBundle.load(path, model_dir=model_dir, index_loader=lambda p: attach(
-        p.parent, address, version=p.name, deadline_s=deadline_s))
+    try:
+        return RetrievalBundle.load(path, model_dir=model_dir, index_loader=lambda p: attach(
+            p.parent, address, version=p.name, deadline_s=deadline_s))
+    except TowerannError:
+        raise
+    except Exception as e:  # Ray's own errors (no cluster there, an actor that cannot start): one line
+        detail = " ".join(str(e).split())[:300]
+        raise BackendUnavailable(f"--ray {address}: cannot attach the shards of {path} ({type(e).__name__}: "
+                                 f"{detail})") from e
 
 
 def open_ray_service(cfg: Config, address: str, model_dir: str | None = None,
