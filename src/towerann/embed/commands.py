@@ -19,16 +19,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-resume", action="store_true", help="discard an unfinished run instead of resuming it")
     p.add_argument("--overwrite", action="store_true", help="replace --out and discard any unfinished run")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the parts as Ray tasks on a cluster (pip install 'towerann[ray]'): ADDRESS of "
+                        "`ray start --head` (host:port or auto); without one, as ray.init() finds a cluster. Every "
+                        "node must see --model and --items at the same paths; the driver writes --out. Same "
+                        "vectors, byte for byte, as the local runner")
+    p.add_argument("--cpus-per-task", type=int, default=1,
+                   help="with --ray: cores (torch threads) per part task (default 1)")
     p.set_defaults(func=run_embed)
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from towerann.embed.runner import embed_catalog
+    from towerann.errors import ConfigError
 
     stats: dict = {}
     t0 = time.perf_counter()
-    out = embed_catalog(args.model, args.items, args.out, batch_size=args.batch_size, part_size=args.part_size,
-                        resume=not args.no_resume, overwrite=args.overwrite, device=args.device, stats=stats)
+    if args.ray is not None:
+        from towerann.cluster.embed import embed_catalog_ray
+
+        if args.device not in (None, "cpu"):
+            raise ConfigError("--device does not apply with --ray: the part tasks run the tower on CPU")
+        out = embed_catalog_ray(args.model, args.items, args.out, address=args.ray or None,
+                                batch_size=args.batch_size, part_size=args.part_size, resume=not args.no_resume,
+                                overwrite=args.overwrite, cpus_per_task=args.cpus_per_task, stats=stats)
+    else:
+        from towerann.embed.runner import embed_catalog
+
+        out = embed_catalog(args.model, args.items, args.out, batch_size=args.batch_size, part_size=args.part_size,
+                            resume=not args.no_resume, overwrite=args.overwrite, device=args.device, stats=stats)
     seconds = time.perf_counter() - t0
     n = stats.get("count", 0)
     print(f"embedded {n} items -> {out} in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} items/s)")

@@ -125,9 +125,9 @@ def open_catalog(file: Path, columns: list[str]) -> pq.ParquetFile:
         raise DataError(f"{file}: not a readable Parquet file ({e})") from e
 
 
-def iter_batches_from(pf: pq.ParquetFile, file: Path, columns: list[str], start: int, batch_size: int
-                      ) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """Record batches from catalog row `start` on, skipping whole row groups before it unread."""
+def iter_batches_from(pf: pq.ParquetFile, file: Path, columns: list[str], start: int, batch_size: int,
+                      stop: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Record batches of catalog rows [start, stop), skipping whole row groups before `start` unread."""
     meta = pf.metadata
     first_row, groups = 0, []
     for rg in range(meta.num_row_groups):
@@ -147,6 +147,10 @@ def iter_batches_from(pf: pq.ParquetFile, file: Path, columns: list[str], start:
             if row < start:
                 batch = batch.slice(start - row)
                 row = start
+            if stop is not None and row + batch.num_rows >= stop:
+                if stop > row:
+                    yield row, batch.slice(0, stop - row)
+                return
             yield row, batch
             row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
@@ -293,9 +297,8 @@ def _attr_files(attributes: list[str]) -> tuple[str, ...]:
     return ATTRS + tuple(f"attr_{a}" for a in attributes)
 
 
-def _write_attr_part(work: Path, i: int, enc_attrs: dict[str, list[np.ndarray]]) -> None:
-    for a in enc_attrs:
-        arr = np.concatenate(enc_attrs[a])
+def _write_attr_part(work: Path, i: int, attrs: dict[str, np.ndarray]) -> None:
+    for a, arr in attrs.items():
         tmp = work / f".{a}-{i:05d}.tmp.npy"
         np.save(tmp, arr, allow_pickle=False)
         tmp.replace(work / f"{a}-{i:05d}.npy")
@@ -325,20 +328,94 @@ def _assemble_attrs(work: Path, n_parts: int, count: int, names: tuple[str, ...]
     return sums
 
 
-def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int = 16384,
-                  part_size: int = 1_048_576, resume: bool = True, overwrite: bool = False,
-                  device: str | torch.device | None = None, progress: bool | None = None,
-                  max_parts: int | None = None, stats: dict[str, Any] | None = None,
-                  attributes: tuple[str, ...] | list[str] = ()) -> Path:
-    """Embed every catalog row with the model's item tower and write a vectors directory at `out`.
+def embed_rows(model: TwoTowerModel, tower: torch.nn.Module, pf: pq.ParquetFile, file: Path, columns: list[str],
+               start: int, stop: int, batch_size: int, filter_vocab: CategoricalColumn,
+               attr_vocab: dict[str, list[str]], dev: torch.device, timings: dict[str, float] | None = None,
+               bar: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Catalog rows [start, stop) -> their vectors and per-item attribute arrays (_attr_files order).
 
-    Internal ids are catalog row numbers. `resume` continues an unfinished run found in
-    `<out>.partial/` (same model and catalog only); `overwrite` discards it and replaces `out`.
-    `max_parts` stops after that many new parts and returns the work directory (to split a run;
-    tests use it to simulate an interruption). `stats`, if given, receives stage timings.
-    `attributes`: catalog columns to keep as filter attributes ([filters] attributes; embed.attributes).
-    """
-    t_start = time.perf_counter()
+    The one place the tower runs over the catalog, for the local runner and for a Ray task alike: its
+    calls are the Parquet batches read from `start`, so a part's vectors do not depend on which
+    runner, or which earlier part, came before it."""
+    timings = {} if timings is None else timings
+    buf = np.empty((stop - start, model.dim), np.float32)
+    attrs: dict[str, list[np.ndarray]] = {a: [] for a in _attr_files(list(attr_vocab))}
+    reader = BatchReader(iter_batches_from(pf, file, columns, start, batch_size, stop), model, filter_vocab, dev,
+                         ahead=dev.type != "cpu", attr_vocab=attr_vocab)
+    filled = 0
+    try:
+        reader.start()
+        t_wait = time.perf_counter()
+        with torch.inference_mode():
+            for enc in reader:
+                t0 = time.perf_counter()
+                timings["wait_reader_s"] = timings.get("wait_reader_s", 0.0) + t0 - t_wait
+                n = len(enc.available)
+                vec = tower(*enc.inputs)
+                buf[filled:filled + n] = vec.cpu().numpy() if dev.type != "cpu" else vec.numpy()
+                timings["tower_s"] = timings.get("tower_s", 0.0) + time.perf_counter() - t0
+                attrs["external_ids"].append(enc.external_ids)
+                attrs["categories"].append(enc.categories)
+                attrs["available"].append(enc.available)
+                for name, codes in (enc.attributes or {}).items():
+                    attrs[f"attr_{name}"].append(codes)
+                filled += n
+                if bar is not None:
+                    bar.update(n)
+                t_wait = time.perf_counter()
+    finally:
+        reader.close()
+    if filled != stop - start:
+        raise DataError(f"{file}: read {filled} of the {stop - start} rows from row {start} that its metadata "
+                        "promises; the file changed during the run")
+    return buf, {a: np.concatenate(v) for a, v in attrs.items()}
+
+
+def write_finished_part(work: Path, i: int, start: int, vectors: np.ndarray, attrs: dict[str, np.ndarray]
+                        ) -> dict[str, Any]:
+    """Check part i and write its files into the work directory; return its manifest entry."""
+    _check_part(work, i, vectors)
+    entry = write_part(work, i, vectors, np.arange(start, start + len(vectors), dtype=np.int64))
+    _write_attr_part(work, i, attrs)
+    return entry
+
+
+@dataclass
+class EmbedRun:
+    """An embedding run set up (fresh or resumed) in its work directory; parts are rows
+    [i * part_size, (i + 1) * part_size) of the catalog."""
+
+    model_dir: Path
+    model: TwoTowerModel
+    file: Path
+    pf: pq.ParquetFile
+    columns: list[str]
+    attributes: list[str]
+    n_rows: int
+    part_size: int
+    work: Path
+    state: dict[str, Any]
+    filter_vocab: CategoricalColumn
+    attr_vocab: dict[str, list[str]]
+
+    @property
+    def parts(self) -> list[dict[str, Any]]:
+        return self.state["parts"]
+
+    @property
+    def n_parts(self) -> int:
+        return -(-self.n_rows // self.part_size)
+
+    def rows(self, i: int) -> tuple[int, int]:
+        return i * self.part_size, min(self.n_rows, (i + 1) * self.part_size)
+
+    def save_progress(self) -> None:
+        write_json_atomic(self.work / PROGRESS, self.state)
+
+
+def start_run(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int, part_size: int,
+              resume: bool, overwrite: bool, attributes: tuple[str, ...] | list[str]) -> EmbedRun:
+    """Check the arguments and the catalog, then start (or resume) the run in `<out>.partial/`."""
     out = Path(out)
     if batch_size < 1 or part_size < 1:
         raise ConfigError(f"batch_size and part_size must be >= 1 (got {batch_size}, {part_size})")
@@ -353,19 +430,50 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     t = pf.schema_arrow.field("item_id").type
     if not (pa.types.is_int64(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataError(f"{file}: column 'item_id' has type {t}; expected int64 or string")
-    n_rows = pf.metadata.num_rows
-    dev = _pick_device(device)
-
     work = work_dir_for(out)
-    progress_path = work / PROGRESS
     want = {"model_version": model.version, "catalog": catalog_fingerprint(file, pf), "part_size": int(part_size),
             "attributes": attributes}
     state = _start_or_resume(work, want, fresh=overwrite or not resume)
+    return EmbedRun(Path(model_dir), model, file, pf, columns, attributes, pf.metadata.num_rows, int(part_size), work,
+                    state, filter_categories(pf, model), column_values(pf, attributes))
 
-    parts: list[dict[str, Any]] = state["parts"]
-    n_parts = -(-n_rows // part_size)
-    done_rows = min(len(parts) * part_size, n_rows)
-    tower = model.net.item_tower.to(dev).eval()
+
+def finish_run(run: EmbedRun, out: str | Path, overwrite: bool) -> Path:
+    """Every part done: assemble the attribute arrays, write the manifest, rename the work directory to `out`."""
+    out = Path(out)
+    if len(run.parts) != run.n_parts:
+        raise DataError(f"{run.file}: {len(run.parts)} of {run.n_parts} parts embedded; the file changed during the run")
+    attr_sums = _assemble_attrs(run.work, len(run.parts), run.n_rows, _attr_files(run.attributes))
+    manifest = manifest_for(run.parts, attr_sums, model_version=run.model.version, dim=run.model.dim,
+                            metric=run.model.metric, category_names=["<unknown>"] + run.filter_vocab.values,
+                            extra={"source": {"items": str(run.file), "rows": run.n_rows, "model": str(run.model_dir)},
+                                   **({"attributes": run.attr_vocab} if run.attributes else {})})
+    write_json_atomic(run.work / MANIFEST, manifest)
+    (run.work / PROGRESS).unlink()
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    replace_dir(run.work, out)
+    return out
+
+
+def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int = 16384,
+                  part_size: int = 1_048_576, resume: bool = True, overwrite: bool = False,
+                  device: str | torch.device | None = None, progress: bool | None = None,
+                  max_parts: int | None = None, stats: dict[str, Any] | None = None,
+                  attributes: tuple[str, ...] | list[str] = ()) -> Path:
+    """Embed every catalog row with the model's item tower and write a vectors directory at `out`.
+
+    Internal ids are catalog row numbers. `resume` continues an unfinished run found in
+    `<out>.partial/` (same model and catalog only); `overwrite` discards it and replaces `out`.
+    `max_parts` stops after that many new parts and returns the work directory (to split a run;
+    tests use it to simulate an interruption). `stats`, if given, receives stage timings.
+    `attributes`: catalog columns to keep as filter attributes ([filters] attributes; embed.attributes).
+    `towerann embed --ray` runs the same parts as Ray tasks (cluster.embed).
+    """
+    t_start = time.perf_counter()
+    run = start_run(model_dir, items, out, batch_size, part_size, resume, overwrite, attributes)
+    dev = _pick_device(device)
+    tower = run.model.net.item_tower.to(dev).eval()
     threads_before = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)  # the tower is GEMM-bound: use every core
@@ -373,78 +481,34 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     # Read-ahead pays when the tower runs on a GPU. On CPU the reader thread competes with the
     # tower's OpenMP threads for the same cores: measured on 2 cores (10M items), the tower ran
     # 35% slower beside it and the whole run took longer, so there decoding runs inline.
-    filter_vocab = filter_categories(pf, model)
-    attr_vocab = column_values(pf, attributes)
-    reader = BatchReader(iter_batches_from(pf, file, columns, done_rows, batch_size), model, filter_vocab, dev,
-                         ahead=dev.type != "cpu", attr_vocab=attr_vocab)
-    bar = tqdm(total=n_rows, initial=done_rows, desc="embed", unit="item", unit_scale=True, disable=None if progress is None else not progress)
+    done_rows = run.rows(len(run.parts))[0] if len(run.parts) < run.n_parts else run.n_rows
+    bar = tqdm(total=run.n_rows, initial=done_rows, desc="embed", unit="item", unit_scale=True,
+               disable=None if progress is None else not progress)
     new_parts = 0
     try:
-        reader.start()
-        buf = np.empty((min(part_size, max(n_rows - done_rows, 0)), model.dim), np.float32)
-        attrs: dict[str, list[np.ndarray]] = {a: [] for a in _attr_files(attributes)}
-        part_start, filled = done_rows, 0
-        t_wait = time.perf_counter()
-        with torch.inference_mode():
-            for enc in reader:
-                t0 = time.perf_counter()
-                timings["wait_reader_s"] += t0 - t_wait
-                pos, n = 0, len(enc.available)
-                while pos < n:  # a batch may straddle two parts
-                    take = min(n - pos, len(buf) - filled)
-                    sl = slice(pos, pos + take)
-                    t1 = time.perf_counter()
-                    vec = tower(*(x[sl] for x in enc.inputs))
-                    buf[filled:filled + take] = vec.cpu().numpy() if dev.type != "cpu" else vec.numpy()
-                    timings["tower_s"] += time.perf_counter() - t1
-                    attrs["external_ids"].append(enc.external_ids[sl])
-                    attrs["categories"].append(enc.categories[sl])
-                    attrs["available"].append(enc.available[sl])
-                    for name, codes in (enc.attributes or {}).items():
-                        attrs[f"attr_{name}"].append(codes[sl])
-                    filled += take
-                    pos += take
-                    if filled == len(buf):
-                        t2 = time.perf_counter()
-                        i = len(parts)
-                        _check_part(work, i, buf)
-                        ids = np.arange(part_start, part_start + filled, dtype=np.int64)
-                        entry = write_part(work, i, buf, ids)
-                        _write_attr_part(work, i, attrs)
-                        parts.append(entry)
-                        write_json_atomic(progress_path, state)
-                        timings["write_s"] += time.perf_counter() - t2
-                        new_parts += 1
-                        part_start += filled
-                        filled = 0
-                        attrs = {a: [] for a in _attr_files(attributes)}
-                        buf = np.empty((min(part_size, n_rows - part_start), model.dim), np.float32)
-                        if max_parts is not None and new_parts >= max_parts and len(parts) < n_parts:
-                            log.info("stopping after %d new part(s) as asked; %s holds the progress", new_parts, work)
-                            return work
-                bar.update(n)
-                t_wait = time.perf_counter()
+        for i in range(len(run.parts), run.n_parts):
+            start, stop = run.rows(i)
+            vectors, attrs = embed_rows(run.model, tower, run.pf, run.file, run.columns, start, stop, batch_size,
+                                        run.filter_vocab, run.attr_vocab, dev, timings, bar)
+            t2 = time.perf_counter()
+            run.parts.append(write_finished_part(run.work, i, start, vectors, attrs))
+            run.save_progress()
+            timings["write_s"] += time.perf_counter() - t2
+            new_parts += 1
+            del vectors, attrs
+            if max_parts is not None and new_parts >= max_parts and len(run.parts) < run.n_parts:
+                log.info("stopping after %d new part(s) as asked; %s holds the progress", new_parts, run.work)
+                return run.work
     finally:
         bar.close()
-        reader.close()
         torch.set_num_threads(threads_before)
-    if part_start != n_rows or len(parts) != n_parts:
-        raise DataError(f"{file}: read {part_start} rows but its metadata says {n_rows}; the file changed during the run")
 
     t3 = time.perf_counter()
-    attr_sums = _assemble_attrs(work, len(parts), n_rows, _attr_files(attributes))
-    manifest = manifest_for(parts, attr_sums, model_version=model.version, dim=model.dim, metric=model.metric,
-                            category_names=["<unknown>"] + filter_vocab.values,
-                            extra={"source": {"items": str(file), "rows": n_rows, "model": str(model_dir)},
-                                   **({"attributes": attr_vocab} if attributes else {})})
-    write_json_atomic(work / MANIFEST, manifest)
-    progress_path.unlink()
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
-    replace_dir(work, out)
+    finish_run(run, out, overwrite)
     timings["finish_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t_start
     if stats is not None:
-        stats.update(timings, count=n_rows, device=str(dev), threads=torch.get_num_threads() if dev.type != "cpu" else os.cpu_count())
-    log.info("embedded %d items into %s in %.1fs", n_rows, out, timings["total_s"])
-    return out
+        stats.update(timings, count=run.n_rows, device=str(dev),
+                     threads=torch.get_num_threads() if dev.type != "cpu" else os.cpu_count())
+    log.info("embedded %d items into %s in %.1fs", run.n_rows, out, timings["total_s"])
+    return Path(out)
