@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import httpx
@@ -45,6 +45,12 @@ class Candidates:
     index_version: str
     timings_ms: dict[str, float]
     degraded: bool  # the server's feature store did not answer: ranked without the user's features
+    missing_shards: list[int] = field(default_factory=list)  # a sharded index: shards left out (deadline)
+
+    @property
+    def partial(self) -> bool:
+        """Some shards of a sharded index missed the deadline: these are the best of the others' items."""
+        return bool(self.missing_shards)
 
 
 class Client:
@@ -80,7 +86,8 @@ class Client:
         return Candidates(item_ids=[c["item_id"] for c in got["candidates"]],
                           scores=[float(c["score"]) for c in got["candidates"]],
                           model_version=got["model_version"], index_version=got["index_version"],
-                          timings_ms=got["timings_ms"], degraded=bool(got["degraded"]))
+                          timings_ms=got["timings_ms"], degraded=bool(got["degraded"]),
+                          missing_shards=[int(s) for s in got.get("missing_shards") or []])
 
     def ready(self) -> dict[str, Any]:
         """GET /readyz: the served versions and each dependency's state (BackendUnavailable while not ready)."""

@@ -18,6 +18,7 @@ import pytest
 
 from ann_catalog import AUTH, TOKEN
 from ray_cluster import two_nodes
+from towerann.client import Client
 from towerann.cluster.partition import shard_of
 from towerann.embed.vectors import read_vectors
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
@@ -84,6 +85,8 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
                     assert ready.status_code == 200, ready.text  # still serving, partially
                     assert ready.json()["dependencies"]["shards"] == "partial" and ready.json()["degraded"]
                     assert ready.json()["missing_shards"] == [victim] and ready.json()["items"] is None
+                    got = Client(url, timeout_s=30).candidates("some-user", k=K)  # the client says so too
+                    assert got.partial and got.missing_shards == [victim]
                 partial = body
             elif partial is not None:
                 break
