@@ -1,8 +1,9 @@
-"""bench freshness: the worst request of a swap window, placed in the reload phase it was sent in."""
+"""bench freshness: the worst request of a swap window, placed in the reload phase it was sent in; a load that
+ended before the swaps is a failed run, not a nan."""
 
 from __future__ import annotations
 
-from towerann.bench.freshness import worst_request
+from towerann.bench.freshness import load_shortfall_s, worst_request
 
 
 def test_worst_request_names_the_reload_phase_it_was_sent_in() -> None:
@@ -23,3 +24,10 @@ def test_worst_request_names_the_reload_phase_it_was_sent_in() -> None:
     assert worst_request(timeline, (t0, t0 + 3.0), reload)["phase"] == "after"
     assert worst_request(timeline, (t0, t0 + 3.0), {})["latency_ms"] == 99.0  # a refused reload has no phases
     assert worst_request(timeline, (t0 + 10, t0 + 11), reload) == {}
+
+
+def test_a_load_that_ends_before_the_swaps_is_short_by_the_missing_seconds() -> None:
+    timeline = {"sent_unix": [1000.0 + i * 0.01 for i in range(36_000)], "latency_ms": [], "status": []}  # 360 s
+    assert load_shortfall_s(timeline, swaps_end=1300.0, steady_s=15) == 0.0  # 1 s + 7.5 s of steady load after
+    assert load_shortfall_s(timeline, swaps_end=1351.0, steady_s=15) == 0.0  # 8.99 s left: enough
+    assert abs(load_shortfall_s(timeline, swaps_end=1400.0, steady_s=15) - 48.51) < 1e-6

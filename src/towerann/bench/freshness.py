@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from towerann.bench.report import percentiles, write_report
+from towerann.errors import ConfigError
 
 TOKEN = "bench-token"
 NEW_CATEGORY = "bench_new"
@@ -246,6 +247,10 @@ def run(args: argparse.Namespace) -> int:
         peak_mb = rss_mb(pid)[1]
         server.stop()
     tl = load_out["timeline"]
+    short = load_shortfall_s(tl, swaps[-1]["end"], args.steady_s)
+    if short > 0:
+        raise ConfigError(f"the load ended {short:.0f}s before the swaps were measured (the rebuild took "
+                          f"{rebuilt['seconds']:.0f}s): run again with --swap-budget-s {int(args.swap_budget_s + short) + 30}")
     before = (tl["sent_unix"][0] + 2.0, events["rebuild_start"])
     after = (swaps[-1]["end"] + 1.0, tl["sent_unix"][-1] + 1.0)
     # Steady = no rebuild and no swap running: before the rebuild and after the swap, together, so one
@@ -285,6 +290,13 @@ def run(args: argparse.Namespace) -> int:
     json_path, png_path = write_report(args.out, f"freshness-{args.items}-{args.kind}", result, _plot(result))
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def load_shortfall_s(timeline: dict[str, list], swaps_end: float, steady_s: float) -> float:
+    """Seconds the load would have needed to run longer to cover the last swap's window and half a
+    steady window after it; 0 when it did. The load's length is fixed in advance, and a rebuild slower
+    than --swap-budget-s leaves the swaps with no requests to measure (nan), which must not pass for a result."""
+    return max(0.0, swaps_end + 1.0 + steady_s / 2 - timeline["sent_unix"][-1])
 
 
 CONTROL_SCRIPTS = {
@@ -361,8 +373,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settle-s", type=float, default=5.0,
                    help="seconds between the rebuild's end and the reload (default 5); they count as 'during "
                         "rebuild', where the rebuild's after-effects on the machine (writeback, freed memory) show")
-    p.add_argument("--swap-budget-s", type=float, default=160.0,
-                   help="load time left for rebuild + swap (default 160 s; raise it for big catalogs)")
+    p.add_argument("--swap-budget-s", type=float, default=480.0,
+                   help="load time left for rebuild + swap (default 480 s: a 1M rebuild at nice 10 took 160-340 s "
+                        "on 2 cores; a run whose swaps fall after the load's end fails and names the budget to use)")
     p.add_argument("--swaps", type=int, default=1,
                    help="swaps after the rebuild (default 1); more swap to copies of the rebuilt bundle, each "
                         "reported on its own (p99 vs steady, the worst request and the reload phase it fell in)")
