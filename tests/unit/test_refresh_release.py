@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -81,3 +82,26 @@ def test_indexes_without_c_buffers_release_nothing_and_keep_answering() -> None:
     index.build(np.eye(8, dtype=np.float32), np.arange(8))
     assert index.release_memory() == 0
     assert index.search(np.eye(8, dtype=np.float32)[:1], 1).ids[0, 0] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a Linux feature")
+def test_a_reload_runs_in_a_thread_of_its_own_at_a_lower_priority(hnsw_root: Path, tmp_path: Path) -> None:
+    """Load and validation must yield the cores to request threads: the reload's thread is niced, the caller's is not."""
+    from towerann.freshness.deltalog import open_delta_log
+    from towerann.freshness.live import ItemWriter
+    from towerann.freshness.reload import RELOAD_NICE, Reloader
+    from towerann.serving.holder import BundleHolder
+
+    delta = open_delta_log("embedded", path=tmp_path / "delta.sqlite")
+    try:
+        reloader = Reloader(ItemWriter(BundleHolder(), delta), hnsw_root)
+        seen: dict[str, int] = {}
+        reloader.add_listener(lambda outcome, info: seen.update(
+            nice=os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), thread=threading.get_ident()))
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        info = reloader.reload()
+        assert info["outcome"] == "swapped", info
+        assert seen["nice"] == max(mine, RELOAD_NICE) and seen["thread"] != threading.get_ident()
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller keeps its priority
+    finally:
+        delta.close()

@@ -27,10 +27,12 @@ from towerann.errors import TowerannError
 from towerann.freshness.live import ItemWriter, replay
 from towerann.index.snapshot import current_version
 from towerann.serving.bundle import RetrievalBundle
+from towerann.serving.monitor import lower_this_threads_priority
 
 log = logging.getLogger(__name__)
 
 VALIDATION_QUERIES = 64
+RELOAD_NICE = 10  # the reload thread's nice value; the request threads keep 0
 
 
 def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: int = 100, seed: int = 0) -> float:
@@ -129,7 +131,28 @@ class Reloader:
         return self.reload()
 
     def reload(self) -> dict[str, Any]:
-        """Load, validate, replay and swap in the bundle CURRENT names now. Never raises for a bad bundle."""
+        """Load, validate, replay and swap in the bundle CURRENT names now. Never raises for a bad bundle.
+
+        The work runs in a thread of its own at nice RELOAD_NICE: on a loaded machine the validation's
+        exact search and the load's copying otherwise take the core a request thread is waiting for
+        (at 1M items on 2 cores, 1 swap in 10 had its p99 at 4.7x steady, in the validate phase)."""
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            lower_this_threads_priority(RELOAD_NICE)
+            try:
+                out["info"] = self._reload()
+            except BaseException as e:  # handed to the caller, as if it had run there
+                out["error"] = e
+
+        worker = threading.Thread(target=run, name="towerann-reload", daemon=True)
+        worker.start()
+        worker.join()
+        if "error" in out:
+            raise out["error"]
+        return out["info"]
+
+    def _reload(self) -> dict[str, Any]:
         with self._reload_lock, _background_manners():
             t0 = time.perf_counter()
             version = "?"

@@ -68,6 +68,17 @@ def recall_of(found: np.ndarray, truth: np.ndarray) -> float | None:
     return len(np.intersect1d(found[found >= 0], t)) / len(t)
 
 
+def lower_this_threads_priority(nice: int) -> None:
+    """Give the calling thread alone this nice value, or keep its own if that is higher already
+    (Linux: a thread is a task with its own), so background work in a serving process yields the
+    cores to the request threads; best effort elsewhere."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, max(nice, os.getpriority(os.PRIO_PROCESS, me)))
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class _Stats:
     window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
@@ -125,10 +136,7 @@ class RecallMonitor:
     # ---- the worker ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:  # this thread only (Linux: a thread is a task with its own nice value)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (OSError, AttributeError):
-            pass
+        lower_this_threads_priority(19)
         while True:
             item = self._queue.get()
             try:
