@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "towerann.model.commands",
     "towerann.embed.commands",
     "towerann.index.commands",
+    "towerann.cluster.commands",  # adds embed --ray and index build --kind sharded: after both
     "towerann.features.commands",
     "towerann.service.commands",
     "towerann.freshness.commands",

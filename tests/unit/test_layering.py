@@ -28,11 +28,7 @@ LAYERS = {
 
 
 def _package(module: str) -> str:
-    """A module's package; a package's `commands.py` is the CLI's code (cli.py loads each one by name to
-    add its subcommands), so it sits in the cli layer: `index build --kind sharded` may reach cluster/."""
     parts = module.split(".")
-    if len(parts) == 3 and parts[2] == "commands":
-        return "cli"
     return parts[1] if len(parts) > 1 else "__init__"
 
 

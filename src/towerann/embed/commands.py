@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -19,34 +21,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-resume", action="store_true", help="discard an unfinished run instead of resuming it")
     p.add_argument("--overwrite", action="store_true", help="replace --out and discard any unfinished run")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the parts as Ray tasks on a cluster (pip install 'towerann[ray]'): ADDRESS of "
-                        "`ray start --head` (host:port or auto); without one, as ray.init() finds a cluster. Every "
-                        "node must see --model and --items at the same paths; the driver writes --out. Same "
-                        "vectors, byte for byte, as the local runner")
-    p.add_argument("--cpus-per-task", type=int, default=1,
-                   help="with --ray: cores (torch threads) per part task (default 1)")
     p.set_defaults(func=run_embed)
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from towerann.errors import ConfigError
+    from towerann.embed.runner import embed_catalog
 
-    stats: dict = {}
+    return report_embedding(lambda stats: embed_catalog(
+        args.model, args.items, args.out, batch_size=args.batch_size, part_size=args.part_size,
+        resume=not args.no_resume, overwrite=args.overwrite, device=args.device, stats=stats))
+
+
+def report_embedding(embed: Callable[[dict[str, Any]], Path]) -> int:
+    """Run `embed(stats)` (a runner writing --out) and print what it did, as every embed runner reports."""
+    stats: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if args.ray is not None:
-        from towerann.cluster.embed import embed_catalog_ray
-
-        if args.device not in (None, "cpu"):
-            raise ConfigError("--device does not apply with --ray: the part tasks run the tower on CPU")
-        out = embed_catalog_ray(args.model, args.items, args.out, address=args.ray or None,
-                                batch_size=args.batch_size, part_size=args.part_size, resume=not args.no_resume,
-                                overwrite=args.overwrite, cpus_per_task=args.cpus_per_task, stats=stats)
-    else:
-        from towerann.embed.runner import embed_catalog
-
-        out = embed_catalog(args.model, args.items, args.out, batch_size=args.batch_size, part_size=args.part_size,
-                            resume=not args.no_resume, overwrite=args.overwrite, device=args.device, stats=stats)
+    out = embed(stats)
     seconds = time.perf_counter() - t0
     n = stats.get("count", 0)
     print(f"embedded {n} items -> {out} in {seconds:.1f} s ({n / max(seconds, 1e-9):,.0f} items/s)")

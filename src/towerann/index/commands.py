@@ -52,7 +52,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="build parameter (e.g. M=32, nlist=4096; hnsw partition_by=category partition_min=10000: "
                         "a sub-index per category for filters) or search default (e.g. ef=512); repeatable")
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
-    b.set_defaults(func=_build)
+    b.set_defaults(func=run_build)
 
     t = sub.add_parser("tune", help="re-tune a published snapshot's search settings (no rebuild) and publish "
                                     "them as a new version")
@@ -89,7 +89,8 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _build(args: argparse.Namespace) -> int:
+def run_build(args: argparse.Namespace, create_sharded: Any = None) -> int:
+    """`index build`; `create_sharded` makes --kind sharded indexes (towerann.cluster adds it: see its commands.py)."""
     from towerann.embed.vectors import read_vectors
 
     if (args.data is None) != (args.model is None):
@@ -112,7 +113,7 @@ def _build(args: argparse.Namespace) -> int:
     elif args.ids or args.normalize or args.category_column or args.available_column:
         raise ConfigError("--ids, --normalize and the column options apply to a vectors file (.parquet, .npy), "
                           f"not to the vectors directory {args.vectors}")
-    params, create_index = _kind_params(args)
+    params, create_index = _kind_params(args, create_sharded)
     vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
     if queries is None and args.data is not None:
@@ -139,8 +140,8 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kind_params(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """The build's params and the factory that makes its kind (a sharded index comes from cluster/)."""
+def _kind_params(args: argparse.Namespace, create_sharded: Any) -> tuple[dict[str, Any], Any]:
+    """The build's params and the factory that makes its kind (a sharded index: `create_sharded`)."""
     from towerann.index import create
 
     params = _parse_params(args.param)
@@ -152,9 +153,9 @@ def _kind_params(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         raise ConfigError(f"--kind {SHARDED} needs --shards N (and --shard-kind, default hnsw)")
     if "shards" in params or "backend" in params:
         raise ConfigError("give the shard count and backend as --shards and --shard-kind, not as --param")
-    from towerann.cluster import create_index
-
-    return {"shards": args.shards, "backend": args.shard_kind or "hnsw", **params}, create_index
+    if create_sharded is None:
+        raise ConfigError(f"--kind {SHARDED} is built by towerann.cluster, which did not register this command")
+    return {"shards": args.shards, "backend": args.shard_kind or "hnsw", **params}, create_sharded
 
 
 def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> Any:
