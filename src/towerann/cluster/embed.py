@@ -81,12 +81,11 @@ def embed_catalog_ray(model_dir: str | Path, items: str | Path, out: str | Path,
     # whole part (part_size x dim floats) in the object store until the driver has written it.
     window = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task)) + 1
     todo = list(range(len(run.parts), run.n_parts))
-    done_rows = run.rows(todo[0])[0] if todo else run.n_rows
     args = (str(run.model_dir.resolve()), run.model.version, str(run.file.resolve()), run.columns)
     pending: dict[Any, int] = {}
     finished: dict[int, dict[str, Any]] = {}  # parts written ahead of an earlier one still running
     nodes: set[str] = set()
-    bar = tqdm(total=run.n_rows, initial=done_rows, desc="embed (ray)", unit="item", unit_scale=True,
+    bar = tqdm(total=run.n_rows, initial=run.done_rows, desc="embed (ray)", unit="item", unit_scale=True,
                disable=None if progress is None else not progress)
     try:
         while todo or pending:

@@ -406,6 +406,11 @@ class EmbedRun:
     def n_parts(self) -> int:
         return -(-self.n_rows // self.part_size)
 
+    @property
+    def done_rows(self) -> int:
+        """Catalog rows in the finished parts (a finished prefix of them)."""
+        return min(len(self.parts) * self.part_size, self.n_rows)
+
     def rows(self, i: int) -> tuple[int, int]:
         return i * self.part_size, min(self.n_rows, (i + 1) * self.part_size)
 
@@ -481,8 +486,7 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     # Read-ahead pays when the tower runs on a GPU. On CPU the reader thread competes with the
     # tower's OpenMP threads for the same cores: measured on 2 cores (10M items), the tower ran
     # 35% slower beside it and the whole run took longer, so there decoding runs inline.
-    done_rows = run.rows(len(run.parts))[0] if len(run.parts) < run.n_parts else run.n_rows
-    bar = tqdm(total=run.n_rows, initial=done_rows, desc="embed", unit="item", unit_scale=True,
+    bar = tqdm(total=run.n_rows, initial=run.done_rows, desc="embed", unit="item", unit_scale=True,
                disable=None if progress is None else not progress)
     new_parts = 0
     try:
