@@ -21,7 +21,7 @@ def import_ray() -> Any:
 
 def two_nodes(namespace: str) -> Iterator[tuple[Any, str]]:
     """(ray, address) of a head plus one node joined with `--address` (cluster.local_cluster), this
-    process connected as a driver; `ray stop --force` afterwards (every Ray process of the machine)."""
+    process connected as a driver; afterwards its own processes are stopped (and no others)."""
     ray = import_ray()
     from towerann.cluster.local_cluster import LocalCluster
 

@@ -42,7 +42,7 @@ def _ray() -> Any:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """Two nodes: `ray start --head --port=P --num-cpus=1 --object-store-memory=300000000 ...`, then
-    `ray start --address=127.0.0.1:P ...` (cluster.local_cluster); `ray stop --force` after the module."""
+    `ray start --address=127.0.0.1:P ...` (cluster.local_cluster); its own processes stopped after the module."""
     ray = _ray()
     from towerann.cluster.local_cluster import LocalCluster
 

@@ -275,6 +275,7 @@ APPEND_BATCHES = """
 import os, sys, time
 from towerann.freshness.deltalog import SQLiteDeltaLog
 log = SQLiteDeltaLog(sys.argv[1])
+open(sys.argv[1] + "." + sys.argv[2] + ".ready", "w").close()
 while not os.path.exists(sys.argv[1] + ".go"):  # both start appending at once
     time.sleep(0.001)
 for i in range(1000):
@@ -291,7 +292,10 @@ def test_the_sqlite_log_takes_two_processes_appending_at_once(tmp_path) -> None:
     path = str(tmp_path / "delta.sqlite")
     SQLiteDeltaLog(path).close()  # create the table before the race
     procs = [subprocess.Popen([sys.executable, "-c", APPEND_BATCHES, path, tag]) for tag in ("p", "q")]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{path}.{tag}.ready").exists() for tag in ("p", "q")):  # both imported and connected
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "an appender did not start"
+        time.sleep(0.01)
     Path(path + ".go").touch()
     assert [p.wait(60) for p in procs] == [0, 0]
     log = SQLiteDeltaLog(path)

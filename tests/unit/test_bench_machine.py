@@ -1,69 +1,49 @@
-"""The machine ceilings the benchmarks divide by: what a direct measurement gives, and written by the CLI."""
+"""The machine ceilings the benchmarks divide by: their arithmetic (on a fake clock), and written by the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from towerann.bench import machine
 from towerann.bench.machine import memory_bandwidth_gbs, sgemm_gflops
 from towerann.errors import ConfigError
 
-# Both sides are medians of a few timings on a machine shared with other jobs: they must agree
-# within this factor (measured on 2 cores: torch vs numpy SGEMM 0.92-1.02x, copy 0.8-1.3x), in one
-# of 3 tries (a neighbour's burst can slow one side; a wrong count of flops or bytes fails all 3).
-FACTOR, TRIES = 5.0, 3
+
+class FakeClock:
+    """perf_counter for the module under test: each timed call takes the next of `spans` seconds. A
+    stopwatch comparison on a shared 2-core machine is a coin flip; this checks the arithmetic (flops
+    or bytes counted, the median taken) exactly."""
+
+    def __init__(self, spans: list[float]) -> None:
+        self.spans, self.now, self.started = list(spans), 0.0, False
+
+    def __call__(self) -> float:
+        if self.started:  # the end of a timed call
+            self.now += self.spans.pop(0)
+        self.started = not self.started
+        return self.now
 
 
-def _median_s(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def test_sgemm_gflops_counts_2n3_flops_over_the_median_time(monkeypatch) -> None:
+    n = 64
+    monkeypatch.setattr(machine.time, "perf_counter", FakeClock([0.5, 0.1, 0.3, 9.0, 0.2]))
+    assert sgemm_gflops(threads=1, n=n, repeats=5) == pytest.approx(2.0 * n ** 3 / 0.3 / 1e9)
 
 
-def _agrees(measure, direct) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(measured, direct) of the first try that agrees within FACTOR, else of the last try."""
-    for _ in range(TRIES):
-        got, want = measure(), direct()
-        if want / FACTOR <= got <= want * FACTOR:
-            break
-    return got, want
+def test_memory_bandwidth_counts_bytes_read_and_written_over_the_median_time(monkeypatch) -> None:
+    mib = 4
+    monkeypatch.setattr(machine.time, "perf_counter", FakeClock([0.02, 0.01, 0.04]))
+    assert memory_bandwidth_gbs(mib=mib, repeats=3) == pytest.approx(2.0 * mib * (1 << 20) / 0.02 / 1e9)
 
 
-def test_sgemm_gflops_agrees_with_a_direct_numpy_matmul() -> None:
-    from threadpoolctl import threadpool_limits
-
-    n = 512
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b, c = a.T.copy(), np.empty((n, n), np.float32)
-
-    def direct() -> float:
-        with threadpool_limits(limits=1):
-            return 2.0 * n ** 3 / _median_s(lambda: np.matmul(a, b, out=c)) / 1e9
-
-    g, want = _agrees(lambda: sgemm_gflops(threads=1, n=n, repeats=5), direct)
-    assert math.isfinite(g) and want / FACTOR <= g <= want * FACTOR, (g, want)
-    assert sgemm_gflops(threads=None, n=256, repeats=3) > 0
-
-
-def test_memory_bandwidth_agrees_with_a_direct_numpy_copy() -> None:
-    mib = 32
-    src = np.ones(mib * (1 << 20) // 8, np.float64)
-    dst = np.empty_like(src)
-
-    def direct() -> float:
-        return 2.0 * src.nbytes / _median_s(lambda: np.copyto(dst, src)) / 1e9  # bytes read + bytes written
-
-    g, want = _agrees(lambda: memory_bandwidth_gbs(mib=mib, repeats=5), direct)
-    assert math.isfinite(g) and want / FACTOR <= g <= want * FACTOR, (g, want)
+def test_real_measurements_are_positive_and_finite() -> None:
+    for value in (sgemm_gflops(threads=1, n=128, repeats=3), sgemm_gflops(threads=None, n=128, repeats=3),
+                  memory_bandwidth_gbs(mib=8, repeats=3)):
+        assert math.isfinite(value) and value > 0
 
 
 def test_bad_sizes_are_refused() -> None:

@@ -90,7 +90,8 @@ def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(spawn_redis, 
     import time
 
     proc = _private_redis(spawn_redis, free_port, "--appendonly", "no")
-    log = open_delta_log(f"redis://127.0.0.1:{free_port}/0", timeout_s=0.2, retry_s=0.3)
+    # retry_s 2: the fail-fast window outlasts any scheduling pause between the calls below
+    log = open_delta_log(f"redis://127.0.0.1:{free_port}/0", timeout_s=0.2, retry_s=2.0)
     try:
         first = log.append("upsert", "i1", {"n": 1})
         os.kill(proc.pid, signal.SIGSTOP)
@@ -98,13 +99,12 @@ def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(spawn_redis, 
         with pytest.raises(BackendUnavailable, match="delta log"):
             log.append("upsert", "i2", {})
         assert time.perf_counter() - t0 < 1.5  # the 0.2 s deadline (redis-py's own retries are off)
-        t0 = time.perf_counter()
         for call in (lambda: log.append("delete", "i1", {}), lambda: list(log.since(0)), log.last_seq):
-            with pytest.raises(BackendUnavailable, match="redis-server running"):
+            with pytest.raises(BackendUnavailable, match="not retried"):  # marked down: refused, no waiting
                 call()
-        assert time.perf_counter() - t0 < 0.1 and not log.available()  # marked down: no waiting
+        assert not log.available()
         os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(0.35)
+        time.sleep(2.1)
         assert log.last_seq() >= first.seq and log.available()
         proc.kill()
         proc.wait(timeout=10)

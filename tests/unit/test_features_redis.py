@@ -86,7 +86,8 @@ def test_a_hung_redis_answers_within_the_deadline_and_recovers(free_port: int, s
         deadline = time.monotonic() + 10
         while True:
             try:
-                store = RedisFeatureStore(url, prefix="hung:", timeout_s=0.1, write_timeout_s=0.3, retry_s=0.3)
+                # retry_s 2: the fail-fast window outlasts any scheduling pause between the calls below
+                store = RedisFeatureStore(url, prefix="hung:", timeout_s=0.1, write_timeout_s=0.3, retry_s=2.0)
                 break
             except BackendUnavailable:
                 assert time.monotonic() < deadline, "private redis-server did not start"
@@ -97,14 +98,13 @@ def test_a_hung_redis_answers_within_the_deadline_and_recovers(free_port: int, s
         t0 = time.perf_counter()
         with pytest.raises(BackendUnavailable, match="Timeout"):
             store.get_one("u")
-        assert time.perf_counter() - t0 < 1.0
+        assert time.perf_counter() - t0 < 5.0  # the 0.1 s deadline; without one the call waits for ever
         assert not store.available()
-        t0 = time.perf_counter()
+        # Marked down: refused without a call to Redis (the message says so, and the click never lands).
         with pytest.raises(BackendUnavailable, match="not retried"):
             store.append_event(Event("u", "j"))
-        assert time.perf_counter() - t0 < 0.05
         os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(0.35)
+        time.sleep(2.1)
         assert [e.item_id for e in store.get_one("u").session][-1] == "i" and store.available()
         store.ping()
         store.close()

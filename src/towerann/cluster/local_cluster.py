@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from towerann.errors import BackendUnavailable
 OBJECT_STORE_BYTES = 300_000_000
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,29 +38,43 @@ def node_args(num_cpus: int = 1, object_store_bytes: int = OBJECT_STORE_BYTES) -
 
 
 class LocalCluster:
-    """with LocalCluster(nodes=2) as address: ...  (stops every node with `ray stop --force` on exit:
-    that stops all Ray processes of this machine, so run one at a time)."""
+    """with LocalCluster(nodes=2) as address: ...
+
+    Each `ray start` runs in a process group of its own, which its daemons (and their workers) keep;
+    stop() ends those groups and nothing else. (`ray stop --force` would end every Ray process of
+    the machine, a user's own cluster included.)"""
 
     def __init__(self, nodes: int = 2, num_cpus: int = 1, object_store_bytes: int = OBJECT_STORE_BYTES):
         self.nodes, self.args = nodes, node_args(num_cpus, object_store_bytes)
         self.address: str | None = None
         self.temp: str | None = None
+        self.groups: list[int] = []  # the process groups of our `ray start`s: everything they started
         # no usage stats; no metrics export (core Ray has no metrics agent: each process would log its absence)
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
     def _ray(self, *args: str) -> None:
-        done = subprocess.run([str(ray_command()), *args], capture_output=True, text=True, env=self.env, timeout=180)
-        if done.returncode != 0:
-            raise BackendUnavailable(f"ray {args[0]} {args[1]} failed: {done.stderr.strip()[-500:]}")
+        proc = subprocess.Popen([str(ray_command()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env, start_new_session=True)
+        self.groups.append(proc.pid)  # the daemons stay in this group after `ray start` exits
+        try:
+            _, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise BackendUnavailable(f"ray {args[0]} {args[1]} failed: {err.strip()[-500:]}")
 
     def start(self) -> str:
-        port = _free_port()
+        port = free_port()
         self.temp = tempfile.mkdtemp(prefix="ray-t")  # short: Ray's socket paths must fit in 107 bytes
+        # Ports of our own where Ray's defaults are fixed numbers (8265, 52365), so that a cluster
+        # already running on this machine neither blocks this one nor gets talked to by it.
         self._ray("start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
-                  *self.args)
+                  f"--dashboard-port={free_port()}",
+                  f"--dashboard-agent-listen-port={free_port()}", *self.args)
         self.address = f"127.0.0.1:{port}"
         for _ in range(self.nodes - 1):
-            self._ray("start", f"--address={self.address}", *self.args)
+            self._ray("start", f"--address={self.address}", f"--dashboard-agent-listen-port={free_port()}", *self.args)
         return self.address
 
     def wait_for_nodes(self, timeout_s: float = 60.0) -> None:
@@ -79,7 +94,8 @@ class LocalCluster:
             if ray.is_initialized():
                 ray.shutdown()
         finally:
-            subprocess.run([str(ray_command()), "stop", "--force"], capture_output=True, env=self.env, timeout=180)
+            stop_groups(self.groups)
+            self.groups = []
             if self.temp:
                 shutil.rmtree(self.temp, ignore_errors=True)
 
@@ -92,3 +108,26 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def group_alive(group: int) -> bool:
+    """Does any process of this process group still exist (a zombie counts until it is reaped)?"""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a group of another user's: not ours
+        return False
+    return True
+
+
+def stop_groups(groups: list[int], grace_s: float = 2.0) -> None:
+    """SIGTERM every process of these process groups, then SIGKILL what is left after `grace_s` (Ray's
+    gcs_server and raylets outlast a SIGTERM for seconds; `ray stop --force` sends SIGKILL at once)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            if group_alive(group):
+                os.killpg(group, sig)
+        deadline = time.monotonic() + grace_s
+        while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -23,7 +23,7 @@ import numpy as np
 from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import backend_class, create
 from towerann.index.base import COMMON_SEARCH, Index
-from towerann.index.tune import tune
+from towerann.index.tune import Timer, measured_p50_ms, tune
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,18 @@ def split_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], dic
 def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any = None, *, kind: str = "auto",
                 params: dict[str, Any] | None = None, tuning: Tuning | None = None, metric: str = "ip",
                 auto_exact_items: int = AUTO_EXACT_ITEMS, auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
-                auto_budget_s: float = AUTO_BUDGET_S, create_index: Callable[..., Index] = create) -> Index:
+                auto_budget_s: float = AUTO_BUDGET_S, create_index: Callable[..., Index] = create,
+                timer: Timer = measured_p50_ms) -> Index:
     """Build an index over a catalog's vectors; tune it when `tuning` is given.
 
     Explicit search params in `params` win over tuned ones. With kind="auto", each candidate takes
     the params it understands (brute force takes none). kind="sharded" needs
-    create_index=towerann.cluster.create_index; tuning then tunes the shards' search params."""
+    create_index=towerann.cluster.create_index; tuning then tunes the shards' search params. `timer`
+    times the tuner's settings (index.tune.Timer)."""
     v = np.asarray(vectors)
     if kind == "auto" and len(v) >= auto_exact_items and tuning is not None:
         return _build_fastest(v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds,
-                              auto_budget_s)
+                              auto_budget_s, timer)
     resolved = resolve_kind(kind, len(v), auto_exact_items)
     build, search = split_params(resolved, dict(params or {}))
     if resolved == "exact" and kind == "auto" and build:
@@ -94,7 +96,7 @@ def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any =
         index.tuning = {"params": {}, "recall": 1.0, "k": tuning.k if tuning else None,
                         "target": tuning.recall if tuning else None, "queries": 0, "reached": True}
     elif tuning is not None:
-        tune(index, tuning.queries, tuning.k, tuning.recall)
+        tune(index, tuning.queries, tuning.k, tuning.recall, timer=timer)
     elif kind == "auto":
         log.warning("auto index: no tuning queries given, so the %s search defaults are untuned", resolved)
     index.search_defaults.update(search)  # and after: explicit params win over tuned ones
@@ -110,7 +112,7 @@ def _accepted(kind: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: Any, params: dict[str, Any],
-                   tuning: Tuning, metric: str, kinds: tuple[str, ...], budget_s: float) -> Index:
+                   tuning: Tuning, metric: str, kinds: tuple[str, ...], budget_s: float, timer: Timer) -> Index:
     """Build and tune each candidate; keep the fastest at the target (else the best recall)."""
     unknown = set(params) - {key for kind in kinds for key in _accepted(kind, params)}
     if unknown:
@@ -125,7 +127,7 @@ def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: An
         t0 = time.perf_counter()
         try:
             index = build_index(vectors, ids, categories, available, kind=kind, params=_accepted(kind, params),
-                                tuning=tuning, metric=metric)
+                                tuning=tuning, metric=metric, timer=timer)
         except BackendUnavailable as e:
             report.append({"kind": kind, "skipped": str(e)})
             continue
