@@ -42,6 +42,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

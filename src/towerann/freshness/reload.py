@@ -108,10 +108,15 @@ class _Phases:
 
 
 class Reloader:
-    """Loads the bundle CURRENT names under `root` into the writer's holder when it changes."""
+    """Loads the bundle CURRENT names under `root` into the writer's holder when it changes.
 
-    def __init__(self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8):
+    `model_dir`: the model for a version without a model/ directory of its own (a plain index
+    snapshot from `towerann index build`, served with [paths] model), as at startup."""
+
+    def __init__(self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8,
+                 model_dir: str | Path | None = None):
         self.writer, self.root, self.min_recall = writer, Path(root), float(min_recall)
+        self.model_dir = model_dir
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._refused: str | None = None
         self._reload_lock = threading.Lock()  # one reload at a time (watcher vs admin endpoint)
@@ -162,7 +167,8 @@ class Reloader:
                 if version == served:
                     return {"outcome": "unchanged", "index_version": version}
                 phases = _Phases()
-                new = RetrievalBundle.load(self.root / version)
+                own_model = (self.root / version / "model").is_dir()
+                new = RetrievalBundle.load(self.root / version, model_dir=None if own_model else self.model_dir)
                 phases.mark("load")
                 recall = validation_recall(new)
                 if recall < self.min_recall:

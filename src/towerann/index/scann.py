@@ -117,16 +117,20 @@ class ScannIndex(Index):
 
     def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         n_main = self._n_main
-        fetch = k
+        fetch, reorder = k, int(params.get("reorder") or 0)
         if mask is not None:  # over-fetch in proportion to what the mask hides in the main tier
             qual_main = int(np.searchsorted(mask.idx, n_main))
             fetch = math.ceil(k * n_main / max(qual_main, 1) * 1.2) + 10
             fetch = min(fetch, MAX_OVERFETCH * k + 100)
+            # The re-scored pool too: the tuned reorder is what k rows need from the approximate scores,
+            # and a mask keeps only its share of that pool (a random 15% filter: held-out recall@100
+            # 0.85 with the pool unscaled, against 0.96 unfiltered).
+            reorder = min(math.ceil(reorder * n_main / max(qual_main, 1)), MAX_OVERFETCH * reorder)
         fetch = min(fetch, n_main)
         leaves = int(params.get("leaves") or 0) if self._leaves else 0
         if mask is not None and leaves and params.get("filter_path") != "post":  # more leaves when few qualify
             leaves = min(self._leaves, math.ceil(leaves * n_main / max(qual_main, 1)))
-        slots, scores = self._main(q, k, fetch, leaves, params, mask)
+        slots, scores = self._main(q, k, fetch, leaves, reorder, mask)
         if mask is not None and params.get("filter_path") == "filtered":
             # A filter that follows the vectors' clusters can hide every item of the first `fetch`
             # (and of the nearest leaves): rows left short search 4x more leaves and fetch 4x more,
@@ -137,7 +141,7 @@ class ScannIndex(Index):
                     break
                 fetch = min(fetch * 4, n_main)
                 leaves = min(self._leaves, leaves * 4)
-                slots[short], scores[short] = self._main(q[short], k, fetch, leaves, params, mask)
+                slots[short], scores[short] = self._main(q[short], k, fetch, leaves, reorder, mask)
         if self.n_slots > n_main:  # delta tier: exact over items added since the build
             delta = self._vecs.data[n_main:]
             ds = inner_products(q, delta)
@@ -147,10 +151,11 @@ class ScannIndex(Index):
             slots, scores = merge_topk([slots, d_slots], [scores, d_scores], k)
         return slots, scores
 
-    def _main(self, q: np.ndarray, k: int, fetch: int, leaves: int, params: dict[str, Any],
+    def _main(self, q: np.ndarray, k: int, fetch: int, leaves: int, reorder: int,
               mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
-        """ScaNN over the main tier: the `fetch` best, masked-out slots dropped, k per row (-1 padded)."""
-        reorder = max(int(params.get("reorder") or 0), fetch)
+        """ScaNN over the main tier: the `fetch` best of a re-scored pool of at least `reorder`, masked-out
+        slots dropped, k per row (-1 padded)."""
+        reorder = max(reorder, fetch)
         pre_reorder, leaves = reorder if self._leaves else -1, leaves or -1
         if len(q) == 1:  # the single-query entry point: less per-call work than a batch of one
             idx, dist = self._searcher.search(q[0], fetch, pre_reorder, leaves)

@@ -131,5 +131,6 @@ def open_service(cfg: Config, retriever: Retriever | None = None, model_dir: str
             retriever.store.close()
         raise
     root = Path(cfg.paths.index)
-    reloader = Reloader(writer, root, cfg.freshness.min_recall) if (root / CURRENT).is_file() else None
+    reloader = (Reloader(writer, root, cfg.freshness.min_recall, model_dir=model_dir or cfg.paths.model or None)
+                if (root / CURRENT).is_file() else None)
     return Service(cfg, retriever, writer, reloader, cfg.api_token(), owns_store)
