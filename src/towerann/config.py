@@ -80,6 +80,8 @@ class FeaturesConfig:
     ttl_s: float = 86400.0
     purge_every_s: float = 3600.0  # how often a server reclaims expired sessions (0 = never)
     max_session_users: int = 1_000_000  # embedded store: sessions kept, least recently active dropped first
+    # embedded store: the sessions' memory, all told (~1M one-click sessions or ~80k of 50 events in 1 GiB)
+    session_memory_mb: float = 1024.0
     timeout_ms: float = 100.0  # feature read deadline on the request path (then: degraded answer)
     write_timeout_ms: float = 1000.0  # click write deadline (then: 503)
     retry_s: float = 1.0  # a network store that failed is not tried again for this long
@@ -197,6 +199,8 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         raise ConfigError(f"{source}: [{section}] ttl_s must be positive")
     if getattr(obj, "poll_s", 0.0) < 0 or not 0.0 <= getattr(obj, "min_recall", 0.0) <= 1.0:
         raise ConfigError(f"{source}: [{section}] poll_s must be >= 0 and min_recall in [0, 1]")
+    if getattr(obj, "session_memory_mb", 1.0) <= 0:
+        raise ConfigError(f"{source}: [{section}] session_memory_mb must be positive")
     if getattr(obj, "purge_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] purge_every_s must be >= 0 (0 = never purge)")
     bad = [a for a in getattr(obj, "attributes", ()) if not ATTRIBUTE_NAME.match(a) or a in ("category", "categories")]

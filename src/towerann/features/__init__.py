@@ -69,7 +69,7 @@ def open_configured_store(cfg: FeaturesConfig) -> FeatureStore:
 
     path = cfg.path if cfg.store == "embedded" else u.path  # "memory": None
     return EmbeddedFeatureStore(path, max_events=cfg.max_events, ttl_s=cfg.ttl_s,
-                                max_session_users=cfg.max_session_users)
+                                max_session_users=cfg.max_session_users, session_memory_mb=cfg.session_memory_mb)
 
 
 def _open_feast(url: str, open_sessions: Callable[[str], FeatureStore]) -> FeatureStore:

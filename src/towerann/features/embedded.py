@@ -5,9 +5,12 @@ WAL mode with synchronous=NORMAL before they are acknowledged: a committed trans
 survives a killed process (SIGKILL), though not a power cut, which is the trade-off a session
 store wants. A new store object on the same file rebuilds its memory from SQLite on open.
 
-Bounded: at most `max_events` events per user and the sessions of at most `max_session_users`
-users; a click of one more user drops the session of the least recently active one (memory and
-file alike), so traffic from ever new user ids cannot grow the process or the file without end.
+Bounded: at most `max_events` events per user, the sessions of at most `max_session_users` users,
+and sessions of at most `session_memory_mb` of memory all told (an estimate kept per event, from
+SESSION_BYTES and EVENT_BYTES); a click beyond either cap drops the session of the least recently
+active user (memory and file alike), so clicks from ever new user ids cannot grow the process or
+the file without end. The memory cap is the one that binds: 1 GiB holds ~1M one-click sessions,
+or ~80k sessions of 50 events.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from towerann.features.base import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SESSION_USERS = 1_000_000
+DEFAULT_SESSION_MEMORY_MB = 1024.0
+# Python's bytes for a session (its deque and dict entry) and for one event in it, plus the lengths of
+# the ids they hold; measured with tracemalloc (tests/unit/test_session_memory.py checks the estimate
+# stays above the measurement): ~830 and ~240 bytes with 12-character ids.
+SESSION_BYTES, EVENT_BYTES = 850, 225
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,11 +62,17 @@ class EmbeddedFeatureStore(FeatureStore):
     """In-memory feature store with optional SQLite persistence (`path=None`: memory only)."""
 
     def __init__(self, path: str | Path | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
-                 ttl_s: float = DEFAULT_TTL_S, max_session_users: int = DEFAULT_MAX_SESSION_USERS) -> None:
+                 ttl_s: float = DEFAULT_TTL_S, max_session_users: int = DEFAULT_MAX_SESSION_USERS,
+                 session_memory_mb: float = DEFAULT_SESSION_MEMORY_MB) -> None:
         super().__init__(max_events, ttl_s)
         if isinstance(max_session_users, bool) or not isinstance(max_session_users, int) or max_session_users < 1:
             raise ConfigError(f"max_session_users must be an integer >= 1, got {max_session_users!r}")
+        if isinstance(session_memory_mb, bool) or not isinstance(session_memory_mb, (int, float)) \
+                or not session_memory_mb > 0:
+            raise ConfigError(f"session_memory_mb must be a positive number, got {session_memory_mb!r}")
         self.max_session_users = max_session_users
+        self.max_session_bytes = int(session_memory_mb * (1 << 20))
+        self.session_bytes = 0  # the estimate of what the sessions hold now
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._users: dict[str, _Record] = {}
@@ -105,7 +119,7 @@ class EmbeddedFeatureStore(FeatureStore):
         db.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
         for user_id, item_id, type_, ts in db.execute(
                 "SELECT user_id, item_id, type, ts FROM events ORDER BY seq"):
-            self._session_for(user_id).appendleft(Event(user_id, item_id, type_, ts))
+            self._add_event(Event(user_id, item_id, type_, ts))
         evicted = self._evict_overflow()  # a file written with a larger cap
         if evicted:
             with db:
@@ -114,30 +128,46 @@ class EmbeddedFeatureStore(FeatureStore):
         log.info("feature store %s: %d users, %d session users loaded in %.2fs", self.path,
                  len(self._users), len(self._sessions), time.perf_counter() - t0)
 
-    def _session_for(self, user_id: str) -> deque[Event]:
-        """The user's session, now the most recently active one."""
-        session = self._sessions.get(user_id)
+    def _add_event(self, e: Event) -> None:
+        """Add an event to its user's session, now the most recently active one."""
+        session = self._sessions.get(e.user_id)
         if session is None:
-            session = self._sessions[user_id] = deque(maxlen=self.max_events)
+            session = self._sessions[e.user_id] = deque(maxlen=self.max_events)
+            self.session_bytes += SESSION_BYTES + len(e.user_id)
         else:
-            self._sessions.move_to_end(user_id)
-        return session
+            self._sessions.move_to_end(e.user_id)
+            if len(session) == session.maxlen:  # the oldest event makes room
+                self.session_bytes -= _event_bytes(session[-1])
+        session.appendleft(e)
+        self.session_bytes += _event_bytes(e)
+
+    @staticmethod
+    def _session_cost(user_id: str, session: deque[Event]) -> int:
+        return SESSION_BYTES + len(user_id) + sum(_event_bytes(e) for e in session)
+
+    def _drop_session(self, user_id: str) -> None:
+        self.session_bytes -= self._session_cost(user_id, self._sessions.pop(user_id))
 
     def _evict_overflow(self, keep: frozenset[str] | set[str] = frozenset()) -> list[str]:
-        """Drop the least recently active sessions beyond max_session_users (users in `keep` last)."""
+        """Drop the least recently active sessions beyond max_session_users or the memory cap (users
+        in `keep`, those of the write being made, last)."""
+        excess_users = len(self._sessions) - self.max_session_users
+        excess_bytes = self.session_bytes - self.max_session_bytes
         evicted: list[str] = []
-        over = len(self._sessions) - self.max_session_users
-        if over <= 0:
-            return evicted
-        for user_id in self._sessions:  # oldest first; stops after `over` victims
+        for user_id, session in self._sessions.items():  # oldest first; stops once enough is freed
+            if excess_users <= 0 and excess_bytes <= 0:
+                break
             if user_id not in keep:
                 evicted.append(user_id)
-                if len(evicted) == over:
-                    break
+                excess_users -= 1
+                excess_bytes -= self._session_cost(user_id, session)
         for user_id in evicted:
-            del self._sessions[user_id]
-        while len(self._sessions) > self.max_session_users:  # one batch brought more users than the cap
-            evicted.append(self._sessions.popitem(last=False)[0])
+            self._drop_session(user_id)
+        while self._sessions and (len(self._sessions) > self.max_session_users
+                                  or self.session_bytes > self.max_session_bytes):  # one batch alone went past
+            user_id = next(iter(self._sessions))
+            self._drop_session(user_id)
+            evicted.append(user_id)
         self.evicted_sessions += len(evicted)
         return evicted
 
@@ -149,7 +179,8 @@ class EmbeddedFeatureStore(FeatureStore):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise BackendUnavailable(f"feature store {self.path or '(memory)'} is closed; open a new one")
+            # no path: this message is an HTTP answer too (503), and callers need not learn the server's disk
+            raise BackendUnavailable("the feature store is closed; open a new one")
 
     # ---- writes --------------------------------------------------------------------------------
 
@@ -181,7 +212,7 @@ class EmbeddedFeatureStore(FeatureStore):
                     for user_id in users:
                         self._trim(self._db, user_id)
             for e in events:
-                self._session_for(e.user_id).appendleft(e)
+                self._add_event(e)
             evicted = self._evict_overflow(keep=users)
             if evicted and self._db is not None:
                 with self._db:
@@ -210,7 +241,7 @@ class EmbeddedFeatureStore(FeatureStore):
                     self._db.execute("BEGIN")
                     self._db.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
             for u in stale:
-                del self._sessions[u]
+                self._drop_session(u)
         return len(stale)
 
     def clear(self) -> int:
@@ -224,6 +255,7 @@ class EmbeddedFeatureStore(FeatureStore):
                     self._db.execute("DELETE FROM events")
             self._users.clear()
             self._sessions.clear()
+            self.session_bytes = 0
         return n
 
     # ---- reads ---------------------------------------------------------------------------------
@@ -256,7 +288,8 @@ class EmbeddedFeatureStore(FeatureStore):
                     "users": len(self._users), "session_users": len(self._sessions),
                     "events": sum(len(s) for s in self._sessions.values()),
                     "max_events": self.max_events, "ttl_s": self.ttl_s,
-                    "max_session_users": self.max_session_users, "evicted_sessions": self.evicted_sessions}
+                    "max_session_users": self.max_session_users, "evicted_sessions": self.evicted_sessions,
+                    "session_bytes": self.session_bytes, "max_session_bytes": self.max_session_bytes}
 
     def ping(self) -> None:
         with self._lock:
@@ -270,3 +303,7 @@ class EmbeddedFeatureStore(FeatureStore):
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def _event_bytes(e: Event) -> int:
+    return EVENT_BYTES + len(e.item_id) + len(e.user_id)
