@@ -49,6 +49,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+MANIFEST_CHECKSUM = "manifest_sha256"
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no spaces), its own checksum field left out."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Write a manifest atomically with a checksum of itself, which read_manifest verifies: the files'
+    checksums are in the manifest, and this covers the manifest's own fields (a bundle's delta_seq,
+    its category names) against an edit or a torn copy."""
+    write_json_atomic(path, {**manifest, MANIFEST_CHECKSUM: manifest_checksum(manifest)})
+
+
 def fsync_path(path: str | Path) -> None:
     """Flush a file's data, or a directory's entries (a rename in it), to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -133,6 +149,10 @@ def read_manifest(directory: str | Path, kind: str, format_version: int) -> dict
         raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     except UnicodeDecodeError as e:
         raise ArtifactError(f"{path}: not UTF-8 text (corrupted?): {e.reason} at byte {e.start}") from e
+    if isinstance(manifest, dict) and MANIFEST_CHECKSUM in manifest \
+            and manifest[MANIFEST_CHECKSUM] != manifest_checksum(manifest):
+        raise ArtifactError(f"{path}: the manifest does not match its own checksum (edited or corrupted); "
+                            "publish the artifact again instead of editing it")
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         raise ArtifactError(f"{path}: expected a {kind} manifest, found kind={manifest.get('kind') if isinstance(manifest, dict) else None!r}")
     if manifest.get("format_version") != format_version:

@@ -23,6 +23,7 @@ import pytest
 
 import ann_catalog
 from ann_catalog import ANN_KINDS, AUTH, KINDS, assert_library_path, build_library_index, new_root, server_config
+from towerann.artifacts import write_manifest
 from towerann.data.dataset import read_interactions, read_items
 from towerann.freshness.reload import validation_recall
 from towerann.index import Filter
@@ -257,7 +258,7 @@ def test_a_pickled_scann_id_file_is_refused_at_load_and_on_reload(serve, tmp_pat
     # stands between this file and pickle.load.
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["checksums"]["scann/scann_docids.pkl"] = sha256_file(pkl)
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bad / "manifest.json", manifest)
     with pytest.raises(ArtifactError, match="pickled"):
         RetrievalBundle.load(bad)
     assert not marker.exists()

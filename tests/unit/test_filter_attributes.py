@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from towerann.artifacts import write_manifest
 from towerann.errors import ArtifactError, BadRequest, DataError
 from towerann.index import Filter, create, plan
 from towerann.index.snapshot import load_snapshot, publish
@@ -163,6 +164,6 @@ def test_a_snapshot_with_a_broken_plan_is_refused(world, tmp_path: Path) -> None
     snap = publish(ix, tmp_path / "root", "m1")
     m = json.loads((snap / "manifest.json").read_text())
     m["search_defaults"]["filter_plan"] = [[100, 0.5, "teleport"]]
-    (snap / "manifest.json").write_text(json.dumps(m))
+    write_manifest(snap / "manifest.json", m)
     with pytest.raises(ArtifactError, match="filter_plan"):
         load_snapshot(snap)

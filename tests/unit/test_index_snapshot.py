@@ -7,10 +7,18 @@ import json
 import numpy as np
 import pytest
 
+from towerann.artifacts import write_manifest
 from towerann.errors import ArtifactError, IndexIncompatible
 from towerann.index import Filter, create, load
-from towerann.index.snapshot import (CURRENT, current_version, list_versions, load_snapshot, publish,
-                                     read_checked_manifest, rollback)
+from towerann.index.snapshot import (
+    CURRENT,
+    current_version,
+    list_versions,
+    load_snapshot,
+    publish,
+    read_checked_manifest,
+    rollback,
+)
 
 D = 8
 
@@ -88,11 +96,14 @@ def test_bad_snapshots_are_refused(tmp_path):
     with pytest.raises(IndexIncompatible, match="item tower 'm1'"):
         load_snapshot(tmp_path, expected_model_version="m2")
     m = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**m, "metric": "l2"}))
+    write_manifest(path / "manifest.json", {**m, "metric": "l2"})
     with pytest.raises(IndexIncompatible, match="metric"):
         read_checked_manifest(path)
-    (path / "manifest.json").write_text(json.dumps({**m, "format_version": 7}))
+    write_manifest(path / "manifest.json", {**m, "format_version": 7})
     with pytest.raises(ArtifactError, match="format_version"):
+        load(path)
+    (path / "manifest.json").write_text(json.dumps({**m, "dim": m["dim"] + 1}))  # edited by hand: no valid checksum
+    with pytest.raises(ArtifactError, match="does not match its own checksum"):
         load(path)
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from towerann.artifacts import write_manifest
 from towerann.data.dataset import read_interactions, read_items
 from towerann.data.synth import generate
 from towerann.errors import ArtifactError
@@ -117,7 +118,7 @@ def test_manifest_with_wrong_dim_is_refused(model_dir: Path, tmp_path: Path) -> 
     d = _copy(model_dir, tmp_path)
     m = json.loads((d / "manifest.json").read_text())
     m["dim"] = 64
-    (d / "manifest.json").write_text(json.dumps(m))
+    write_manifest(d / "manifest.json", m)
     with pytest.raises(ArtifactError, match="dim"):
         TwoTowerModel.load(d)
 
@@ -134,10 +135,10 @@ def test_tampered_weights_are_refused(model_dir: Path, tmp_path: Path) -> None:
 def test_other_artifacts_and_future_formats_are_refused(model_dir: Path, tmp_path: Path) -> None:
     d = _copy(model_dir, tmp_path)
     m = json.loads((d / "manifest.json").read_text())
-    (d / "manifest.json").write_text(json.dumps(m | {"format_version": 99}))
+    write_manifest(d / "manifest.json", m | {"format_version": 99})
     with pytest.raises(ArtifactError, match="format_version"):
         TwoTowerModel.load(d)
-    (d / "manifest.json").write_text(json.dumps(m | {"kind": "vectors"}))
+    write_manifest(d / "manifest.json", m | {"kind": "vectors"})
     with pytest.raises(ArtifactError, match="expected a model manifest"):
         TwoTowerModel.load(d)
     with pytest.raises(ArtifactError, match="missing"):

@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 
+from towerann.artifacts import write_manifest
 from towerann.errors import ArtifactError
 from towerann.index import Filter, create, partition, plan
 from towerann.index.snapshot import load_snapshot, publish
@@ -208,7 +209,7 @@ def test_save_and_load_keep_the_partitions(ix, world, tmp_path):
     np.testing.assert_array_equal(loaded.search(world["queries"], K, filter=f, params=PARAMS).ids,
                                   ix.search(world["queries"], K, filter=f, params=PARAMS).ids)
     manifest["build_params"]["partition_min"] = MIN + 1  # not what the files were built with
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(path / "manifest.json", manifest)
     with pytest.raises(ArtifactError, match="partitions"):
         load_snapshot(path)
 

@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from towerann.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file, write_json_atomic
+from towerann import artifacts
+from towerann.artifacts import MANIFEST, atomic_dir, read_manifest, sha256_file
 from towerann.errors import ArtifactError, DataError
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def write_manifest(directory: Path, source: str, extra: dict[str, Any] | None = 
         "files": files,
         **(extra or {}),
     }
-    write_json_atomic(directory / MANIFEST, manifest)
+    artifacts.write_manifest(directory / MANIFEST, manifest)
     return manifest
 
 

@@ -32,7 +32,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, write_json_atomic
+from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, write_json_atomic, write_manifest
 from towerann.data.dataset import ITEMS
 from towerann.embed.attributes import column_values, encode_column
 from towerann.embed.vectors import manifest_for, part_names, write_part
@@ -453,7 +453,7 @@ def finish_run(run: EmbedRun, out: str | Path, overwrite: bool) -> Path:
                             metric=run.model.metric, category_names=["<unknown>"] + run.filter_vocab.values,
                             extra={"source": {"items": str(run.file), "rows": run.n_rows, "model": str(run.model_dir)},
                                    **({"attributes": run.attr_vocab} if run.attributes else {})})
-    write_json_atomic(run.work / MANIFEST, manifest)
+    write_manifest(run.work / MANIFEST, manifest)
     (run.work / PROGRESS).unlink()
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")

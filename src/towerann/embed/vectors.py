@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from towerann.artifacts import MANIFEST, atomic_dir, load_npy, read_manifest, save_npy, write_json_atomic
+from towerann.artifacts import MANIFEST, atomic_dir, load_npy, read_manifest, save_npy, write_manifest
 from towerann.errors import ArtifactError
 
 KIND = "vectors"
@@ -94,7 +94,7 @@ def write_vectors(out: str | Path, vectors: np.ndarray, ids: np.ndarray, categor
         attrs = write_attrs(tmp, external_ids, categories, available)
         manifest = manifest_for(parts, attrs, model_version=model_version, dim=vectors.shape[1],
                                 metric=metric, category_names=category_names)
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_manifest(tmp / MANIFEST, manifest)
     return Path(out)
 
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from towerann.artifacts import MANIFEST, atomic_dir, fsync_path, read_manifest, sha256_file, write_json_atomic
+from towerann.artifacts import MANIFEST, atomic_dir, fsync_path, read_manifest, sha256_file, write_manifest
 from towerann.errors import ArtifactError, IndexIncompatible
 from towerann.index.base import Index
 
@@ -51,7 +51,7 @@ def write_snapshot(index: Index, directory: Path, model_version: str, extra: dic
         if key in manifest:
             raise ArtifactError(f"extra manifest field {key!r} would overwrite a field the index writes; rename it")
         manifest[key] = value
-    write_json_atomic(directory / MANIFEST, manifest)
+    write_manifest(directory / MANIFEST, manifest)
     return manifest
 
 
@@ -94,7 +94,7 @@ def republish(root: str | Path, source: str | Path, manifest: dict[str, Any], ke
                     os.link(source / name, tmp / name)
                 except OSError:
                     shutil.copy2(source / name, tmp / name)
-            write_json_atomic(tmp / MANIFEST, {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            write_manifest(tmp / MANIFEST, {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     except OSError as e:
         raise ArtifactError(f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT "
                             "is unchanged") from e

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from towerann.artifacts import MANIFEST, atomic_dir, load_npy, read_manifest, save_npy, sha256_file, write_json_atomic
+from towerann.artifacts import MANIFEST, atomic_dir, load_npy, read_manifest, save_npy, sha256_file, write_manifest
 from towerann.errors import ArtifactError
 from towerann.model.schema import FeatureSchema
 from towerann.model.towers import TowerConfig, TowerSizes, TwoTower
@@ -131,7 +131,7 @@ class TwoTowerModel:
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "info": self.info,
             }
-            write_json_atomic(tmp / MANIFEST, manifest)
+            write_manifest(tmp / MANIFEST, manifest)
         return out
 
     @classmethod

@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from towerann.artifacts import MANIFEST, atomic_dir, save_npy, sha256_file, write_json_atomic
+from towerann.artifacts import MANIFEST, atomic_dir, save_npy, sha256_file, write_manifest
 from towerann.data.dataset import read_items, read_users
 from towerann.errors import ConfigError, DataError, TowerannError
 from towerann.model.imported import DTYPES, TOWER_KIND, Feed, ImportedModel, TowerFeeds
@@ -107,7 +107,7 @@ def import_model(schema_path: str | Path, user_tower: str | Path, item_tower: st
         model = ImportedModel.from_manifest(tmp, manifest)
         checks = _sample_checks(model, data, min_space_auc)
         manifest["info"]["import_checks"] = checks
-        write_json_atomic(tmp / MANIFEST, manifest)
+        write_manifest(tmp / MANIFEST, manifest)
     return {"model_version": manifest["model_version"], "out": str(out), **checks}
 
 
