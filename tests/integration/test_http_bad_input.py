@@ -251,3 +251,68 @@ def test_openapi_documents_bounds_errors_and_media_types(server) -> None:
     assert set(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     metrics = httpx.get(f"{server.url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(writable,  # type: ignore[no-untyped-def]
+                                                                bundle_paths) -> None:
+    """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 store can take: the item write was
+    a 500 (UnicodeEncodeError), ids in candidates and events a 422."""
+    import json
+
+    url, delta = writable.url, writable.service.writer.delta
+    before = delta.last_seq()
+
+    def post(path: str, body: object, headers: dict[str, str] = AUTH) -> httpx.Response:
+        # json.dumps escapes the surrogate as \ud800 (httpx's json= would fail to encode it on this side)
+        return httpx.post(f"{url}{path}", content=json.dumps(body).encode(),
+                          headers={**headers, "content-type": "application/json"})
+
+    row = item_row(bundle_paths, "880020")
+    for path, body, field in [
+        ("/v1/items", {"items": [{**row, "category": "\ud800"}]}, "items[0].category"),
+        ("/v1/items", {"items": [{**row, "brand": "b\udfff"}]}, "items[0].brand"),
+        ("/v1/items", {"items": [row, {**row, "item_id": "\ud800"}]}, "items[1].item_id"),
+        ("/v1/items", {"items": [{**row, "\ud800": 1}]}, "items[0]"),
+        ("/v1/candidates", {"user_id": "\ud800", "k": 5}, "user_id"),
+        ("/v1/candidates", {"user_id": "3", "k": 5, "filter": {"categories": ["cat_0001", "\udc00x"]}},
+         "filter.categories[1]"),
+        ("/v1/events", {"user_id": "\ud800", "item_id": "5"}, "user_id"),
+        ("/v1/events", {"user_id": "3", "item_id": "\ud800"}, "item_id"),
+        ("/v1/events", {"user_id": "3", "item_id": "5", "type": "\ud800"}, "type"),
+        ("/v1/candidates", {"user_id": "3", "k": 5, "\ud800": 1}, "body"),
+    ]:
+        r = post(path, body)
+        assert r.status_code == 400, (path, body, r.text)
+        assert r.json()["error"].startswith(field + ": ") and "UTF-8" in r.json()["error"], r.text
+    r = httpx.patch(f"{url}/v1/items/5", content=b'{"available": false, "\\udfff": 1}',
+                    headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("body: a field name"), r.text
+    for depth in (900, 5000):  # the check walks nested values without recursion
+        deep = b'{"user_id": "3", "k": 5, "filter": {"categories": ' + b"[" * depth + b"]" * depth + b"}}"
+        r = httpx.post(f"{url}/v1/candidates", content=deep, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422), r.text
+    assert post("/v1/items", {"items": [{**row, "category": "\ud800"}]}, headers={}).status_code == 401
+    assert delta.last_seq() == before and httpx.delete(f"{url}/v1/items/880020", headers=AUTH).status_code == 404
+    assert post("/v1/items", {"items": [{**row, "category": "cat \U0001F600"}]}).status_code == 200  # a pair is fine
+    assert httpx.post(f"{url}/v1/candidates", json=GOOD).status_code == 200
+    assert 'status="500"' not in httpx.get(f"{url}/metrics").text
+
+
+def test_an_item_vector_of_near_zero_norm_is_refused_naming_the_far_features(writable,  # type: ignore[no-untyped-def]
+                                                                             bundle_paths) -> None:
+    """price 1e38 or quality -1e30 are finite, but the item tower maps them to the zero vector, which was
+    accepted and then ranked above real items. The model's feature schema holds the training statistics."""
+    url, delta = writable.url, writable.service.writer.delta
+    before = delta.last_seq()
+    for changes, far, near in [({"price": 1e38, "quality": -1e30}, ["price=1e+38", "quality=-1e+30"], []),
+                               ({"price": 1e38}, ["price=1e+38"], ["quality"]),
+                               ({"quality": -1e30}, ["quality=-1e+30"], ["price"])]:
+        r = httpx.post(f"{url}/v1/items", json={"items": [item_row(bundle_paths, "880030", **changes)]}, headers=AUTH)
+        assert r.status_code == 400, (changes, r.text)
+        error = r.json()["error"]
+        assert "'880030'" in error and "zero norm" in error and "nothing was written" in error, error
+        assert all(f in error for f in far) and not any(n in error for n in near), error
+    assert delta.last_seq() == before
+    assert httpx.delete(f"{url}/v1/items/880030", headers=AUTH).status_code == 404
+    ok = httpx.post(f"{url}/v1/items", json={"items": [item_row(bundle_paths, "880031", price=1e6)]}, headers=AUTH)
+    assert ok.status_code == 200, ok.text  # far out but still a unit vector: taken, as before

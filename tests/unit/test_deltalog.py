@@ -43,6 +43,15 @@ def test_bad_entries_are_refused(log) -> None:  # type: ignore[no-untyped-def]
     assert log.last_seq() == 0
 
 
+def test_an_unknown_op_is_refused_at_write_naming_the_known_ones(log) -> None:  # type: ignore[no-untyped-def]
+    """A replay skips an op it does not know (it once applied it as a delete); the log never takes one."""
+    for write in (lambda: log.append("zap", "i1", {}),
+                  lambda: log.append_many([("upsert", "i1", {"category": "c1"}), ("zap", "i1", {})])):
+        with pytest.raises(BadRequest, match=r"'zap'.*upsert, available, delete"):
+            write()
+    assert log.last_seq() == 0 and list(log.since(0)) == []  # all or none: the good entry was not written
+
+
 def test_sqlite_log_survives_a_killed_writer(tmp_path: Path) -> None:
     path = tmp_path / "delta.sqlite"
     code = (

@@ -25,7 +25,7 @@ import pandas as pd
 from towerann.data.dataset import ITEM_RESERVED
 from towerann.embed.attributes import attribute_key
 from towerann.errors import BadRequest, NotFound, TowerannError
-from towerann.freshness.deltalog import DeltaEntry, DeltaLog
+from towerann.freshness.deltalog import OPS, DeltaEntry, DeltaLog
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 
@@ -98,18 +98,43 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
     return out
 
 
+# The towers give unit vectors. A norm under this is no direction at all (features far outside training
+# drive every unit of the tower to 0): it scores ~0 for every user, above each item a user dislikes.
+MIN_NORM = 1e-6
+FAR_Z = 100.0  # standard deviations from the training mean: a feature value "far outside" what the model saw
+
+
+def usable(vectors: np.ndarray) -> np.ndarray:
+    """Per row: may the index hold this vector (finite, and not of near-zero norm)?"""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(vectors).all(axis=1) & (np.linalg.norm(vectors, axis=1) >= MIN_NORM)
+
+
 def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarray:
-    """The bundle's item tower over checked rows; a row it cannot turn into a finite vector is refused."""
+    """The bundle's item tower over checked rows; a row it cannot turn into a usable vector is refused."""
     frame = pd.DataFrame(rows)
     if bundle.external_ids.dtype.kind in "iu":
         frame["item_id"] = frame["item_id"].astype(np.int64)  # the item vocabulary holds the catalog's ints
     vectors = bundle.model.encode_items(frame)
-    bad = ~np.isfinite(vectors).all(axis=1)
+    bad = ~usable(vectors)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise BadRequest(f"items[{i}] ({rows[i]['item_id']!r}): the item tower gives a non-finite vector for "
-                         "these features (a value far outside the catalog's range?); nothing was written")
+        what = "a non-finite vector" if not np.isfinite(vectors[i]).all() else "a vector of (near) zero norm"
+        raise BadRequest(f"items[{i}] ({rows[i]['item_id']!r}): the item tower gives {what} for these features "
+                         f"({far_features(bundle, rows[i])}); nothing was written")
     return vectors
+
+
+def far_features(bundle: RetrievalBundle, row: Mapping[str, Any]) -> str:
+    """The row's numeric features far outside the training data, by the statistics in the model's schema."""
+    far = []
+    for c in bundle.model.schema.item_numeric:
+        if (c.mean, c.std) == (0.0, 1.0):  # an imported model's inputs pass as they are: no statistics known
+            continue
+        v = row.get(c.name)
+        if isinstance(v, float) and abs(v - c.mean) > FAR_Z * c.std:
+            far.append(f"{c.name}={v:.3g}: trained on mean {c.mean:.3g}, std {c.std:.3g}")
+    return "far outside the training data: " + "; ".join(far) if far else "a value far outside the catalog's range?"
 
 
 def replay(bundle: RetrievalBundle, delta: DeltaLog, after: int | None = None) -> int:
@@ -145,12 +170,15 @@ def apply_entries(bundle: RetrievalBundle, entries: Iterable[DeltaEntry], last: 
         if entry.op == "upsert":
             pending.pop(entry.item_id, None)
             pending[entry.item_id] = entry.payload
-        else:
+        elif entry.op in ("available", "delete"):
             flush()
             if entry.op == "available":
                 bundle.set_available(entry.item_id, bool(entry.payload.get("available")))
             else:
                 bundle.remove(entry.item_id)
+        else:  # a newer version's op or a hand-edited log: guessing (it was once taken as a delete) loses items
+            log.warning("delta log: skipped entry %d (item %r) on bundle %s: unknown op %r; this version applies %s",
+                        entry.seq, entry.item_id, bundle.version, entry.op, ", ".join(OPS))
         last, n = entry.seq, n + 1
     flush()
     bundle.delta_seq = last
@@ -271,6 +299,9 @@ def fold_catalog(items: pd.DataFrame, entries: Iterable[Any]) -> pd.DataFrame:
             added.pop(e.item_id, None)
             if e.item_id in pos:
                 dropped.add(e.item_id)
+        else:  # as apply_entries: skipped, never guessed
+            log.warning("delta log: skipped entry %d (item %r) in the rebuild: unknown op %r; this version applies %s",
+                        e.seq, e.item_id, e.op, ", ".join(OPS))
     if added:
         new = pd.DataFrame(list(added.values()))
         if frame["item_id"].dtype.kind in "iu":

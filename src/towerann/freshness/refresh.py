@@ -23,7 +23,7 @@ from towerann.artifacts import atomic_dir
 from towerann.data.dataset import read_items
 from towerann.errors import DataError
 from towerann.freshness.deltalog import DeltaEntry, DeltaLog
-from towerann.freshness.live import fold_catalog
+from towerann.freshness.live import fold_catalog, usable
 from towerann.index.build import Tuning
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
 
 
 def _embeddable(model_dir: str | Path, entries: list[DeltaEntry], int_ids: bool) -> list[DeltaEntry]:
-    """The entries without the upserts the item tower cannot turn into a finite vector (a log written
-    before writes were checked may hold one): skipped and reported, as `replay` skips them, so that one
-    bad entry cannot fail every rebuild."""
+    """The entries without the upserts the item tower cannot turn into a usable vector (live.usable; a log
+    written before writes were checked may hold one): skipped and reported, as `replay` skips them, so that
+    one bad entry cannot fail every rebuild."""
     from towerann.model.model import TwoTowerModel
 
     upserts = [e for e in entries if e.op == "upsert"]
@@ -74,27 +74,27 @@ def _embeddable(model_dir: str | Path, entries: list[DeltaEntry], int_ids: bool)
         return entries
     model = TwoTowerModel.load(model_dir)
 
-    def finite(batch: list[DeltaEntry]) -> np.ndarray:
+    def embeddable(batch: list[DeltaEntry]) -> np.ndarray:
         frame = pd.DataFrame([e.payload for e in batch])
         if int_ids:
             frame["item_id"] = frame["item_id"].astype(np.int64)
-        return np.isfinite(model.encode_items(frame)).all(axis=1)
+        return usable(model.encode_items(frame))
 
     try:
-        ok = finite(upserts)
+        ok = embeddable(upserts)
     except Exception:  # a row the encoder cannot read at all: find it one row at a time
-        ok = np.array([_quietly(finite, [e]) for e in upserts])
+        ok = np.array([_quietly(embeddable, [e]) for e in upserts])
     bad = {e.seq for e, good in zip(upserts, ok) if not good}
     for e in upserts:
         if e.seq in bad:
-            log.error("refresh: skipped delta-log entry %d (upsert of item %r): the item tower gives no finite "
-                      "vector for its features", e.seq, e.item_id)
+            log.error("refresh: skipped delta-log entry %d (upsert of item %r): the item tower gives no usable "
+                      "vector for its features (non-finite, or of near-zero norm)", e.seq, e.item_id)
     return [e for e in entries if e.seq not in bad]
 
 
-def _quietly(finite: Any, batch: list[DeltaEntry]) -> bool:
+def _quietly(embeddable: Any, batch: list[DeltaEntry]) -> bool:
     try:
-        return bool(finite(batch)[0])
+        return bool(embeddable(batch)[0])
     except Exception:
         return False
 
