@@ -109,3 +109,28 @@ def redis_prefix() -> str:
 def free_port() -> int:
     """A loopback port nothing listens on (for connection-refused tests)."""
     return _free_port()
+
+
+def tuner_cost_ms(kind: str, params: dict | None, search: Callable, queries) -> float:  # type: ignore[type-arg]
+    """A fixed cost model for the tuner (towerann.index.tune.Timer): a setting costs (1 + the sum of its
+    parameters) / 1000 ms, exact search 1000 ms. What the tests that tune check is that the choice follows
+    the timings and reaches the target; a stopwatch on a shared 2-core machine makes that a coin flip
+    (a setting refused as slower than exact search on one run, kept on the next)."""
+    search(queries[:1])  # the search it stands for still runs
+    if params is None:
+        return 1000.0
+    return (1 + sum(v for v in params.values() if isinstance(v, (int, float)))) / 1e3
+
+
+@pytest.fixture
+def fixed_tuner_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tuning in the test (CLI, publish_bundle, build_index) timed by tuner_cost_ms."""
+    monkeypatch.setattr("towerann.index.tune.measured_p50_ms", tuner_cost_ms)
+
+
+@pytest.fixture(scope="module")
+def fixed_tuner_costs_module() -> Iterator[None]:
+    """fixed_tuner_costs for a module's shared fixtures (a snapshot built and tuned once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("towerann.index.tune.measured_p50_ms", tuner_cost_ms)
+        yield

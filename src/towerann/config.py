@@ -14,7 +14,7 @@
                it, the request is answered without the user's features, `degraded: true`), write_timeout_ms
                (deadline of storing a click; past it the click gets 503), retry_s (after a failure, a network
                store is not tried again for this long: requests answer at once, degraded or 503)
-    [freshness] delta_path (SQLite delta log, default beside [paths] index; with a redis feature store
+    [freshness] delta_path (SQLite delta log, default inside the [paths] index root; with a redis feature store
                the log is a stream in that Redis instead),
                token_file (bearer token for writes; env TOWERANN_API_TOKEN wins), poll_s (how often the
                server checks CURRENT for a new bundle; 0 = never), min_recall (a new bundle's recall@100
@@ -89,7 +89,7 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class FreshnessConfig:
-    delta_path: str = ""  # "" = delta.sqlite beside [paths] index (the demo: towerann-demo/delta.sqlite)
+    delta_path: str = ""  # "": delta.sqlite inside the [paths] index root (towerann-demo/indexes/delta.sqlite)
     token_file: str = ""
     poll_s: float = 2.0
     min_recall: float = 0.8
@@ -97,6 +97,9 @@ class FreshnessConfig:
     timeout_ms: float = 1000.0  # deadline of one delta-log call to Redis (then: 503)
     tail_ms: float = 50.0  # several workers: each reads the others' writes from the delta log this often
     allow_volatile: bool = False  # serve with a delta log in a Redis without appendonly (warn, don't refuse)
+    # bind the index root to the configured delta log although the root's previous log may hold writes
+    # newer than the bundle (freshness.log_binding refuses that switch otherwise)
+    adopt_log: bool = False
 
 
 @dataclass(frozen=True)

@@ -136,5 +136,5 @@ def server_config(tmp_path: Path, root: Path, cat: dict[str, Path], token: bool 
     return Config(serve=ServeConfig(max_k=1000, max_body_bytes=1 << 20),
                   paths=PathsConfig(index=str(root), model=str(cat["model"]), data=str(cat["data"])),
                   features=FeaturesConfig(store="embedded", path=str(tmp_path / "features.sqlite")),
-                  freshness=FreshnessConfig(delta_path=str(tmp_path / "delta.sqlite"), token_file=token_file,
+                  freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"), token_file=token_file,
                                             poll_s=poll_s, min_recall=min_recall))

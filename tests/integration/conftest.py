@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from towerann.config import Config, FeaturesConfig, PathsConfig
+from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig
 from towerann.service.server import ServerHandle, start_background
 
 
@@ -23,8 +23,10 @@ def bundle_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def make_config(paths: dict[str, Path], store: str = "memory", store_path: str = "", **serve: object) -> Config:
     from towerann.config import ServeConfig
 
+    # adopt_log: many tests serve the session's one bundle root, each with a log of its own (a switch that
+    # log_binding refuses in production unless told; test_delta_log_identity.py checks the refusal)
     return Config(serve=ServeConfig(**serve), paths=PathsConfig(index=str(paths["index"]), model=str(paths["model"])),
-                  features=FeaturesConfig(store=store, path=store_path))
+                  features=FeaturesConfig(store=store, path=store_path), freshness=FreshnessConfig(adopt_log=True))
 
 
 @pytest.fixture(scope="module")

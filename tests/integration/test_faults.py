@@ -111,7 +111,7 @@ def redis_config(bundle_paths: dict[str, Path], tmp_path: Path, url: str, **fres
     return Config(serve=ServeConfig(max_k=200),
                   paths=PathsConfig(index=str(bundle_paths["index"]), model=str(bundle_paths["model"])),
                   features=FeaturesConfig(store=url, timeout_ms=100, write_timeout_ms=500, retry_s=0.5),
-                  freshness=FreshnessConfig(token_file=str(tmp_path / "token"), poll_s=0.0, timeout_ms=500,
+                  freshness=FreshnessConfig(adopt_log=True, token_file=str(tmp_path / "token"), poll_s=0.0, timeout_ms=500,
                                             **freshness))
 
 
@@ -389,7 +389,7 @@ def own_root(tmp_path: Path, bundle_paths: dict[str, Path]) -> Config:
     return Config(serve=ServeConfig(max_k=1000),
                   paths=PathsConfig(index=str(root), model=str(bundle_paths["model"]), data=str(bundle_paths["data"])),
                   features=FeaturesConfig(store="memory", path=""),
-                  freshness=FreshnessConfig(delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token"),
+                  freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token"),
                                             poll_s=0.0, min_recall=0.5))
 
 

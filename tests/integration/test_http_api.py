@@ -104,7 +104,7 @@ def test_no_filesystem_path_reaches_an_unauthenticated_caller(bundle_paths, tmp_
     cfg = Config(serve=ServeConfig(max_k=200), paths=PathsConfig(index=str(tmp_path / "indexes"),
                                                                   model=str(bundle_paths["model"])),
                  features=FeaturesConfig(store="embedded", path=str(tmp_path / "features.sqlite")),
-                 freshness=FreshnessConfig(delta_path=str(tmp_path / "delta.sqlite"),
+                 freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"),
                                            token_file=str(tmp_path / "token"), poll_s=0.0))
     handle = start_background(cfg)
     # tmp_path, the bundle and the model directory all lie under the session's base directory

@@ -94,7 +94,7 @@ def writable(bundle_paths, tmp_path_factory):  # type: ignore[no-untyped-def]
     cfg = Config(serve=ServeConfig(max_k=200, max_items_per_write=3),
                  paths=PathsConfig(index=str(tmp / "indexes"), model=str(bundle_paths["model"])),
                  features=FeaturesConfig(store="embedded", path=str(tmp / "features.sqlite")),
-                 freshness=FreshnessConfig(delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"),
+                 freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"),
                                            poll_s=0.0))
     handle = start_background(cfg)
     yield handle

@@ -207,7 +207,7 @@ def test_an_imported_pytorch_two_tower_is_embedded_indexed_and_served_as_run_by_
     (tmp_path / "token").write_text("t0ken\n")
     cfg = Config(serve=ServeConfig(), paths=PathsConfig(index=str(tmp_path / "indexes"), model=str(out)),
                  features=FeaturesConfig(store="embedded", path=str(store_path)),
-                 freshness=FreshnessConfig(delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token")))
+                 freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token")))
     users, inter = read_users(s["data"]).set_index("user_id"), read_interactions(s["data"])
     avail = items["available"].to_numpy()
     handle = start_background(cfg)

@@ -34,7 +34,7 @@ def api(bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         serve=ServeConfig(max_k=100, max_items_per_write=5),
         paths=PathsConfig(index=str(tmp / "indexes"), model=str(bundle_paths["model"])),
         features=FeaturesConfig(store="memory", path=""),
-        freshness=FreshnessConfig(delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0)))
+        freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0)))
     yield handle
     handle.stop()
 

@@ -130,7 +130,8 @@ def test_a_sharded_bundle_hot_swaps_with_the_delta_log_replayed(servers, bundle_
     assert {"partial", "missing_shards"} <= set(schema["properties"]) and "partial" not in schema["required"]
 
 
-def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, tmp_path, capsys) -> None:
+def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, tmp_path, capsys,
+                                                                 fixed_tuner_costs) -> None:
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
 

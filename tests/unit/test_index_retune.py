@@ -39,7 +39,7 @@ def _tree(directory):
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
+def published(tmp_path_factory, fixed_tuner_costs_module):
     tmp = tmp_path_factory.mktemp("retune")
     cat = far_off_catalog(N, 300, D, seed=3)
     vectors = write_vectors(tmp / "vectors", cat.vectors, np.arange(N, dtype=np.int64), np.zeros(N, np.int32),
@@ -57,7 +57,7 @@ def published(tmp_path_factory):
     return tmp, root, cat
 
 
-def test_a_retuned_snapshot_reaches_the_new_target_and_shares_the_old_files(published, capsys):
+def test_a_retuned_snapshot_reaches_the_new_target_and_shares_the_old_files(published, capsys, fixed_tuner_costs):
     tmp, root, cat = published
     old = current_version(root)
     low = load_snapshot(root)

@@ -92,7 +92,7 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
         serve=ServeConfig(max_k=200, max_items_per_write=5),
         paths=PathsConfig(index=str(tmp / "indexes"), model=str(paths["model"])),
         features=FeaturesConfig(store="memory", path=""),
-        freshness=FreshnessConfig(delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0)))
+        freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0)))
     with httpx.Client(base_url=handle.url, timeout=30, headers={"content-type": "application/json"}) as client:
         yield client
         assert client.get("/healthz").status_code == 200  # and it still serves

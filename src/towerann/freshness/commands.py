@@ -38,6 +38,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _refresh(args: argparse.Namespace) -> int:
     from towerann.freshness.deltalog import open_configured_delta_log
+    from towerann.freshness.log_binding import bind_delta_log
     from towerann.freshness.refresh import refresh
 
     if args.every is not None and args.every < 0:
@@ -50,6 +51,7 @@ def _refresh(args: argparse.Namespace) -> int:
         model = args.model or _current_model(root) or cfg.paths.model
         delta = open_configured_delta_log(cfg)
         try:
+            bind_delta_log(root, delta, _current_cut(root), adopt=cfg.freshness.adopt_log)  # this root's own log
             out = refresh(cfg.paths.data, model, root, delta, kind=args.kind, recall=args.recall, k=args.k,
                           keep=args.keep, attributes=cfg.filters.attributes)
         except TowerannError as e:
@@ -74,3 +76,15 @@ def _current_model(root: Path) -> str | None:
     except TowerannError:
         return None
     return str(model) if model.is_dir() else None
+
+
+def _current_cut(root: Path) -> int:
+    """The delta_seq of the bundle CURRENT names (0 when there is none yet)."""
+    from towerann.artifacts import read_manifest
+    from towerann.index.snapshot import FORMAT_VERSION, KIND, resolve
+
+    try:
+        manifest = read_manifest(resolve(root), KIND, FORMAT_VERSION)
+    except TowerannError:
+        return 0
+    return int((manifest.get("bundle") or {}).get("delta_seq", 0))

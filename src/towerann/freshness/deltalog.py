@@ -20,12 +20,13 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from towerann.config import Config
-from towerann.errors import BackendUnavailable, BadRequest, ConfigError
+from towerann.errors import ArtifactError, BackendUnavailable, BadRequest, ConfigError
 from towerann.storeurl import parse_store_url
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ class DeltaEntry:
 
 class DeltaLog(Protocol):
     does_io: bool  # calls may wait on the network (then the HTTP app makes them off its event loop)
+    where: str  # what and where it is, for messages (no credentials)
 
+    def identity(self) -> tuple[str, str | None]: ...  # (this log's id, the id of the index root it belongs to)
+    def claim(self, root_id: str) -> str: ...  # make it the root's unless it is another's; returns the owner
     def available(self) -> bool: ...
     def ping(self) -> None: ...
     def append(self, op: str, item_id: str, payload: dict[str, Any] | None = None) -> DeltaEntry: ...
@@ -71,13 +75,39 @@ class SQLiteDeltaLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.where = f"the SQLite delta log {self.path}"
+        if self.path.is_dir():
+            raise ArtifactError(f"{self.path}: is a directory; [freshness] delta_path names the delta log's file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS delta (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
-                         "op TEXT NOT NULL, item_id TEXT NOT NULL, payload TEXT NOT NULL)")
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS delta (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
+                             "op TEXT NOT NULL, item_id TEXT NOT NULL, payload TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('log_id', ?)", (uuid.uuid4().hex,))
+        except sqlite3.DatabaseError as e:
+            raise ArtifactError(f"{self.path}: not a usable delta log ({e}); restore it from a backup, or move it "
+                                "aside to start an empty one (writes in it not yet in a bundle are then lost)") from e
+
+    def durability(self) -> dict[str, str]:
+        """The connection's journal mode and synchronous setting (what a write survives before its ack)."""
+        with self._lock:
+            mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
+            sync = int(self._db.execute("PRAGMA synchronous").fetchone()[0])
+        return {"journal_mode": str(mode), "synchronous": {0: "off", 1: "normal", 2: "full", 3: "extra"}.get(sync, "?")}
+
+    def identity(self) -> tuple[str, str | None]:
+        with self._lock:
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        return meta["log_id"], meta.get("root_id")
+
+    def claim(self, root_id: str) -> str:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('root_id', ?)", (root_id,))
+            return str(self._db.execute("SELECT value FROM meta WHERE key = 'root_id'").fetchone()[0])
 
     def append(self, op: str, item_id: str, payload: dict[str, Any] | None = None) -> DeltaEntry:
         return self.append_many([(op, item_id, payload or {})])[0]
@@ -103,7 +133,7 @@ class SQLiteDeltaLog:
             rows = self._db.execute("SELECT seq, op, item_id, payload, ts FROM delta WHERE seq > ? ORDER BY seq",
                                     (int(seq),)).fetchall()
         for s, op, item_id, payload, ts in rows:
-            yield DeltaEntry(int(s), op, item_id, json.loads(payload), float(ts))
+            yield DeltaEntry(int(s), op, item_id, _payload(payload, s, self.where), float(ts))
 
     def last_seq(self) -> int:
         with self._lock:
@@ -134,10 +164,11 @@ class RedisDeltaLog:
 
         from towerann.features.redis_store import RedisLink
 
-        self.key = key
+        self.key, self.meta_key = key, f"{key}:meta"
         self._link = RedisLink(url, what="delta log", timeout_s=timeout_s, write_timeout_s=timeout_s,
                                retry_s=retry_s, decode_responses=False)
         self.url = self._link.safe_url
+        self.where = f"the delta log stream {key!r} in Redis at {self.url}"
         self._r = self._link.write
         # At startup a slow first connection is no outage: one ping with a longer deadline.
         probe = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
@@ -154,6 +185,16 @@ class RedisDeltaLog:
 
     def available(self) -> bool:
         return self._link.available()
+
+    def identity(self) -> tuple[str, str | None]:
+        self._link.call(lambda: self._r.hsetnx(self.meta_key, "log_id", uuid.uuid4().hex))
+        meta = self._link.call(lambda: self._r.hgetall(self.meta_key))
+        owner = meta.get(b"root_id")
+        return meta[b"log_id"].decode(), owner.decode() if owner else None
+
+    def claim(self, root_id: str) -> str:
+        self._link.call(lambda: self._r.hsetnx(self.meta_key, "root_id", root_id))
+        return bytes(self._link.call(lambda: self._r.hget(self.meta_key, "root_id"))).decode()
 
     def ping(self) -> None:
         self._link.ping()
@@ -189,7 +230,8 @@ class RedisDeltaLog:
             if not batch:
                 return
             for sid, f in batch:
-                yield DeltaEntry(self._seq(sid), f[b"op"].decode(), f[b"item_id"].decode(), json.loads(f[b"payload"]),
+                seq = self._seq(sid)
+                yield DeltaEntry(seq, f[b"op"].decode(), f[b"item_id"].decode(), _payload(f[b"payload"], seq, self.where),
                                  float(f[b"ts"]))
             start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else batch[-1][0])
 
@@ -199,6 +241,16 @@ class RedisDeltaLog:
 
     def close(self) -> None:
         self._link.close()
+
+
+def _payload(raw: str | bytes, seq: int, where: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where}: entry {seq} is not JSON ({e}); the log is corrupt - restore it from a backup") from e
+    if not isinstance(payload, dict):
+        raise ArtifactError(f"{where}: entry {seq} is not a JSON object; the log is corrupt - restore it from a backup")
+    return payload
 
 
 def open_delta_log(url: str, path: str | Path | None = None, key: str = "towerann:delta", timeout_s: float = 1.0,
@@ -217,11 +269,18 @@ def open_delta_log(url: str, path: str | Path | None = None, key: str = "toweran
 
 def open_configured_delta_log(cfg: Config) -> DeltaLog:
     """A deployment's delta log: a stream in the feature store's Redis, else SQLite at
-    [freshness] delta_path (default: delta.sqlite beside [paths] index)."""
+    [freshness] delta_path (default: delta.sqlite inside the [paths] index root, so that each root has
+    its own; freshness.log_binding checks that a log is served with the root it belongs to)."""
     if parse_store_url(cfg.features.store).is_redis:
         return open_delta_log(cfg.features.store, timeout_s=cfg.freshness.timeout_ms / 1e3,
                               retry_s=cfg.features.retry_s)
-    return open_delta_log("embedded", cfg.freshness.delta_path or Path(cfg.paths.index).parent / "delta.sqlite")
+    return open_delta_log("embedded", cfg.freshness.delta_path or default_delta_path(cfg.paths.index))
+
+
+def default_delta_path(index: str | Path) -> Path:
+    """delta.sqlite inside an index root (a directory with CURRENT); beside a single snapshot served as is."""
+    index = Path(index)
+    return index / "delta.sqlite" if (index / "CURRENT").exists() or not index.exists() else index.parent / "delta.sqlite"
 
 
 def check_durable(delta: DeltaLog, allow_volatile: bool = False) -> str:

@@ -170,6 +170,10 @@ class Reloader:
                 own_model = (self.root / version / "model").is_dir()
                 new = RetrievalBundle.load(self.root / version, model_dir=None if own_model else self.model_dir)
                 phases.mark("load")
+                if new.delta_seq > self.writer.delta.last_seq():  # built from another log: replay would skip writes
+                    raise TowerannError(f"the bundle folds the delta log up to seq {new.delta_seq}, but "
+                                        f"{self.writer.delta.where} ends at {self.writer.delta.last_seq()}: it was built "
+                                        "from another log")
                 recall = validation_recall(new)
                 if recall < self.min_recall:
                     raise TowerannError(f"recall@100 vs exact search {recall:.3f} < min_recall {self.min_recall}")

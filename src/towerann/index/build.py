@@ -23,7 +23,7 @@ import numpy as np
 from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import backend_class, create
 from towerann.index.base import COMMON_SEARCH, Index
-from towerann.index.tune import Timer, measured_p50_ms, tune
+from towerann.index.tune import Timer, tune
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any =
                 params: dict[str, Any] | None = None, tuning: Tuning | None = None, metric: str = "ip",
                 auto_exact_items: int = AUTO_EXACT_ITEMS, auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
                 auto_budget_s: float = AUTO_BUDGET_S, create_index: Callable[..., Index] = create,
-                timer: Timer = measured_p50_ms) -> Index:
+                timer: Timer | None = None) -> Index:
     """Build an index over a catalog's vectors; tune it when `tuning` is given.
 
     Explicit search params in `params` win over tuned ones. With kind="auto", each candidate takes
@@ -112,7 +112,8 @@ def _accepted(kind: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: Any, params: dict[str, Any],
-                   tuning: Tuning, metric: str, kinds: tuple[str, ...], budget_s: float, timer: Timer) -> Index:
+                   tuning: Tuning, metric: str, kinds: tuple[str, ...], budget_s: float,
+                   timer: Timer | None) -> Index:
     """Build and tune each candidate; keep the fastest at the target (else the best recall)."""
     unknown = set(params) - {key for kind in kinds for key in _accepted(kind, params)}
     if unknown:

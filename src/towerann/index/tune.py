@@ -80,7 +80,7 @@ def measured_p50_ms(kind: str, params: dict[str, Any] | None, search: Callable[[
 
 
 def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index | None = None,
-         max_queries: int = 500, seed: int = 0, timer: Timer = measured_p50_ms) -> dict[str, Any]:
+         max_queries: int = 500, seed: int = 0, timer: Timer | None = None) -> dict[str, Any]:
     """Measure the backend's search settings (cheap -> expensive by estimated work) and keep the one
     with the lowest measured one-query p50 among those reaching `target_recall`.
 
@@ -90,8 +90,10 @@ def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index 
     `index.search_defaults` (and `index.tuning`) and returns {"params", "recall", "p50_ms", "k",
     "target", "queries", "reached", "exact_p50_ms", "curve"}; the curve holds every setting measured.
     Ground truth comes from `exact` (an exact index over the same items) or brute force over the
-    index's own vectors. `timer` times each setting (see Timer).
+    index's own vectors. `timer` times each setting (see Timer; default measured_p50_ms, looked up when
+    called, so a test can swap the module's for a fixed cost model on paths it cannot pass one down).
     """
+    timer = timer or measured_p50_ms
     if not 0.0 < target_recall <= 1.0:
         raise BadRequest(f"target recall must be in (0, 1], got {target_recall}")
     q = as_vectors(queries, index.dim, "tuning queries")

@@ -14,6 +14,7 @@ from towerann.errors import ArtifactError, TowerannError
 from towerann.features import FeatureStore, open_configured_store
 from towerann.freshness.deltalog import check_durable, open_configured_delta_log
 from towerann.freshness.live import ItemWriter, replay
+from towerann.freshness.log_binding import bind_delta_log
 from towerann.freshness.reload import Reloader
 from towerann.index.snapshot import CURRENT, resolve
 from towerann.serving.bundle import RetrievalBundle
@@ -119,6 +120,8 @@ def open_service(cfg: Config, retriever: Retriever | None = None, model_dir: str
     try:
         durability = check_durable(delta, cfg.freshness.allow_volatile)  # a Redis delta log must survive Redis
         log.info("delta log: %s (%s)", redact(getattr(delta, "url", "") or str(getattr(delta, "path", ""))), durability)
+        if retriever.holder.ready and (Path(cfg.paths.index) / CURRENT).is_file():  # a root: its own log
+            bind_delta_log(cfg.paths.index, delta, retriever.holder.current().delta_seq, adopt=cfg.freshness.adopt_log)
         writer = ItemWriter(retriever.holder, delta, shared=shared)
         if retriever.monitor is not None:  # its exact searches must not overlap an index write or a swap
             retriever.monitor.guard = writer.lock
