@@ -19,9 +19,15 @@ once unmutated (the baseline): a selection that fails unmutated cannot score a m
     .venv/bin/python tools/mutants.py --tests-from HEAD   # the test files as committed (score an older suite)
     .venv/bin/python tools/mutants.py --tests /tmp/old_contract.py   # a file outside the repo
 
-Exit status: 0 every mutant killed; 1 a mutant survived; 2 an error (snippet not found or
-ambiguous, baseline failing, towerann imported from the wrong tree, a mutant that breaks
-collection) and none survived.
+A kill counts only when it is the mutation's doing: after the mutants, every test that killed one
+runs again on the unmutated tree (all in one pytest run), and a test that fails there too (a flaky
+or broken test) makes the outcome an error, never a kill. A run that hits --timeout is its own outcome, "timeout",
+not a kill: a mutant that makes the code slow is not caught by a test that fails. --budget-s bounds
+the whole run: mutants not started when it is spent are reported "not run".
+
+Exit status: 0 every mutant killed; 1 a mutant survived; 2 an error, a timeout or a mutant not
+run (snippet not found or ambiguous, baseline failing, the killing test failing unmutated,
+towerann imported from the wrong tree, a mutant that breaks collection) and none survived.
 
 To add a mutant, append a Mutant to MUTANTS: the file (relative to src/towerann), the exact
 original snippet, its replacement, what it breaks, and optionally `select` (a pytest -k
@@ -231,6 +237,32 @@ MUTANTS: list[Mutant] = [
            'if (sdir / "scann_docids.pkl").exists():', "if False:",
            "a pickled ScaNN id file is loaded (code execution from the artifacts directory)",
            select="pickle", tests=("tests/integration/test_ann_bundles.py",)),
+    # ---- auth, the recall monitor, shards, the filter planner, durability -----------------------------
+    Mutant("bearer-either-part", "serving/app.py",
+           'if not (same and scheme.lower() == "bearer"):', 'if not (same or scheme.lower() == "bearer"):',
+           "a wrong token passes when the scheme is Bearer (or the right token under any scheme)",
+           select="bearer", tests=("tests/integration/test_http_bad_input.py",)),
+    Mutant("monitor-scores-ann", "serving/monitor.py",
+           "truth = bundle.index.exact_search(query[None, :], k, filter=flt).ids[0]",
+           "truth = bundle.index.search(query[None, :], k, filter=flt).ids[0]",
+           "the recall monitor compares the ANN answer with another ANN answer, not exact search (always 1.0)",
+           select="offline_recall", tests=("tests/unit/test_recall_monitor.py",)),
+    Mutant("sharded-never-partial", "serving/retriever.py",
+           "        return bool(self.missing_shards)", "        return False",
+           "a sharded answer without some shards does not say partial (HTTP, client, metrics)",
+           tests=("tests/integration/test_serve_ray.py",)),
+    Mutant("plan-no-recall-gate", "index/plan.py",
+           'and p["recall"] + RECALL_SE_TOLERANCE * p.get("recall_se", 0.0) >= target', "and True",
+           "the filter planner takes the fastest path whatever its recall",
+           tests=("tests/unit/test_plan_recall_noise.py",)),
+    Mutant("deltalog-sync-off", "freshness/deltalog.py",
+           "PRAGMA synchronous=NORMAL", "PRAGMA synchronous=OFF",
+           "the SQLite delta log acknowledges writes the OS has not been asked to write (lost on a crash)",
+           select="durab", tests=("tests/unit/test_deltalog.py",)),
+    Mutant("artifacts-no-fsync", "artifacts.py",
+           "        os.fsync(fd)\n", "        pass\n",
+           "artifact files, directories and renames are never flushed to disk before they are published",
+           tests=("tests/unit/test_artifacts_durable.py",)),
 ]
 
 
@@ -254,7 +286,7 @@ def pytest_unconfigure(config):
 
 @dataclass
 class Outcome:
-    status: str  # killed | survived | error
+    status: str  # killed | survived | timeout | error | not run
     detail: str = ""
     seconds: float = 0.0
 
@@ -317,7 +349,7 @@ def apply(mutant: Mutant, pristine: Path, dest: Path) -> str | None:
 
 
 def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str | None,
-               timeout: float, log: Path) -> Outcome:
+               timeout: float, log: Path, stop_first: bool = True) -> Outcome:
     report = tmp / "imports.json"
     report.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -325,7 +357,7 @@ def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str |
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["TOWERANN_MUTANT_REPORT"] = str(report)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale bytecode between mutants
-    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, "-p", GUARD, *tests]
+    cmd = [sys.executable, "-m", "pytest", *(a for a in PYTEST_ARGS if stop_first or a != "-x"), "-p", GUARD, *tests]
     if select:
         cmd += ["-k", select]
     start = time.monotonic()
@@ -340,7 +372,7 @@ def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str |
     secs = time.monotonic() - start
     text = log.read_text(errors="replace")
     if rc is None:
-        return Outcome("killed", f"timeout after {timeout:.0f}s", secs)
+        return Outcome("timeout", f"no answer within {timeout:.0f}s", secs)
     wrong = _wrong_imports(report, src)
     if wrong:
         return Outcome("error", wrong, secs)
@@ -353,6 +385,25 @@ def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str |
     what = {2: "interrupted (collection error?)", 3: "pytest internal error", 4: "pytest usage error",
             5: "no tests collected"}.get(rc, f"pytest exit {rc}")
     return Outcome("error", f"{what}: {tail[:300]}", secs)
+
+
+def confirm_kills(results: list[tuple[Mutant, Outcome]], tree: Path, pristine: Path, tmp: Path, timeout: float,
+                  log: Path) -> list[tuple[Mutant, Outcome]]:
+    """Run every killing test once more on the unmutated tree, all in one pytest run; a mutant whose
+    killer fails there too (a flaky or broken test) is an error, not a kill."""
+    killers = sorted({o.detail for _, o in results if o.status == "killed"})
+    if not killers:
+        return results
+    print(f"confirming {len(killers)} killing tests on the unmutated tree", flush=True)
+    check = run_pytest(tree, pristine, tmp, killers, None, 2 * timeout, log, stop_first=False)
+    if check.status == "survived":  # all passed: every kill stands
+        return results
+    failing = set(re.findall(r"^(?:FAILED|ERROR) (\S+)", log.read_text(errors="replace"), re.M))
+    if check.status != "killed" or not failing:  # no verdict per test (a timeout, a collection error): none stands
+        return [(m, Outcome("error", f"the killing tests could not be re-run unmutated: {check.status} {check.detail}",
+                            o.seconds) if o.status == "killed" else o) for m, o in results]
+    return [(m, Outcome("error", f"killed by {o.detail}, which fails unmutated too (flaky or broken)", o.seconds)
+             if o.status == "killed" and o.detail in failing else o) for m, o in results]
 
 
 def _wrong_imports(report: Path, src: Path) -> str:
@@ -378,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="pytest -k expression for every mutant, replacing each mutant's own (e.g. 'hnsw')")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per pytest run (default 300)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds for the whole run: mutants not started by then are reported 'not run' (default: none)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary tree and the pytest logs")
     args = ap.parse_args(argv)
 
@@ -422,11 +475,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"baseline {label}: {'passes' if ok else 'FAILS'} ({out.seconds:.0f}s)"
                       + ("" if ok else f" {out.detail}"), flush=True)
 
+        started = time.monotonic()
         results: list[tuple[Mutant, Outcome]] = []
         for m in chosen:
             key = selection(m)
             base = baseline.get(key)
-            if base is not None and base.status != "survived":
+            if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                out = Outcome("not run", f"the --budget-s of {args.budget_s:.0f}s was spent")
+            elif base is not None and base.status != "survived":
                 out = Outcome("error", f"unmutated tests fail: {base.detail}")
             else:
                 err = apply(m, pristine, tmp / "mutant-src")
@@ -438,16 +494,19 @@ def main(argv: list[str] | None = None) -> int:
             results.append((m, out))
             print(f"{m.name}: {out.status.upper()} {out.detail} ({out.seconds:.0f}s)", flush=True)
 
+        results = confirm_kills(results, tree, pristine, tmp, args.timeout, logs / "unmutated-killers.log")
         width = max([len("mutant")] + [len(m.name) for m, _ in results])
         print(f"\n{'mutant':{width}}  {'result':8}  {'s':>4}  killed by / detail")
         for m, out in results:
             print(f"{m.name:{width}}  {out.status:8}  {out.seconds:4.0f}  {out.detail}")
         killed = sum(o.status == "killed" for _, o in results)
         survived = [m.name for m, o in results if o.status == "survived"]
-        errors = [m.name for m, o in results if o.status == "error"]
+        errors = [m.name for m, o in results if o.status in ("error", "timeout", "not run")]
         scored = killed + len(survived)
         print(f"\nkilled {killed}/{scored} scored ({100 * killed / max(scored, 1):.0f}%); "
-              f"survived {len(survived)}; errors {len(errors)}")
+              f"survived {len(survived)}; errors {sum(o.status == 'error' for _, o in results)}; "
+              f"timeouts {sum(o.status == 'timeout' for _, o in results)}; "
+              f"not run {sum(o.status == 'not run' for _, o in results)}; {time.monotonic() - started:.0f}s")
         if args.keep:
             print(f"kept {tmp}")
         return 1 if survived else 2 if errors else 0

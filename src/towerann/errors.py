@@ -49,3 +49,11 @@ class BackendUnavailable(TowerannError):
     """An optional backend (scann, ray, lancedb, redis) is not installed or cannot be reached."""
 
     http_status = 503
+
+
+class ShardsUnavailable(BackendUnavailable):
+    """No shard of a sharded index answered: nothing to merge (HTTP 503 naming the missing shards)."""
+
+    def __init__(self, message: str, missing_shards: tuple[int, ...]):
+        super().__init__(message)
+        self.missing_shards = tuple(missing_shards)

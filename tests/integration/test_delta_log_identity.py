@@ -34,7 +34,8 @@ def config(root: Path, tmp: Path, store: str = "embedded", delta_path: str = "",
 
 
 def copy_root(bundle_paths: dict[str, Path], dest: Path) -> Path:
-    shutil.copytree(bundle_paths["index"], dest)
+    """A new root with the session bundle's versions (not its id and log: other tests serve that root)."""
+    shutil.copytree(bundle_paths["index"], dest, ignore=shutil.ignore_patterns("root.json", "delta.sqlite*"))
     return dest
 
 

@@ -329,6 +329,41 @@ def test_acknowledged_writes_survive_a_sigkill_of_redis(redis_up: PrivateRedis, 
         store.close()
 
 
+def test_a_redis_that_stops_logging_while_serving_refuses_writes_until_it_logs_again(
+        redis_up: PrivateRedis, bundle_paths, tmp_path: Path) -> None:
+    """Durability is read at startup and again every poll_s: `CONFIG SET appendonly no` on the running
+    Redis turns item writes and clicks into 503 (they were still acknowledged) and /readyz says why;
+    `appendonly yes` and they are taken again."""
+    import redis
+
+    cfg = redis_config(bundle_paths, tmp_path, redis_up.url)
+    handle = start_background(dataclasses.replace(cfg, freshness=dataclasses.replace(cfg.freshness, poll_s=0.1)))
+    admin = redis.Redis.from_url(redis_up.url)
+    http = httpx.Client(base_url=handle.url, timeout=30)
+
+    def writes() -> tuple[int, int]:
+        item = http.post("/v1/items", json={"items": [item_row(bundle_paths, "990400")]}, headers=AUTH)
+        click = http.post("/v1/events", json={"user_id": "u4", "item_id": "5"})
+        return item.status_code, click.status_code
+
+    try:
+        assert writes() == (200, 200)
+        admin.config_set("appendonly", "no")
+        wait_for(lambda: writes() == (503, 503))
+        ready = http.get("/readyz").json()
+        assert ready["degraded"] and ready["dependencies"]["delta_log"] == "not durable", ready
+        assert "appendonly no" in ready["durability"]
+        assert "no longer logs writes" in http.post("/v1/events", json={"user_id": "u4", "item_id": "6"}).json()["error"]
+        admin.config_set("appendonly", "yes")
+        wait_for(lambda: writes() == (200, 200))
+        ready = http.get("/readyz").json()
+        assert not ready["degraded"] and "durability" not in ready, ready
+    finally:
+        admin.close()
+        http.close()
+        handle.stop()
+
+
 # ---- the password of a Redis URL appears nowhere ------------------------------------------------
 
 def test_a_redis_password_never_leaks(redis_up: PrivateRedis, bundle_paths, tmp_path: Path, caplog, capsys) -> None:

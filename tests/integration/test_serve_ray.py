@@ -2,7 +2,8 @@
 node started with `--address`, as on two machines): the bundle's model and id map in the server
 process, the index on one shard actor per shard. Real HTTP to a real server subprocess; a shard
 worker killed with SIGKILL: 200 answers that say `partial` and name the shard, then back by itself,
-with the write the front made on it replayed. Hot swap is refused with a 409.
+with the write the front made on it replayed. Hot swap is refused with a 409. Every shard killed: 503
+naming them all, then back; one log line per shard leaving and per shard coming back.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
         ids = local.index.search(q[None, :], K).ids[0]
         return local.external_ids[ids[ids >= 0]].tolist()
 
+    server_log = tmp_path / "server.log"
     handle = start_subprocess(root, "memory", env={"TOWERANN_API_TOKEN": TOKEN}, args=["--ray", address],
-                              timeout_s=180)
+                              timeout_s=180, log_file=server_log)
     try:
         url = handle.url
         ready = httpx.get(f"{url}/readyz").json()
@@ -108,5 +110,34 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
         r = httpx.post(f"{url}/v1/admin/reload", headers=AUTH)
         assert r.status_code == 409 and "Ray" in r.json()["error"]
         assert httpx.get(f"{url}/readyz").json()["index_version"] == root.joinpath("CURRENT").read_text().strip()
+
+        # Every shard down: nothing to merge, so a 503 naming them (it was an empty 200, "degraded": false).
+        for s in range(S):
+            os.kill(ray.get(ray.get_actor(f"towerann-shard-{s}").info.remote())["pid"], signal.SIGKILL)
+        down = None
+        deadline = time.monotonic() + 60
+        while down is None and time.monotonic() < deadline:
+            r = httpx.post(f"{url}/v1/candidates", json={"query_vector": queries[0].tolist(), "k": K}, timeout=30)
+            if r.status_code == 503:
+                down = r.json()
+            else:
+                assert r.status_code == 200, r.text
+                time.sleep(0.1)
+        assert down is not None and down["missing_shards"] == list(range(S)) and "error" in down, down
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # back by themselves
+            r = httpx.post(f"{url}/v1/candidates", json={"query_vector": queries[0].tolist(), "k": K}, timeout=30)
+            if r.status_code == 200 and "partial" not in r.json():
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200 and ids_of(r.json()) == expected(queries[0]), r.text
     finally:
         handle.stop()
+    # One log line per shard leaving and per shard coming back: for each shard they alternate, and
+    # every outage (the victim's, then both) ended with the shard back.
+    lines = server_log.read_text().splitlines()
+    for s in range(S):
+        events = [("down" if "did not answer" in line else "up") for line in lines
+                  if f"shard {s} of " in line and ("did not answer" in line or "answers again" in line)]
+        assert events and events == ["down", "up"] * (len(events) // 2), (s, events)
+        assert len(events) >= (4 if s == victim else 2), (s, events)

@@ -14,13 +14,15 @@ checksums of their own, so a shard worker can load and check its part alone); th
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from towerann.artifacts import MANIFEST, load_npy
-from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
+from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError, ShardsUnavailable
 from towerann.index import backend_class, create
 from towerann.index.build import SHARDED
 from towerann.index.base import COMMON_SEARCH, Filter, Index, SearchResult, as_vectors
@@ -28,6 +30,8 @@ from towerann.index.merge import merge_topk, padded
 from towerann.index.snapshot import read_checked_manifest, write_snapshot
 from towerann.cluster import partition
 from towerann.cluster.shards import LocalShards, ShardSet
+
+log = logging.getLogger(__name__)
 
 KIND = SHARDED  # the kind's one name, which index.build (the layer below) knows too
 SHARD_DIR = "shard-{:03d}"
@@ -59,6 +63,7 @@ class ShardedIndex(Index):
         # server over Ray shards sets it, so one hung shard makes answers partial, not late)
         self.deadline_s: float | None = None
         self.last_missing: tuple[int, ...] = ()  # the shards the latest search went without
+        self._transitions = threading.Lock()  # concurrent searches log a shard leaving (or back) once
 
     @classmethod
     def over(cls, shards: ShardSet, manifest: Mapping[str, Any]) -> "ShardedIndex":
@@ -72,7 +77,7 @@ class ShardedIndex(Index):
         index.search_defaults = {**COMMON_SEARCH, **manifest["search_defaults"]}
         index.tuning, index.filter_calibration = manifest.get("tuning"), manifest.get("filter_calibration")
         index.manifest = dict(manifest)
-        index.deadline_s, index.last_missing = None, ()
+        index.deadline_s, index.last_missing, index._transitions = None, (), threading.Lock()
         if shards.n != index.n_shards:
             raise ConfigError(f"{shards.n} shard workers for a snapshot of {index.n_shards} shards")
         index.shards = shards
@@ -216,8 +221,11 @@ class ShardedIndex(Index):
     def _merged(self, method: str, args: tuple, m: int, k: int, deadline_s: float | None) -> SearchResult:
         answers, missing, version = self.shards.fan_out(method, args, deadline_s)
         if method == "search":
-            self.last_missing = tuple(missing)
+            self._note_missing(tuple(sorted(missing)))
         if not answers:
+            if missing:  # nothing to merge: an empty 200 would pass for "no candidates"
+                raise ShardsUnavailable(f"no shard of the sharded index answered (shards {sorted(missing)} missing: "
+                                        "late or restarting); retry shortly", tuple(sorted(missing)))
             ids, scores = padded(m, k)
         else:
             parts = list(answers.values())
@@ -227,6 +235,16 @@ class ShardedIndex(Index):
         short = max((r.short_rows for r in answers.values()), default=0)
         return SearchResult(ids=ids, scores=scores, exact_rows=exact, short_rows=short, partial=bool(missing),
                             missing_shards=tuple(missing), version=version if version is not None else self.version)
+
+    def _note_missing(self, missing: tuple[int, ...]) -> None:
+        """Keep the latest search's missing shards; log each shard leaving and coming back, once."""
+        with self._transitions:
+            before, self.last_missing = set(self.last_missing), missing
+        for s in sorted(set(missing) - before):
+            log.warning("shard %d of %s did not answer within its deadline: answers leave it out until it is back",
+                        s, self.describe())
+        for s in sorted(before - set(missing)):
+            log.warning("shard %d of %s answers again", s, self.describe())
 
     # ---- persistence ----------------------------------------------------------------------------
     def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:

@@ -58,6 +58,9 @@ class RedisLink:
                  retry_s: float = 1.0, decode_responses: bool = True) -> None:
         self.safe_url = redact(url)  # for messages: the password never leaves
         self.what, self.retry_s = what, float(retry_s)
+        # Set while serving when this Redis stopped logging its writes (freshness.deltalog.DurabilityWatch):
+        # acknowledged writes would not survive a restart of Redis, so none is taken.
+        self.not_durable: str | None = None
         self._down_until = 0.0
         self._last_error = ""
         self._lock = threading.Lock()
@@ -72,6 +75,12 @@ class RedisLink:
         except ValueError as e:  # malformed URL
             raise BackendUnavailable(f"bad redis URL {self.safe_url!r} ({redact(str(e))}); "
                                      "expected redis://HOST:PORT/DB") from e
+
+    def check_durable(self) -> None:
+        """Before an acknowledged write: refuse it (503) while this Redis does not log writes."""
+        if self.not_durable:
+            raise BackendUnavailable(f"Redis at {self.safe_url} no longer logs writes ({self.not_durable}), so the "
+                                     f"{self.what} takes none; nothing was written: retry once it does")
 
     def available(self) -> bool:
         """False while a recent failure makes calls fail fast (for `retry_s` after it)."""
@@ -193,6 +202,7 @@ class RedisFeatureStore(FeatureStore):
     def _append(self, events: list[Event]) -> None:
         if not events:
             return
+        self._link.check_durable()
         ttl_ms = max(1, int(self.ttl_s * 1000))
         pipe = self._w.pipeline(transaction=True)  # MULTI/EXEC: push, cap and expire together
         for e in events:

@@ -216,6 +216,7 @@ class RedisDeltaLog:
 
     def append_many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> list[DeltaEntry]:
         encoded = _encode(entries)
+        self._link.check_durable()
         now = time.time()
         pipe = self._r.pipeline(transaction=True)
         for op, item_id, payload in encoded:
@@ -281,6 +282,34 @@ def default_delta_path(index: str | Path) -> Path:
     """delta.sqlite inside an index root (a directory with CURRENT); beside a single snapshot served as is."""
     index = Path(index)
     return index / "delta.sqlite" if (index / "CURRENT").exists() or not index.exists() else index.parent / "delta.sqlite"
+
+
+class DurabilityWatch:
+    """Re-reads the persistence settings of the delta log's Redis while serving (check_durable reads
+    them once, at startup): while Redis does not log writes (CONFIG SET appendonly no on a running
+    server), the delta log and the feature store's Redis links refuse acknowledged writes - item
+    writes and clicks get 503 - and `problem` says why (/readyz shows it), until it logs again."""
+
+    def __init__(self, delta: DeltaLog, links: list[Any]):
+        self.delta, self.links = delta, links
+        self.problem: str | None = None
+
+    def check(self) -> str | None:
+        try:
+            found = self.delta.persistence()  # type: ignore[attr-defined]
+        except BackendUnavailable:
+            return self.problem  # unreachable: the links fail fast on their own; the verdict stands
+        problem = None if found.get("appendonly") == "yes" else f"appendonly {found.get('appendonly') or '?'}"
+        if problem != self.problem:
+            if problem:
+                log.error("%s stopped logging writes (%s): item writes and clicks are refused until it logs again",
+                          self.delta.where, problem)
+            else:
+                log.warning("%s logs writes again (appendonly yes): item writes and clicks are taken", self.delta.where)
+            self.problem = problem
+            for link in self.links:
+                link.not_durable = problem
+        return problem
 
 
 def check_durable(delta: DeltaLog, allow_volatile: bool = False) -> str:

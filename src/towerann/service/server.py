@@ -193,10 +193,11 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
 
 def start_subprocess(index: str | Path, store: str, store_path: str | None = None, max_k: int = 1000,
                      timeout_s: float = 120.0, config: str | Path | None = None,
-                     env: dict[str, str] | None = None, workers: int = 1, args: Sequence[str] = ()) -> ServerHandle:
+                     env: dict[str, str] | None = None, workers: int = 1, args: Sequence[str] = (),
+                     log_file: str | Path | None = None) -> ServerHandle:
     """`towerann serve --workers N` in a child process on a free port; waits for /readyz (`handle.process`
     is the child: the server itself, or with workers > 1 the parent of the workers). `args`: more flags
-    (e.g. ["--ray", ADDRESS])."""
+    (e.g. ["--ray", ADDRESS]); `log_file`: where its stderr (the server's log) goes, else this process's."""
     import httpx
 
     port = free_port()
@@ -207,7 +208,12 @@ def start_subprocess(index: str | Path, store: str, store_path: str | None = Non
     if config:
         cmd += ["--config", str(config)]
     cmd += list(args)
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    log = open(log_file, "ab") if log_file is not None else None
+    try:
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stderr=log)
+    finally:
+        if log is not None:
+            log.close()  # the child holds its own descriptor
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

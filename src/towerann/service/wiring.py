@@ -12,7 +12,7 @@ from pathlib import Path
 from towerann.config import Config
 from towerann.errors import ArtifactError, TowerannError
 from towerann.features import FeatureStore, open_configured_store
-from towerann.freshness.deltalog import check_durable, open_configured_delta_log
+from towerann.freshness.deltalog import DurabilityWatch, check_durable, open_configured_delta_log
 from towerann.freshness.live import ItemWriter, replay
 from towerann.freshness.log_binding import bind_delta_log
 from towerann.freshness.reload import Reloader
@@ -68,11 +68,14 @@ class Service:
     reloader: Reloader | None  # None when the index path has no CURRENT to watch
     token: str | None
     owns_store: bool = True
+    durability: DurabilityWatch | None = None  # a Redis delta log that must keep logging its writes
     _stop: threading.Event = field(default_factory=threading.Event)
     _upkeep: threading.Thread | None = None
+    _watch: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the background work: the CURRENT watcher and the purge of expired sessions."""
+        """Start the background work: the CURRENT watcher, the purge of expired sessions, and (a
+        Redis delta log) the durability check every [freshness] poll_s."""
         if self.reloader is not None:
             self.reloader.start(self.cfg.freshness.poll_s)
         every = self.cfg.features.purge_every_s
@@ -80,6 +83,19 @@ class Service:
             self._upkeep = threading.Thread(target=self._purge_loop, args=(every,), name="towerann-purge",
                                             daemon=True)
             self._upkeep.start()
+        poll = self.cfg.freshness.poll_s
+        if self.durability is not None and poll > 0 and self._watch is None:
+            self._watch = threading.Thread(target=self._durability_loop, args=(poll,), name="towerann-durability",
+                                           daemon=True)
+            self._watch.start()
+
+    def _durability_loop(self, every: float) -> None:
+        assert self.durability is not None
+        while not self._stop.wait(every):
+            try:
+                self.durability.check()
+            except Exception:  # the loop must outlive a hiccup; the next round tries again
+                log.exception("checking the delta log's durability")
 
     def _purge_loop(self, every: float) -> None:
         while not self._stop.wait(every):
@@ -92,8 +108,9 @@ class Service:
 
     def close(self) -> None:
         self._stop.set()
-        if self._upkeep is not None:
-            self._upkeep.join(timeout=10)
+        for thread in (self._upkeep, self._watch):
+            if thread is not None:
+                thread.join(timeout=10)
         if self.reloader is not None:
             self.reloader.stop()
         self.writer.delta.close()
@@ -136,4 +153,8 @@ def open_service(cfg: Config, retriever: Retriever | None = None, model_dir: str
     root = Path(cfg.paths.index)
     reloader = (Reloader(writer, root, cfg.freshness.min_recall, model_dir=model_dir or cfg.paths.model or None)
                 if (root / CURRENT).is_file() else None)
-    return Service(cfg, retriever, writer, reloader, cfg.api_token(), owns_store)
+    watch = None
+    if hasattr(delta, "persistence") and not cfg.freshness.allow_volatile:  # checked once above; again while serving
+        links = [delta.link, *([retriever.store.link] if hasattr(retriever.store, "link") else [])]
+        watch = DurabilityWatch(delta, links)
+    return Service(cfg, retriever, writer, reloader, cfg.api_token(), owns_store, durability=watch)

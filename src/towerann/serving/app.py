@@ -48,7 +48,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from towerann.errors import BackendUnavailable, BadRequest, Forbidden, NotFound, TowerannError, Unauthorized
+from towerann.errors import (BackendUnavailable, BadRequest, Forbidden, NotFound, ShardsUnavailable, TowerannError,
+                             Unauthorized)
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.monitor import RecallMonitor
 from towerann.serving.retriever import STAGES, Retriever, int64_spelling_in_range
@@ -480,8 +481,11 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         if not holder.ready:
             return _error(503, "no retrieval bundle loaded yet")
         deps = {"features": await probe(retriever.store)}
+        not_durable = getattr(getattr(delta, "link", None), "not_durable", None)  # a Redis that stopped logging
         if delta is not None:
             deps["delta_log"] = await probe(delta)
+            if not_durable and deps["delta_log"] == "up":
+                deps["delta_log"] = "not durable"
         b = holder.current()
         shards = getattr(b.index, "missing_shards", None)  # a sharded index: are answers partial now?
         missing = list(shards()) if shards is not None else []
@@ -493,7 +497,9 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         recall = {} if retriever.monitor is None else {"recall": retriever.monitor.health(b.version)}
         # No path: anyone may ask /readyz, and the disk layout is for the server's log (the version names the bundle)
         bundle = {key: value for key, value in b.describe().items() if key != "path"}
+        why = {"durability": f"{not_durable}: item writes and clicks are refused until Redis logs writes again"}
         return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps, **recall,
+                             **(why if not_durable else {}),
                              **({"missing_shards": missing} if missing else {}), **bundle})
 
     @app.get("/metrics", response_class=PlainTextResponse,
@@ -601,6 +607,8 @@ def on_loop(loop: asyncio.AbstractEventLoop) -> ApplyOn:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TowerannError)
     async def towerann_error(request: Request, exc: TowerannError) -> JSONResponse:
+        if isinstance(exc, ShardsUnavailable):  # which shards, as a partial answer would say
+            return JSONResponse({"error": str(exc), "missing_shards": list(exc.missing_shards)}, status_code=503)
         return _error(exc.http_status, str(exc))
 
     @app.exception_handler(RequestValidationError)
