@@ -14,7 +14,7 @@ once unmutated (the baseline): a selection that fails unmutated cannot score a m
     .venv/bin/python tools/mutants.py                 # every mutant, default tests
     .venv/bin/python tools/mutants.py --list
     .venv/bin/python tools/mutants.py --only hnsw-no-selector --only merge-direction
-    .venv/bin/python tools/mutants.py --tests tests/contracts/test_index_contract.py tests/unit/test_index_tune.py
+    .venv/bin/python tools/mutants.py --tests tests/contracts/test_index_contract.py tests/unit/index/test_index_tune.py
     .venv/bin/python tools/mutants.py --only base-mask-only-with-filter -k hnsw   # who kills it on HNSW
     .venv/bin/python tools/mutants.py --tests-from HEAD   # the test files as committed (score an older suite)
     .venv/bin/python tools/mutants.py --tests /tmp/old_contract.py   # a file outside the repo
@@ -69,200 +69,421 @@ class Mutant:
 
 MUTANTS: list[Mutant] = [
     # ---- base class: masks, mutations, fallbacks -------------------------------------------------
-    Mutant("base-mask-only-with-filter", "index/base.py",
-           "self._run_path(q, k, p, mask, path)",
-           "self._run_path(q, k, p, mask if filter is not None else None, path)",
-           "the library ignores removed/unavailable items when the request has no filter"),
-    Mutant("base-shortfall-off", "index/base.py",
-           "        if n_short:\n", "        if False:\n",
-           "rows the library returns short of k are not completed by exact search"),
-    Mutant("base-exact-below-ignored", "index/plan.py",
-           'n_qual <= int(params.get("exact_below", 0))', "n_qual <= 16384",
-           "the exact_below search parameter is ignored (a forced-library test would silently run brute force)"),
-    Mutant("base-remove-keeps-slot", "index/base.py",
-           "self._alive.data[slots] = False", "pass",
-           "remove() does not mark the item's slot dead"),
-    Mutant("base-upsert-keeps-old", "index/base.py",
-           "self._alive.data[old] = False", "pass",
-           "an upsert leaves the old vector's slot alive"),
-    Mutant("base-set-available-ignored", "index/base.py",
-           "self._avail.data[slots] = bool(available)", "pass",
-           "set_available() changes nothing"),
-    Mutant("base-exact-dense-mask-ignored", "index/base.py",
-           "scores[:, ~mask.bits] = -np.inf", "pass",
-           "exact search over a mask admitting most slots returns masked-out slots"),
-    Mutant("merge-direction", "index/merge.py",
-           "part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]",
-           "part = np.argpartition(scores, kk - 1, axis=1)[:, :kk]",
-           "top-k keeps the lowest scores (merge direction flipped)"),
-    Mutant("merge-padding-kept", "index/merge.py",
-           "ids[~np.isfinite(top) | np.isnan(top)] = PAD_ID", "pass",
-           "excluded (-inf) columns come back as real ids instead of -1 padding"),
+    Mutant(
+        "base-mask-only-with-filter",
+        "index/base.py",
+        "self._run_path(q, k, p, mask, path)",
+        "self._run_path(q, k, p, mask if filter is not None else None, path)",
+        "the library ignores removed/unavailable items when the request has no filter",
+    ),
+    Mutant(
+        "base-shortfall-off",
+        "index/base.py",
+        "        if n_short:\n",
+        "        if False:\n",
+        "rows the library returns short of k are not completed by exact search",
+    ),
+    Mutant(
+        "base-exact-below-ignored",
+        "index/plan.py",
+        'n_qual <= int(params.get("exact_below", 0))',
+        "n_qual <= 16384",
+        "the exact_below search parameter is ignored (a forced-library test would silently run brute force)",
+    ),
+    Mutant(
+        "base-remove-keeps-slot",
+        "index/base.py",
+        "self._alive.data[slots] = False",
+        "pass",
+        "remove() does not mark the item's slot dead",
+    ),
+    Mutant(
+        "base-upsert-keeps-old",
+        "index/base.py",
+        "self._alive.data[old] = False",
+        "pass",
+        "an upsert leaves the old vector's slot alive",
+    ),
+    Mutant(
+        "base-set-available-ignored",
+        "index/base.py",
+        "self._avail.data[slots] = bool(available)",
+        "pass",
+        "set_available() changes nothing",
+    ),
+    Mutant(
+        "base-exact-dense-mask-ignored",
+        "index/base.py",
+        "scores[:, ~mask.bits] = -np.inf",
+        "pass",
+        "exact search over a mask admitting most slots returns masked-out slots",
+    ),
+    Mutant(
+        "merge-direction",
+        "index/merge.py",
+        "part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]",
+        "part = np.argpartition(scores, kk - 1, axis=1)[:, :kk]",
+        "top-k keeps the lowest scores (merge direction flipped)",
+    ),
+    Mutant(
+        "merge-padding-kept",
+        "index/merge.py",
+        "ids[~np.isfinite(top) | np.isnan(top)] = PAD_ID",
+        "pass",
+        "excluded (-inf) columns come back as real ids instead of -1 padding",
+    ),
     # ---- backends ---------------------------------------------------------------------------------
-    Mutant("exact-mask-ignored", "index/exact.py",
-           "scores = np.where(mask.bits, scores, np.float32(-np.inf))", "pass",
-           "the exact backend's search returns masked-out slots when most qualify", select="exact"),
-    Mutant("hnsw-no-selector", "index/hnsw.py",
-           "p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))", "pass",
-           "HNSW searches without the mask's bitmap selector", select="hnsw"),
-    Mutant("hnsw-ef-param-ignored", "index/hnsw.py",
-           'ef = max(int(params["ef"]), k)', 'ef = max(int(self.default_search["ef"]), k)',
-           "HNSW ignores the ef search parameter (always searches with the class default)", select="hnsw"),
-    Mutant("hnsw-efsearch-unset", "index/hnsw.py",
-           "p.efSearch = ef", "pass",
-           "HNSW never sets efSearch (faiss' default, 16)", select="hnsw"),
-    Mutant("hnsw-filter-ef-not-widened", "index/hnsw.py",
-           "ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)", "ef = ef",
-           "HNSW does not widen the beam as the mask narrows", select="hnsw"),
-    Mutant("hnsw-post-filter-keeps-masked", "index/hnsw.py",
-           "ok = (slots >= 0) & mask.bits[np.maximum(slots, 0)]", "ok = slots >= 0",
-           "HNSW's post-filtered path (most slots qualify) returns masked-out slots", select="hnsw"),
-    Mutant("hnsw-post-filter-short-rows-left", "index/hnsw.py",
-           "        if short.any():\n            out_slots[short], out_scores[short] = self._walk(q[short], k, ef, mask)",
-           "        if False:\n            out_slots[short], out_scores[short] = self._walk(q[short], k, ef, mask)",
-           "HNSW's post-filtered rows left short of k are not redone by the selector search",
-           tests=("tests/unit/test_hnsw_search_paths.py",)),
-    Mutant("ivfpq-no-selector", "index/ivfpq.py",
-           "p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))", "pass",
-           "IVF-PQ searches without the mask's bitmap selector", select="ivfpq"),
-    Mutant("ivfpq-nprobe-param-ignored", "index/ivfpq.py",
-           'nprobe = int(params["nprobe"])', 'nprobe = int(self.default_search["nprobe"])',
-           "IVF-PQ ignores the nprobe search parameter (always probes the class default)", select="ivfpq"),
-    Mutant("ivfpq-nprobe-unset", "index/ivfpq.py",
-           "p.nprobe = min(nprobe, self._ix.nlist)", "pass",
-           "IVF-PQ never sets nprobe (faiss' default: 1 list)", select="ivfpq"),
-    Mutant("ivfpq-filter-nprobe-not-widened", "index/ivfpq.py",
-           "nprobe = math.ceil(nprobe * len(mask.bits) / max(mask.count, 1))", "nprobe = nprobe",
-           "IVF-PQ does not probe more lists as the mask narrows", select="ivfpq"),
-    Mutant("ivfpq-rerank-ignored", "index/ivfpq.py",
-           'rerank = int(params.get("rerank") or 0)', "rerank = 0",
-           "IVF-PQ never re-ranks with the full vectors", select="ivfpq"),
-    Mutant("vecfile-fresh-tier-unscored", "index/vecfile.py",
-           "            out = np.where(slots >= self.n_main, fresh, out)\n", "            pass\n",
-           "items added after a load (the in-memory tier) are never re-ranked from their own vectors",
-           tests=("tests/unit/test_compressed_index.py",)),
-    Mutant("vecfile-evict-keeps-pages", "index/vecfile.py",
-           "            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then the cache can let them go\n",
-           "            pass\n",
-           "a cold benchmark measures the page cache: the file's pages are never dropped",
-           tests=("tests/unit/test_compressed_index.py",)),
-    Mutant("scann-mask-ignored", "index/scann.py",
-           "bad |= ~mask.bits[slots]", "pass",
-           "ScaNN's main tier returns masked-out slots", select="scann"),
-    Mutant("scann-leaves-ignored", "index/scann.py",
-           'leaves = int(params.get("leaves") or 0) if self._leaves else 0', "leaves = 0",
-           "ScaNN ignores the leaves parameter (searches the build's default)", select="scann"),
-    Mutant("scann-delta-mask-ignored", "index/scann.py",
-           "ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))", "pass",
-           "ScaNN's delta tier (items added since the build) returns masked-out slots", select="scann"),
+    Mutant(
+        "exact-mask-ignored",
+        "index/exact.py",
+        "scores = np.where(mask.bits, scores, np.float32(-np.inf))",
+        "pass",
+        "the exact backend's search returns masked-out slots when most qualify",
+        select="exact",
+    ),
+    Mutant(
+        "hnsw-no-selector",
+        "index/hnsw.py",
+        "p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))",
+        "pass",
+        "HNSW searches without the mask's bitmap selector",
+        select="hnsw",
+    ),
+    Mutant(
+        "hnsw-ef-param-ignored",
+        "index/hnsw.py",
+        'ef = max(int(params["ef"]), k)',
+        'ef = max(int(self.default_search["ef"]), k)',
+        "HNSW ignores the ef search parameter (always searches with the class default)",
+        select="hnsw",
+    ),
+    Mutant(
+        "hnsw-efsearch-unset",
+        "index/hnsw.py",
+        "p.efSearch = ef",
+        "pass",
+        "HNSW never sets efSearch (faiss' default, 16)",
+        select="hnsw",
+    ),
+    Mutant(
+        "hnsw-filter-ef-not-widened",
+        "index/hnsw.py",
+        "ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)",
+        "ef = ef",
+        "HNSW does not widen the beam as the mask narrows",
+        select="hnsw",
+    ),
+    Mutant(
+        "hnsw-post-filter-keeps-masked",
+        "index/hnsw.py",
+        "ok = (slots >= 0) & mask.bits[np.maximum(slots, 0)]",
+        "ok = slots >= 0",
+        "HNSW's post-filtered path (most slots qualify) returns masked-out slots",
+        select="hnsw",
+    ),
+    Mutant(
+        "hnsw-post-filter-short-rows-left",
+        "index/hnsw.py",
+        "        if short.any():\n            out_slots[short], out_scores[short] = self._walk(q[short], k, ef, mask)",
+        "        if False:\n            out_slots[short], out_scores[short] = self._walk(q[short], k, ef, mask)",
+        "HNSW's post-filtered rows left short of k are not redone by the selector search",
+        tests=("tests/unit/index/test_hnsw_search_paths.py",),
+    ),
+    Mutant(
+        "ivfpq-no-selector",
+        "index/ivfpq.py",
+        "p.sel = faiss.IDSelectorBitmap(len(mask.bits), faiss.swig_ptr(bits))",
+        "pass",
+        "IVF-PQ searches without the mask's bitmap selector",
+        select="ivfpq",
+    ),
+    Mutant(
+        "ivfpq-nprobe-param-ignored",
+        "index/ivfpq.py",
+        'nprobe = int(params["nprobe"])',
+        'nprobe = int(self.default_search["nprobe"])',
+        "IVF-PQ ignores the nprobe search parameter (always probes the class default)",
+        select="ivfpq",
+    ),
+    Mutant(
+        "ivfpq-nprobe-unset",
+        "index/ivfpq.py",
+        "p.nprobe = min(nprobe, self._ix.nlist)",
+        "pass",
+        "IVF-PQ never sets nprobe (faiss' default: 1 list)",
+        select="ivfpq",
+    ),
+    Mutant(
+        "ivfpq-filter-nprobe-not-widened",
+        "index/ivfpq.py",
+        "nprobe = math.ceil(nprobe * len(mask.bits) / max(mask.count, 1))",
+        "nprobe = nprobe",
+        "IVF-PQ does not probe more lists as the mask narrows",
+        select="ivfpq",
+    ),
+    Mutant(
+        "ivfpq-rerank-ignored",
+        "index/ivfpq.py",
+        'rerank = int(params.get("rerank") or 0)',
+        "rerank = 0",
+        "IVF-PQ never re-ranks with the full vectors",
+        select="ivfpq",
+    ),
+    Mutant(
+        "vecfile-fresh-tier-unscored",
+        "index/vecfile.py",
+        "            out = np.where(slots >= self.n_main, fresh, out)\n",
+        "            pass\n",
+        "items added after a load (the in-memory tier) are never re-ranked from their own vectors",
+        tests=("tests/integration/test_compressed_index.py",),
+    ),
+    Mutant(
+        "vecfile-evict-keeps-pages",
+        "index/vecfile.py",
+        "            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then the cache can let them go\n",
+        "            pass\n",
+        "a cold benchmark measures the page cache: the file's pages are never dropped",
+        tests=("tests/integration/test_compressed_index.py",),
+    ),
+    Mutant(
+        "scann-mask-ignored",
+        "index/scann.py",
+        "bad |= ~mask.bits[slots]",
+        "pass",
+        "ScaNN's main tier returns masked-out slots",
+        select="scann",
+    ),
+    Mutant(
+        "scann-leaves-ignored",
+        "index/scann.py",
+        'leaves = int(params.get("leaves") or 0) if self._leaves else 0',
+        "leaves = 0",
+        "ScaNN ignores the leaves parameter (searches the build's default)",
+        select="scann",
+    ),
+    Mutant(
+        "scann-delta-mask-ignored",
+        "index/scann.py",
+        "ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))",
+        "pass",
+        "ScaNN's delta tier (items added since the build) returns masked-out slots",
+        select="scann",
+    ),
     # ---- tuning ----------------------------------------------------------------------------------
-    Mutant("tune-takes-fallback", "index/tune.py",
-           "        if res.exact_rows:\n", "        if False:\n",
-           "the tuner counts rows answered by the exact fallback as ANN recall",
-           tests=("tests/unit/test_index_tune.py",)),
-    Mutant("tune-first-reaching", "index/tune.py",
-           'if point["recall"] >= target_recall and (best is None or point["p50_ms"] < best["p50_ms"]):',
-           'if point["recall"] >= target_recall and best is None:',
-           "the tuner keeps the first setting reaching the target, not the fastest",
-           tests=("tests/unit/test_index_tune.py",)),
-    Mutant("auto-keeps-the-slower", "index/build.py",
-           'return float(ta["p50_ms"]) < float(tb["p50_ms"])', 'return float(ta["p50_ms"]) > float(tb["p50_ms"])',
-           "auto keeps the slower of two candidates that reach the target",
-           select="auto", tests=("tests/unit/test_index_tune.py",)),
+    Mutant(
+        "tune-takes-fallback",
+        "index/tune.py",
+        "        if res.exact_rows:\n",
+        "        if False:\n",
+        "the tuner counts rows answered by the exact fallback as ANN recall",
+        tests=("tests/unit/index/test_index_tune.py",),
+    ),
+    Mutant(
+        "tune-first-reaching",
+        "index/tune.py",
+        'if point["recall"] >= target_recall and (best is None or point["p50_ms"] < best["p50_ms"]):',
+        'if point["recall"] >= target_recall and best is None:',
+        "the tuner keeps the first setting reaching the target, not the fastest",
+        tests=("tests/unit/index/test_index_tune.py",),
+    ),
+    Mutant(
+        "auto-keeps-the-slower",
+        "index/build.py",
+        'return float(ta["p50_ms"]) < float(tb["p50_ms"])',
+        'return float(ta["p50_ms"]) > float(tb["p50_ms"])',
+        "auto keeps the slower of two candidates that reach the target",
+        select="auto",
+        tests=("tests/unit/index/test_index_tune.py",),
+    ),
     # ---- freshness and serving -------------------------------------------------------------------
-    Mutant("refresh-keeps-poison", "freshness/refresh.py",
-           'fold_catalog(items, _embeddable(model_dir, entries, items["item_id"].dtype.kind in "iu"))',
-           "fold_catalog(items, entries)",
-           "a rebuild folds in an upsert the item tower cannot embed (and fails on it, every time)",
-           tests=("tests/unit/test_refresh_poisoned_log.py",)),
-    Mutant("bundle-map-without-add", "serving/bundle.py",
-           "        self.index.add(vectors, internal, codes, available, attrs)  # may raise: nothing below has run yet\n",
-           "",
-           "the bundle's id map changes although the index never took the vectors",
-           tests=("tests/unit/test_bundle_changes.py",)),
-    Mutant("retriever-never-degraded", "serving/retriever.py",
-           "degraded = f is None", "degraded = False",
-           "a request answered without the user's features does not say so",
-           tests=("tests/unit/test_limits.py",)),
-    Mutant("app-disconnect-is-500", "serving/app.py",
-           "status=str(status[0] or 499)", "status=str(status[0] or 500)",
-           "a client gone mid-body is counted as a server error",
-           tests=("tests/integration/test_http_bad_input.py",)),
-    Mutant("app-bearer-case-sensitive", "serving/app.py",
-           'if not (same and scheme.lower() == "bearer"):', 'if not (same and scheme == "Bearer"):',
-           "the bearer scheme is matched case-sensitively",
-           tests=("tests/integration/test_http_bad_input.py",)),
-    Mutant("redis-no-fail-fast", "features/redis_store.py",
-           "if track and time.monotonic() < self._down_until:", "if False and time.monotonic() < self._down_until:",
-           "a Redis that just failed is waited on again by every request",
-           tests=("tests/unit/test_features_redis.py",)),
-    Mutant("redis-volatile-accepted", "freshness/deltalog.py",
-           'if found.get("appendonly") == "yes":', 'if found.get("appendonly") in ("yes", "no"):',
-           "a delta log in a Redis without appendonly is accepted",
-           tests=("tests/unit/test_deltalog.py",)),
-    Mutant("redact-forgets-passwords", "storeurl.py",
-           "        _remember_secrets(url)\n", "",
-           "a password outside a URL (a client library's message) is not redacted",
-           tests=("tests/unit/test_redaction.py",)),
-    Mutant("replay-from-zero", "freshness/live.py",
-           "last = bundle.delta_seq if after is None else after", "last = 0 if after is None else after",
-           "replay ignores the bundle's cut-off and applies entries the bundle already holds",
-           select="cut_off", tests=("tests/integration/test_freshness.py",)),
-    Mutant("replay-skips-deletes", "freshness/live.py",
-           "                bundle.remove(entry.item_id)\n", "                pass\n",
-           "a restarted server forgets acknowledged deletes",
-           select="killed_server and hnsw", tests=("tests/integration/test_freshness.py",)),
-    Mutant("reload-ignores-min-recall", "freshness/reload.py",
-           "if recall < self.min_recall:", "if recall < 0.0:",
-           "a bundle below min_recall is swapped in",
-           select="min_recall", tests=("tests/integration/test_ann_bundles.py",)),
-    Mutant("validation-against-itself", "freshness/reload.py",
-           "bundle.index.exact_search(q[s:s + 4], k).ids", "bundle.index.search(q[s:s + 4], k).ids",
-           "validation measures the index against itself, not exact search",
-           select="min_recall", tests=("tests/integration/test_ann_bundles.py",)),
-    Mutant("bundle-forgets-cut-off", "serving/bundle.py",
-           'delta_seq=int((info or {}).get("delta_seq", 0))', "delta_seq=0",
-           "a loaded bundle forgets its cut-off and replays what it holds",
-           select="cut_off", tests=("tests/integration/test_freshness.py",)),
-    Mutant("write-forgets-seq", "freshness/live.py",
-           "lambda: b.upsert(clean, vectors, last)", "lambda: b.upsert(clean, vectors)",
-           "a live write does not advance the bundle's place in the log",
-           select="in_python", tests=("tests/integration/test_freshness.py",)),
-    Mutant("workers-search-not-freshened", "service/workers.py",
-           "        if self.behind():\n            try:\n                await asyncio.wait_for(self.catch_up()",
-           "        if False:\n            try:\n                await asyncio.wait_for(self.catch_up()",
-           "with several workers, a search does not first apply the writes another worker acknowledged",
-           select="written_through_one_worker", tests=("tests/integration/test_workers.py",)),
-    Mutant("scann-loads-pickle", "index/scann.py",
-           'if (sdir / "scann_docids.pkl").exists():', "if False:",
-           "a pickled ScaNN id file is loaded (code execution from the artifacts directory)",
-           select="pickle", tests=("tests/integration/test_ann_bundles.py",)),
+    Mutant(
+        "refresh-keeps-poison",
+        "freshness/refresh.py",
+        'fold_catalog(items, _embeddable(model_dir, entries, items["item_id"].dtype.kind in "iu"))',
+        "fold_catalog(items, entries)",
+        "a rebuild folds in an upsert the item tower cannot embed (and fails on it, every time)",
+        tests=("tests/unit/freshness/test_refresh_poisoned_log.py",),
+    ),
+    Mutant(
+        "bundle-map-without-add",
+        "serving/bundle.py",
+        "        self.index.add(vectors, internal, codes, available, attrs)  # may raise: nothing below has run yet\n",
+        "",
+        "the bundle's id map changes although the index never took the vectors",
+        tests=("tests/unit/serving/test_bundle_changes.py",),
+    ),
+    Mutant(
+        "retriever-never-degraded",
+        "serving/retriever.py",
+        "degraded = f is None",
+        "degraded = False",
+        "a request answered without the user's features does not say so",
+        tests=("tests/unit/serving/test_limits.py",),
+    ),
+    Mutant(
+        "app-disconnect-is-500",
+        "serving/app.py",
+        "status=str(status[0] or 499)",
+        "status=str(status[0] or 500)",
+        "a client gone mid-body is counted as a server error",
+        tests=("tests/integration/test_http_bad_input.py",),
+    ),
+    Mutant(
+        "app-bearer-case-sensitive",
+        "serving/app.py",
+        'if not (same and scheme.lower() == "bearer"):',
+        'if not (same and scheme == "Bearer"):',
+        "the bearer scheme is matched case-sensitively",
+        tests=("tests/integration/test_http_bad_input.py",),
+    ),
+    Mutant(
+        "redis-no-fail-fast",
+        "features/redis_store.py",
+        "if track and time.monotonic() < self._down_until:",
+        "if False and time.monotonic() < self._down_until:",
+        "a Redis that just failed is waited on again by every request",
+        tests=("tests/integration/test_features_redis.py",),
+    ),
+    Mutant(
+        "redis-volatile-accepted",
+        "freshness/deltalog.py",
+        'if found.get("appendonly") == "yes":',
+        'if found.get("appendonly") in ("yes", "no"):',
+        "a delta log in a Redis without appendonly is accepted",
+        tests=("tests/integration/test_deltalog.py",),
+    ),
+    Mutant(
+        "redact-forgets-passwords",
+        "storeurl.py",
+        "        _remember_secrets(url)\n",
+        "",
+        "a password outside a URL (a client library's message) is not redacted",
+        tests=("tests/unit/test_redaction.py",),
+    ),
+    Mutant(
+        "replay-from-zero",
+        "freshness/live.py",
+        "last = bundle.delta_seq if after is None else after",
+        "last = 0 if after is None else after",
+        "replay ignores the bundle's cut-off and applies entries the bundle already holds",
+        select="cut_off",
+        tests=("tests/integration/test_freshness.py",),
+    ),
+    Mutant(
+        "replay-skips-deletes",
+        "freshness/live.py",
+        "                bundle.remove(entry.item_id)\n",
+        "                pass\n",
+        "a restarted server forgets acknowledged deletes",
+        select="killed_server and hnsw",
+        tests=("tests/integration/test_freshness.py",),
+    ),
+    Mutant(
+        "reload-ignores-min-recall",
+        "freshness/reload.py",
+        "if recall < self.min_recall:",
+        "if recall < 0.0:",
+        "a bundle below min_recall is swapped in",
+        select="min_recall",
+        tests=("tests/integration/test_ann_bundles.py",),
+    ),
+    Mutant(
+        "validation-against-itself",
+        "freshness/reload.py",
+        "bundle.index.exact_search(q[s:s + 4], k).ids",
+        "bundle.index.search(q[s:s + 4], k).ids",
+        "validation measures the index against itself, not exact search",
+        select="min_recall",
+        tests=("tests/integration/test_ann_bundles.py",),
+    ),
+    Mutant(
+        "bundle-forgets-cut-off",
+        "serving/bundle.py",
+        'delta_seq=int((info or {}).get("delta_seq", 0))',
+        "delta_seq=0",
+        "a loaded bundle forgets its cut-off and replays what it holds",
+        select="cut_off",
+        tests=("tests/integration/test_freshness.py",),
+    ),
+    Mutant(
+        "write-forgets-seq",
+        "freshness/live.py",
+        "lambda: b.upsert(clean, vectors, last)",
+        "lambda: b.upsert(clean, vectors)",
+        "a live write does not advance the bundle's place in the log",
+        select="in_python",
+        tests=("tests/integration/test_freshness.py",),
+    ),
+    Mutant(
+        "workers-search-not-freshened",
+        "service/workers.py",
+        "        if self.behind():\n            try:\n                await asyncio.wait_for(self.catch_up()",
+        "        if False:\n            try:\n                await asyncio.wait_for(self.catch_up()",
+        "with several workers, a search does not first apply the writes another worker acknowledged",
+        select="written_through_one_worker",
+        tests=("tests/integration/test_workers.py",),
+    ),
+    Mutant(
+        "scann-loads-pickle",
+        "index/scann.py",
+        'if (sdir / "scann_docids.pkl").exists():',
+        "if False:",
+        "a pickled ScaNN id file is loaded (code execution from the artifacts directory)",
+        select="pickle",
+        tests=("tests/integration/test_ann_bundles.py",),
+    ),
     # ---- auth, the recall monitor, shards, the filter planner, durability -----------------------------
-    Mutant("bearer-either-part", "serving/app.py",
-           'if not (same and scheme.lower() == "bearer"):', 'if not (same or scheme.lower() == "bearer"):',
-           "a wrong token passes when the scheme is Bearer (or the right token under any scheme)",
-           select="bearer", tests=("tests/integration/test_http_bad_input.py",)),
-    Mutant("monitor-scores-ann", "serving/monitor.py",
-           "truth = bundle.index.exact_search(query[None, :], k, filter=flt).ids[0]",
-           "truth = bundle.index.search(query[None, :], k, filter=flt).ids[0]",
-           "the recall monitor compares the ANN answer with another ANN answer, not exact search (always 1.0)",
-           select="offline_recall", tests=("tests/unit/test_recall_monitor.py",)),
-    Mutant("sharded-never-partial", "serving/retriever.py",
-           "        return bool(self.missing_shards)", "        return False",
-           "a sharded answer without some shards does not say partial (HTTP, client, metrics)",
-           tests=("tests/integration/test_serve_ray.py",)),
-    Mutant("plan-no-recall-gate", "index/plan.py",
-           'and p["recall"] + RECALL_SE_TOLERANCE * p.get("recall_se", 0.0) >= target', "and True",
-           "the filter planner takes the fastest path whatever its recall",
-           tests=("tests/unit/test_plan_recall_noise.py",)),
-    Mutant("deltalog-sync-off", "freshness/deltalog.py",
-           "PRAGMA synchronous=NORMAL", "PRAGMA synchronous=OFF",
-           "the SQLite delta log acknowledges writes the OS has not been asked to write (lost on a crash)",
-           select="durab", tests=("tests/unit/test_deltalog.py",)),
-    Mutant("artifacts-no-fsync", "artifacts.py",
-           "        os.fsync(fd)\n", "        pass\n",
-           "artifact files, directories and renames are never flushed to disk before they are published",
-           tests=("tests/unit/test_artifacts_durable.py",)),
+    Mutant(
+        "bearer-either-part",
+        "serving/app.py",
+        'if not (same and scheme.lower() == "bearer"):',
+        'if not (same or scheme.lower() == "bearer"):',
+        "a wrong token passes when the scheme is Bearer (or the right token under any scheme)",
+        select="bearer",
+        tests=("tests/integration/test_http_bad_input.py",),
+    ),
+    Mutant(
+        "monitor-scores-ann",
+        "serving/monitor.py",
+        "truth = bundle.index.exact_search(query[None, :], k, filter=flt).ids[0]",
+        "truth = bundle.index.search(query[None, :], k, filter=flt).ids[0]",
+        "the recall monitor compares the ANN answer with another ANN answer, not exact search (always 1.0)",
+        select="offline_recall",
+        tests=("tests/unit/serving/test_recall_monitor.py",),
+    ),
+    Mutant(
+        "sharded-never-partial",
+        "serving/retriever.py",
+        "        return bool(self.missing_shards)",
+        "        return False",
+        "a sharded answer without some shards does not say partial (HTTP, client, metrics)",
+        tests=("tests/integration/test_serve_ray.py",),
+    ),
+    Mutant(
+        "plan-no-recall-gate",
+        "index/plan.py",
+        'and p["recall"] + RECALL_SE_TOLERANCE * p.get("recall_se", 0.0) >= target',
+        "and True",
+        "the filter planner takes the fastest path whatever its recall",
+        tests=("tests/unit/index/test_plan_recall_noise.py",),
+    ),
+    Mutant(
+        "deltalog-sync-off",
+        "freshness/deltalog.py",
+        "PRAGMA synchronous=NORMAL",
+        "PRAGMA synchronous=OFF",
+        "the SQLite delta log acknowledges writes the OS has not been asked to write (lost on a crash)",
+        select="durab",
+        tests=("tests/integration/test_deltalog.py",),
+    ),
+    Mutant(
+        "artifacts-no-fsync",
+        "artifacts.py",
+        "        os.fsync(fd)\n",
+        "        pass\n",
+        "artifact files, directories and renames are never flushed to disk before they are published",
+        tests=("tests/unit/test_artifacts_durable.py",),
+    ),
 ]
 
 
@@ -315,8 +536,12 @@ def prepare(tmp: Path, tests: list[str], tests_from: str | None) -> tuple[Path, 
             rel = full.resolve().relative_to(REPO) if full.resolve().is_relative_to(REPO) else None
             if rel is None:
                 raise SystemExit(f"--tests-from needs test paths inside the repository, not {t}")
-            text = subprocess.run(["git", "-C", str(REPO), "show", f"{tests_from}:{rel.as_posix()}"],
-                                  check=True, capture_output=True, text=True).stdout
+            text = subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{tests_from}:{rel.as_posix()}"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             (tree / rel).parent.mkdir(parents=True, exist_ok=True)
             (tree / rel).write_text(text)
             mapped.append(rel.as_posix())
@@ -339,8 +564,11 @@ def apply(mutant: Mutant, pristine: Path, dest: Path) -> str | None:
     text = target.read_text()
     n = text.count(mutant.old)
     if n != 1:
-        return (f"snippet not found in src/towerann/{mutant.file}" if n == 0 else
-                f"snippet ambiguous: {n} matches in src/towerann/{mutant.file}")
+        return (
+            f"snippet not found in src/towerann/{mutant.file}"
+            if n == 0
+            else f"snippet ambiguous: {n} matches in src/towerann/{mutant.file}"
+        )
     if dest.exists():
         shutil.rmtree(dest)
     _copy_tree(pristine, dest)
@@ -348,13 +576,22 @@ def apply(mutant: Mutant, pristine: Path, dest: Path) -> str | None:
     return None
 
 
-def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str | None,
-               timeout: float, log: Path, stop_first: bool = True) -> Outcome:
+def run_pytest(
+    tree: Path,
+    src: Path,
+    tmp: Path,
+    tests: list[str],
+    select: str | None,
+    timeout: float,
+    log: Path,
+    stop_first: bool = True,
+) -> Outcome:
     report = tmp / "imports.json"
     report.unlink(missing_ok=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(src), str(tmp / "plugins")] +
-                                        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(src), str(tmp / "plugins")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env["TOWERANN_MUTANT_REPORT"] = str(report)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale bytecode between mutants
     cmd = [sys.executable, "-m", "pytest", *(a for a in PYTEST_ARGS if stop_first or a != "-x"), "-p", GUARD, *tests]
@@ -382,13 +619,18 @@ def run_pytest(tree: Path, src: Path, tmp: Path, tests: list[str], select: str |
     if rc == 1 and failed:
         return Outcome("killed", failed[0], secs)
     tail = " | ".join(line for line in text.strip().splitlines()[-3:])
-    what = {2: "interrupted (collection error?)", 3: "pytest internal error", 4: "pytest usage error",
-            5: "no tests collected"}.get(rc, f"pytest exit {rc}")
+    what = {
+        2: "interrupted (collection error?)",
+        3: "pytest internal error",
+        4: "pytest usage error",
+        5: "no tests collected",
+    }.get(rc, f"pytest exit {rc}")
     return Outcome("error", f"{what}: {tail[:300]}", secs)
 
 
-def confirm_kills(results: list[tuple[Mutant, Outcome]], tree: Path, pristine: Path, tmp: Path, timeout: float,
-                  log: Path) -> list[tuple[Mutant, Outcome]]:
+def confirm_kills(
+    results: list[tuple[Mutant, Outcome]], tree: Path, pristine: Path, tmp: Path, timeout: float, log: Path
+) -> list[tuple[Mutant, Outcome]]:
     """Run every killing test once more on the unmutated tree, all in one pytest run; a mutant whose
     killer fails there too (a flaky or broken test) is an error, not a kill."""
     killers = sorted({o.detail for _, o in results if o.status == "killed"})
@@ -400,10 +642,28 @@ def confirm_kills(results: list[tuple[Mutant, Outcome]], tree: Path, pristine: P
         return results
     failing = set(re.findall(r"^(?:FAILED|ERROR) (\S+)", log.read_text(errors="replace"), re.M))
     if check.status != "killed" or not failing:  # no verdict per test (a timeout, a collection error): none stands
-        return [(m, Outcome("error", f"the killing tests could not be re-run unmutated: {check.status} {check.detail}",
-                            o.seconds) if o.status == "killed" else o) for m, o in results]
-    return [(m, Outcome("error", f"killed by {o.detail}, which fails unmutated too (flaky or broken)", o.seconds)
-             if o.status == "killed" and o.detail in failing else o) for m, o in results]
+        return [
+            (
+                m,
+                Outcome(
+                    "error",
+                    f"the killing tests could not be re-run unmutated: {check.status} {check.detail}",
+                    o.seconds,
+                )
+                if o.status == "killed"
+                else o,
+            )
+            for m, o in results
+        ]
+    return [
+        (
+            m,
+            Outcome("error", f"killed by {o.detail}, which fails unmutated too (flaky or broken)", o.seconds)
+            if o.status == "killed" and o.detail in failing
+            else o,
+        )
+        for m, o in results
+    ]
 
 
 def _wrong_imports(report: Path, src: Path) -> str:
@@ -418,19 +678,32 @@ def _wrong_imports(report: Path, src: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
-    ap.add_argument("--tests", nargs="+", metavar="PATH",
-                    help=f"test paths for every mutant (default: each mutant's own, else {' '.join(DEFAULT_TESTS)})")
+    ap.add_argument(
+        "--tests",
+        nargs="+",
+        metavar="PATH",
+        help=f"test paths for every mutant (default: each mutant's own, else {' '.join(DEFAULT_TESTS)})",
+    )
     ap.add_argument("--tests-from", metavar="REV", help="take the test files from this git revision (git show)")
-    ap.add_argument("-k", "--select", metavar="EXPR",
-                    help="pytest -k expression for every mutant, replacing each mutant's own (e.g. 'hnsw')")
+    ap.add_argument(
+        "-k",
+        "--select",
+        metavar="EXPR",
+        help="pytest -k expression for every mutant, replacing each mutant's own (e.g. 'hnsw')",
+    )
     ap.add_argument("--timeout", type=float, default=300, help="seconds per pytest run (default 300)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="seconds for the whole run: mutants not started by then are reported 'not run' (default: none)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds for the whole run: mutants not started by then are reported 'not run' (default: none)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary tree and the pytest logs")
     args = ap.parse_args(argv)
 
@@ -457,8 +730,11 @@ def main(argv: list[str] | None = None) -> int:
         pristine = tmp / "pristine-src"
         logs = tmp / "logs"
         logs.mkdir()
-        print(f"mutants: {len(chosen)}; tree {tmp}; src snapshot of {REPO / 'src'}"
-              + (f"; tests from {args.tests_from}" if args.tests_from else ""), flush=True)
+        print(
+            f"mutants: {len(chosen)}; tree {tmp}; src snapshot of {REPO / 'src'}"
+            + (f"; tests from {args.tests_from}" if args.tests_from else ""),
+            flush=True,
+        )
 
         def selection(m: Mutant) -> tuple[tuple[str, ...], str | None]:
             return tuple(mapped[t] for t in (args.tests or m.tests or DEFAULT_TESTS)), args.select or m.select
@@ -467,13 +743,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             for key in dict.fromkeys(selection(m) for m in chosen):
                 tests, select = key
-                out = run_pytest(tree, pristine, tmp, list(tests), select, args.timeout,
-                                 logs / f"baseline-{len(baseline)}.log")
+                out = run_pytest(
+                    tree, pristine, tmp, list(tests), select, args.timeout, logs / f"baseline-{len(baseline)}.log"
+                )
                 baseline[key] = out
                 label = " ".join(tests) + (f" -k {select}" if select else "")
                 ok = out.status == "survived"
-                print(f"baseline {label}: {'passes' if ok else 'FAILS'} ({out.seconds:.0f}s)"
-                      + ("" if ok else f" {out.detail}"), flush=True)
+                print(
+                    f"baseline {label}: {'passes' if ok else 'FAILS'} ({out.seconds:.0f}s)"
+                    + ("" if ok else f" {out.detail}"),
+                    flush=True,
+                )
 
         started = time.monotonic()
         results: list[tuple[Mutant, Outcome]] = []
@@ -489,8 +769,9 @@ def main(argv: list[str] | None = None) -> int:
                 if err:
                     out = Outcome("error", err)
                 else:
-                    out = run_pytest(tree, tmp / "mutant-src", tmp, list(key[0]), key[1], args.timeout,
-                                     logs / f"{m.name}.log")
+                    out = run_pytest(
+                        tree, tmp / "mutant-src", tmp, list(key[0]), key[1], args.timeout, logs / f"{m.name}.log"
+                    )
             results.append((m, out))
             print(f"{m.name}: {out.status.upper()} {out.detail} ({out.seconds:.0f}s)", flush=True)
 
@@ -503,10 +784,12 @@ def main(argv: list[str] | None = None) -> int:
         survived = [m.name for m, o in results if o.status == "survived"]
         errors = [m.name for m, o in results if o.status in ("error", "timeout", "not run")]
         scored = killed + len(survived)
-        print(f"\nkilled {killed}/{scored} scored ({100 * killed / max(scored, 1):.0f}%); "
-              f"survived {len(survived)}; errors {sum(o.status == 'error' for _, o in results)}; "
-              f"timeouts {sum(o.status == 'timeout' for _, o in results)}; "
-              f"not run {sum(o.status == 'not run' for _, o in results)}; {time.monotonic() - started:.0f}s")
+        print(
+            f"\nkilled {killed}/{scored} scored ({100 * killed / max(scored, 1):.0f}%); "
+            f"survived {len(survived)}; errors {sum(o.status == 'error' for _, o in results)}; "
+            f"timeouts {sum(o.status == 'timeout' for _, o in results)}; "
+            f"not run {sum(o.status == 'not run' for _, o in results)}; {time.monotonic() - started:.0f}s"
+        )
         if args.keep:
             print(f"kept {tmp}")
         return 1 if survived else 2 if errors else 0

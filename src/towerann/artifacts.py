@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -149,12 +150,19 @@ def read_manifest(directory: str | Path, kind: str, format_version: int) -> dict
         raise ArtifactError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     except UnicodeDecodeError as e:
         raise ArtifactError(f"{path}: not UTF-8 text (corrupted?): {e.reason} at byte {e.start}") from e
-    if isinstance(manifest, dict) and MANIFEST_CHECKSUM in manifest \
-            and manifest[MANIFEST_CHECKSUM] != manifest_checksum(manifest):
-        raise ArtifactError(f"{path}: the manifest does not match its own checksum (edited or corrupted); "
-                            "publish the artifact again instead of editing it")
+    if (
+        isinstance(manifest, dict)
+        and MANIFEST_CHECKSUM in manifest
+        and manifest[MANIFEST_CHECKSUM] != manifest_checksum(manifest)
+    ):
+        raise ArtifactError(
+            f"{path}: the manifest does not match its own checksum (edited or corrupted); "
+            "publish the artifact again instead of editing it"
+        )
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
-        raise ArtifactError(f"{path}: expected a {kind} manifest, found kind={manifest.get('kind') if isinstance(manifest, dict) else None!r}")
+        raise ArtifactError(
+            f"{path}: expected a {kind} manifest, found kind={manifest.get('kind') if isinstance(manifest, dict) else None!r}"
+        )
     if manifest.get("format_version") != format_version:
         raise ArtifactError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {format_version})"

@@ -19,10 +19,10 @@ COMMAND_MODULES = (
     "towerann.index.commands",
     "towerann.cluster.commands",  # adds embed --ray and index build --kind sharded: after both
     "towerann.features.commands",
-    "towerann.service.commands",
+    "towerann.server.commands",
     "towerann.freshness.commands",
     "towerann.bench.commands",
-    "towerann.bench.plan",
+    "towerann.bench.capacity",
 )
 
 
@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

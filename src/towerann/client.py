@@ -21,18 +21,33 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 
-from towerann.errors import (ArtifactError, BackendUnavailable, BadRequest, Forbidden, NotFound, TowerannError,
-                             Unauthorized)
+from towerann.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    TowerannError,
+    Unauthorized,
+)
 from towerann.storeurl import redact
 
 RETRY_STATUSES = (429, 503)
-ERRORS_BY_STATUS: dict[int, type[TowerannError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
-                                                    409: ArtifactError, 413: BadRequest, 422: BadRequest}
+ERRORS_BY_STATUS: dict[int, type[TowerannError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: ArtifactError,
+    413: BadRequest,
+    422: BadRequest,
+}
 
 
 @dataclass(frozen=True)
@@ -54,22 +69,38 @@ class Candidates:
 
 
 class Client:
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 2.0, retries: int = 2,
-                 backoff_s: float = 0.05, max_connections: int = 16):
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 2.0,
+        retries: int = 2,
+        backoff_s: float = 0.05,
+        max_connections: int = 16,
+    ):
         if retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError("retries >= 0, timeout_s > 0 and backoff_s >= 0 are required")
         self.url = url.rstrip("/")
         self._shown_url = redact(self.url)
         self.retries, self.backoff_s = int(retries), float(backoff_s)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers,
-                                  limits=httpx.Limits(max_connections=max_connections,
-                                                      max_keepalive_connections=max_connections))
+        self._http = httpx.Client(
+            base_url=self.url,
+            timeout=timeout_s,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
 
     # ---- reads --------------------------------------------------------------------------------------
 
-    def candidates(self, user_id: str | int | None = None, k: int = 100, categories: list[str] | None = None, *,
-                   query_vector: Sequence[float] | None = None) -> Candidates:
+    def candidates(
+        self,
+        user_id: str | int | None = None,
+        k: int = 100,
+        categories: list[str] | None = None,
+        *,
+        query_vector: Sequence[float] | None = None,
+    ) -> Candidates:
         """Top-k items for this user now (their clicks up to this call counted); optionally only these categories.
         `query_vector` instead of `user_id`: the top-k for a user-tower output made by the caller."""
         body: dict[str, Any] = {"k": k}
@@ -83,11 +114,15 @@ class Client:
         if categories is not None:
             body["filter"] = {"categories": list(categories)}
         got = self._call("POST", "/v1/candidates", body, repeatable=True)
-        return Candidates(item_ids=[c["item_id"] for c in got["candidates"]],
-                          scores=[float(c["score"]) for c in got["candidates"]],
-                          model_version=got["model_version"], index_version=got["index_version"],
-                          timings_ms=got["timings_ms"], degraded=bool(got["degraded"]),
-                          missing_shards=[int(s) for s in got.get("missing_shards") or []])
+        return Candidates(
+            item_ids=[c["item_id"] for c in got["candidates"]],
+            scores=[float(c["score"]) for c in got["candidates"]],
+            model_version=got["model_version"],
+            index_version=got["index_version"],
+            timings_ms=got["timings_ms"],
+            degraded=bool(got["degraded"]),
+            missing_shards=[int(s) for s in got.get("missing_shards") or []],
+        )
 
     def ready(self) -> dict[str, Any]:
         """GET /readyz: the served versions and each dependency's state (BackendUnavailable while not ready)."""
@@ -95,7 +130,9 @@ class Client:
 
     # ---- writes -------------------------------------------------------------------------------------
 
-    def event(self, user_id: str | int, item_id: str | int, type: str = "click", ts: float | None = None) -> dict[str, Any]:
+    def event(
+        self, user_id: str | int, item_id: str | int, type: str = "click", ts: float | None = None
+    ) -> dict[str, Any]:
         """Record a session event; stored before the reply. Not retried after a read timeout (it could count twice)."""
         body: dict[str, Any] = {"user_id": user_id, "item_id": item_id, "type": type}
         if ts is not None:
@@ -145,14 +182,16 @@ class Client:
         retry_after = response.headers.get("retry-after") if response is not None else None
         if retry_after and retry_after.replace(".", "", 1).isdigit():
             return min(float(retry_after), 5.0)
-        return self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+        return self.backoff_s * (2**attempt) * (0.5 + random.random())
 
     def _error(self, method: str, path: str, r: httpx.Response) -> TowerannError:
         try:
             message = str(r.json().get("error", r.text))
         except ValueError:
             message = r.text[:200]
-        cls = ERRORS_BY_STATUS.get(r.status_code, BackendUnavailable if r.status_code in RETRY_STATUSES else TowerannError)
+        cls = ERRORS_BY_STATUS.get(
+            r.status_code, BackendUnavailable if r.status_code in RETRY_STATUSES else TowerannError
+        )
         return cls(f"{method} {path} -> {r.status_code}: {message}")
 
     def close(self) -> None:

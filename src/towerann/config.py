@@ -144,7 +144,7 @@ class Config:
             return token
         return None
 
-    def with_overrides(self, **flags: Any) -> "Config":
+    def with_overrides(self, **flags: Any) -> Config:
         """Replace settings by flag values given as section_key=value (None = not given)."""
         sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in flags.items():
@@ -153,8 +153,9 @@ class Config:
             section, _, key = name.partition("_")
             if section not in sections or key not in {f.name for f in dataclasses.fields(sections[section])}:
                 raise ConfigError(f"unknown setting {name!r}")
-            sections[section] = _build(type(sections[section]), {**dataclasses.asdict(sections[section]), key: value},
-                                       section, "flags")
+            sections[section] = _build(
+                type(sections[section]), {**dataclasses.asdict(sections[section]), key: value}, section, "flags"
+            )
         return Config(**sections)
 
 
@@ -187,8 +188,16 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         want = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}[str(types[key])]
         kwargs[key] = _check_type(value, want, f"{source}: [{section}] {key}")
     obj = cls(**kwargs)
-    for key in ("port", "max_k", "max_body_bytes", "max_events", "max_id_length", "max_items_per_write",
-                "max_session_users", "queue"):
+    for key in (
+        "port",
+        "max_k",
+        "max_body_bytes",
+        "max_events",
+        "max_id_length",
+        "max_items_per_write",
+        "max_session_users",
+        "queue",
+    ):
         if hasattr(obj, key) and getattr(obj, key) < (0 if key == "port" else 1):
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
     if getattr(obj, "workers", 0) < 0:
@@ -208,13 +217,16 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         raise ConfigError(f"{source}: [{section}] purge_every_s must be >= 0 (0 = never purge)")
     bad = [a for a in getattr(obj, "attributes", ()) if not ATTRIBUTE_NAME.match(a) or a in ("category", "categories")]
     if bad:
-        raise ConfigError(f"{source}: [{section}] attributes {bad}: use 1-32 characters a-z, 0-9, _ starting with "
-                          "a letter (category is always filterable: leave it out)")
+        raise ConfigError(
+            f"{source}: [{section}] attributes {bad}: use 1-32 characters a-z, 0-9, _ starting with "
+            "a letter (category is always filterable: leave it out)"
+        )
     if isinstance(obj, MonitorConfig) and not 0.0 < obj.max_busy <= 1.0:
         raise ConfigError(f"{source}: [{section}] max_busy must be in (0, 1], got {obj.max_busy}")
     if isinstance(obj, MonitorConfig) and not (0.0 <= obj.sample <= 1.0 and 0.0 <= obj.threshold <= 1.0):
-        raise ConfigError(f"{source}: [{section}] sample and threshold must be in [0, 1], got {obj.sample} and "
-                          f"{obj.threshold}")
+        raise ConfigError(
+            f"{source}: [{section}] sample and threshold must be in [0, 1], got {obj.sample} and {obj.threshold}"
+        )
     if getattr(obj, "refresh_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] refresh_every_s must be >= 0 (0 = refresh once)")
     return obj
@@ -232,8 +244,14 @@ def load_config(path: str | Path | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
     sections: dict[str, Any] = {}
-    classes = {"serve": ServeConfig, "paths": PathsConfig, "features": FeaturesConfig, "freshness": FreshnessConfig,
-               "filters": FiltersConfig, "monitor": MonitorConfig}
+    classes = {
+        "serve": ServeConfig,
+        "paths": PathsConfig,
+        "features": FeaturesConfig,
+        "freshness": FreshnessConfig,
+        "filters": FiltersConfig,
+        "monitor": MonitorConfig,
+    }
     for name, values in data.items():
         if name not in classes:
             raise ConfigError(f"{path}: unknown section [{name}]; known sections: {', '.join(classes)}")

@@ -75,24 +75,27 @@ class StoreURL:
 def parse_store_url(url: object) -> StoreURL:
     """Classify a store URL; a malformed or unknown one raises ConfigError (credentials redacted)."""
     if not isinstance(url, str):
-        raise ConfigError(f"a store URL must be a string such as 'embedded' or 'redis://HOST:PORT/DB', "
-                          f"got {type(url).__name__}")
+        raise ConfigError(
+            f"a store URL must be a string such as 'embedded' or 'redis://HOST:PORT/DB', got {type(url).__name__}"
+        )
     if url.startswith(REDIS_SCHEMES):
         _remember_secrets(url)
         return StoreURL("redis", url)
     if url in ("embedded", "memory"):
         return StoreURL(url, url)
     if url.startswith("feast:"):
-        if not url[len("feast:"):]:
+        if not url[len("feast:") :]:
             raise ConfigError("store 'feast:' needs the feature repository's path, e.g. feast:/srv/feature_repo")
-        return StoreURL("feast", url, url[len("feast:"):])
+        return StoreURL("feast", url, url[len("feast:") :])
     if url.startswith("embedded://"):
-        path = url[len("embedded://"):]
+        path = url[len("embedded://") :]
         if not path.startswith("/"):
             raise ConfigError(f"store url {url!r}: give an absolute path, e.g. embedded:///srv/features.sqlite")
         return StoreURL("embedded", url, path)
-    raise ConfigError(f"unknown store {redact(url)!r}; use 'embedded', 'embedded:///abs/path.sqlite', 'memory' "
-                      "'redis://HOST:PORT/DB' or 'feast:REPO_PATH'")
+    raise ConfigError(
+        f"unknown store {redact(url)!r}; use 'embedded', 'embedded:///abs/path.sqlite', 'memory' "
+        "'redis://HOST:PORT/DB' or 'feast:REPO_PATH'"
+    )
 
 
 class RedactingFilter(logging.Filter):

@@ -29,10 +29,16 @@ from test_feature_store_contract import (  # noqa: E402  the suite, run here wit
 from towerann.errors import ConfigError  # noqa: E402
 from towerann.features import FeatureStore, open_store  # noqa: E402
 
-__all__ = ["test_batch_get_keeps_input_order", "test_concurrent_appends_lose_nothing", "test_ids_are_strings",
-           "test_read_your_writes_newest_first", "test_session_capped_to_max_events",
-           "test_static_features_round_trip", "test_ttl_hides_old_events",
-           "test_unknown_user_is_empty_but_has_its_session"]
+__all__ = [
+    "test_batch_get_keeps_input_order",
+    "test_concurrent_appends_lose_nothing",
+    "test_ids_are_strings",
+    "test_read_your_writes_newest_first",
+    "test_session_capped_to_max_events",
+    "test_static_features_round_trip",
+    "test_ttl_hides_old_events",
+    "test_unknown_user_is_empty_but_has_its_session",
+]
 
 FEATURE_STORE_YAML = """project: towerann_contract
 registry: data/registry.db
@@ -45,7 +51,7 @@ offline_store:
 entity_key_serialization_version: 3
 """
 
-DEFINITIONS = '''
+DEFINITIONS = """
 from datetime import timedelta
 from feast import Entity, FeatureView, Field, FileSource
 from feast.types import Float64, String
@@ -61,7 +67,7 @@ activity = FeatureView(
     name="member_activity", entities=[member], ttl=timedelta(days=3650), online=True,
     source=FileSource(path="data/activity.parquet", timestamp_field="event_timestamp"),
     schema=[Field(name="member_id", dtype=String), Field(name="rank", dtype=Float64), Field(name="v", dtype=Float64)])
-'''
+"""
 
 # towerann's feature names (the contract suite's) -> the repo's own names, over two feature views
 MAPPING = """entity = "member_id"
@@ -77,8 +83,9 @@ v = "member_activity:v"
 
 def feast(repo: Path, *args: str) -> None:
     exe = Path(sys.executable).with_name("feast")
-    subprocess.run([str(exe if exe.exists() else "feast"), *args], cwd=repo, check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        [str(exe if exe.exists() else "feast"), *args], cwd=repo, check=True, capture_output=True, timeout=120
+    )
 
 
 @pytest.fixture(scope="session")
@@ -92,10 +99,12 @@ def feast_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (repo / "definitions.py").write_text(DEFINITIONS)
     (repo / "towerann.toml").write_text(MAPPING)
     ts = pd.Timestamp("2026-01-01", tz="UTC")
-    pd.DataFrame({"member_id": ["seed-1"], "years": [52.0], "score": [0.5], "nation": ["nz"],
-                  "event_timestamp": [ts]}).to_parquet(repo / "data" / "members.parquet")
-    pd.DataFrame({"member_id": ["seed-1"], "rank": [3.0], "v": [None],
-                  "event_timestamp": [ts]}).to_parquet(repo / "data" / "activity.parquet")
+    pd.DataFrame(
+        {"member_id": ["seed-1"], "years": [52.0], "score": [0.5], "nation": ["nz"], "event_timestamp": [ts]}
+    ).to_parquet(repo / "data" / "members.parquet")
+    pd.DataFrame({"member_id": ["seed-1"], "rank": [3.0], "v": [None], "event_timestamp": [ts]}).to_parquet(
+        repo / "data" / "activity.parquet"
+    )
     feast(repo, "apply")
     feast(repo, "materialize", "2025-01-01T00:00:00", pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%dT%H:%M:%S"))
     return repo

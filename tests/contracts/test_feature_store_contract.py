@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -35,11 +35,19 @@ def make_store(request: pytest.FixtureRequest, tmp_path) -> MakeStore:
 def test_static_features_round_trip(make_store: MakeStore) -> None:
     store = make_store()
     assert isinstance(store, FeatureStore)
-    n = store.put_users([
-        {"user_id": "u1", "age": 31, "score": 0.25, "country": "fr", "missing": None,
-         "recent_items": ["i3", "i2", "i1"]},
-        {"user_id": "u2", "age": 40.5},
-    ])
+    n = store.put_users(
+        [
+            {
+                "user_id": "u1",
+                "age": 31,
+                "score": 0.25,
+                "country": "fr",
+                "missing": None,
+                "recent_items": ["i3", "i2", "i1"],
+            },
+            {"user_id": "u2", "age": 40.5},
+        ]
+    )
     assert n == 2
     u1 = store.get_one("u1")
     assert u1.known and u1.user_id == "u1"
@@ -73,8 +81,10 @@ def test_read_your_writes_newest_first(make_store: MakeStore) -> None:
     assert [e.item_id for e in store.get_one("u1").session] == ["b", "a"]
     assert store.get_one("u1").session[0] == second
     # explicit timestamps order the session, whatever the arrival order
-    assert store.append_events([Event("u2", "x", ts=2000.0), Event("u2", "y", ts=3000.0),
-                                Event("u2", "w", ts=1000.0)]) == 3
+    assert (
+        store.append_events([Event("u2", "x", ts=2000.0), Event("u2", "y", ts=3000.0), Event("u2", "w", ts=1000.0)])
+        == 3
+    )
     assert [e.item_id for e in store.get_one("u2", now=3001.0).session] == ["y", "x", "w"]
 
 

@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from towerann.cluster import create_index as create, load_index  # towerann.index's, plus kind "sharded"
 from towerann.errors import ArtifactError, BackendUnavailable, IndexIncompatible
-from towerann.index import Filter
+from towerann.index import Filter, create
+from towerann.index import load as load_index
 from towerann.index.snapshot import publish
 
 load = load_snapshot = load_index
@@ -63,8 +63,13 @@ D, N, NQ, CLUSTERS = 32, 30_000, 100, 40
 K = 100
 MODEL = "model-v1"
 # sharded: towerann.cluster.ShardedIndex with its shards in this process (3 exact shards)
-PARAMS = {"exact": {}, "hnsw": {"M": 16, "ef_construction": 64}, "ivfpq": {}, "scann": {},
-          "sharded": {"shards": 3, "backend": "exact"}}
+PARAMS = {
+    "exact": {},
+    "hnsw": {"M": 16, "ef_construction": 64},
+    "ivfpq": {},
+    "scann": {},
+    "sharded": {"shards": 3, "backend": "exact"},
+}
 KINDS = ("exact", "hnsw", "ivfpq", "scann", "sharded")
 LIBRARY_KINDS = ("hnsw", "ivfpq", "scann")  # backends with an approximate library path
 MODES = ("configured", "library")
@@ -76,12 +81,36 @@ _PATHS = ("unmasked", "removed", "removed+broad", "hidden", "upserted", "broad",
 FLOORS = {  # recall@k floors per backend and path: measured (module docstring) minus ~0.02-0.03
     "exact": dict.fromkeys(_PATHS, 1.0),
     "sharded": dict.fromkeys(_PATHS, 1.0),
-    "hnsw": {"unmasked": 0.965, "removed": 0.96, "removed+broad": 0.97, "hidden": 0.965, "upserted": 0.965,
-             "broad": 0.97, "narrow": 0.975, "rare": 0.87},
-    "ivfpq": {"unmasked": 0.775, "removed": 0.75, "removed+broad": 0.81, "hidden": 0.79, "upserted": 0.78,
-              "broad": 0.83, "narrow": 0.88, "rare": 0.97},
-    "scann": {"unmasked": 0.93, "removed": 0.955, "removed+broad": 0.96, "hidden": 0.94, "upserted": 0.93,
-              "broad": 0.95, "narrow": 0.955, "rare": 0.97},
+    "hnsw": {
+        "unmasked": 0.965,
+        "removed": 0.96,
+        "removed+broad": 0.97,
+        "hidden": 0.965,
+        "upserted": 0.965,
+        "broad": 0.97,
+        "narrow": 0.975,
+        "rare": 0.87,
+    },
+    "ivfpq": {
+        "unmasked": 0.775,
+        "removed": 0.75,
+        "removed+broad": 0.81,
+        "hidden": 0.79,
+        "upserted": 0.78,
+        "broad": 0.83,
+        "narrow": 0.88,
+        "rare": 0.97,
+    },
+    "scann": {
+        "unmasked": 0.93,
+        "removed": 0.955,
+        "removed+broad": 0.96,
+        "hidden": 0.94,
+        "upserted": 0.93,
+        "broad": 0.95,
+        "narrow": 0.955,
+        "rare": 0.97,
+    },
 }
 # Far cheaper than the defaults: recall there must land clearly below the unmasked floor, or the
 # floor would not notice a backend that ignored the parameter.
@@ -124,8 +153,9 @@ class Catalog:
 
     def remove(self, ids) -> None:
         keep = ~np.isin(self.ids, ids)
-        self.vectors, self.ids, self.cats, self.available = (a[keep] for a in (self.vectors, self.ids, self.cats,
-                                                                              self.available))
+        self.vectors, self.ids, self.cats, self.available = (
+            a[keep] for a in (self.vectors, self.ids, self.cats, self.available)
+        )
 
     def set_available(self, ids, flag: bool) -> None:
         self.available[np.isin(self.ids, ids)] = flag
@@ -164,8 +194,9 @@ def _recall(catalog: Catalog, q: np.ndarray, ids: np.ndarray, k: int, cats: froz
     return float((scores >= kth - 1e-5).sum() / (len(q) * k))
 
 
-def _check(res, catalog: Catalog, q: np.ndarray, k: int, floor: float, what: str,
-           cats: frozenset[int] | None = None) -> float:
+def _check(
+    res, catalog: Catalog, q: np.ndarray, k: int, floor: float, what: str, cats: frozenset[int] | None = None
+) -> float:
     """Every contract of one search result, against the oracle; returns recall@k."""
     m = len(q)
     qual = catalog.qualifying(cats)
@@ -177,11 +208,13 @@ def _check(res, catalog: Catalog, q: np.ndarray, k: int, floor: float, what: str
     got = res.ids[:, :full]
     assert all(len(set(row)) == full for row in got.tolist()), f"{what}: an id appears twice in a row"
     bad = ~np.isin(got, catalog.ids[qual])
-    assert not bad.any(), (f"{what}: returned {np.unique(got[bad])[:10].tolist()}, which do not qualify "
-                           "(removed, hidden or filtered out)")
+    assert not bad.any(), (
+        f"{what}: returned {np.unique(got[bad])[:10].tolist()}, which do not qualify (removed, hidden or filtered out)"
+    )
     true = catalog.scores_of(q, got)
-    np.testing.assert_allclose(res.scores[:, :full], true, atol=1e-4,
-                               err_msg=f"{what}: scores must be the current vectors' inner products")
+    np.testing.assert_allclose(
+        res.scores[:, :full], true, atol=1e-4, err_msg=f"{what}: scores must be the current vectors' inner products"
+    )
     assert (np.diff(res.scores[:, :full], axis=1) <= 1e-6).all(), f"{what}: rows must be sorted by score"
     r = _recall(catalog, q, got, full, cats)
     print(f"{what}: recall@{k} {r:.4f} (floor {floor})")
@@ -226,7 +259,8 @@ def built(request, data, tmp_path_factory):
     broad = int(np.isin(data["categories"], list(BROAD)).sum())
     assert broad > ix.search_defaults["exact_below"], (
         f"the broad filter ({broad} items) must outgrow exact_below, or masked searches never reach the "
-        "library as configured: grow N")
+        "library as configured: grow N"
+    )
     root = tmp_path_factory.mktemp(f"idx-{kind}")
     path = publish(ix, root, MODEL)
     return kind, ix, path
@@ -248,6 +282,7 @@ def index(built, mode):
 
 # ---- unmasked searches (one path) -------------------------------------------------------------
 
+
 def test_recall_floor_vs_exact(built, data, catalog):
     kind, ix, _ = built
     _check(ix.search(data["queries"], K), catalog, data["queries"], K, FLOORS[kind]["unmasked"], f"{kind} unmasked")
@@ -258,8 +293,15 @@ def test_exact_search_is_brute_force(built, data, catalog):
     q = data["queries"]
     _check(ix.exact_search(q, K), catalog, q, K, 1.0, f"{kind} exact_search")
     _check(ix.exact_search(q, K, filter=Filter(NARROW)), catalog, q, K, 1.0, f"{kind} exact_search narrow", NARROW)
-    _check(ix.exact_search(q[:5], 400, filter=Filter(frozenset({RARE}))), catalog, q[:5], 400, 1.0,
-           f"{kind} exact_search rare, k > qualifying", frozenset({RARE}))
+    _check(
+        ix.exact_search(q[:5], 400, filter=Filter(frozenset({RARE}))),
+        catalog,
+        q[:5],
+        400,
+        1.0,
+        f"{kind} exact_search rare, k > qualifying",
+        frozenset({RARE}),
+    )
 
 
 @pytest.mark.parametrize("built", LIBRARY_KINDS, indirect=True)
@@ -272,7 +314,8 @@ def test_search_params_matter(built, data, catalog):
     print(f"{kind}: recall@{K} {cheap:.4f} with {CHEAP[kind]}, {default:.4f} with the defaults")
     assert cheap < FLOORS[kind]["unmasked"] - CHEAP_MARGIN, (
         f"{kind}: recall@{K} with {CHEAP[kind]} is {cheap:.4f}, not clearly below the floor "
-        f"{FLOORS[kind]['unmasked']}: the search parameter has no effect, or the floor is too low to notice")
+        f"{FLOORS[kind]['unmasked']}: the search parameter has no effect, or the floor is too low to notice"
+    )
     assert default > cheap + CHEAP_MARGIN
 
 
@@ -325,6 +368,7 @@ def test_padding_when_k_exceeds_items(kind, data):
 
 
 # ---- mutations and filters, as configured and forced through the library -----------------------
+
 
 def test_incremental_add_is_found(index, data, catalog, mode):
     q = data["queries"]
@@ -383,8 +427,15 @@ def test_removed_items_never_return(index, data, catalog, mode):
     assert not np.isin(res.ids, gone).any(), f"{tag}: a removed item was returned"
     _check(res, catalog, q, K, _floor(index, "removed", catalog), tag)
     _check(index.search(q[:10], 1000), catalog, q[:10], 1000, 0.0, tag + ", k=1000")  # exactly k, all live
-    _check(index.search(q, K, filter=Filter(BROAD)), catalog, q, K, _floor(index, "removed+broad", catalog, BROAD),
-           tag + ", broad filter", BROAD)
+    _check(
+        index.search(q, K, filter=Filter(BROAD)),
+        catalog,
+        q,
+        K,
+        _floor(index, "removed+broad", catalog, BROAD),
+        tag + ", broad filter",
+        BROAD,
+    )
 
 
 def test_set_available_false_then_true(index, data, catalog, mode):
@@ -410,8 +461,15 @@ def test_set_available_false_then_true(index, data, catalog, mode):
 def test_category_filter(index, data, catalog, mode, which):
     cats = BROAD if which == "broad" else NARROW
     res = index.search(data["queries"], K, filter=Filter(categories=cats))
-    _check(res, catalog, data["queries"], K, _floor(index, which, catalog, cats),
-           f"{index.kind}/{mode} {which} filter", cats)
+    _check(
+        res,
+        catalog,
+        data["queries"],
+        K,
+        _floor(index, which, catalog, cats),
+        f"{index.kind}/{mode} {which} filter",
+        cats,
+    )
 
 
 def test_selective_filter_returns_exactly_k(index, data, catalog, mode):

@@ -38,8 +38,12 @@ LIBRARY_PARAMS: dict[str, Any] = {"exact_below": 0}  # every masked search throu
 LIBRARY_MARK = {"exact": "Flat", "hnsw": "HNSW", "ivfpq": "IVF", "scann": "tree"}
 EXTRA_ITEMS = 1000
 EXTRA_ID0 = 500_000  # ids of the made-up items: 500000..500999
-TEMPLATE_PARAMS: dict[str, dict[str, Any]] = {"exact": {}, "hnsw": {}, "ivfpq": {},
-                                              "scann": {"leaves": 32, "reorder": 400}}
+TEMPLATE_PARAMS: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "hnsw": {},
+    "ivfpq": {},
+    "scann": {"leaves": 32, "reorder": 400},
+}
 
 
 def catalog(base: Path, shared: dict[str, Path]) -> dict[str, Path]:
@@ -56,10 +60,16 @@ def catalog(base: Path, shared: dict[str, Path]) -> dict[str, Path]:
         extra["item_id"] = np.arange(EXTRA_ID0, EXTRA_ID0 + EXTRA_ITEMS, dtype=np.int64)
         extra["price"] = (extra["price"] * rng.uniform(0.8, 1.25, EXTRA_ITEMS)).astype(items["price"].dtype)
         extra["quality"] = np.clip(extra["quality"] + rng.normal(0, 0.05, EXTRA_ITEMS), 0, 1).astype(
-            items["quality"].dtype)
-        write_dataset(out["data"], pd.concat([items, extra], ignore_index=True), read_users(shared["data"]),
-                      read_interactions(shared["data"]), source="tests: shared synth catalog + derived items",
-                      overwrite=True)
+            items["quality"].dtype
+        )
+        write_dataset(
+            out["data"],
+            pd.concat([items, extra], ignore_index=True),
+            read_users(shared["data"]),
+            read_interactions(shared["data"]),
+            source="tests: shared synth catalog + derived items",
+            overwrite=True,
+        )
     if not (out["vectors"] / "manifest.json").exists():
         embed_catalog(shared["model"], out["data"], out["vectors"], overwrite=True, progress=False)
     return out
@@ -73,7 +83,7 @@ def build_library_index(cat: dict[str, Path], kind: str, **params: Any) -> Any:
     import faiss
     from threadpoolctl import threadpool_limits
 
-    from towerann.embed.vectors import read_vectors
+    from towerann.data.vectors_dir import read_vectors
     from towerann.index.build import build_index
 
     vs = read_vectors(cat["vectors"])
@@ -81,8 +91,9 @@ def build_library_index(cat: dict[str, Path], kind: str, **params: Any) -> Any:
     faiss.omp_set_num_threads(1)
     try:
         with threadpool_limits(limits=1):
-            return build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=kind,
-                               params={**LIBRARY_PARAMS, **params})
+            return build_index(
+                vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params={**LIBRARY_PARAMS, **params}
+            )
     finally:
         faiss.omp_set_num_threads(before)
 
@@ -100,7 +111,9 @@ def template(base: Path, cat: dict[str, Path], kind: str) -> Path:
 
     root = base / "ann-templates" / kind
     if not (root / CURRENT).exists():
-        publish_bundle(root, cat["model"], cat["vectors"], index=build_library_index(cat, kind, **TEMPLATE_PARAMS[kind]))
+        publish_bundle(
+            root, cat["model"], cat["vectors"], index=build_library_index(cat, kind, **TEMPLATE_PARAMS[kind])
+        )
     return resolve(root)
 
 
@@ -124,8 +137,9 @@ TOKEN = "test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def server_config(tmp_path: Path, root: Path, cat: dict[str, Path], token: bool = True, poll_s: float = 0.0,
-                  min_recall: float = 0.8) -> Any:
+def server_config(
+    tmp_path: Path, root: Path, cat: dict[str, Path], token: bool = True, poll_s: float = 0.0, min_recall: float = 0.8
+) -> Any:
     """A config serving `root` with an embedded store and delta log in tmp_path (bearer TOKEN in a file)."""
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
 
@@ -133,8 +147,15 @@ def server_config(tmp_path: Path, root: Path, cat: dict[str, Path], token: bool 
     if token:
         (tmp_path / "token").write_text(TOKEN + "\n")
         token_file = str(tmp_path / "token")
-    return Config(serve=ServeConfig(max_k=1000, max_body_bytes=1 << 20),
-                  paths=PathsConfig(index=str(root), model=str(cat["model"]), data=str(cat["data"])),
-                  features=FeaturesConfig(store="embedded", path=str(tmp_path / "features.sqlite")),
-                  freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"), token_file=token_file,
-                                            poll_s=poll_s, min_recall=min_recall))
+    return Config(
+        serve=ServeConfig(max_k=1000, max_body_bytes=1 << 20),
+        paths=PathsConfig(index=str(root), model=str(cat["model"]), data=str(cat["data"])),
+        features=FeaturesConfig(store="embedded", path=str(tmp_path / "features.sqlite")),
+        freshness=FreshnessConfig(
+            adopt_log=True,
+            delta_path=str(tmp_path / "delta.sqlite"),
+            token_file=token_file,
+            poll_s=poll_s,
+            min_recall=min_recall,
+        ),
+    )

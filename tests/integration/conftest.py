@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig
-from towerann.service.server import ServerHandle, start_background
+from towerann.server.server import ServerHandle, start_background
 
 
 @pytest.fixture(scope="session")
@@ -16,8 +16,9 @@ def bundle_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from towerann.bench.serve import prepare
 
     # One fixed place per test session, so tests/unit/test_retriever.py reuses the same build.
-    return prepare(tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2,
-                   kind="exact")
+    return prepare(
+        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
+    )
 
 
 def make_config(paths: dict[str, Path], store: str = "memory", store_path: str = "", **serve: object) -> Config:
@@ -25,8 +26,12 @@ def make_config(paths: dict[str, Path], store: str = "memory", store_path: str =
 
     # adopt_log: many tests serve the session's one bundle root, each with a log of its own (a switch that
     # log_binding refuses in production unless told; test_delta_log_identity.py checks the refusal)
-    return Config(serve=ServeConfig(**serve), paths=PathsConfig(index=str(paths["index"]), model=str(paths["model"])),
-                  features=FeaturesConfig(store=store, path=store_path), freshness=FreshnessConfig(adopt_log=True))
+    return Config(
+        serve=ServeConfig(**serve),
+        paths=PathsConfig(index=str(paths["index"]), model=str(paths["model"])),
+        features=FeaturesConfig(store=store, path=store_path),
+        freshness=FreshnessConfig(adopt_log=True),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,25 @@ import pickle
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import ann_catalog
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
-
-import ann_catalog
 from ann_catalog import ANN_KINDS, AUTH, KINDS, assert_library_path, build_library_index, new_root, server_config
+
 from towerann.artifacts import write_manifest
 from towerann.data.dataset import read_interactions, read_items
 from towerann.freshness.reload import validation_recall
 from towerann.index import Filter
 from towerann.index.snapshot import set_current
+from towerann.server.server import ServerHandle, start_background
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
 from towerann.serving.retriever import Retriever
-from towerann.service.server import ServerHandle, start_background
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,7 @@ def template(catalog: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture
-def serve(tmp_path: Path, catalog: dict[str, Path],
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def serve(tmp_path: Path, catalog: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """serve(kind) -> (handle, root): a server in a thread on a copy of the kind's template bundle."""
     handles: list[ServerHandle] = []
 
@@ -144,13 +144,20 @@ def test_served_candidates_match_exact_search_on_the_library_path(kind: str, ser
     for item in deleted:
         assert httpx.delete(f"{handle.url}/v1/items/{item}", headers=AUTH).status_code == 200
     rows = items[items["available"]].head(30)
-    added = [{**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop(["pop"]).items()},
-              "item_id": str(960000 + i)} for i, (_, row) in enumerate(rows.iterrows())]
+    added = [
+        {
+            **{k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop(["pop"]).items()},
+            "item_id": str(960000 + i),
+        }
+        for i, (_, row) in enumerate(rows.iterrows())
+    ]
     r = httpx.post(f"{handle.url}/v1/items", json={"items": added}, headers=AUTH)
     assert r.status_code == 200 and r.json()["upserted"] == 30
     gone = set(hidden) | set(deleted)
-    category_of = {**dict(zip(items["item_id"].tolist(), items["category"].tolist())),
-                   **{int(row["item_id"]): row["category"] for row in added}}
+    category_of = {
+        **dict(zip(items["item_id"].tolist(), items["category"].tolist())),
+        **{int(row["item_id"]): row["category"] for row in added},
+    }
 
     counts = _spy(b.index)
     shapes = ((100, None), (50, ["cat_0002"]), (1000, None))
@@ -272,14 +279,22 @@ def test_a_pickled_scann_id_file_is_refused_at_load_and_on_reload(serve, tmp_pat
 
 # ---- tuning on the path that serves -------------------------------------------------------------
 
+
 def test_tuning_with_explicit_search_params_measures_the_path_the_bundle_serves(catalog) -> None:
-    from towerann.embed.vectors import read_vectors
+    from towerann.data.vectors_dir import read_vectors
     from towerann.index.build import Tuning, build_index
     from towerann.index.tune import recall_at_k
 
     vs = read_vectors(catalog["vectors"])
     q = ann_catalog.tuning_queries(catalog)[:500]  # tune() uses at most 500: the same queries here
-    index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind="scann",
-                        params={"exact_below": 0}, tuning=Tuning(q, 100, 0.95))
+    index = build_index(
+        vs.vectors,
+        vs.ids,
+        vs.categories,
+        vs.available,
+        kind="scann",
+        params={"exact_below": 0},
+        tuning=Tuning(q, 100, 0.95),
+    )
     served = recall_at_k(index.search(q, 100).ids, index.exact_search(q, 100).ids)
     assert index.tuning["recall"] == pytest.approx(served, abs=1e-6), (index.tuning, served)

@@ -13,13 +13,14 @@ import pytest
 
 from towerann.errors import ArtifactError
 from towerann.index.snapshot import resolve
-from towerann.service.commands import main as serve
+from towerann.server.commands import main as serve
 from towerann.serving.bundle import RetrievalBundle
 
 
 @pytest.mark.parametrize("edit", ["delta_seq", "category"])
-def test_a_hand_edited_bundle_manifest_is_refused(edit: str, bundle_paths: dict[str, Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_hand_edited_bundle_manifest_is_refused(
+    edit: str, bundle_paths: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "indexes"
     shutil.copytree(bundle_paths["index"], root)
     version = resolve(root)

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from towerann.config import Config, FeaturesConfig, PathsConfig, ServeConfig
-from towerann.data.vectors import far_off_catalog
-from towerann.embed.vectors import read_vectors, write_vectors
+from towerann.data.synth_vectors import far_off_catalog
+from towerann.data.vectors_dir import read_vectors, write_vectors
 from towerann.index.build import Tuning
 from towerann.index.snapshot import resolve
 from towerann.model.model import model_version_of
+from towerann.server.server import start_background
 from towerann.serving.bundle import publish_bundle
-from towerann.service.server import start_background
 
 N, K, TARGET, HELD_OUT = 24_000, 100, 0.95, 20
 
@@ -45,15 +46,35 @@ def catalog(bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     names = [f"c{i}" for i in range(48)] + ["big", "wide"]
     available = np.random.default_rng(7).random(N) > 0.05  # a mask on every request, as in production
     ids = np.arange(1_000_000, 1_000_000 + N, dtype=np.int64)
-    vectors = write_vectors(tmp_path_factory.mktemp("calibrated") / "vectors", cat.vectors, np.arange(N, dtype=np.int64),
-                            cats, available, names, model_version_of(bundle_paths["model"]), ids)
-    return {"vectors": cat.vectors, "ids": ids, "cats": cats, "names": names, "available": available,
-            "dir": vectors, "tuning": cat.queries[:200], "held_out": cat.queries[200:]}
+    vectors = write_vectors(
+        tmp_path_factory.mktemp("calibrated") / "vectors",
+        cat.vectors,
+        np.arange(N, dtype=np.int64),
+        cats,
+        available,
+        names,
+        model_version_of(bundle_paths["model"]),
+        ids,
+    )
+    return {
+        "vectors": cat.vectors,
+        "ids": ids,
+        "cats": cats,
+        "names": names,
+        "available": available,
+        "dir": vectors,
+        "tuning": cat.queries[:200],
+        "held_out": cat.queries[200:],
+    }
 
 
 @pytest.fixture(scope="module", params=["hnsw", "scann"])
-def served(request: pytest.FixtureRequest, catalog: dict[str, Any], bundle_paths: dict[str, Path],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def served(
+    request: pytest.FixtureRequest,
+    catalog: dict[str, Any],
+    bundle_paths: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Any]]:
     kind = request.param
     if kind == "scann" and importlib.util.find_spec("scann") is None:
         if os.environ.get("CI"):
@@ -61,8 +82,11 @@ def served(request: pytest.FixtureRequest, catalog: dict[str, Any], bundle_paths
         pytest.skip("scann is not installed (pip install 'towerann[scann]')")
     root = tmp_path_factory.mktemp(f"calibrated-{kind}") / "indexes"
     publish_bundle(root, bundle_paths["model"], catalog["dir"], kind=kind, tuning=Tuning(catalog["tuning"], K, TARGET))
-    cfg = Config(serve=ServeConfig(max_k=K), paths=PathsConfig(index=str(root), model=str(bundle_paths["model"])),
-                 features=FeaturesConfig(store="memory"))
+    cfg = Config(
+        serve=ServeConfig(max_k=K),
+        paths=PathsConfig(index=str(root), model=str(bundle_paths["model"])),
+        features=FeaturesConfig(store="memory"),
+    )
     handle = start_background(cfg)
     try:
         yield {"kind": kind, "url": handle.url, "root": root}
@@ -76,8 +100,9 @@ def exact_by_hand(c: dict[str, Any], q: np.ndarray, allowed: np.ndarray) -> set[
     return {int(c["ids"][i]) for i in top if np.isfinite(scores[i])}
 
 
-def test_a_tuned_bundle_with_its_filter_plan_answers_like_exact_search(served: dict[str, Any],
-                                                                        catalog: dict[str, Any]) -> None:
+def test_a_tuned_bundle_with_its_filter_plan_answers_like_exact_search(
+    served: dict[str, Any], catalog: dict[str, Any]
+) -> None:
     import json
 
     manifest = json.loads((resolve(served["root"]) / "manifest.json").read_text())

@@ -4,19 +4,20 @@ effect, the Python API's errors with the server's message, retries on 503 counte
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from ann_catalog import TOKEN, server_config
+
 from towerann.client import Client
 from towerann.config import FeaturesConfig
 from towerann.data.dataset import read_items
 from towerann.errors import BackendUnavailable, BadRequest, NotFound, Unauthorized
+from towerann.server.server import ServerHandle, free_port, start_background
 from towerann.serving.bundle import publish_bundle
-from towerann.service.server import ServerHandle, free_port, start_background
 
 
 @pytest.fixture
@@ -44,8 +45,12 @@ def wait_for_ping(url: str, timeout_s: float = 10.0) -> None:
 
 def item_like(bundle_paths: dict[str, Path], item_id: str, category: str) -> dict[str, Any]:
     row = read_items(bundle_paths["data"]).iloc[3]
-    return {**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}, "item_id": item_id,
-            "category": category, "available": True}
+    return {
+        **{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()},
+        "item_id": item_id,
+        "category": category,
+        "available": True,
+    }
 
 
 def test_the_client_answers_as_raw_http_and_its_writes_take_effect(served: ServerHandle, bundle_paths) -> None:
@@ -54,7 +59,11 @@ def test_the_client_answers_as_raw_http_and_its_writes_take_effect(served: Serve
         got = c.candidates("7", k=20)
         assert got.item_ids == [x["item_id"] for x in raw["candidates"]] and isinstance(got.item_ids[0], int)
         assert got.scores == pytest.approx([x["score"] for x in raw["candidates"]])
-        assert (got.model_version, got.index_version, got.degraded) == (raw["model_version"], raw["index_version"], False)
+        assert (got.model_version, got.index_version, got.degraded) == (
+            raw["model_version"],
+            raw["index_version"],
+            False,
+        )
 
         cats = dict(zip(read_items(bundle_paths["data"])["item_id"], read_items(bundle_paths["data"])["category"]))
         least = min(set(cats.values()), key=lambda cat: sum(cats[i] == cat for i in got.item_ids))
@@ -82,16 +91,20 @@ def test_errors_are_the_python_apis_with_the_servers_message_and_no_token(served
     assert "wrong-secret-77" not in str(e.value)
 
 
-def test_503_is_retried_with_backoff_then_raised_and_the_server_saw_each_try(tmp_path: Path, bundle_paths,
-                                                                            spawn_redis) -> None:
+def test_503_is_retried_with_backoff_then_raised_and_the_server_saw_each_try(
+    tmp_path: Path, bundle_paths, spawn_redis
+) -> None:
     port = free_port()
     redis = spawn_redis(port, "--appendonly", "yes")
     root = tmp_path / "indexes"
     publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     cfg = server_config(tmp_path, root, bundle_paths)
-    cfg = type(cfg)(serve=cfg.serve, paths=cfg.paths, freshness=cfg.freshness,
-                    features=FeaturesConfig(store=f"redis://127.0.0.1:{port}/0", retry_s=0.0, timeout_ms=200,
-                                            write_timeout_ms=200))
+    cfg = type(cfg)(
+        serve=cfg.serve,
+        paths=cfg.paths,
+        freshness=cfg.freshness,
+        features=FeaturesConfig(store=f"redis://127.0.0.1:{port}/0", retry_s=0.0, timeout_ms=200, write_timeout_ms=200),
+    )
     wait_for_ping(f"redis://127.0.0.1:{port}/0")
     handle = start_background(cfg)
     try:
@@ -102,8 +115,11 @@ def test_503_is_retried_with_backoff_then_raised_and_the_server_saw_each_try(tmp
                 c.event("7", "12")
             assert c.candidates("7", k=5).degraded is True  # reads degrade instead
         metrics = httpx.get(f"{handle.url}/metrics").text
-        tries = [line for line in metrics.splitlines()
-                 if line.startswith("towerann_http_requests_total") and '"/v1/events"' in line and '"503"' in line]
+        tries = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("towerann_http_requests_total") and '"/v1/events"' in line and '"503"' in line
+        ]
         assert tries and float(tries[0].rsplit(" ", 1)[1]) == 3.0, tries  # 1 try + 2 retries
     finally:
         handle.stop()

@@ -7,30 +7,33 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 import redis
-
 from ann_catalog import AUTH, TOKEN
+
 from towerann.cli import main
 from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
 from towerann.data.dataset import read_items
 from towerann.errors import ConfigError
 from towerann.index.snapshot import current_version
-from towerann.service.server import start_background
-from towerann.service.wiring import open_service
+from towerann.server.server import start_background
+from towerann.server.wiring import open_service
 from towerann.serving.bundle import publish_bundle
 
 
 def config(root: Path, tmp: Path, store: str = "embedded", delta_path: str = "", adopt: bool = False) -> Config:
     (tmp / "token").write_text(TOKEN)
-    return Config(serve=ServeConfig(max_k=100), paths=PathsConfig(index=str(root)),
-                  features=FeaturesConfig(store=store, path=str(tmp / "features.sqlite")),
-                  freshness=FreshnessConfig(delta_path=delta_path, token_file=str(tmp / "token"), poll_s=0.0,
-                                            adopt_log=adopt))
+    return Config(
+        serve=ServeConfig(max_k=100),
+        paths=PathsConfig(index=str(root)),
+        features=FeaturesConfig(store=store, path=str(tmp / "features.sqlite")),
+        freshness=FreshnessConfig(delta_path=delta_path, token_file=str(tmp / "token"), poll_s=0.0, adopt_log=adopt),
+    )
 
 
 def copy_root(bundle_paths: dict[str, Path], dest: Path) -> Path:
@@ -106,12 +109,15 @@ def private_redis(spawn_redis: Callable[..., Any], free_port: int) -> str:
     return f"redis://127.0.0.1:{free_port}/0"
 
 
-def test_switching_store_while_the_old_log_holds_newer_writes_is_refused(bundle_paths: dict[str, Path], tmp_path: Path,
-                                                                        private_redis: str) -> None:
+def test_switching_store_while_the_old_log_holds_newer_writes_is_refused(
+    bundle_paths: dict[str, Path], tmp_path: Path, private_redis: str
+) -> None:
     root = copy_root(bundle_paths, tmp_path / "indexes")
     write_item(config(root, tmp_path), item(bundle_paths, "880200", "switch"))  # seq 1 > the bundle's 0
     why = refused(config(root, tmp_path, store=private_redis))
-    assert str(root / "delta.sqlite") in why and "Redis at redis://127.0.0.1" in why and "newer than the bundle" in why, why
+    assert (
+        str(root / "delta.sqlite") in why and "Redis at redis://127.0.0.1" in why and "newer than the bundle" in why
+    ), why
     assert holds(config(root, tmp_path, store=private_redis, adopt=True), "880200") is False  # adopted: let go
     # Back to the embedded log: the root was last served with the Redis one, which cannot be read from
     # an embedded configuration, so the switch is refused too (adopt_log would allow it).
@@ -119,8 +125,9 @@ def test_switching_store_while_the_old_log_holds_newer_writes_is_refused(bundle_
 
 
 @pytest.mark.parametrize("store", ["embedded", "redis"])
-def test_a_rollback_replays_every_write_newer_than_the_bundle_it_returns_to(store: str, bundle_paths: dict[str, Path],
-                                                                           tmp_path: Path, request) -> None:
+def test_a_rollback_replays_every_write_newer_than_the_bundle_it_returns_to(
+    store: str, bundle_paths: dict[str, Path], tmp_path: Path, request
+) -> None:
     url = request.getfixturevalue("private_redis") if store == "redis" else "embedded"
     root = copy_root(bundle_paths, tmp_path / "indexes")
     first = current_version(root)

@@ -14,8 +14,9 @@ def test_demo_runs_end_to_end_and_the_click_moves_candidates(tmp_path: Path) -> 
     # exact_below=0: the catalog is small and some items are unavailable, so without it every search
     # would be brute force over the available items and HNSW would never run (at the demo's default
     # 20k items the available ones are past the default threshold, so there HNSW runs anyway).
-    report = run_demo(tmp_path / "demo", items=3000, users=800, train_seconds=15, k=50,
-                      search_params={"exact_below": 0})
+    report = run_demo(
+        tmp_path / "demo", items=3000, users=800, train_seconds=15, k=50, search_params={"exact_below": 0}
+    )
     assert report["eval"]["two_tower"]["recall@100"] > report["eval"]["popularity"]["recall@100"]
     assert report["index"]["recall@50"] >= 0.9  # tuned to 0.95 on other queries of the same users
     served = json.loads((Path(report["index"]["bundle"]) / "manifest.json").read_text())
@@ -25,6 +26,10 @@ def test_demo_runs_end_to_end_and_the_click_moves_candidates(tmp_path: Path) -> 
     assert serve["share_after"] >= serve["share_before"] + 0.1, serve  # 5 clicks, a 2 s model
     assert serve["versions"]["index"] == Path(report["index"]["bundle"]).name
     # What the demo leaves behind is what `towerann serve` serves by default: the bundle is current.
-    info = subprocess.run([sys.executable, "-m", "towerann.cli", "index", "info", str(tmp_path / "demo" / "indexes")],
-                          capture_output=True, text=True, check=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "towerann.cli", "index", "info", str(tmp_path / "demo" / "indexes")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(info.stdout)["current"] == serve["versions"]["index"]

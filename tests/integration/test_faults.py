@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig
 from towerann.data.dataset import read_items
 from towerann.errors import ConfigError
 from towerann.freshness.deltalog import open_delta_log
-from towerann.service.server import free_port, start_background
+from towerann.server.server import free_port, start_background
 
 TOKEN = "fault-token-3c1d"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -40,8 +41,9 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 15.0, step_s: float = 
 class PrivateRedis:
     """A redis-server of one test's own (free port, own dir), to pause, kill and restart."""
 
-    def __init__(self, workdir: Path, password: str | None = PASSWORD, appendonly: bool = True,
-                 appendfsync: str = "always"):
+    def __init__(
+        self, workdir: Path, password: str | None = PASSWORD, appendonly: bool = True, appendfsync: str = "always"
+    ):
         self.exe = shutil.which("redis-server")
         if self.exe is None:
             if os.environ.get("CI"):
@@ -49,9 +51,22 @@ class PrivateRedis:
             pytest.skip("redis-server is not on PATH; apt-get install redis-server")
         self.dir, self.password = workdir, password
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.args = ["--bind", "127.0.0.1", "--save", "", "--dir", str(workdir), "--daemonize", "no",
-                     "--loglevel", "warning", "--appendonly", "yes" if appendonly else "no",
-                     "--appendfsync", appendfsync] + (["--requirepass", password] if password else [])
+        self.args = [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(workdir),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--appendfsync",
+            appendfsync,
+        ] + (["--requirepass", password] if password else [])
         self.proc: subprocess.Popen | None = None
         for _ in range(3):  # a free port can be taken between probing and binding
             self.port = free_port()
@@ -68,8 +83,9 @@ class PrivateRedis:
     def start(self, timeout_s: float = 10.0) -> bool:
         import redis
 
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), *self.args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         try:
@@ -108,11 +124,14 @@ def redis_config(bundle_paths: dict[str, Path], tmp_path: Path, url: str, **fres
     """Serve the shared bundle with a Redis store (the delta log is a stream in that Redis, so the
     shared bundle directory is never written)."""
     (tmp_path / "token").write_text(TOKEN)
-    return Config(serve=ServeConfig(max_k=200),
-                  paths=PathsConfig(index=str(bundle_paths["index"]), model=str(bundle_paths["model"])),
-                  features=FeaturesConfig(store=url, timeout_ms=100, write_timeout_ms=500, retry_s=0.5),
-                  freshness=FreshnessConfig(adopt_log=True, token_file=str(tmp_path / "token"), poll_s=0.0, timeout_ms=500,
-                                            **freshness))
+    return Config(
+        serve=ServeConfig(max_k=200),
+        paths=PathsConfig(index=str(bundle_paths["index"]), model=str(bundle_paths["model"])),
+        features=FeaturesConfig(store=url, timeout_ms=100, write_timeout_ms=500, retry_s=0.5),
+        freshness=FreshnessConfig(
+            adopt_log=True, token_file=str(tmp_path / "token"), poll_s=0.0, timeout_ms=500, **freshness
+        ),
+    )
 
 
 def item_row(bundle_paths: dict[str, Path], item_id: str, **changes: Any) -> dict[str, Any]:
@@ -136,8 +155,10 @@ def redis_up(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 # ---- a hung Redis (SIGSTOP), a dead one (SIGKILL), and back ------------------------------------
 
-def test_a_stopped_redis_never_freezes_the_server(redis_up: PrivateRedis, bundle_paths, tmp_path: Path,
-                                                  record_property) -> None:
+
+def test_a_stopped_redis_never_freezes_the_server(
+    redis_up: PrivateRedis, bundle_paths, tmp_path: Path, record_property
+) -> None:
     cfg = redis_config(bundle_paths, tmp_path, redis_up.url)
     # A 3 s delta log deadline: an item write waits that long on the stopped Redis, long enough to see
     # that /healthz answers meanwhile.
@@ -199,17 +220,20 @@ def test_a_stopped_redis_never_freezes_the_server(redis_up: PrivateRedis, bundle
         record_property("candidates_first_degraded_ms", round(first_s * 1e3, 1))
         record_property("candidates_degraded_max_ms", round(max(s for _, s in later) * 1e3, 2))
         record_property("click_503_ms", round(click_s * 1e3, 1))
-        print(f"\nredis stopped: healthz max {health_max * 1e3:.1f} ms, first candidates {first_s * 1e3:.0f} ms, "
-              f"later degraded max {max(s for _, s in later) * 1e3:.1f} ms, click 503 in {click_s * 1e3:.0f} ms, "
-              f"item write 503 in {write_s * 1e3:.0f} ms, healthz during it max {max(t for _, t in during) * 1e3:.1f} ms")
+        print(
+            f"\nredis stopped: healthz max {health_max * 1e3:.1f} ms, first candidates {first_s * 1e3:.0f} ms, "
+            f"later degraded max {max(s for _, s in later) * 1e3:.1f} ms, click 503 in {click_s * 1e3:.0f} ms, "
+            f"item write 503 in {write_s * 1e3:.0f} ms, healthz during it max {max(t for _, t in during) * 1e3:.1f} ms"
+        )
     finally:
         redis_up.resume()
         http.close()
         handle.stop()
 
 
-def test_searches_never_wait_for_a_write_stuck_on_the_delta_log(redis_up: PrivateRedis, bundle_paths,
-                                                                   tmp_path: Path) -> None:
+def test_searches_never_wait_for_a_write_stuck_on_the_delta_log(
+    redis_up: PrivateRedis, bundle_paths, tmp_path: Path
+) -> None:
     """An item write blocked on a hung Redis delta log holds only itself: searches meanwhile answer
     (degraded) long before it gives up; a write after the recovery is searchable on return."""
     cfg = redis_config(bundle_paths, tmp_path, redis_up.url)
@@ -217,7 +241,9 @@ def test_searches_never_wait_for_a_write_stuck_on_the_delta_log(redis_up: Privat
     handle = start_background(cfg)
     http = httpx.Client(base_url=handle.url, timeout=30)
     try:
-        assert http.post("/v1/items", json={"items": [item_row(bundle_paths, "990201")]}, headers=AUTH).status_code == 200
+        assert (
+            http.post("/v1/items", json={"items": [item_row(bundle_paths, "990201")]}, headers=AUTH).status_code == 200
+        )
         redis_up.pause()
         done: dict[str, Any] = {}
 
@@ -235,7 +261,7 @@ def test_searches_never_wait_for_a_write_stuck_on_the_delta_log(redis_up: Privat
         assert search.status_code == 200 and search.json()["degraded"] is True, search.text
         assert done["response"].status_code == 503, done["response"].text
         # Before the fix the search waited at a gate until the write had timed out: both ended together.
-        assert done["at"] - search_at > 1.0, (done["at"] - search_at)
+        assert done["at"] - search_at > 1.0, done["at"] - search_at
 
         redis_up.resume()
         wait_for(lambda: http.get("/readyz").json()["dependencies"] == {"features": "up", "delta_log": "up"})
@@ -249,13 +275,14 @@ def test_searches_never_wait_for_a_write_stuck_on_the_delta_log(redis_up: Privat
         handle.stop()
 
 
-def test_a_killed_redis_degrades_then_recovers_on_restart(redis_up: PrivateRedis, bundle_paths,
-                                                          tmp_path: Path) -> None:
+def test_a_killed_redis_degrades_then_recovers_on_restart(redis_up: PrivateRedis, bundle_paths, tmp_path: Path) -> None:
     handle = start_background(redis_config(bundle_paths, tmp_path, redis_up.url))
     http = httpx.Client(base_url=handle.url, timeout=30)
     try:
         assert http.post("/v1/events", json={"user_id": "u2", "item_id": "5"}).status_code == 200
-        assert http.post("/v1/items", json={"items": [item_row(bundle_paths, "990100")]}, headers=AUTH).status_code == 200
+        assert (
+            http.post("/v1/items", json={"items": [item_row(bundle_paths, "990100")]}, headers=AUTH).status_code == 200
+        )
         redis_up.kill()
         c = http.post("/v1/candidates", json={"user_id": "u2", "k": 5})
         assert c.status_code == 200 and c.json()["degraded"] is True
@@ -269,8 +296,12 @@ def test_a_killed_redis_degrades_then_recovers_on_restart(redis_up: PrivateRedis
         redis_up.restart()  # same port, same dir: the AOF brings the acknowledged writes back
         wait_for(lambda: not http.post("/v1/candidates", json={"user_id": "u2", "k": 5}).json()["degraded"])
         wait_for(lambda: http.post("/v1/events", json={"user_id": "u2", "item_id": "6"}).status_code == 200)
-        wait_for(lambda: http.post("/v1/items", json={"items": [item_row(bundle_paths, "990101")]},
-                                   headers=AUTH).status_code == 200)
+        wait_for(
+            lambda: (
+                http.post("/v1/items", json={"items": [item_row(bundle_paths, "990101")]}, headers=AUTH).status_code
+                == 200
+            )
+        )
         session = handle.retriever.store.get_one("u2").session
         assert [e.item_id for e in session][-1] == "5"  # the click from before the kill survived
         assert "990101" in handle.retriever.holder.current().item_internal
@@ -280,6 +311,7 @@ def test_a_killed_redis_degrades_then_recovers_on_restart(redis_up: PrivateRedis
 
 
 # ---- durability: appendonly, and a SIGKILLed Redis keeps every acknowledged write ---------------
+
 
 def test_a_redis_without_appendonly_is_refused_unless_allowed(tmp_path: Path, bundle_paths, caplog) -> None:
     volatile = PrivateRedis(tmp_path / "redis", appendonly=False)
@@ -302,12 +334,15 @@ def test_acknowledged_writes_survive_a_sigkill_of_redis(redis_up: PrivateRedis, 
     handle = start_background(redis_config(bundle_paths, tmp_path, redis_up.url))
     try:
         for i in range(5):
-            r = httpx.post(f"{handle.url}/v1/items", json={"items": [item_row(bundle_paths, str(991000 + i))]},
-                           headers=AUTH)
+            r = httpx.post(
+                f"{handle.url}/v1/items", json={"items": [item_row(bundle_paths, str(991000 + i))]}, headers=AUTH
+            )
             assert r.status_code == 200, r.text
         clicks = [str(i) for i in range(20, 32)]
         for item in clicks:
-            assert httpx.post(f"{handle.url}/v1/events", json={"user_id": "durable", "item_id": item}).status_code == 200
+            assert (
+                httpx.post(f"{handle.url}/v1/events", json={"user_id": "durable", "item_id": item}).status_code == 200
+            )
         assert httpx.patch(f"{handle.url}/v1/items/991000", json={"available": False}, headers=AUTH).status_code == 200
     finally:
         handle.stop()
@@ -319,7 +354,8 @@ def test_acknowledged_writes_survive_a_sigkill_of_redis(redis_up: PrivateRedis, 
     finally:
         delta.close()
     assert [(e.op, e.item_id) for e in entries] == [("upsert", str(991000 + i)) for i in range(5)] + [
-        ("available", "991000")]
+        ("available", "991000")
+    ]
     from towerann.features import open_store
 
     store = open_store(redis_up.url)
@@ -330,7 +366,8 @@ def test_acknowledged_writes_survive_a_sigkill_of_redis(redis_up: PrivateRedis, 
 
 
 def test_a_redis_that_stops_logging_while_serving_refuses_writes_until_it_logs_again(
-        redis_up: PrivateRedis, bundle_paths, tmp_path: Path) -> None:
+    redis_up: PrivateRedis, bundle_paths, tmp_path: Path
+) -> None:
     """Durability is read at startup and again every poll_s: `CONFIG SET appendonly no` on the running
     Redis turns item writes and clicks into 503 (they were still acknowledged) and /readyz says why;
     `appendonly yes` and they are taken again."""
@@ -353,7 +390,9 @@ def test_a_redis_that_stops_logging_while_serving_refuses_writes_until_it_logs_a
         ready = http.get("/readyz").json()
         assert ready["degraded"] and ready["dependencies"]["delta_log"] == "not durable", ready
         assert "appendonly no" in ready["durability"]
-        assert "no longer logs writes" in http.post("/v1/events", json={"user_id": "u4", "item_id": "6"}).json()["error"]
+        assert (
+            "no longer logs writes" in http.post("/v1/events", json={"user_id": "u4", "item_id": "6"}).json()["error"]
+        )
         admin.config_set("appendonly", "yes")
         wait_for(lambda: writes() == (200, 200))
         ready = http.get("/readyz").json()
@@ -366,14 +405,17 @@ def test_a_redis_that_stops_logging_while_serving_refuses_writes_until_it_logs_a
 
 # ---- the password of a Redis URL appears nowhere ------------------------------------------------
 
+
 def test_a_redis_password_never_leaks(redis_up: PrivateRedis, bundle_paths, tmp_path: Path, caplog, capsys) -> None:
     from towerann.cli import main as cli
 
     caplog.set_level(logging.DEBUG, logger="towerann")
     seen: list[str] = []
     # features load / stats print where they wrote: redacted
-    assert cli(["features", "load", "--data", str(bundle_paths["data"]), "--store", redis_up.url,
-                "--prefix", "leak:"]) == 0
+    assert (
+        cli(["features", "load", "--data", str(bundle_paths["data"]), "--store", redis_up.url, "--prefix", "leak:"])
+        == 0
+    )
     assert cli(["features", "stats", "--store", redis_up.url, "--prefix", "leak:"]) == 0
     out = capsys.readouterr()
     seen += [out.out, out.err]
@@ -383,11 +425,14 @@ def test_a_redis_password_never_leaks(redis_up: PrivateRedis, bundle_paths, tmp_
     try:
         redis_up.kill()
         for _ in range(2):  # the first call meets the dead server, the second the fail-fast path
-            for method, path, body in [("POST", "/v1/candidates", {"user_id": "3", "k": 5}),
-                                       ("POST", "/v1/events", {"user_id": "3", "item_id": "5"}),
-                                       ("POST", "/v1/items", {"items": [item_row(bundle_paths, "992000")]}),
-                                       ("PATCH", "/v1/items/5", {"available": False}),
-                                       ("GET", "/readyz", None), ("GET", "/metrics", None)]:
+            for method, path, body in [
+                ("POST", "/v1/candidates", {"user_id": "3", "k": 5}),
+                ("POST", "/v1/events", {"user_id": "3", "item_id": "5"}),
+                ("POST", "/v1/items", {"items": [item_row(bundle_paths, "992000")]}),
+                ("PATCH", "/v1/items/5", {"available": False}),
+                ("GET", "/readyz", None),
+                ("GET", "/metrics", None),
+            ]:
                 r = httpx.request(method, handle.url + path, json=body, headers=AUTH)
                 assert r.status_code < 500 or r.status_code == 503, (path, r.text)
                 seen.append(r.text)
@@ -398,9 +443,23 @@ def test_a_redis_password_never_leaks(redis_up: PrivateRedis, bundle_paths, tmp_
     finally:
         handle.stop()
     # startup against the dead Redis: one line on stderr, exit 2
-    proc = subprocess.run([sys.executable, "-m", "towerann.service.commands", "serve", "--index",
-                           str(bundle_paths["index"]), "--store", redis_up.url, "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "towerann.server.commands",
+            "serve",
+            "--index",
+            str(bundle_paths["index"]),
+            "--store",
+            redis_up.url,
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().count("\n") == 0 and "redis://***@127.0.0.1" in proc.stderr, proc.stderr
     assert cli(["features", "load", "--data", str(bundle_paths["data"]), "--store", redis_up.url]) == 2
@@ -415,17 +474,25 @@ def test_a_redis_password_never_leaks(redis_up: PrivateRedis, bundle_paths, tmp_
 
 # ---- a poisoned delta log stops nothing ----------------------------------------------------------
 
+
 def own_root(tmp_path: Path, bundle_paths: dict[str, Path]) -> Config:
     from towerann.serving.bundle import publish_bundle
 
     root = tmp_path / "indexes"
     publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     (tmp_path / "token").write_text(TOKEN)
-    return Config(serve=ServeConfig(max_k=1000),
-                  paths=PathsConfig(index=str(root), model=str(bundle_paths["model"]), data=str(bundle_paths["data"])),
-                  features=FeaturesConfig(store="memory", path=""),
-                  freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token"),
-                                            poll_s=0.0, min_recall=0.5))
+    return Config(
+        serve=ServeConfig(max_k=1000),
+        paths=PathsConfig(index=str(root), model=str(bundle_paths["model"]), data=str(bundle_paths["data"])),
+        features=FeaturesConfig(store="memory", path=""),
+        freshness=FreshnessConfig(
+            adopt_log=True,
+            delta_path=str(tmp_path / "delta.sqlite"),
+            token_file=str(tmp_path / "token"),
+            poll_s=0.0,
+            min_recall=0.5,
+        ),
+    )
 
 
 def test_a_bad_upsert_in_the_log_stops_neither_startup_nor_a_reload(tmp_path: Path, bundle_paths) -> None:
@@ -454,6 +521,7 @@ def test_a_bad_upsert_in_the_log_stops_neither_startup_nor_a_reload(tmp_path: Pa
 
 # ---- corrupted artifacts at startup: one line, exit 2 --------------------------------------------
 
+
 def test_a_corrupted_manifest_at_startup_is_one_line_and_exit_2(tmp_path: Path, bundle_paths) -> None:
     root = tmp_path / "indexes"
     shutil.copytree(bundle_paths["index"], root)
@@ -462,9 +530,23 @@ def test_a_corrupted_manifest_at_startup_is_one_line_and_exit_2(tmp_path: Path, 
     data = bytearray(manifest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: no longer UTF-8
     manifest.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "towerann.service.commands", "serve", "--index", str(root),
-                           "--store", "memory", "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "towerann.server.commands",
+            "serve",
+            "--index",
+            str(root),
+            "--store",
+            "memory",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "manifest.json" in proc.stderr and "corrupted" in proc.stderr  # names the file and what is wrong

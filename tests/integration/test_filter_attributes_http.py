@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-
 from ann_catalog import AUTH, server_config
+
 from towerann.data.dataset import read_items
-from towerann.embed.vectors import read_vectors
+from towerann.data.vectors_dir import read_vectors
+from towerann.server.server import start_background
 from towerann.serving.bundle import publish_bundle
-from towerann.service.server import start_background
 
 LABELS = ["acme", "globex", "initech"]
 
@@ -36,8 +36,14 @@ def test_attribute_filters_and_live_attribute_writes(tmp_path: Path, bundle_path
     label = (np.arange(n) % 3).astype(np.int32)
     in_stock = ((np.arange(n) // 3) % 2).astype(np.int32)  # code 1 = "true"
     root = tmp_path / "indexes"
-    publish_bundle(root, bundle_paths["model"], vs, kind="hnsw", params={"exact_below": 0},
-                   attributes={"label": (label, LABELS), "in_stock": (in_stock, ["false", "true"])})
+    publish_bundle(
+        root,
+        bundle_paths["model"],
+        vs,
+        kind="hnsw",
+        params={"exact_below": 0},
+        attributes={"label": (label, LABELS), "in_stock": (in_stock, ["false", "true"])},
+    )
     items = read_items(bundle_paths["data"])
     row_of = {str(i): r for r, i in enumerate(vs.external_ids.tolist())}
     avail = {str(i): bool(a) for i, a in zip(items["item_id"], items["available"])}
@@ -45,8 +51,14 @@ def test_attribute_filters_and_live_attribute_writes(tmp_path: Path, bundle_path
     cat_of = {str(i): c for i, c in zip(items["item_id"], items["category"])}
 
     def expected(labels: list[int], stock: int | None = None, category: str | None = None) -> set[str]:
-        return {e for e in ext if avail[e] and label[row_of[e]] in labels
-                and (stock is None or in_stock[row_of[e]] == stock) and (category is None or cat_of[e] == category)}
+        return {
+            e
+            for e in ext
+            if avail[e]
+            and label[row_of[e]] in labels
+            and (stock is None or in_stock[row_of[e]] == stock)
+            and (category is None or cat_of[e] == category)
+        }
 
     cfg = server_config(tmp_path, root, bundle_paths)
     handle = start_background(cfg)
@@ -57,8 +69,9 @@ def test_attribute_filters_and_live_attribute_writes(tmp_path: Path, bundle_path
         assert 0 < len(acme_in_stock) < 1000
         assert ids(url, {"label": ["acme"], "in_stock": [True]}) == acme_in_stock
         assert ids(url, {"label": ["acme"], "in_stock": ["true"]}) == acme_in_stock  # "true" is true
-        assert ids(url, {"label": ["acme", "initech"], "categories": ["cat_0001"]}) == expected([0, 2],
-                                                                                              category="cat_0001")
+        assert ids(url, {"label": ["acme", "initech"], "categories": ["cat_0001"]}) == expected(
+            [0, 2], category="cat_0001"
+        )
         top = ids(url, {"label": ["globex"]}, k=20)  # the library's answer: only allowed items
         assert len(top) == 20 and top <= expected([1])
         for bad in ({"label": ["hooli"]}, {"colour": ["red"]}, {"label": "acme"}, {"label": [3]}):
@@ -94,8 +107,9 @@ def test_attribute_filters_and_live_attribute_writes(tmp_path: Path, bundle_path
 
 
 def test_embed_keeps_declared_columns_as_attributes_and_the_bundle_filters_on_them(
-        tmp_path: Path, bundle_paths: dict[str, Path]) -> None:
-    from towerann.embed.attributes import read_vector_attributes
+    tmp_path: Path, bundle_paths: dict[str, Path]
+) -> None:
+    from towerann.data.attributes import read_vector_attributes
     from towerann.embed.runner import embed_catalog
     from towerann.features import open_store
     from towerann.serving.bundle import RetrievalBundle
@@ -105,8 +119,13 @@ def test_embed_keeps_declared_columns_as_attributes_and_the_bundle_filters_on_th
     items = read_items(bundle_paths["data"])
     items["in_stock"] = np.arange(len(items)) % 4 != 0  # a boolean column
     items.to_parquet(tmp_path / "items.parquet", index=False)
-    vectors = embed_catalog(bundle_paths["model"], tmp_path / "items.parquet", tmp_path / "vectors", progress=False,
-                            attributes=("brand", "in_stock"))
+    vectors = embed_catalog(
+        bundle_paths["model"],
+        tmp_path / "items.parquet",
+        tmp_path / "vectors",
+        progress=False,
+        attributes=("brand", "in_stock"),
+    )
     attrs = read_vector_attributes(vectors)
     codes, values = attrs["brand"]
     assert values == sorted(set(items["brand"])) and [values[c] for c in codes] == items["brand"].tolist()
@@ -124,7 +143,8 @@ def test_embed_keeps_declared_columns_as_attributes_and_the_bundle_filters_on_th
 
 
 def test_a_refresh_keeps_declared_attributes_with_the_values_item_writes_gave_them(
-        tmp_path: Path, bundle_paths: dict[str, Path]) -> None:
+    tmp_path: Path, bundle_paths: dict[str, Path]
+) -> None:
     from towerann.freshness.deltalog import open_delta_log
     from towerann.freshness.refresh import refresh
     from towerann.serving.bundle import RetrievalBundle
@@ -134,8 +154,15 @@ def test_a_refresh_keeps_declared_attributes_with_the_values_item_writes_gave_th
     row = {k: (v.item() if hasattr(v, "item") else v) for k, v in moved.items()}
     delta = open_delta_log("embedded", tmp_path / "delta.sqlite")
     delta.append("upsert", str(moved["item_id"]), {**row, "available": True, "brand": "brand-new-in-the-log"})
-    out = refresh(bundle_paths["data"], bundle_paths["model"], tmp_path / "indexes", delta, kind="exact",
-                  recall=None, attributes=("brand",))
+    out = refresh(
+        bundle_paths["data"],
+        bundle_paths["model"],
+        tmp_path / "indexes",
+        delta,
+        kind="exact",
+        recall=None,
+        attributes=("brand",),
+    )
     bundle = RetrievalBundle.load(out["path"])
     assert "brand-new-in-the-log" in bundle.attribute_values["brand"]  # the write's value, folded in
     from towerann.features import open_store

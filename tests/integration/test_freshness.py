@@ -11,23 +11,24 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import ann_catalog
 import httpx
 import pandas as pd
 import pytest
-
-import ann_catalog
 from ann_catalog import AUTH, KINDS, LIBRARY_MARK, assert_library_path, new_root, server_config
+
 from towerann.config import Config
 from towerann.data.dataset import read_interactions, read_items
 from towerann.freshness.deltalog import open_delta_log
 from towerann.freshness.refresh import refresh
 from towerann.index.snapshot import set_current
+from towerann.server.server import ServerHandle, start_background, start_subprocess
 from towerann.serving.bundle import publish_bundle
 from towerann.serving.retriever import Retriever
-from towerann.service.server import ServerHandle, start_background, start_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,9 @@ def make_root(tmp_path: Path, bundle_paths: dict[str, Path], token: bool = True,
     return server_config(tmp_path, root, bundle_paths, token=token, poll_s=poll_s)
 
 
-def kind_root(tmp_path: Path, catalog: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, kind: str,
-              token: bool = True) -> Config:
+def kind_root(
+    tmp_path: Path, catalog: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, kind: str, token: bool = True
+) -> Config:
     """A bundle root of its own holding the kind's bundle over the 3,000-item catalog, and a config serving it."""
     bundle = ann_catalog.template(tmp_path_factory.getbasetemp(), catalog, kind)
     return server_config(tmp_path, new_root(tmp_path / "indexes", bundle), catalog, token=token)
@@ -65,8 +67,9 @@ def server(tmp_path: Path, bundle_paths: dict[str, Path]) -> Iterator[tuple[Serv
 
 
 @pytest.fixture
-def kind_server(request: pytest.FixtureRequest, tmp_path: Path, catalog: dict[str, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHandle, Config]]:
+def kind_server(
+    request: pytest.FixtureRequest, tmp_path: Path, catalog: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerHandle, Config]]:
     """A server on the bundle of kind request.param (indirect parametrization), on its library path."""
     cfg = kind_root(tmp_path, catalog, tmp_path_factory, request.param)
     handle = start_background(cfg)
@@ -102,6 +105,7 @@ def exact_ids(handle: ServerHandle, user: str, k: int) -> list[Any]:
 
 # ---- auth ---------------------------------------------------------------------------------------
 
+
 def test_writes_need_the_token(server, items) -> None:
     handle, _ = server
     body = {"items": [new_item(items, "cat_0001", "900001")]}
@@ -129,8 +133,9 @@ def test_no_token_configured_means_writes_are_refused(tmp_path: Path, bundle_pat
         handle.stop()
 
 
-def test_the_token_from_the_environment_wins_over_the_token_file(tmp_path: Path, bundle_paths, items,
-                                                                 monkeypatch) -> None:
+def test_the_token_from_the_environment_wins_over_the_token_file(
+    tmp_path: Path, bundle_paths, items, monkeypatch
+) -> None:
     monkeypatch.setenv("TOWERANN_API_TOKEN", "env-token-5d21")
     handle = start_background(make_root(tmp_path, bundle_paths, token=True))  # the file holds TOKEN
     try:
@@ -163,6 +168,7 @@ def test_bad_item_writes_get_clear_4xx(server, items) -> None:
 
 
 # ---- items at once ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind_server", KINDS, indirect=True)
 def test_new_item_is_returned_by_the_next_request_for_a_user_who_clicked_its_neighbours(kind_server, items) -> None:
@@ -225,6 +231,7 @@ def test_unavailable_and_deleted_items_are_never_returned(kind_server, items) ->
 
 # ---- hot swap -----------------------------------------------------------------------------------
 
+
 class Load:
     """Steady requests from a few threads. Every answer is recorded with its start and end time and
     its (model_version, index_version); every failure (an exception, a non-200) is recorded and ends
@@ -265,7 +272,7 @@ class Load:
             assert time.monotonic() < deadline, f"{len(self.results)} of {n} answers after {timeout_s}s"
             time.sleep(0.01)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self.threads:
             thread.start()
         return self
@@ -289,8 +296,9 @@ def second_model(bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.parametrize("kind_server", KINDS, indirect=True)
-def test_refresh_with_a_new_model_swaps_model_and_index_together_under_load(kind_server, items, second_model,
-                                                                            monkeypatch) -> None:
+def test_refresh_with_a_new_model_swaps_model_and_index_together_under_load(
+    kind_server, items, second_model, monkeypatch
+) -> None:
     """A rebuild with a new model under steady load: no failed request, answers from the old bundle
     or the new one (never a mix of their parts), and every acknowledged write survives: before the
     cut-off (folded into the new bundle), during the rebuild and after it (replayed at the swap).
@@ -341,8 +349,9 @@ def test_refresh_with_a_new_model_swaps_model_and_index_together_under_load(kind
         try:
             # untuned: tune() picks its setting by timing against exact search, which at 3,000 items
             # depends on the machine's load (see ann_catalog.py)
-            published.update(refresh(cfg.paths.data, second_model, cfg.paths.index, delta, kind=kind, recall=None,
-                                     params=params))
+            published.update(
+                refresh(cfg.paths.data, second_model, cfg.paths.index, delta, kind=kind, recall=None, params=params)
+            )
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(e)
             cut_taken.set()
@@ -355,8 +364,9 @@ def test_refresh_with_a_new_model_swaps_model_and_index_together_under_load(kind
             builder.start()
             assert cut_taken.wait(60) and not errors, errors
             seqs = [write(item_id, i) for i, item_id in enumerate(during)]  # after the cut-off, mid-rebuild
-            assert httpx.patch(f"{handle.url}/v1/items/910001", json={"available": False},
-                               headers=AUTH).status_code == 200
+            assert (
+                httpx.patch(f"{handle.url}/v1/items/910001", json={"available": False}, headers=AUTH).status_code == 200
+            )
             assert builder.is_alive() and not published  # all of that happened mid-rebuild
             writes_done.set()
             builder.join(timeout=180)
@@ -448,8 +458,7 @@ def test_a_category_born_in_an_item_write_still_filters_after_a_refresh(tmp_path
         handle.stop()
 
 
-def test_corrupted_or_incompatible_bundle_is_refused_and_the_old_one_keeps_serving(server, items,
-                                                                                   second_model) -> None:
+def test_corrupted_or_incompatible_bundle_is_refused_and_the_old_one_keeps_serving(server, items, second_model) -> None:
     handle, cfg = server
     serving = handle.retriever.holder.current().version
     delta = open_delta_log("embedded", cfg.freshness.delta_path)
@@ -481,10 +490,20 @@ def test_corrupted_or_incompatible_bundle_is_refused_and_the_old_one_keeps_servi
 ENV_TOKEN = "env-token-88c1"
 
 
-@pytest.mark.parametrize("kind,store", [("exact", "embedded"), ("exact", "redis"), ("hnsw", "embedded"),
-                                        ("ivfpq", "redis"), ("scann", "embedded")])
-def test_killed_server_keeps_every_acknowledged_write(kind: str, store: str, tmp_path: Path, bundle_paths, items,
-                                                      catalog, tmp_path_factory, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    "kind,store",
+    [("exact", "embedded"), ("exact", "redis"), ("hnsw", "embedded"), ("ivfpq", "redis"), ("scann", "embedded")],
+)
+def test_killed_server_keeps_every_acknowledged_write(
+    kind: str,
+    store: str,
+    tmp_path: Path,
+    bundle_paths,
+    items,
+    catalog,
+    tmp_path_factory,
+    request: pytest.FixtureRequest,
+) -> None:
     """kill -9 after the writes were acknowledged; the restarted server replays the delta log (a SQLite
     file, or with a Redis feature store a stream in that Redis) onto the bundle. The ANN bundles are
     served with the token from the environment (start_subprocess(env=...)), the exact ones from a file."""
@@ -522,8 +541,9 @@ poll_s = 0.0
         for row in added:
             assert httpx.post(f"{first.url}/v1/items", json={"items": [row]}, headers=auth).status_code == 200
         for item in hidden:
-            assert httpx.patch(f"{first.url}/v1/items/{item}", json={"available": False},
-                               headers=auth).status_code == 200
+            assert (
+                httpx.patch(f"{first.url}/v1/items/{item}", json={"available": False}, headers=auth).status_code == 200
+            )
         assert httpx.delete(f"{first.url}/v1/items/{deleted}", headers=auth).status_code == 200
         r = httpx.post(f"{first.url}/v1/items", json={"items": [moved]}, headers=auth)
         assert r.status_code == 200
@@ -538,8 +558,9 @@ poll_s = 0.0
         got = set(candidate_ids(second.url, "y", 1000, ["cat_0004"]))
         assert {int(r["item_id"]) for r in added[1:]} <= got
         assert not {int(i) for i in hidden} & got and int(deleted) not in got
-        assert int(moved["item_id"]) not in got and int(moved["item_id"]) in candidate_ids(second.url, "y", 1000,
-                                                                                           ["cat_0007"])
+        assert int(moved["item_id"]) not in got and int(moved["item_id"]) in candidate_ids(
+            second.url, "y", 1000, ["cat_0007"]
+        )
         assert int(deleted) not in candidate_ids(second.url, "y", 1000)
     finally:
         second.stop()
@@ -547,13 +568,16 @@ poll_s = 0.0
         assert not Path(cfg.freshness.delta_path).exists()
         delta = open_delta_log(store)
         assert [e.op for e in delta.since(0)] == ["upsert"] * len(added) + ["available"] * len(hidden) + [
-            "delete", "upsert"]
+            "delete",
+            "upsert",
+        ]
         delta.close()
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
-def test_a_restart_replays_only_the_entries_after_the_bundle_cut_off(kind: str, tmp_path: Path, catalog, items,
-                                                                     tmp_path_factory) -> None:
+def test_a_restart_replays_only_the_entries_after_the_bundle_cut_off(
+    kind: str, tmp_path: Path, catalog, items, tmp_path_factory
+) -> None:
     """A bundle published with delta_seq=N holds the log up to entry N: a restart replays only the
     entries after N. Checked by effect: the bundle is rebuilt WITHOUT entries 1-2, so whatever of
     them shows after the restart was replayed although the cut-off says it is in the bundle."""
@@ -566,8 +590,9 @@ def test_a_restart_replays_only_the_entries_after_the_bundle_cut_off(kind: str, 
         seqs = []
         for op in (("upsert", "940001"), ("hide", shown[0]), ("upsert", "940002"), ("hide", shown[1])):
             if op[0] == "upsert":
-                r = httpx.post(f"{first.url}/v1/items", json={"items": [new_item(items, "cat_0004", op[1])]},
-                               headers=AUTH)
+                r = httpx.post(
+                    f"{first.url}/v1/items", json={"items": [new_item(items, "cat_0004", op[1])]}, headers=AUTH
+                )
             else:
                 r = httpx.patch(f"{first.url}/v1/items/{op[1]}", json={"available": False}, headers=AUTH)
             assert r.status_code == 200, r.text
@@ -598,8 +623,10 @@ def test_item_write_applies_to_the_served_index_at_once_in_python(server, items)
     # The answer's seq is the log's last entry, that entry is this write, and the bundle holds it.
     assert out["seq"] == first["seq"] + 2 == writer.delta.last_seq()
     logged = list(writer.delta.since(first["seq"]))
-    assert [(e.seq, e.op, e.item_id) for e in logged] == [(out["seq"] - 1, "upsert", "930002"),
-                                                          (out["seq"], "upsert", "930003")]
+    assert [(e.seq, e.op, e.item_id) for e in logged] == [
+        (out["seq"] - 1, "upsert", "930002"),
+        (out["seq"], "upsert", "930003"),
+    ]
     assert logged[0].payload["category"] == "cat_0006"
     b = handle.retriever.holder.current()
     assert b.delta_seq == out["seq"]

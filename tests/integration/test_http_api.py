@@ -44,8 +44,10 @@ def test_clicks_move_candidates_toward_the_clicked_category(server, items) -> No
 
 
 def test_candidates_response_shape(server, items) -> None:
-    r = httpx.post(f"{server.url}/v1/candidates", json={"user_id": "12", "k": 25,
-                                                         "filter": {"categories": ["cat_0001", "cat_0002"]}})
+    r = httpx.post(
+        f"{server.url}/v1/candidates",
+        json={"user_id": "12", "k": 25, "filter": {"categories": ["cat_0001", "cat_0002"]}},
+    )
     assert r.status_code == 200
     body = r.json()
     assert len(body["candidates"]) == 25
@@ -82,8 +84,16 @@ def test_metrics_move_after_requests(server) -> None:
     assert httpx.post(f"{server.url}/v1/candidates", json={"user_id": "1", "k": 0}).status_code == 400
     after = httpx.get(f"{server.url}/metrics").text
     ok = "towerann_http_requests_total"
-    assert _sample(after, ok, route="/v1/candidates", status="200") - _sample(before, ok, route="/v1/candidates", status="200") == 3
-    assert _sample(after, ok, route="/v1/candidates", status="400") - _sample(before, ok, route="/v1/candidates", status="400") == 1
+    assert (
+        _sample(after, ok, route="/v1/candidates", status="200")
+        - _sample(before, ok, route="/v1/candidates", status="200")
+        == 3
+    )
+    assert (
+        _sample(after, ok, route="/v1/candidates", status="400")
+        - _sample(before, ok, route="/v1/candidates", status="400")
+        == 1
+    )
     for stage in ("features", "user_tower", "ann", "total"):
         n0 = _sample(before, "towerann_stage_seconds_count", stage=stage)
         assert _sample(after, "towerann_stage_seconds_count", stage=stage) - n0 == 3
@@ -91,36 +101,49 @@ def test_metrics_move_after_requests(server) -> None:
     assert "towerann_bundle_info{" in after
 
 
-def test_no_filesystem_path_reaches_an_unauthenticated_caller(bundle_paths, tmp_path: Path,
-                                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_no_filesystem_path_reaches_an_unauthenticated_caller(
+    bundle_paths, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """/readyz showed the bundle's absolute path, and a 503 of /v1/events the feature store's file: paths stay
     in the server's log. The token is configured, but no request here carries it."""
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.server.server import start_background
     from towerann.serving.bundle import publish_bundle
-    from towerann.service.server import start_background
 
     bundle = publish_bundle(tmp_path / "indexes", bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     (tmp_path / "token").write_text("paths-token-1c7e")
-    cfg = Config(serve=ServeConfig(max_k=200), paths=PathsConfig(index=str(tmp_path / "indexes"),
-                                                                  model=str(bundle_paths["model"])),
-                 features=FeaturesConfig(store="embedded", path=str(tmp_path / "features.sqlite")),
-                 freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"),
-                                           token_file=str(tmp_path / "token"), poll_s=0.0))
+    cfg = Config(
+        serve=ServeConfig(max_k=200),
+        paths=PathsConfig(index=str(tmp_path / "indexes"), model=str(bundle_paths["model"])),
+        features=FeaturesConfig(store="embedded", path=str(tmp_path / "features.sqlite")),
+        freshness=FreshnessConfig(
+            adopt_log=True, delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token"), poll_s=0.0
+        ),
+    )
     handle = start_background(cfg)
     # tmp_path, the bundle and the model directory all lie under the session's base directory
     secrets = {str(tmp_path_factory.getbasetemp()), str(tmp_path), str(bundle), str(bundle.resolve())}
     seen = []
     try:
         with httpx.Client(base_url=handle.url) as http:
+
             def answers() -> list[httpx.Response]:
-                return [http.get("/healthz"), http.get("/readyz"), http.get("/metrics"), http.get("/openapi.json"),
-                        http.get("/nope"), http.post("/v1/candidates", json={"user_id": "3", "k": 5}),
-                        http.post("/v1/candidates", json={"user_id": "3", "k": 0}),
-                        http.post("/v1/candidates", json={"user_id": "3", "k": 5, "filter": {"colour": ["red"]}}),
-                        http.post("/v1/events", json={"user_id": "3", "item_id": "5"}),
-                        http.post("/v1/events", json={"user_id": "3", "item_id": "no-such"}),
-                        http.post("/v1/items", json={"items": [{"item_id": "1"}]}),
-                        http.delete("/v1/items/1"), http.post("/v1/admin/reload"), http.get("/v1/admin/recall")]
+                return [
+                    http.get("/healthz"),
+                    http.get("/readyz"),
+                    http.get("/metrics"),
+                    http.get("/openapi.json"),
+                    http.get("/nope"),
+                    http.post("/v1/candidates", json={"user_id": "3", "k": 5}),
+                    http.post("/v1/candidates", json={"user_id": "3", "k": 0}),
+                    http.post("/v1/candidates", json={"user_id": "3", "k": 5, "filter": {"colour": ["red"]}}),
+                    http.post("/v1/events", json={"user_id": "3", "item_id": "5"}),
+                    http.post("/v1/events", json={"user_id": "3", "item_id": "no-such"}),
+                    http.post("/v1/items", json={"items": [{"item_id": "1"}]}),
+                    http.delete("/v1/items/1"),
+                    http.post("/v1/admin/reload"),
+                    http.get("/v1/admin/recall"),
+                ]
 
             seen += answers()
             assert seen[1].status_code == 200 and seen[1].json()["index_version"] == bundle.name

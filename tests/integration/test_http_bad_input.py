@@ -8,35 +8,41 @@ import pytest
 GOOD = {"user_id": "3", "k": 5}
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"k": 5}, 400, "give user_id, or query_vector"),
-    ({"user_id": "3"}, 422, "k"),
-    ({"user_id": "3", "k": 0}, 400, "between 1 and 200"),
-    ({"user_id": "3", "k": -4}, 400, "between 1 and 200"),
-    ({"user_id": "3", "k": 201}, 400, "between 1 and 200"),
-    ({"user_id": True, "k": 5}, 422, "user_id"),
-    ({"user_id": 3.5, "k": 5}, 422, "user_id"),
-    ({"user_id": "3", "k": "5"}, 422, "k"),
-    ({"user_id": "3", "k": 5.5}, 422, "k"),
-    ({"user_id": "", "k": 5}, 422, "user_id"),
-    ({"user_id": "3", "k": 5, "extra": 1}, 422, "extra"),
-    ({"user_id": "3", "k": 5, "filter": {"categories": ["nope"]}}, 400, "unknown category 'nope'"),
-    ({"user_id": "3", "k": 5, "filter": {"categories": "cat_0001"}}, 422, "categories"),
-    ([1, 2], 400, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"k": 5}, 400, "give user_id, or query_vector"),
+        ({"user_id": "3"}, 422, "k"),
+        ({"user_id": "3", "k": 0}, 400, "between 1 and 200"),
+        ({"user_id": "3", "k": -4}, 400, "between 1 and 200"),
+        ({"user_id": "3", "k": 201}, 400, "between 1 and 200"),
+        ({"user_id": True, "k": 5}, 422, "user_id"),
+        ({"user_id": 3.5, "k": 5}, 422, "user_id"),
+        ({"user_id": "3", "k": "5"}, 422, "k"),
+        ({"user_id": "3", "k": 5.5}, 422, "k"),
+        ({"user_id": "", "k": 5}, 422, "user_id"),
+        ({"user_id": "3", "k": 5, "extra": 1}, 422, "extra"),
+        ({"user_id": "3", "k": 5, "filter": {"categories": ["nope"]}}, 400, "unknown category 'nope'"),
+        ({"user_id": "3", "k": 5, "filter": {"categories": "cat_0001"}}, 422, "categories"),
+        ([1, 2], 400, "JSON object"),
+    ],
+)
 def test_bad_candidates_requests(server, body, status, words) -> None:
     r = httpx.post(f"{server.url}/v1/candidates", json=body)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"user_id": "3", "item_id": "no-such-item"}, 404, "not in the served catalog"),
-    ({"user_id": "3", "item_id": 5.5}, 422, "item_id"),
-    ({"user_id": "3"}, 422, "item_id"),
-    ({"user_id": "3", "item_id": "5", "ts": -1}, 400, "ts"),
-    ({"user_id": "3", "item_id": "5", "type": ""}, 422, "type"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"user_id": "3", "item_id": "no-such-item"}, 404, "not in the served catalog"),
+        ({"user_id": "3", "item_id": 5.5}, 422, "item_id"),
+        ({"user_id": "3"}, 422, "item_id"),
+        ({"user_id": "3", "item_id": "5", "ts": -1}, 400, "ts"),
+        ({"user_id": "3", "item_id": "5", "type": ""}, 422, "type"),
+    ],
+)
 def test_bad_events(server, body, status, words) -> None:
     r = httpx.post(f"{server.url}/v1/events", json=body)
     assert r.status_code == status, r.text
@@ -44,7 +50,9 @@ def test_bad_events(server, body, status, words) -> None:
 
 
 def test_malformed_json(server) -> None:
-    r = httpx.post(f"{server.url}/v1/candidates", content=b'{"user_id": "3", "k": ', headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.url}/v1/candidates", content=b'{"user_id": "3", "k": ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
 
 
@@ -69,8 +77,9 @@ def test_unknown_route_and_method(server) -> None:
 
 def test_server_keeps_serving_after_bad_input(server) -> None:
     for _ in range(3):
-        bad = httpx.post(f"{server.url}/v1/candidates", content=b"\xff\xfe",
-                         headers={"content-type": "application/json"})
+        bad = httpx.post(
+            f"{server.url}/v1/candidates", content=b"\xff\xfe", headers={"content-type": "application/json"}
+        )
         assert bad.status_code == 400 and "error" in bad.json(), bad.text
     r = httpx.post(f"{server.url}/v1/candidates", json=GOOD)
     assert r.status_code == 200 and len(r.json()["candidates"]) == 5
@@ -85,17 +94,20 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def writable(bundle_paths, tmp_path_factory):  # type: ignore[no-untyped-def]
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.server.server import start_background
     from towerann.serving.bundle import publish_bundle
-    from towerann.service.server import start_background
 
     tmp = tmp_path_factory.mktemp("writable")
     publish_bundle(tmp / "indexes", bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     (tmp / "token").write_text(TOKEN)
-    cfg = Config(serve=ServeConfig(max_k=200, max_items_per_write=3),
-                 paths=PathsConfig(index=str(tmp / "indexes"), model=str(bundle_paths["model"])),
-                 features=FeaturesConfig(store="embedded", path=str(tmp / "features.sqlite")),
-                 freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"),
-                                           poll_s=0.0))
+    cfg = Config(
+        serve=ServeConfig(max_k=200, max_items_per_write=3),
+        paths=PathsConfig(index=str(tmp / "indexes"), model=str(bundle_paths["model"])),
+        features=FeaturesConfig(store="embedded", path=str(tmp / "features.sqlite")),
+        freshness=FreshnessConfig(
+            adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0
+        ),
+    )
     handle = start_background(cfg)
     yield handle
     handle.stop()
@@ -114,12 +126,12 @@ def test_a_refused_item_write_is_not_logged(writable, bundle_paths) -> None:  # 
     untouched (it was logged first before the fix; then no server could start on that log)."""
     delta = writable.service.writer.delta
     before = delta.last_seq()
-    r = httpx.post(f"{writable.url}/v1/items", json={"items": [item_row(bundle_paths, "880001", price=1e300)]},
-                   headers=AUTH)
+    r = httpx.post(
+        f"{writable.url}/v1/items", json={"items": [item_row(bundle_paths, "880001", price=1e300)]}, headers=AUTH
+    )
     assert r.status_code == 400 and "non-finite" in r.json()["error"], r.text
     assert delta.last_seq() == before
-    assert httpx.patch(f"{writable.url}/v1/items/880001", json={"available": False},
-                       headers=AUTH).status_code == 404
+    assert httpx.patch(f"{writable.url}/v1/items/880001", json={"available": False}, headers=AUTH).status_code == 404
     assert delta.last_seq() == before
 
 
@@ -174,7 +186,9 @@ def test_limits_keep_unauthenticated_traffic_bounded(writable, bundle_paths) -> 
         r = httpx.post(f"{url}/v1/events", json={"user_id": "ts-user", "item_id": "5", "ts": ts})
         assert r.status_code == 400 and "session window" in r.json()["error"], (ts, r.text)
     assert store.stats()["session_users"] == before["session_users"]
-    assert httpx.post(f"{url}/v1/events", json={"user_id": "ts-user", "item_id": "5", "ts": now - 60}).status_code == 200
+    assert (
+        httpx.post(f"{url}/v1/events", json={"user_id": "ts-user", "item_id": "5", "ts": now - 60}).status_code == 200
+    )
     rows = [item_row(bundle_paths, str(881000 + i)) for i in range(4)]  # the fixture allows 3 a write
     r = httpx.post(f"{url}/v1/items", json={"items": rows}, headers=AUTH)
     assert r.status_code == 422 and "at most 3" in r.json()["error"], r.text
@@ -182,12 +196,12 @@ def test_limits_keep_unauthenticated_traffic_bounded(writable, bundle_paths) -> 
 
 def test_an_unexpected_error_keeps_the_connection(bundle_paths, caplog) -> None:  # type: ignore[no-untyped-def]
     """A 500 is logged and answered as JSON; the keep-alive connection stays usable (it was reset)."""
+    from towerann.config import Config, PathsConfig
     from towerann.features import open_store
+    from towerann.server.server import start_background
     from towerann.serving.bundle import RetrievalBundle
     from towerann.serving.holder import BundleHolder
     from towerann.serving.retriever import Retriever
-    from towerann.config import Config, PathsConfig
-    from towerann.service.server import start_background
 
     class Boom(type(open_store("memory"))):  # type: ignore[misc]
         def get_one(self, user_id, now=None):  # type: ignore[no-untyped-def]
@@ -216,8 +230,10 @@ def test_a_client_gone_mid_body_counts_as_499_not_500(server) -> None:
     host, port = server.url.removeprefix("http://").split(":")
     before = httpx.get(f"{server.url}/metrics").text
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"POST /v1/candidates HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 500\r\n\r\n{\"user_id\": ")
+        s.sendall(
+            b"POST /v1/candidates HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 500\r\n\r\n{"user_id": '
+        )
         time.sleep(0.1)
     deadline = time.monotonic() + 5
     while '/v1/candidates",status="499"' not in httpx.get(f"{server.url}/metrics").text:
@@ -253,8 +269,10 @@ def test_openapi_documents_bounds_errors_and_media_types(server) -> None:
     assert metrics.headers["content-type"].startswith("text/plain")
 
 
-def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(writable,  # type: ignore[no-untyped-def]
-                                                                bundle_paths) -> None:
+def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(
+    writable,  # type: ignore[no-untyped-def]
+    bundle_paths,
+) -> None:
     """JSON may spell a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 store can take: the item write was
     a 500 (UnicodeEncodeError), ids in candidates and events a 422."""
     import json
@@ -264,8 +282,9 @@ def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(writable,  # typ
 
     def post(path: str, body: object, headers: dict[str, str] = AUTH) -> httpx.Response:
         # json.dumps escapes the surrogate as \ud800 (httpx's json= would fail to encode it on this side)
-        return httpx.post(f"{url}{path}", content=json.dumps(body).encode(),
-                          headers={**headers, "content-type": "application/json"})
+        return httpx.post(
+            f"{url}{path}", content=json.dumps(body).encode(), headers={**headers, "content-type": "application/json"}
+        )
 
     row = item_row(bundle_paths, "880020")
     for path, body, field in [
@@ -274,8 +293,11 @@ def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(writable,  # typ
         ("/v1/items", {"items": [row, {**row, "item_id": "\ud800"}]}, "items[1].item_id"),
         ("/v1/items", {"items": [{**row, "\ud800": 1}]}, "items[0]"),
         ("/v1/candidates", {"user_id": "\ud800", "k": 5}, "user_id"),
-        ("/v1/candidates", {"user_id": "3", "k": 5, "filter": {"categories": ["cat_0001", "\udc00x"]}},
-         "filter.categories[1]"),
+        (
+            "/v1/candidates",
+            {"user_id": "3", "k": 5, "filter": {"categories": ["cat_0001", "\udc00x"]}},
+            "filter.categories[1]",
+        ),
         ("/v1/events", {"user_id": "\ud800", "item_id": "5"}, "user_id"),
         ("/v1/events", {"user_id": "3", "item_id": "\ud800"}, "item_id"),
         ("/v1/events", {"user_id": "3", "item_id": "5", "type": "\ud800"}, "type"),
@@ -284,8 +306,11 @@ def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(writable,  # typ
         r = post(path, body)
         assert r.status_code == 400, (path, body, r.text)
         assert r.json()["error"].startswith(field + ": ") and "UTF-8" in r.json()["error"], r.text
-    r = httpx.patch(f"{url}/v1/items/5", content=b'{"available": false, "\\udfff": 1}',
-                    headers={**AUTH, "content-type": "application/json"})
+    r = httpx.patch(
+        f"{url}/v1/items/5",
+        content=b'{"available": false, "\\udfff": 1}',
+        headers={**AUTH, "content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"].startswith("body: a field name"), r.text
     for depth in (900, 5000):  # the check walks nested values without recursion
         deep = b'{"user_id": "3", "k": 5, "filter": {"categories": ' + b"[" * depth + b"]" * depth + b"}}"
@@ -293,20 +318,24 @@ def test_a_lone_surrogate_in_any_string_is_400_naming_the_field(writable,  # typ
         assert r.status_code in (400, 422), r.text
     assert post("/v1/items", {"items": [{**row, "category": "\ud800"}]}, headers={}).status_code == 401
     assert delta.last_seq() == before and httpx.delete(f"{url}/v1/items/880020", headers=AUTH).status_code == 404
-    assert post("/v1/items", {"items": [{**row, "category": "cat \U0001F600"}]}).status_code == 200  # a pair is fine
+    assert post("/v1/items", {"items": [{**row, "category": "cat \U0001f600"}]}).status_code == 200  # a pair is fine
     assert httpx.post(f"{url}/v1/candidates", json=GOOD).status_code == 200
     assert 'status="500"' not in httpx.get(f"{url}/metrics").text
 
 
-def test_an_item_vector_of_near_zero_norm_is_refused_naming_the_far_features(writable,  # type: ignore[no-untyped-def]
-                                                                             bundle_paths) -> None:
+def test_an_item_vector_of_near_zero_norm_is_refused_naming_the_far_features(
+    writable,  # type: ignore[no-untyped-def]
+    bundle_paths,
+) -> None:
     """price 1e38 or quality -1e30 are finite, but the item tower maps them to the zero vector, which was
     accepted and then ranked above real items. The model's feature schema holds the training statistics."""
     url, delta = writable.url, writable.service.writer.delta
     before = delta.last_seq()
-    for changes, far, near in [({"price": 1e38, "quality": -1e30}, ["price=1e+38", "quality=-1e+30"], []),
-                               ({"price": 1e38}, ["price=1e+38"], ["quality"]),
-                               ({"quality": -1e30}, ["quality=-1e+30"], ["price"])]:
+    for changes, far, near in [
+        ({"price": 1e38, "quality": -1e30}, ["price=1e+38", "quality=-1e+30"], []),
+        ({"price": 1e38}, ["price=1e+38"], ["quality"]),
+        ({"quality": -1e30}, ["quality=-1e+30"], ["price"]),
+    ]:
         r = httpx.post(f"{url}/v1/items", json={"items": [item_row(bundle_paths, "880030", **changes)]}, headers=AUTH)
         assert r.status_code == 400, (changes, r.text)
         error = r.json()["error"]

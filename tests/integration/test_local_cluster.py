@@ -15,18 +15,32 @@ from towerann.cluster.local_cluster import LocalCluster, free_port, group_alive,
 
 def _status(address: str) -> int:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([str(ray_command()), "status", f"--address={address}"], capture_output=True, env=env,
-                          timeout=120).returncode
+    return subprocess.run(
+        [str(ray_command()), "status", f"--address={address}"], capture_output=True, env=env, timeout=120
+    ).returncode
 
 
 def test_a_cluster_started_outside_the_tests_survives_a_local_cluster_stopping() -> None:
     ray = import_ray()
     port, temp = free_port(), tempfile.mkdtemp(prefix="ray-u")
     # The user's cluster: `ray start --head` as the docs give it, in a session of its own (as from a shell).
-    outside = subprocess.Popen([str(ray_command()), "start", "--head", f"--port={port}", f"--temp-dir={temp}",
-                                "--num-cpus=1", "--object-store-memory=100000000", "--include-dashboard=false",
-                                "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    outside = subprocess.Popen(
+        [
+            str(ray_command()),
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={temp}",
+            "--num-cpus=1",
+            "--object-store-memory=100000000",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     try:
         assert outside.wait(timeout=180) == 0, outside.stderr.read() if outside.stderr else ""
         user = f"127.0.0.1:{port}"

@@ -16,7 +16,8 @@ def exported(url: str) -> set[str]:
     httpx.post(f"{url}/v1/candidates", json={"user_id": "1", "k": 5}).raise_for_status()
     text = httpx.get(f"{url}/metrics").text
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")} | {
-        line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+        line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")
+    }
 
 
 def queried(exprs: list[str]) -> set[str]:

@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-
 from ann_catalog import AUTH, TOKEN
 
 from towerann.cli import main
 from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
 from towerann.index.snapshot import current_version
-from towerann.service.server import start_background
+from towerann.server.server import start_background
 
 
 def test_a_plain_index_root_reloads_with_the_configured_model(bundle_paths: dict[str, Path], tmp_path: Path) -> None:
@@ -23,10 +22,14 @@ def test_a_plain_index_root_reloads_with_the_configured_model(bundle_paths: dict
     first = current_version(root)
     assert not (root / first / "model").exists()  # plain: the model comes from [paths] model
     (tmp_path / "token").write_text(TOKEN)
-    cfg = Config(serve=ServeConfig(max_k=100), paths=PathsConfig(index=str(root), model=str(bundle_paths["model"])),
-                 features=FeaturesConfig(store="memory"),
-                 freshness=FreshnessConfig(delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token"),
-                                           poll_s=0.0))
+    cfg = Config(
+        serve=ServeConfig(max_k=100),
+        paths=PathsConfig(index=str(root), model=str(bundle_paths["model"])),
+        features=FeaturesConfig(store="memory"),
+        freshness=FreshnessConfig(
+            delta_path=str(tmp_path / "delta.sqlite"), token_file=str(tmp_path / "token"), poll_s=0.0
+        ),
+    )
     handle = start_background(cfg)
     try:
         before = httpx.post(f"{handle.url}/v1/candidates", json={"user_id": "3", "k": 10}).json()

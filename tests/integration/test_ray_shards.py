@@ -14,16 +14,17 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from towerann.cluster import ShardedIndex
-from towerann.cluster.partition import shard_of
 from towerann.errors import BadRequest
 from towerann.index import Filter, create
+from towerann.index.shard_hash import shard_of
+from towerann.index.sharded import ShardedIndex
 from towerann.index.snapshot import publish
 
 D, N = 16, 3000
@@ -65,9 +66,13 @@ def data() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(12)
     centers = _norm(rng.standard_normal((20, D)))
     vectors = _norm(centers[rng.integers(0, 20, N)] + 0.3 * rng.standard_normal((N, D)))
-    return {"vectors": vectors, "ids": rng.permutation(20 * N)[:N].astype(np.int64),
-            "cats": rng.integers(0, 5, N).astype(np.int32), "brand": rng.integers(0, 3, N).astype(np.int32),
-            "queries": _norm(centers[rng.integers(0, 20, 40)] + 0.3 * rng.standard_normal((40, D)))}
+    return {
+        "vectors": vectors,
+        "ids": rng.permutation(20 * N)[:N].astype(np.int64),
+        "cats": rng.integers(0, 5, N).astype(np.int32),
+        "brand": rng.integers(0, 3, N).astype(np.int32),
+        "queries": _norm(centers[rng.integers(0, 20, 40)] + 0.3 * rng.standard_normal((40, D))),
+    }
 
 
 def _build(data, backend: str = "exact", id_offset: int = 0, **params) -> tuple[ShardedIndex, Any]:
@@ -119,8 +124,10 @@ def test_recall_parity_on_hnsw_through_the_library(attach, data, tmp_path) -> No
     p = {"exact_below": 0, "ef": 60}  # every masked search through the graph walk, at a modest ef
     for flt in (None, Filter(categories={0, 1, 2})):
         truth = plain.exact_search(q, k, filter=flt).ids
-        recall = {name: np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(index.search(q, k, flt, p).ids, truth)])
-                  for name, index in (("sharded", ix), ("plain", plain))}
+        recall = {
+            name: np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(index.search(q, k, flt, p).ids, truth)])
+            for name, index in (("sharded", ix), ("plain", plain))
+        }
         assert recall["sharded"] >= recall["plain"] - 0.005, recall
         assert recall["plain"] < 1.0 or flt is not None  # the walk is approximate: the parity means something
 
@@ -184,7 +191,7 @@ def test_version_switch_under_load_never_mixes_versions(attach, data, tmp_path) 
     assert {v for v, _, _ in seen} == {first, second}, "the load should have seen both versions"
     assert any(v == first for v, _, _ in seen[n_before:]), "no answer named the rolled-back version"
     for version, old, new in seen:
-        assert (old if version == first else new), f"an answer named {version} but held ids of the other version"
+        assert old if version == first else new, f"an answer named {version} but held ids of the other version"
     assert ix.version == first and len(ix) == N
 
 
@@ -224,8 +231,9 @@ def test_bench_shards_runs_on_the_cluster(cluster, tmp_path) -> None:
     """`towerann bench shards` at a toy size on this module's cluster: every path timed, recall kept."""
     from towerann.bench.shards import run_shards_bench
 
-    result = run_shards_bench(3000, dim=16, k=20, shard_counts=(2,), n_queries=30, n_time=5, out=tmp_path,
-                              compiled=False)  # compiled graphs take seconds each to set up: the bench runs them
+    result = run_shards_bench(
+        3000, dim=16, k=20, shard_counts=(2,), n_queries=30, n_time=5, out=tmp_path, compiled=False
+    )  # compiled graphs take seconds each to set up: the bench runs them
     assert [p["shards"] for p in result["points"]] == [2]
     for p in result["points"]:
         assert p["recall"] >= result["unsharded"]["recall"] - 0.005 and p["ray_recall"] == p["recall"]
@@ -261,7 +269,7 @@ def _same_files(a: Path, b: Path) -> list[str]:
 def test_ray_embedding_writes_the_local_runners_files_byte_for_byte(cluster, catalog, tmp_path) -> None:
     """Parts (700 rows, tower batches of 300: neither lines up with the other) as tasks on both nodes:
     every vector part, id part, attribute array and the manifest equal the local runner's, byte for byte."""
-    from towerann.cluster.embed import embed_catalog_ray
+    from towerann.cluster.ray_embed import embed_catalog_ray
     from towerann.embed.runner import embed_catalog
 
     dataset, model = catalog
@@ -285,12 +293,33 @@ def test_embed_cli_on_the_cluster_resumes_a_local_run(cluster, catalog, tmp_path
     dataset, model = catalog
     whole = embed_catalog(model, dataset, tmp_path / "whole", batch_size=300, part_size=700, progress=False)
     out = tmp_path / "resumed"
-    assert embed_catalog(model, dataset, out, batch_size=300, part_size=700, progress=False, max_parts=1) == \
-        work_dir_for(out)
+    assert embed_catalog(
+        model, dataset, out, batch_size=300, part_size=700, progress=False, max_parts=1
+    ) == work_dir_for(out)
     address = cluster.get_runtime_context().gcs_address
-    done = subprocess.run([sys.executable, "-m", "towerann.cli", "embed", "--model", str(model), "--items", str(dataset),
-                           "--out", str(out), "--batch-size", "300", "--part-size", "700", "--ray", address],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "towerann.cli",
+            "embed",
+            "--model",
+            str(model),
+            "--items",
+            str(dataset),
+            "--out",
+            str(out),
+            "--batch-size",
+            "300",
+            "--part-size",
+            "700",
+            "--ray",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "embedded 2500 items" in done.stdout
     _same_files(whole, out)

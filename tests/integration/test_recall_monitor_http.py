@@ -6,36 +6,40 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
-import httpx
-import pytest
 
 import ann_catalog
+import httpx
+import pytest
 from ann_catalog import AUTH, build_library_index, server_config
+
 from towerann.config import MonitorConfig
+from towerann.server.server import ServerHandle, start_background
 from towerann.serving.bundle import publish_bundle
-from towerann.service.server import ServerHandle, start_background
 
 THRESHOLD = 0.9
 
 
 @pytest.fixture
-def degraded(tmp_path: Path, bundle_paths: dict[str, Path],
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+def degraded(
+    tmp_path: Path, bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
     cat = ann_catalog.catalog(tmp_path_factory.getbasetemp(), bundle_paths)
     root = tmp_path / "indexes"
     publish_bundle(root, cat["model"], cat["vectors"], index=build_library_index(cat, "ivfpq", nprobe=1))
-    cfg = dataclasses.replace(server_config(tmp_path, root, cat),
-                              monitor=MonitorConfig(sample=1.0, threshold=THRESHOLD, queue=256, max_busy=1.0))
+    cfg = dataclasses.replace(
+        server_config(tmp_path, root, cat),
+        monitor=MonitorConfig(sample=1.0, threshold=THRESHOLD, queue=256, max_busy=1.0),
+    )
     handle = start_background(cfg)
     yield handle
     handle.stop()
 
 
-def test_a_degraded_bundle_shows_low_recall_and_is_marked_in_readyz(degraded: ServerHandle,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_a_degraded_bundle_shows_low_recall_and_is_marked_in_readyz(
+    degraded: ServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
     url, monitor = degraded.url, degraded.retriever.monitor
     b = degraded.retriever.holder.current()
     assert "IVF" in b.index.describe() and b.index.search_defaults["nprobe"] == 1
@@ -55,8 +59,10 @@ def test_a_degraded_bundle_shows_low_recall_and_is_marked_in_readyz(degraded: Se
     none = report["bundles"][b.version]["none"]
     assert none["samples"] == n and not none["healthy"]
     # The same requests scored here, from their HTTP answers: the monitor's recall is theirs.
-    truth = [b.external_ids[row[row >= 0]].tolist() for row in
-             (b.index.exact_search(b.encoder.encode(str(u), {}, [])[None, :], k).ids[0] for u in range(n))]
+    truth = [
+        b.external_ids[row[row >= 0]].tolist()
+        for row in (b.index.exact_search(b.encoder.encode(str(u), {}, [])[None, :], k).ids[0] for u in range(n))
+    ]
     offline = sum(len(set(a) & set(t)) for a, t in zip(answered, truth)) / sum(len(t) for t in truth)
     assert none["recall"] == pytest.approx(offline, abs=0.01) and offline < THRESHOLD
 
@@ -67,8 +73,11 @@ def test_a_degraded_bundle_shows_low_recall_and_is_marked_in_readyz(degraded: Se
     assert sum("under the threshold" in r.getMessage() and b.version in r.getMessage() for r in caplog.records) == 1
 
     text = httpx.get(f"{url}/metrics").text
-    gauge = [line for line in text.splitlines()
-             if line.startswith("towerann_recall{") and f'bundle="{b.version}"' in line and 'filter="none"' in line]
+    gauge = [
+        line
+        for line in text.splitlines()
+        if line.startswith("towerann_recall{") and f'bundle="{b.version}"' in line and 'filter="none"' in line
+    ]
     assert len(gauge) == 1 and float(gauge[0].rsplit(" ", 1)[1]) == pytest.approx(none["recall"], abs=1e-4)
     assert f'towerann_recall_sample_count{{bundle="{b.version}",filter="none"}} {float(n)}' in text
 

@@ -7,14 +7,15 @@ drives each operation's Hypothesis strategy itself; the checks are schemathesis'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from towerann.service.server import ServerHandle
+from towerann.server.server import ServerHandle
 
 TOKEN = "schema-token-77b0"
 EXAMPLES = 30  # per operation, mode and token setting
@@ -24,17 +25,22 @@ EXAMPLES = 30  # per operation, mode and token setting
 def api(bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """A server with writes enabled on a bundle root of its own (schemathesis deletes and hides items)."""
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.server.server import start_background
     from towerann.serving.bundle import publish_bundle
-    from towerann.service.server import start_background
 
     tmp = tmp_path_factory.mktemp("schemathesis")
     publish_bundle(tmp / "indexes", bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     (tmp / "token").write_text(TOKEN)
-    handle = start_background(Config(
-        serve=ServeConfig(max_k=100, max_items_per_write=5),
-        paths=PathsConfig(index=str(tmp / "indexes"), model=str(bundle_paths["model"])),
-        features=FeaturesConfig(store="memory", path=""),
-        freshness=FreshnessConfig(adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0)))
+    handle = start_background(
+        Config(
+            serve=ServeConfig(max_k=100, max_items_per_write=5),
+            paths=PathsConfig(index=str(tmp / "indexes"), model=str(bundle_paths["model"])),
+            features=FeaturesConfig(store="memory", path=""),
+            freshness=FreshnessConfig(
+                adopt_log=True, delta_path=str(tmp / "delta.sqlite"), token_file=str(tmp / "token"), poll_s=0.0
+            ),
+        )
+    )
     yield handle
     handle.stop()
 
@@ -49,13 +55,24 @@ def operations(api: ServerHandle) -> dict[str, Any]:
     return ops
 
 
-WITH_INPUT = ["POST /v1/candidates", "POST /v1/events", "POST /v1/items", "PATCH /v1/items/{item_id}",
-              "DELETE /v1/items/{item_id}"]
-WITHOUT_INPUT = ["POST /v1/admin/reload", "GET /v1/admin/recall", "GET /healthz", "GET /readyz",
-                 "GET /metrics"]  # nothing to violate
+WITH_INPUT = [
+    "POST /v1/candidates",
+    "POST /v1/events",
+    "POST /v1/items",
+    "PATCH /v1/items/{item_id}",
+    "DELETE /v1/items/{item_id}",
+]
+WITHOUT_INPUT = [
+    "POST /v1/admin/reload",
+    "GET /v1/admin/recall",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /metrics",
+]  # nothing to violate
 OPERATIONS = WITH_INPUT + WITHOUT_INPUT
 CASES = [(name, mode) for name in WITH_INPUT for mode in ("positive", "negative")] + [
-    (name, "positive") for name in WITHOUT_INPUT]
+    (name, "positive") for name in WITHOUT_INPUT
+]
 # positive_data_acceptance is left out on purpose: a schema cannot say "a category this catalog has", "ts within
 # the session window" or "the item tower's feature columns", so such schema-valid requests get a documented 400
 # (or 404 for an unknown item); every other check of schemathesis runs.
@@ -93,5 +110,7 @@ def test_the_server_survived(api: ServerHandle) -> None:
 
     assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
     assert httpx.post(f"{api.url}/v1/candidates", json={"user_id": "3", "k": 5}).status_code == 200
-    print(f"\nschemathesis: {sum(COUNTS.values())} cases over {len(COUNTS)} (operation, mode, token) runs:",
-          dict(sorted(COUNTS.items())))
+    print(
+        f"\nschemathesis: {sum(COUNTS.values())} cases over {len(COUNTS)} (operation, mode, token) runs:",
+        dict(sorted(COUNTS.items())),
+    )

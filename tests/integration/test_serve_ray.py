@@ -11,19 +11,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-
 from ann_catalog import AUTH, TOKEN
 from ray_cluster import two_nodes
+
 from towerann.client import Client
-from towerann.cluster.partition import shard_of
-from towerann.embed.vectors import read_vectors
+from towerann.data.vectors_dir import read_vectors
+from towerann.index.shard_hash import shard_of
+from towerann.server.server import start_subprocess
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
-from towerann.service.server import start_subprocess
 
 S, K = 2, 20
 
@@ -47,8 +48,9 @@ def ids_of(body: dict[str, Any]) -> list[Any]:
 def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, bundle_paths, tmp_path) -> None:
     ray, address = cluster
     root = tmp_path / "indexes"
-    publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="sharded",
-                   params={"shards": S, "backend": "exact"})
+    publish_bundle(
+        root, bundle_paths["model"], bundle_paths["vectors"], kind="sharded", params={"shards": S, "backend": "exact"}
+    )
     local = RetrievalBundle.load(root)  # the same bundle with its shards in this process: the expected answers
     queries = read_vectors(bundle_paths["vectors"]).vectors[:3]
 
@@ -57,8 +59,9 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
         return local.external_ids[ids[ids >= 0]].tolist()
 
     server_log = tmp_path / "server.log"
-    handle = start_subprocess(root, "memory", env={"TOWERANN_API_TOKEN": TOKEN}, args=["--ray", address],
-                              timeout_s=180, log_file=server_log)
+    handle = start_subprocess(
+        root, "memory", env={"TOWERANN_API_TOKEN": TOKEN}, args=["--ray", address], timeout_s=180, log_file=server_log
+    )
     try:
         url = handle.url
         ready = httpx.get(f"{url}/readyz").json()
@@ -137,7 +140,10 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
     # every outage (the victim's, then both) ended with the shard back.
     lines = server_log.read_text().splitlines()
     for s in range(S):
-        events = [("down" if "did not answer" in line else "up") for line in lines
-                  if f"shard {s} of " in line and ("did not answer" in line or "answers again" in line)]
+        events = [
+            ("down" if "did not answer" in line else "up")
+            for line in lines
+            if f"shard {s} of " in line and ("did not answer" in line or "answers again" in line)
+        ]
         assert events and events == ["down", "up"] * (len(events) // 2), (s, events)
         assert len(events) >= (4 if s == victim else 2), (s, events)

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 
 from towerann.data.dataset import read_interactions, read_items
-from towerann.service.server import start_subprocess
+from towerann.server.server import start_subprocess
 
 
 def test_restart_keeps_session_with_embedded_store(bundle_paths: dict[str, Path], tmp_path: Path) -> None:
@@ -27,7 +27,10 @@ def test_restart_keeps_session_with_embedded_store(bundle_paths: dict[str, Path]
     try:
         cold = share(first.url)
         for item in clicked:
-            assert httpx.post(f"{first.url}/v1/events", json={"user_id": "new-visitor", "item_id": str(item)}).status_code == 200
+            assert (
+                httpx.post(f"{first.url}/v1/events", json={"user_id": "new-visitor", "item_id": str(item)}).status_code
+                == 200
+            )
         warm = share(first.url)
         first.process.kill()  # SIGKILL right after the acknowledged clicks: no clean shutdown
         first.process.wait()

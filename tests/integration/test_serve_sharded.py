@@ -9,35 +9,42 @@ writes must land on the owning shard and be in the very next answer, and `towera
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-
 from ann_catalog import AUTH, server_config
+
 from towerann.cli import main
-from towerann.cluster import ShardedIndex
-from towerann.cluster.partition import shard_of
 from towerann.data.dataset import read_items
+from towerann.index.shard_hash import shard_of
+from towerann.index.sharded import ShardedIndex
+from towerann.server.server import ServerHandle, start_background
 from towerann.serving.bundle import RetrievalBundle, publish_bundle
-from towerann.service.server import ServerHandle, start_background
 
 S = 3
 USERS = [str(u) for u in range(12)]
 
 
 @pytest.fixture(scope="module")
-def servers(bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[dict[str, ServerHandle]]:
+def servers(
+    bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServerHandle]]:
     """The same catalog served twice with item writes on: plain exact, and 3 exact shards."""
     handles: dict[str, ServerHandle] = {}
     try:
         for name, params in (("plain", None), ("sharded", {"shards": S, "backend": "exact"})):
             tmp = tmp_path_factory.mktemp(f"serve-{name}")
-            publish_bundle(tmp / "indexes", bundle_paths["model"], bundle_paths["vectors"],
-                           kind="exact" if params is None else "sharded", params=params)
+            publish_bundle(
+                tmp / "indexes",
+                bundle_paths["model"],
+                bundle_paths["vectors"],
+                kind="exact" if params is None else "sharded",
+                params=params,
+            )
             handles[name] = start_background(server_config(tmp, tmp / "indexes", bundle_paths))
         yield handles
     finally:
@@ -59,8 +66,9 @@ def both(servers: dict[str, ServerHandle], user: str, k: int = 50, **extra: Any)
     """The sharded server's answer, checked equal (ids and scores) to the unsharded one's."""
     plain, sharded = (answer(servers[n].url, user, k, **extra) for n in ("plain", "sharded"))
     assert ids_of(sharded) == ids_of(plain), user
-    np.testing.assert_allclose([c["score"] for c in sharded["candidates"]],
-                               [c["score"] for c in plain["candidates"]], atol=1e-5)
+    np.testing.assert_allclose(
+        [c["score"] for c in sharded["candidates"]], [c["score"] for c in plain["candidates"]], atol=1e-5
+    )
     assert "partial" not in sharded and "missing_shards" not in sharded  # every shard answered
     return ids_of(sharded)
 
@@ -117,8 +125,13 @@ def test_a_sharded_bundle_hot_swaps_with_the_delta_log_replayed(servers, bundle_
     """Another shard count, published under the served root: the reloader loads it, replays the item
     writes of the test above onto its shards, and it answers as the unsharded server does."""
     handle = servers["sharded"]
-    publish_bundle(handle.service.cfg.paths.index, bundle_paths["model"], bundle_paths["vectors"], kind="sharded",
-                   params={"shards": 2, "backend": "exact"})
+    publish_bundle(
+        handle.service.cfg.paths.index,
+        bundle_paths["model"],
+        bundle_paths["vectors"],
+        kind="sharded",
+        params={"shards": 2, "backend": "exact"},
+    )
     r = httpx.post(f"{handle.url}/v1/admin/reload", headers=AUTH)
     assert r.status_code == 200 and r.json()["outcome"] == "swapped", r.text
     assert httpx.get(f"{handle.url}/readyz").json()["index"] == "sharded(2 x exact)"
@@ -130,8 +143,9 @@ def test_a_sharded_bundle_hot_swaps_with_the_delta_log_replayed(servers, bundle_
     assert {"partial", "missing_shards"} <= set(schema["properties"]) and "partial" not in schema["required"]
 
 
-def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, tmp_path, capsys,
-                                                                 fixed_tuner_costs) -> None:
+def test_index_build_kind_sharded_tunes_the_shards_search_params(
+    bundle_paths, tmp_path, capsys, fixed_tuner_costs
+) -> None:
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
 
@@ -142,13 +156,40 @@ def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, t
     assert main([*base, "--kind", "hnsw", "--shards", "2"]) == 2  # --shards belongs to --kind sharded
     assert "--kind sharded" in capsys.readouterr().err
     assert main([*base, "--kind", "sharded", "--shard-kind", "hnsw"]) == 2  # no --shards
-    assert main([*base, "--kind", "sharded", "--shards", "2", "--shard-kind", "hnsw", "--param", "M=8",
-                 "--param", "ef_construction=16", "--param", "exact_below=0", "--recall", "0.9", "--k", "20", "--queries",
-                 str(tmp_path / "q.npy")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--kind",
+                "sharded",
+                "--shards",
+                "2",
+                "--shard-kind",
+                "hnsw",
+                "--param",
+                "M=8",
+                "--param",
+                "ef_construction=16",
+                "--param",
+                "exact_below=0",
+                "--recall",
+                "0.9",
+                "--k",
+                "20",
+                "--queries",
+                str(tmp_path / "q.npy"),
+            ]
+        )
+        == 0
+    )
     snap = out / (out / "CURRENT").read_text().strip()
     top = json.loads((snap / "manifest.json").read_text())
-    assert top["backend"] == "sharded" and top["build_params"] == {"shards": 2, "backend": "hnsw", "M": 8,
-                                                                   "ef_construction": 16}
+    assert top["backend"] == "sharded" and top["build_params"] == {
+        "shards": 2,
+        "backend": "hnsw",
+        "M": 8,
+        "ef_construction": 16,
+    }
     tuned = top["tuning"]["params"]
     # exact_below=0: the catalog's unavailable items make every search masked; through the graph walk anyway
     assert set(tuned) == {"ef"} and top["search_defaults"]["ef"] == tuned["ef"]
@@ -163,8 +204,26 @@ def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, t
     assert isinstance(b.index, ShardedIndex) and len(b.index) == 2000
     assert b.index.search_defaults["ef"] == tuned["ef"]
     # an explicit search param wins over tuning, on every shard
-    assert main([*base, "--kind", "sharded", "--shards", "2", "--param", "ef=33", "--recall", "0.9", "--k", "20",
-                 "--queries", str(tmp_path / "q.npy")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--kind",
+                "sharded",
+                "--shards",
+                "2",
+                "--param",
+                "ef=33",
+                "--recall",
+                "0.9",
+                "--k",
+                "20",
+                "--queries",
+                str(tmp_path / "q.npy"),
+            ]
+        )
+        == 0
+    )
     snap = out / (out / "CURRENT").read_text().strip()
     assert json.loads((snap / "manifest.json").read_text())["search_defaults"]["ef"] == 33
     assert json.loads((snap / "shard-001" / "manifest.json").read_text())["search_defaults"]["ef"] == 33
@@ -173,7 +232,7 @@ def test_index_build_kind_sharded_tunes_the_shards_search_params(bundle_paths, t
 
 
 def test_serve_flags_for_ray_are_checked_before_anything_starts(servers, capsys) -> None:
-    from towerann.service.commands import main as serve
+    from towerann.server.commands import main as serve
 
     plain_root = servers["plain"].service.cfg.paths.index
     assert serve(["serve", "--index", plain_root, "--shard-deadline-ms", "100"]) == 2

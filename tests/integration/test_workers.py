@@ -12,14 +12,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from towerann.data.dataset import read_items
-from towerann.service.server import ServerHandle, free_port, start_subprocess
+from towerann.server.server import ServerHandle, free_port, start_subprocess
 
 TOKEN = "workers-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -77,14 +78,17 @@ def ids_in(worker: Worker, category: str) -> list[str]:
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Redis that logs its writes (the delta log refuses one that does not)."""
-    from towerann.service.server import free_port as port_of
+    from towerann.server.server import free_port as port_of
 
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not on PATH")
     port, work = port_of(), tmp_path_factory.mktemp("redis-workers")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 
@@ -102,14 +106,17 @@ def _pings(redis: Any, url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, bundle_paths: dict[str, Path],
-           redis_url: str) -> Iterator[tuple[ServerHandle, Path]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, bundle_paths: dict[str, Path], redis_url: str
+) -> Iterator[tuple[ServerHandle, Path]]:
     work = tmp_path_factory.mktemp("workers")
     root = work / "indexes"
     shutil.copytree(bundle_paths["index"], root)
     toml = work / "serve.toml"
-    toml.write_text(f'[paths]\nindex = "{root}"\n[features]\nstore = "{redis_url}"\n'
-                    '[freshness]\npoll_s = 0.3\nmin_recall = 0.5\ntail_ms = 200\n')
+    toml.write_text(
+        f'[paths]\nindex = "{root}"\n[features]\nstore = "{redis_url}"\n'
+        "[freshness]\npoll_s = 0.3\nmin_recall = 0.5\ntail_ms = 200\n"
+    )
     handle = start_subprocess(root, redis_url, config=toml, workers=2, env={"TOWERANN_API_TOKEN": TOKEN})
     yield handle, root
     handle.stop()
@@ -127,8 +134,9 @@ def test_an_item_written_through_one_worker_is_searchable_on_the_other(w, bundle
     """The guarantee: a write acknowledged by one worker is in every search that starts after the
     acknowledgement, on either worker (not only after the next tail, here every 200 ms); writes to one
     item through both workers end the same on both."""
-    r = w["0"].request("POST", "/v1/items", json={"items": [row(bundle_paths, "880001", category="w-new")]},
-                       headers=AUTH)
+    r = w["0"].request(
+        "POST", "/v1/items", json={"items": [row(bundle_paths, "880001", category="w-new")]}, headers=AUTH
+    )
     assert r.status_code == 200, r.text
     assert ids_in(w["0"], "w-new") == ["880001"]  # the writer: at once
     assert ids_in(w["1"], "w-new") == ["880001"]  # the other: in its next search already
@@ -146,8 +154,12 @@ def test_an_item_written_through_one_worker_is_searchable_on_the_other(w, bundle
     assert r.status_code == 200, r.text
     assert ids_in(w["0"], "w-new") == []
     # an item worker 1 has just created can be changed through worker 0 at once (its write catches up first)
-    assert w["1"].request("POST", "/v1/items", json={"items": [row(bundle_paths, "880002", category="w-two")]},
-                               headers=AUTH).status_code == 200
+    assert (
+        w["1"]
+        .request("POST", "/v1/items", json={"items": [row(bundle_paths, "880002", category="w-two")]}, headers=AUTH)
+        .status_code
+        == 200
+    )
     r = w["0"].request("PATCH", "/v1/items/880002", json={"available": False}, headers=AUTH)
     assert r.status_code == 200, r.text
     # and without any search, the tail brings worker 1 to the log's last seq
@@ -173,8 +185,12 @@ def test_a_reload_through_one_worker_reaches_the_other(served, w, bundle_paths) 
     from towerann.serving.bundle import publish_bundle
 
     root = served[1]
-    assert w["0"].request("POST", "/v1/items", json={"items": [row(bundle_paths, "880003", category="w-r")]},
-                               headers=AUTH).status_code == 200
+    assert (
+        w["0"]
+        .request("POST", "/v1/items", json={"items": [row(bundle_paths, "880003", category="w-r")]}, headers=AUTH)
+        .status_code
+        == 200
+    )
     publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     new = (root / "CURRENT").read_text().strip()
     r = w["0"].request("POST", "/v1/admin/reload", headers=AUTH)
@@ -198,8 +214,10 @@ def test_metrics_add_up_across_workers(served, w) -> None:
     url = handle.url
     before = _count(w["0"])
     assert _count(w["1"]) == before  # one total, whichever worker is asked
-    answered_by = [httpx.post(url + "/v1/candidates", json={"user_id": "3", "k": 5}).headers["x-towerann-worker"]
-                   for _ in range(30)]
+    answered_by = [
+        httpx.post(url + "/v1/candidates", json={"user_id": "3", "k": 5}).headers["x-towerann-worker"]
+        for _ in range(30)
+    ]
     assert set(answered_by) == {"0", "1"}, answered_by  # both served some, so the totals had to be added
     for worker in ("0", "1"):  # the count lands just after each answer: wait for it, then it must be exact
         eventually(lambda: _count(w[worker]) >= before + 30, f"the count on worker {worker}")
@@ -219,9 +237,25 @@ def test_sigterm_stops_every_worker(served) -> None:
 
 
 def test_several_workers_on_a_process_local_store_are_refused_in_one_line(bundle_paths) -> None:
-    proc = subprocess.run([sys.executable, "-m", "towerann.service.commands", "serve", "--index",
-                           str(bundle_paths["index"]), "--store", "memory", "--workers", "2", "--port",
-                           str(free_port())], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "towerann.server.commands",
+            "serve",
+            "--index",
+            str(bundle_paths["index"]),
+            "--store",
+            "memory",
+            "--workers",
+            "2",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().count("\n") == 0 and "redis://" in proc.stderr, proc.stderr
 
@@ -231,9 +265,25 @@ def test_a_worker_that_cannot_load_the_bundle_is_one_line_and_exit_2(tmp_path, b
     shutil.copytree(bundle_paths["index"], root)
     version = (root / "CURRENT").read_text().strip()
     (root / version / "manifest.json").write_text("{not json")
-    proc = subprocess.run([sys.executable, "-m", "towerann.service.commands", "serve", "--index", str(root),
-                           "--store", redis_url, "--workers", "2", "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "towerann.server.commands",
+            "serve",
+            "--index",
+            str(root),
+            "--store",
+            redis_url,
+            "--workers",
+            "2",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "manifest.json" in proc.stderr, proc.stderr
@@ -241,19 +291,22 @@ def test_a_worker_that_cannot_load_the_bundle_is_one_line_and_exit_2(tmp_path, b
 
 # ---- the shared-log logic, in one process: two writers, two copies of a bundle, one SQLite log -------
 
+
 def test_two_writers_on_one_sqlite_log_end_the_same(tmp_path, bundle_paths) -> None:
     """What each worker does, on the SQLite log (two connections, as two processes have): a write
     applies the other writer's earlier entries first, catch_up applies the rest, in log order."""
-    from towerann.freshness.deltalog import SQLiteDeltaLog
     from towerann.features import open_store
+    from towerann.freshness.deltalog import SQLiteDeltaLog
     from towerann.freshness.live import ItemWriter
     from towerann.serving.bundle import RetrievalBundle
     from towerann.serving.holder import BundleHolder
     from towerann.serving.retriever import Retriever
 
     path = tmp_path / "delta.sqlite"
-    a, b = (ItemWriter(BundleHolder(RetrievalBundle.load(bundle_paths["index"])), SQLiteDeltaLog(path), shared=True)
-            for _ in range(2))
+    a, b = (
+        ItemWriter(BundleHolder(RetrievalBundle.load(bundle_paths["index"])), SQLiteDeltaLog(path), shared=True)
+        for _ in range(2)
+    )
     a.upsert([row(bundle_paths, "770001", category="s-new")])
     b.set_available("770001", False)  # b has not seen the item: without its catch-up, 404
     a.set_available("770001", True)  # logged after b's: a applies b's first, then its own
@@ -302,7 +355,7 @@ def test_the_sqlite_log_takes_two_processes_appending_at_once(tmp_path) -> None:
     entries = list(log.since(0))
     log.close()
     assert len(entries) == 6000 and [e.seq for e in entries] == list(range(1, 6001))
-    batches = [{e.item_id.rsplit("-", 1)[0] for e in entries[k:k + 3]} for k in range(0, 6000, 3)]
+    batches = [{e.item_id.rsplit("-", 1)[0] for e in entries[k : k + 3]} for k in range(0, 6000, 3)]
     assert all(len(batch) == 1 for batch in batches)  # a batch is 3 consecutive seqs of one process's one batch
     owners = [next(iter(batch))[0] for batch in batches]
     assert sum(a != b for a, b in zip(owners, owners[1:])) > 1  # the two really wrote at the same time

@@ -27,7 +27,8 @@ def flushed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_an_artifact_directory_is_flushed_file_by_file_then_renamed_and_the_rename_flushed(
-        tmp_path: Path, flushed: list[str]) -> None:
+    tmp_path: Path, flushed: list[str]
+) -> None:
     target = tmp_path / "out" / "bundle"
     with artifacts.atomic_dir(target) as tmp:
         (tmp / "a.npy").write_bytes(b"a" * 100)

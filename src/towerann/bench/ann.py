@@ -12,7 +12,7 @@ By default it builds its own dataset (synthetic catalog -> trained two-tower mod
 vectors + held-out users' query vectors), cached under --work so a second run reuses it.
 
 `--set far` measures the hard case instead: a seeded synthetic vector catalog (Zipf-sized clusters,
-power-law covariance spectrum; towerann.data.vectors) with *far-off* queries, each the mean of a few
+power-law covariance spectrum; towerann.data.synth_vectors) with *far-off* queries, each the mean of a few
 items plus noise - far from every item, like user-tower vectors drifted from the catalog the index
 was built on. No model is trained; it writes ann-far.json + ann-far.png.
 """
@@ -26,9 +26,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,6 +62,7 @@ SETS = ("user", "far")  # --set: user-tower queries of a trained model, or far-o
 
 # ---- dataset -------------------------------------------------------------------------------------
 
+
 @dataclass
 class Dataset:
     vectors: np.ndarray  # f32 [n, d] item vectors (ids = row numbers)
@@ -68,8 +70,15 @@ class Dataset:
     source: dict[str, Any] = field(default_factory=dict)
 
 
-def synthetic_dataset(work: str | Path, n_items: int, n_users: int, dim: int = 128, max_queries: int = 5000,
-                      train_seconds: float = 300.0, seed: int = 0) -> Dataset:
+def synthetic_dataset(
+    work: str | Path,
+    n_items: int,
+    n_users: int,
+    dim: int = 128,
+    max_queries: int = 5000,
+    train_seconds: float = 300.0,
+    seed: int = 0,
+) -> Dataset:
     """Synthetic catalog -> trained model -> item vectors + held-out users' query vectors, cached in `work`."""
     from towerann.data.dataset import validate_dataset
     from towerann.data.synth import generate
@@ -83,7 +92,7 @@ def synthetic_dataset(work: str | Path, n_items: int, n_users: int, dim: int = 1
     done = root / "queries"
     if (done / "manifest.json").exists():
         m = read_manifest(done, DATA_KIND, DATA_VERSION)
-        from towerann.embed.vectors import read_vectors
+        from towerann.data.vectors_dir import read_vectors
 
         vs = read_vectors(root / "vectors", verify=False)
         q = load_npy(done / "queries.npy", m["queries_sha256"])
@@ -101,51 +110,73 @@ def synthetic_dataset(work: str | Path, n_items: int, n_users: int, dim: int = 1
         model_version_of(model_dir)
     except ArtifactError:
         shutil.rmtree(model_dir, ignore_errors=True)
-        train(data_dir, model_dir, TowerConfig(dim=dim), TrainConfig(epochs=3, max_seconds=train_seconds, seed=seed),
-              overwrite=True, progress=False)
+        train(
+            data_dir,
+            model_dir,
+            TowerConfig(dim=dim),
+            TrainConfig(epochs=3, max_seconds=train_seconds, seed=seed),
+            overwrite=True,
+            progress=False,
+        )
     model = TwoTowerModel.load(model_dir)
     vec_dir = root / "vectors"
     if not (vec_dir / "manifest.json").exists():
         from towerann.embed.runner import embed_catalog
 
         embed_catalog(model_dir, data_dir, vec_dir, overwrite=True, progress=False)
-    from towerann.embed.vectors import read_vectors
+    from towerann.data.vectors_dir import read_vectors
 
     vs = read_vectors(vec_dir, verify=False)
     q = heldout_user_queries(model, data_dir, max_queries, seed)
-    source = {"kind": "synthetic", "items": n_items, "users": n_users, "dim": dim, "seed": seed,
-              "model_version": model.version, "queries": "user tower, held-out (test) users",
-              "prepare_s": round(time.perf_counter() - t0, 1)}
+    source = {
+        "kind": "synthetic",
+        "items": n_items,
+        "users": n_users,
+        "dim": dim,
+        "seed": seed,
+        "model_version": model.version,
+        "queries": "user tower, held-out (test) users",
+        "prepare_s": round(time.perf_counter() - t0, 1),
+    }
     done.mkdir(parents=True, exist_ok=True)
     sha = save_npy(done / "queries.npy", q)
-    write_json_atomic(done / "manifest.json", {"kind": DATA_KIND, "format_version": DATA_VERSION,
-                                               "queries_sha256": sha, "count": len(q), "source": source})
+    write_json_atomic(
+        done / "manifest.json",
+        {"kind": DATA_KIND, "format_version": DATA_VERSION, "queries_sha256": sha, "count": len(q), "source": source},
+    )
     return Dataset(vs.vectors, q, {**source, "cache": str(root)})
 
 
 def far_dataset(n_items: int, dim: int = 128, n_queries: int = 5000, seed: int = 0) -> Dataset:
-    """The far-off-query catalog of towerann.data.vectors (seconds to generate, so never cached)."""
-    from towerann.data.vectors import far_off_catalog
+    """The far-off-query catalog of towerann.data.synth_vectors (seconds to generate, so never cached)."""
+    from towerann.data.synth_vectors import far_off_catalog
 
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
-    return Dataset(cat.vectors, cat.queries, {"kind": "far-off synthetic", **cat.params,
-                                              "queries_label": "far-off queries"})
+    return Dataset(
+        cat.vectors, cat.queries, {"kind": "far-off synthetic", **cat.params, "queries_label": "far-off queries"}
+    )
 
 
 def given_dataset(vectors_dir: str | Path, queries_file: str | Path) -> Dataset:
     """Item vectors from a towerann vectors directory + query vectors from a .npy file."""
-    from towerann.embed.vectors import read_vectors
+    from towerann.data.vectors_dir import read_vectors
 
     vs = read_vectors(vectors_dir)
     q = load_npy(queries_file)
     if q.ndim != 2 or q.shape[1] != vs.dim:
-        raise DataError(f"{queries_file}: query vectors must be float [m, {vs.dim}] to match {vectors_dir}; "
-                        f"got shape {list(q.shape)}")
-    return Dataset(vs.vectors, q.astype(np.float32), {"kind": "given", "vectors": str(vectors_dir),
-                                                        "queries": str(queries_file), "model_version": vs.model_version})
+        raise DataError(
+            f"{queries_file}: query vectors must be float [m, {vs.dim}] to match {vectors_dir}; "
+            f"got shape {list(q.shape)}"
+        )
+    return Dataset(
+        vs.vectors,
+        q.astype(np.float32),
+        {"kind": "given", "vectors": str(vectors_dir), "queries": str(queries_file), "model_version": vs.model_version},
+    )
 
 
 # ---- measuring -----------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def threads(n: int) -> Iterator[None]:
@@ -196,7 +227,7 @@ def grids(k: int, quick: bool, nlist: int, leaves: int) -> dict[str, list[dict[s
     }
 
 
-def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list["Series"], Any]:
+def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list[Series], Any]:
     """Build one towerann backend; return its series (ivfpq: plain and re-ranked) and the index."""
     from towerann.bench.peers import Series, _dir_bytes
     from towerann.index import create
@@ -214,24 +245,38 @@ def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list["Series"], Any
 
     desc = ix.describe()
     if kind == "exact":
-        return [Series("towerann exact", "towerann", "exact", search, search, build_s, nbytes, desc,
-                       wraps="numpy brute force")], ix
+        return [
+            Series(
+                "towerann exact", "towerann", "exact", search, search, build_s, nbytes, desc, wraps="numpy brute force"
+            )
+        ], ix
     if kind == "hnsw":
-        return [Series("towerann hnsw", "towerann", "hnsw", search, search, build_s, nbytes, desc,
-                       wraps="faiss HNSWFlat")], ix
+        return [
+            Series("towerann hnsw", "towerann", "hnsw", search, search, build_s, nbytes, desc, wraps="faiss HNSWFlat")
+        ], ix
     if kind == "ivfpq":
-        return [Series("towerann ivfpq", "towerann", "ivfpq", search, search, build_s, nbytes, desc,
-                       wraps="faiss IVFPQ"),
-                Series("towerann ivfpq+rerank", "towerann", "ivfpq+rerank", search, search, build_s, nbytes,
-                       desc + " + rerank", wraps="faiss IVFPQ+RefineFlat")], ix
+        return [
+            Series("towerann ivfpq", "towerann", "ivfpq", search, search, build_s, nbytes, desc, wraps="faiss IVFPQ"),
+            Series(
+                "towerann ivfpq+rerank",
+                "towerann",
+                "ivfpq+rerank",
+                search,
+                search,
+                build_s,
+                nbytes,
+                desc + " + rerank",
+                wraps="faiss IVFPQ+RefineFlat",
+            ),
+        ], ix
     if kind == "scann":
-        return [Series("towerann scann", "towerann", "scann", search, search, build_s, nbytes, desc,
-                       wraps="ScaNN")], ix
+        return [Series("towerann scann", "towerann", "scann", search, search, build_s, nbytes, desc, wraps="ScaNN")], ix
     raise ConfigError(f"unknown backend {kind!r} for --backends; choose from {', '.join(BACKENDS)}")
 
 
-def measure_point(series: "Series", queries: np.ndarray, k: int, params: dict[str, Any], truth: np.ndarray,
-                  cores: int) -> dict[str, Any]:
+def measure_point(
+    series: Series, queries: np.ndarray, k: int, params: dict[str, Any], truth: np.ndarray, cores: int
+) -> dict[str, Any]:
     """Recall + single-query latency on one thread, then batch QPS on all cores, at one setting."""
     from towerann.bench.report import percentiles
 
@@ -240,10 +285,10 @@ def measure_point(series: "Series", queries: np.ndarray, k: int, params: dict[st
     times = np.empty(m)
     with threads(1):
         for i in range(min(3, m)):  # warm-up: caches, lazy allocations
-            series.search(queries[i:i + 1], k, params)
+            series.search(queries[i : i + 1], k, params)
         for i in range(m):
             t0 = time.perf_counter()
-            ids = series.search(queries[i:i + 1], k, params)
+            ids = series.search(queries[i : i + 1], k, params)
             times[i] = time.perf_counter() - t0
             found[i] = np.asarray(ids).reshape(-1)[:k]
     with threads(cores):
@@ -251,30 +296,57 @@ def measure_point(series: "Series", queries: np.ndarray, k: int, params: dict[st
         batch_ids = series.search_batch(queries, k, params)
         batch_s = time.perf_counter() - t0
     lat = percentiles(times)
-    return {"series": series.name, "k": k, "params": params,
-            "recall": recall_at_k(found, truth[:, :k]),
-            "recall_batch": recall_at_k(np.asarray(batch_ids), truth[:, :k]),
-            "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "mean_ms": lat["mean_ms"],
-            "qps_batch": m / batch_s}
+    return {
+        "series": series.name,
+        "k": k,
+        "params": params,
+        "recall": recall_at_k(found, truth[:, :k]),
+        "recall_batch": recall_at_k(np.asarray(batch_ids), truth[:, :k]),
+        "p50_ms": lat["p50_ms"],
+        "p99_ms": lat["p99_ms"],
+        "mean_ms": lat["mean_ms"],
+        "qps_batch": m / batch_s,
+    }
 
 
 def machine_ceilings() -> dict[str, Any]:
     """This machine's SGEMM and memory bandwidth (towerann.bench.machine): the ceilings beside the results."""
     from towerann.bench import machine
 
-    return {"sgemm_gflops_1_thread": machine.sgemm_gflops(1), "sgemm_gflops_all_cores": machine.sgemm_gflops(None),
-            "memory_bandwidth_gbs": machine.memory_bandwidth_gbs()}
+    return {
+        "sgemm_gflops_1_thread": machine.sgemm_gflops(1),
+        "sgemm_gflops_all_cores": machine.sgemm_gflops(None),
+        "memory_bandwidth_gbs": machine.memory_bandwidth_gbs(),
+    }
 
 
-def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...] = (100, 1000),
-                  backends: tuple[str, ...] = BACKENDS, peers: tuple[str, ...] = PEERS, n_queries: int = 300,
-                  quick: bool = False, out: str | Path | None = "bench-results", work: str | Path | None = None,
-                  source: dict[str, Any] | None = None, max_p50_ms: float = 200.0, seed: int = 0,
-                  report: str = "ann", targets: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def run_ann_bench(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    *,
+    ks: tuple[int, ...] = (100, 1000),
+    backends: tuple[str, ...] = BACKENDS,
+    peers: tuple[str, ...] = PEERS,
+    n_queries: int = 300,
+    quick: bool = False,
+    out: str | Path | None = "bench-results",
+    work: str | Path | None = None,
+    source: dict[str, Any] | None = None,
+    max_p50_ms: float = 200.0,
+    seed: int = 0,
+    report: str = "ann",
+    targets: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Measure every backend and peer on these vectors and queries; write REPORT.json + REPORT.png to `out`
     (`targets`: the goals checked, TARGETS unless given)."""
-    from towerann.bench.peers import (faiss_hnsw_series, faiss_ivfpq_series, hnswlib_series, lancedb_series,
-                                      numpy_series, scann_series)
+    from towerann.bench.peers import (
+        faiss_hnsw_series,
+        faiss_ivfpq_series,
+        hnswlib_series,
+        lancedb_series,
+        numpy_series,
+        scann_series,
+    )
     from towerann.bench.report import write_report
     from towerann.index import create
 
@@ -285,8 +357,10 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
     bad_b = set(backends) - set(BACKENDS)
     bad_p = set(peers) - set(PEERS)
     if bad_b or bad_p:
-        raise ConfigError(f"unknown --backends {sorted(bad_b)} / --peers {sorted(bad_p)}; "
-                          f"backends: {', '.join(BACKENDS)}; peers: {', '.join(PEERS)}")
+        raise ConfigError(
+            f"unknown --backends {sorted(bad_b)} / --peers {sorted(bad_p)}; "
+            f"backends: {', '.join(BACKENDS)}; peers: {', '.join(PEERS)}"
+        )
     n, dim = vectors.shape
     if not ks or min(ks) < 1 or max(ks) > n:
         raise ConfigError(f"--k values must be between 1 and the number of items ({n}), got {list(ks)}")
@@ -328,15 +402,27 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
         peer_builders.append(("numpy", lambda: numpy_series(vectors)))
     if "faiss" in peers:
         peer_builders.append(("faiss hnsw", lambda: faiss_hnsw_series(vectors, hp["M"], hp["ef_construction"])))
-        peer_builders.append(("faiss ivfpq", lambda: faiss_ivfpq_series(vectors, nlist, ivf_p["pq_m"], ivf_p["nbits"],
-                                                                        ivf_p["train_sample"], ivf_p["seed"])))
+        peer_builders.append(
+            (
+                "faiss ivfpq",
+                lambda: faiss_ivfpq_series(
+                    vectors, nlist, ivf_p["pq_m"], ivf_p["nbits"], ivf_p["train_sample"], ivf_p["seed"]
+                ),
+            )
+        )
     if "hnswlib" in peers:
         peer_builders.append(("hnswlib", lambda: hnswlib_series(vectors, hp["M"], hp["ef_construction"], cores)))
     if "scann" in peers and sc is not None:
         sp = sc.build_params
         search_leaves = sc.search_defaults.get("leaves") or max(1, leaves // 5)
-        peer_builders.append(("scann", lambda: scann_series(vectors, leaves, search_leaves, sp["reorder"],
-                                                            sp["train_sample"], sp["quantization_threshold"])))
+        peer_builders.append(
+            (
+                "scann",
+                lambda: scann_series(
+                    vectors, leaves, search_leaves, sp["reorder"], sp["train_sample"], sp["quantization_threshold"]
+                ),
+            )
+        )
     lance_tmp = None
     if "lancedb" in peers:
         lance_tmp = Path(tempfile.mkdtemp(prefix="ann-lancedb-", dir=work))
@@ -365,8 +451,9 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
                 pt = measure_point(s, queries, k, params, truth, cores)
                 if s.system == "towerann":  # the same setting with item vectors as queries: the OOD gap
                     with threads(cores):
-                        pt["recall_item_queries"] = recall_at_k(np.asarray(s.search_batch(item_q, k, params)),
-                                                                truth_items[:, :k])
+                        pt["recall_item_queries"] = recall_at_k(
+                            np.asarray(s.search_batch(item_q, k, params)), truth_items[:, :k]
+                        )
                 points.append(pt)
                 log.info("%s k=%d %s recall=%.4f p50=%.3fms", s.name, k, params, pt["recall"], pt["p50_ms"])
                 if pt["p50_ms"] > max_p50_ms:
@@ -376,14 +463,34 @@ def run_ann_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ..
             shutil.rmtree(lance_tmp, ignore_errors=True)
 
     raw_bytes = 4 * dim
-    series_info = [{"name": s.name, "system": s.system, "grid": s.grid, "description": s.description,
-                    "wraps": s.wraps, "build_s": s.build_s, "memory_bytes_per_item": s.memory_bytes / n,
-                    "memory_ratio_to_raw_vectors": s.memory_bytes / n / raw_bytes} for s in all_series]
+    series_info = [
+        {
+            "name": s.name,
+            "system": s.system,
+            "grid": s.grid,
+            "description": s.description,
+            "wraps": s.wraps,
+            "build_s": s.build_s,
+            "memory_bytes_per_item": s.memory_bytes / n,
+            "memory_ratio_to_raw_vectors": s.memory_bytes / n / raw_bytes,
+        }
+        for s in all_series
+    ]
     result: dict[str, Any] = {
-        "dataset": {"items": n, "dim": dim, "queries": len(queries), "item_queries": len(item_q),
-                    "source": source or {"kind": "arrays"}},
-        "ks": list(ks), "quick": quick, "cores": cores, "single_query_threads": 1,
-        "series": series_info, "points": points, "skipped": skipped,
+        "dataset": {
+            "items": n,
+            "dim": dim,
+            "queries": len(queries),
+            "item_queries": len(item_q),
+            "source": source or {"kind": "arrays"},
+        },
+        "ks": list(ks),
+        "quick": quick,
+        "cores": cores,
+        "single_query_threads": 1,
+        "series": series_info,
+        "points": points,
+        "skipped": skipped,
         "overhead": overheads(points, all_series),
         "machine_ceilings": machine_ceilings(),
         "run_s": time.perf_counter() - t_run,
@@ -409,9 +516,17 @@ def overheads(points: list[dict[str, Any]], all_series: list[Any]) -> list[dict[
             raw = by_key.get((s.wraps, p["k"], repr(sorted(p["params"].items()))))
             if raw is None:
                 continue
-            out.append({"series": s.name, "raw": s.wraps, "k": p["k"], "params": p["params"],
-                        "p50_ratio": p["p50_ms"] / raw["p50_ms"], "overhead": p["p50_ms"] / raw["p50_ms"] - 1,
-                        "overhead_ms": p["p50_ms"] - raw["p50_ms"]})
+            out.append(
+                {
+                    "series": s.name,
+                    "raw": s.wraps,
+                    "k": p["k"],
+                    "params": p["params"],
+                    "p50_ratio": p["p50_ms"] / raw["p50_ms"],
+                    "overhead": p["p50_ms"] / raw["p50_ms"] - 1,
+                    "overhead_ms": p["p50_ms"] - raw["p50_ms"],
+                }
+            )
     return out
 
 
@@ -425,8 +540,10 @@ def brute_force_floor(result: dict[str, Any], n: int, dim: int) -> dict[str, Any
     out: dict[str, Any] = {"single_query_ms_at_bandwidth": floor_ms, "batch_qps_at_sgemm": qps_ceiling}
     for p in result["points"]:
         if p["series"] in ("numpy brute force", "towerann exact"):
-            out[f"{p['series']} k={p['k']}"] = {"p50_over_floor": p["p50_ms"] / floor_ms,
-                                                "qps_fraction_of_sgemm": p["qps_batch"] / qps_ceiling}
+            out[f"{p['series']} k={p['k']}"] = {
+                "p50_over_floor": p["p50_ms"] / floor_ms,
+                "qps_fraction_of_sgemm": p["qps_batch"] / qps_ceiling,
+            }
     return out
 
 
@@ -441,19 +558,30 @@ def check_targets(result: dict[str, Any], targets: dict[str, dict[str, Any]] = T
                     continue
                 best = per.get(p["series"])
                 if best is None or p["p50_ms"] < best["p50_ms"]:
-                    per[p["series"]] = {"p50_ms": p["p50_ms"], "recall": p["recall"], "params": p["params"],
-                                        "met": p["p50_ms"] <= t["p50_ms"]}
+                    per[p["series"]] = {
+                        "p50_ms": p["p50_ms"],
+                        "recall": p["recall"],
+                        "params": p["params"],
+                        "met": p["p50_ms"] <= t["p50_ms"],
+                    }
             out[name] = {"target": t, "fastest_at_recall": per, "met_by": sorted(s for s, v in per.items() if v["met"])}
         elif "memory_ratio" in t:
             ratios = {s["name"]: s["memory_ratio_to_raw_vectors"] for s in result["series"] if s["grid"] == "hnsw"}
-            out[name] = {"target": t, "ratios": ratios, "met_by": sorted(s for s, r in ratios.items() if r <= t["memory_ratio"])}
+            out[name] = {
+                "target": t,
+                "ratios": ratios,
+                "met_by": sorted(s for s, r in ratios.items() if r <= t["memory_ratio"]),
+            }
         else:
             med: dict[str, float] = {}
             for o in result["overhead"]:
                 med.setdefault(o["series"], []).append(o["overhead"])  # type: ignore[attr-defined]
             medians = {s: float(np.median(v)) for s, v in med.items()}
-            out[name] = {"target": t, "median_overhead": medians,
-                         "met_by": sorted(s for s, v in medians.items() if v < t["overhead"])}
+            out[name] = {
+                "target": t,
+                "median_overhead": medians,
+                "met_by": sorted(s for s, v in medians.items() if v < t["overhead"]),
+            }
     return out
 
 
@@ -482,8 +610,15 @@ def plot(result: dict[str, Any], targets: dict[str, dict[str, Any]] = TARGETS) -
             for name in names:
                 pts = frontier([p for p in result["points"] if p["series"] == name and p["k"] == k])
                 if pts:
-                    ax.plot([p["p50_ms"] for p in pts], [p["recall"] for p in pts], styles[name], marker="o",
-                            ms=3, color=colors[name], label=name)
+                    ax.plot(
+                        [p["p50_ms"] for p in pts],
+                        [p["recall"] for p in pts],
+                        styles[name],
+                        marker="o",
+                        ms=3,
+                        color=colors[name],
+                        label=name,
+                    )
             t = next((v for v in targets.values() if v.get("k") == k), None)
             if t:
                 ax.axhline(t["recall"], color="grey", lw=0.8, ls=":")
@@ -498,15 +633,31 @@ def plot(result: dict[str, Any], targets: dict[str, dict[str, Any]] = TARGETS) -
         ax = fig.add_subplot(1, len(ks) + 1, len(ks) + 1)
         for name in names:
             for k, marker in zip(ks, "os^v"):
-                pts = [p for p in result["points"] if p["series"] == name and p["k"] == k and "recall_item_queries" in p]
+                pts = [
+                    p for p in result["points"] if p["series"] == name and p["k"] == k and "recall_item_queries" in p
+                ]
                 if len(pts) < 2:
                     continue
                 items = frontier(pts, "recall_item_queries")
-                ax.plot([p["p50_ms"] for p in items], [p["recall_item_queries"] for p in items], ":", marker=marker,
-                        ms=3, color=colors[name], label=f"{name} @{k}: item queries")
+                ax.plot(
+                    [p["p50_ms"] for p in items],
+                    [p["recall_item_queries"] for p in items],
+                    ":",
+                    marker=marker,
+                    ms=3,
+                    color=colors[name],
+                    label=f"{name} @{k}: item queries",
+                )
                 pts = frontier(pts)
-                ax.plot([p["p50_ms"] for p in pts], [p["recall"] for p in pts], "-", marker=marker, ms=3,
-                        color=colors[name], label=f"{name} @{k}: {label}")
+                ax.plot(
+                    [p["p50_ms"] for p in pts],
+                    [p["recall"] for p in pts],
+                    "-",
+                    marker=marker,
+                    ms=3,
+                    color=colors[name],
+                    label=f"{name} @{k}: {label}",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("p50 latency (ms)")
         ax.set_ylabel("recall")
@@ -518,6 +669,7 @@ def plot(result: dict[str, Any], targets: dict[str, dict[str, Any]] = TARGETS) -
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
+
 
 def _csv(text: str, what: str) -> tuple[str, ...]:
     items = tuple(x.strip() for x in text.split(",") if x.strip())
@@ -536,16 +688,20 @@ def _ks(text: str) -> tuple[int, ...]:
 def print_table(result: dict[str, Any]) -> None:
     series = {s["name"]: s for s in result["series"]}
     over = {(o["series"], o["k"], repr(o["params"])): o["overhead"] for o in result["overhead"]}
-    print(f"{'series':<24}{'K':>5}  {'params':<30}{'recall':>8}{'itemQ':>8}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'QPS':>9}{'B/item':>8}{'build s':>9}{'overhd':>8}")
+    print(
+        f"{'series':<24}{'K':>5}  {'params':<30}{'recall':>8}{'itemQ':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'QPS':>9}{'B/item':>8}{'build s':>9}{'overhd':>8}"
+    )
     for p in result["points"]:
         s = series[p["series"]]
         o = over.get((p["series"], p["k"], repr(p["params"])))
         params = ",".join(f"{k}={v}" for k, v in p["params"].items()) or "-"
         iq = p.get("recall_item_queries")
-        print(f"{p['series']:<24}{p['k']:>5}  {params:<30}{p['recall']:>8.4f}{'' if iq is None else f'{iq:.4f}':>8}"
-              f"{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['qps_batch']:>9.0f}{s['memory_bytes_per_item']:>8.0f}"
-              f"{s['build_s']:>9.1f}{'' if o is None else f'{o:+.0%}':>8}")
+        print(
+            f"{p['series']:<24}{p['k']:>5}  {params:<30}{p['recall']:>8.4f}{'' if iq is None else f'{iq:.4f}':>8}"
+            f"{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['qps_batch']:>9.0f}{s['memory_bytes_per_item']:>8.0f}"
+            f"{s['build_s']:>9.1f}{'' if o is None else f'{o:+.0%}':>8}"
+        )
     for name, t in result["targets"].items():
         print(f"target {name}: met by {', '.join(t['met_by']) or 'none'}")
     for name, why in result["skipped"].items():
@@ -558,8 +714,10 @@ def run(args: argparse.Namespace) -> int:
     peers = _csv(args.peers, "--peers") if args.peers.strip() else ()
     work = Path(args.work) if args.work else Path(args.out) / "work"
     if bool(args.vectors) != bool(args.queries):
-        raise ConfigError("--vectors and --queries go together: give both (a vectors directory and a .npy of "
-                          "query vectors) or neither (build a synthetic dataset)")
+        raise ConfigError(
+            "--vectors and --queries go together: give both (a vectors directory and a .npy of "
+            "query vectors) or neither (build a synthetic dataset)"
+        )
     if args.vectors and args.set == "far":
         raise ConfigError("--set far generates its own catalog; give --vectors/--queries only with --set user")
     if args.vectors:
@@ -574,20 +732,40 @@ def run(args: argparse.Namespace) -> int:
     n_queries = args.queries_n or (100 if args.quick else 300)
     work.mkdir(parents=True, exist_ok=True)
     far = args.set == "far"
-    result = run_ann_bench(data.vectors, data.queries, ks=ks, backends=backends, peers=peers, n_queries=n_queries,
-                           quick=args.quick, out=args.out, work=work, source=data.source,
-                           report="ann-far" if far else "ann", targets=FAR_TARGETS if far else TARGETS)
+    result = run_ann_bench(
+        data.vectors,
+        data.queries,
+        ks=ks,
+        backends=backends,
+        peers=peers,
+        n_queries=n_queries,
+        quick=args.quick,
+        out=args.out,
+        work=work,
+        source=data.source,
+        report="ann-far" if far else "ann",
+        targets=FAR_TARGETS if far else TARGETS,
+    )
     print_table(result)
     print(f"wrote {' and '.join(result['files'])}")
     return 0
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("ann", help="recall vs latency of each index backend beside the raw libraries, LanceDB "
-                             "and brute force", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", choices=SETS, default="user", help="user: a trained model's item vectors and held-out "
-                   "users' query vectors (default); far: the far-off-query catalog (Zipf clusters, power-law spectrum, "
-                   "queries = mean of 3-8 items + noise; towerann.data.vectors), written as ann-far.json/png")
+    p = bench_sub.add_parser(
+        "ann",
+        help="recall vs latency of each index backend beside the raw libraries, LanceDB and brute force",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--set",
+        choices=SETS,
+        default="user",
+        help="user: a trained model's item vectors and held-out "
+        "users' query vectors (default); far: the far-off-query catalog (Zipf clusters, power-law spectrum, "
+        "queries = mean of 3-8 items + noise; towerann.data.synth_vectors), written as ann-far.json/png",
+    )
     p.add_argument("--seed", type=int, default=0, help="--set far: catalog seed (same seed -> same vectors; default 0)")
     p.add_argument("--items", type=int, default=None, help="synthetic catalog size (default 1000000; --quick: 20000)")
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 50000; --quick: 2000)")
@@ -598,8 +776,11 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
     p.add_argument("--queries-n", type=int, default=None, help="queries measured (default 300; --quick: 100)")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"towerann backends (default {','.join(BACKENDS)})")
-    p.add_argument("--peers", default=",".join(PEERS), help=f"peers measured beside them (default {','.join(PEERS)}; "
-                   "empty for none)")
+    p.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"peers measured beside them (default {','.join(PEERS)}; empty for none)",
+    )
     p.add_argument("--quick", action="store_true", help="small dataset and few parameter settings (smoke run)")
     p.add_argument("--out", default="bench-results", help="directory for ann.json and ann.png (--set far: ann-far.*)")
     p.add_argument("--work", default=None, help="cache for dataset, model, vectors, queries (default OUT/work)")

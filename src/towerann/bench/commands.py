@@ -16,15 +16,18 @@ BENCH_MODULES = (
     "towerann.bench.serve",
     "towerann.bench.freshness",
     "towerann.bench.soak",
-    "towerann.bench.model",
+    "towerann.bench.model_regimes",
     "towerann.bench.shards",
 )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: towerann beside its peers, JSON + PNG",
-                           description="Benchmarks measure towerann beside its peers in the same run and "
-                           "report ratios; results go to --out as JSON and a PNG plot. Quote medians.")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: towerann beside its peers, JSON + PNG",
+        description="Benchmarks measure towerann beside its peers in the same run and "
+        "report ratios; results go to --out as JSON and a PNG plot. Quote medians.",
+    )
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name in BENCH_MODULES:
         importlib.import_module(name).add_bench_command(bench_sub)

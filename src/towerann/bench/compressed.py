@@ -24,8 +24,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,20 @@ from towerann.errors import ConfigError
 log = logging.getLogger(__name__)
 
 TARGETS = {  # issue 11's targets (1M x 128-d user-tower queries, one query on one thread)
-    "resident<=32B/item, recall@100>=0.95, warm p50<=1ms": {"k": 100, "recall": 0.95, "p50_ms": 1.0,
-                                                             "mode": "warm", "resident": 32},
-    "resident<=32B/item, recall@100>=0.95, cold p50<=5ms": {"k": 100, "recall": 0.95, "p50_ms": 5.0,
-                                                             "mode": "cold", "resident": 32},
+    "resident<=32B/item, recall@100>=0.95, warm p50<=1ms": {
+        "k": 100,
+        "recall": 0.95,
+        "p50_ms": 1.0,
+        "mode": "warm",
+        "resident": 32,
+    },
+    "resident<=32B/item, recall@100>=0.95, cold p50<=5ms": {
+        "k": 100,
+        "recall": 0.95,
+        "p50_ms": 5.0,
+        "mode": "cold",
+        "resident": 32,
+    },
     "16-byte codes, no re-ranking: recall@100>=0.85": {"k": 100, "recall": 0.85, "code_bytes": 16, "rerank": 0},
 }
 NPROBES = (8, 16, 32, 64, 128, 256)
@@ -52,8 +63,12 @@ def _peak_rss_reset() -> None:
         pass
 
 
-def _timed(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, k: int,
-           before_each: Callable[[], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _timed(
+    search: Callable[[np.ndarray], np.ndarray],
+    queries: np.ndarray,
+    k: int,
+    before_each: Callable[[], Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(found ids [m, k], seconds [m]) of one query at a time; `before_each` runs untimed before each."""
     found = np.full((len(queries), k), -1, np.int64)
     times = np.empty(len(queries))
@@ -61,16 +76,26 @@ def _timed(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, k: i
         if before_each is not None:
             before_each()
         t0 = time.perf_counter()
-        ids = search(queries[i:i + 1])
+        ids = search(queries[i : i + 1])
         times[i] = time.perf_counter() - t0
         found[i] = ids.reshape(-1)[:k]
     return found, times
 
 
-def run_pq_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...] = (100, 1000),
-                 pq_ms: tuple[int, ...] = (8, 16, 32), n_queries: int = 300, n_cold: int = 40,
-                 quick: bool = False, out: str | Path | None = "bench-results", work: str | Path | None = None,
-                 source: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+def run_pq_bench(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    *,
+    ks: tuple[int, ...] = (100, 1000),
+    pq_ms: tuple[int, ...] = (8, 16, 32),
+    n_queries: int = 300,
+    n_cold: int = 40,
+    quick: bool = False,
+    out: str | Path | None = "bench-results",
+    work: str | Path | None = None,
+    source: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     from towerann.bench.ann import exact_topk, threads
     from towerann.bench.freshness import rss_mb
     from towerann.bench.report import percentiles, write_report
@@ -106,17 +131,30 @@ def run_pq_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...
         del built
         manifest = read_checked_manifest(path, verify=False)
         on_disk = IVFPQIndex.load(path, manifest)
-        in_ram = IVFPQIndex.load(path, {**manifest, "build_params": {**manifest["build_params"], "rerank_from": "memory"}})
+        in_ram = IVFPQIndex.load(
+            path, {**manifest, "build_params": {**manifest["build_params"], "rerank_from": "memory"}}
+        )
         mem = on_disk.memory()
-        info = {"pq_m": pq_m, "code_bytes": mem["codes_bytes_per_item"], "description": on_disk.describe(),
-                "build_s": build_s, "build_peak_rss_mb": build_peak, "rss_before_build_mb": rss0,
-                "resident_bytes_per_item": mem["resident_bytes_per_item"],
-                "resident_bytes_per_item_in_ram": in_ram.memory()["resident_bytes_per_item"],
-                "disk_bytes_per_item": mem["disk_bytes_per_item"],
-                "manifest_memory": manifest["backend_state"].get("memory")}
+        info = {
+            "pq_m": pq_m,
+            "code_bytes": mem["codes_bytes_per_item"],
+            "description": on_disk.describe(),
+            "build_s": build_s,
+            "build_peak_rss_mb": build_peak,
+            "rss_before_build_mb": rss0,
+            "resident_bytes_per_item": mem["resident_bytes_per_item"],
+            "resident_bytes_per_item_in_ram": in_ram.memory()["resident_bytes_per_item"],
+            "disk_bytes_per_item": mem["disk_bytes_per_item"],
+            "manifest_memory": manifest["backend_state"].get("memory"),
+        }
         codes.append(info)
-        log.info("pq_m=%d: built in %.0fs, peak RSS %.0f MiB, resident %.1f B/item", pq_m, build_s, build_peak,
-                 mem["resident_bytes_per_item"])
+        log.info(
+            "pq_m=%d: built in %.0fs, peak RSS %.0f MiB, resident %.1f B/item",
+            pq_m,
+            build_s,
+            build_peak,
+            mem["resident_bytes_per_item"],
+        )
         on_disk.warm_vectors()  # warm: the whole file in the page cache and mapped (cold runs come last)
         settings = [(k, {"nprobe": nprobe, "rerank": f * k}) for k in ks for nprobe in nprobes for f in pools]
         runs = [(mode, ix, k, params) for k, params in settings for mode, ix in (("warm", on_disk), ("ram", in_ram))]
@@ -132,19 +170,35 @@ def run_pq_bench(vectors: np.ndarray, queries: np.ndarray, *, ks: tuple[int, ...
                 search(qs[:1])  # warm-up: lazy allocations, the reader threads
                 found, times = _timed(search, qs, k, on_disk.evict_vectors if mode == "cold" else None)
                 lat = percentiles(times)
-                pt = {"pq_m": pq_m, "mode": mode, "k": k, "params": params, "queries": len(qs),
-                      "recall": recall_at_k(found, truth[:len(qs), :k]), "p50_ms": lat["p50_ms"],
-                      "p99_ms": lat["p99_ms"]}
+                pt = {
+                    "pq_m": pq_m,
+                    "mode": mode,
+                    "k": k,
+                    "params": params,
+                    "queries": len(qs),
+                    "recall": recall_at_k(found, truth[: len(qs), :k]),
+                    "p50_ms": lat["p50_ms"],
+                    "p99_ms": lat["p99_ms"],
+                }
                 points.append(pt)
-                log.info("pq_m=%d %s k=%d %s recall=%.4f p50=%.3fms", pq_m, mode, k, params, pt["recall"],
-                         pt["p50_ms"])
+                log.info("pq_m=%d %s k=%d %s recall=%.4f p50=%.3fms", pq_m, mode, k, params, pt["recall"], pt["p50_ms"])
         del on_disk, in_ram
         shutil.rmtree(root, ignore_errors=True)  # a snapshot per code size: at 10M items, 5 GB of vectors each
     result: dict[str, Any] = {
-        "dataset": {"items": n, "dim": dim, "queries": len(queries), "cold_queries": len(cold_q),
-                    "source": source or {"kind": "arrays"}},
-        "ks": list(ks), "quick": quick, "single_query_threads": 1, "codes": codes, "points": points,
-        "raw_vector_bytes_per_item": 4 * dim, "run_s": time.perf_counter() - t_run,
+        "dataset": {
+            "items": n,
+            "dim": dim,
+            "queries": len(queries),
+            "cold_queries": len(cold_q),
+            "source": source or {"kind": "arrays"},
+        },
+        "ks": list(ks),
+        "quick": quick,
+        "single_query_threads": 1,
+        "codes": codes,
+        "points": points,
+        "raw_vector_bytes_per_item": 4 * dim,
+        "run_s": time.perf_counter() - t_run,
     }
     result["targets"] = check_targets(result)
     if out is not None:
@@ -169,11 +223,20 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
                 continue
             if best is None or p["p50_ms"] < best["p50_ms"]:
                 best = {**p, "resident_bytes_per_item": c["resident_bytes_per_item"]}
-        met = best is not None and best["p50_ms"] <= t.get("p50_ms", np.inf) and \
-            best["resident_bytes_per_item"] <= t.get("resident", np.inf)
+        met = (
+            best is not None
+            and best["p50_ms"] <= t.get("p50_ms", np.inf)
+            and best["resident_bytes_per_item"] <= t.get("resident", np.inf)
+        )
         if best is None and "code_bytes" in t:  # say how far the codes alone get
-            alone = [p for p in result["points"] if p["k"] == t["k"] and by_pq[p["pq_m"]]["code_bytes"] == t["code_bytes"]
-                     and p["params"]["rerank"] == 0 and p["mode"] == "warm"]
+            alone = [
+                p
+                for p in result["points"]
+                if p["k"] == t["k"]
+                and by_pq[p["pq_m"]]["code_bytes"] == t["code_bytes"]
+                and p["params"]["rerank"] == 0
+                and p["mode"] == "warm"
+            ]
             best = max(alone, key=lambda p: p["recall"], default=None)
         out[name] = {"target": t, "fastest_meeting_recall": best, "met": bool(met)}
     return out
@@ -190,18 +253,28 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
             ax = fig.add_subplot(1, len(ks), j + 1)
             for i, c in enumerate(result["codes"]):
                 for mode, style in styles.items():
-                    pts = frontier([p for p in result["points"] if p["pq_m"] == c["pq_m"] and p["k"] == k
-                                    and p["mode"] == mode])
+                    pts = frontier(
+                        [p for p in result["points"] if p["pq_m"] == c["pq_m"] and p["k"] == k and p["mode"] == mode]
+                    )
                     if pts:
-                        ax.plot([p["p50_ms"] for p in pts], [p["recall"] for p in pts], style, marker="o", ms=3,
-                                color=f"C{i}", label=f"PQ{c['pq_m']} {mode} ({c['resident_bytes_per_item']:.0f} B/item "
-                                f"resident)")
+                        ax.plot(
+                            [p["p50_ms"] for p in pts],
+                            [p["recall"] for p in pts],
+                            style,
+                            marker="o",
+                            ms=3,
+                            color=f"C{i}",
+                            label=f"PQ{c['pq_m']} {mode} ({c['resident_bytes_per_item']:.0f} B/item resident)",
+                        )
             ax.axhline(0.95, color="grey", lw=0.8, ls=":")
             ax.set_xscale("log")
             ax.set_xlabel("p50 latency, one query on 1 thread (ms)")
             ax.set_ylabel(f"recall@{k}")
-            ax.set_title(f"ivfpq, K={k}: {result['dataset']['items']:,} items x {result['dataset']['dim']}-d "
-                         "(cold: vector file evicted before each query)", fontsize=9)
+            ax.set_title(
+                f"ivfpq, K={k}: {result['dataset']['items']:,} items x {result['dataset']['dim']}-d "
+                "(cold: vector file evicted before each query)",
+                fontsize=9,
+            )
             ax.grid(True, which="both", alpha=0.3)
             if j == 0:
                 ax.legend(fontsize=7)
@@ -212,13 +285,17 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
 def print_table(result: dict[str, Any]) -> None:
     print(f"{'code':<6}{'resident B/item':>16}{'disk B/item':>12}{'build s':>9}{'peak RSS MiB':>13}")
     for c in result["codes"]:
-        print(f"PQ{c['pq_m']:<4}{c['resident_bytes_per_item']:>16.1f}{c['disk_bytes_per_item']:>12.0f}"
-              f"{c['build_s']:>9.1f}{c['build_peak_rss_mb']:>13.0f}")
+        print(
+            f"PQ{c['pq_m']:<4}{c['resident_bytes_per_item']:>16.1f}{c['disk_bytes_per_item']:>12.0f}"
+            f"{c['build_s']:>9.1f}{c['build_peak_rss_mb']:>13.0f}"
+        )
     print(f"{'code':<6}{'mode':<6}{'K':>5}  {'params':<22}{'recall':>8}{'p50 ms':>9}{'p99 ms':>9}")
     for p in result["points"]:
         params = ",".join(f"{k}={v}" for k, v in p["params"].items())
-        print(f"PQ{p['pq_m']:<4}{p['mode']:<6}{p['k']:>5}  {params:<22}{p['recall']:>8.4f}{p['p50_ms']:>9.3f}"
-              f"{p['p99_ms']:>9.3f}")
+        print(
+            f"PQ{p['pq_m']:<4}{p['mode']:<6}{p['k']:>5}  {params:<22}{p['recall']:>8.4f}{p['p50_ms']:>9.3f}"
+            f"{p['p99_ms']:>9.3f}"
+        )
     for name, t in result["targets"].items():
         print(f"target {name}: {'met' if t['met'] else 'not met'}")
 
@@ -240,22 +317,45 @@ def run(args: argparse.Namespace) -> int:
     elif args.set == "far":
         data = far_dataset(items, args.dim, n_queries=5000, seed=args.seed)
     else:
-        data = synthetic_dataset(work, items, args.users or (2_000 if args.quick else 50_000), args.dim,
-                                 train_seconds=60 if args.quick else args.train_seconds)
+        data = synthetic_dataset(
+            work,
+            items,
+            args.users or (2_000 if args.quick else 50_000),
+            args.dim,
+            train_seconds=60 if args.quick else args.train_seconds,
+        )
     work.mkdir(parents=True, exist_ok=True)
-    result = run_pq_bench(data.vectors, data.queries, ks=ks, pq_ms=pq_ms, n_queries=args.queries_n,
-                          n_cold=args.cold_queries, quick=args.quick, out=args.out, work=work, source=data.source)
+    result = run_pq_bench(
+        data.vectors,
+        data.queries,
+        ks=ks,
+        pq_ms=pq_ms,
+        n_queries=args.queries_n,
+        n_cold=args.cold_queries,
+        quick=args.quick,
+        out=args.out,
+        work=work,
+        source=data.source,
+    )
     print_table(result)
     print(f"wrote {' and '.join(result['files'])}")
     return 0
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("pq", help="the compressed index: resident bytes per item, recall, warm and cold latency",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", choices=("user", "far"), default="user",
-                   help="user: a trained model's item vectors and held-out users' queries (default; the dataset "
-                   "`bench ann` caches); far: the far-off-query catalog")
+    p = bench_sub.add_parser(
+        "pq",
+        help="the compressed index: resident bytes per item, recall, warm and cold latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--set",
+        choices=("user", "far"),
+        default="user",
+        help="user: a trained model's item vectors and held-out users' queries (default; the dataset "
+        "`bench ann` caches); far: the far-off-query catalog",
+    )
     p.add_argument("--seed", type=int, default=0, help="--set far: catalog seed (default 0)")
     p.add_argument("--items", type=int, default=None, help="catalog size (default 1000000; --quick: 20000)")
     p.add_argument("--users", type=int, default=None, help="synthetic users (default 50000; --quick: 2000)")
@@ -266,8 +366,12 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
     p.add_argument("--pq-m", default="8,16,32", help="PQ code sizes in bytes per item (default 8,16,32)")
     p.add_argument("--queries-n", type=int, default=300, help="warm queries measured per setting (default 300)")
-    p.add_argument("--cold-queries", type=int, default=40,
-                   help="cold queries per setting, each after evicting the vector file (default 40)")
+    p.add_argument(
+        "--cold-queries",
+        type=int,
+        default=40,
+        help="cold queries per setting, each after evicting the vector file (default 40)",
+    )
     p.add_argument("--quick", action="store_true", help="small dataset and few settings (smoke run)")
     p.add_argument("--out", default="bench-results", help="directory for pq.json and pq.png")
     p.add_argument("--work", default=None, help="cache for the dataset and the snapshots (default OUT/work)")

@@ -69,8 +69,13 @@ def _model(work: Path) -> Path:
 
 def _stages(model_dir: Path, items: Path, batch_size: int, threads: int) -> dict[str, Any]:
     """Each stage alone on the first SAMPLE rows: decode, encode, tower on tensors already in memory."""
-    from towerann.embed.runner import (encode_batch, filter_categories, iter_batches_from, open_catalog,
-                                       resolve_items_file)
+    from towerann.embed.runner import (
+        encode_batch,
+        filter_categories,
+        iter_batches_from,
+        open_catalog,
+        resolve_items_file,
+    )
     from towerann.model.model import TwoTowerModel
 
     model = TwoTowerModel.load(model_dir)
@@ -104,12 +109,23 @@ def _stages(model_dir: Path, items: Path, batch_size: int, threads: int) -> dict
     finally:
         torch.set_num_threads(before)
     tower_s = float(np.median(times))
-    return {"sample_items": n, "read_s": t1 - t0, "encode_s": t2 - t1, "tower_s": tower_s,
-            "flops_per_item": tower_flops_per_item(tower), "dim": model.dim}
+    return {
+        "sample_items": n,
+        "read_s": t1 - t0,
+        "encode_s": t2 - t1,
+        "tower_s": tower_s,
+        "flops_per_item": tower_flops_per_item(tower),
+        "dim": model.dim,
+    }
 
 
-def measure(n_items: int = 1_000_000, model_dir: str | Path | None = None, work: str | Path = "bench-results/embed-data",
-            batch_size: int = 16384, keep: bool = False) -> dict[str, Any]:
+def measure(
+    n_items: int = 1_000_000,
+    model_dir: str | Path | None = None,
+    work: str | Path = "bench-results/embed-data",
+    batch_size: int = 16384,
+    keep: bool = False,
+) -> dict[str, Any]:
     from towerann.embed.runner import embed_catalog
 
     work = Path(work)
@@ -144,12 +160,19 @@ def measure(n_items: int = 1_000_000, model_dir: str | Path | None = None, work:
         "model": str(model_path),
         "dim": stages["dim"],
         "flops_per_item": flops,
-        "end_to_end": {"seconds": seconds, "items_per_s": items_s, "gflops": e2e_gflops,
-                       "output_bytes": out_bytes, "stages_in_run_s": {k: v for k, v in stats.items() if k.endswith("_s")}},
+        "end_to_end": {
+            "seconds": seconds,
+            "items_per_s": items_s,
+            "gflops": e2e_gflops,
+            "output_bytes": out_bytes,
+            "stages_in_run_s": {k: v for k, v in stats.items() if k.endswith("_s")},
+        },
         "pure_tower": {"items_per_s": pure_items_s, "gflops": tower_gflops, "sample_items": stages["sample_items"]},
-        "stage_alone_s_for_catalog": {"parquet_decode": per_item["read_s"] * n_items,
-                                      "feature_encode": per_item["encode_s"] * n_items,
-                                      "tower": per_item["tower_s"] * n_items},
+        "stage_alone_s_for_catalog": {
+            "parquet_decode": per_item["read_s"] * n_items,
+            "feature_encode": per_item["encode_s"] * n_items,
+            "tower": per_item["tower_s"] * n_items,
+        },
         "machine_sgemm_gflops": sgemm,
         "machine_memory_bandwidth_gbs": bandwidth,
         "ratio_tower_to_sgemm": tower_gflops / sgemm,
@@ -164,15 +187,22 @@ def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]
         ax = fig.add_subplot(1, 1, 1)
         alone = result["stage_alone_s_for_catalog"]
         names = ["Parquet decode", "feature encode", "item tower", "sum of stages", "end to end"]
-        vals = [alone["parquet_decode"], alone["feature_encode"], alone["tower"], sum(alone.values()),
-                result["end_to_end"]["seconds"]]
+        vals = [
+            alone["parquet_decode"],
+            alone["feature_encode"],
+            alone["tower"],
+            sum(alone.values()),
+            result["end_to_end"]["seconds"],
+        ]
         bars = ax.bar(names, vals, color=["C0", "C0", "C0", "C7", "C3"])
         for b, v in zip(bars, vals):
             ax.annotate(f"{v:.1f}s", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom")
         ax.set_ylabel(f"seconds for {result['items']:,} items")
-        ax.set_title(f"Batch embedding, {result['threads']} threads: tower at "
-                     f"{result['ratio_tower_to_sgemm']:.0%} of SGEMM ({result['machine_sgemm_gflops']:.0f} GFLOP/s), "
-                     f"end to end {result['end_to_end']['items_per_s']:,.0f} items/s")
+        ax.set_title(
+            f"Batch embedding, {result['threads']} threads: tower at "
+            f"{result['ratio_tower_to_sgemm']:.0%} of SGEMM ({result['machine_sgemm_gflops']:.0f} GFLOP/s), "
+            f"end to end {result['end_to_end']['items_per_s']:,.0f} items/s"
+        )
 
     return draw
 
@@ -181,10 +211,14 @@ def run(args: argparse.Namespace) -> int:
     result = measure(args.items, args.model, args.work, args.batch_size, args.keep)
     json_path, png_path = write_report(args.out, f"embed-{args.items}", result, _plot(result))
     e = result["end_to_end"]
-    print(f"{result['items']:,} items in {e['seconds']:.1f} s = {e['items_per_s']:,.0f} items/s "
-          f"({e['gflops']:.1f} GFLOP/s end to end, {result['ratio_end_to_end_to_sgemm']:.0%} of SGEMM)")
-    print(f"item tower alone: {result['pure_tower']['gflops']:.1f} GFLOP/s = {result['ratio_tower_to_sgemm']:.0%} of "
-          f"SGEMM {result['machine_sgemm_gflops']:.1f}; end to end = {result['ratio_end_to_end_to_pure_tower']:.0%} of the pure tower")
+    print(
+        f"{result['items']:,} items in {e['seconds']:.1f} s = {e['items_per_s']:,.0f} items/s "
+        f"({e['gflops']:.1f} GFLOP/s end to end, {result['ratio_end_to_end_to_sgemm']:.0%} of SGEMM)"
+    )
+    print(
+        f"item tower alone: {result['pure_tower']['gflops']:.1f} GFLOP/s = {result['ratio_tower_to_sgemm']:.0%} of "
+        f"SGEMM {result['machine_sgemm_gflops']:.1f}; end to end = {result['ratio_end_to_end_to_pure_tower']:.0%} of the pure tower"
+    )
     print(f"wrote {json_path} and {png_path}")
     return 0
 
@@ -193,7 +227,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("embed", help="batch embedding throughput vs the pure tower and SGEMM")
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (synthetic; default 1000000)")
     p.add_argument("--model", default=None, help="model directory (default: train a small one, reused)")
-    p.add_argument("--work", default="bench-results/embed-data", help="where catalogs, the model and vectors go (reused)")
+    p.add_argument(
+        "--work", default="bench-results/embed-data", help="where catalogs, the model and vectors go (reused)"
+    )
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--keep", action="store_true", help="keep the vectors directory (default: remove it)")
     p.add_argument("--out", default="bench-results", help="directory for embed-N.json and embed-N.png")

@@ -1,9 +1,9 @@
 """`towerann bench filter`: recall and latency of filtered search against the share of the catalog a filter keeps.
 
-On a seeded clustered catalog (towerann.data.vectors.far_off_catalog; an item's category is its
+On a seeded clustered catalog (towerann.data.synth_vectors.far_off_catalog; an item's category is its
 cluster, so a filter keeps items that sit together, as real category filters do) each backend is
 built, tuned unfiltered to --recall at each K (index.tune), and its filter plan calibrated on half of
-the queries (index.plan.calibrate). On the other half, for each share of the catalog (whole
+the queries (index.filter_plan.calibrate). On the other half, for each share of the catalog (whole
 categories in a seeded random order until the share is reached; 100% = no filter) it measures
 recall@K against exact filtered search (`Index.exact_search`) and p50/p99 of one query at a time on
 one thread, for the planner and for each single path (exact, filtered, post: index.plan).
@@ -22,17 +22,18 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from towerann.bench.ann import _csv, _ks, threads
 from towerann.bench.report import percentiles, write_report
 from towerann.errors import BackendUnavailable, ConfigError
-from towerann.index import Filter, create, plan
-from towerann.index.partition import DEFAULT_MIN_ITEMS
+from towerann.index import Filter, create, filter_plan
 from towerann.index.tune import recall_at_k, tune
+from towerann.index.value_partitions import DEFAULT_MIN_ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ BACKENDS = ("exact", "hnsw", "ivfpq", "scann")
 TARGET = {"recall": 0.95, "p99_vs_unfiltered": 2.0}
 
 
-def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator,
-                 order: str = "random") -> Filter | None:
+def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator, order: str = "random") -> Filter | None:
     """Whole categories in a random order (order="largest": biggest first, the few-big-values filters
     partitions are for) until about `share` of the items are kept (None: 100%)."""
     if share >= 1.0:
@@ -57,23 +57,37 @@ def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator,
                 chosen.append(int(codes[i]))
                 total += int(counts[i])
     else:
-        chosen, _ = plan.categories_for_share(clusters, share, rng)
+        chosen, _ = filter_plan.categories_for_share(clusters, share, rng)
     if not chosen:  # every category is bigger than the share: the smallest one
         codes, counts = np.unique(clusters, return_counts=True)
         chosen = [int(codes[np.argmin(counts)])]
     return Filter(categories=frozenset(chosen))
 
 
-def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal: np.ndarray, q_eval: np.ndarray,
-                    ks: tuple[int, ...], shares: tuple[float, ...], recall: float, n_time: int,
-                    seed: int, build_params: dict[str, Any] | None = None, filter_order: str = "random",
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def measure_backend(
+    kind: str,
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    q_cal: np.ndarray,
+    q_eval: np.ndarray,
+    ks: tuple[int, ...],
+    shares: tuple[float, ...],
+    recall: float,
+    n_time: int,
+    seed: int,
+    build_params: dict[str, Any] | None = None,
+    filter_order: str = "random",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build, tune and calibrate one backend; measure every (K, share, path)."""
     t0 = time.perf_counter()
     index = create(kind, vectors.shape[1], **(build_params or {}))
     index.build(vectors, np.arange(len(vectors)), clusters)
-    info: dict[str, Any] = {"describe": index.describe(), "build_s": round(time.perf_counter() - t0, 1),
-                            "tuned": {}, "calibration_s": 0.0}
+    info: dict[str, Any] = {
+        "describe": index.describe(),
+        "build_s": round(time.perf_counter() - t0, 1),
+        "tuned": {},
+        "calibration_s": 0.0,
+    }
     partitions = getattr(index, "partition_info", lambda: None)()
     if partitions is not None:
         info["partitions"] = partitions
@@ -85,7 +99,7 @@ def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal:
         else:
             params_at[k] = {}
         info["tuned"][str(k)] = params_at[k]
-        cal = plan.calibrate(index, q_cal, ks=(k,), target=recall)
+        cal = filter_plan.calibrate(index, q_cal, ks=(k,), target=recall)
         if "partition_ef_scale" in cal:  # one calibration per K: each K keeps its own beam and walk cost
             params_at[k]["partition_ef_scale"] = cal["partition_ef_scale"][k]
             params_at[k]["partition_walk_cost"] = cal["partition_walk_cost"][k]
@@ -103,7 +117,9 @@ def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal:
         for share, flt in filters:
             kept = len(clusters) if flt is None else int(np.isin(clusters, list(flt.categories)).sum())
             truth = index.exact_search(q_eval, k, filter=flt).ids
-            chosen = plan.choose(kept, len(clusters), k, {**index.search_defaults, **base}) if flt else "unfiltered"
+            chosen = (
+                filter_plan.choose(kept, len(clusters), k, {**index.search_defaults, **base}) if flt else "unfiltered"
+            )
             paths = ("planner",) if flt is None else ("planner", *index.filter_paths)
 
             def search_for(path: str) -> Callable[[np.ndarray], Any]:
@@ -111,15 +127,24 @@ def measure_backend(kind: str, vectors: np.ndarray, clusters: np.ndarray, q_cal:
                 return lambda q: index.search(q, k, filter=flt, params=params or None)
 
             runs = {path: search_for(path) for path in paths}
-            times = plan.time_paths(runs, q_eval[:n_time])  # the paths take turns on each query
+            times = filter_plan.time_paths(runs, q_eval[:n_time])  # the paths take turns on each query
             for path, search in runs.items():
                 res = search(q_eval)
                 lat = percentiles(times[path] / 1e3)
-                points.append({"kind": kind, "k": k, "share": share, "kept": kept, "path": path,
-                               "planner_chose": chosen if path == "planner" else None,
-                               "recall": round(recall_at_k(res.ids, truth), 4),
-                               "exact_rows": round(res.exact_rows / len(q_eval), 3),
-                               "p50_ms": round(lat["p50_ms"], 4), "p99_ms": round(lat["p99_ms"], 4)})
+                points.append(
+                    {
+                        "kind": kind,
+                        "k": k,
+                        "share": share,
+                        "kept": kept,
+                        "path": path,
+                        "planner_chose": chosen if path == "planner" else None,
+                        "recall": round(recall_at_k(res.ids, truth), 4),
+                        "exact_rows": round(res.exact_rows / len(q_eval), 3),
+                        "p50_ms": round(lat["p50_ms"], 4),
+                        "p99_ms": round(lat["p99_ms"], 4),
+                    }
+                )
                 log.info("bench filter: %s", points[-1])
     return info, points
 
@@ -132,36 +157,83 @@ def check_targets(points: list[dict[str, Any]], target: dict[str, float] = TARGE
         if p["path"] != "planner":
             continue
         bound = target["p99_vs_unfiltered"] * unfiltered[(p["kind"], p["k"])]
-        out.append({"kind": p["kind"], "k": p["k"], "share": p["share"], "recall_ok": p["recall"] >= target["recall"],
-                    "p99_ok": p["p99_ms"] <= bound, "p99_bound_ms": round(bound, 4)})
+        out.append(
+            {
+                "kind": p["kind"],
+                "k": p["k"],
+                "share": p["share"],
+                "recall_ok": p["recall"] >= target["recall"],
+                "p99_ok": p["p99_ms"] <= bound,
+                "p99_bound_ms": round(bound, 4),
+            }
+        )
     return out
 
 
-def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100, 1000),
-                     backends: tuple[str, ...] = BACKENDS, shares: tuple[float, ...] = SHARES, recall: float = 0.95,
-                     n_queries: int = 400, n_time: int = 200, seed: int = 0, out: str | Path | None = None,
-                     partition_by: str | None = None, partition_min: int = DEFAULT_MIN_ITEMS,
-                     filter_order: str = "random") -> dict[str, Any]:
-    from towerann.data.vectors import far_off_catalog
+def run_filter_bench(
+    n_items: int,
+    *,
+    dim: int = 128,
+    ks: tuple[int, ...] = (100, 1000),
+    backends: tuple[str, ...] = BACKENDS,
+    shares: tuple[float, ...] = SHARES,
+    recall: float = 0.95,
+    n_queries: int = 400,
+    n_time: int = 200,
+    seed: int = 0,
+    out: str | Path | None = None,
+    partition_by: str | None = None,
+    partition_min: int = DEFAULT_MIN_ITEMS,
+    filter_order: str = "random",
+) -> dict[str, Any]:
+    from towerann.data.synth_vectors import far_off_catalog
 
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
     half = n_queries // 2
     q_cal, q_eval = cat.queries[:half], cat.queries[half:]
     result: dict[str, Any] = {
-        "params": {"items": n_items, "dim": dim, "ks": list(ks), "shares": list(shares), "recall_target": recall,
-                   "queries": len(q_eval), "timed_queries": min(n_time, len(q_eval)), "seed": seed,
-                   "threads": 1, "categories": int(len(np.unique(cat.clusters))),
-                   "partition_by": partition_by, "partition_min": partition_min if partition_by else None,
-                   "filter_order": filter_order},
-        "dataset": {"kind": "far-off synthetic (towerann.data.vectors)", **cat.params},
-        "backends": {}, "points": [], "skipped": {},
+        "params": {
+            "items": n_items,
+            "dim": dim,
+            "ks": list(ks),
+            "shares": list(shares),
+            "recall_target": recall,
+            "queries": len(q_eval),
+            "timed_queries": min(n_time, len(q_eval)),
+            "seed": seed,
+            "threads": 1,
+            "categories": int(len(np.unique(cat.clusters))),
+            "partition_by": partition_by,
+            "partition_min": partition_min if partition_by else None,
+            "filter_order": filter_order,
+        },
+        "dataset": {"kind": "far-off synthetic (towerann.data.synth_vectors)", **cat.params},
+        "backends": {},
+        "points": [],
+        "skipped": {},
     }
     with threads(1):
         for kind in backends:
             try:
-                build = {"partition_by": partition_by, "partition_min": partition_min} if kind == "hnsw" and partition_by else {}
-                info, points = measure_backend(kind, cat.vectors, cat.clusters, q_cal, q_eval, ks, shares, recall,
-                                               n_time, seed, build, filter_order)
+                build = (
+                    {"partition_by": partition_by, "partition_min": partition_min}
+                    if kind == "hnsw" and partition_by
+                    else {}
+                )
+                info, points = measure_backend(
+                    kind,
+                    cat.vectors,
+                    cat.clusters,
+                    q_cal,
+                    q_eval,
+                    ks,
+                    shares,
+                    recall,
+                    n_time,
+                    seed,
+                    build,
+                    filter_order,
+                )
             except BackendUnavailable as e:
                 result["skipped"][kind] = str(e)
                 continue
@@ -169,8 +241,11 @@ def run_filter_bench(n_items: int, *, dim: int = 128, ks: tuple[int, ...] = (100
             result["points"] += points
     result["targets"] = check_targets(result["points"])
     if out is not None:
-        name = (f"filter-{n_items}" + (f"-partitions-{partition_by}" if partition_by else "")
-                + ("-largest" if filter_order == "largest" else ""))
+        name = (
+            f"filter-{n_items}"
+            + (f"-partitions-{partition_by}" if partition_by else "")
+            + ("-largest" if filter_order == "largest" else "")
+        )
         files = write_report(out, name, result, plot(result))
         result["files"] = [str(f) for f in files if f is not None]
     return result
@@ -190,16 +265,31 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
                 ax = axes[row][col]
                 for kind in kinds:
                     for path, style in STYLE.items():
-                        pts = sorted((p for p in result["points"] if p["kind"] == kind and p["k"] == k
-                                      and (p["path"] == path or (p["share"] >= 1.0 and path != "planner"
-                                                                  and p["path"] == "planner"))),
-                                     key=lambda p: p["share"])
+                        pts = sorted(
+                            (
+                                p
+                                for p in result["points"]
+                                if p["kind"] == kind
+                                and p["k"] == k
+                                and (
+                                    p["path"] == path
+                                    or (p["share"] >= 1.0 and path != "planner" and p["path"] == "planner")
+                                )
+                            ),
+                            key=lambda p: p["share"],
+                        )
                         if len(pts) < 2:
                             continue
-                        ax.plot([100 * p["share"] for p in pts], [p[metric] for p in pts], linestyle=style,
-                                color=colours[kind], marker="o" if path == "planner" else None, markersize=3,
-                                linewidth=2 if path == "planner" else 1,
-                                label=f"{kind} {path}" if col == 0 and row == 0 else None)
+                        ax.plot(
+                            [100 * p["share"] for p in pts],
+                            [p[metric] for p in pts],
+                            linestyle=style,
+                            color=colours[kind],
+                            marker="o" if path == "planner" else None,
+                            markersize=3,
+                            linewidth=2 if path == "planner" else 1,
+                            label=f"{kind} {path}" if col == 0 and row == 0 else None,
+                        )
                 ax.set_xscale("log")
                 if metric == "p99_ms":
                     ax.set_yscale("log")
@@ -215,18 +305,24 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'backend':<8}{'K':>6}{'share':>8}  {'path':<10}{'chose':<11}{'recall':>8}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'exact rows':>11}")
+    print(
+        f"{'backend':<8}{'K':>6}{'share':>8}  {'path':<10}{'chose':<11}{'recall':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'exact rows':>11}"
+    )
     for p in result["points"]:
-        print(f"{p['kind']:<8}{p['k']:>6}{p['share']:>8.1%}  {p['path']:<10}{p['planner_chose'] or '':<11}"
-              f"{p['recall']:>8.4f}{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['exact_rows']:>11.2f}")
+        print(
+            f"{p['kind']:<8}{p['k']:>6}{p['share']:>8.1%}  {p['path']:<10}{p['planner_chose'] or '':<11}"
+            f"{p['recall']:>8.4f}{p['p50_ms']:>9.3f}{p['p99_ms']:>9.3f}{p['exact_rows']:>11.2f}"
+        )
     for kind, info in result["backends"].items():
         part = info.get("partitions")
         if part:
             mem = part["memory"]
-            print(f"{kind} partitions by {part['by']} (>= {part['min_items']} items): {mem['partitions']} partitions, "
-                  f"{mem['items']} items, {mem['bytes_per_item']:.0f} bytes per catalog item "
-                  f"({mem['bytes_per_partitioned_item']:.0f} per partitioned item); plan {info['plan']}")
+            print(
+                f"{kind} partitions by {part['by']} (>= {part['min_items']} items): {mem['partitions']} partitions, "
+                f"{mem['items']} items, {mem['bytes_per_item']:.0f} bytes per catalog item "
+                f"({mem['bytes_per_partitioned_item']:.0f} per partitioned item); plan {info['plan']}"
+            )
     for kind, why in result["skipped"].items():
         print(f"skipped {kind}: {why}")
 
@@ -235,34 +331,65 @@ def run(args: argparse.Namespace) -> int:
     shares = tuple(float(s) for s in _csv(args.shares, "--shares"))
     if not all(0 < s <= 1 for s in shares):
         raise ConfigError(f"--shares: each share must be in (0, 1], got {args.shares!r}")
-    result = run_filter_bench(args.items, dim=args.dim, ks=_ks(args.k), backends=_csv(args.backends, "--backends"),
-                              shares=shares, recall=args.recall, n_queries=2 * args.queries_n, n_time=args.time_n,
-                              seed=args.seed, out=args.out, partition_by=args.partition_by,
-                              partition_min=args.partition_min, filter_order=args.filter_order)
+    result = run_filter_bench(
+        args.items,
+        dim=args.dim,
+        ks=_ks(args.k),
+        backends=_csv(args.backends, "--backends"),
+        shares=shares,
+        recall=args.recall,
+        n_queries=2 * args.queries_n,
+        n_time=args.time_n,
+        seed=args.seed,
+        out=args.out,
+        partition_by=args.partition_by,
+        partition_min=args.partition_min,
+        filter_order=args.filter_order,
+    )
     print_table(result)
     print(f"wrote {' and '.join(result['files'])}")
     return 0
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("filter", help="filtered search: recall and p50/p99 against the share of the catalog "
-                             "kept, planner and each path", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_sub.add_parser(
+        "filter",
+        help="filtered search: recall and p50/p99 against the share of the catalog kept, planner and each path",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
     p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
     p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
-    p.add_argument("--shares", default=",".join(str(s) for s in SHARES),
-                   help=f"shares of the catalog kept (default {','.join(str(s) for s in SHARES)}; 1 = no filter)")
+    p.add_argument(
+        "--shares",
+        default=",".join(str(s) for s in SHARES),
+        help=f"shares of the catalog kept (default {','.join(str(s) for s in SHARES)}; 1 = no filter)",
+    )
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"backends (default {','.join(BACKENDS)})")
     p.add_argument("--recall", type=float, default=0.95, help="tuning and planner recall target (default 0.95)")
     p.add_argument("--queries-n", type=int, default=200, help="queries measured (as many again calibrate; default 200)")
     p.add_argument("--time-n", type=int, default=200, help="of those, timed one at a time (default 200)")
     p.add_argument("--seed", type=int, default=0, help="catalog and filter seed (default 0)")
-    p.add_argument("--partition-by", default=None, choices=["category"],
-                   help="build hnsw with a sub-index per category (index.partition) and measure the partition path")
-    p.add_argument("--partition-min", type=int, default=DEFAULT_MIN_ITEMS,
-                   help=f"a category gets a partition from this many items (default {DEFAULT_MIN_ITEMS})")
-    p.add_argument("--filter-order", default="random", choices=["random", "largest"],
-                   help="measured filters: whole categories in a seeded random order (default), or biggest first")
-    p.add_argument("--out", default="bench-results", help="directory for filter-<items>[-partitions-category].json and .png")
+    p.add_argument(
+        "--partition-by",
+        default=None,
+        choices=["category"],
+        help="build hnsw with a sub-index per category (index.partition) and measure the partition path",
+    )
+    p.add_argument(
+        "--partition-min",
+        type=int,
+        default=DEFAULT_MIN_ITEMS,
+        help=f"a category gets a partition from this many items (default {DEFAULT_MIN_ITEMS})",
+    )
+    p.add_argument(
+        "--filter-order",
+        default="random",
+        choices=["random", "largest"],
+        help="measured filters: whole categories in a seeded random order (default), or biggest first",
+    )
+    p.add_argument(
+        "--out", default="bench-results", help="directory for filter-<items>[-partitions-category].json and .png"
+    )
     p.set_defaults(func=run)

@@ -52,7 +52,7 @@ class RssSampler:
             self.samples.append((time.time(), rss_mb(self.pid)[0]))
             time.sleep(self.every_s)
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -107,8 +107,17 @@ def worst_request(timeline: dict[str, list], span: tuple[float, float], reload: 
 REBUILD_NICE = 10  # the rebuild shares the server's 2 cores: it runs as the background job it is
 
 
-def _refresh_main(data: Path, model: Path, root: Path, delta_url: str, delta_path: Path | None, kind: str,
-                  recall: float, k: int, out: Any) -> None:
+def _refresh_main(
+    data: Path,
+    model: Path,
+    root: Path,
+    delta_url: str,
+    delta_path: Path | None,
+    kind: str,
+    recall: float,
+    k: int,
+    out: Any,
+) -> None:
     import os
 
     from towerann.freshness.deltalog import open_delta_log
@@ -122,8 +131,16 @@ def _refresh_main(data: Path, model: Path, root: Path, delta_url: str, delta_pat
         delta.close()
 
 
-def rebuild_niced(data: Path, model: Path, root: Path, delta_path: Path | None, kind: str, recall: float,
-                  k: int, delta_url: str = "embedded") -> dict[str, Any]:
+def rebuild_niced(
+    data: Path,
+    model: Path,
+    root: Path,
+    delta_path: Path | None,
+    kind: str,
+    recall: float,
+    k: int,
+    delta_url: str = "embedded",
+) -> dict[str, Any]:
     """`refresh` in a child process at nice 10, as a cron job beside a server would run. The delta log:
     "embedded" (SQLite at delta_path) or a Redis URL."""
     import multiprocessing as mp
@@ -143,11 +160,11 @@ def run(args: argparse.Namespace) -> int:
 
     from towerann.bench.serve import prepare, run_load
     from towerann.data.dataset import read_items
-    from towerann.model.evaluate import heldout_user_queries
-    from towerann.model.model import TwoTowerModel
     from towerann.index.build import Tuning
     from towerann.index.snapshot import resolve, set_current
-    from towerann.service.server import start_subprocess
+    from towerann.model.evaluate import heldout_user_queries
+    from towerann.model.model import TwoTowerModel
+    from towerann.server.server import start_subprocess
     from towerann.serving.bundle import publish_bundle
 
     work = Path(args.workdir) / f"serve-{args.items}"
@@ -164,9 +181,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"initial {args.kind} bundle over {args.items} items built and tuned in {build_s:.1f}s", flush=True)
     (work / "token").write_text(TOKEN)
     toml = work / "fresh.toml"
-    toml.write_text(f'[serve]\nmax_body_bytes = {64 << 20}\n[paths]\nindex = "{root}"\ndata = "{paths["data"]}"\n'
-                    f'[features]\nstore = "memory"\n[freshness]\ndelta_path = "{delta_path}"\n'
-                    f'token_file = "{work / "token"}"\npoll_s = 0.0\n')
+    toml.write_text(
+        f'[serve]\nmax_body_bytes = {64 << 20}\n[paths]\nindex = "{root}"\ndata = "{paths["data"]}"\n'
+        f'[features]\nstore = "memory"\n[freshness]\ndelta_path = "{delta_path}"\n'
+        f'token_file = "{work / "token"}"\npoll_s = 0.0\n'
+    )
     template = read_items(paths["data"]).head(args.bulk_batch * args.bulk_calls + args.new_items)
     rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in template.to_dict("records")]
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -183,37 +202,53 @@ def run(args: argparse.Namespace) -> int:
                 t = time.perf_counter()
                 http.post("/v1/items", json={"items": [item]}, headers=auth).raise_for_status()
                 write_ms.append((time.perf_counter() - t) * 1e3)
-                got = http.post("/v1/candidates", json={"user_id": "bench", "k": min(1000, i + 1),
-                                                        "filter": {"categories": [NEW_CATEGORY]}}).json()
+                got = http.post(
+                    "/v1/candidates",
+                    json={"user_id": "bench", "k": min(1000, i + 1), "filter": {"categories": [NEW_CATEGORY]}},
+                ).json()
                 visible_ms.append((time.perf_counter() - t) * 1e3)
                 missing += int(item["item_id"]) not in {c["item_id"] for c in got["candidates"]}
-            result["new_item"] = {"write": percentiles(np.array(write_ms) / 1e3),
-                                  "write_then_found": percentiles(np.array(visible_ms) / 1e3),
-                                  "not_found_by_next_request": missing}
-            print(f"new item: write p50 {np.median(write_ms):.2f} ms p99 {np.percentile(write_ms, 99):.2f} ms; "
-                  f"not found by the next request: {missing}", flush=True)
+            result["new_item"] = {
+                "write": percentiles(np.array(write_ms) / 1e3),
+                "write_then_found": percentiles(np.array(visible_ms) / 1e3),
+                "not_found_by_next_request": missing,
+            }
+            print(
+                f"new item: write p50 {np.median(write_ms):.2f} ms p99 {np.percentile(write_ms, 99):.2f} ms; "
+                f"not found by the next request: {missing}",
+                flush=True,
+            )
 
             # 2. bulk upserts into the live index
             t = time.perf_counter()
             base = args.new_items
             for c in range(args.bulk_calls):
-                chunk = rows[base + c * args.bulk_batch: base + (c + 1) * args.bulk_batch]
-                body = [{**r, "item_id": str(20_000_000_000 + base + c * args.bulk_batch + j)} for j, r in enumerate(chunk)]
+                chunk = rows[base + c * args.bulk_batch : base + (c + 1) * args.bulk_batch]
+                body = [
+                    {**r, "item_id": str(20_000_000_000 + base + c * args.bulk_batch + j)} for j, r in enumerate(chunk)
+                ]
                 http.post("/v1/items", json={"items": body}, headers=auth).raise_for_status()
             bulk_s = time.perf_counter() - t
             n_bulk = args.bulk_calls * args.bulk_batch
-            result["bulk"] = {"items": n_bulk, "batch": args.bulk_batch, "seconds": round(bulk_s, 3),
-                              "items_per_s": round(n_bulk / bulk_s, 1)}
+            result["bulk"] = {
+                "items": n_bulk,
+                "batch": args.bulk_batch,
+                "seconds": round(bulk_s, 3),
+                "items_per_s": round(n_bulk / bulk_s, 1),
+            }
             print(f"bulk: {n_bulk} items in {bulk_s:.2f}s = {n_bulk / bulk_s:.0f} items/s", flush=True)
 
             # 3. hot swap under a steady request rate
             sampler = RssSampler(pid, 0.1).start()
             bodies = [json.dumps({"user_id": str(u), "k": args.k}).encode() for u in range(5000)]
             load_out: dict[str, Any] = {}
-            duration = (args.steady_s * 2 + args.swap_budget_s + (args.swaps - 1 + bool(args.control))
-                        * (args.swap_gap_s + 10))
-            loader = threading.Thread(target=lambda: load_out.update(
-                run_load(server.url, bodies, args.rate, duration, 16, timeline=True)), daemon=True)
+            duration = (
+                args.steady_s * 2 + args.swap_budget_s + (args.swaps - 1 + bool(args.control)) * (args.swap_gap_s + 10)
+            )
+            loader = threading.Thread(
+                target=lambda: load_out.update(run_load(server.url, bodies, args.rate, duration, 16, timeline=True)),
+                daemon=True,
+            )
             loader.start()
             time.sleep(args.steady_s)
             events: dict[str, float] = {"rebuild_start": time.time()}
@@ -249,8 +284,10 @@ def run(args: argparse.Namespace) -> int:
     tl = load_out["timeline"]
     short = load_shortfall_s(tl, swaps[-1]["end"], args.steady_s)
     if short > 0:
-        raise ConfigError(f"the load ended {short:.0f}s before the swaps were measured (the rebuild took "
-                          f"{rebuilt['seconds']:.0f}s): run again with --swap-budget-s {int(args.swap_budget_s + short) + 30}")
+        raise ConfigError(
+            f"the load ended {short:.0f}s before the swaps were measured (the rebuild took "
+            f"{rebuilt['seconds']:.0f}s): run again with --swap-budget-s {int(args.swap_budget_s + short) + 30}"
+        )
     before = (tl["sent_unix"][0] + 2.0, events["rebuild_start"])
     after = (swaps[-1]["end"] + 1.0, tl["sent_unix"][-1] + 1.0)
     # Steady = no rebuild and no swap running: before the rebuild and after the swap, together, so one
@@ -258,33 +295,51 @@ def run(args: argparse.Namespace) -> int:
     steady = window(tl, before, after)
     during_swap = window(tl, (events["swap_start"] - 0.5, events["swap_end"] + 1.0))
     result["swap"] = {
-        "rate": args.rate, "reload": swap, "refresh": {**rebuilt, "nice": REBUILD_NICE}, "events": events,
-        "failed_requests": int(sum(1 for s in tl["status"] if s != 200)), "sent": len(tl["status"]),
-        "steady": steady, "before": window(tl, before),
+        "rate": args.rate,
+        "reload": swap,
+        "refresh": {**rebuilt, "nice": REBUILD_NICE},
+        "events": events,
+        "failed_requests": int(sum(1 for s in tl["status"] if s != 200)),
+        "sent": len(tl["status"]),
+        "steady": steady,
+        "before": window(tl, before),
         "during_rebuild": window(tl, (events["rebuild_start"], events["swap_start"])),
-        "during_swap": during_swap, "after": window(tl, after),
+        "during_swap": during_swap,
+        "after": window(tl, after),
         "p99_swap_over_steady": round(during_swap["p99_ms"] / steady["p99_ms"], 2),
         "worst_request": worst_request(tl, during_swap["spans"][0], swap),
         "swaps": [_swap_window(tl, sw, steady) for sw in swaps],
         "control": None if control is None else {**control, **_swap_window(tl, {**control, "reload": {}}, steady)},
         "rss_mb_before": round(max((m for t, m in rss if t < events["rebuild_start"]), default=0.0), 1),
-        "rss_mb_peak_during_swap": round(max((m for t, m in rss if events["swap_start"] <= t <= events["swap_end"] + 1),
-                                             default=0.0), 1),
-        "rss_mb_after": round(rss[-1][1], 1) if rss else 0.0, "rss_mb_peak_process": round(peak_mb, 1)}
+        "rss_mb_peak_during_swap": round(
+            max((m for t, m in rss if events["swap_start"] <= t <= events["swap_end"] + 1), default=0.0), 1
+        ),
+        "rss_mb_after": round(rss[-1][1], 1) if rss else 0.0,
+        "rss_mb_peak_process": round(peak_mb, 1),
+    }
     s = result["swap"]
-    print(f"swap under {args.rate}/s: {s['failed_requests']} failed of {s['sent']}; p99 steady {steady['p99_ms']:.2f} ms, "
-          f"during swap {during_swap['p99_ms']:.2f} ms ({s['p99_swap_over_steady']}x); RSS {s['rss_mb_before']} -> "
-          f"peak {s['rss_mb_peak_during_swap']} -> {s['rss_mb_after']} MiB; reload {swap.get('outcome')} in "
-          f"{swap.get('seconds')}s", flush=True)
+    print(
+        f"swap under {args.rate}/s: {s['failed_requests']} failed of {s['sent']}; p99 steady {steady['p99_ms']:.2f} ms, "
+        f"during swap {during_swap['p99_ms']:.2f} ms ({s['p99_swap_over_steady']}x); RSS {s['rss_mb_before']} -> "
+        f"peak {s['rss_mb_peak_during_swap']} -> {s['rss_mb_after']} MiB; reload {swap.get('outcome')} in "
+        f"{swap.get('seconds')}s",
+        flush=True,
+    )
     for n, sw in enumerate(s["swaps"]):
         w = sw["worst_request"]
-        print(f"  swap {n + 1}: p99 {sw['p99_ms']:.2f} ms ({sw['p99_over_steady']}x steady), worst {w.get('latency_ms', 0):.1f} ms "
-              f"sent {w.get('after_reload_start_s', float('nan')):.2f}s into the reload (phase {w.get('phase')}); "
-              f"phases {sw['phases_s']}", flush=True)
+        print(
+            f"  swap {n + 1}: p99 {sw['p99_ms']:.2f} ms ({sw['p99_over_steady']}x steady), worst {w.get('latency_ms', 0):.1f} ms "
+            f"sent {w.get('after_reload_start_s', float('nan')):.2f}s into the reload (phase {w.get('phase')}); "
+            f"phases {sw['phases_s']}",
+            flush=True,
+        )
     if s["control"] is not None:
         c = s["control"]
-        print(f"  control ({c['kind']}, {c['seconds']:.2f}s, no swap): p99 {c['p99_ms']:.2f} ms ({c['p99_over_steady']}x "
-              f"steady), worst {c['worst_request'].get('latency_ms', 0):.1f} ms", flush=True)
+        print(
+            f"  control ({c['kind']}, {c['seconds']:.2f}s, no swap): p99 {c['p99_ms']:.2f} ms ({c['p99_over_steady']}x "
+            f"steady), worst {c['worst_request'].get('latency_ms', 0):.1f} ms",
+            flush=True,
+        )
     result["rss_timeline"] = [[round(t, 2), round(m, 1)] for t, m in rss]
     result["timeline"] = tl
     json_path, png_path = write_report(args.out, f"freshness-{args.items}-{args.kind}", result, _plot(result))
@@ -302,12 +357,12 @@ def load_shortfall_s(timeline: dict[str, list], swaps_end: float, steady_s: floa
 CONTROL_SCRIPTS = {
     # read and checksum every file of the bundle, in 1 MB blocks, as a load's verification does
     "read": "import hashlib,pathlib,sys\nfor p in sorted(pathlib.Path(sys.argv[1]).rglob('*')):\n"
-            "    if p.is_file():\n        h, f = hashlib.sha256(), open(p, 'rb')\n"
-            "        while b := f.read(1 << 20): h.update(b)\n",
+    "    if p.is_file():\n        h, f = hashlib.sha256(), open(p, 'rb')\n"
+    "        while b := f.read(1 << 20): h.update(b)\n",
     # allocate and touch as much anonymous memory as the bundle's files hold (what a load adds to the RSS)
     "alloc": "import numpy as np,pathlib,sys\n"
-             "n = sum(p.stat().st_size for p in pathlib.Path(sys.argv[1]).rglob('*') if p.is_file())\n"
-             "a = np.ones(n, np.uint8); print(int(a[::4096].sum()))\n",
+    "n = sum(p.stat().st_size for p in pathlib.Path(sys.argv[1]).rglob('*') if p.is_file())\n"
+    "a = np.ones(n, np.uint8); print(int(a[::4096].sum()))\n",
 }
 
 
@@ -317,17 +372,23 @@ def run_control(kind: str, bundle_dir: Path) -> float:
     import sys
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CONTROL_SCRIPTS[kind], str(bundle_dir)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", CONTROL_SCRIPTS[kind], str(bundle_dir)], check=True, stdout=subprocess.DEVNULL
+    )
     return time.perf_counter() - t
 
 
 def _swap_window(timeline: dict[str, list], swap: dict[str, Any], steady: dict[str, Any]) -> dict[str, Any]:
     """One swap's window (0.5 s before the reload call to 1 s after it answered): p99 vs steady, the worst request."""
     w = window(timeline, (swap["start"] - 0.5, swap["end"] + 1.0))
-    return {"p99_ms": w["p99_ms"], "p99_over_steady": round(w["p99_ms"] / steady["p99_ms"], 2), "failed": w["failed"],
-            "outcome": swap["reload"].get("outcome"), "phases_s": swap["reload"].get("phases_s"),
-            "worst_request": worst_request(timeline, w["spans"][0], swap["reload"])}
+    return {
+        "p99_ms": w["p99_ms"],
+        "p99_over_steady": round(w["p99_ms"] / steady["p99_ms"], 2),
+        "failed": w["failed"],
+        "outcome": swap["reload"].get("outcome"),
+        "phases_s": swap["reload"].get("phases_s"),
+        "worst_request": worst_request(timeline, w["spans"][0], swap["reload"]),
+    }
 
 
 def _plot(result: dict[str, Any]) -> Any:
@@ -342,14 +403,18 @@ def _plot(result: dict[str, Any]) -> Any:
         if (~ok).any():
             ax.scatter(sent[~ok], np.full((~ok).sum(), lat[ok].max() if ok.any() else 1), s=8, c="red", label="failed")
         ax.axvspan(ev["rebuild_start"] - t0, ev["swap_start"] - t0, alpha=0.15, color="gray", label="rebuild (refresh)")
-        ax.axvspan(ev["swap_start"] - t0, ev["swap_end"] - t0, alpha=0.3, color="orange", label="load + validate + swap")
+        ax.axvspan(
+            ev["swap_start"] - t0, ev["swap_end"] - t0, alpha=0.3, color="orange", label="load + validate + swap"
+        )
         ax.set_yscale("log")
         ax.set_xlabel("seconds")
         ax.set_ylabel("ms")
         ax2 = plot_rss(ax, result["rss_timeline"], t0)
         s = result["swap"]
-        ax.set_title(f"hot swap, {result['items']} items {result['index']}, {s['rate']:.0f} req/s: "
-                     f"{s['failed_requests']} failed, p99 swap/steady {s['p99_swap_over_steady']}x")
+        ax.set_title(
+            f"hot swap, {result['items']} items {result['index']}, {s['rate']:.0f} req/s: "
+            f"{s['failed_requests']} failed, p99 swap/steady {s['p99_swap_over_steady']}x"
+        )
         ax.legend(loc="upper left", fontsize=8)
         ax2.legend(loc="upper right", fontsize=8)
 
@@ -357,8 +422,12 @@ def _plot(result: dict[str, Any]) -> Any:
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("freshness", help="new-item latency, bulk inserts, hot swap under load (JSON + PNG)",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_sub.add_parser(
+        "freshness",
+        help="new-item latency, bulk inserts, hot swap under load (JSON + PNG)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
     p.add_argument("--dim", type=int, default=128, help="embedding dim of the bench model (default 128)")
@@ -370,20 +439,38 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
     p.add_argument("--recall", type=float, default=0.95, help="both bundles are tuned to this recall@k (default 0.95)")
     p.add_argument("--steady-s", type=float, default=15.0, help="steady load before and after (default 15 s)")
-    p.add_argument("--settle-s", type=float, default=5.0,
-                   help="seconds between the rebuild's end and the reload (default 5); they count as 'during "
-                        "rebuild', where the rebuild's after-effects on the machine (writeback, freed memory) show")
-    p.add_argument("--swap-budget-s", type=float, default=480.0,
-                   help="load time left for rebuild + swap (default 480 s: a 1M rebuild at nice 10 took 160-340 s "
-                        "on 2 cores; a run whose swaps fall after the load's end fails and names the budget to use)")
-    p.add_argument("--swaps", type=int, default=1,
-                   help="swaps after the rebuild (default 1); more swap to copies of the rebuilt bundle, each "
-                        "reported on its own (p99 vs steady, the worst request and the reload phase it fell in)")
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=5.0,
+        help="seconds between the rebuild's end and the reload (default 5); they count as 'during "
+        "rebuild', where the rebuild's after-effects on the machine (writeback, freed memory) show",
+    )
+    p.add_argument(
+        "--swap-budget-s",
+        type=float,
+        default=480.0,
+        help="load time left for rebuild + swap (default 480 s: a 1M rebuild at nice 10 took 160-340 s "
+        "on 2 cores; a run whose swaps fall after the load's end fails and names the budget to use)",
+    )
+    p.add_argument(
+        "--swaps",
+        type=int,
+        default=1,
+        help="swaps after the rebuild (default 1); more swap to copies of the rebuilt bundle, each "
+        "reported on its own (p99 vs steady, the worst request and the reload phase it fell in)",
+    )
     p.add_argument("--swap-gap-s", type=float, default=8.0, help="seconds between repeated swaps (default 8)")
-    p.add_argument("--control", choices=sorted(CONTROL_SCRIPTS), default=None,
-                   help="before the swaps, under the same load, a plain process that reads and checksums the new "
-                        "bundle's files (read) or allocates and touches as much memory (alloc): does the machine "
-                        "stall the server without any swap? (reported as 'control')")
-    p.add_argument("--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)")
+    p.add_argument(
+        "--control",
+        choices=sorted(CONTROL_SCRIPTS),
+        default=None,
+        help="before the swaps, under the same load, a plain process that reads and checksums the new "
+        "bundle's files (read) or allocates and touches as much memory (alloc): does the machine "
+        "stall the server without any swap? (reported as 'control')",
+    )
+    p.add_argument(
+        "--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)"
+    )
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
     p.set_defaults(func=run)

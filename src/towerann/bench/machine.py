@@ -36,7 +36,7 @@ def sgemm_gflops(threads: int | None = None, n: int = 2048, repeats: int = 5) ->
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    return 2.0 * n ** 3 / float(np.median(times)) / 1e9
+    return 2.0 * n**3 / float(np.median(times)) / 1e9
 
 
 def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -82,8 +82,10 @@ def measure(n: int = 2048, repeats: int = 5, mib: int = 256) -> dict[str, Any]:
 def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]
     def draw(fig: Any) -> None:
         ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        ax1.bar(["1 thread", f"{result['cores']} threads"],
-                [result["sgemm_gflops_1_thread"], result["sgemm_gflops_all_cores"]])
+        ax1.bar(
+            ["1 thread", f"{result['cores']} threads"],
+            [result["sgemm_gflops_1_thread"], result["sgemm_gflops_all_cores"]],
+        )
         ax1.set_ylabel("GFLOP/s")
         ax1.set_title(f"SGEMM {result['sgemm_n']}^3 (torch)")
         ax2.bar(["copy"], [result["memory_bandwidth_gbs"]])
@@ -96,8 +98,10 @@ def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]
 def run(args: argparse.Namespace) -> int:
     result = measure(n=args.n, repeats=args.repeats)
     json_path, png_path = write_report(args.out, "machine", result, _plot(result))
-    print(f"SGEMM: {result['sgemm_gflops_all_cores']:.1f} GFLOP/s on {result['cores']} cores, "
-          f"{result['sgemm_gflops_1_thread']:.1f} on 1; memory copy: {result['memory_bandwidth_gbs']:.1f} GB/s")
+    print(
+        f"SGEMM: {result['sgemm_gflops_all_cores']:.1f} GFLOP/s on {result['cores']} cores, "
+        f"{result['sgemm_gflops_1_thread']:.1f} on 1; memory copy: {result['memory_bandwidth_gbs']:.1f} GB/s"
+    )
     print(f"wrote {json_path} and {png_path}")
     return 0
 

@@ -12,9 +12,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,7 @@ def _pad(ids: np.ndarray, k: int) -> np.ndarray:
 
 # ---- numpy brute force ---------------------------------------------------------------------------
 
+
 def numpy_series(vectors: np.ndarray) -> list[Series]:
     """Brute force: one gemv (single query) or gemm (batch) + argpartition; the memory-bandwidth floor."""
 
@@ -65,16 +67,17 @@ def numpy_series(vectors: np.ndarray) -> list[Series]:
     def batch(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
         out = np.empty((len(q), k), np.int64)
         for s0 in range(0, len(q), 256):
-            s = q[s0:s0 + 256] @ vectors.T
+            s = q[s0 : s0 + 256] @ vectors.T
             top = np.argpartition(-s, k - 1, axis=1)[:, :k]
             order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
-            out[s0:s0 + 256] = np.take_along_axis(top, order, axis=1)
+            out[s0 : s0 + 256] = np.take_along_axis(top, order, axis=1)
         return out
 
     return [Series("numpy brute force", "peer", "exact", one, batch, 0.0, vectors.nbytes, "matmul + argpartition")]
 
 
 # ---- faiss -----------------------------------------------------------------------------------------
+
 
 def _faiss_bytes(ix: Any) -> int:
     import faiss
@@ -98,12 +101,23 @@ def faiss_hnsw_series(vectors: np.ndarray, M: int, ef_construction: int) -> list
         p.efSearch = max(int(params["ef"]), k)
         return ix.search(q, k, params=p)[1]
 
-    return [Series("faiss HNSWFlat", "peer", "hnsw", search, search, build_s, _faiss_bytes(ix),
-                   f"IndexHNSWFlat M={M} efConstruction={ef_construction}")]
+    return [
+        Series(
+            "faiss HNSWFlat",
+            "peer",
+            "hnsw",
+            search,
+            search,
+            build_s,
+            _faiss_bytes(ix),
+            f"IndexHNSWFlat M={M} efConstruction={ef_construction}",
+        )
+    ]
 
 
-def faiss_ivfpq_series(vectors: np.ndarray, nlist: int, pq_m: int, nbits: int, train_sample: int,
-                       seed: int) -> list[Series]:
+def faiss_ivfpq_series(
+    vectors: np.ndarray, nlist: int, pq_m: int, nbits: int, train_sample: int, seed: int
+) -> list[Series]:
     """IVF-PQ, queried plain and through IndexRefineFlat (faiss' own re-ranking with full vectors)."""
     import faiss
 
@@ -135,12 +149,23 @@ def faiss_ivfpq_series(vectors: np.ndarray, nlist: int, pq_m: int, nbits: int, t
 
     base_bytes = _faiss_bytes(base)
     desc = f"IVF{nlist},PQ{pq_m}x{nbits}"
-    return [Series("faiss IVFPQ", "peer", "ivfpq", plain, plain, build_s, base_bytes, desc),
-            Series("faiss IVFPQ+RefineFlat", "peer", "ivfpq+rerank", refined, refined, build_s,
-                   base_bytes + vectors.nbytes, desc + ",RFlat")]
+    return [
+        Series("faiss IVFPQ", "peer", "ivfpq", plain, plain, build_s, base_bytes, desc),
+        Series(
+            "faiss IVFPQ+RefineFlat",
+            "peer",
+            "ivfpq+rerank",
+            refined,
+            refined,
+            build_s,
+            base_bytes + vectors.nbytes,
+            desc + ",RFlat",
+        ),
+    ]
 
 
 # ---- hnswlib --------------------------------------------------------------------------------------
+
 
 def hnswlib_series(vectors: np.ndarray, M: int, ef_construction: int, threads: int) -> list[Series]:
     try:
@@ -165,13 +190,24 @@ def hnswlib_series(vectors: np.ndarray, M: int, ef_construction: int, threads: i
     with tempfile.TemporaryDirectory() as tmp:
         ix.save_index(f"{tmp}/ix.bin")
         nbytes = Path(f"{tmp}/ix.bin").stat().st_size
-    return [Series("hnswlib", "peer", "hnsw", one, batch, build_s, nbytes, f"hnswlib M={M} ef_construction={ef_construction}")]
+    return [
+        Series(
+            "hnswlib", "peer", "hnsw", one, batch, build_s, nbytes, f"hnswlib M={M} ef_construction={ef_construction}"
+        )
+    ]
 
 
 # ---- ScaNN ----------------------------------------------------------------------------------------
 
-def scann_series(vectors: np.ndarray, num_leaves: int, search_leaves: int, reorder: int, train_sample: int,
-                 quantization_threshold: float) -> list[Series]:
+
+def scann_series(
+    vectors: np.ndarray,
+    num_leaves: int,
+    search_leaves: int,
+    reorder: int,
+    train_sample: int,
+    quantization_threshold: float,
+) -> list[Series]:
     """Raw ScaNN with the tree/AH/reorder build towerann's scann backend uses."""
     try:
         from scann.scann_ops.py import scann_ops_pybind as sp
@@ -179,10 +215,13 @@ def scann_series(vectors: np.ndarray, num_leaves: int, search_leaves: int, reord
         raise BackendUnavailable(f"the scann peer needs ScaNN: pip install scann ({e})") from e
     n = len(vectors)
     t0 = time.perf_counter()
-    searcher = (sp.builder(vectors, min(10, n), "dot_product")
-                .tree(num_leaves=num_leaves, num_leaves_to_search=search_leaves, training_sample_size=min(n, train_sample))
-                .score_ah(2, anisotropic_quantization_threshold=quantization_threshold)
-                .reorder(max(1, min(reorder, n))).build())
+    searcher = (
+        sp.builder(vectors, min(10, n), "dot_product")
+        .tree(num_leaves=num_leaves, num_leaves_to_search=search_leaves, training_sample_size=min(n, train_sample))
+        .score_ah(2, anisotropic_quantization_threshold=quantization_threshold)
+        .reorder(max(1, min(reorder, n)))
+        .build()
+    )
     build_s = time.perf_counter() - t0
 
     def one(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
@@ -196,11 +235,22 @@ def scann_series(vectors: np.ndarray, num_leaves: int, search_leaves: int, reord
     with tempfile.TemporaryDirectory() as tmp:
         searcher.serialize(tmp)
         nbytes = _dir_bytes(Path(tmp))
-    return [Series("ScaNN", "peer", "scann", one, batch, build_s, nbytes,
-                   f"tree{num_leaves},AH2(t={quantization_threshold}),reorder")]
+    return [
+        Series(
+            "ScaNN",
+            "peer",
+            "scann",
+            one,
+            batch,
+            build_s,
+            nbytes,
+            f"tree{num_leaves},AH2(t={quantization_threshold}),reorder",
+        )
+    ]
 
 
 # ---- LanceDB --------------------------------------------------------------------------------------
+
 
 def lancedb_series(vectors: np.ndarray, workdir: Path, num_partitions: int, num_sub_vectors: int) -> list[Series]:
     """A local LanceDB table with an IVF_PQ index (dot product), queried with nprobes + refine_factor."""
@@ -213,23 +263,47 @@ def lancedb_series(vectors: np.ndarray, workdir: Path, num_partitions: int, num_
     n, d = vectors.shape
     t0 = time.perf_counter()
     db = lancedb.connect(str(workdir))
-    data = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
-                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), d)})
+    data = pa.table(
+        {
+            "id": pa.array(np.arange(n, dtype=np.int64)),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), d),
+        }
+    )
     table = db.create_table("items", data, mode="overwrite")
-    table.create_index(metric="dot", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
-                       vector_column_name="vector", index_type="IVF_PQ")
+    table.create_index(
+        metric="dot",
+        num_partitions=num_partitions,
+        num_sub_vectors=num_sub_vectors,
+        vector_column_name="vector",
+        index_type="IVF_PQ",
+    )
     build_s = time.perf_counter() - t0
 
     def one(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
-        query = (table.search(q[0], vector_column_name="vector").distance_type("dot")
-                 .nprobes(int(params["nprobes"])).limit(k).select(["id", "_distance"]))
+        query = (
+            table.search(q[0], vector_column_name="vector")
+            .distance_type("dot")
+            .nprobes(int(params["nprobes"]))
+            .limit(k)
+            .select(["id", "_distance"])
+        )
         if params.get("refine_factor"):
             query = query.refine_factor(int(params["refine_factor"]))
         return _pad(query.to_arrow()["id"].to_numpy()[None, :], k)
 
     def batch(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
         # LanceDB answers one vector per query call; it parallelises inside the call
-        return np.concatenate([one(q[i:i + 1], k, params) for i in range(len(q))])
+        return np.concatenate([one(q[i : i + 1], k, params) for i in range(len(q))])
 
-    return [Series("LanceDB IVF_PQ+refine", "peer", "lancedb", one, batch, build_s, _dir_bytes(Path(workdir)),
-                   f"IVF_PQ partitions={num_partitions} sub_vectors={num_sub_vectors}")]
+    return [
+        Series(
+            "LanceDB IVF_PQ+refine",
+            "peer",
+            "lancedb",
+            one,
+            batch,
+            build_s,
+            _dir_bytes(Path(workdir)),
+            f"IVF_PQ partitions={num_partitions} sub_vectors={num_sub_vectors}",
+        )
+    ]

@@ -36,15 +36,26 @@ log = logging.getLogger(__name__)
 
 # ---- workload ------------------------------------------------------------------------------------
 
-def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: int = 2, kind: str = "auto",
-            seed: int = 0, recall: float | None = None, k: int = 1000, publish: bool = True) -> dict[str, Path]:
+
+def prepare(
+    workdir: str | Path,
+    items: int,
+    users: int,
+    dim: int = 32,
+    epochs: int = 2,
+    kind: str = "auto",
+    seed: int = 0,
+    recall: float | None = None,
+    k: int = 1000,
+    publish: bool = True,
+) -> dict[str, Path]:
     """Build (once; reused when present) dataset, model, vectors and a published bundle under workdir.
 
     recall: tune the index's search parameters to this recall@k on held-out users' queries."""
     from towerann.data.synth import generate
-    from towerann.model.towers import TowerConfig
     from towerann.embed.runner import embed_catalog
     from towerann.index.build import Tuning
+    from towerann.model.towers import TowerConfig
     from towerann.model.train import TrainConfig, train
     from towerann.serving.bundle import publish_bundle
 
@@ -54,8 +65,15 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
     if not (paths["data"] / "manifest.json").exists():
         generate(paths["data"], items, users, seed=seed, overwrite=True)
     if not (paths["model"] / "manifest.json").exists():
-        train(paths["data"], paths["model"], TowerConfig(dim=dim), TrainConfig(epochs=epochs, seed=seed),
-              name="bench", overwrite=True, progress=False)
+        train(
+            paths["data"],
+            paths["model"],
+            TowerConfig(dim=dim),
+            TrainConfig(epochs=epochs, seed=seed),
+            name="bench",
+            overwrite=True,
+            progress=False,
+        )
     if not (paths["vectors"] / "manifest.json").exists():
         embed_catalog(paths["model"], paths["data"], paths["vectors"])
     if publish and not (paths["index"] / "CURRENT").exists():
@@ -76,8 +94,15 @@ def prepare(workdir: str | Path, items: int, users: int, dim: int = 32, epochs: 
 Request = bytes | tuple[str, bytes]
 
 
-async def _open_loop(url: str, bodies: list[Request], rate: float, duration_s: float, connections: int,
-                     timeline: bool = False, headers: dict[str, str] | None = None) -> dict[str, Any]:
+async def _open_loop(
+    url: str,
+    bodies: list[Request],
+    rate: float,
+    duration_s: float,
+    connections: int,
+    timeline: bool = False,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Send rate * duration_s requests at fixed arrival times over a pool of keep-alive connections,
     request i being bodies[i % len(bodies)]; headers go with every request (e.g. Authorization).
 
@@ -106,8 +131,10 @@ async def _open_loop(url: str, bodies: list[Request], rate: float, duration_s: f
                     return
                 request = bodies[i % len(bodies)]
                 path, body = request if isinstance(request, tuple) else ("/v1/candidates", request)
-                head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                head = (
+                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
                 try:
                     writer.write(head + body)
                     status_line = await reader.readline()
@@ -148,27 +175,54 @@ async def _open_loop(url: str, bodies: list[Request], rate: float, duration_s: f
     await asyncio.gather(*workers)
     wall = time.perf_counter() - t0
     done = lat[~np.isnan(lat)]
-    out = {"target_rps": rate, "sent": n, "ok": len(stages) + other_ok, "errors": errors,
-           "achieved_rps": len(done) / wall, "end_to_end": percentiles(done),
-           "stages": {s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in
-                      ("features", "user_tower", "ann", "total")} if stages else {}}
+    out = {
+        "target_rps": rate,
+        "sent": n,
+        "ok": len(stages) + other_ok,
+        "errors": errors,
+        "achieved_rps": len(done) / wall,
+        "end_to_end": percentiles(done),
+        "stages": {
+            s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in ("features", "user_tower", "ann", "total")
+        }
+        if stages
+        else {},
+    }
     if timeline:
-        out["timeline"] = {"sent_unix": (t0_unix + np.arange(n) / rate).tolist(),
-                           "latency_ms": np.where(np.isnan(lat), -1.0, np.round(lat * 1e3, 3)).tolist(), "status": codes.tolist(),
-                           "degraded": degraded.tolist()}
+        out["timeline"] = {
+            "sent_unix": (t0_unix + np.arange(n) / rate).tolist(),
+            "latency_ms": np.where(np.isnan(lat), -1.0, np.round(lat * 1e3, 3)).tolist(),
+            "status": codes.tolist(),
+            "degraded": degraded.tolist(),
+        }
     return out
 
 
-def _loadgen_main(url: str, bodies: list[Request], rate: float, duration_s: float, connections: int, out: Any,
-                  timeline: bool = False, headers: dict[str, str] | None = None) -> None:
+def _loadgen_main(
+    url: str,
+    bodies: list[Request],
+    rate: float,
+    duration_s: float,
+    connections: int,
+    out: Any,
+    timeline: bool = False,
+    headers: dict[str, str] | None = None,
+) -> None:
     import gc
 
     gc.disable()  # a collector pause in the generator would show up as server latency
     out.put(asyncio.run(_open_loop(url, bodies, rate, duration_s, connections, timeline, headers)))
 
 
-def run_load(url: str, bodies: list[Request], rate: float, duration_s: float, connections: int,
-             timeline: bool = False, headers: dict[str, str] | None = None) -> dict[str, Any]:
+def run_load(
+    url: str,
+    bodies: list[Request],
+    rate: float,
+    duration_s: float,
+    connections: int,
+    timeline: bool = False,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The generator in its own process, so it never competes with the server for the GIL."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -195,8 +249,9 @@ def _event_writes(url: str, user_ids: list[str], item_ids: list[str], n: int) ->
     return percentiles(times)
 
 
-def _in_process(index_root: Path, store_url: str, store_path: str | None, user_ids: list[str], k: int,
-                n: int) -> dict[str, Any]:
+def _in_process(
+    index_root: Path, store_url: str, store_path: str | None, user_ids: list[str], k: int, n: int
+) -> dict[str, Any]:
     """The Retriever alone, one request after another: the floor the HTTP server adds to."""
     from towerann.features import open_store
     from towerann.serving.bundle import RetrievalBundle
@@ -214,8 +269,12 @@ def _in_process(index_root: Path, store_url: str, store_path: str | None, user_i
             c = r.candidates(user_ids[i % len(user_ids)], k)
             wall.append(time.perf_counter() - t)
             timings.append(c.timings_ms)
-        return {"requests": n, "end_to_end": percentiles(wall), "qps_one_thread": n / sum(wall),
-                "stages": {s: percentiles(np.array([t[s] for t in timings]) / 1e3) for s in timings[0]}}
+        return {
+            "requests": n,
+            "end_to_end": percentiles(wall),
+            "qps_one_thread": n / sum(wall),
+            "stages": {s: percentiles(np.array([t[s] for t in timings]) / 1e3) for s in timings[0]},
+        }
     finally:
         store.close()
 
@@ -226,15 +285,31 @@ def start_redis(workdir: Path, port: int | None = None, timeout_s: float = 10.0)
     of the machine may lose the last second, a crash of Redis nothing). Waits for PING."""
     import redis
 
-    from towerann.service.server import free_port
+    from towerann.server.server import free_port
 
     exe = shutil.which("redis-server")
     if exe is None:
         raise ConfigError("--store redis needs redis-server on PATH (apt-get install redis-server)")
     port = port or free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                             "--appendfsync", "everysec", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -257,8 +332,9 @@ def run(args: argparse.Namespace) -> int:
 
     work = Path(args.workdir) / f"serve-{args.items}"
     t0 = time.perf_counter()
-    paths = prepare(work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind=args.kind,
-                    recall=args.recall, k=args.k)
+    paths = prepare(
+        work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind=args.kind, recall=args.recall, k=args.k
+    )
     prep_s = time.perf_counter() - t0
     redis_proc = None
     store_url, store_path = args.store, None
@@ -275,8 +351,11 @@ def run(args: argparse.Namespace) -> int:
         user_ids = [str(u) for u in rng.integers(0, args.users, 5000)]
         bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in user_ids]
         inproc = _in_process(paths["index"], store_url, store_path, user_ids, args.k, args.inproc_requests)
-        print(f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
-              f"{inproc['qps_one_thread']:.0f} qps on one thread", flush=True)
+        print(
+            f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
+            f"{inproc['qps_one_thread']:.0f} qps on one thread",
+            flush=True,
+        )
         compare = args.monitor_sample is not None and args.monitor_sample > 0
         sample = MonitorConfig().sample if args.monitor_sample is None else args.monitor_sample
         server = _start_server(work, paths["index"], store_url, store_path, args.workers, sample)
@@ -297,16 +376,21 @@ def run(args: argparse.Namespace) -> int:
                     (rates if name == "monitor" else rates_off).append(r)
                     e = r["end_to_end"]
                     label = "" if off is None else (f" [monitor {sample:g}]" if name == "monitor" else " [monitor off]")
-                    print(f"rate {rate:>6.0f}/s{label}: achieved {r['achieved_rps']:.0f}/s, p50 {e['p50_ms']:.2f} ms, "
-                          f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}", flush=True)
+                    print(
+                        f"rate {rate:>6.0f}/s{label}: achieved {r['achieved_rps']:.0f}/s, p50 {e['p50_ms']:.2f} ms, "
+                        f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}",
+                        flush=True,
+                    )
                 r = rates[-1]
                 if r["achieved_rps"] < 0.9 * rate or r["end_to_end"]["p99_ms"] > 1000:
                     break  # saturated: higher rates only grow the queue
             monitor = _monitor_report(server.url, sample, rates, rates_off)
             items = [str(i) for i in read_items(paths["data"], columns=["item_id"])["item_id"].head(1000)]
             events = _event_writes(server.url, user_ids, items, args.events)
-            print(f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms (stored before the reply)",
-                  flush=True)
+            print(
+                f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms (stored before the reply)",
+                flush=True,
+            )
             server_memory = _process_memory(server.process.pid) if server.process is not None else None
         finally:
             server.stop()
@@ -320,48 +404,72 @@ def run(args: argparse.Namespace) -> int:
     from towerann.index.snapshot import resolve
 
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
-    result = {"items": args.items, "users": args.users, "k": args.k, "store": args.store, "workers": args.workers,
-              "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
-              "prepare_seconds": round(prep_s, 1), "in_process": inproc, "http": rates, "http_monitor_off": rates_off,
-              "monitor": monitor, "event_write": events,
-              "server_memory_after_load": server_memory, "index_memory": (served.get("backend_state") or {}).get("memory"),
-              "raw_vector_bytes": args.items * int(served.get("dim", 0)) * 4,
-              "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
-              "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0)}
-    json_path, png_path = write_report(args.out, f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}"
-                                       + (f"-w{args.workers}" if args.workers != 1 else ""), result, _plot(result))
-    print(f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
-          f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}")
+    result = {
+        "items": args.items,
+        "users": args.users,
+        "k": args.k,
+        "store": args.store,
+        "workers": args.workers,
+        "index": {key: served.get(key) for key in ("backend", "build_params", "search_defaults", "tuning")},
+        "prepare_seconds": round(prep_s, 1),
+        "in_process": inproc,
+        "http": rates,
+        "http_monitor_off": rates_off,
+        "monitor": monitor,
+        "event_write": events,
+        "server_memory_after_load": server_memory,
+        "index_memory": (served.get("backend_state") or {}).get("memory"),
+        "raw_vector_bytes": args.items * int(served.get("dim", 0)) * 4,
+        "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
+        "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0),
+    }
+    json_path, png_path = write_report(
+        args.out,
+        f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}"
+        + (f"-w{args.workers}" if args.workers != 1 else ""),
+        result,
+        _plot(result),
+    )
+    print(
+        f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
+        f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}"
+    )
     return 0
 
 
-def _start_server(work: Path, index: Path, store_url: str, store_path: str | None, workers: int,
-                  sample: float) -> Any:
+def _start_server(work: Path, index: Path, store_url: str, store_path: str | None, workers: int, sample: float) -> Any:
     """`towerann serve` on the bundle with [monitor] sample = `sample` (0: the recall monitor off)."""
-    from towerann.service.server import start_subprocess
+    from towerann.server.server import start_subprocess
 
     config = work / f"monitor-{sample:g}.toml"
     config.write_text(f"[monitor]\nsample = {float(sample)!r}\n")
     return start_subprocess(index, store_url, store_path, workers=workers, config=config)
 
 
-def _monitor_report(url: str, sample: float, rates: list[dict[str, Any]],
-                    rates_off: list[dict[str, Any]]) -> dict[str, Any]:
+def _monitor_report(
+    url: str, sample: float, rates: list[dict[str, Any]], rates_off: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The monitored server's recall gauge, sample count and drops (from /metrics), and per rate the p99
     with the monitor over the p99 without it (when a monitor-off server ran beside it)."""
     import httpx
 
     values: dict[str, float] = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(("towerann_recall{", "towerann_recall_sample_count{", "towerann_recall_samples_dropped_total{")):
+        if line.startswith(
+            ("towerann_recall{", "towerann_recall_sample_count{", "towerann_recall_samples_dropped_total{")
+        ):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
     out: dict[str, Any] = {"sample": sample, "metrics": values}
     if rates_off:
-        out["p99_with_over_without"] = [round(a["end_to_end"]["p99_ms"] / b["end_to_end"]["p99_ms"], 3)
-                                        for a, b in zip(rates, rates_off)]
-        print("p99 with the monitor / without, per rate: " + ", ".join(
-            f"{a['target_rps']:.0f}/s {x:.3f}" for a, x in zip(rates, out["p99_with_over_without"])), flush=True)
+        out["p99_with_over_without"] = [
+            round(a["end_to_end"]["p99_ms"] / b["end_to_end"]["p99_ms"], 3) for a, b in zip(rates, rates_off)
+        ]
+        print(
+            "p99 with the monitor / without, per rate: "
+            + ", ".join(f"{a['target_rps']:.0f}/s {x:.3f}" for a, x in zip(rates, out["p99_with_over_without"])),
+            flush=True,
+        )
     return out
 
 
@@ -369,8 +477,9 @@ def _process_memory(pid: int) -> dict[str, float]:
     """The server's memory in MiB after the load: all of it (VmRSS, VmHWM), its own (RssAnon) and mapped
     files (RssFile: the page cache of a memory-mapped index, which the kernel can drop)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-            if key in fields}
+    return {
+        key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile") if key in fields
+    }
 
 
 def _plot(result: dict[str, Any]) -> Any:
@@ -392,7 +501,9 @@ def _plot(result: dict[str, Any]) -> Any:
         xs = np.arange(len(stages))
         ax2.bar(xs - 0.2, inp, 0.4, label="in-process p50")
         if low:
-            ax2.bar(xs + 0.2, [low[s]["p50_ms"] for s in stages], 0.4, label=f"HTTP p50 @ {rates[0]['target_rps']:.0f}/s")
+            ax2.bar(
+                xs + 0.2, [low[s]["p50_ms"] for s in stages], 0.4, label=f"HTTP p50 @ {rates[0]['target_rps']:.0f}/s"
+            )
         ax2.set_xticks(xs, stages)
         ax2.set_ylabel("ms (server-side stage timings)")
         ax2.legend(fontsize=8)
@@ -401,29 +512,51 @@ def _plot(result: dict[str, Any]) -> Any:
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("serve", help="request latency per stage and end to end: HTTP server vs in-process",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_sub.add_parser(
+        "serve",
+        help="request latency per stage and end to end: HTTP server vs in-process",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
     p.add_argument("--dim", type=int, default=64, help="embedding dim of the model trained for the bench (default 64)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs for the bench model (default 1)")
     p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
     p.add_argument("--kind", default="hnsw", help="index backend of the served bundle (default hnsw)")
-    p.add_argument("--recall", type=float, default=0.95,
-                   help="tune the index to this recall@k on held-out user queries (default 0.95)")
-    p.add_argument("--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes (default 1; more than one needs --store redis)")
-    p.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 400, 600, 800, 1200, 1600],
-                   help="arrival rates to sweep, requests/s (stops at saturation)")
+    p.add_argument(
+        "--recall",
+        type=float,
+        default=0.95,
+        help="tune the index to this recall@k on held-out user queries (default 0.95)",
+    )
+    p.add_argument(
+        "--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="server processes (default 1; more than one needs --store redis)"
+    )
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[50, 100, 200, 400, 600, 800, 1200, 1600],
+        help="arrival rates to sweep, requests/s (stops at saturation)",
+    )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections of the generator (default 64)")
     p.add_argument("--events", type=int, default=500, help="click events posted one at a time (default 500)")
     p.add_argument("--inproc-requests", type=int, default=3000, help="requests for the in-process run (default 3000)")
-    p.add_argument("--monitor-sample", type=float, default=None,
-                   help="[monitor] sample of the served config, and a second server with the recall monitor off "
-                        "taking the same load, rate by rate in alternation: the p99 with and without it (0: one "
-                        "server, monitor off; default: one server with the config's default, 1%%)")
-    p.add_argument("--workdir", default="bench-work", help="where the workload is built and cached (default bench-work/)")
+    p.add_argument(
+        "--monitor-sample",
+        type=float,
+        default=None,
+        help="[monitor] sample of the served config, and a second server with the recall monitor off "
+        "taking the same load, rate by rate in alternation: the p99 with and without it (0: one "
+        "server, monitor off; default: one server with the config's default, 1%%)",
+    )
+    p.add_argument(
+        "--workdir", default="bench-work", help="where the workload is built and cached (default bench-work/)"
+    )
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
     p.set_defaults(func=run)

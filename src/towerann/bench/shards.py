@@ -1,7 +1,7 @@
 """`towerann bench shards`: a sharded index (towerann.cluster) at S = 1, 2, 4, ... shards on a local
 Ray cluster of several nodes on this machine, beside the unsharded index of the same items.
 
-On a seeded far-off catalog (towerann.data.vectors) it builds the unsharded index and, for each S,
+On a seeded far-off catalog (towerann.data.synth_vectors) it builds the unsharded index and, for each S,
 a ShardedIndex of S shards of the same backend and build parameters, searched at the same
 per-shard search parameters. Recall@K is against exact search, at each of the backend's settings
 in RECALL_SETTINGS (the last one is the timed one). Then the sharded snapshot is
@@ -22,8 +22,9 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +70,9 @@ def _compiled(actors: list[Any], method: str, *bound: Any) -> Any:
     return dag.experimental_compile()
 
 
-def measure_ray(ix: Any, queries: np.ndarray, k: int, params: dict[str, Any], n_time: int,
-                compiled: bool = True) -> dict[str, Any]:
+def measure_ray(
+    ix: Any, queries: np.ndarray, k: int, params: dict[str, Any], n_time: int, compiled: bool = True
+) -> dict[str, Any]:
     """Ray paths of one attached ShardedIndex (see the module docstring); compiled=False skips the
     compiled graphs (each takes seconds to compile and tear down)."""
     import ray
@@ -86,36 +88,57 @@ def measure_ray(ix: Any, queries: np.ndarray, k: int, params: dict[str, Any], n_
     out["batch_plain_per_query"] = {key: round(v / BATCH, 4) for key, v in t.items() if key.endswith("_ms")}
     p = {**ix.search_defaults, **params}
     for name in ("noop_compiled", "search_compiled") if compiled else ():
-        graph = (_compiled(shards.actors, "noop") if name == "noop_compiled"
-                 else _compiled(shards.actors, "call", shards.version, "search"))
+        graph = (
+            _compiled(shards.actors, "noop")
+            if name == "noop_compiled"
+            else _compiled(shards.actors, "call", shards.version, "search")
+        )
         try:
             if name == "noop_compiled":
                 out[name] = _time_each(lambda i: ray.get(graph.execute(q1)), n_time)
             else:
+
                 def one(i: int) -> Any:
                     parts = [r for _, r in ray.get(graph.execute((queries[i % len(queries)][None, :], k, None, p)))]
                     return merge_topk([r.ids for r in parts], [r.scores for r in parts], k)
+
                 out[name] = _time_each(one, n_time)
         except ray.exceptions.RayError as e:  # a compiled graph's channel read timed out (10 s) under load
             log.warning("%s failed: %s", name, str(e).splitlines()[0][:200])
             out[name] = {"error": str(e).splitlines()[0][:200]}
         finally:
             graph.teardown()
-    lists = [(np.arange(k, dtype=np.int64)[None, :] + j * k, np.sort(np.random.default_rng(j).random((1, k)))[:, ::-1]
-              .astype(np.float32)) for j in range(s)]
+    lists = [
+        (
+            np.arange(k, dtype=np.int64)[None, :] + j * k,
+            np.sort(np.random.default_rng(j).random((1, k)))[:, ::-1].astype(np.float32),
+        )
+        for j in range(s)
+    ]
     out["merge"] = _time_each(lambda i: merge_topk([a for a, _ in lists], [b for _, b in lists], k), n_time)
     out["shard_nodes"] = len({i["node"] for i in shards.info()})
     return out
 
 
-def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts: tuple[int, ...] = (1, 2, 4),
-                     backend: str = "hnsw", nodes: int = 2, n_queries: int = 200, n_time: int = 200, seed: int = 0,
-                     out: str | Path | None = None, address: str | None = None, compiled: bool = True
-                     ) -> dict[str, Any]:
-    from towerann.cluster import ShardedIndex
+def run_shards_bench(
+    n_items: int,
+    *,
+    dim: int = 128,
+    k: int = 100,
+    shard_counts: tuple[int, ...] = (1, 2, 4),
+    backend: str = "hnsw",
+    nodes: int = 2,
+    n_queries: int = 200,
+    n_time: int = 200,
+    seed: int = 0,
+    out: str | Path | None = None,
+    address: str | None = None,
+    compiled: bool = True,
+) -> dict[str, Any]:
     from towerann.cluster.local_cluster import LocalCluster
     from towerann.cluster.ray_shards import attach, require_ray
-    from towerann.data.vectors import far_off_catalog
+    from towerann.data.synth_vectors import far_off_catalog
+    from towerann.index.sharded import ShardedIndex
 
     ray = require_ray()
     cat = far_off_catalog(n_items, n_queries, dim, seed=seed)
@@ -124,14 +147,28 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
     search = settings[-1]
 
     def recalls(index: Any) -> dict[str, float]:
-        return {json.dumps(p, sort_keys=True): round(recall_at_k(index.search(q, k, params=p or None).ids, gt), 4)
-                for p in settings}
+        return {
+            json.dumps(p, sort_keys=True): round(recall_at_k(index.search(q, k, params=p or None).ids, gt), 4)
+            for p in settings
+        }
 
     result: dict[str, Any] = {
-        "params": {"items": n_items, "dim": dim, "k": k, "shards": list(shard_counts), "backend": backend,
-                   "build_params": build, "search_params": search, "recall_settings": settings, "nodes": nodes, "queries": n_queries,
-                   "timed_queries": n_time, "batch": BATCH, "seed": seed},
-        "dataset": {"kind": "far-off synthetic (towerann.data.vectors)", **cat.params},
+        "params": {
+            "items": n_items,
+            "dim": dim,
+            "k": k,
+            "shards": list(shard_counts),
+            "backend": backend,
+            "build_params": build,
+            "search_params": search,
+            "recall_settings": settings,
+            "nodes": nodes,
+            "queries": n_queries,
+            "timed_queries": n_time,
+            "batch": BATCH,
+            "seed": seed,
+        },
+        "dataset": {"kind": "far-off synthetic (towerann.data.synth_vectors)", **cat.params},
         "points": [],
     }
     with threads(2):
@@ -144,10 +181,12 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
         plain.build(cat.vectors, np.arange(n_items))
         build_s = time.perf_counter() - t0
     with threads(1):
-        base = {"recall": round(recall_at_k(plain.search(q, k, params=search or None).ids, gt), 4),
-                "recall_by_setting": recalls(plain),
-                "local": _time_each(lambda i: plain.search(q[i % n_queries], k, params=search or None), n_time),
-                "build_s": round(build_s, 1)}
+        base = {
+            "recall": round(recall_at_k(plain.search(q, k, params=search or None).ids, gt), 4),
+            "recall_by_setting": recalls(plain),
+            "local": _time_each(lambda i: plain.search(q[i % n_queries], k, params=search or None), n_time),
+            "build_s": round(build_s, 1),
+        }
     plain = None  # freed before the shards load their copies
     result["unsharded"] = base
     connected = ray.is_initialized()  # a caller's cluster (a test's): use it, leave it running
@@ -178,15 +217,23 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
                     timings = measure_ray(ix, q, k, search, n_time, compiled)
                 finally:
                     ix.shards.close()
-            point = {"shards": s, "recall": round(recall, 4), "ray_recall": round(ray_recall, 4),
-                     "recall_by_setting": by_setting,
-                     "recall_points_by_setting": {key: round(100 * (r - base["recall_by_setting"][key]), 2)
-                                                  for key, r in by_setting.items()},
-                     "recall_points_vs_unsharded": round(100 * (recall - base["recall"]), 2),
-                     "build_s": round(built, 1), "local_in_process": local, **timings,
-                     "overhead_p50_ms": round(timings["search_plain"]["p50_ms"] - base["local"]["p50_ms"], 4),
-                     "overhead_compiled_p50_ms": round(timings["search_compiled"]["p50_ms"] - base["local"]["p50_ms"], 4)
-                     if "p50_ms" in timings.get("search_compiled", {}) else None}
+            point = {
+                "shards": s,
+                "recall": round(recall, 4),
+                "ray_recall": round(ray_recall, 4),
+                "recall_by_setting": by_setting,
+                "recall_points_by_setting": {
+                    key: round(100 * (r - base["recall_by_setting"][key]), 2) for key, r in by_setting.items()
+                },
+                "recall_points_vs_unsharded": round(100 * (recall - base["recall"]), 2),
+                "build_s": round(built, 1),
+                "local_in_process": local,
+                **timings,
+                "overhead_p50_ms": round(timings["search_plain"]["p50_ms"] - base["local"]["p50_ms"], 4),
+                "overhead_compiled_p50_ms": round(timings["search_compiled"]["p50_ms"] - base["local"]["p50_ms"], 4)
+                if "p50_ms" in timings.get("search_compiled", {})
+                else None,
+            }
             result["points"].append(point)
             log.info("S=%d: recall %.4f, Ray p50 %.3f ms", s, recall, timings["search_plain"]["p50_ms"])
     finally:
@@ -194,11 +241,15 @@ def run_shards_bench(n_items: int, *, dim: int = 128, k: int = 100, shard_counts
             cluster.stop()
         elif not connected and ray.is_initialized():
             ray.shutdown()
-    result["targets"] = [{"shards": p["shards"],
-                          "recall_ok": abs(p["recall_points_vs_unsharded"]) <= TARGET["recall_points"]
-                          or p["recall_points_vs_unsharded"] > 0,
-                          "overhead_ok": p["overhead_p50_ms"] < TARGET["overhead_p50_ms_at_4"]}
-                         for p in result["points"]]
+    result["targets"] = [
+        {
+            "shards": p["shards"],
+            "recall_ok": abs(p["recall_points_vs_unsharded"]) <= TARGET["recall_points"]
+            or p["recall_points_vs_unsharded"] > 0,
+            "overhead_ok": p["overhead_p50_ms"] < TARGET["overhead_p50_ms_at_4"],
+        }
+        for p in result["points"]
+    ]
     if out is not None:
         files = write_report(out, f"shards-{n_items}", result, plot(result))
         result["files"] = [str(f) for f in files if f is not None]
@@ -211,14 +262,24 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
         xs = [p["shards"] for p in pts]
         left, right = fig.subplots(1, 2)
         base = result["unsharded"]["local"]["p50_ms"]
-        for key, label in (("search_plain", "search, actor calls"), ("search_compiled", "search, compiled graph"),
-                           ("local_in_process", "search, shards in-process"), ("noop_plain", "no-op fan-out, calls"),
-                           ("noop_compiled", "no-op fan-out, compiled"), ("merge", "merge_topk alone")):
+        for key, label in (
+            ("search_plain", "search, actor calls"),
+            ("search_compiled", "search, compiled graph"),
+            ("local_in_process", "search, shards in-process"),
+            ("noop_plain", "no-op fan-out, calls"),
+            ("noop_compiled", "no-op fan-out, compiled"),
+            ("merge", "merge_topk alone"),
+        ):
             if key not in pts[0]:
                 continue
             left.plot(xs, [p[key].get("p50_ms", np.nan) for p in pts], marker="o", label=label)
-        left.plot(xs, [p["batch_plain_per_query"]["p50_ms"] for p in pts], marker="s", linestyle="--",
-                  label=f"search, {BATCH} queries a call (per query)")
+        left.plot(
+            xs,
+            [p["batch_plain_per_query"]["p50_ms"] for p in pts],
+            marker="s",
+            linestyle="--",
+            label=f"search, {BATCH} queries a call (per query)",
+        )
         left.axhline(base, color="grey", linewidth=0.8, label="unsharded index, in-process")
         left.set_xlabel("shards")
         left.set_ylabel(f"p50 ms, one query, k={result['params']['k']}")
@@ -241,20 +302,28 @@ def plot(result: dict[str, Any]) -> Callable[[Any], None]:
 
 def print_table(result: dict[str, Any]) -> None:
     u = result["unsharded"]
-    print(f"unsharded {result['params']['backend']}: recall {u['recall']:.4f}, p50 {u['local']['p50_ms']:.3f} ms "
-          f"p99 {u['local']['p99_ms']:.3f} ms (in-process, one thread)")
-    print(f"{'S':>3}{'recall':>8}{'d pts':>7}{'local':>8}{'ray p50':>9}{'ray p99':>9}{'compiled':>9}{'batch/q':>9}"
-          f"{'noop':>8}{'noop cg':>8}{'merge':>8}{'overhead':>9}")
+    print(
+        f"unsharded {result['params']['backend']}: recall {u['recall']:.4f}, p50 {u['local']['p50_ms']:.3f} ms "
+        f"p99 {u['local']['p99_ms']:.3f} ms (in-process, one thread)"
+    )
+    print(
+        f"{'S':>3}{'recall':>8}{'d pts':>7}{'local':>8}{'ray p50':>9}{'ray p99':>9}{'compiled':>9}{'batch/q':>9}"
+        f"{'noop':>8}{'noop cg':>8}{'merge':>8}{'overhead':>9}"
+    )
     for p in result["points"]:
-        print(f"{p['shards']:>3}{p['recall']:>8.4f}{p['recall_points_vs_unsharded']:>7.2f}"
-              f"{p['local_in_process']['p50_ms']:>8.3f}{p['search_plain']['p50_ms']:>9.3f}"
-              f"{p['search_plain']['p99_ms']:>9.3f}{p.get('search_compiled', {}).get('p50_ms', np.nan):>9.3f}"
-              f"{p['batch_plain_per_query']['p50_ms']:>9.3f}{p['noop_plain']['p50_ms']:>8.3f}"
-              f"{p.get('noop_compiled', {}).get('p50_ms', np.nan):>8.3f}{p['merge']['p50_ms']:>8.3f}"
-              f"{p['overhead_p50_ms']:>9.3f}")
+        print(
+            f"{p['shards']:>3}{p['recall']:>8.4f}{p['recall_points_vs_unsharded']:>7.2f}"
+            f"{p['local_in_process']['p50_ms']:>8.3f}{p['search_plain']['p50_ms']:>9.3f}"
+            f"{p['search_plain']['p99_ms']:>9.3f}{p.get('search_compiled', {}).get('p50_ms', np.nan):>9.3f}"
+            f"{p['batch_plain_per_query']['p50_ms']:>9.3f}{p['noop_plain']['p50_ms']:>8.3f}"
+            f"{p.get('noop_compiled', {}).get('p50_ms', np.nan):>8.3f}{p['merge']['p50_ms']:>8.3f}"
+            f"{p['overhead_p50_ms']:>9.3f}"
+        )
     print("(ms, p50 unless named; overhead = Ray p50 - the unsharded p50)")
-    print(f"recall@{result['params']['k']} per search setting: unsharded, then S = "
-          f"{', '.join(str(p['shards']) for p in result['points'])}")
+    print(
+        f"recall@{result['params']['k']} per search setting: unsharded, then S = "
+        f"{', '.join(str(p['shards']) for p in result['points'])}"
+    )
     for key, r in u["recall_by_setting"].items():
         print(f"  {key:<16}{r:.4f}  " + "  ".join(f"{p['recall_by_setting'][key]:.4f}" for p in result["points"]))
 
@@ -263,18 +332,32 @@ def run(args: argparse.Namespace) -> int:
     counts = tuple(int(s) for s in _csv(args.shards, "--shards"))
     if not counts or min(counts) < 1:
         raise ConfigError(f"--shards: positive shard counts, got {args.shards!r}")
-    result = run_shards_bench(args.items, dim=args.dim, k=args.k, shard_counts=counts, backend=args.backend,
-                              nodes=args.nodes, n_queries=args.queries_n, n_time=args.time_n, seed=args.seed,
-                              out=args.out, address=args.address, compiled=not args.no_compiled)
+    result = run_shards_bench(
+        args.items,
+        dim=args.dim,
+        k=args.k,
+        shard_counts=counts,
+        backend=args.backend,
+        nodes=args.nodes,
+        n_queries=args.queries_n,
+        n_time=args.time_n,
+        seed=args.seed,
+        out=args.out,
+        address=args.address,
+        compiled=not args.no_compiled,
+    )
     print_table(result)
     print(f"wrote {' and '.join(result['files'])}")
     return 0
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("shards", help="a sharded index on a local Ray cluster: recall vs unsharded, "
-                             "fan-out + merge overhead per shard count", description=__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_sub.add_parser(
+        "shards",
+        help="a sharded index on a local Ray cluster: recall vs unsharded, fan-out + merge overhead per shard count",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--items", type=int, default=200_000, help="catalog size (default 200000)")
     p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
     p.add_argument("--k", type=int, default=100, help="K (default 100)")

@@ -44,8 +44,15 @@ FIRST_ITEM_ID = 30_000_000_000
 KINDS = ("read", "click", "write")
 
 
-def _plan(n: int, mix: tuple[float, float, float], user_ids: list[str], item_ids: list[int],
-          rows: list[dict[str, Any]], k: int, seed: int) -> tuple[list[Any], np.ndarray, list[Any]]:
+def _plan(
+    n: int,
+    mix: tuple[float, float, float],
+    user_ids: list[str],
+    item_ids: list[int],
+    rows: list[dict[str, Any]],
+    k: int,
+    seed: int,
+) -> tuple[list[Any], np.ndarray, list[Any]]:
     """The n requests of the run: (bodies for the generator, kind per request, what each wrote)."""
     rng = np.random.default_rng(seed)
     p = np.asarray(mix, float) / sum(mix)
@@ -64,8 +71,12 @@ def _plan(n: int, mix: tuple[float, float, float], user_ids: list[str], item_ids
             clicks += 1
         else:
             item_id = FIRST_ITEM_ID + writes
-            row = {**rows[writes % len(rows)], "item_id": str(item_id), "available": True,
-                   "category": f"soak_{writes // ITEMS_PER_CATEGORY}"}
+            row = {
+                **rows[writes % len(rows)],
+                "item_id": str(item_id),
+                "available": True,
+                "category": f"soak_{writes // ITEMS_PER_CATEGORY}",
+            }
             bodies.append(("/v1/items", json.dumps({"items": [row]}).encode()))
             wrote.append((row["category"], item_id))
             writes += 1
@@ -111,8 +122,9 @@ def _read_back(url: str, redis_url: str, kinds: np.ndarray, wrote: list[Any], st
     lost_items, lost_clicks = [], []
     with httpx.Client(base_url=url, timeout=60) as http:
         for category, ids in items.items():
-            got = http.post("/v1/candidates", json={"user_id": "soak-reader", "k": 1000,
-                                                    "filter": {"categories": [category]}})
+            got = http.post(
+                "/v1/candidates", json={"user_id": "soak-reader", "k": 1000, "filter": {"categories": [category]}}
+            )
             got.raise_for_status()
             lost_items += sorted(ids - {c["item_id"] for c in got.json()["candidates"]})
     store = open_store(redis_url)
@@ -122,15 +134,21 @@ def _read_back(url: str, redis_url: str, kinds: np.ndarray, wrote: list[Any], st
             lost_clicks += [(user, i) for i in sorted(ids - session)]
     finally:
         store.close()
-    return {"items_acknowledged": sum(len(v) for v in items.values()), "items_lost": len(lost_items),
-            "clicks_acknowledged": sum(len(v) for v in clicks.values()), "clicks_lost": len(lost_clicks),
-            "lost_examples": [str(x) for x in (lost_items + lost_clicks)[:10]]}
+    return {
+        "items_acknowledged": sum(len(v) for v in items.values()),
+        "items_lost": len(lost_items),
+        "clicks_acknowledged": sum(len(v) for v in clicks.values()),
+        "clicks_lost": len(lost_clicks),
+        "lost_examples": [str(x) for x in (lost_items + lost_clicks)[:10]],
+    }
 
 
 def _statuses(kinds: np.ndarray, status: np.ndarray, sel: np.ndarray) -> dict[str, dict[str, int]]:
     """{kind: {status: count}} over the selected requests (status 0: no answer, connection failed)."""
-    return {name: {str(s): int(c) for s, c in sorted(Counter(status[sel & (kinds == i)].tolist()).items())}
-            for i, name in enumerate(KINDS)}
+    return {
+        name: {str(s): int(c) for s, c in sorted(Counter(status[sel & (kinds == i)].tolist()).items())}
+        for i, name in enumerate(KINDS)
+    }
 
 
 def _per_second(sent: np.ndarray, lat: np.ndarray, status: np.ndarray, t0: float) -> list[dict[str, Any]]:
@@ -139,9 +157,16 @@ def _per_second(sent: np.ndarray, lat: np.ndarray, status: np.ndarray, t0: float
     for s in range(int(sec.max()) + 1 if len(sec) else 0):
         sel = sec == s
         ok = sel & (status == 200)
-        out.append({"t": s, "sent": int(sel.sum()), "ok": int(ok.sum()), "failed": int((sel & ~ok).sum()),
-                    "p50_ms": round(float(np.median(lat[ok])), 3) if ok.any() else None,
-                    "p99_ms": round(float(np.percentile(lat[ok], 99)), 3) if ok.any() else None})
+        out.append(
+            {
+                "t": s,
+                "sent": int(sel.sum()),
+                "ok": int(ok.sum()),
+                "failed": int((sel & ~ok).sum()),
+                "p50_ms": round(float(np.median(lat[ok])), 3) if ok.any() else None,
+                "p99_ms": round(float(np.percentile(lat[ok], 99)), 3) if ok.any() else None,
+            }
+        )
     return out
 
 
@@ -167,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from towerann.index.build import Tuning
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
-    from towerann.service.server import start_subprocess
+    from towerann.server.server import start_subprocess
     from towerann.serving.bundle import publish_bundle
 
     work = Path(args.workdir) / f"serve-{args.items}"
@@ -192,8 +217,10 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         (work / "soak-token").write_text(TOKEN)
         toml = work / "soak.toml"
-        toml.write_text(f'[paths]\nindex = "{root}"\ndata = "{paths["data"]}"\n[features]\nstore = "{redis.url}"\n'
-                        f'[freshness]\ntoken_file = "{work / "soak-token"}"\npoll_s = 0.0\n')
+        toml.write_text(
+            f'[paths]\nindex = "{root}"\ndata = "{paths["data"]}"\n[features]\nstore = "{redis.url}"\n'
+            f'[freshness]\ntoken_file = "{work / "soak-token"}"\npoll_s = 0.0\n'
+        )
         catalog = read_items(paths["data"]).head(2000)
         rows = [{c: (v.item() if hasattr(v, "item") else v) for c, v in r.items()} for r in catalog.to_dict("records")]
         item_ids = [int(r["item_id"]) for r in rows]
@@ -205,9 +232,20 @@ def run(args: argparse.Namespace) -> int:
         pid = server.process.pid
         sampler = RssSampler(pid, 0.5).start()
         load_out: dict[str, Any] = {}
-        loader = threading.Thread(target=lambda: load_out.update(run_load(
-            server.url, bodies, args.rate, args.duration, args.connections, timeline=True,
-            headers={"Authorization": f"Bearer {TOKEN}"})), daemon=True)
+        loader = threading.Thread(
+            target=lambda: load_out.update(
+                run_load(
+                    server.url,
+                    bodies,
+                    args.rate,
+                    args.duration,
+                    args.connections,
+                    timeline=True,
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+            ),
+            daemon=True,
+        )
         t0 = time.time()
         loader.start()
         events: dict[str, float] = {}
@@ -219,8 +257,18 @@ def run(args: argparse.Namespace) -> int:
             """The batch rebuild at 35%, then the reload; an operator retries a reload that met Redis down."""
             time.sleep(max(0.0, t0 + 0.35 * args.duration - time.time()))
             events["refresh_start"] = time.time()
-            rebuilt.update(rebuild_niced(paths["data"], paths["model"], root, None, args.kind, args.recall or None,
-                                         args.k, delta_url=redis.url))
+            rebuilt.update(
+                rebuild_niced(
+                    paths["data"],
+                    paths["model"],
+                    root,
+                    None,
+                    args.kind,
+                    args.recall or None,
+                    args.k,
+                    delta_url=redis.url,
+                )
+            )
             events["swap_start"] = time.time()
             with httpx.Client(base_url=server.url, timeout=120, headers=auth) as http:
                 for attempt in range(1, 121):
@@ -230,8 +278,10 @@ def run(args: argparse.Namespace) -> int:
                         break
                     time.sleep(1.0)
             events["swap_end"] = time.time()
-            print(f"refresh in {rebuilt['seconds']:.1f}s, reload: {swap.get('outcome')} "
-                  f"(attempt {swap['attempts']})", flush=True)
+            print(
+                f"refresh in {rebuilt['seconds']:.1f}s, reload: {swap.get('outcome')} (attempt {swap['attempts']})",
+                flush=True,
+            )
 
         swapper = threading.Thread(target=refresh_and_swap, daemon=True)
         swapper.start()
@@ -247,14 +297,17 @@ def run(args: argparse.Namespace) -> int:
                     break
                 time.sleep(0.05)
             events["redis_ready"] = time.time()
-            print(f"redis killed, restarted after {args.redis_down_s}s, server ready again "
-                  f"{events['redis_ready'] - events['redis_started']:.2f}s later", flush=True)
+            print(
+                f"redis killed, restarted after {args.redis_down_s}s, server ready again "
+                f"{events['redis_ready'] - events['redis_started']:.2f}s later",
+                flush=True,
+            )
         loader.join()
         swapper.join()
         rss = sampler.stop()
         tl = load_out["timeline"]
         status = np.asarray(tl["status"])
-        readback = _read_back(server.url, redis.url, kinds[:len(status)], wrote, status)
+        readback = _read_back(server.url, redis.url, kinds[: len(status)], wrote, status)
         peak_mb = rss_mb(pid)[1]
     finally:
         if server is not None:
@@ -262,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         redis.stop()
 
     sent, lat = np.asarray(tl["sent_unix"]), np.asarray(tl["latency_ms"])
-    kinds = kinds[:len(status)]
+    kinds = kinds[: len(status)]
     # The outage: from the kill until the server reads Redis again, plus the store's retry window (1 s).
     outage = (events["redis_kill"], events["redis_ready"] + 1.0)
     inside = (sent >= outage[0]) & (sent < outage[1])
@@ -276,28 +329,49 @@ def run(args: argparse.Namespace) -> int:
 
     load_end = float(sent[-1])
     result: dict[str, Any] = {
-        "items": args.items, "index": args.kind, "k": args.k, "rate": args.rate, "duration_s": args.duration,
-        "mix": dict(zip(KINDS, args.mix)), "sent": int(len(status)), "achieved_rps": load_out["achieved_rps"],
-        "events": {k: round(v - t0, 3) for k, v in events.items()}, "refresh": rebuilt, "reload": swap,
-        "swap_under_load": events["swap_end"] < load_end, "outage_under_load": events["redis_ready"] < load_end,
+        "items": args.items,
+        "index": args.kind,
+        "k": args.k,
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "mix": dict(zip(KINDS, args.mix)),
+        "sent": int(len(status)),
+        "achieved_rps": load_out["achieved_rps"],
+        "events": {k: round(v - t0, 3) for k, v in events.items()},
+        "refresh": rebuilt,
+        "reload": swap,
+        "swap_under_load": events["swap_end"] < load_end,
+        "outage_under_load": events["redis_ready"] < load_end,
         "statuses_outside_outage": _statuses(kinds, status, ~inside),
         "statuses_during_outage": _statuses(kinds, status, inside),
         "server_errors_outside_outage": int((server_errors & ~inside).sum()),
-        "degraded_reads": {"outside_outage": int((np.asarray(tl["degraded"]) & ~inside).sum()),
-                           "during_outage": int((np.asarray(tl["degraded"]) & inside).sum())},
-        "latency": {"steady": latency((sent >= warm) & ~swapping & ~inside),
-                    "during_refresh": latency((sent >= events["refresh_start"]) & (sent < events["swap_start"])),
-                    "during_swap": latency((sent >= events["swap_start"]) & (sent < events["swap_end"] + 1.0)),
-                    "during_redis_outage": latency(inside),
-                    "per_kind": {name: percentiles(lat[(kinds == i) & ok] / 1e3) for i, name in enumerate(KINDS)}},
+        "degraded_reads": {
+            "outside_outage": int((np.asarray(tl["degraded"]) & ~inside).sum()),
+            "during_outage": int((np.asarray(tl["degraded"]) & inside).sum()),
+        },
+        "latency": {
+            "steady": latency((sent >= warm) & ~swapping & ~inside),
+            "during_refresh": latency((sent >= events["refresh_start"]) & (sent < events["swap_start"])),
+            "during_swap": latency((sent >= events["swap_start"]) & (sent < events["swap_end"] + 1.0)),
+            "during_redis_outage": latency(inside),
+            "per_kind": {name: percentiles(lat[(kinds == i) & ok] / 1e3) for i, name in enumerate(KINDS)},
+        },
         # Whole run (warm-up to end, the swap to the rebuilt bundle included), and within each bundle's life:
         # growth that a leak would show, apart from the step a bundle of another size brings.
-        "rss": {"after_warmup": _rss_growth(rss, warm, warm + 0.15 * args.duration, rss[-1][0], 0.1 * args.duration),
-                "before_swap": _rss_growth(rss, warm, warm + 0.15 * args.duration, events["refresh_start"],
-                                           0.1 * args.duration),
-                "after_swap": _rss_growth(rss, events["swap_end"] + 2.0, events["swap_end"] + 2.0 + 0.1 * args.duration,
-                                          rss[-1][0], 0.1 * args.duration),
-                "peak_mb": round(peak_mb, 1)},
+        "rss": {
+            "after_warmup": _rss_growth(rss, warm, warm + 0.15 * args.duration, rss[-1][0], 0.1 * args.duration),
+            "before_swap": _rss_growth(
+                rss, warm, warm + 0.15 * args.duration, events["refresh_start"], 0.1 * args.duration
+            ),
+            "after_swap": _rss_growth(
+                rss,
+                events["swap_end"] + 2.0,
+                events["swap_end"] + 2.0 + 0.1 * args.duration,
+                rss[-1][0],
+                0.1 * args.duration,
+            ),
+            "peak_mb": round(peak_mb, 1),
+        },
         "readback": readback,
         "per_second": _per_second(sent, lat, status, t0),
         "rss_timeline": [[round(t - t0, 2), round(m, 1)] for t, m in rss],
@@ -308,17 +382,24 @@ def run(args: argparse.Namespace) -> int:
         "no 5xx outside the Redis outage": result["server_errors_outside_outage"] == 0,
         "no acknowledged write lost": readback["items_lost"] == 0 and readback["clicks_lost"] == 0,
         "RSS growth after warm-up < 5%": growth is not None and growth < 0.05,
-        "RSS growth within a bundle's life < 5%": all(g is not None and g < 0.05 for g in within)}
-    json_path, png_path = write_report(args.out, f"soak-{args.items}-{args.kind}-{int(args.duration)}s", result,
-                                       _plot(result, sent - t0, lat, status, kinds))
+        "RSS growth within a bundle's life < 5%": all(g is not None and g < 0.05 for g in within),
+    }
+    json_path, png_path = write_report(
+        args.out,
+        f"soak-{args.items}-{args.kind}-{int(args.duration)}s",
+        result,
+        _plot(result, sent - t0, lat, status, kinds),
+    )
     s = result
-    print(f"soak {args.duration:.0f}s at {args.rate:.0f}/s ({s['sent']} requests, achieved {s['achieved_rps']:.0f}/s): "
-          f"5xx outside the Redis outage {s['server_errors_outside_outage']}; during it {s['statuses_during_outage']}; "
-          f"p99 steady {s['latency']['steady']['p99_ms']:.1f} ms, during the outage "
-          f"{s['latency']['during_redis_outage']['p99_ms']:.1f} ms; lost items {readback['items_lost']} of "
-          f"{readback['items_acknowledged']}, clicks {readback['clicks_lost']} of {readback['clicks_acknowledged']}; "
-          f"RSS growth after warm-up {growth} (within a bundle: before the swap {within[0]}, after it {within[1]})",
-          flush=True)
+    print(
+        f"soak {args.duration:.0f}s at {args.rate:.0f}/s ({s['sent']} requests, achieved {s['achieved_rps']:.0f}/s): "
+        f"5xx outside the Redis outage {s['server_errors_outside_outage']}; during it {s['statuses_during_outage']}; "
+        f"p99 steady {s['latency']['steady']['p99_ms']:.1f} ms, during the outage "
+        f"{s['latency']['during_redis_outage']['p99_ms']:.1f} ms; lost items {readback['items_lost']} of "
+        f"{readback['items_acknowledged']}, clicks {readback['clicks_lost']} of {readback['clicks_acknowledged']}; "
+        f"RSS growth after warm-up {growth} (within a bundle: before the swap {within[0]}, after it {within[1]})",
+        flush=True,
+    )
     print(f"targets: {result['targets']}\nwrote {json_path} and {png_path}")
     return 0 if all(result["targets"].values()) or not args.check else 1
 
@@ -333,8 +414,14 @@ def _plot(result: dict[str, Any], t: np.ndarray, lat: np.ndarray, status: np.nda
             ax.scatter(t[ok], lat[ok], s=2, label=f"{name} (ms)")
         bad = status != 200
         if bad.any():
-            ax.scatter(t[bad], np.full(bad.sum(), max(1.0, float(lat[~bad].max()) if (~bad).any() else 1.0)), s=6,
-                       c="red", marker="x", label=f"not 200 ({int(bad.sum())})")
+            ax.scatter(
+                t[bad],
+                np.full(bad.sum(), max(1.0, float(lat[~bad].max()) if (~bad).any() else 1.0)),
+                s=6,
+                c="red",
+                marker="x",
+                label=f"not 200 ({int(bad.sum())})",
+            )
         ev = result["events"]
         ax.axvspan(ev["refresh_start"], ev["swap_start"], alpha=0.12, color="gray", label="refresh (rebuild)")
         ax.axvspan(ev["swap_start"], ev["swap_end"], alpha=0.3, color="orange", label="reload + swap")
@@ -344,9 +431,12 @@ def _plot(result: dict[str, Any], t: np.ndarray, lat: np.ndarray, status: np.nda
         ax.set_ylabel("latency, ms")
         ax2 = plot_rss(ax, result["rss_timeline"])
         rb = result["readback"]
-        ax.set_title(f"soak: {result['items']} items {result['index']}, {result['rate']:.0f} req/s for "
-                     f"{result['duration_s']:.0f}s; 5xx outside outage {result['server_errors_outside_outage']}, "
-                     f"lost writes {rb['items_lost'] + rb['clicks_lost']}", fontsize=9)
+        ax.set_title(
+            f"soak: {result['items']} items {result['index']}, {result['rate']:.0f} req/s for "
+            f"{result['duration_s']:.0f}s; 5xx outside outage {result['server_errors_outside_outage']}, "
+            f"lost writes {rb['items_lost'] + rb['clicks_lost']}",
+            fontsize=9,
+        )
         ax.legend(loc="upper left", fontsize=7, markerscale=3)
         ax2.legend(loc="upper right", fontsize=7)
 
@@ -354,24 +444,40 @@ def _plot(result: dict[str, Any], t: np.ndarray, lat: np.ndarray, status: np.nda
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("soak", help="mixed load for a fixed time through a refresh + swap and a Redis crash; "
-                             "errors, latency and RSS over time, every acknowledged write read back (JSON + PNG)",
-                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_sub.add_parser(
+        "soak",
+        help="mixed load for a fixed time through a refresh + swap and a Redis crash; "
+        "errors, latency and RSS over time, every acknowledged write read back (JSON + PNG)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--items", type=int, default=200_000, help="catalog size (default 200000)")
     p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
     p.add_argument("--dim", type=int, default=64, help="embedding dim of the bench model (default 64)")
     p.add_argument("--kind", default="hnsw", help="index backend (default hnsw)")
-    p.add_argument("--recall", type=float, default=0.95,
-                   help="both bundles are tuned to this recall@k (default 0.95; 0 = no tuning)")
+    p.add_argument(
+        "--recall",
+        type=float,
+        default=0.95,
+        help="both bundles are tuned to this recall@k (default 0.95; 0 = no tuning)",
+    )
     p.add_argument("--k", type=int, default=100, help="candidates per read (default 100)")
     p.add_argument("--rate", type=float, default=200.0, help="requests/s, all kinds together (default 200)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
-    p.add_argument("--mix", type=float, nargs=3, default=[0.7, 0.2, 0.1], metavar=("READS", "CLICKS", "WRITES"),
-                   help="shares of reads, clicks and item writes (default 0.7 0.2 0.1)")
+    p.add_argument(
+        "--mix",
+        type=float,
+        nargs=3,
+        default=[0.7, 0.2, 0.1],
+        metavar=("READS", "CLICKS", "WRITES"),
+        help="shares of reads, clicks and item writes (default 0.7 0.2 0.1)",
+    )
     p.add_argument("--redis-down-s", type=float, default=2.0, help="seconds Redis stays down (default 2)")
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the generator (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument("--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)")
+    p.add_argument(
+        "--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)"
+    )
     p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
     p.set_defaults(func=run)

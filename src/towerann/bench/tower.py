@@ -26,10 +26,14 @@ def measure(model_dir: str | Path, requests: int = 5000, warmup: int = 200) -> d
     rng = np.random.default_rng(0)
     item_ids = [str(i) for i in model.item_vocab.ids[: max(1, len(model.item_vocab))]]
     n_cat = model.schema.categories.size
-    histories = [[(item_ids[j], int(rng.integers(1, n_cat))) for j in rng.integers(0, len(item_ids), model.cfg.history_len)]
-                 for _ in range(64)]
+    histories = [
+        [(item_ids[j], int(rng.integers(1, n_cat))) for j in rng.integers(0, len(item_ids), model.cfg.history_len)]
+        for _ in range(64)
+    ]
     users = [str(u) for u in model.user_vocab.ids[:64]]
-    static = {c.name: c.mean for c in model.schema.user_numeric} | {c.name: (c.values or [""])[0] for c in model.schema.user_categorical}
+    static = {c.name: c.mean for c in model.schema.user_numeric} | {
+        c.name: (c.values or [""])[0] for c in model.schema.user_categorical
+    }
     out: dict[str, Any] = {}
     for runtime in RUNTIMES:
         enc = UserEncoder(model, model_dir, runtime=runtime)
@@ -46,8 +50,15 @@ def measure(model_dir: str | Path, requests: int = 5000, warmup: int = 200) -> d
                 call_only.append(t2 - t1)
         out[runtime] = {"with_feature_assembly": percentiles(end_to_end), "tower_call_only": percentiles(call_only)}
     fastest = min(RUNTIMES, key=lambda r: out[r]["with_feature_assembly"]["p50_ms"])
-    return {"model_version": model.version, "history_len": model.cfg.history_len, "dim": model.dim,
-            "threads": 1, "requests": requests, "runtimes": out, "fastest": fastest}
+    return {
+        "model_version": model.version,
+        "history_len": model.cfg.history_len,
+        "dim": model.dim,
+        "threads": 1,
+        "requests": requests,
+        "runtimes": out,
+        "fastest": fastest,
+    }
 
 
 def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]

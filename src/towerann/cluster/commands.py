@@ -1,7 +1,7 @@
-"""The cluster's options on other packages' commands: `embed --ray` and `index build --kind sharded`.
+"""The cluster's option on another package's command: `embed --ray`.
 
-Registered after `towerann.embed.commands` and `towerann.index.commands` (cli.COMMAND_MODULES), so
-that cluster/ depends on embed/ and index/ and never the reverse."""
+Registered after `towerann.embed.commands` (cli.COMMAND_MODULES), so that cluster/ depends on embed/
+and never the reverse."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from towerann.embed.commands import report_embedding
 from towerann.errors import ConfigError
-from towerann.index.commands import run_build
 
 
 def _subparser(parent: argparse.ArgumentParser | argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -23,18 +22,21 @@ def _subparser(parent: argparse.ArgumentParser | argparse._SubParsersAction, nam
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     embed = _subparser(sub, "embed")
-    embed.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="run the parts as Ray tasks on a cluster (pip install 'towerann[ray]'): ADDRESS of "
-                            "`ray start --head` (host:port or auto); without one, as ray.init() finds a cluster. "
-                            "Every node must see --model and --items at the same paths; the driver writes --out. "
-                            "Same vectors, byte for byte, as the local runner")
-    embed.add_argument("--cpus-per-task", type=int, default=1,
-                       help="with --ray: cores (torch threads) per part task (default 1)")
+    embed.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the parts as Ray tasks on a cluster (pip install 'towerann[ray]'): ADDRESS of "
+        "`ray start --head` (host:port or auto); without one, as ray.init() finds a cluster. "
+        "Every node must see --model and --items at the same paths; the driver writes --out. "
+        "Same vectors, byte for byte, as the local runner",
+    )
+    embed.add_argument(
+        "--cpus-per-task", type=int, default=1, help="with --ray: cores (torch threads) per part task (default 1)"
+    )
     embed.set_defaults(func=partial(_embed, embed.get_default("func")))
-
-    from towerann.cluster import create_index
-
-    _subparser(_subparser(sub, "index"), "build").set_defaults(func=partial(run_build, create_sharded=create_index))
 
 
 def _embed(local: Any, args: argparse.Namespace) -> int:
@@ -43,9 +45,19 @@ def _embed(local: Any, args: argparse.Namespace) -> int:
         return local(args)
     if args.device not in (None, "cpu"):
         raise ConfigError("--device does not apply with --ray: the part tasks run the tower on CPU")
-    from towerann.cluster.embed import embed_catalog_ray
+    from towerann.cluster.ray_embed import embed_catalog_ray
 
-    return report_embedding(lambda stats: embed_catalog_ray(
-        args.model, args.items, args.out, address=args.ray or None, batch_size=args.batch_size,
-        part_size=args.part_size, resume=not args.no_resume, overwrite=args.overwrite,
-        cpus_per_task=args.cpus_per_task, stats=stats))
+    return report_embedding(
+        lambda stats: embed_catalog_ray(
+            args.model,
+            args.items,
+            args.out,
+            address=args.ray or None,
+            batch_size=args.batch_size,
+            part_size=args.part_size,
+            resume=not args.no_resume,
+            overwrite=args.overwrite,
+            cpus_per_task=args.cpus_per_task,
+            stats=stats,
+        )
+    )

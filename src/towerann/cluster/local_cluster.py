@@ -53,8 +53,14 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
 
     def _ray(self, *args: str) -> None:
-        proc = subprocess.Popen([str(ray_command()), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(ray_command()), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
         self.groups.append(proc.pid)  # the daemons stay in this group after `ray start` exits
         try:
             _, err = proc.communicate(timeout=180)
@@ -69,9 +75,16 @@ class LocalCluster:
         self.temp = tempfile.mkdtemp(prefix="ray-t")  # short: Ray's socket paths must fit in 107 bytes
         # Ports of our own where Ray's defaults are fixed numbers (8265, 52365), so that a cluster
         # already running on this machine neither blocks this one nor gets talked to by it.
-        self._ray("start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={self.temp}",
-                  f"--dashboard-port={free_port()}",
-                  f"--dashboard-agent-listen-port={free_port()}", *self.args)
+        self._ray(
+            "start",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            f"--temp-dir={self.temp}",
+            f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *self.args,
+        )
         self.address = f"127.0.0.1:{port}"
         for _ in range(self.nodes - 1):
             self._ray("start", f"--address={self.address}", f"--dashboard-agent-listen-port={free_port()}", *self.args)
@@ -84,7 +97,9 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while sum(n["Alive"] for n in ray.nodes()) < self.nodes:
             if time.monotonic() > deadline:
-                raise BackendUnavailable(f"only {sum(n['Alive'] for n in ray.nodes())} of {self.nodes} Ray nodes joined")
+                raise BackendUnavailable(
+                    f"only {sum(n['Alive'] for n in ray.nodes())} of {self.nodes} Ray nodes joined"
+                )
             time.sleep(0.2)
 
     def stop(self) -> None:

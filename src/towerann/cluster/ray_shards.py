@@ -29,14 +29,15 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from towerann.errors import ArtifactError, BackendUnavailable, ConfigError, TowerannError
 from towerann.index.base import Index
+from towerann.index.shard_backends import WRITES, ShardSet, apply
+from towerann.index.sharded import KIND, SHARD_DIR, ShardedIndex, load_shard
 from towerann.index.snapshot import current_version, read_checked_manifest
-from towerann.cluster.sharded import KIND, SHARD_DIR, ShardedIndex, load_shard
-from towerann.cluster.shards import WRITES, ShardSet, apply
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ def top_manifest(root: Path, version: str) -> dict[str, Any]:
     """The sharded snapshot's own manifest (structure only: each shard checks its own files' checksums)."""
     m = read_checked_manifest(root / version, verify=False)
     if m["backend"] != KIND:
-        raise ConfigError(f"{root / version}: a {m['backend']} snapshot; the Ray shards serve sharded snapshots "
-                          "(build with --kind sharded)")
+        raise ConfigError(
+            f"{root / version}: a {m['backend']} snapshot; the Ray shards serve sharded snapshots "
+            "(build with --kind sharded)"
+        )
     return m
 
 
@@ -85,14 +88,20 @@ class ShardWorker:
         if version not in self.held:
             m = top_manifest(self.root, version)
             if int(m["build_params"]["shards"]) != self.n_shards:
-                raise ArtifactError(f"{self.root / version}: {m['build_params']['shards']} shards, the cluster "
-                                    f"runs {self.n_shards}")
-            index = load_shard(self.root / version / SHARD_DIR.format(self.shard), self.shard, self.n_shards,
-                               m["build_params"]["backend"])
+                raise ArtifactError(
+                    f"{self.root / version}: {m['build_params']['shards']} shards, the cluster runs {self.n_shards}"
+                )
+            index = load_shard(
+                self.root / version / SHARD_DIR.format(self.shard),
+                self.shard,
+                self.n_shards,
+                m["build_params"]["backend"],
+            )
             expected = m["backend_state"]["counts"][self.shard]
             if len(index) != expected:
-                raise ArtifactError(f"{self.root / version}: shard {self.shard} holds {len(index)} items, the "
-                                    f"manifest says {expected}")
+                raise ArtifactError(
+                    f"{self.root / version}: shard {self.shard} holds {len(index)} items, the manifest says {expected}"
+                )
             self.held[version] = index
         return self.info()
 
@@ -123,9 +132,15 @@ class ShardWorker:
 
     def info(self) -> dict[str, Any]:
         node = require_ray().get_runtime_context().get_node_id()
-        return {"shard": self.shard, "incarnation": self.incarnation, "current": self.current,
-                "held": sorted(self.held), "node": node, "pid": os.getpid(),
-                "count": len(self.held[self.current]) if self.current in self.held else 0}
+        return {
+            "shard": self.shard,
+            "incarnation": self.incarnation,
+            "current": self.current,
+            "held": sorted(self.held),
+            "node": node,
+            "pid": os.getpid(),
+            "count": len(self.held[self.current]) if self.current in self.held else 0,
+        }
 
     def noop(self, x: Any) -> Any:
         """For measuring the bare cost of a call (bench shards)."""
@@ -141,16 +156,29 @@ class ShardMetrics:
 
     def as_dict(self) -> list[dict[str, Any]]:
         # fanout_ms: the mean wait of the fan-outs this shard answered in (its own time or a slower shard's)
-        return [{"shard": s, "calls": self.calls[s], "errors": self.errors[s], "late": self.late[s],
-                 "fanout_ms": round(1e3 * self.seconds[s] / max(self.calls[s] - self.errors[s] - self.late[s], 1), 3)}
-                for s in range(len(self.calls))]
+        return [
+            {
+                "shard": s,
+                "calls": self.calls[s],
+                "errors": self.errors[s],
+                "late": self.late[s],
+                "fanout_ms": round(1e3 * self.seconds[s] / max(self.calls[s] - self.errors[s] - self.late[s], 1), 3),
+            }
+            for s in range(len(self.calls))
+        ]
 
 
 class RayShards(ShardSet):
     """One Ray actor per shard; this process only routes, fans out and merges."""
 
-    def __init__(self, root: str | Path, n_shards: int, name: str = "towerann", detached: bool = False,
-                 version: str | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        n_shards: int,
+        name: str = "towerann",
+        detached: bool = False,
+        version: str | None = None,
+    ):
         ray = require_ray()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -161,11 +189,18 @@ class RayShards(ShardSet):
         # now and then although the other was free; the cost is that a shard whose node died stays
         # missing (partial answers) until the front attaches again. num_cpus=0: a shard is mostly
         # idle between searches, and the nodes are small.
-        self.actors = [worker.options(
-            name=f"{name}-shard-{s}", get_if_exists=True, lifetime="detached" if detached else None,
-            max_restarts=-1, max_task_retries=0, num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[s % len(nodes)], soft=False),
-        ).remote(str(self.root), s, self.n) for s in range(self.n)]
+        self.actors = [
+            worker.options(
+                name=f"{name}-shard-{s}",
+                get_if_exists=True,
+                lifetime="detached" if detached else None,
+                max_restarts=-1,
+                max_task_retries=0,
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[s % len(nodes)], soft=False),
+            ).remote(str(self.root), s, self.n)
+            for s in range(self.n)
+        ]
         self.version: str = version or current_version(self.root)
         self.dim = int(top_manifest(self.root, self.version)["dim"])
         infos = ray.get([a.load.remote(self.version) for a in self.actors])
@@ -177,16 +212,18 @@ class RayShards(ShardSet):
         self._recovering: set[int] = set()
 
     # ---- searches -------------------------------------------------------------------------------
-    def fan_out(self, method: str, args: tuple, deadline_s: float | None = None
-                ) -> tuple[dict[int, Any], tuple[int, ...], str | None]:
+    def fan_out(
+        self, method: str, args: tuple, deadline_s: float | None = None
+    ) -> tuple[dict[int, Any], tuple[int, ...], str | None]:
         ray = require_ray()
         version = self.version  # read once: every shard is asked for this one version
         start = time.perf_counter()
         # A big batch is serialised once into the object store for every shard to read; a few queries
         # go inline with each call (a put costs an object-store round trip, ~ms, that they do not need).
         payload = ray.put(args) if sum(getattr(a, "nbytes", 0) for a in args) > INLINE_BYTES else args
-        asked = {s: a.call.remote(version, method, payload) for s, a in enumerate(self.actors)
-                 if s not in self._recovering}
+        asked = {
+            s: a.call.remote(version, method, payload) for s, a in enumerate(self.actors) if s not in self._recovering
+        }
         refs = list(asked.values())
         if deadline_s is None or not refs:
             ready = refs
@@ -248,8 +285,13 @@ class RayShards(ShardSet):
                         ray.get(self.actors[s].replay.remote(version, list(self.writes[s])), timeout=60)
                         ray.get(self.actors[s].switch.remote(version), timeout=30)
                         self.incarnations[s], self.nodes[s] = info["incarnation"], info["node"]
-                    log.info("shard %d back (incarnation %s, version %s, %d writes replayed)", s,
-                             info["incarnation"], version, len(self.writes[s]))
+                    log.info(
+                        "shard %d back (incarnation %s, version %s, %d writes replayed)",
+                        s,
+                        info["incarnation"],
+                        version,
+                        len(self.writes[s]),
+                    )
                     return
                 except ray.exceptions.RayError as e:
                     if time.monotonic() > deadline:
@@ -280,8 +322,9 @@ class RayShards(ShardSet):
             if failed:
                 for s in failed:
                     self._recover(s, version)
-                raise BackendUnavailable(f"shards {failed} did not answer {method}; they are recovering - retry "
-                                         "(writes are idempotent)")
+                raise BackendUnavailable(
+                    f"shards {failed} did not answer {method}; they are recovering - retry (writes are idempotent)"
+                )
             return out
 
     # ---- versions -------------------------------------------------------------------------------
@@ -293,8 +336,10 @@ class RayShards(ShardSet):
         if int(manifest["dim"]) != self.dim:
             raise ArtifactError(f"{self.root / version}: dim {manifest['dim']}; this index serves dim {self.dim}")
         if int(manifest["build_params"]["shards"]) != self.n:
-            raise ArtifactError(f"{self.root / version}: {manifest['build_params']['shards']} shards; this cluster "
-                                f"serves {self.n} (start a new set of shard workers for another shard count)")
+            raise ArtifactError(
+                f"{self.root / version}: {manifest['build_params']['shards']} shards; this cluster "
+                f"serves {self.n} (start a new set of shard workers for another shard count)"
+            )
         with self._lock:
             try:
                 infos = ray.get([a.load.remote(version) for a in self.actors])
@@ -302,8 +347,10 @@ class RayShards(ShardSet):
             except ray.exceptions.RayError as e:
                 for a in self.actors:
                     a.drop.remote(version)
-                raise ArtifactError(f"version {version} was not switched in: a shard could not load it "
-                                    f"({getattr(e, 'cause', None) or e})") from e
+                raise ArtifactError(
+                    f"version {version} was not switched in: a shard could not load it "
+                    f"({getattr(e, 'cause', None) or e})"
+                ) from e
             self.version = version  # from here on every search names the new version
             self.incarnations = [i["incarnation"] for i in infos]
             for s, ref in enumerate([a.switch.remote(version) for a in self.actors]):
@@ -327,8 +374,15 @@ class RayShards(ShardSet):
             ray.kill(a, no_restart=True)
 
 
-def attach(root: str | Path, address: str | None = None, name: str = "towerann", detached: bool = False,
-           namespace: str = "towerann", version: str | None = None, deadline_s: float | None = None) -> ShardedIndex:
+def attach(
+    root: str | Path,
+    address: str | None = None,
+    name: str = "towerann",
+    detached: bool = False,
+    namespace: str = "towerann",
+    version: str | None = None,
+    deadline_s: float | None = None,
+) -> ShardedIndex:
     """A ShardedIndex over Ray actors serving `version` (default: the CURRENT one) of the sharded
     snapshot root `root` (a path every node can read). Connects to the cluster at `address` unless
     already connected. `deadline_s`: how long a search waits for the shards unless it says otherwise."""

@@ -9,8 +9,9 @@ MovieLens converter, a user's own export) is read the same way by the model and 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -44,7 +45,7 @@ def _is_float(t: pa.DataType) -> bool:
 
 
 def _id_kind(t: pa.DataType) -> str | None:
-    """"int" for int64 ids, "str" for string ids, None for anything else."""
+    """ "int" for int64 ids, "str" for string ids, None for anything else."""
     if pa.types.is_int64(t):
         return "int"
     return "str" if _is_string(t) else None
@@ -60,8 +61,10 @@ def feature_columns(schema: pa.Schema, reserved: set[str] | frozenset[str]) -> t
 def _dataset_file(path: str | Path, name: str) -> Path:
     directory = Path(path)
     if not directory.is_dir():
-        raise DataError(f"{directory}: not a dataset directory (expected {ITEMS}, {USERS}, {INTERACTIONS}, {MANIFEST}); "
-                        "create one with `towerann data synth` or `towerann data movielens`")
+        raise DataError(
+            f"{directory}: not a dataset directory (expected {ITEMS}, {USERS}, {INTERACTIONS}, {MANIFEST}); "
+            "create one with `towerann data synth` or `towerann data movielens`"
+        )
     file = directory / name
     if not file.is_file():
         raise DataError(f"{file}: missing; a dataset directory needs {ITEMS}, {USERS} and {INTERACTIONS}")
@@ -152,20 +155,30 @@ def validate_dataset(path: str | Path, verify_checksums: bool = False) -> dict[s
     f, s = files[INTERACTIONS], schemas[INTERACTIONS]
     t = _require(f, s, "user_id", _id_kind, "int64 or string")
     if _id_kind(t) != user_kind:
-        raise DataError(f"{f}: user_id is {t} but {files[USERS].name} has {user_kind} user ids; use one id type in both")
+        raise DataError(
+            f"{f}: user_id is {t} but {files[USERS].name} has {user_kind} user ids; use one id type in both"
+        )
     t = _require(f, s, "item_id", _id_kind, "int64 or string")
     if _id_kind(t) != item_kind:
-        raise DataError(f"{f}: item_id is {t} but {files[ITEMS].name} has {item_kind} item ids; use one id type in both")
+        raise DataError(
+            f"{f}: item_id is {t} but {files[ITEMS].name} has {item_kind} item ids; use one id type in both"
+        )
     _require(f, s, "timestamp", pa.types.is_int64, "int64 unix seconds")
     has_weight = "weight" in s.names
     if has_weight:
         _require(f, s, "weight", _is_float, "float32")
     _check_no_nulls(f, metas[INTERACTIONS], INTERACTION_COLUMNS)
 
-    counts = {"items": metas[ITEMS].num_rows, "users": metas[USERS].num_rows, "interactions": metas[INTERACTIONS].num_rows}
+    counts = {
+        "items": metas[ITEMS].num_rows,
+        "users": metas[USERS].num_rows,
+        "interactions": metas[INTERACTIONS].num_rows,
+    }
     if manifest.get("counts") != counts:
-        raise DataError(f"{directory / MANIFEST}: counts {manifest.get('counts')} do not match the Parquet files {counts}; "
-                        "the files were replaced after the manifest was written - regenerate the dataset")
+        raise DataError(
+            f"{directory / MANIFEST}: counts {manifest.get('counts')} do not match the Parquet files {counts}; "
+            "the files were replaced after the manifest was written - regenerate the dataset"
+        )
     if verify_checksums:
         for name, file in files.items():
             want = manifest.get("files", {}).get(name, {}).get("sha256")
@@ -207,8 +220,9 @@ def read_interactions(path: str | Path) -> pd.DataFrame:
     return _read(path, INTERACTIONS)
 
 
-def iter_item_batches(path_or_items_parquet: str | Path, batch_size: int = 65536,
-                      columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+def iter_item_batches(
+    path_or_items_parquet: str | Path, batch_size: int = 65536, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream the catalog in record batches; memory stays at about one row group.
 
     The file and columns are checked here, before the first batch is asked for.
@@ -247,8 +261,11 @@ def write_manifest(directory: Path, source: str, extra: dict[str, Any] | None = 
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "source": source,
-        "counts": {"items": files[ITEMS]["rows"], "users": files[USERS]["rows"],
-                   "interactions": files[INTERACTIONS]["rows"]},
+        "counts": {
+            "items": files[ITEMS]["rows"],
+            "users": files[USERS]["rows"],
+            "interactions": files[INTERACTIONS]["rows"],
+        },
         "files": files,
         **(extra or {}),
     }
@@ -256,8 +273,15 @@ def write_manifest(directory: Path, source: str, extra: dict[str, Any] | None = 
     return manifest
 
 
-def write_dataset(out: str | Path, items: pd.DataFrame, users: pd.DataFrame, interactions: pd.DataFrame,
-                  source: str, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+def write_dataset(
+    out: str | Path,
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    interactions: pd.DataFrame,
+    source: str,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write in-memory frames as a dataset directory, atomically, and validate it before it lands."""
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,15 +21,33 @@ from towerann.errors import DataError
 
 log = logging.getLogger(__name__)
 
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
+ML100K_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 NO_GENRE = "(no genres listed)"
 YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 
 
 def genre_column(name: str) -> str:
-    """"Children's" -> "genre_children_s"."""
+    """ "Children's" -> "genre_children_s"."""
     return "genre_" + re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
@@ -42,21 +60,37 @@ def _line(file: Path, lineno: int, encoding: str) -> str:
     return ""
 
 
-def _read_numeric_fast(file: Path, sep: str, names: list[str], int_cols: Sequence[str], float_cols: Sequence[str],
-                       encoding: str, header: bool) -> pd.DataFrame | None:
+def _read_numeric_fast(
+    file: Path,
+    sep: str,
+    names: list[str],
+    int_cols: Sequence[str],
+    float_cols: Sequence[str],
+    encoding: str,
+    header: bool,
+) -> pd.DataFrame | None:
     """All-numeric files (ratings) parsed straight to numbers; None if anything is off, to diagnose slowly."""
     dtype = {c: np.int64 for c in int_cols} | {c: np.float64 for c in float_cols}
     try:
-        df = pd.read_csv(file, sep=sep, header=0 if header else None, names=names, dtype=dtype, encoding=encoding,
-                         engine="c")
+        df = pd.read_csv(
+            file, sep=sep, header=0 if header else None, names=names, dtype=dtype, encoding=encoding, engine="c"
+        )
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
         return None
     return None if df.empty or df.isna().to_numpy().any() else df
 
 
-def _read_table(file: Path, sep: str, names: list[str], int_cols: Sequence[str], float_cols: Sequence[str] = (),
-                optional: tuple[str, ...] = (), encoding: str = "utf-8", header: bool = False,
-                what: str = "") -> pd.DataFrame:
+def _read_table(
+    file: Path,
+    sep: str,
+    names: list[str],
+    int_cols: Sequence[str],
+    float_cols: Sequence[str] = (),
+    optional: tuple[str, ...] = (),
+    encoding: str = "utf-8",
+    header: bool = False,
+    what: str = "",
+) -> pd.DataFrame:
     """Read a delimited file as strings, then check field counts and numbers (vectorised).
 
     Every column but `optional` must be non-empty, which is how a line cut short shows up.
@@ -69,9 +103,19 @@ def _read_table(file: Path, sep: str, names: list[str], int_cols: Sequence[str],
             return fast
     n = len(names)
     try:
-        df = pd.read_csv(file, sep=sep, header=0 if header else None, names=names, dtype=str, encoding=encoding,
-                         keep_default_na=False, na_values=[""], skip_blank_lines=False, engine="c",
-                         quoting=0 if sep == "," else 3)
+        df = pd.read_csv(
+            file,
+            sep=sep,
+            header=0 if header else None,
+            names=names,
+            dtype=str,
+            encoding=encoding,
+            keep_default_na=False,
+            na_values=[""],
+            skip_blank_lines=False,
+            engine="c",
+            quoting=0 if sep == "," else 3,
+        )
     except pd.errors.ParserError as e:
         m = re.search(r"line (\d+), saw (\d+)", str(e))
         detail = f"line {m.group(1)}: expected {n} {what}fields, got {m.group(2)}" if m else str(e)
@@ -104,8 +148,10 @@ def _read_table(file: Path, sep: str, names: list[str], int_cols: Sequence[str],
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             lineno = int(np.flatnonzero(keep)[i]) + first_line
-            raise DataError(f"{file.name} line {lineno}: field '{col}' is {df[col].iloc[i]!r}, expected "
-                            f"{'an integer' if kind == 'integer' else 'a number'} ({file})")
+            raise DataError(
+                f"{file.name} line {lineno}: field '{col}' is {df[col].iloc[i]!r}, expected "
+                f"{'an integer' if kind == 'integer' else 'a number'} ({file})"
+            )
         df[col] = values.astype(np.int64) if kind == "integer" else values.astype(np.float64)
     return df
 
@@ -118,8 +164,10 @@ def _fill_year(year: pd.Series) -> pd.Series:
 def _check_known_items(ratings_file: Path, items_file: Path, item_ids: pd.Series, catalog: pd.Series) -> None:
     unknown = ~item_ids.isin(catalog)
     if unknown.any():
-        raise DataError(f"{ratings_file}: {int(unknown.sum())} rating(s) name item ids missing from {items_file.name} "
-                        f"(e.g. {int(item_ids[unknown].iloc[0])}); use the files of one MovieLens release")
+        raise DataError(
+            f"{ratings_file}: {int(unknown.sum())} rating(s) name item ids missing from {items_file.name} "
+            f"(e.g. {int(item_ids[unknown].iloc[0])}); use the files of one MovieLens release"
+        )
 
 
 def _genre_frame(flags: np.ndarray, genres: list[str]) -> tuple[pd.Series, pd.DataFrame]:
@@ -139,39 +187,81 @@ def _genres_100k(directory: Path) -> list[str]:
 
 
 def _convert_100k(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    ratings = _read_table(directory / "u.data", "\t", ["user_id", "item_id", "rating", "timestamp"],
-                          ["user_id", "item_id", "timestamp"], ["rating"], what="tab-separated ")
+    ratings = _read_table(
+        directory / "u.data",
+        "\t",
+        ["user_id", "item_id", "rating", "timestamp"],
+        ["user_id", "item_id", "timestamp"],
+        ["rating"],
+        what="tab-separated ",
+    )
     genres = _genres_100k(directory)
     flag_cols = [f"g{j}" for j in range(len(genres))]
     item_file = directory / "u.item"
-    raw = _read_table(item_file, "|", ["item_id", "title", "release", "video", "url", *flag_cols],
-                      ["item_id", *flag_cols], optional=("title", "release", "video", "url"), encoding="latin-1",
-                      what="pipe-separated ")
+    raw = _read_table(
+        item_file,
+        "|",
+        ["item_id", "title", "release", "video", "url", *flag_cols],
+        ["item_id", *flag_cols],
+        optional=("title", "release", "video", "url"),
+        encoding="latin-1",
+        what="pipe-separated ",
+    )
     flags = raw[flag_cols].to_numpy() != 0
     category, genre_cols = _genre_frame(flags, genres)
     year = pd.to_datetime(raw["release"], format="%d-%b-%Y", errors="coerce").dt.year.astype(float)
     year = year.fillna(raw["title"].fillna("").str.extract(YEAR_IN_TITLE, expand=False).astype(float))
-    items = pd.concat([pd.DataFrame({"item_id": raw["item_id"], "category": category, "available": True,
-                                     "year": _fill_year(year)}), genre_cols], axis=1)
+    items = pd.concat(
+        [
+            pd.DataFrame(
+                {"item_id": raw["item_id"], "category": category, "available": True, "year": _fill_year(year)}
+            ),
+            genre_cols,
+        ],
+        axis=1,
+    )
     user_file = directory / "u.user"
-    u = _read_table(user_file, "|", ["user_id", "age", "gender", "occupation", "zip"], ["user_id", "age"],
-                    encoding="latin-1", what="pipe-separated ")
-    users = pd.DataFrame({"user_id": u["user_id"], "age": u["age"].astype(np.float32), "gender": u["gender"],
-                          "occupation": u["occupation"], "zip3": u["zip"].str.strip().str[:3]})
+    u = _read_table(
+        user_file,
+        "|",
+        ["user_id", "age", "gender", "occupation", "zip"],
+        ["user_id", "age"],
+        encoding="latin-1",
+        what="pipe-separated ",
+    )
+    users = pd.DataFrame(
+        {
+            "user_id": u["user_id"],
+            "age": u["age"].astype(np.float32),
+            "gender": u["gender"],
+            "occupation": u["occupation"],
+            "zip3": u["zip"].str.strip().str[:3],
+        }
+    )
     _check_known_items(directory / "u.data", item_file, ratings["item_id"], items["item_id"])
     unknown_users = ~ratings["user_id"].isin(users["user_id"])
     if unknown_users.any():
-        raise DataError(f"{directory / 'u.data'}: {int(unknown_users.sum())} rating(s) name users missing from "
-                        f"u.user (e.g. {int(ratings['user_id'][unknown_users].iloc[0])})")
+        raise DataError(
+            f"{directory / 'u.data'}: {int(unknown_users.sum())} rating(s) name users missing from "
+            f"u.user (e.g. {int(ratings['user_id'][unknown_users].iloc[0])})"
+        )
     return items, users, _interactions(ratings)
 
 
 def _convert_latest(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    ratings = _read_table(directory / "ratings.csv", ",", ["user_id", "item_id", "rating", "timestamp"],
-                          ["user_id", "item_id", "timestamp"], ["rating"], header=True, what="comma-separated ")
+    ratings = _read_table(
+        directory / "ratings.csv",
+        ",",
+        ["user_id", "item_id", "rating", "timestamp"],
+        ["user_id", "item_id", "timestamp"],
+        ["rating"],
+        header=True,
+        what="comma-separated ",
+    )
     movies_file = directory / "movies.csv"
-    raw = _read_table(movies_file, ",", ["item_id", "title", "genres"], ["item_id"], header=True,
-                      what="comma-separated ")
+    raw = _read_table(
+        movies_file, ",", ["item_id", "title", "genres"], ["item_id"], header=True, what="comma-separated "
+    )
     lists = raw["genres"].str.split("|")
     genres = sorted({g for gs in lists for g in gs if g and g != NO_GENRE})
     index = {g: j for j, g in enumerate(genres)}
@@ -184,21 +274,33 @@ def _convert_latest(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
     category = pd.Series([next((g for g in gs if g in index), "unknown") for gs in lists], dtype=object)
     genre_cols = pd.DataFrame({genre_column(g): flags[:, j].astype(np.float32) for j, g in enumerate(genres)})
     year = raw["title"].str.strip().str.extract(YEAR_IN_TITLE, expand=False).astype(float)
-    items = pd.concat([pd.DataFrame({"item_id": raw["item_id"], "category": category, "available": True,
-                                     "year": _fill_year(year)}), genre_cols], axis=1)
+    items = pd.concat(
+        [
+            pd.DataFrame(
+                {"item_id": raw["item_id"], "category": category, "available": True, "year": _fill_year(year)}
+            ),
+            genre_cols,
+        ],
+        axis=1,
+    )
     _check_known_items(directory / "ratings.csv", movies_file, ratings["item_id"], items["item_id"])
     users = pd.DataFrame({"user_id": np.unique(ratings["user_id"].to_numpy()).astype(np.int64)})
     return items, users, _interactions(ratings)
 
 
 def _interactions(ratings: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"user_id": ratings["user_id"].astype(np.int64), "item_id": ratings["item_id"].astype(np.int64),
-                         "timestamp": ratings["timestamp"].astype(np.int64),
-                         "weight": ratings["rating"].astype(np.float32)})
+    return pd.DataFrame(
+        {
+            "user_id": ratings["user_id"].astype(np.int64),
+            "item_id": ratings["item_id"].astype(np.int64),
+            "timestamp": ratings["timestamp"].astype(np.int64),
+            "weight": ratings["rating"].astype(np.float32),
+        }
+    )
 
 
 def detect(path: str | Path) -> str:
-    """"movielens-100k" or "movielens-latest", by the files present."""
+    """ "movielens-100k" or "movielens-latest", by the files present."""
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory; pass the folder that holds u.data (ml-100k) or ratings.csv")
@@ -218,5 +320,6 @@ def convert(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
         raise DataError(f"{directory}: item ids in the movies file are not unique")
     interactions = interactions.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
     log.info("%s: %d items, %d users, %d ratings", source, len(items), len(users), len(interactions))
-    return write_dataset(out, items, users, interactions, source, overwrite=overwrite,
-                         extra={"source_path": str(directory.resolve())})
+    return write_dataset(
+        out, items, users, interactions, source, overwrite=overwrite, extra={"source_path": str(directory.resolve())}
+    )

@@ -46,11 +46,39 @@ STICKY = 0.5  # probability that the next interaction stays in the previous cate
 GLOBAL_BRANDS = 50
 START_TS = 1_700_000_000  # 2023-11-14, fixed so output does not depend on the clock
 WINDOW_S = 60 * 86400
-COUNTRIES = ["US", "IN", "BR", "GB", "DE", "FR", "JP", "MX", "ID", "CA",
-             "IT", "ES", "KR", "TR", "PL", "NL", "AU", "SE", "NG", "ZA"]
+COUNTRIES = [
+    "US",
+    "IN",
+    "BR",
+    "GB",
+    "DE",
+    "FR",
+    "JP",
+    "MX",
+    "ID",
+    "CA",
+    "IT",
+    "ES",
+    "KR",
+    "TR",
+    "PL",
+    "NL",
+    "AU",
+    "SE",
+    "NG",
+    "ZA",
+]
 
-ITEM_SCHEMA = pa.schema([("item_id", pa.int64()), ("category", pa.string()), ("available", pa.bool_()),
-                         ("price", pa.float32()), ("quality", pa.float32()), ("brand", pa.string())])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.int64()),
+        ("category", pa.string()),
+        ("available", pa.bool_()),
+        ("price", pa.float32()),
+        ("quality", pa.float32()),
+        ("brand", pa.string()),
+    ]
+)
 USER_SCHEMA = pa.schema([("user_id", pa.int64()), ("age", pa.float32()), ("country", pa.string())])
 INTERACTION_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
 
@@ -72,30 +100,35 @@ class _World:
         c = n_categories
         self.centres = rng.normal(0.0, 1.0, (c, LATENT_DIM)).astype(np.float32)
         rank = rng.permutation(c) + 1.0
-        self.size_w = rank ** -0.6  # how many items a category holds
+        self.size_w = rank**-0.6  # how many items a category holds
         self.size_w /= self.size_w.sum()
         self.appeal = rng.permutation(c) + 1.0  # how many users a category interests (independent of size)
-        self.appeal = self.appeal ** -1.0
+        self.appeal = self.appeal**-1.0
         self.n_brands = rng.integers(3, 31, c)
         self.country_dir = rng.normal(0.0, 1.0, (len(COUNTRIES), LATENT_DIM)).astype(np.float32)
-        self.country_p = (np.arange(1, len(COUNTRIES) + 1) ** -1.0)
+        self.country_p = np.arange(1, len(COUNTRIES) + 1) ** -1.0
         self.country_p /= self.country_p.sum()
         self.age_dir = rng.normal(0.0, 1.0, LATENT_DIM).astype(np.float32)
         self.category_names = pa.array([f"cat_{i:04d}" for i in range(c)])
         self.brand_offset = np.r_[0, np.cumsum(self.n_brands)]
-        self.brand_names = pa.array([f"b{i:04d}_{j:02d}" for i in range(c) for j in range(self.n_brands[i])]
-                                    + [f"global_{j:02d}" for j in range(GLOBAL_BRANDS)])
+        self.brand_names = pa.array(
+            [f"b{i:04d}_{j:02d}" for i in range(c) for j in range(self.n_brands[i])]
+            + [f"global_{j:02d}" for j in range(GLOBAL_BRANDS)]
+        )
 
 
-def _write_items(path: Path, world: _World, rng: np.random.Generator, n_items: int, popularity_skew: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _write_items(
+    path: Path, world: _World, rng: np.random.Generator, n_items: int, popularity_skew: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream items.parquet; return the compact arrays sampling needs (category, popularity, noise)."""
     n_cat = len(world.centres)
     cat_all = np.empty(n_items, np.int32)
     pop_all = np.empty(n_items, np.float32)
     noise_all = np.empty((n_items, LATENT_DIM), np.float16)
-    with pq.ParquetWriter(path, ITEM_SCHEMA) as writer, \
-            tqdm(total=n_items, desc="items", unit="item", disable=None) as bar:
+    with (
+        pq.ParquetWriter(path, ITEM_SCHEMA) as writer,
+        tqdm(total=n_items, desc="items", unit="item", disable=None) as bar,
+    ):
         for lo in range(0, n_items, ITEM_CHUNK):
             hi = min(lo + ITEM_CHUNK, n_items)
             n = hi - lo
@@ -111,13 +144,23 @@ def _write_items(path: Path, world: _World, rng: np.random.Generator, n_items: i
                 pop = (pop.astype(np.float64) ** popularity_skew).astype(np.float32)
             # brand: mostly one of the category's own (skewed to the first), sometimes a global one
             local = (world.n_brands[cat] * rng.random(n) ** 2).astype(np.int64)
-            brand = np.where(rng.random(n) < 0.1, world.brand_offset[-1] + rng.integers(0, GLOBAL_BRANDS, n),
-                             world.brand_offset[cat] + local)
+            brand = np.where(
+                rng.random(n) < 0.1,
+                world.brand_offset[-1] + rng.integers(0, GLOBAL_BRANDS, n),
+                world.brand_offset[cat] + local,
+            )
             available = rng.random(n) < 0.97
-            table = pa.Table.from_arrays([
-                pa.array(np.arange(lo, hi, dtype=np.int64)), world.category_names.take(pa.array(cat)),
-                pa.array(available), pa.array(price), pa.array(quality), world.brand_names.take(pa.array(brand)),
-            ], schema=ITEM_SCHEMA)
+            table = pa.Table.from_arrays(
+                [
+                    pa.array(np.arange(lo, hi, dtype=np.int64)),
+                    world.category_names.take(pa.array(cat)),
+                    pa.array(available),
+                    pa.array(price),
+                    pa.array(quality),
+                    world.brand_names.take(pa.array(brand)),
+                ],
+                schema=ITEM_SCHEMA,
+            )
             writer.write_table(table)
             cat_all[lo:hi], pop_all[lo:hi], noise_all[lo:hi] = cat, pop, noise
             bar.update(n)
@@ -150,8 +193,9 @@ class _Sampler:
         return cand[np.arange(len(cats)), pick]
 
 
-def _users_chunk(world: _World, rng: np.random.Generator, n: int, allowed: np.ndarray, cpu: tuple[int, int]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _users_chunk(
+    world: _World, rng: np.random.Generator, n: int, allowed: np.ndarray, cpu: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Static features and hidden interests of n users: age, country, interest cats [n,k], weights [n,k], taste."""
     age = np.clip(rng.normal(38.0, 13.0, n), 16.0, 85.0).round().astype(np.float32)
     country = rng.choice(len(COUNTRIES), size=n, p=world.country_p)
@@ -170,8 +214,15 @@ def _users_chunk(world: _World, rng: np.random.Generator, n: int, allowed: np.nd
     return age, country, top, w, taste.astype(np.float32)
 
 
-def _interactions_chunk(rng: np.random.Generator, sampler: _Sampler, user0: int, top: np.ndarray, w: np.ndarray,
-                        taste: np.ndarray, ipu: tuple[int, int]) -> pa.Table:
+def _interactions_chunk(
+    rng: np.random.Generator,
+    sampler: _Sampler,
+    user0: int,
+    top: np.ndarray,
+    w: np.ndarray,
+    taste: np.ndarray,
+    ipu: tuple[int, int],
+) -> pa.Table:
     n = len(top)
     counts = np.floor(np.exp(rng.uniform(np.log(ipu[0]), np.log(ipu[1] + 1), n))).astype(np.int64)
     counts = np.clip(counts, ipu[0], ipu[1])
@@ -203,13 +254,22 @@ def _interactions_chunk(rng: np.random.Generator, sampler: _Sampler, user0: int,
     rank = np.arange(total) - np.repeat(pos_end - counts, counts)
     off = user.astype(np.int64) << 33  # keep users apart in the running max
     ts = np.maximum.accumulate(ts - rank + off) - off + rank
-    return pa.Table.from_arrays([pa.array(user + user0, pa.int64()), pa.array(items), pa.array(ts)],
-                                schema=INTERACTION_SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(user + user0, pa.int64()), pa.array(items), pa.array(ts)], schema=INTERACTION_SCHEMA
+    )
 
 
-def generate(out: str | Path, n_items: int, n_users: int, seed: int = 0, n_categories: int | None = None,
-             interactions_per_user: tuple[int, int] = (5, 60), categories_per_user: tuple[int, int] = (1, 3),
-             overwrite: bool = False, popularity_skew: float = 1.0) -> Path:
+def generate(
+    out: str | Path,
+    n_items: int,
+    n_users: int,
+    seed: int = 0,
+    n_categories: int | None = None,
+    interactions_per_user: tuple[int, int] = (5, 60),
+    categories_per_user: tuple[int, int] = (1, 3),
+    overwrite: bool = False,
+    popularity_skew: float = 1.0,
+) -> Path:
     """Write a synthetic dataset to `out` (atomically) and return its path.
 
     popularity_skew: exponent on the items' popularity weights; 1 is the default world, > 1 a steeper
@@ -236,26 +296,46 @@ def generate(out: str | Path, n_items: int, n_users: int, seed: int = 0, n_categ
         allowed = sampler.count > 0
         rng_u, rng_i = np.random.default_rng(ss_users), np.random.default_rng(ss_inter)
         n_inter = 0
-        with pq.ParquetWriter(tmp / USERS, USER_SCHEMA) as uw, \
-                pq.ParquetWriter(tmp / INTERACTIONS, INTERACTION_SCHEMA) as iw, \
-                tqdm(total=n_users, desc="users", unit="user", disable=None) as bar:
+        with (
+            pq.ParquetWriter(tmp / USERS, USER_SCHEMA) as uw,
+            pq.ParquetWriter(tmp / INTERACTIONS, INTERACTION_SCHEMA) as iw,
+            tqdm(total=n_users, desc="users", unit="user", disable=None) as bar,
+        ):
             country_names = pa.array(COUNTRIES)
             for lo in range(0, n_users, USER_CHUNK):
                 n = min(USER_CHUNK, n_users - lo)
                 age, country, top, w, taste = _users_chunk(world, rng_u, n, allowed, cpu)
-                uw.write_table(pa.Table.from_arrays(
-                    [pa.array(np.arange(lo, lo + n, dtype=np.int64)), pa.array(age), country_names.take(pa.array(country))],
-                    schema=USER_SCHEMA))
+                uw.write_table(
+                    pa.Table.from_arrays(
+                        [
+                            pa.array(np.arange(lo, lo + n, dtype=np.int64)),
+                            pa.array(age),
+                            country_names.take(pa.array(country)),
+                        ],
+                        schema=USER_SCHEMA,
+                    )
+                )
                 table = _interactions_chunk(rng_i, sampler, lo, top, w, taste, ipu)
                 iw.write_table(table)
                 n_inter += table.num_rows
                 bar.update(n)
-        params = {"n_items": n_items, "n_users": n_users, "n_categories": n_cat,
-                  "interactions_per_user": list(ipu), "categories_per_user": list(cpu)}
+        params = {
+            "n_items": n_items,
+            "n_users": n_users,
+            "n_categories": n_cat,
+            "interactions_per_user": list(ipu),
+            "categories_per_user": list(cpu),
+        }
         if popularity_skew != 1.0:  # only when set, so default manifests (and their bytes) stay as they were
             params["popularity_skew"] = popularity_skew
         write_manifest(tmp, "synthetic", {"seed": seed, "params": params})
         validate_dataset(tmp)
-    log.info("synthetic dataset %s: %d items, %d users, %d interactions in %.1fs",
-             out, n_items, n_users, n_inter, time.perf_counter() - t0)
+    log.info(
+        "synthetic dataset %s: %d items, %d users, %d interactions in %.1fs",
+        out,
+        n_items,
+        n_users,
+        n_inter,
+        time.perf_counter() - t0,
+    )
     return out

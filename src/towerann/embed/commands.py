@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed a catalog with the item tower (streamed, resumable)",
-                       description="Stream the catalog (a dataset directory or an items .parquet file) through the "
-                       "model's item tower and write a vectors directory (.npy parts + manifest). An interrupted run "
-                       "resumes from <out>.partial/ when started again with the same model and catalog.")
+    p = sub.add_parser(
+        "embed",
+        help="embed a catalog with the item tower (streamed, resumable)",
+        description="Stream the catalog (a dataset directory or an items .parquet file) through the "
+        "model's item tower and write a vectors directory (.npy parts + manifest). An interrupted run "
+        "resumes from <out>.partial/ when started again with the same model and catalog.",
+    )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--items", required=True, help="dataset directory or items .parquet file")
     p.add_argument("--out", required=True, help="vectors directory to write")
@@ -27,9 +31,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_embed(args: argparse.Namespace) -> int:
     from towerann.embed.runner import embed_catalog
 
-    return report_embedding(lambda stats: embed_catalog(
-        args.model, args.items, args.out, batch_size=args.batch_size, part_size=args.part_size,
-        resume=not args.no_resume, overwrite=args.overwrite, device=args.device, stats=stats))
+    return report_embedding(
+        lambda stats: embed_catalog(
+            args.model,
+            args.items,
+            args.out,
+            batch_size=args.batch_size,
+            part_size=args.part_size,
+            resume=not args.no_resume,
+            overwrite=args.overwrite,
+            device=args.device,
+            stats=stats,
+        )
+    )
 
 
 def report_embedding(embed: Callable[[dict[str, Any]], Path]) -> int:

@@ -20,9 +20,10 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +34,9 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, write_json_atomic, write_manifest
+from towerann.data.attributes import column_values, encode_column
 from towerann.data.dataset import ITEMS
-from towerann.embed.attributes import column_values, encode_column
-from towerann.embed.vectors import manifest_for, part_names, write_part
+from towerann.data.vectors_dir import manifest_for, part_names, write_part
 from towerann.errors import ArtifactError, ConfigError, DataError
 from towerann.model.model import TwoTowerModel
 from towerann.model.schema import CategoricalColumn
@@ -67,6 +68,7 @@ def work_dir_for(out: str | Path) -> Path:
 
 # --- encoding -------------------------------------------------------------------------------
 
+
 @dataclass
 class Encoded:
     """One record batch, encoded for the item tower, with the attributes the manifest keeps."""
@@ -93,8 +95,13 @@ def filter_categories(pf: pq.ParquetFile, model: TwoTowerModel) -> CategoricalCo
     return CategoricalColumn("category", list(model.schema.categories.values) + sorted(new - known))
 
 
-def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int, filter_vocab: CategoricalColumn,
-                 attr_vocab: dict[str, list[str]] | None = None) -> Encoded:
+def encode_batch(
+    model: TwoTowerModel,
+    batch: pa.RecordBatch,
+    start: int,
+    filter_vocab: CategoricalColumn,
+    attr_vocab: dict[str, list[str]] | None = None,
+) -> Encoded:
     ids = batch.column("item_id")
     if pa.types.is_integer(ids.type):
         external = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -111,13 +118,16 @@ def encode_batch(model: TwoTowerModel, batch: pa.RecordBatch, start: int, filter
 
 # --- reading --------------------------------------------------------------------------------
 
+
 def open_catalog(file: Path, columns: list[str]) -> pq.ParquetFile:
     """The catalog's Parquet file, checked to have `columns` (e.g. `FeatureSchema.item_columns()`)."""
     try:
         schema = pq.read_schema(file)
         missing = [c for c in columns if c not in schema.names]
         if missing:
-            raise DataError(f"{file}: no column(s) {missing}, which the model's feature schema needs; it has {schema.names}")
+            raise DataError(
+                f"{file}: no column(s) {missing}, which the model's feature schema needs; it has {schema.names}"
+            )
         # string columns come back dictionary-encoded straight from the Parquet pages: no per-row strings
         dict_cols = [c for c in columns if c != "item_id" and pa.types.is_string(schema.field(c).type)]
         return pq.ParquetFile(file, read_dictionary=dict_cols)
@@ -125,8 +135,9 @@ def open_catalog(file: Path, columns: list[str]) -> pq.ParquetFile:
         raise DataError(f"{file}: not a readable Parquet file ({e})") from e
 
 
-def iter_batches_from(pf: pq.ParquetFile, file: Path, columns: list[str], start: int, batch_size: int,
-                      stop: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+def iter_batches_from(
+    pf: pq.ParquetFile, file: Path, columns: list[str], start: int, batch_size: int, stop: int | None = None
+) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Record batches of catalog rows [start, stop), skipping whole row groups before `start` unread."""
     meta = pf.metadata
     first_row, groups = 0, []
@@ -162,9 +173,15 @@ class BatchReader(threading.Thread):
 
     _END = object()
 
-    def __init__(self, batches: Iterator[tuple[int, pa.RecordBatch]], model: TwoTowerModel,
-                 filter_vocab: CategoricalColumn, device: torch.device, ahead: bool,
-                 attr_vocab: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        batches: Iterator[tuple[int, pa.RecordBatch]],
+        model: TwoTowerModel,
+        filter_vocab: CategoricalColumn,
+        device: torch.device,
+        ahead: bool,
+        attr_vocab: dict[str, list[str]] | None = None,
+    ):
         super().__init__(name="towerann-embed-reader", daemon=True)
         self.batches, self.model, self.device, self.ahead = batches, model, device, ahead
         self.filter_vocab, self.attr_vocab = filter_vocab, attr_vocab
@@ -214,6 +231,7 @@ class BatchReader(threading.Thread):
 
 # --- progress file --------------------------------------------------------------------------
 
+
 def catalog_fingerprint(file: Path, pf: pq.ParquetFile) -> dict[str, Any]:
     """Cheap identity of a catalog file: a rewritten file changes size, mtime or row count."""
     st = file.stat()
@@ -227,27 +245,45 @@ def _read_progress(path: Path) -> dict[str, Any]:
         p = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: unreadable progress file ({e}); rerun with --overwrite to start over") from e
-    ok = isinstance(p, dict) and p.get("kind") == PROGRESS_KIND and p.get("format_version") == PROGRESS_VERSION \
-        and isinstance(p.get("parts"), list) and all(isinstance(x, dict) for x in p["parts"])
+    ok = (
+        isinstance(p, dict)
+        and p.get("kind") == PROGRESS_KIND
+        and p.get("format_version") == PROGRESS_VERSION
+        and isinstance(p.get("parts"), list)
+        and all(isinstance(x, dict) for x in p["parts"])
+    )
     if not ok:
-        raise ArtifactError(f"{path}: not a towerann embedding progress file (or a corrupted one); "
-                            "rerun with --overwrite to start over")
+        raise ArtifactError(
+            f"{path}: not a towerann embedding progress file (or a corrupted one); rerun with --overwrite to start over"
+        )
     return p
 
 
 def _check_progress(path: Path, p: dict[str, Any], want: dict[str, Any]) -> None:
-    for key, label in (("model_version", "model"), ("catalog", "catalog"), ("part_size", "part size"),
-                       ("attributes", "attribute list")):
+    for key, label in (
+        ("model_version", "model"),
+        ("catalog", "catalog"),
+        ("part_size", "part size"),
+        ("attributes", "attribute list"),
+    ):
         if p.get(key, [] if key == "attributes" else None) != want[key]:  # runs before attributes had none
-            raise ArtifactError(f"{path}: this unfinished run was started with another {label} "
-                                f"({p.get(key)!r}, now {want[key]!r}); rerun with --overwrite to start over")
+            raise ArtifactError(
+                f"{path}: this unfinished run was started with another {label} "
+                f"({p.get(key)!r}, now {want[key]!r}); rerun with --overwrite to start over"
+            )
     for i, part in enumerate(p["parts"]):
         vec, ids = part_names(i)
         d = path.parent
-        if part.get("vectors") != vec or not (d / vec).is_file() or not (d / ids).is_file() \
-                or not all((d / f"{a}-{i:05d}.npy").is_file() for a in _attr_files(want["attributes"])):
-            raise ArtifactError(f"{path}: part {i} is listed as finished but its files are missing; "
-                                "rerun with --overwrite to start over")
+        if (
+            part.get("vectors") != vec
+            or not (d / vec).is_file()
+            or not (d / ids).is_file()
+            or not all((d / f"{a}-{i:05d}.npy").is_file() for a in _attr_files(want["attributes"]))
+        ):
+            raise ArtifactError(
+                f"{path}: part {i} is listed as finished but its files are missing; "
+                "rerun with --overwrite to start over"
+            )
 
 
 def _start_or_resume(work: Path, want: dict[str, Any], fresh: bool) -> dict[str, Any]:
@@ -272,6 +308,7 @@ def _start_or_resume(work: Path, want: dict[str, Any], fresh: bool) -> dict[str,
 
 # --- the run --------------------------------------------------------------------------------
 
+
 def _pick_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,8 +325,10 @@ def _check_part(work: Path, i: int, vectors: np.ndarray) -> None:
     step = max(1, len(vectors) // NORM_SAMPLE)
     norms = np.linalg.norm(vectors[::step], axis=1)
     if len(norms) and not np.allclose(norms, 1.0, atol=1e-3):
-        raise ArtifactError(f"{work / part_names(i)[0]}: vectors are not unit-norm (|v| in "
-                            f"[{norms.min():.4f}, {norms.max():.4f}]); the item tower must L2-normalise")
+        raise ArtifactError(
+            f"{work / part_names(i)[0]}: vectors are not unit-norm (|v| in "
+            f"[{norms.min():.4f}, {norms.max():.4f}]); the item tower must L2-normalise"
+        )
 
 
 def _attr_files(attributes: list[str]) -> tuple[str, ...]:
@@ -318,7 +357,7 @@ def _assemble_attrs(work: Path, n_parts: int, count: int, names: tuple[str, ...]
         out = open_memmap(path, mode="w+", dtype=dtype, shape=(count,))
         s = 0
         for p in parts:
-            out[s:s + len(p)] = p
+            out[s : s + len(p)] = p
             s += len(p)
         out.flush()
         del out, parts
@@ -328,10 +367,21 @@ def _assemble_attrs(work: Path, n_parts: int, count: int, names: tuple[str, ...]
     return sums
 
 
-def embed_rows(model: TwoTowerModel, tower: torch.nn.Module, pf: pq.ParquetFile, file: Path, columns: list[str],
-               start: int, stop: int, batch_size: int, filter_vocab: CategoricalColumn,
-               attr_vocab: dict[str, list[str]], dev: torch.device, timings: dict[str, float] | None = None,
-               bar: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def embed_rows(
+    model: TwoTowerModel,
+    tower: torch.nn.Module,
+    pf: pq.ParquetFile,
+    file: Path,
+    columns: list[str],
+    start: int,
+    stop: int,
+    batch_size: int,
+    filter_vocab: CategoricalColumn,
+    attr_vocab: dict[str, list[str]],
+    dev: torch.device,
+    timings: dict[str, float] | None = None,
+    bar: Any = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Catalog rows [start, stop) -> their vectors and per-item attribute arrays (_attr_files order).
 
     The one place the tower runs over the catalog, for the local runner and for a Ray task alike: its
@@ -340,8 +390,14 @@ def embed_rows(model: TwoTowerModel, tower: torch.nn.Module, pf: pq.ParquetFile,
     timings = {} if timings is None else timings
     buf = np.empty((stop - start, model.dim), np.float32)
     attrs: dict[str, list[np.ndarray]] = {a: [] for a in _attr_files(list(attr_vocab))}
-    reader = BatchReader(iter_batches_from(pf, file, columns, start, batch_size, stop), model, filter_vocab, dev,
-                         ahead=dev.type != "cpu", attr_vocab=attr_vocab)
+    reader = BatchReader(
+        iter_batches_from(pf, file, columns, start, batch_size, stop),
+        model,
+        filter_vocab,
+        dev,
+        ahead=dev.type != "cpu",
+        attr_vocab=attr_vocab,
+    )
     filled = 0
     try:
         reader.start()
@@ -352,7 +408,7 @@ def embed_rows(model: TwoTowerModel, tower: torch.nn.Module, pf: pq.ParquetFile,
                 timings["wait_reader_s"] = timings.get("wait_reader_s", 0.0) + t0 - t_wait
                 n = len(enc.available)
                 vec = tower(*enc.inputs)
-                buf[filled:filled + n] = vec.cpu().numpy() if dev.type != "cpu" else vec.numpy()
+                buf[filled : filled + n] = vec.cpu().numpy() if dev.type != "cpu" else vec.numpy()
                 timings["tower_s"] = timings.get("tower_s", 0.0) + time.perf_counter() - t0
                 attrs["external_ids"].append(enc.external_ids)
                 attrs["categories"].append(enc.categories)
@@ -366,13 +422,16 @@ def embed_rows(model: TwoTowerModel, tower: torch.nn.Module, pf: pq.ParquetFile,
     finally:
         reader.close()
     if filled != stop - start:
-        raise DataError(f"{file}: read {filled} of the {stop - start} rows from row {start} that its metadata "
-                        "promises; the file changed during the run")
+        raise DataError(
+            f"{file}: read {filled} of the {stop - start} rows from row {start} that its metadata "
+            "promises; the file changed during the run"
+        )
     return buf, {a: np.concatenate(v) for a, v in attrs.items()}
 
 
-def write_finished_part(work: Path, i: int, start: int, vectors: np.ndarray, attrs: dict[str, np.ndarray]
-                        ) -> dict[str, Any]:
+def write_finished_part(
+    work: Path, i: int, start: int, vectors: np.ndarray, attrs: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """Check part i and write its files into the work directory; return its manifest entry."""
     _check_part(work, i, vectors)
     entry = write_part(work, i, vectors, np.arange(start, start + len(vectors), dtype=np.int64))
@@ -418,8 +477,16 @@ class EmbedRun:
         write_json_atomic(self.work / PROGRESS, self.state)
 
 
-def start_run(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int, part_size: int,
-              resume: bool, overwrite: bool, attributes: tuple[str, ...] | list[str]) -> EmbedRun:
+def start_run(
+    model_dir: str | Path,
+    items: str | Path,
+    out: str | Path,
+    batch_size: int,
+    part_size: int,
+    resume: bool,
+    overwrite: bool,
+    attributes: tuple[str, ...] | list[str],
+) -> EmbedRun:
     """Check the arguments and the catalog, then start (or resume) the run in `<out>.partial/`."""
     out = Path(out)
     if batch_size < 1 or part_size < 1:
@@ -436,23 +503,49 @@ def start_run(model_dir: str | Path, items: str | Path, out: str | Path, batch_s
     if not (pa.types.is_int64(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise DataError(f"{file}: column 'item_id' has type {t}; expected int64 or string")
     work = work_dir_for(out)
-    want = {"model_version": model.version, "catalog": catalog_fingerprint(file, pf), "part_size": int(part_size),
-            "attributes": attributes}
+    want = {
+        "model_version": model.version,
+        "catalog": catalog_fingerprint(file, pf),
+        "part_size": int(part_size),
+        "attributes": attributes,
+    }
     state = _start_or_resume(work, want, fresh=overwrite or not resume)
-    return EmbedRun(Path(model_dir), model, file, pf, columns, attributes, pf.metadata.num_rows, int(part_size), work,
-                    state, filter_categories(pf, model), column_values(pf, attributes))
+    return EmbedRun(
+        Path(model_dir),
+        model,
+        file,
+        pf,
+        columns,
+        attributes,
+        pf.metadata.num_rows,
+        int(part_size),
+        work,
+        state,
+        filter_categories(pf, model),
+        column_values(pf, attributes),
+    )
 
 
 def finish_run(run: EmbedRun, out: str | Path, overwrite: bool) -> Path:
     """Every part done: assemble the attribute arrays, write the manifest, rename the work directory to `out`."""
     out = Path(out)
     if len(run.parts) != run.n_parts:
-        raise DataError(f"{run.file}: {len(run.parts)} of {run.n_parts} parts embedded; the file changed during the run")
+        raise DataError(
+            f"{run.file}: {len(run.parts)} of {run.n_parts} parts embedded; the file changed during the run"
+        )
     attr_sums = _assemble_attrs(run.work, len(run.parts), run.n_rows, _attr_files(run.attributes))
-    manifest = manifest_for(run.parts, attr_sums, model_version=run.model.version, dim=run.model.dim,
-                            metric=run.model.metric, category_names=["<unknown>"] + run.filter_vocab.values,
-                            extra={"source": {"items": str(run.file), "rows": run.n_rows, "model": str(run.model_dir)},
-                                   **({"attributes": run.attr_vocab} if run.attributes else {})})
+    manifest = manifest_for(
+        run.parts,
+        attr_sums,
+        model_version=run.model.version,
+        dim=run.model.dim,
+        metric=run.model.metric,
+        category_names=["<unknown>"] + run.filter_vocab.values,
+        extra={
+            "source": {"items": str(run.file), "rows": run.n_rows, "model": str(run.model_dir)},
+            **({"attributes": run.attr_vocab} if run.attributes else {}),
+        },
+    )
     write_manifest(run.work / MANIFEST, manifest)
     (run.work / PROGRESS).unlink()
     if out.exists() and not overwrite:
@@ -461,11 +554,20 @@ def finish_run(run: EmbedRun, out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, batch_size: int = 16384,
-                  part_size: int = 1_048_576, resume: bool = True, overwrite: bool = False,
-                  device: str | torch.device | None = None, progress: bool | None = None,
-                  max_parts: int | None = None, stats: dict[str, Any] | None = None,
-                  attributes: tuple[str, ...] | list[str] = ()) -> Path:
+def embed_catalog(
+    model_dir: str | Path,
+    items: str | Path,
+    out: str | Path,
+    batch_size: int = 16384,
+    part_size: int = 1_048_576,
+    resume: bool = True,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    max_parts: int | None = None,
+    stats: dict[str, Any] | None = None,
+    attributes: tuple[str, ...] | list[str] = (),
+) -> Path:
     """Embed every catalog row with the model's item tower and write a vectors directory at `out`.
 
     Internal ids are catalog row numbers. `resume` continues an unfinished run found in
@@ -486,14 +588,33 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     # Read-ahead pays when the tower runs on a GPU. On CPU the reader thread competes with the
     # tower's OpenMP threads for the same cores: measured on 2 cores (10M items), the tower ran
     # 35% slower beside it and the whole run took longer, so there decoding runs inline.
-    bar = tqdm(total=run.n_rows, initial=run.done_rows, desc="embed", unit="item", unit_scale=True,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=run.n_rows,
+        initial=run.done_rows,
+        desc="embed",
+        unit="item",
+        unit_scale=True,
+        disable=None if progress is None else not progress,
+    )
     new_parts = 0
     try:
         for i in range(len(run.parts), run.n_parts):
             start, stop = run.rows(i)
-            vectors, attrs = embed_rows(run.model, tower, run.pf, run.file, run.columns, start, stop, batch_size,
-                                        run.filter_vocab, run.attr_vocab, dev, timings, bar)
+            vectors, attrs = embed_rows(
+                run.model,
+                tower,
+                run.pf,
+                run.file,
+                run.columns,
+                start,
+                stop,
+                batch_size,
+                run.filter_vocab,
+                run.attr_vocab,
+                dev,
+                timings,
+                bar,
+            )
             t2 = time.perf_counter()
             run.parts.append(write_finished_part(run.work, i, start, vectors, attrs))
             run.save_progress()
@@ -512,7 +633,11 @@ def embed_catalog(model_dir: str | Path, items: str | Path, out: str | Path, bat
     timings["finish_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t_start
     if stats is not None:
-        stats.update(timings, count=run.n_rows, device=str(dev),
-                     threads=torch.get_num_threads() if dev.type != "cpu" else os.cpu_count())
+        stats.update(
+            timings,
+            count=run.n_rows,
+            device=str(dev),
+            threads=torch.get_num_threads() if dev.type != "cpu" else os.cpu_count(),
+        )
     log.info("embedded %d items into %s in %.1fs", run.n_rows, out, timings["total_s"])
     return Path(out)

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from towerann.config import FeaturesConfig
 from towerann.errors import ConfigError
-from towerann.features.base import (
+from towerann.features.store import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_TTL_S,
     Event,
@@ -28,12 +28,19 @@ from towerann.storeurl import parse_store_url
 __all__ = ["Event", "FeatureStore", "UserFeatures", "open_configured_store", "open_store"]
 
 
-def open_store(url: str = "embedded", *, path: str | Path | None = None, max_events: int = DEFAULT_MAX_EVENTS,
-               ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:") -> FeatureStore:
+def open_store(
+    url: str = "embedded",
+    *,
+    path: str | Path | None = None,
+    max_events: int = DEFAULT_MAX_EVENTS,
+    ttl_s: float = DEFAULT_TTL_S,
+    prefix: str = "towerann:",
+) -> FeatureStore:
     """Open the feature store that `url` names; a bad url raises ConfigError."""
     if url.startswith("feast:"):
-        return _open_feast(url, lambda sessions: open_store(sessions, path=path, max_events=max_events, ttl_s=ttl_s,
-                                                            prefix=prefix))
+        return _open_feast(
+            url, lambda sessions: open_store(sessions, path=path, max_events=max_events, ttl_s=ttl_s, prefix=prefix)
+        )
     u = parse_store_url(url)
     if u.is_redis:
         from towerann.features.redis_store import RedisFeatureStore
@@ -63,27 +70,39 @@ def open_configured_store(cfg: FeaturesConfig) -> FeatureStore:
     if u.is_redis:
         from towerann.features.redis_store import RedisFeatureStore
 
-        return RedisFeatureStore(u.url, max_events=cfg.max_events, ttl_s=cfg.ttl_s, timeout_s=cfg.timeout_ms / 1e3,
-                                 write_timeout_s=cfg.write_timeout_ms / 1e3, retry_s=cfg.retry_s)
+        return RedisFeatureStore(
+            u.url,
+            max_events=cfg.max_events,
+            ttl_s=cfg.ttl_s,
+            timeout_s=cfg.timeout_ms / 1e3,
+            write_timeout_s=cfg.write_timeout_ms / 1e3,
+            retry_s=cfg.retry_s,
+        )
     from towerann.features.embedded import EmbeddedFeatureStore
 
     path = cfg.path if cfg.store == "embedded" else u.path  # "memory": None
-    return EmbeddedFeatureStore(path, max_events=cfg.max_events, ttl_s=cfg.ttl_s,
-                                max_session_users=cfg.max_session_users, session_memory_mb=cfg.session_memory_mb)
+    return EmbeddedFeatureStore(
+        path,
+        max_events=cfg.max_events,
+        ttl_s=cfg.ttl_s,
+        max_session_users=cfg.max_session_users,
+        session_memory_mb=cfg.session_memory_mb,
+    )
 
 
 def _open_feast(url: str, open_sessions: Callable[[str], FeatureStore]) -> FeatureStore:
     """feast:PATH -> a FeastFeatureStore over the repo, its sessions in the store its towerann.toml names."""
     from towerann.features.feast_store import FeastFeatureStore, read_mapping
 
-    repo = Path(url[len("feast:"):]).expanduser()
+    repo = Path(url[len("feast:") :]).expanduser()
     if not (repo / "feature_store.yaml").is_file():
         raise ConfigError(f"{url}: no feature_store.yaml there; give the path of a Feast feature repository")
     m = read_mapping(repo)
     sessions = open_sessions(m.get("sessions", "embedded"))
     try:
-        return FeastFeatureStore(repo, sessions, m["features"], entity=m.get("entity", "user_id"),
-                                 entity_type=m.get("entity_type", "str"))
+        return FeastFeatureStore(
+            repo, sessions, m["features"], entity=m.get("entity", "user_id"), entity_type=m.get("entity_type", "str")
+        )
     except BaseException:
         sessions.close()
         raise

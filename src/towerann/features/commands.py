@@ -20,8 +20,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     load = sub.add_parser("load", help="load users.parquet + interaction history of a dataset into a store")
     load.add_argument("--data", required=True, help="dataset folder with users.parquet and interactions.parquet")
     _store_args(load)
-    load.add_argument("--recent", type=int, default=50, metavar="N",
-                      help="keep each user's last N items from the interactions as history (default 50)")
+    load.add_argument(
+        "--recent",
+        type=int,
+        default=50,
+        metavar="N",
+        help="keep each user's last N items from the interactions as history (default 50)",
+    )
     load.add_argument("--batch-size", type=int, default=5000, help="users per write (default 5000)")
     load.set_defaults(func=_load)
 
@@ -36,11 +41,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help="TOML config whose [features] store and path to use, as `towerann serve` does "
-                        "(default: built-in defaults, the demo's towerann-demo/features.sqlite)")
-    p.add_argument("--store", default=None,
-                   help="embedded | embedded:///abs/path.sqlite | memory | redis://HOST:PORT/DB (default: [features] store)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="TOML config whose [features] store and path to use, as `towerann serve` does "
+        "(default: built-in defaults, the demo's towerann-demo/features.sqlite)",
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        help="embedded | embedded:///abs/path.sqlite | memory | redis://HOST:PORT/DB (default: [features] store)",
+    )
     p.add_argument("--path", default=None, help="SQLite file for the embedded store (default: [features] path)")
     p.add_argument("--prefix", default="towerann:", help="key prefix (namespace) in Redis (default towerann:)")
 
@@ -71,8 +82,10 @@ def _load(args: argparse.Namespace) -> int:
     finally:
         store.close()
     where = redact(_store_url(args)[0])  # a Redis URL may carry a password: never printed
-    print(f"loaded {n} users into {where}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
-          f"in {time.perf_counter() - t0:.2f}s; store now holds {stats['users']} users")
+    print(
+        f"loaded {n} users into {where}{' (' + str(stats.get('path')) + ')' if stats.get('path') else ''} "
+        f"in {time.perf_counter() - t0:.2f}s; store now holds {stats['users']} users"
+    )
     return 0
 
 
@@ -91,7 +104,17 @@ def _get(args: argparse.Namespace) -> int:
         f = store.get_one(args.user_id)
     finally:
         store.close()
-    print(json.dumps({"user_id": f.user_id, "known": f.known, "static": f.static,
-                      "recent_items": list(f.recent_items),
-                      "session": [dataclasses.asdict(e) for e in f.session]}, indent=2, sort_keys=True))
+    print(
+        json.dumps(
+            {
+                "user_id": f.user_id,
+                "known": f.known,
+                "static": f.static,
+                "recent_items": list(f.recent_items),
+                "session": [dataclasses.asdict(e) for e in f.session],
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
     return 0

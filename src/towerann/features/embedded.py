@@ -21,11 +21,12 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from towerann.errors import ArtifactError, BackendUnavailable, ConfigError
-from towerann.features.base import (
+from towerann.features.store import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_TTL_S,
     Event,
@@ -61,14 +62,23 @@ _Record = tuple[dict[str, float | str], tuple[str, ...]]
 class EmbeddedFeatureStore(FeatureStore):
     """In-memory feature store with optional SQLite persistence (`path=None`: memory only)."""
 
-    def __init__(self, path: str | Path | None = None, *, max_events: int = DEFAULT_MAX_EVENTS,
-                 ttl_s: float = DEFAULT_TTL_S, max_session_users: int = DEFAULT_MAX_SESSION_USERS,
-                 session_memory_mb: float = DEFAULT_SESSION_MEMORY_MB) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_session_users: int = DEFAULT_MAX_SESSION_USERS,
+        session_memory_mb: float = DEFAULT_SESSION_MEMORY_MB,
+    ) -> None:
         super().__init__(max_events, ttl_s)
         if isinstance(max_session_users, bool) or not isinstance(max_session_users, int) or max_session_users < 1:
             raise ConfigError(f"max_session_users must be an integer >= 1, got {max_session_users!r}")
-        if isinstance(session_memory_mb, bool) or not isinstance(session_memory_mb, (int, float)) \
-                or not session_memory_mb > 0:
+        if (
+            isinstance(session_memory_mb, bool)
+            or not isinstance(session_memory_mb, (int, float))
+            or not session_memory_mb > 0
+        ):
             raise ConfigError(f"session_memory_mb must be a positive number, got {session_memory_mb!r}")
         self.max_session_users = max_session_users
         self.max_session_bytes = int(session_memory_mb * (1 << 20))
@@ -117,16 +127,20 @@ class EmbeddedFeatureStore(FeatureStore):
             self._users[user_id] = (json.loads(static), tuple(json.loads(recent)))
         cutoff = time.time() - self.ttl_s
         db.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
-        for user_id, item_id, type_, ts in db.execute(
-                "SELECT user_id, item_id, type, ts FROM events ORDER BY seq"):
+        for user_id, item_id, type_, ts in db.execute("SELECT user_id, item_id, type, ts FROM events ORDER BY seq"):
             self._add_event(Event(user_id, item_id, type_, ts))
         evicted = self._evict_overflow()  # a file written with a larger cap
         if evicted:
             with db:
                 db.execute("BEGIN")
                 self._delete_sessions(db, evicted)
-        log.info("feature store %s: %d users, %d session users loaded in %.2fs", self.path,
-                 len(self._users), len(self._sessions), time.perf_counter() - t0)
+        log.info(
+            "feature store %s: %d users, %d session users loaded in %.2fs",
+            self.path,
+            len(self._users),
+            len(self._sessions),
+            time.perf_counter() - t0,
+        )
 
     def _add_event(self, e: Event) -> None:
         """Add an event to its user's session, now the most recently active one."""
@@ -163,8 +177,9 @@ class EmbeddedFeatureStore(FeatureStore):
                 excess_bytes -= self._session_cost(user_id, session)
         for user_id in evicted:
             self._drop_session(user_id)
-        while self._sessions and (len(self._sessions) > self.max_session_users
-                                  or self.session_bytes > self.max_session_bytes):  # one batch alone went past
+        while self._sessions and (
+            len(self._sessions) > self.max_session_users or self.session_bytes > self.max_session_bytes
+        ):  # one batch alone went past
             user_id = next(iter(self._sessions))
             self._drop_session(user_id)
             evicted.append(user_id)
@@ -174,7 +189,7 @@ class EmbeddedFeatureStore(FeatureStore):
     @staticmethod
     def _delete_sessions(db: sqlite3.Connection, user_ids: list[str]) -> None:
         for start in range(0, len(user_ids), 500):  # SQLite caps the number of bound parameters
-            chunk = user_ids[start:start + 500]
+            chunk = user_ids[start : start + 500]
             db.execute(f"DELETE FROM events WHERE user_id IN ({','.join('?' * len(chunk))})", chunk)
 
     def _check_open(self) -> None:
@@ -193,7 +208,8 @@ class EmbeddedFeatureStore(FeatureStore):
                     self._db.execute("BEGIN")
                     self._db.executemany(
                         "INSERT OR REPLACE INTO users VALUES (?, ?, ?)",
-                        [(u, json.dumps(s), json.dumps(list(r))) for u, s, r in records])
+                        [(u, json.dumps(s), json.dumps(list(r))) for u, s, r in records],
+                    )
             for user_id, static, recent in records:
                 self._users[user_id] = (static, recent)
         return len(records)
@@ -207,8 +223,10 @@ class EmbeddedFeatureStore(FeatureStore):
             if self._db is not None:
                 with self._db:  # committed (WAL, synchronous=NORMAL) before we acknowledge
                     self._db.execute("BEGIN")
-                    self._db.executemany("INSERT INTO events (user_id, item_id, type, ts) VALUES (?, ?, ?, ?)",
-                                         [(e.user_id, e.item_id, e.type, e.ts) for e in events])
+                    self._db.executemany(
+                        "INSERT INTO events (user_id, item_id, type, ts) VALUES (?, ?, ?, ?)",
+                        [(e.user_id, e.item_id, e.type, e.ts) for e in events],
+                    )
                     for user_id in users:
                         self._trim(self._db, user_id)
             for e in events:
@@ -223,7 +241,9 @@ class EmbeddedFeatureStore(FeatureStore):
         # Keep the file bounded like the memory: only the last max_events rows per user survive.
         db.execute(
             "DELETE FROM events WHERE user_id = ? AND seq <= (SELECT seq FROM events WHERE user_id = ? "
-            "ORDER BY seq DESC LIMIT 1 OFFSET ?)", (user_id, user_id, self.max_events))
+            "ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+            (user_id, user_id, self.max_events),
+        )
 
     def purge_expired(self, now: float | None = None) -> int:
         """Forget sessions whose every event is older than ttl_s; return how many users were dropped.
@@ -284,12 +304,19 @@ class EmbeddedFeatureStore(FeatureStore):
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"backend": "embedded", "path": str(self.path) if self.path else None,
-                    "users": len(self._users), "session_users": len(self._sessions),
-                    "events": sum(len(s) for s in self._sessions.values()),
-                    "max_events": self.max_events, "ttl_s": self.ttl_s,
-                    "max_session_users": self.max_session_users, "evicted_sessions": self.evicted_sessions,
-                    "session_bytes": self.session_bytes, "max_session_bytes": self.max_session_bytes}
+            return {
+                "backend": "embedded",
+                "path": str(self.path) if self.path else None,
+                "users": len(self._users),
+                "session_users": len(self._sessions),
+                "events": sum(len(s) for s in self._sessions.values()),
+                "max_events": self.max_events,
+                "ttl_s": self.ttl_s,
+                "max_session_users": self.max_session_users,
+                "evicted_sessions": self.evicted_sessions,
+                "session_bytes": self.session_bytes,
+                "max_session_bytes": self.max_session_bytes,
+            }
 
     def ping(self) -> None:
         with self._lock:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import math
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from towerann.errors import BackendUnavailable, ConfigError, DataError, TowerannError
-from towerann.features.base import RECENT_ITEMS, FeatureStore, UserFeatures, check_user_ids, normalize_row
+from towerann.features.store import RECENT_ITEMS, FeatureStore, UserFeatures, check_user_ids, normalize_row
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def read_mapping(repo: Path) -> dict[str, Any]:
     try:
         m = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{SCHEME}{repo}: no {MAPPING} in the feature repo (it maps towerann's feature names to "
-                          "Feast's: [features] age = \"user_profile:age\")") from None
+        raise ConfigError(
+            f"{SCHEME}{repo}: no {MAPPING} in the feature repo (it maps towerann's feature names to "
+            'Feast\'s: [features] age = "user_profile:age")'
+        ) from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: unreadable ({e})") from e
     extra = set(m) - MAPPING_KEYS
@@ -53,10 +56,10 @@ def read_mapping(repo: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unknown key(s) {sorted(extra)} (it takes {sorted(MAPPING_KEYS)})")
     features = m.get("features")
     if not isinstance(features, dict) or not features:
-        raise ConfigError(f"{path}: [features] must map towerann feature names to \"feature_view:feature\"")
+        raise ConfigError(f'{path}: [features] must map towerann feature names to "feature_view:feature"')
     for name, ref in features.items():
         if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
-            raise ConfigError(f"{path}: [features] {name} = {ref!r}; expected \"feature_view:feature\"")
+            raise ConfigError(f'{path}: [features] {name} = {ref!r}; expected "feature_view:feature"')
     if m.get("entity_type", "str") not in ENTITY_TYPES:
         raise ConfigError(f"{path}: entity_type must be one of {', '.join(ENTITY_TYPES)}, got {m['entity_type']!r}")
     if not isinstance(m.get("entity", "user_id"), str) or not isinstance(m.get("sessions", "embedded"), str):
@@ -65,8 +68,15 @@ def read_mapping(repo: Path) -> dict[str, Any]:
 
 
 class FeastFeatureStore(FeatureStore):
-    def __init__(self, repo: str | Path, sessions: FeatureStore, features: Mapping[str, str], *,
-                 entity: str = "user_id", entity_type: str = "str"):
+    def __init__(
+        self,
+        repo: str | Path,
+        sessions: FeatureStore,
+        features: Mapping[str, str],
+        *,
+        entity: str = "user_id",
+        entity_type: str = "str",
+    ):
         super().__init__(sessions.max_events, sessions.ttl_s)
         try:
             from feast import FeatureStore as Feast
@@ -76,8 +86,9 @@ class FeastFeatureStore(FeatureStore):
         try:
             self.fs = Feast(repo_path=str(self.repo))
         except Exception as e:  # feast raises its own config and registry errors
-            raise ConfigError(f"{SCHEME}{self.repo}: not a usable Feast repo ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:300]})") from e
+            raise ConfigError(
+                f"{SCHEME}{self.repo}: not a usable Feast repo ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+            ) from e
         self.sessions = sessions
         self.features = dict(features)  # towerann name -> "view:feature"
         self.entity, self.int_keys = entity, entity_type == "int"
@@ -99,13 +110,17 @@ class FeastFeatureStore(FeatureStore):
         try:
             views = {v.name: {f.name for f in v.features} for v in self.fs.list_feature_views()}
         except Exception as e:
-            raise ConfigError(f"{SCHEME}{self.repo}: cannot read the Feast registry ({type(e).__name__}: {e}); "
-                              "run `feast apply` in the repo") from e
+            raise ConfigError(
+                f"{SCHEME}{self.repo}: cannot read the Feast registry ({type(e).__name__}: {e}); "
+                "run `feast apply` in the repo"
+            ) from e
         for name, ref in self.features.items():
             view, feature = ref.split(":")
             if feature not in views.get(view, ()):
-                raise ConfigError(f"{self.repo / MAPPING}: [features] {name} = {ref!r} is not a feature of the repo "
-                                  f"(feature views: {sorted(views)})")
+                raise ConfigError(
+                    f"{self.repo / MAPPING}: [features] {name} = {ref!r} is not a feature of the repo "
+                    f"(feature views: {sorted(views)})"
+                )
 
     # ---- health -----------------------------------------------------------------------------------
 
@@ -133,12 +148,15 @@ class FeastFeatureStore(FeatureStore):
         if not asked:
             return out
         try:
-            got = self.fs.get_online_features(features=self.refs, entity_rows=[{self.entity: k} for k in asked],
-                                              full_feature_names=True).to_dict(include_event_timestamps=True)
+            got = self.fs.get_online_features(
+                features=self.refs, entity_rows=[{self.entity: k} for k in asked], full_feature_names=True
+            ).to_dict(include_event_timestamps=True)
         except TowerannError:
             raise
         except Exception as e:  # the online store is down, locked or misconfigured
-            raise BackendUnavailable(f"Feast online read failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+            raise BackendUnavailable(
+                f"Feast online read failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from e
         row = 0
         for i, k in enumerate(keys):
             if k is None:
@@ -166,18 +184,25 @@ class FeastFeatureStore(FeatureStore):
         for user_id, static, _ in parsed:
             unmapped = sorted(set(static) - set(self.features))
             if unmapped:
-                raise DataError(f"user {user_id!r}: feature(s) {unmapped} have no Feast feature in "
-                                f"{self.repo / MAPPING} [features]")
+                raise DataError(
+                    f"user {user_id!r}: feature(s) {unmapped} have no Feast feature in {self.repo / MAPPING} [features]"
+                )
             if self._key(user_id) is None:
                 raise DataError(f"user {user_id!r}: the Feast entity {self.entity!r} takes integer ids")
         if not parsed:
             return 0
         now = pd.Timestamp.now(tz="UTC")
         for view, names in self._views.items():
-            frame = pd.DataFrame({self.entity: [self._key(u) for u, _, _ in parsed],
-                                  **{feature: pd.Series([s.get(name) for _, s, _ in parsed], dtype=object)
-                                     for feature, name in names.items()},
-                                  "event_timestamp": [now] * len(parsed)})
+            frame = pd.DataFrame(
+                {
+                    self.entity: [self._key(u) for u, _, _ in parsed],
+                    **{
+                        feature: pd.Series([s.get(name) for _, s, _ in parsed], dtype=object)
+                        for feature, name in names.items()
+                    },
+                    "event_timestamp": [now] * len(parsed),
+                }
+            )
             try:
                 if frame[list(names)].isnull().all().all():
                     # write_to_online_store skips a batch with no value at all (a warning, nothing written),
@@ -186,8 +211,10 @@ class FeastFeatureStore(FeatureStore):
                 else:
                     self.fs.write_to_online_store(view, frame)
             except Exception as e:
-                raise DataError(f"Feast refused the rows for feature view {view!r} ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]})") from e
+                raise DataError(
+                    f"Feast refused the rows for feature view {view!r} ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]})"
+                ) from e
         return self.sessions.put_users({"user_id": u, RECENT_ITEMS: list(recent)} for u, _, recent in parsed)
 
     def get(self, user_ids: Sequence[str], now: float | None = None) -> list[UserFeatures]:
@@ -196,8 +223,10 @@ class FeastFeatureStore(FeatureStore):
             return []
         ours = self.sessions.get(ids, now)
         feast = self._read(ids)
-        return [UserFeatures(u, o.known or fk, static, o.recent_items, o.session)
-                for u, o, (fk, static) in zip(ids, ours, feast)]
+        return [
+            UserFeatures(u, o.known or fk, static, o.recent_items, o.session)
+            for u, o, (fk, static) in zip(ids, ours, feast)
+        ]
 
     # ---- sessions: our store ----------------------------------------------------------------------
 
@@ -212,9 +241,13 @@ class FeastFeatureStore(FeatureStore):
 
     def stats(self) -> dict[str, Any]:
         inner = self.sessions.stats()
-        return {**inner, "backend": "feast", "feast_repo": str(self.repo), "sessions_backend": inner.get("backend"),
-                "feast_features": len(self.features)}
+        return {
+            **inner,
+            "backend": "feast",
+            "feast_repo": str(self.repo),
+            "sessions_backend": inner.get("backend"),
+            "feast_features": len(self.features),
+        }
 
     def close(self) -> None:
         self.sessions.close()
-

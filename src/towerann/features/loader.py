@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from towerann.errors import ConfigError, DataError
-from towerann.features.base import RECENT_ITEMS, FeatureStore
+from towerann.features.store import RECENT_ITEMS, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ USERS_FILE = "users.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
 
 
-def load_dataset_features(store: FeatureStore, dataset_dir: str | Path, recent_n: int = 50,
-                          batch_size: int = 5000) -> int:
+def load_dataset_features(
+    store: FeatureStore, dataset_dir: str | Path, recent_n: int = 50, batch_size: int = 5000
+) -> int:
     """Put every user of the dataset into `store`; return how many users were written."""
     if isinstance(recent_n, bool) or not isinstance(recent_n, int) or recent_n < 0:
         raise ConfigError(f"recent_n must be an integer >= 0, got {recent_n!r}")
@@ -37,8 +39,9 @@ def load_dataset_features(store: FeatureStore, dataset_dir: str | Path, recent_n
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     d = Path(dataset_dir)
     if not d.is_dir():
-        raise DataError(f"{d}: dataset directory not found; give the folder that holds {USERS_FILE} "
-                        f"and {INTERACTIONS_FILE}")
+        raise DataError(
+            f"{d}: dataset directory not found; give the folder that holds {USERS_FILE} and {INTERACTIONS_FILE}"
+        )
     users_path, inter_path = d / USERS_FILE, d / INTERACTIONS_FILE
     if not users_path.exists() and not inter_path.exists():
         raise DataError(f"{d}: neither {USERS_FILE} nor {INTERACTIONS_FILE} is there; is this a towerann dataset?")
@@ -64,8 +67,13 @@ def load_dataset_features(store: FeatureStore, dataset_dir: str | Path, recent_n
         if batch:
             written += store.put_users(batch)
             bar.update(len(batch))
-    log.info("loaded %d users (%d with static features, %d with history) in %.2fs",
-             written, len(users), len(history), time.perf_counter() - t0)
+    log.info(
+        "loaded %d users (%d with static features, %d with history) in %.2fs",
+        written,
+        len(users),
+        len(history),
+        time.perf_counter() - t0,
+    )
     return written
 
 
@@ -112,20 +120,25 @@ def read_users(path: Path) -> pd.DataFrame:
         if col == "user_id":
             continue
         if col == RECENT_ITEMS:
-            raise DataError(f"{path}: column {RECENT_ITEMS!r} is reserved for the history built from "
-                            f"{INTERACTIONS_FILE}; rename it")
+            raise DataError(
+                f"{path}: column {RECENT_ITEMS!r} is reserved for the history built from {INTERACTIONS_FILE}; rename it"
+            )
         s = df[col]
         if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
             df[col] = s.astype("float64")
         elif isinstance(s.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(s):
             bad = s[s.notna()].map(lambda v: not isinstance(v, str))
             if bad.any():
-                raise DataError(f"{path}: column {col!r} mixes strings with other values "
-                                f"(e.g. {s[s.notna()][bad].iloc[0]!r}); make it all strings or all numbers")
+                raise DataError(
+                    f"{path}: column {col!r} mixes strings with other values "
+                    f"(e.g. {s[s.notna()][bad].iloc[0]!r}); make it all strings or all numbers"
+                )
             df[col] = s.astype(object).where(s.notna(), None)
         else:
-            raise DataError(f"{path}: column {col!r} has type {s.dtype}; static features must be numbers "
-                            "or strings (convert it, or drop the column)")
+            raise DataError(
+                f"{path}: column {col!r} has type {s.dtype}; static features must be numbers "
+                "or strings (convert it, or drop the column)"
+            )
     return df
 
 

@@ -23,15 +23,15 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from towerann.errors import BackendUnavailable, DataError
-from towerann.storeurl import redact
-from towerann.features.base import (
+from towerann.features.store import (
     DEFAULT_MAX_EVENTS,
     DEFAULT_TTL_S,
     RECENT_ITEMS,
@@ -42,6 +42,7 @@ from towerann.features.base import (
     live_session,
     normalize_row,
 )
+from towerann.storeurl import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,16 @@ class RedisLink:
     Shared by the feature store and the delta log (freshness.deltalog). `read` has the short
     request-path deadline, `write` the longer one for acknowledged writes and maintenance."""
 
-    def __init__(self, url: str, *, what: str, timeout_s: float = 0.1, write_timeout_s: float = 1.0,
-                 retry_s: float = 1.0, decode_responses: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        what: str,
+        timeout_s: float = 0.1,
+        write_timeout_s: float = 1.0,
+        retry_s: float = 1.0,
+        decode_responses: bool = True,
+    ) -> None:
         self.safe_url = redact(url)  # for messages: the password never leaves
         self.what, self.retry_s = what, float(retry_s)
         # Set while serving when this Redis stopped logging its writes (freshness.deltalog.DurabilityWatch):
@@ -67,20 +76,27 @@ class RedisLink:
 
         def client(deadline_s: float) -> redis.Redis:
             return redis.Redis.from_url(
-                url, decode_responses=decode_responses, socket_connect_timeout=deadline_s,
-                socket_timeout=deadline_s, retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)))
+                url,
+                decode_responses=decode_responses,
+                socket_connect_timeout=deadline_s,
+                socket_timeout=deadline_s,
+                retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+            )
 
         try:
             self.read, self.write = client(timeout_s), client(write_timeout_s)
         except ValueError as e:  # malformed URL
-            raise BackendUnavailable(f"bad redis URL {self.safe_url!r} ({redact(str(e))}); "
-                                     "expected redis://HOST:PORT/DB") from e
+            raise BackendUnavailable(
+                f"bad redis URL {self.safe_url!r} ({redact(str(e))}); expected redis://HOST:PORT/DB"
+            ) from e
 
     def check_durable(self) -> None:
         """Before an acknowledged write: refuse it (503) while this Redis does not log writes."""
         if self.not_durable:
-            raise BackendUnavailable(f"Redis at {self.safe_url} no longer logs writes ({self.not_durable}), so the "
-                                     f"{self.what} takes none; nothing was written: retry once it does")
+            raise BackendUnavailable(
+                f"Redis at {self.safe_url} no longer logs writes ({self.not_durable}), so the "
+                f"{self.what} takes none; nothing was written: retry once it does"
+            )
 
     def available(self) -> bool:
         """False while a recent failure makes calls fail fast (for `retry_s` after it)."""
@@ -91,9 +107,11 @@ class RedisLink:
 
         track=False (the startup probe): a failure is raised but not remembered nor logged."""
         if track and time.monotonic() < self._down_until:
-            raise BackendUnavailable(f"cannot reach Redis at {self.safe_url} for the {self.what} ({self._last_error}; "
-                                     f"not retried for {self.retry_s:g}s after a failure); is redis-server running "
-                                     "and listening there?")
+            raise BackendUnavailable(
+                f"cannot reach Redis at {self.safe_url} for the {self.what} ({self._last_error}; "
+                f"not retried for {self.retry_s:g}s after a failure); is redis-server running "
+                "and listening there?"
+            )
         try:
             out = fn(*args)
         except REDIS_DOWN as e:
@@ -101,10 +119,12 @@ class RedisLink:
                 self._failed(e)
             raise BackendUnavailable(
                 f"cannot reach Redis at {self.safe_url} for the {self.what} ({redact(str(e))}); is redis-server "
-                "running and listening there?") from e
+                "running and listening there?"
+            ) from e
         except redis.exceptions.ResponseError as e:
-            raise BackendUnavailable(f"Redis at {self.safe_url} refused a command of the {self.what} "
-                                     f"({redact(str(e))})") from e
+            raise BackendUnavailable(
+                f"Redis at {self.safe_url} refused a command of the {self.what} ({redact(str(e))})"
+            ) from e
         if self._down_until:
             with self._lock:
                 if self._down_until:
@@ -143,19 +163,32 @@ class RedisFeatureStore(FeatureStore):
 
     does_io = True
 
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, max_events: int = DEFAULT_MAX_EVENTS,
-                 ttl_s: float = DEFAULT_TTL_S, prefix: str = "towerann:", connect_timeout_s: float = 2.0,
-                 timeout_s: float = 0.1, write_timeout_s: float = 1.0, retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        ttl_s: float = DEFAULT_TTL_S,
+        prefix: str = "towerann:",
+        connect_timeout_s: float = 2.0,
+        timeout_s: float = 0.1,
+        write_timeout_s: float = 1.0,
+        retry_s: float = 1.0,
+    ) -> None:
         super().__init__(max_events, ttl_s)
-        self._link = RedisLink(url, what="feature store", timeout_s=timeout_s, write_timeout_s=write_timeout_s,
-                               retry_s=retry_s)
+        self._link = RedisLink(
+            url, what="feature store", timeout_s=timeout_s, write_timeout_s=write_timeout_s, retry_s=retry_s
+        )
         self.url = self._link.safe_url  # for messages: the password never leaves
         self.prefix = prefix
         self._r, self._w = self._link.read, self._link.write
         # At startup a slow first connection is no outage: one ping with a longer deadline.
-        probe = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
-                                     socket_timeout=max(connect_timeout_s, write_timeout_s),
-                                     retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)))
+        probe = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=max(connect_timeout_s, write_timeout_s),
+            retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+        )
         try:
             self._link.call(probe.ping, track=False)
         except BackendUnavailable as e:
@@ -228,11 +261,15 @@ class RedisFeatureStore(FeatureStore):
 
     def _features(self, user_id: str, fields: dict[str, str], raw_events: list[str], now: float) -> UserFeatures:
         try:  # one json.loads for the whole list: the parse dominates a batch get
-            events = [Event(user_id, item_id, type_, float(ts))
-                      for item_id, type_, ts in json.loads("[" + ",".join(raw_events) + "]")]
+            events = [
+                Event(user_id, item_id, type_, float(ts))
+                for item_id, type_, ts in json.loads("[" + ",".join(raw_events) + "]")
+            ]
         except (ValueError, TypeError) as e:
-            raise DataError(f"Redis key {self._skey(user_id)}: malformed session event ({e}); "
-                            "another program wrote under this prefix - choose another prefix") from e
+            raise DataError(
+                f"Redis key {self._skey(user_id)}: malformed session event ({e}); "
+                "another program wrote under this prefix - choose another prefix"
+            ) from e
         session = live_session(events, now, self.ttl_s, self.max_events)
         if not fields:
             return UserFeatures(user_id, False, {}, (), session)
@@ -240,16 +277,25 @@ class RedisFeatureStore(FeatureStore):
             recent = tuple(json.loads(fields.pop(RECENT_ITEMS, "[]")))
             static = dict(zip(fields, json.loads("[" + ",".join(fields.values()) + "]")))
         except ValueError as e:
-            raise DataError(f"Redis key {self._ukey(user_id)}: malformed feature value ({e}); "
-                            "another program wrote under this prefix - choose another prefix") from e
+            raise DataError(
+                f"Redis key {self._ukey(user_id)}: malformed feature value ({e}); "
+                "another program wrote under this prefix - choose another prefix"
+            ) from e
         return UserFeatures(user_id, True, static, recent, session)
 
     def stats(self) -> dict[str, Any]:
         # SCAN walks the keyspace: fine for an operator's `stats`, not for the request path.
         users = self._call(self._count, f"{self.prefix}u:*")
         sessions = self._call(self._count, f"{self.prefix}s:*")
-        return {"backend": "redis", "url": self.url, "prefix": self.prefix, "users": users,
-                "session_users": sessions, "max_events": self.max_events, "ttl_s": self.ttl_s}
+        return {
+            "backend": "redis",
+            "url": self.url,
+            "prefix": self.prefix,
+            "users": users,
+            "session_users": sessions,
+            "max_events": self.max_events,
+            "ttl_s": self.ttl_s,
+        }
 
     def _count(self, pattern: str) -> int:
         return sum(1 for _ in self._w.scan_iter(pattern, 1000))

@@ -21,9 +21,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from towerann.config import Config
 from towerann.errors import ArtifactError, BackendUnavailable, BadRequest, ConfigError
@@ -39,7 +40,9 @@ class DeltaEntry:
     seq: int  # strictly increasing within one log
     op: str  # "upsert" | "available" | "delete"
     item_id: str
-    payload: dict[str, Any] = field(default_factory=dict)  # upsert: the item's catalog row; available: {"available": bool}
+    payload: dict[str, Any] = field(
+        default_factory=dict
+    )  # upsert: the item's catalog row; available: {"available": bool}
     ts: float = 0.0
 
 
@@ -84,13 +87,17 @@ class SQLiteDeltaLog:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS delta (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
-                             "op TEXT NOT NULL, item_id TEXT NOT NULL, payload TEXT NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS delta (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
+                "op TEXT NOT NULL, item_id TEXT NOT NULL, payload TEXT NOT NULL)"
+            )
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('log_id', ?)", (uuid.uuid4().hex,))
         except sqlite3.DatabaseError as e:
-            raise ArtifactError(f"{self.path}: not a usable delta log ({e}); restore it from a backup, or move it "
-                                "aside to start an empty one (writes in it not yet in a bundle are then lost)") from e
+            raise ArtifactError(
+                f"{self.path}: not a usable delta log ({e}); restore it from a backup, or move it "
+                "aside to start an empty one (writes in it not yet in a bundle are then lost)"
+            ) from e
 
     def durability(self) -> dict[str, str]:
         """The connection's journal mode and synchronous setting (what a write survives before its ack)."""
@@ -120,7 +127,9 @@ class SQLiteDeltaLog:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for row in rows:
-                    seq = self._db.execute("INSERT INTO delta (ts, op, item_id, payload) VALUES (?, ?, ?, ?)", row).lastrowid
+                    seq = self._db.execute(
+                        "INSERT INTO delta (ts, op, item_id, payload) VALUES (?, ?, ?, ?)", row
+                    ).lastrowid
                     out.append(DeltaEntry(int(seq), row[1], row[2], json.loads(row[3]), now))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -130,8 +139,9 @@ class SQLiteDeltaLog:
 
     def since(self, seq: int) -> Iterator[DeltaEntry]:
         with self._lock:
-            rows = self._db.execute("SELECT seq, op, item_id, payload, ts FROM delta WHERE seq > ? ORDER BY seq",
-                                    (int(seq),)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, op, item_id, payload, ts FROM delta WHERE seq > ? ORDER BY seq", (int(seq),)
+            ).fetchall()
         for s, op, item_id, payload, ts in rows:
             yield DeltaEntry(int(s), op, item_id, _payload(payload, s, self.where), float(ts))
 
@@ -156,8 +166,14 @@ class RedisDeltaLog:
 
     does_io = True
 
-    def __init__(self, url: str, key: str = "towerann:delta", timeout_s: float = 1.0, retry_s: float = 1.0,
-                 connect_timeout_s: float = 2.0):
+    def __init__(
+        self,
+        url: str,
+        key: str = "towerann:delta",
+        timeout_s: float = 1.0,
+        retry_s: float = 1.0,
+        connect_timeout_s: float = 2.0,
+    ):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -165,15 +181,24 @@ class RedisDeltaLog:
         from towerann.features.redis_store import RedisLink
 
         self.key, self.meta_key = key, f"{key}:meta"
-        self._link = RedisLink(url, what="delta log", timeout_s=timeout_s, write_timeout_s=timeout_s,
-                               retry_s=retry_s, decode_responses=False)
+        self._link = RedisLink(
+            url,
+            what="delta log",
+            timeout_s=timeout_s,
+            write_timeout_s=timeout_s,
+            retry_s=retry_s,
+            decode_responses=False,
+        )
         self.url = self._link.safe_url
         self.where = f"the delta log stream {key!r} in Redis at {self.url}"
         self._r = self._link.write
         # At startup a slow first connection is no outage: one ping with a longer deadline.
-        probe = redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
-                                     socket_timeout=max(connect_timeout_s, timeout_s),
-                                     retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)))
+        probe = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=max(connect_timeout_s, timeout_s),
+            retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+        )
         try:
             self._link.call(probe.ping, track=False)
         finally:
@@ -222,7 +247,9 @@ class RedisDeltaLog:
         for op, item_id, payload in encoded:
             pipe.xadd(self.key, {"op": op, "item_id": item_id, "payload": payload, "ts": repr(now)})
         ids = self._link.call(pipe.execute)
-        return [DeltaEntry(self._seq(i), op, item_id, payload or {}, now) for i, (op, item_id, payload) in zip(ids, entries)]
+        return [
+            DeltaEntry(self._seq(i), op, item_id, payload or {}, now) for i, (op, item_id, payload) in zip(ids, entries)
+        ]
 
     def since(self, seq: int) -> Iterator[DeltaEntry]:
         start = "(" + self._stream_id(seq) if seq > 0 else "-"
@@ -232,8 +259,13 @@ class RedisDeltaLog:
                 return
             for sid, f in batch:
                 seq = self._seq(sid)
-                yield DeltaEntry(seq, f[b"op"].decode(), f[b"item_id"].decode(), _payload(f[b"payload"], seq, self.where),
-                                 float(f[b"ts"]))
+                yield DeltaEntry(
+                    seq,
+                    f[b"op"].decode(),
+                    f[b"item_id"].decode(),
+                    _payload(f[b"payload"], seq, self.where),
+                    float(f[b"ts"]),
+                )
             start = "(" + (batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else batch[-1][0])
 
     def last_seq(self) -> int:
@@ -248,15 +280,18 @@ def _payload(raw: str | bytes, seq: int, where: str) -> dict[str, Any]:
     try:
         payload = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{where}: entry {seq} is not JSON ({e}); the log is corrupt - restore it from a backup") from e
+        raise ArtifactError(
+            f"{where}: entry {seq} is not JSON ({e}); the log is corrupt - restore it from a backup"
+        ) from e
     if not isinstance(payload, dict):
         raise ArtifactError(f"{where}: entry {seq} is not a JSON object; the log is corrupt - restore it from a backup")
     return payload
 
 
-def open_delta_log(url: str, path: str | Path | None = None, key: str = "towerann:delta", timeout_s: float = 1.0,
-                   retry_s: float = 1.0) -> DeltaLog:
-    """"embedded" (SQLite at `path`) or "redis://host:port/db" (a stream at `key`)."""
+def open_delta_log(
+    url: str, path: str | Path | None = None, key: str = "towerann:delta", timeout_s: float = 1.0, retry_s: float = 1.0
+) -> DeltaLog:
+    """ "embedded" (SQLite at `path`) or "redis://host:port/db" (a stream at `key`)."""
     u = parse_store_url(url)
     if u.is_redis:
         return RedisDeltaLog(u.url, key, timeout_s=timeout_s, retry_s=retry_s)
@@ -273,15 +308,18 @@ def open_configured_delta_log(cfg: Config) -> DeltaLog:
     [freshness] delta_path (default: delta.sqlite inside the [paths] index root, so that each root has
     its own; freshness.log_binding checks that a log is served with the root it belongs to)."""
     if parse_store_url(cfg.features.store).is_redis:
-        return open_delta_log(cfg.features.store, timeout_s=cfg.freshness.timeout_ms / 1e3,
-                              retry_s=cfg.features.retry_s)
+        return open_delta_log(
+            cfg.features.store, timeout_s=cfg.freshness.timeout_ms / 1e3, retry_s=cfg.features.retry_s
+        )
     return open_delta_log("embedded", cfg.freshness.delta_path or default_delta_path(cfg.paths.index))
 
 
 def default_delta_path(index: str | Path) -> Path:
     """delta.sqlite inside an index root (a directory with CURRENT); beside a single snapshot served as is."""
     index = Path(index)
-    return index / "delta.sqlite" if (index / "CURRENT").exists() or not index.exists() else index.parent / "delta.sqlite"
+    return (
+        index / "delta.sqlite" if (index / "CURRENT").exists() or not index.exists() else index.parent / "delta.sqlite"
+    )
 
 
 class DurabilityWatch:
@@ -302,8 +340,11 @@ class DurabilityWatch:
         problem = None if found.get("appendonly") == "yes" else f"appendonly {found.get('appendonly') or '?'}"
         if problem != self.problem:
             if problem:
-                log.error("%s stopped logging writes (%s): item writes and clicks are refused until it logs again",
-                          self.delta.where, problem)
+                log.error(
+                    "%s stopped logging writes (%s): item writes and clicks are refused until it logs again",
+                    self.delta.where,
+                    problem,
+                )
             else:
                 log.warning("%s logs writes again (appendonly yes): item writes and clicks are taken", self.delta.where)
             self.problem = problem
@@ -324,8 +365,10 @@ def check_durable(delta: DeltaLog, allow_volatile: bool = False) -> str:
     if persistence is None:
         return "sqlite"
     where = getattr(delta, "url", "Redis")
-    fix = ("start Redis with --appendonly yes --appendfsync always (or set them in redis.conf; see SECURITY.md), "
-           "or set [freshness] allow_volatile = true to serve anyway")
+    fix = (
+        "start Redis with --appendonly yes --appendfsync always (or set them in redis.conf; see SECURITY.md), "
+        "or set [freshness] allow_volatile = true to serve anyway"
+    )
     try:
         found = persistence()
     except BackendUnavailable as e:
@@ -333,12 +376,18 @@ def check_durable(delta: DeltaLog, allow_volatile: bool = False) -> str:
     else:
         if found.get("appendonly") == "yes":
             if found.get("appendfsync") != "always":
-                log.warning("delta log in %s: appendonly yes, appendfsync %s: a crash of Redis loses no acknowledged "
-                            "write, a crash of the machine can lose the last second of them (appendfsync always "
-                            "closes that gap)", where, found.get("appendfsync"))
+                log.warning(
+                    "delta log in %s: appendonly yes, appendfsync %s: a crash of Redis loses no acknowledged "
+                    "write, a crash of the machine can lose the last second of them (appendfsync always "
+                    "closes that gap)",
+                    where,
+                    found.get("appendfsync"),
+                )
             return f"appendonly yes, appendfsync {found.get('appendfsync')}"
-        problem = (f"{where} runs with appendonly {found.get('appendonly') or '?'}: a crash of Redis would lose "
-                   "acknowledged item writes and clicks")
+        problem = (
+            f"{where} runs with appendonly {found.get('appendonly') or '?'}: a crash of Redis would lose "
+            "acknowledged item writes and clicks"
+        )
     if not allow_volatile:
         raise ConfigError(f"refusing to keep the delta log in Redis: {problem}; {fix}")
     log.warning("[freshness] allow_volatile = true: serving although %s", problem)

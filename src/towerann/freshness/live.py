@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from towerann.data.attributes import attribute_key
 from towerann.data.dataset import ITEM_RESERVED
-from towerann.embed.attributes import attribute_key
 from towerann.errors import BadRequest, NotFound, TowerannError
 from towerann.freshness.deltalog import OPS, DeltaEntry, DeltaLog
 from towerann.serving.bundle import RetrievalBundle
@@ -120,8 +121,10 @@ def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarra
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         what = "a non-finite vector" if not np.isfinite(vectors[i]).all() else "a vector of (near) zero norm"
-        raise BadRequest(f"items[{i}] ({rows[i]['item_id']!r}): the item tower gives {what} for these features "
-                         f"({far_features(bundle, rows[i])}); nothing was written")
+        raise BadRequest(
+            f"items[{i}] ({rows[i]['item_id']!r}): the item tower gives {what} for these features "
+            f"({far_features(bundle, rows[i])}); nothing was written"
+        )
     return vectors
 
 
@@ -161,8 +164,12 @@ def apply_entries(bundle: RetrievalBundle, entries: Iterable[DeltaEntry], last: 
                     try:
                         bundle.upsert([row], embed_rows(bundle, [row]))
                     except TowerannError as e:
-                        log.error("delta log: skipped the upsert of item %r on bundle %s: %s",
-                                  row.get("item_id"), bundle.version, e)
+                        log.error(
+                            "delta log: skipped the upsert of item %r on bundle %s: %s",
+                            row.get("item_id"),
+                            bundle.version,
+                            e,
+                        )
             pending.clear()
 
     n = 0
@@ -177,8 +184,14 @@ def apply_entries(bundle: RetrievalBundle, entries: Iterable[DeltaEntry], last: 
             else:
                 bundle.remove(entry.item_id)
         else:  # a newer version's op or a hand-edited log: guessing (it was once taken as a delete) loses items
-            log.warning("delta log: skipped entry %d (item %r) on bundle %s: unknown op %r; this version applies %s",
-                        entry.seq, entry.item_id, bundle.version, entry.op, ", ".join(OPS))
+            log.warning(
+                "delta log: skipped entry %d (item %r) on bundle %s: unknown op %r; this version applies %s",
+                entry.seq,
+                entry.item_id,
+                bundle.version,
+                entry.op,
+                ", ".join(OPS),
+            )
         last, n = entry.seq, n + 1
     flush()
     bundle.delta_seq = last
@@ -252,8 +265,7 @@ class ItemWriter:
             self._apply_since(b, apply_on)
         return b
 
-    def _apply_own(self, b: RetrievalBundle, first: int, last: int, own: Callable[[], None],
-                   apply_on: ApplyOn) -> None:
+    def _apply_own(self, b: RetrievalBundle, first: int, last: int, own: Callable[[], None], apply_on: ApplyOn) -> None:
         """Apply our logged entries (seqs first..last) after those the other processes logged before
         them, then say so (on_written), all before the write is acknowledged."""
         before = [e for e in self.delta.since(b.delta_seq) if e.seq < first] if self.shared else []
@@ -300,8 +312,13 @@ def fold_catalog(items: pd.DataFrame, entries: Iterable[Any]) -> pd.DataFrame:
             if e.item_id in pos:
                 dropped.add(e.item_id)
         else:  # as apply_entries: skipped, never guessed
-            log.warning("delta log: skipped entry %d (item %r) in the rebuild: unknown op %r; this version applies %s",
-                        e.seq, e.item_id, e.op, ", ".join(OPS))
+            log.warning(
+                "delta log: skipped entry %d (item %r) in the rebuild: unknown op %r; this version applies %s",
+                e.seq,
+                e.item_id,
+                e.op,
+                ", ".join(OPS),
+            )
     if added:
         new = pd.DataFrame(list(added.values()))
         if frame["item_id"].dtype.kind in "iu":

@@ -69,31 +69,43 @@ def bind_delta_log(root: str | Path, delta: DeltaLog, bundle_delta_seq: int, ado
     rid = root_id(root)
     log_id, owner = delta.identity()
     if owner is not None and owner != rid:
-        raise ConfigError(f"{delta.where} belongs to another index root (id {owner}), not {root} (id {rid}): give "
-                          "each root a log of its own ([freshness] delta_path, or another Redis db)")
+        raise ConfigError(
+            f"{delta.where} belongs to another index root (id {owner}), not {root} (id {rid}): give "
+            "each root a log of its own ([freshness] delta_path, or another Redis db)"
+        )
     record = _record(root / ROOT_FILE)
     previous = record.get("delta_log") or None
     legacy = root.parent / "delta.sqlite"  # where the log was kept before roots had their own
     here_path = getattr(delta, "path", None)
     if previous is None and legacy.exists() and (here_path is None or Path(here_path).resolve() != legacy.resolve()):
-        previous = {"where": f"the SQLite delta log {legacy} (the default before {root}/delta.sqlite)",
-                    "path": str(legacy)}
+        previous = {
+            "where": f"the SQLite delta log {legacy} (the default before {root}/delta.sqlite)",
+            "path": str(legacy),
+        }
     if previous is not None and previous.get("id") != log_id and not adopt:  # a switch to another log
         newer = _newer_entries(previous, bundle_delta_seq)
         if newer != 0:
-            held = (f"holds entries up to seq {newer}, newer than the bundle's cut-off {bundle_delta_seq}" if newer
-                    else "cannot be read from here, and may hold entries newer than the bundle")
-            raise ConfigError(f"{root} was served with {previous.get('where')}, which {held}; serving it with "
-                              f"{delta.where} would never replay them: go back to that log, or fold it into a bundle "
-                              "first (towerann refresh with it), or set [freshness] adopt_log = true to let them go")
+            held = (
+                f"holds entries up to seq {newer}, newer than the bundle's cut-off {bundle_delta_seq}"
+                if newer
+                else "cannot be read from here, and may hold entries newer than the bundle"
+            )
+            raise ConfigError(
+                f"{root} was served with {previous.get('where')}, which {held}; serving it with "
+                f"{delta.where} would never replay them: go back to that log, or fold it into a bundle "
+                "first (towerann refresh with it), or set [freshness] adopt_log = true to let them go"
+            )
     last = delta.last_seq()
     if last < bundle_delta_seq:
-        raise ConfigError(f"the bundle served from {root} folds {delta.where} up to seq {bundle_delta_seq}, but that "
-                          f"log ends at seq {last}: it is another log, or it was reset (writes acknowledged after the "
-                          "bundle's cut-off are gone); serve the bundle with the log it was built from")
+        raise ConfigError(
+            f"the bundle served from {root} folds {delta.where} up to seq {bundle_delta_seq}, but that "
+            f"log ends at seq {last}: it is another log, or it was reset (writes acknowledged after the "
+            "bundle's cut-off are gone); serve the bundle with the log it was built from"
+        )
     if delta.claim(rid) != rid:  # another root bound it between our two looks
-        raise ConfigError(f"{delta.where} was bound to another index root while {root} was starting; give each "
-                          "root a log of its own")
+        raise ConfigError(
+            f"{delta.where} was bound to another index root while {root} was starting; give each root a log of its own"
+        )
     here = {"id": log_id, "where": delta.where, **({"path": str(Path(here_path).resolve())} if here_path else {})}
     if record.get("delta_log") != here:
         if previous is not None:

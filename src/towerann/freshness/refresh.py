@@ -29,10 +29,19 @@ from towerann.index.build import Tuning
 log = logging.getLogger(__name__)
 
 
-def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path, delta: DeltaLog,
-            kind: str = "auto", recall: float | None = 0.95, k: int = 100, keep: int = 3,
-            progress: bool | None = None, params: dict[str, Any] | None = None,
-            attributes: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+def refresh(
+    data_dir: str | Path,
+    model_dir: str | Path,
+    index_root: str | Path,
+    delta: DeltaLog,
+    kind: str = "auto",
+    recall: float | None = 0.95,
+    k: int = 100,
+    keep: int = 3,
+    progress: bool | None = None,
+    params: dict[str, Any] | None = None,
+    attributes: tuple[str, ...] | list[str] = (),
+) -> dict[str, Any]:
     """Rebuild and publish a bundle; returns {path, delta_seq, items, seconds}. `params`: build and
     search params of the index (as `towerann index build --param`); `attributes`: the catalog columns
     requests may filter on besides category ([filters] attributes), with the values item writes gave them."""
@@ -53,13 +62,19 @@ def refresh(data_dir: str | Path, model_dir: str | Path, index_root: str | Path,
         embed_catalog(model_dir, work / "catalog", work / "vectors", progress=progress, attributes=tuple(attributes))
         tuning = _tuning(model_dir, data_dir, k, recall) if recall is not None and kind != "exact" else None
         # By path: the bundle takes the vectors directory's filter attributes too.
-        path = publish_bundle(root, model_dir, work / "vectors", kind=kind, params=params,
-                              tuning=tuning, keep=keep, delta_seq=cut)
+        path = publish_bundle(
+            root, model_dir, work / "vectors", kind=kind, params=params, tuning=tuning, keep=keep, delta_seq=cut
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {"path": str(path), "delta_seq": cut, "items": len(catalog), "seconds": round(time.perf_counter() - t0, 2)}
-    log.info("refresh: published %s (%d items, delta log folded up to seq %d) in %.1fs",
-             path, len(catalog), cut, out["seconds"])
+    log.info(
+        "refresh: published %s (%d items, delta log folded up to seq %d) in %.1fs",
+        path,
+        len(catalog),
+        cut,
+        out["seconds"],
+    )
     return out
 
 
@@ -87,8 +102,12 @@ def _embeddable(model_dir: str | Path, entries: list[DeltaEntry], int_ids: bool)
     bad = {e.seq for e, good in zip(upserts, ok) if not good}
     for e in upserts:
         if e.seq in bad:
-            log.error("refresh: skipped delta-log entry %d (upsert of item %r): the item tower gives no usable "
-                      "vector for its features (non-finite, or of near-zero norm)", e.seq, e.item_id)
+            log.error(
+                "refresh: skipped delta-log entry %d (upsert of item %r): the item tower gives no usable "
+                "vector for its features (non-finite, or of near-zero norm)",
+                e.seq,
+                e.item_id,
+            )
     return [e for e in entries if e.seq not in bad]
 
 

@@ -17,9 +17,10 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: i
     k = min(k, len(bundle.index))
     # Exact search a few queries at a time: 64 at once over 1M items would allocate ~1.5 GB of scores
     # and partition indexes beside the bundle being served.
-    truth = np.concatenate([bundle.index.exact_search(q[s:s + 4], k).ids for s in range(0, len(q), 4)])
+    truth = np.concatenate([bundle.index.exact_search(q[s : s + 4], k).ids for s in range(0, len(q), 4)])
     return recall_at_k(bundle.index.search(q, k).ids, truth)
 
 
@@ -113,8 +114,9 @@ class Reloader:
     `model_dir`: the model for a version without a model/ directory of its own (a plain index
     snapshot from `towerann index build`, served with [paths] model), as at startup."""
 
-    def __init__(self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8,
-                 model_dir: str | Path | None = None):
+    def __init__(
+        self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8, model_dir: str | Path | None = None
+    ):
         self.writer, self.root, self.min_recall = writer, Path(root), float(min_recall)
         self.model_dir = model_dir
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -171,9 +173,11 @@ class Reloader:
                 new = RetrievalBundle.load(self.root / version, model_dir=None if own_model else self.model_dir)
                 phases.mark("load")
                 if new.delta_seq > self.writer.delta.last_seq():  # built from another log: replay would skip writes
-                    raise TowerannError(f"the bundle folds the delta log up to seq {new.delta_seq}, but "
-                                        f"{self.writer.delta.where} ends at {self.writer.delta.last_seq()}: it was built "
-                                        "from another log")
+                    raise TowerannError(
+                        f"the bundle folds the delta log up to seq {new.delta_seq}, but "
+                        f"{self.writer.delta.where} ends at {self.writer.delta.last_seq()}: it was built "
+                        "from another log"
+                    )
                 recall = validation_recall(new)
                 if recall < self.min_recall:
                     raise TowerannError(f"recall@100 vs exact search {recall:.3f} < min_recall {self.min_recall}")
@@ -191,12 +195,24 @@ class Reloader:
                 gc.freeze()  # keep the new bundle out of full collections (see service.server.freeze_heap)
                 phases.mark("freeze")
                 self._refused = None
-                info = {"outcome": "swapped", "index_version": version, "model_version": new.model_version,
-                        "validation_recall": round(recall, 4), "delta_seq": new.delta_seq,
-                        "seconds": round(time.perf_counter() - t0, 3), "phases_s": phases.seconds,
-                        "phases_start_unix": round(phases.started_unix, 4)}
-                log.warning("swapped in bundle %s (model %s, recall %.3f, delta seq %d) in %.2fs", version,
-                            new.model_version, recall, new.delta_seq, info["seconds"])
+                info = {
+                    "outcome": "swapped",
+                    "index_version": version,
+                    "model_version": new.model_version,
+                    "validation_recall": round(recall, 4),
+                    "delta_seq": new.delta_seq,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "phases_s": phases.seconds,
+                    "phases_start_unix": round(phases.started_unix, 4),
+                }
+                log.warning(
+                    "swapped in bundle %s (model %s, recall %.3f, delta seq %d) in %.2fs",
+                    version,
+                    new.model_version,
+                    recall,
+                    new.delta_seq,
+                    info["seconds"],
+                )
             except Exception as e:  # any failure: refuse this bundle, keep serving the old one
                 self._refused = version
                 info = {"outcome": "refused", "index_version": version, "error": f"{type(e).__name__}: {e}"}

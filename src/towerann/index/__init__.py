@@ -1,10 +1,10 @@
 """ANN indexes over item vectors: one module per backend behind one `Index` interface.
 
-    index = create("hnsw", dim=128, M=32)
-    index.build(vectors, ids, categories, available)
-    index.search(queries, k=1000, filter=Filter(categories=frozenset({3})), params={"ef": 512})
-    publish(index, "indexes/", model_version="m1")      # towerann.index.snapshot
-    index = load("indexes/")                            # CURRENT -> newest snapshot
+index = create("hnsw", dim=128, M=32)
+index.build(vectors, ids, categories, available)
+index.search(queries, k=1000, filter=Filter(categories=frozenset({3})), params={"ef": 512})
+publish(index, "indexes/", model_version="m1")      # towerann.index.snapshot
+index = load("indexes/")                            # CURRENT -> newest snapshot
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ _BACKENDS = {
     "ivfpq": ("towerann.index.ivfpq", "IVFPQIndex"),
     "scann": ("towerann.index.scann", "ScannIndex"),
 }
-KINDS = tuple(_BACKENDS)
+KINDS = tuple(_BACKENDS)  # the plain backends; "sharded" holds S indexes of one of them
+SHARDED = "sharded"
+_BACKENDS[SHARDED] = ("towerann.index.sharded", "ShardedIndex")
 
 
 def backend_class(kind: str) -> type[Index]:
@@ -41,11 +43,19 @@ def create(kind: str, dim: int, metric: str = "ip", **build_params: Any) -> Inde
         raise ConfigError(f"bad build parameters for a {kind} index: {e}") from e
 
 
-def load(directory: str | Path, expected_model_version: str | None = None, expected_dim: int | None = None) -> Index:
-    """Load a snapshot directory, or the CURRENT snapshot of a root of snapshots, checking its manifest."""
+def load(
+    directory: str | Path,
+    expected_model_version: str | None = None,
+    expected_dim: int | None = None,
+    verify: bool = True,
+) -> Index:
+    """Load a snapshot directory, or the CURRENT snapshot of a root of snapshots, checking its manifest
+    (a sharded snapshot: every shard loaded into this process)."""
     from towerann.index.snapshot import load_snapshot
 
-    return load_snapshot(directory, expected_model_version=expected_model_version, expected_dim=expected_dim)
+    return load_snapshot(
+        directory, expected_model_version=expected_model_version, expected_dim=expected_dim, verify=verify
+    )
 
 
-__all__ = ["Filter", "Index", "KINDS", "SearchResult", "backend_class", "create", "load"]
+__all__ = ["Filter", "Index", "KINDS", "SHARDED", "SearchResult", "backend_class", "create", "load"]

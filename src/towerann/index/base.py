@@ -7,7 +7,7 @@ removal only marks the old slot dead, so no library ever has to delete in place;
 live-and-available slots is handed to the library (as a bitmap selector where it can take one).
 
 Which path a masked search takes (brute force over the qualifying items, the library's filtered
-search, or over-fetch + post-filter) is decided per query by `towerann.index.plan` from the mask's
+search, or over-fetch + post-filter) is decided per query by `towerann.index.filter_plan` from the mask's
 exact count and the index's measured thresholds (search param `filter_plan`).
 
 Contract of `search`: exactly k results whenever at least k items qualify; when the library
@@ -21,16 +21,17 @@ from __future__ import annotations
 import functools
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
 from towerann.config import ATTRIBUTE_NAME  # a name becomes a file name here: slot_attr_<name>.npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
-from towerann.index import plan
+from towerann.index import filter_plan
 from towerann.index.merge import padded, topk_blocked, topk_rows
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ METRICS = ("ip",)
 # test can move it; 0 sends every masked search through the library.
 EXACT_BELOW = 16384
 # filter_path: "auto" (the planner decides), or one path forced ("exact", "filtered", "post");
-# filter_plan: the measured (share -> path) table of towerann.index.plan ([] = today's constants).
+# filter_plan: the measured (share -> path) table of towerann.index.filter_plan ([] = today's constants).
 COMMON_SEARCH: dict[str, Any] = {"exact_below": EXACT_BELOW, "filter_path": "auto", "filter_plan": []}
 BY_INDEX_ROWS = 4  # masked brute force for at most this many queries reads the qualifying rows in place
 
@@ -201,8 +202,15 @@ def inner_products_at(q: np.ndarray, vecs: np.ndarray, idx: np.ndarray) -> np.nd
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     out = np.empty((len(q), len(idx)), np.float32)
     for i in range(len(q)):
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(vecs),
-                                         faiss.swig_ptr(idx), vecs.shape[1], 1, len(idx))
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(out[i]),
+            faiss.swig_ptr(q[i]),
+            faiss.swig_ptr(vecs),
+            faiss.swig_ptr(idx),
+            vecs.shape[1],
+            1,
+            len(idx),
+        )
     return out
 
 
@@ -213,8 +221,10 @@ class Index(ABC):
 
     def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
         if metric not in METRICS:
-            raise ConfigError(f"metric {metric!r} is not supported; towerann indexes use 'ip' (inner product "
-                              "of L2-normalised vectors)")
+            raise ConfigError(
+                f"metric {metric!r} is not supported; towerann indexes use 'ip' (inner product "
+                "of L2-normalised vectors)"
+            )
         if int(dim) <= 0:
             raise ConfigError(f"dim must be positive, got {dim}")
         self.dim = int(dim)
@@ -222,7 +232,7 @@ class Index(ABC):
         self.build_params: dict[str, Any] = dict(build_params)
         self.search_defaults: dict[str, Any] = {**COMMON_SEARCH, **self.default_search}
         self.tuning: dict[str, Any] | None = None  # what tune() measured, saved with the snapshot
-        self.filter_calibration: dict[str, Any] | None = None  # what plan.calibrate measured, saved too
+        self.filter_calibration: dict[str, Any] | None = None  # what filter_plan.calibrate measured, saved too
         self.manifest: dict[str, Any] | None = None  # the snapshot manifest this index was loaded from
         self.version: str | None = None  # the snapshot version it was loaded from (stamped on answers)
         self._ids = Growable(np.empty(0, np.int64))  # id per slot
@@ -244,7 +254,9 @@ class Index(ABC):
         """Store vectors under slots first_slot, first_slot+1, ... (build=True: first batch, may train)."""
 
     @abstractmethod
-    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Library search: (slots int64 [m, k], scores f32 [m, k]), -1 where it found fewer; never a masked-out slot."""
 
     @abstractmethod
@@ -275,17 +287,31 @@ class Index(ABC):
         return 0
 
     # ---- public API -----------------------------------------------------------------------------
-    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None,
-              attributes: Mapping[str, Any] | None = None) -> None:
+    def build(
+        self,
+        vectors: Any,
+        ids: Any,
+        categories: Any = None,
+        available: Any = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
         """Index a whole catalog (the index must be empty). `attributes`: {name: int codes, one per
         vector row (-1: no value)}, the filter attributes besides category."""
         if self._ids.n:
-            raise ConfigError(f"{self.kind} index already holds {self._ids.n} slots; build() needs a fresh index "
-                              "(use add() for more items)")
+            raise ConfigError(
+                f"{self.kind} index already holds {self._ids.n} slots; build() needs a fresh index "
+                "(use add() for more items)"
+            )
         self._insert(vectors, ids, categories, available, build=True, attributes=attributes)
 
-    def add(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None,
-            attributes: Mapping[str, Any] | None = None) -> None:
+    def add(
+        self,
+        vectors: Any,
+        ids: Any,
+        categories: Any = None,
+        available: Any = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
         """Add items; an id already present is replaced (its old vector is never returned again).
         An attribute the batch does not give is -1 (no value) for its items."""
         self._insert(vectors, ids, categories, available, build=self._ids.n == 0, attributes=attributes)
@@ -349,8 +375,9 @@ class Index(ABC):
         """Slots stored, dead ones included (what a rebuild would reclaim)."""
         return self._ids.n
 
-    def search(self, queries: Any, k: int, filter: Filter | None = None,
-               params: dict[str, Any] | None = None) -> SearchResult:
+    def search(
+        self, queries: Any, k: int, filter: Filter | None = None, params: dict[str, Any] | None = None
+    ) -> SearchResult:
         q = as_vectors(queries, self.dim, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise BadRequest(f"k must be a positive integer, got {k!r}")
@@ -361,7 +388,7 @@ class Index(ABC):
         if n_qual == 0:
             ids, scores = padded(len(q), k)
             return SearchResult(ids=ids, scores=scores)
-        path = None if mask is None else plan.choose(n_qual, len(mask.bits), k, p)
+        path = None if mask is None else filter_plan.choose(n_qual, len(mask.bits), k, p)
         slots, scores, exact_rows, short_rows = self._run_path(q, k, p, mask, path)
         ids = self._ids.data[slots]
         ids[slots < 0] = -1
@@ -380,8 +407,9 @@ class Index(ABC):
         return SearchResult(ids=ids, scores=scores)
 
     # ---- shared machinery ----------------------------------------------------------------------
-    def _run_path(self, q: np.ndarray, k: int, p: dict[str, Any], mask: Mask | None,
-                  path: str | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def _run_path(
+        self, q: np.ndarray, k: int, p: dict[str, Any], mask: Mask | None, path: str | None
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """One search along a planned path (None: unmasked, or the backend's own choice); returns
         (slots, scores, exact_rows, short_rows). Rows the library leaves short go exact."""
         n_qual = self._ids.n if mask is None else mask.count
@@ -394,8 +422,9 @@ class Index(ABC):
         short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
         n_short = int(short.sum())
         if n_short:
-            log.debug("%s: %d of %d rows short of k=%d; exact fallback over %d items",
-                      self.kind, n_short, len(q), k, n_qual)
+            log.debug(
+                "%s: %d of %d rows short of k=%d; exact fallback over %d items", self.kind, n_short, len(q), k, n_qual
+            )
             slots[short], scores[short] = self._exact(q[short], k, mask)
         return slots, scores, n_short, n_short
 
@@ -403,15 +432,18 @@ class Index(ABC):
         known = {*COMMON_SEARCH, *self.default_search}
         unknown = set(params) - known
         if unknown:
-            raise BadRequest(f"search params {sorted(unknown)} are not understood by the {self.kind} index; "
-                             f"it takes {sorted(known)}")
+            raise BadRequest(
+                f"search params {sorted(unknown)} are not understood by the {self.kind} index; it takes {sorted(known)}"
+            )
         if "filter_path" in params:
-            plan.check_path(params["filter_path"])
+            filter_plan.check_path(params["filter_path"])
             if params["filter_path"] == "partition" and "partition" not in self.filter_paths:
-                raise BadRequest(f"filter_path 'partition': this {self.kind} index has no partitions (build it "
-                                 "with partition_by=ATTRIBUTE)")
+                raise BadRequest(
+                    f"filter_path 'partition': this {self.kind} index has no partitions (build it "
+                    "with partition_by=ATTRIBUTE)"
+                )
         if "filter_plan" in params:
-            plan.check_table(params["filter_plan"])
+            filter_plan.check_table(params["filter_plan"])
         return {**self.search_defaults, **params}
 
     def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
@@ -428,6 +460,7 @@ class Index(ABC):
                 scores = inner_products(b, vecs)
                 scores[:, ~mask.bits] = -np.inf
                 return scores
+
             return topk_blocked(q, k, masked, len(vecs))
         idx = mask.idx
         qualifying = vecs[idx]
@@ -452,21 +485,32 @@ class Index(ABC):
                 conditions = [] if filter.categories is None else [(self._cats, filter.categories)]
                 for name, codes in filter.attributes:
                     if name not in self._attrs:
-                        raise BadRequest(f"filter: the {self.kind} index has no attribute {name!r}; it has "
-                                         f"{self.attribute_names or 'none'} (declare it in [filters] attributes)")
+                        raise BadRequest(
+                            f"filter: the {self.kind} index has no attribute {name!r}; it has "
+                            f"{self.attribute_names or 'none'} (declare it in [filters] attributes)"
+                        )
                     conditions.append((self._attrs[name], codes))
                 for table, codes in conditions:  # AND across conditions, OR within each value set
                     bits = bits & np.isin(table.data, np.fromiter(codes, np.int64, len(codes)))
             mask = self._masks[key] = Mask(bits=bits, count=int(bits.sum()))
         return mask
 
-    def _insert(self, vectors: Any, ids: Any, categories: Any, available: Any, build: bool,
-                attributes: Mapping[str, Any] | None = None) -> None:
+    def _insert(
+        self,
+        vectors: Any,
+        ids: Any,
+        categories: Any,
+        available: Any,
+        build: bool,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
         v = as_vectors(vectors, self.dim, "vectors")
         n = len(v)
         ids = np.asarray(ids)
         if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-            raise DataError(f"ids: expected {n} integer ids (one per vector row), got shape {ids.shape} dtype {ids.dtype}")
+            raise DataError(
+                f"ids: expected {n} integer ids (one per vector row), got shape {ids.shape} dtype {ids.dtype}"
+            )
         ids = ids.astype(np.int64)
         if len(np.unique(ids)) != n:
             raise DataError("ids: duplicate ids in one batch; each item must appear once")
@@ -509,12 +553,16 @@ class Index(ABC):
         out: dict[str, np.ndarray] = {}
         for name, codes in (attributes or {}).items():
             if not isinstance(name, str) or not ATTRIBUTE_NAME.match(name) or name == "categories":
-                raise DataError(f"attribute name {name!r}: use 1-32 characters a-z, 0-9, _ starting with a letter "
-                                "(not 'categories')")
+                raise DataError(
+                    f"attribute name {name!r}: use 1-32 characters a-z, 0-9, _ starting with a letter "
+                    "(not 'categories')"
+                )
             a = np.asarray(codes)
             if a.shape != (n,) or not (np.issubdtype(a.dtype, np.integer) or n == 0):
-                raise DataError(f"attributes[{name!r}]: expected {n} integer codes (one per vector row), got "
-                                f"shape {a.shape} dtype {a.dtype}")
+                raise DataError(
+                    f"attributes[{name!r}]: expected {n} integer codes (one per vector row), got "
+                    f"shape {a.shape} dtype {a.dtype}"
+                )
             out[name] = a.astype(np.int32)
         return out
 
@@ -550,15 +598,21 @@ class Index(ABC):
         checked against the slot count and dim of the manifest."""
         vecs = load_npy(directory / name, mmap=True)
         if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
-            raise ArtifactError(f"{directory / name}: {vecs.dtype}{list(vecs.shape)} does not match "
-                                f"float32[{self.n_slots}, {self.dim}] in the manifest")
+            raise ArtifactError(
+                f"{directory / name}: {vecs.dtype}{list(vecs.shape)} does not match "
+                f"float32[{self.n_slots}, {self.dim}] in the manifest"
+            )
         return Growable(vecs)
 
     def save(self, directory: Path) -> dict[str, Any]:
         """Write the index files into `directory` (which must exist); return the manifest fields."""
         directory = Path(directory)
-        for name, arr in (("ids", self._ids.data), ("categories", self._cats.data),
-                          ("alive", self._alive.data), ("available", self._avail.data)):
+        for name, arr in (
+            ("ids", self._ids.data),
+            ("categories", self._cats.data),
+            ("alive", self._alive.data),
+            ("available", self._avail.data),
+        ):
             save_npy(directory / f"slot_{name}.npy", arr)
         for name, table in self._attrs.items():
             save_npy(directory / f"slot_attr_{name}.npy", table.data)
@@ -579,7 +633,7 @@ class Index(ABC):
         }
 
     @classmethod
-    def load(cls, directory: Path, manifest: dict[str, Any]) -> "Index":
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> Index:
         """Rebuild an index from `save`'s files; checksums are checked by the snapshot layer."""
         directory = Path(directory)
         try:
@@ -590,7 +644,7 @@ class Index(ABC):
             n = int(manifest["slots"])
             state = manifest["backend_state"]
             attr_names = [str(a) for a in manifest.get("attributes") or []]
-            plan.check_table(index.search_defaults["filter_plan"])
+            filter_plan.check_table(index.search_defaults["filter_plan"])
         except (KeyError, TypeError, ValueError, BadRequest) as e:
             raise ArtifactError(f"{directory}: index manifest is missing or has a bad field ({e})") from e
         bad = [a for a in attr_names if not ATTRIBUTE_NAME.match(a)]
@@ -600,7 +654,9 @@ class Index(ABC):
         tables = {name: load_npy(directory / f"slot_{name}.npy") for name in names}
         for name, arr in tables.items():
             if arr.shape != (n,):
-                raise ArtifactError(f"{directory / f'slot_{name}.npy'}: {arr.shape} does not match {n} slots in the manifest")
+                raise ArtifactError(
+                    f"{directory / f'slot_{name}.npy'}: {arr.shape} does not match {n} slots in the manifest"
+                )
         index._ids = Growable(tables["ids"].astype(np.int64))
         index._cats = Growable(tables["categories"].astype(np.int32))
         index._alive = Growable(tables["alive"].astype(bool))

@@ -16,12 +16,12 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from towerann.errors import BackendUnavailable, ConfigError
-from towerann.index import backend_class, create
+from towerann.index import SHARDED, backend_class, create
 from towerann.index.base import COMMON_SEARCH, Index
 from towerann.index.tune import Timer, tune
 
@@ -32,12 +32,10 @@ log = logging.getLogger(__name__)
 AUTO_EXACT_ITEMS = 20_000
 AUTO_CANDIDATES = ("hnsw", "ivfpq", "scann")  # tried in this order; scann only where it is installed
 AUTO_BUDGET_S = 1800.0  # candidates are not started once building and tuning have taken this long
-# cluster's ShardedIndex (S indexes of one plain `backend`, params "shards" and "backend"). It lives a layer
-# up (cluster/ imports index/), so build_index makes it through the `create_index` its caller passes
-# (towerann.cluster.create_index); here only its params are understood: its search params are its backend's.
-SHARDED = "sharded"
-AUTO_HELP = (f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else the fastest of {'/'.join(AUTO_CANDIDATES)} "
-             "at the recall target, measured on the tuning queries")
+AUTO_HELP = (
+    f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else the fastest of {'/'.join(AUTO_CANDIDATES)} "
+    "at the recall target, measured on the tuning queries"
+)
 
 
 @dataclass(frozen=True)
@@ -63,38 +61,55 @@ def split_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], dic
     A sharded index's search params are those of its shards' backend (sent to every shard)."""
     plain = params.get("backend", "exact") if kind == SHARDED else kind
     search_keys = {*COMMON_SEARCH, *backend_class(plain).default_search}
-    return ({k: v for k, v in params.items() if k not in search_keys},
-            {k: v for k, v in params.items() if k in search_keys})
+    return (
+        {k: v for k, v in params.items() if k not in search_keys},
+        {k: v for k, v in params.items() if k in search_keys},
+    )
 
 
-def build_index(vectors: Any, ids: Any, categories: Any = None, available: Any = None, *, kind: str = "auto",
-                params: dict[str, Any] | None = None, tuning: Tuning | None = None, metric: str = "ip",
-                auto_exact_items: int = AUTO_EXACT_ITEMS, auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
-                auto_budget_s: float = AUTO_BUDGET_S, create_index: Callable[..., Index] = create,
-                timer: Timer | None = None) -> Index:
+def build_index(
+    vectors: Any,
+    ids: Any,
+    categories: Any = None,
+    available: Any = None,
+    *,
+    kind: str = "auto",
+    params: dict[str, Any] | None = None,
+    tuning: Tuning | None = None,
+    metric: str = "ip",
+    auto_exact_items: int = AUTO_EXACT_ITEMS,
+    auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
+    auto_budget_s: float = AUTO_BUDGET_S,
+    timer: Timer | None = None,
+) -> Index:
     """Build an index over a catalog's vectors; tune it when `tuning` is given.
 
     Explicit search params in `params` win over tuned ones. With kind="auto", each candidate takes
-    the params it understands (brute force takes none). kind="sharded" needs
-    create_index=towerann.cluster.create_index; tuning then tunes the shards' search params. `timer`
+    the params it understands (brute force takes none). kind="sharded" (params
+    "shards" and "backend") tunes the shards' search params. `timer`
     times the tuner's settings (index.tune.Timer)."""
     v = np.asarray(vectors)
     if kind == "auto" and len(v) >= auto_exact_items and tuning is not None:
-        return _build_fastest(v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds,
-                              auto_budget_s, timer)
+        return _build_fastest(
+            v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds, auto_budget_s, timer
+        )
     resolved = resolve_kind(kind, len(v), auto_exact_items)
     build, search = split_params(resolved, dict(params or {}))
     if resolved == "exact" and kind == "auto" and build:
         log.info("auto index: %d items -> exact; build params %s do not apply", len(v), sorted(build))
         build = {}
-    if resolved == SHARDED and create_index is create:
-        raise ConfigError("kind 'sharded' is built by towerann.cluster: pass create_index=towerann.cluster.create_index")
-    index = create_index(resolved, v.shape[1], metric, **build)
+    index = create(resolved, v.shape[1], metric, **build)
     index.build(v, ids, categories, available)
     index.search_defaults.update(search)  # before tuning: it must measure the path the index will serve
     if (build.get("backend", "exact") if resolved == SHARDED else resolved) == "exact":  # brute force: nothing to tune
-        index.tuning = {"params": {}, "recall": 1.0, "k": tuning.k if tuning else None,
-                        "target": tuning.recall if tuning else None, "queries": 0, "reached": True}
+        index.tuning = {
+            "params": {},
+            "recall": 1.0,
+            "k": tuning.k if tuning else None,
+            "target": tuning.recall if tuning else None,
+            "queries": 0,
+            "reached": True,
+        }
     elif tuning is not None:
         tune(index, tuning.queries, tuning.k, tuning.recall, timer=timer)
     elif kind == "auto":
@@ -111,9 +126,18 @@ def _accepted(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in build_args or k in search}
 
 
-def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: Any, params: dict[str, Any],
-                   tuning: Tuning, metric: str, kinds: tuple[str, ...], budget_s: float,
-                   timer: Timer | None) -> Index:
+def _build_fastest(
+    vectors: np.ndarray,
+    ids: Any,
+    categories: Any,
+    available: Any,
+    params: dict[str, Any],
+    tuning: Tuning,
+    metric: str,
+    kinds: tuple[str, ...],
+    budget_s: float,
+    timer: Timer | None,
+) -> Index:
     """Build and tune each candidate; keep the fastest at the target (else the best recall)."""
     unknown = set(params) - {key for kind in kinds for key in _accepted(kind, params)}
     if unknown:
@@ -127,15 +151,32 @@ def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: An
             continue
         t0 = time.perf_counter()
         try:
-            index = build_index(vectors, ids, categories, available, kind=kind, params=_accepted(kind, params),
-                                tuning=tuning, metric=metric, timer=timer)
+            index = build_index(
+                vectors,
+                ids,
+                categories,
+                available,
+                kind=kind,
+                params=_accepted(kind, params),
+                tuning=tuning,
+                metric=metric,
+                timer=timer,
+            )
         except BackendUnavailable as e:
             report.append({"kind": kind, "skipped": str(e)})
             continue
         t = index.tuning or {}
-        report.append({"kind": kind, "describe": index.describe(), "build_and_tune_s": round(time.perf_counter() - t0, 2),
-                       "params": t.get("params"), "recall": t.get("recall"), "p50_ms": t.get("p50_ms"),
-                       "reached": bool(t.get("reached")) and not t.get("exact_path")})
+        report.append(
+            {
+                "kind": kind,
+                "describe": index.describe(),
+                "build_and_tune_s": round(time.perf_counter() - t0, 2),
+                "params": t.get("params"),
+                "recall": t.get("recall"),
+                "p50_ms": t.get("p50_ms"),
+                "reached": bool(t.get("reached")) and not t.get("exact_path"),
+            }
+        )
         if best is None or _better(index, best):
             best = index
         del index
@@ -143,11 +184,18 @@ def _build_fastest(vectors: np.ndarray, ids: Any, categories: Any, available: An
     if best is None:
         raise BackendUnavailable(f"auto index: none of {', '.join(kinds)} could be built ({report})")
     chosen = next(r for r in report if r["kind"] == best.kind)
-    why = ("the lowest measured p50 among the candidates reaching the target" if chosen["reached"]
-           else "no candidate reached the target; the best recall")
+    why = (
+        "the lowest measured p50 among the candidates reaching the target"
+        if chosen["reached"]
+        else "no candidate reached the target; the best recall"
+    )
     best.tuning = {**(best.tuning or {}), "auto": {"chosen": best.kind, "why": why, "candidates": report}}
-    log.warning("auto index: %s (%s); candidates %s", best.kind, why,
-                [(r["kind"], r.get("recall"), r.get("p50_ms")) for r in report])
+    log.warning(
+        "auto index: %s (%s); candidates %s",
+        best.kind,
+        why,
+        [(r["kind"], r.get("recall"), r.get("p50_ms")) for r in report],
+    )
     return best
 
 

@@ -11,10 +11,9 @@ from typing import Any
 
 from towerann.artifacts import load_npy
 from towerann.errors import ConfigError
-from towerann.index import KINDS
-from towerann.index.build import AUTO_HELP, SHARDED, Tuning, build_index
-from towerann.index.snapshot import (current_version, list_versions, publish, read_checked_manifest, resolve,
-                                     rollback)
+from towerann.index import KINDS, SHARDED
+from towerann.index.build import AUTO_HELP, Tuning, build_index
+from towerann.index.snapshot import current_version, list_versions, publish, read_checked_manifest, resolve, rollback
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -22,48 +21,80 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
     b = sub.add_parser("build", help="build an index from a vectors directory and publish it as a snapshot")
-    b.add_argument("--vectors", required=True,
-                   help="vectors directory written by `towerann embed`, or vectors made elsewhere: a .parquet file "
-                        "(an id column and a list-of-floats vector column) or a .npy matrix with --ids; a file is "
-                        "first imported into a vectors directory (--vectors-out)")
-    b.add_argument("--vectors-out", default=None,
-                   help="where an imported vectors file goes (default: beside --out, named OUT-vectors)")
+    b.add_argument(
+        "--vectors",
+        required=True,
+        help="vectors directory written by `towerann embed`, or vectors made elsewhere: a .parquet file "
+        "(an id column and a list-of-floats vector column) or a .npy matrix with --ids; a file is "
+        "first imported into a vectors directory (--vectors-out)",
+    )
+    b.add_argument(
+        "--vectors-out",
+        default=None,
+        help="where an imported vectors file goes (default: beside --out, named OUT-vectors)",
+    )
     b.add_argument("--ids", default=None, help="with a .npy --vectors: the item ids, one per row (.npy)")
     b.add_argument("--id-column", default="item_id", help="Parquet --vectors: id column (default item_id)")
     b.add_argument("--vector-column", default="vector", help="Parquet --vectors: vector column (default vector)")
     b.add_argument("--category-column", default=None, help="Parquet --vectors: category column for filters (optional)")
     b.add_argument("--available-column", default=None, help="Parquet --vectors: availability column (optional)")
     b.add_argument("--normalize", action="store_true", help="L2-normalise imported vectors (cosine similarity)")
-    b.add_argument("--kind", required=True, choices=[*KINDS, "auto", SHARDED],
-                   help=f"backend; {AUTO_HELP} (--recall, default 0.95); {SHARDED} = --shards indexes of "
-                        "--shard-kind, items partitioned by id hash (docs/shards.md)")
+    b.add_argument(
+        "--kind",
+        required=True,
+        choices=[*KINDS, "auto", SHARDED],
+        help=f"backend; {AUTO_HELP} (--recall, default 0.95); {SHARDED} = --shards indexes of "
+        "--shard-kind, items partitioned by id hash (docs/shards.md)",
+    )
     b.add_argument("--shards", type=int, default=None, help=f"--kind {SHARDED}: number of shards")
-    b.add_argument("--shard-kind", default=None, choices=KINDS,
-                   help=f"--kind {SHARDED}: each shard's backend (default hnsw); --param and tuning apply to every shard")
+    b.add_argument(
+        "--shard-kind",
+        default=None,
+        choices=KINDS,
+        help=f"--kind {SHARDED}: each shard's backend (default hnsw); --param and tuning apply to every shard",
+    )
     b.add_argument("--out", required=True, help="snapshot root (e.g. indexes/); CURRENT points at the new version")
-    b.add_argument("--recall", type=float, default=None,
-                   help="tune search params to this recall@k on user-tower queries (e.g. 0.95); "
-                        "give --queries, or --data with --model")
+    b.add_argument(
+        "--recall",
+        type=float,
+        default=None,
+        help="tune search params to this recall@k on user-tower queries (e.g. 0.95); "
+        "give --queries, or --data with --model",
+    )
     b.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
     b.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim]) for tuning")
-    b.add_argument("--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)")
+    b.add_argument(
+        "--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)"
+    )
     b.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
-    b.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="build parameter (e.g. M=32, nlist=4096; hnsw partition_by=category partition_min=10000: "
-                        "a sub-index per category for filters) or search default (e.g. ef=512); repeatable")
+    b.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="build parameter (e.g. M=32, nlist=4096; hnsw partition_by=category partition_min=10000: "
+        "a sub-index per category for filters) or search default (e.g. ef=512); repeatable",
+    )
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
     b.set_defaults(func=run_build)
 
-    t = sub.add_parser("tune", help="re-tune a published snapshot's search settings (no rebuild) and publish "
-                                    "them as a new version")
+    t = sub.add_parser(
+        "tune", help="re-tune a published snapshot's search settings (no rebuild) and publish them as a new version"
+    )
     t.add_argument("root", help="snapshot root (e.g. indexes/); its CURRENT version is re-tuned")
     t.add_argument("--recall", type=float, required=True, help="recall@k target on the tuning queries")
     t.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
     t.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim])")
-    t.add_argument("--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)")
+    t.add_argument(
+        "--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)"
+    )
     t.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
-    t.add_argument("--calibrate-filters", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure the filter plan again (default: when the snapshot has one)")
+    t.add_argument(
+        "--calibrate-filters",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the filter plan again (default: when the snapshot has one)",
+    )
     t.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
     t.set_defaults(func=_tune)
 
@@ -89,31 +120,44 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_build(args: argparse.Namespace, create_sharded: Any = None) -> int:
-    """`index build`; `create_sharded` makes --kind sharded indexes (towerann.cluster adds it: see its commands.py)."""
-    from towerann.embed.vectors import read_vectors
+def run_build(args: argparse.Namespace) -> int:
+    """`index build`."""
+    from towerann.data.vectors_dir import read_vectors
 
     if (args.data is None) != (args.model is None):
-        raise ConfigError("--data and --model go together: the model's user tower turns the dataset's held-out "
-                          "users into tuning queries")
+        raise ConfigError(
+            "--data and --model go together: the model's user tower turns the dataset's held-out "
+            "users into tuning queries"
+        )
     if args.recall is not None and args.queries is None and args.data is None and args.kind != "exact":
-        raise ConfigError("--recall needs user-tower queries (--queries FILE, or --data DIR --model DIR): "
-                          "tuning on item vectors overestimates recall")
+        raise ConfigError(
+            "--recall needs user-tower queries (--queries FILE, or --data DIR --model DIR): "
+            "tuning on item vectors overestimates recall"
+        )
     t0 = time.perf_counter()
     if Path(args.vectors).is_file():
-        from towerann.embed.external import import_vectors
+        from towerann.data.external_vectors import import_vectors
 
         out = Path(args.out)
-        vectors_dir = import_vectors(args.vectors, args.vectors_out or out.with_name(out.name + "-vectors"),
-                                     ids=args.ids, id_column=args.id_column, vector_column=args.vector_column,
-                                     category_column=args.category_column, available_column=args.available_column,
-                                     normalize=args.normalize, overwrite=True)
+        vectors_dir = import_vectors(
+            args.vectors,
+            args.vectors_out or out.with_name(out.name + "-vectors"),
+            ids=args.ids,
+            id_column=args.id_column,
+            vector_column=args.vector_column,
+            category_column=args.category_column,
+            available_column=args.available_column,
+            normalize=args.normalize,
+            overwrite=True,
+        )
         print(f"imported {args.vectors} -> {vectors_dir}")
         args.vectors = str(vectors_dir)
     elif args.ids or args.normalize or args.category_column or args.available_column:
-        raise ConfigError("--ids, --normalize and the column options apply to a vectors file (.parquet, .npy), "
-                          f"not to the vectors directory {args.vectors}")
-    params, create_index = _kind_params(args, create_sharded)
+        raise ConfigError(
+            "--ids, --normalize and the column options apply to a vectors file (.parquet, .npy), "
+            f"not to the vectors directory {args.vectors}"
+        )
+    params = _kind_params(args)
     vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
     if queries is None and args.data is not None:
@@ -121,41 +165,50 @@ def run_build(args: argparse.Namespace, create_sharded: Any = None) -> int:
     recall = args.recall if args.recall is not None else 0.95 if args.kind == "auto" else None
     tuning = Tuning(queries, args.k, recall) if recall is not None and queries is not None else None
     t_build = time.perf_counter()
-    index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=args.kind,
-                        params=params, tuning=tuning, metric=vs.metric, create_index=create_index)
+    index = build_index(
+        vs.vectors, vs.ids, vs.categories, vs.available, kind=args.kind, params=params, tuning=tuning, metric=vs.metric
+    )
     build_s = time.perf_counter() - t_build
-    path = publish(index, args.out, vs.model_version, keep=args.keep,
-                   extra={"vectors_dir": str(Path(args.vectors).resolve()), "category_names": vs.category_names,
-                          "build_seconds": round(build_s, 3)})
+    path = publish(
+        index,
+        args.out,
+        vs.model_version,
+        keep=args.keep,
+        extra={
+            "vectors_dir": str(Path(args.vectors).resolve()),
+            "category_names": vs.category_names,
+            "build_seconds": round(build_s, 3),
+        },
+    )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(f"built {index.describe()} over {len(index)} items in {build_s:.2f}s "
-          f"(total {time.perf_counter() - t0:.2f}s), peak memory {peak_mb:.0f} MiB")
+    print(
+        f"built {index.describe()} over {len(index)} items in {build_s:.2f}s "
+        f"(total {time.perf_counter() - t0:.2f}s), peak memory {peak_mb:.0f} MiB"
+    )
     if index.tuning:
         t = index.tuning
         speed = f", p50 {t['p50_ms']:.3f} ms vs exact {t['exact_p50_ms']:.3f} ms" if t.get("p50_ms") else ""
-        print(f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}, "
-              f"{t['queries']} queries, {len(t.get('curve', []))} settings measured"
-              f"{'' if t['reached'] else ', NOT reached'}; `towerann index info` shows the curve)")
+        print(
+            f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}, "
+            f"{t['queries']} queries, {len(t.get('curve', []))} settings measured"
+            f"{'' if t['reached'] else ', NOT reached'}; `towerann index info` shows the curve)"
+        )
     print(f"snapshot: {path}")
     return 0
 
 
-def _kind_params(args: argparse.Namespace, create_sharded: Any) -> tuple[dict[str, Any], Any]:
-    """The build's params and the factory that makes its kind (a sharded index: `create_sharded`)."""
-    from towerann.index import create
-
+def _kind_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The build's params (a sharded index's: its shard count and backend too)."""
     params = _parse_params(args.param)
     if args.kind != SHARDED:
         if args.shards is not None or args.shard_kind is not None:
             raise ConfigError(f"--shards and --shard-kind go with --kind {SHARDED}, not --kind {args.kind}")
-        return params, create
+        return params
     if args.shards is None:
         raise ConfigError(f"--kind {SHARDED} needs --shards N (and --shard-kind, default hnsw)")
     if "shards" in params or "backend" in params:
         raise ConfigError("give the shard count and backend as --shards and --shard-kind, not as --param")
-    if create_sharded is None:
-        raise ConfigError(f"--kind {SHARDED} is built by towerann.cluster, which did not register this command")
-    return {"shards": args.shards, "backend": args.shard_kind or "hnsw", **params}, create_sharded
+    return {"shards": args.shards, "backend": args.shard_kind or "hnsw", **params}
 
 
 def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> Any:
@@ -164,8 +217,10 @@ def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> A
 
     model = TwoTowerModel.load(model_dir)
     if model.version != vectors_model_version:
-        raise ConfigError(f"--model {model_dir} is {model.version!r} but the vectors come from "
-                          f"{vectors_model_version!r}; tune with the model that embedded them")
+        raise ConfigError(
+            f"--model {model_dir} is {model.version!r} but the vectors come from "
+            f"{vectors_model_version!r}; tune with the model that embedded them"
+        )
     return heldout_user_queries(model, data)
 
 
@@ -173,19 +228,24 @@ def _tune(args: argparse.Namespace) -> int:
     from towerann.index.retune import retune
 
     if read_checked_manifest(resolve(args.root), verify=False)["backend"] == SHARDED:
-        raise ConfigError(f"{args.root}: index tune does not re-tune a {SHARDED} snapshot yet; rebuild it with "
-                          "`index build --kind sharded --recall ...` (tuning there sets every shard's search params)")
+        raise ConfigError(
+            f"{args.root}: index tune does not re-tune a {SHARDED} snapshot yet; rebuild it with "
+            "`index build --kind sharded --recall ...` (tuning there sets every shard's search params)"
+        )
     if args.queries:
         queries = load_npy(args.queries)
     elif args.data and args.model:
-        queries = _dataset_queries(args.model, args.data, read_checked_manifest(resolve(args.root), verify=False)
-                                   ["model_version"])
+        queries = _dataset_queries(
+            args.model, args.data, read_checked_manifest(resolve(args.root), verify=False)["model_version"]
+        )
     else:
         raise ConfigError("index tune needs tuning queries: --queries FILE.npy, or --data DIR with --model DIR")
     path, t = retune(args.root, queries, args.k, args.recall, keep=args.keep, calibrate_filters=args.calibrate_filters)
     speed = f", p50 {t['p50_ms']:.3f} ms" if t.get("p50_ms") else ""
-    print(f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}"
-          f"{'' if t['reached'] else ', NOT reached'})")
+    print(
+        f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}"
+        f"{'' if t['reached'] else ', NOT reached'})"
+    )
     print(f"snapshot: {path}")
     return 0
 
@@ -201,8 +261,22 @@ def _info(args: argparse.Namespace) -> int:
     directory = resolve(args.directory)
     m = read_checked_manifest(directory)
     size = sum((directory / name).stat().st_size for name in m["checksums"])
-    info = {k: m.get(k) for k in ("backend", "description", "model_version", "dim", "metric", "count", "slots",
-                                  "build_params", "search_defaults", "tuning", "created_at")}
+    info = {
+        k: m.get(k)
+        for k in (
+            "backend",
+            "description",
+            "model_version",
+            "dim",
+            "metric",
+            "count",
+            "slots",
+            "build_params",
+            "search_defaults",
+            "tuning",
+            "created_at",
+        )
+    }
     info.update(path=str(directory), files=len(m["checksums"]), bytes=size, checksums="ok")
     if m.get("retuned_from"):  # `index tune`: the version whose files (hard links) and build this one shares
         info["retuned_from"] = m["retuned_from"]
@@ -211,8 +285,11 @@ def _info(args: argparse.Namespace) -> int:
         info["memory"] = memory
     parts = (m.get("backend_state") or {}).get("partitions")  # hnsw partition_by: a sub-index per value
     if parts:
-        info["partitions"] = {"by": parts["by"], "min_items": parts["min_items"],
-                              "values": {str(s["value"]): s["manifest"]["count"] for s in parts["subs"]}}
+        info["partitions"] = {
+            "by": parts["by"],
+            "min_items": parts["min_items"],
+            "values": {str(s["value"]): s["manifest"]["count"] for s in parts["subs"]},
+        }
     root = Path(args.directory)
     if directory != root:
         info.update(current=current_version(root), versions=list_versions(root))

@@ -33,7 +33,9 @@ class ExactIndex(Index):
     def _vectors(self) -> np.ndarray:
         return self._vecs.data
 
-    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         vecs = self._vecs.data
         if mask is not None and mask.count < len(vecs) // 2:
             vecs, labels = vecs[mask.idx], mask.idx  # few qualify: score only those

@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import faiss
 import numpy as np
@@ -52,7 +53,7 @@ from tqdm import tqdm
 from towerann.errors import ArtifactError
 from towerann.index.base import Index, Mask, as_vectors, madvise_pages, release_pages
 from towerann.index.merge import padded
-from towerann.index.partition import DEFAULT_MIN_ITEMS, Partitions
+from towerann.index.value_partitions import DEFAULT_MIN_ITEMS, Partitions
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,19 @@ class HNSWIndex(Index):
     kind = "hnsw"
     # partition_ef_scale: a partition's beam is ef times this (its graph is smaller than the whole one);
     # partition_walk_cost: rows a scan does in the time a walk spends per unit of beam (0: the default
-    # estimate, index.partition.WALK_ROWS_PER_EF); both measured by plan.calibrate
+    # estimate, index.value_partitions.WALK_ROWS_PER_EF); both measured by filter_plan.calibrate
     default_search: dict[str, Any] = {"ef": 256, "partition_ef_scale": 1.0, "partition_walk_cost": 0}
     filter_paths = ("exact", "filtered", "post")
 
-    def __init__(self, dim: int, metric: str = "ip", M: int = 32, ef_construction: int = 128,
-                 partition_by: str | None = None, partition_min: int = DEFAULT_MIN_ITEMS):
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "ip",
+        M: int = 32,
+        ef_construction: int = 128,
+        partition_by: str | None = None,
+        partition_min: int = DEFAULT_MIN_ITEMS,
+    ):
         """partition_by: keep a sub-index per value of this attribute ("category" or a filter
         attribute) with at least partition_min items (index.partition: the planner's "partition" path)."""
         extra = {} if partition_by is None else {"partition_by": partition_by, "partition_min": int(partition_min)}
@@ -112,8 +120,9 @@ class HNSWIndex(Index):
         self._ix = self._new_index()
         self._partitions: Partitions | None = None
         if partition_by is not None:
-            self._partitions = Partitions(self, partition_by, int(partition_min),
-                                          {"M": int(M), "ef_construction": int(ef_construction)})
+            self._partitions = Partitions(
+                self, partition_by, int(partition_min), {"M": int(M), "ef_construction": int(ef_construction)}
+            )
             self.filter_paths = (*type(self).filter_paths, "partition")
 
     def _new_index(self) -> faiss.IndexHNSWFlat:
@@ -129,8 +138,14 @@ class HNSWIndex(Index):
         base = max(k, 16)  # _search raises ef to at least k: smaller ef changes nothing
         return [{"ef": int(base * f)} for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)]
 
-    def build(self, vectors: Any, ids: Any, categories: Any = None, available: Any = None,
-              attributes: Mapping[str, Any] | None = None) -> None:
+    def build(
+        self,
+        vectors: Any,
+        ids: Any,
+        categories: Any = None,
+        available: Any = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
         """Index a whole catalog, stored in locality order (slots are internal: ids map to them)."""
         v = as_vectors(vectors, self.dim, "vectors")
         order = None if self.n_slots else locality_order(v)
@@ -140,8 +155,13 @@ class HNSWIndex(Index):
         def permuted(a: Any) -> Any:  # anything of the wrong shape goes through as is, for the base class to refuse
             return a if a is None or np.shape(a) != (len(v),) else np.asarray(a)[order]
 
-        super().build(v[order], permuted(ids), permuted(categories), permuted(available),
-                      {name: permuted(codes) for name, codes in (attributes or {}).items()})
+        super().build(
+            v[order],
+            permuted(ids),
+            permuted(categories),
+            permuted(available),
+            {name: permuted(codes) for name, codes in (attributes or {}).items()},
+        )
 
     def buffers(self) -> list[np.ndarray]:
         """Views of the big C++ buffers (vectors, graph): what `release_memory` hands back."""
@@ -156,8 +176,15 @@ class HNSWIndex(Index):
         return sum(release_pages(buf) for buf in self.buffers()) + sum(sub.release_memory() for sub in subs)
 
     # ---- partitions: kept in step with every change of the slot tables -------------------------
-    def _insert(self, vectors: Any, ids: Any, categories: Any, available: Any, build: bool,
-                attributes: Mapping[str, Any] | None = None) -> None:
+    def _insert(
+        self,
+        vectors: Any,
+        ids: Any,
+        categories: Any,
+        available: Any,
+        build: bool,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
         if self._partitions is None:
             return super()._insert(vectors, ids, categories, available, build, attributes)
         replaced = self._slots_of(np.asarray(ids)) if np.ndim(ids) == 1 and len(self._sorted_ids) else None
@@ -209,7 +236,9 @@ class HNSWIndex(Index):
         storage = faiss.downcast_index(self._ix.storage)
         return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)  # no copy
 
-    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         ef = max(int(params["ef"]), k)  # a beam narrower than k cannot return k results
         if mask is None:
             return self._walk(q, k, ef, None)
@@ -225,7 +254,7 @@ class HNSWIndex(Index):
                 log.debug("hnsw: mask not aligned with the %s partitions; brute force", self._partitions.by)
                 return self._exact(q, k, mask)
         if path == "partition":  # a filter_plan row naming partitions this index lacks (a forced
-            path = "auto"        # filter_path is refused in _merge_params): its own choice
+            path = "auto"  # filter_path is refused in _merge_params): its own choice
         if path == "filtered" or (path == "auto" and mask.count < POST_FILTER_SHARE * len(mask.bits)):
             return self._walk(q, k, ef, mask)
         # Most slots qualify: the unbounded beam (no selector) returns its whole beam, and the
@@ -276,8 +305,10 @@ class HNSWIndex(Index):
         except RuntimeError as e:
             raise ArtifactError(f"{path}: not a readable faiss index ({e})") from e
         if not isinstance(self._ix, faiss.IndexHNSWFlat) or self._ix.ntotal != self.n_slots or self._ix.d != self.dim:
-            raise ArtifactError(f"{path}: holds {type(self._ix).__name__} with {self._ix.ntotal} vectors of dim "
-                                f"{self._ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}")
+            raise ArtifactError(
+                f"{path}: holds {type(self._ix).__name__} with {self._ix.ntotal} vectors of dim "
+                f"{self._ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}"
+            )
         self._huge_pages(collapse=True)
         if self._partitions is not None:
             self._partitions.load(directory, state.get("partitions"))

@@ -45,15 +45,32 @@ class IVFPQIndex(Index):
     kind = "ivfpq"
     default_search: dict[str, Any] = {"nprobe": 32, "rerank": 1000}
 
-    def __init__(self, dim: int, metric: str = "ip", nlist: int | None = None, pq_m: int | None = None,
-                 nbits: int = 8, train_sample: int = 200_000, seed: int = 1234, rerank_from: str = "disk"):
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "ip",
+        nlist: int | None = None,
+        pq_m: int | None = None,
+        nbits: int = 8,
+        train_sample: int = 200_000,
+        seed: int = 1234,
+        rerank_from: str = "disk",
+    ):
         pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
         if dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
         if rerank_from not in RERANK_FROM:
             raise ConfigError(f"rerank_from={rerank_from!r}: expected one of {', '.join(RERANK_FROM)}")
-        super().__init__(dim, metric, nlist=None if nlist is None else int(nlist), pq_m=pq_m, nbits=int(nbits),
-                         train_sample=int(train_sample), seed=int(seed), rerank_from=rerank_from)
+        super().__init__(
+            dim,
+            metric,
+            nlist=None if nlist is None else int(nlist),
+            pq_m=pq_m,
+            nbits=int(nbits),
+            train_sample=int(train_sample),
+            seed=int(seed),
+            rerank_from=rerank_from,
+        )
         self._vecs = RerankVectors(np.empty((0, self.dim), np.float32))
         self._ix: faiss.IndexIVFPQ | None = None  # None: untrained (tiny catalog), brute force
 
@@ -71,7 +88,9 @@ class IVFPQIndex(Index):
         if self._ix is None:
             return "Flat(untrained IVF-PQ: too few items)"
         p = self.build_params
-        return f"IVF{self._ix.nlist},PQ{p['pq_m']}x{p['nbits']}" + (",Refine(Flat)" if self.search_defaults.get("rerank") else "")
+        return f"IVF{self._ix.nlist},PQ{p['pq_m']}x{p['nbits']}" + (
+            ",Refine(Flat)" if self.search_defaults.get("rerank") else ""
+        )
 
     def search_space(self, k: int) -> list[dict[str, Any]]:
         """(nprobe, rerank) pairs ordered by estimated work: codes scanned x bytes + re-ranked x dim."""
@@ -149,25 +168,35 @@ class IVFPQIndex(Index):
         faiss_bytes = 0
         if self._ix is not None:
             ix = self._ix
-            faiss_bytes = (ix.ntotal * (ix.code_size + 8)  # codes + int64 list ids
-                           + ix.nlist * (self.dim * 4 + 48)  # centroids + two std::vector headers a list
-                           + ix.pq.centroids.size() * 4)
+            faiss_bytes = (
+                ix.ntotal * (ix.code_size + 8)  # codes + int64 list ids
+                + ix.nlist * (self.dim * 4 + 48)  # centroids + two std::vector headers a list
+                + ix.pq.centroids.size() * 4
+            )
         if as_loaded:  # tables at their exact sizes; vectors in the file unless read into RAM
             tables = n * (8 + 4 + 1 + 1 + 1 + 4 * len(self._attrs)) + len(self) * 16
             in_ram = self.build_params.get("rerank_from") == "memory"
             vectors, disk = (n * self.dim * 4, 0) if in_ram else (0, n * self.dim * 4)
         else:  # what is allocated now (growable tables have spare capacity)
-            tables = sum(g._buf.nbytes for g in (self._ids, self._cats, self._alive, self._avail, self._ok,
-                                                 *self._attrs.values()))
+            tables = sum(
+                g._buf.nbytes
+                for g in (self._ids, self._cats, self._alive, self._avail, self._ok, *self._attrs.values())
+            )
             tables += self._sorted_ids.nbytes + self._sorted_slots.nbytes
             vectors, disk = self._vecs.resident_bytes(), self._vecs.disk_bytes()
         resident = faiss_bytes + tables + vectors
         per = max(n, 1)
-        return {"resident_bytes": int(resident), "resident_bytes_per_item": round(resident / per, 1),
-                "codes_bytes_per_item": int(self._ix.code_size) if self._ix is not None else 0,
-                "disk_bytes": int(disk), "disk_bytes_per_item": round(disk / per, 1)}
+        return {
+            "resident_bytes": int(resident),
+            "resident_bytes_per_item": round(resident / per, 1),
+            "codes_bytes_per_item": int(self._ix.code_size) if self._ix is not None else 0,
+            "disk_bytes": int(disk),
+            "disk_bytes_per_item": round(disk / per, 1),
+        }
 
-    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self._ix is None:
             return self._exact(q, k, mask)
         rerank = int(params.get("rerank") or 0)
@@ -209,5 +238,7 @@ class IVFPQIndex(Index):
             except RuntimeError as e:
                 raise ArtifactError(f"{path}: not a readable faiss index ({e})") from e
             if self._ix.ntotal != self.n_slots or self._ix.d != self.dim:
-                raise ArtifactError(f"{path}: {self._ix.ntotal} vectors of dim {self._ix.d}; "
-                                    f"the manifest says {self.n_slots} x {self.dim}")
+                raise ArtifactError(
+                    f"{path}: {self._ix.ntotal} vectors of dim {self._ix.d}; "
+                    f"the manifest says {self.n_slots} x {self.dim}"
+                )

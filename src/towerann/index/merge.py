@@ -6,7 +6,7 @@ faiss' own merge helpers assume "smaller is better" unless told otherwise; these
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -24,14 +24,15 @@ def padded(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 EXACT_BLOCK_SCORES = 1 << 26
 
 
-def topk_blocked(q: np.ndarray, k: int, score: Callable[[np.ndarray], np.ndarray], n_cols: int,
-                 labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def topk_blocked(
+    q: np.ndarray, k: int, score: Callable[[np.ndarray], np.ndarray], n_cols: int, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """topk_rows(score(q), k, labels), scoring a block of query rows at a time so that a block holds
     at most EXACT_BLOCK_SCORES scores (`score` maps query rows to their [rows, n_cols] scores)."""
     step = max(1, EXACT_BLOCK_SCORES // max(n_cols, 1))
     if len(q) <= step:
         return topk_rows(score(q), k, labels=labels)
-    parts = [topk_rows(score(q[i:i + step]), k, labels=labels) for i in range(0, len(q), step)]
+    parts = [topk_rows(score(q[i : i + step]), k, labels=labels) for i in range(0, len(q), step)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

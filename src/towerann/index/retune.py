@@ -18,22 +18,25 @@ from typing import Any
 import numpy as np
 
 from towerann.errors import ConfigError
-from towerann.index.plan import calibrate
+from towerann.index.filter_plan import calibrate
 from towerann.index.snapshot import CURRENT, load_snapshot, republish, resolve
 from towerann.index.tune import tune
 
 log = logging.getLogger(__name__)
 
 
-def retune(root: str | Path, queries: np.ndarray, k: int, recall: float, keep: int = 3,
-           calibrate_filters: bool | None = None) -> tuple[Path, dict[str, Any]]:
+def retune(
+    root: str | Path, queries: np.ndarray, k: int, recall: float, keep: int = 3, calibrate_filters: bool | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Tune the CURRENT version of snapshot root `root` again on `queries` (user-tower vectors) to
     `recall` at `k` and publish the result as a new version. calibrate_filters None: re-measure the
     filter plan when the snapshot has one. Returns (the new version's path, the tuning result)."""
     root = Path(root)
     if not (root / CURRENT).exists():
-        raise ConfigError(f"{root}: not a snapshot root (no {CURRENT}); give the directory that `index build --out` "
-                          "or `serve --index` names")
+        raise ConfigError(
+            f"{root}: not a snapshot root (no {CURRENT}); give the directory that `index build --out` "
+            "or `serve --index` names"
+        )
     source = resolve(root)
     index = load_snapshot(source)
     if index.kind == "exact":
@@ -47,9 +50,20 @@ def retune(root: str | Path, queries: np.ndarray, k: int, recall: float, keep: i
         calibrate_filters = manifest.get("filter_calibration") is not None
     if calibrate_filters:  # else the old plan stays: its paths still exist, its thresholds may be off
         calibrate(index, queries, ks=(k,), target=recall)
-    manifest.update(search_defaults=index.search_defaults, tuning=index.tuning,
-                    filter_calibration=index.filter_calibration, retuned_from=source.name)
+    manifest.update(
+        search_defaults=index.search_defaults,
+        tuning=index.tuning,
+        filter_calibration=index.filter_calibration,
+        retuned_from=source.name,
+    )
     path = republish(root, source, manifest, keep=keep)
-    log.info("re-tuned %s: %s (recall@%d %.4f, p50 %s ms) -> %s", source.name, result["params"], k, result["recall"],
-             result["p50_ms"], path.name)
+    log.info(
+        "re-tuned %s: %s (recall@%d %.4f, p50 %s ms) -> %s",
+        source.name,
+        result["params"],
+        k,
+        result["recall"],
+        result["p50_ms"],
+        path.name,
+    )
     return path, result

@@ -47,11 +47,23 @@ class ScannIndex(Index):
     # "filtered" searches more leaves as the mask narrows; "post" only over-fetches (both drop masked slots)
     filter_paths = ("exact", "filtered", "post")
 
-    def __init__(self, dim: int, metric: str = "ip", num_leaves: int | None = None, reorder: int = 1000,
-                 train_sample: int = 100_000, quantization_threshold: float = 0.2):
-        super().__init__(dim, metric, num_leaves=None if num_leaves is None else int(num_leaves),
-                         reorder=int(reorder), train_sample=int(train_sample),
-                         quantization_threshold=float(quantization_threshold))
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "ip",
+        num_leaves: int | None = None,
+        reorder: int = 1000,
+        train_sample: int = 100_000,
+        quantization_threshold: float = 0.2,
+    ):
+        super().__init__(
+            dim,
+            metric,
+            num_leaves=None if num_leaves is None else int(num_leaves),
+            reorder=int(reorder),
+            train_sample=int(train_sample),
+            quantization_threshold=float(quantization_threshold),
+        )
         _scann()  # fail at construction, not at the first build
         self._vecs = Growable(np.empty((0, self.dim), np.float32))
         self._searcher: Any = None
@@ -96,8 +108,9 @@ class ScannIndex(Index):
         if n >= MIN_TREE and self.dim % 2 == 0:
             leaves = default_leaves(n, p["num_leaves"])
             search_leaves = max(1, leaves // 5)  # 20%: user-tower queries sit between clusters
-            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=search_leaves,
-                                   training_sample_size=min(n, p["train_sample"]))
+            builder = builder.tree(
+                num_leaves=leaves, num_leaves_to_search=search_leaves, training_sample_size=min(n, p["train_sample"])
+            )
             builder = builder.score_ah(2, anisotropic_quantization_threshold=p["quantization_threshold"])
             builder = builder.reorder(reorder)
             self._leaves = leaves
@@ -115,7 +128,9 @@ class ScannIndex(Index):
     def _vectors(self) -> np.ndarray:
         return self._vecs.data
 
-    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         n_main = self._n_main
         fetch, reorder = k, int(params.get("reorder") or 0)
         if mask is not None:  # over-fetch in proportion to what the mask hides in the main tier
@@ -151,8 +166,9 @@ class ScannIndex(Index):
             slots, scores = merge_topk([slots, d_slots], [scores, d_scores], k)
         return slots, scores
 
-    def _main(self, q: np.ndarray, k: int, fetch: int, leaves: int, reorder: int,
-              mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+    def _main(
+        self, q: np.ndarray, k: int, fetch: int, leaves: int, reorder: int, mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """ScaNN over the main tier: the `fetch` best of a re-scored pool of at least `reorder`, masked-out
         slots dropped, k per row (-1 padded)."""
         reorder = max(reorder, fetch)
@@ -184,8 +200,12 @@ class ScannIndex(Index):
 
     def _save_backend(self, directory: Path) -> dict[str, Any]:
         save_npy(directory / "vectors.npy", self._vecs.data)
-        state: dict[str, Any] = {"vectors": "vectors.npy", "n_main": self._n_main, "leaves": self._leaves,
-                                 "scann_dir": None}
+        state: dict[str, Any] = {
+            "vectors": "vectors.npy",
+            "n_main": self._n_main,
+            "leaves": self._leaves,
+            "scann_dir": None,
+        }
         if self._searcher is not None:
             (directory / "scann").mkdir()
             self._searcher.serialize(str(directory / "scann"), relative_path=True)

@@ -13,8 +13,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from towerann.artifacts import MANIFEST, atomic_dir, fsync_path, read_manifest, sha256_file, write_manifest
 from towerann.errors import ArtifactError, IndexIncompatible
@@ -29,24 +30,28 @@ CURRENT = "CURRENT"
 
 def new_version() -> str:
     """UTC timestamp + random suffix: sorts by creation time, unique across concurrent publishers."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
 def _files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_snapshot(index: Index, directory: Path, model_version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_snapshot(
+    index: Index, directory: Path, model_version: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write index files + manifest.json (with a checksum of every file) into an existing, empty directory."""
     directory = Path(directory)
     manifest = index.save(directory)
-    manifest.update({
-        "kind": KIND,
-        "format_version": FORMAT_VERSION,
-        "model_version": str(model_version),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "checksums": {name: sha256_file(directory / name) for name in _files(directory)},
-    })
+    manifest.update(
+        {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "model_version": str(model_version),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "checksums": {name: sha256_file(directory / name) for name in _files(directory)},
+        }
+    )
     for key, value in (extra or {}).items():
         if key in manifest:
             raise ArtifactError(f"extra manifest field {key!r} would overwrite a field the index writes; rename it")
@@ -55,8 +60,14 @@ def write_snapshot(index: Index, directory: Path, model_version: str, extra: dic
     return manifest
 
 
-def publish(index: Index, root: str | Path, model_version: str, extra: dict[str, Any] | None = None,
-            keep: int = 3, add_files: Callable[[Path], None] | None = None) -> Path:
+def publish(
+    index: Index,
+    root: str | Path,
+    model_version: str,
+    extra: dict[str, Any] | None = None,
+    keep: int = 3,
+    add_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write a new snapshot version under `root`, point CURRENT at it, prune old versions; return its path.
 
     `add_files(tmp)` may write more files into the version directory before the manifest lists and
@@ -69,8 +80,10 @@ def publish(index: Index, root: str | Path, model_version: str, extra: dict[str,
                 add_files(tmp)
             write_snapshot(index, tmp, model_version, extra)
     except (OSError, RuntimeError) as e:  # disk full, a file size limit, faiss failing to write: nothing landed
-        raise ArtifactError(f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT "
-                            "is unchanged - free space and publish again") from e
+        raise ArtifactError(
+            f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT "
+            "is unchanged - free space and publish again"
+        ) from e
     set_current(root, version)
     prune(root, keep)
     log.info("published index snapshot %s (%s, %d items)", root / version, index.describe(), len(index))
@@ -94,10 +107,11 @@ def republish(root: str | Path, source: str | Path, manifest: dict[str, Any], ke
                     os.link(source / name, tmp / name)
                 except OSError:
                     shutil.copy2(source / name, tmp / name)
-            write_manifest(tmp / MANIFEST, {**manifest, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+            write_manifest(tmp / MANIFEST, {**manifest, "created_at": dt.datetime.now(dt.UTC).isoformat()})
     except OSError as e:
-        raise ArtifactError(f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT "
-                            "is unchanged") from e
+        raise ArtifactError(
+            f"{root}: could not write snapshot {version} ({e}); nothing was published, CURRENT is unchanged"
+        ) from e
     set_current(root, version)
     prune(root, keep)
     log.info("republished %s as %s", source, root / version)
@@ -125,7 +139,9 @@ def list_versions(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists()
+    )
 
 
 def current_version(root: str | Path) -> str:
@@ -171,8 +187,12 @@ def resolve(directory: str | Path) -> Path:
     raise ArtifactError(f"{directory}: neither an index snapshot (no {MANIFEST}) nor a snapshot root (no {CURRENT})")
 
 
-def read_checked_manifest(directory: str | Path, expected_model_version: str | None = None,
-                          expected_dim: int | None = None, verify: bool = True) -> dict[str, Any]:
+def read_checked_manifest(
+    directory: str | Path,
+    expected_model_version: str | None = None,
+    expected_dim: int | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
     """Read and check a snapshot's manifest: format, pairing (model version, dim, metric), checksums."""
     directory = Path(directory)
     m = read_manifest(directory, KIND, FORMAT_VERSION)
@@ -181,8 +201,10 @@ def read_checked_manifest(directory: str | Path, expected_model_version: str | N
         if key not in m:
             raise ArtifactError(f"{where}: field {key!r} missing; the snapshot is incomplete, republish it")
     if expected_model_version is not None and m["model_version"] != expected_model_version:
-        raise IndexIncompatible(f"{directory}: index built from item tower {m['model_version']!r}, but the user tower "
-                                f"is {expected_model_version!r}; rebuild the index from this model's item vectors")
+        raise IndexIncompatible(
+            f"{directory}: index built from item tower {m['model_version']!r}, but the user tower "
+            f"is {expected_model_version!r}; rebuild the index from this model's item vectors"
+        )
     if expected_dim is not None and int(m["dim"]) != int(expected_dim):
         raise IndexIncompatible(f"{directory}: index dim {m['dim']} does not match the model's dim {expected_dim}")
     if m["metric"] != "ip":
@@ -191,16 +213,24 @@ def read_checked_manifest(directory: str | Path, expected_model_version: str | N
         on_disk = _files(directory)
         listed = sorted(m["checksums"])
         if on_disk != listed:
-            raise ArtifactError(f"{directory}: files {sorted(set(on_disk) ^ set(listed))} differ from the manifest's list; "
-                                "the snapshot was modified, republish it")
+            raise ArtifactError(
+                f"{directory}: files {sorted(set(on_disk) ^ set(listed))} differ from the manifest's list; "
+                "the snapshot was modified, republish it"
+            )
         for name, digest in m["checksums"].items():
             if sha256_file(directory / name) != digest:
-                raise ArtifactError(f"{directory / name}: checksum mismatch (file corrupted or replaced); republish the index")
+                raise ArtifactError(
+                    f"{directory / name}: checksum mismatch (file corrupted or replaced); republish the index"
+                )
     return m
 
 
-def load_snapshot(directory: str | Path, expected_model_version: str | None = None,
-                  expected_dim: int | None = None, verify: bool = True) -> Index:
+def load_snapshot(
+    directory: str | Path,
+    expected_model_version: str | None = None,
+    expected_dim: int | None = None,
+    verify: bool = True,
+) -> Index:
     """Load and check a snapshot (or a root's CURRENT snapshot); the manifest is kept on `index.manifest`."""
     from towerann.index import backend_class
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -74,13 +75,22 @@ def one_query_p50_ms(search: Callable[[np.ndarray], Any], queries: np.ndarray, n
 Timer = Callable[[str, "dict[str, Any] | None", Callable[[np.ndarray], Any], np.ndarray], float]
 
 
-def measured_p50_ms(kind: str, params: dict[str, Any] | None, search: Callable[[np.ndarray], Any],
-                    queries: np.ndarray) -> float:
+def measured_p50_ms(
+    kind: str, params: dict[str, Any] | None, search: Callable[[np.ndarray], Any], queries: np.ndarray
+) -> float:
     return one_query_p50_ms(search, queries)
 
 
-def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index | None = None,
-         max_queries: int = 500, seed: int = 0, timer: Timer | None = None) -> dict[str, Any]:
+def tune(
+    index: Index,
+    queries: Any,
+    k: int,
+    target_recall: float,
+    exact: Index | None = None,
+    max_queries: int = 500,
+    seed: int = 0,
+    timer: Timer | None = None,
+) -> dict[str, Any]:
     """Measure the backend's search settings (cheap -> expensive by estimated work) and keep the one
     with the lowest measured one-query p50 among those reaching `target_recall`.
 
@@ -102,7 +112,7 @@ def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index 
     ground = exact if exact is not None else index
     # A few queries at a time: all of them at once would score [m, n] (1000 queries x 10M items: 40 GB).
     step = max(1, TRUTH_SCORES // max(ground.n_slots, 1))
-    truth = np.concatenate([ground.exact_search(q[s:s + step], k).ids for s in range(0, len(q), step)])
+    truth = np.concatenate([ground.exact_search(q[s : s + step], k).ids for s in range(0, len(q), step)])
     exact_ms = timer("exact", None, lambda x: ground.exact_search(x, k), q)
     curve: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None  # the fastest setting reaching the target
@@ -110,8 +120,11 @@ def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index 
     space = index.search_space(k)
     for params in tqdm(space, desc=f"tune {index.kind}", disable=None if len(space) > 1 else True):
         res = index.search(q, k, params=params or None)
-        point: dict[str, Any] = {"params": params, "recall": round(recall_at_k(res.ids, truth), 6),
-                                 "exact_rows": round(res.exact_rows / len(q), 4)}
+        point: dict[str, Any] = {
+            "params": params,
+            "recall": round(recall_at_k(res.ids, truth), 6),
+            "exact_rows": round(res.exact_rows / len(q), 4),
+        }
         curve.append(point)
         if res.exact_rows:
             point["refused"] = "rows fell back to exact search"
@@ -130,22 +143,39 @@ def tune(index: Index, queries: Any, k: int, target_recall: float, exact: Index 
     chosen = best or best_recall
     result = {"k": k, "target": target_recall, "queries": len(q), "exact_p50_ms": round(exact_ms, 4), "curve": curve}
     if chosen is None and all(p["exact_rows"] == 1 for p in curve):  # brute force answers every search
-        log.warning("tune %s: every search is answered by exact search at this size (%d items, masked); the "
-                    "search defaults stay, and an exact index would serve as well", index.kind, len(index))
+        log.warning(
+            "tune %s: every search is answered by exact search at this size (%d items, masked); the "
+            "search defaults stay, and an exact index would serve as well",
+            index.kind,
+            len(index),
+        )
         result.update(params={}, recall=1.0, p50_ms=round(exact_ms, 4), reached=True, exact_path=True)
     elif chosen is None:  # rows fall back, or the library is slower than brute force, at every setting
-        log.warning("tune %s: no setting returns k rows from the library at least as fast as exact search "
-                    "(%d items); the search defaults stay - build a denser index, or use the exact backend",
-                    index.kind, len(index))
+        log.warning(
+            "tune %s: no setting returns k rows from the library at least as fast as exact search "
+            "(%d items); the search defaults stay - build a denser index, or use the exact backend",
+            index.kind,
+            len(index),
+        )
         recall = recall_at_k(index.search(q, k).ids, truth)
         result.update(params={}, recall=round(recall, 6), p50_ms=None, reached=False)
     else:
-        result.update(params=chosen["params"], recall=chosen["recall"], p50_ms=chosen["p50_ms"],
-                      reached=chosen["recall"] >= target_recall)
+        result.update(
+            params=chosen["params"],
+            recall=chosen["recall"],
+            p50_ms=chosen["p50_ms"],
+            reached=chosen["recall"] >= target_recall,
+        )
         if not result["reached"]:
-            log.warning("tune %s: recall@%d target %.3f not reached; best %.4f with %s (a bigger build, e.g. "
-                        "larger M or nlist, or the exact backend, may be needed)", index.kind, k, target_recall,
-                        chosen["recall"], chosen["params"])
+            log.warning(
+                "tune %s: recall@%d target %.3f not reached; best %.4f with %s (a bigger build, e.g. "
+                "larger M or nlist, or the exact backend, may be needed)",
+                index.kind,
+                k,
+                target_recall,
+                chosen["recall"],
+                chosen["params"],
+            )
     index.search_defaults = {**index.search_defaults, **result["params"]}
     index.tuning = result
     return result

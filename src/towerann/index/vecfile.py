@@ -19,9 +19,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
@@ -56,8 +56,15 @@ def _inner_products_by_idx(q: np.ndarray, vecs: np.ndarray, slots: np.ndarray) -
         out.fill(-np.inf)
         return out
     q = np.ascontiguousarray(q, np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(vecs),
-                                     faiss.swig_ptr(slots), vecs.shape[1], len(q), slots.shape[1])
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(q),
+        faiss.swig_ptr(vecs),
+        faiss.swig_ptr(slots),
+        vecs.shape[1],
+        len(q),
+        slots.shape[1],
+    )
     return out
 
 
@@ -130,7 +137,7 @@ class RerankVectors:
         out = _inner_products_by_idx(q, self.main, in_main) if not self.on_disk else np.empty(slots.shape, np.float32)
         if self.on_disk:
             for i in range(len(q)):
-                self._read_from_file(q[i:i + 1], in_main[i], out[i])
+                self._read_from_file(q[i : i + 1], in_main[i], out[i])
         if self.fresh.n and (slots >= self.n_main).any():
             fresh = _inner_products_by_idx(q, self.fresh.data, np.where(slots >= self.n_main, slots - self.n_main, -1))
             out = np.where(slots >= self.n_main, fresh, out)
@@ -175,16 +182,17 @@ class RerankVectors:
             if not len(arr):
                 continue
             if score_all:
-                hidden = None if bits is None else ~bits[first:first + len(arr)]
+                hidden = None if bits is None else ~bits[first : first + len(arr)]
 
                 def every(b: np.ndarray, arr: np.ndarray = arr, hidden: np.ndarray | None = hidden) -> np.ndarray:
                     scores = inner_products(b, arr)
                     if hidden is not None:
                         scores[:, hidden] = -np.inf
                     return scores
+
                 s, top = topk_blocked(q, k, every, len(arr))
             else:
-                idx = np.flatnonzero(bits[first:first + len(arr)])
+                idx = np.flatnonzero(bits[first : first + len(arr)])
                 if not len(idx):
                     continue
                 qualifying = arr[idx]
@@ -203,7 +211,7 @@ class RerankVectors:
         view = np.frombuffer(_mapping(self._file), np.uint8)
         step = 1 << 28  # 256 MB at a time
         for at in range(0, len(view), step):
-            int(view[at:at + step:mmap.PAGESIZE].sum())
+            int(view[at : at + step : mmap.PAGESIZE].sum())
         del view
         self._seen[:] = True
         return True
@@ -250,7 +258,7 @@ def save_rows(path: Path, parts: Sequence[np.ndarray], dim: int) -> str:
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
     at = 0
     for p in parts:
-        out[at:at + len(p)] = p
+        out[at : at + len(p)] = p
         at += len(p)
     out.flush()
     del out

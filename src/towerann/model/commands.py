@@ -10,10 +10,13 @@ from towerann.artifacts import write_json_atomic
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the two-tower model on a dataset directory",
-                       description="Train user and item towers with in-batch softmax + logQ correction; "
-                       "early stopping on validation recall. Writes a model directory (JSON manifest, npz weights, "
-                       "ONNX user tower).")
+    p = sub.add_parser(
+        "train",
+        help="train the two-tower model on a dataset directory",
+        description="Train user and item towers with in-batch softmax + logQ correction; "
+        "early stopping on validation recall. Writes a model directory (JSON manifest, npz weights, "
+        "ONNX user tower).",
+    )
     p.add_argument("--data", required=True, help="dataset directory (items/users/interactions.parquet)")
     p.add_argument("--out", required=True, help="model directory to write, e.g. models/NAME")
     p.add_argument("--dim", type=int, default=128, help="output vector dimension (default 128)")
@@ -25,47 +28,74 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=3, help="epochs without validation gain before stopping")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much training time")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--search", action="store_true",
-                   help="choose temperature, learning rate, logQ weight, embedding size, weight decay and dim on the validation "
-                   "split (greedy, starting from the settings given); the trials go into the manifest")
-    p.add_argument("--search-budget-s", type=float, default=300.0,
-                   help="with --search: no trial starts that would end past this many seconds (default 300)")
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="choose temperature, learning rate, logQ weight, embedding size, weight decay and dim on the validation "
+        "split (greedy, starting from the settings given); the trials go into the manifest",
+    )
+    p.add_argument(
+        "--search-budget-s",
+        type=float,
+        default=300.0,
+        help="with --search: no trial starts that would end past this many seconds (default 300)",
+    )
     p.add_argument("--search-trials", type=int, default=10, help="with --search: at most this many trials (default 10)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice); 1 trained ~10x faster than 2 on a busy 2-core machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice); 1 trained ~10x faster than 2 on a busy 2-core machine",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="recall@K / NDCG@10 of a model vs popularity and ALS",
-                       description="Exact retrieval over the whole catalog on the held-out (newest) interactions "
-                       "of each user; the two-tower model beside a popularity baseline and implicit's ALS.")
+    e = sub.add_parser(
+        "eval",
+        help="recall@K / NDCG@10 of a model vs popularity and ALS",
+        description="Exact retrieval over the whole catalog on the held-out (newest) interactions "
+        "of each user; the two-tower model beside a popularity baseline and implicit's ALS.",
+    )
     e.add_argument("--data", required=True, help="dataset directory the model was trained on")
     e.add_argument("--model", required=True, help="model directory")
     e.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     e.add_argument("--no-baselines", action="store_true", help="skip popularity and ALS")
-    e.add_argument("--tune-als", action="store_true",
-                   help="also report ALS with factors/regularisation/alpha chosen on the validation split")
-    e.add_argument("--session", action="store_true",
-                   help="the value of real-time clicks instead: next-item recall@10/100 with the earlier held-out "
-                        "clicks in the session vs the offline history only, and the share of a newly clicked "
-                        "category in the top 100 after 0-10 clicks (deterministic for --seed)")
+    e.add_argument(
+        "--tune-als",
+        action="store_true",
+        help="also report ALS with factors/regularisation/alpha chosen on the validation split",
+    )
+    e.add_argument(
+        "--session",
+        action="store_true",
+        help="the value of real-time clicks instead: next-item recall@10/100 with the earlier held-out "
+        "clicks in the session vs the offline history only, and the share of a newly clicked "
+        "category in the top 100 after 0-10 clicks (deterministic for --seed)",
+    )
     e.add_argument("--users", type=int, default=2000, help="--session: held-out users replayed (default 2000)")
     e.add_argument("--seed", type=int, default=0, help="--session: seed of the sampled users (default 0)")
     e.set_defaults(func=run_eval)
 
     m = sub.add_parser("model", help="model directories: import towers trained elsewhere")
     msub = m.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
-    i = msub.add_parser("import", help="ONNX user + item towers and a TOML schema -> a towerann model directory",
-                        description="Check a pair of ONNX towers against a TOML schema (inputs, dtypes, shapes, the "
-                        "output dim and norm) and a sample of a dataset (do users' own history items outscore random "
-                        "ones?), then write a model directory that embed, index build, serve and refresh take.")
+    i = msub.add_parser(
+        "import",
+        help="ONNX user + item towers and a TOML schema -> a towerann model directory",
+        description="Check a pair of ONNX towers against a TOML schema (inputs, dtypes, shapes, the "
+        "output dim and norm) and a sample of a dataset (do users' own history items outscore random "
+        "ones?), then write a model directory that embed, index build, serve and refresh take.",
+    )
     i.add_argument("--schema", required=True, help="TOML schema of the towers' inputs (see towerann.model.onnx_import)")
     i.add_argument("--user-tower", required=True, help="user tower, ONNX")
     i.add_argument("--item-tower", required=True, help="item tower, ONNX")
     i.add_argument("--data", required=True, help="dataset directory (items/users/interactions.parquet) to check on")
     i.add_argument("--out", required=True, help="model directory to write")
-    i.add_argument("--min-space-auc", type=float, default=None,
-                   help="share of (own history item, random item) pairs the own item must win (default 0.6)")
+    i.add_argument(
+        "--min-space-auc",
+        type=float,
+        default=None,
+        help="share of (own history item, random item) pairs the own item must win (default 0.6)",
+    )
     i.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     i.set_defaults(func=run_import)
 
@@ -73,11 +103,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_import(args: argparse.Namespace) -> int:
     from towerann.model.onnx_import import MIN_SPACE_AUC, import_model
 
-    r = import_model(args.schema, args.user_tower, args.item_tower, args.data, args.out, name=Path(args.out).name,
-                     overwrite=args.overwrite,
-                     min_space_auc=MIN_SPACE_AUC if args.min_space_auc is None else args.min_space_auc)
-    print(f"imported model {r['model_version']} -> {r['out']}: own history items outscore random ones in "
-          f"{r['history_auc']:.0%} of pairs ({r['sample_users']} sample users)")
+    r = import_model(
+        args.schema,
+        args.user_tower,
+        args.item_tower,
+        args.data,
+        args.out,
+        name=Path(args.out).name,
+        overwrite=args.overwrite,
+        min_space_auc=MIN_SPACE_AUC if args.min_space_auc is None else args.min_space_auc,
+    )
+    print(
+        f"imported model {r['model_version']} -> {r['out']}: own history items outscore random ones in "
+        f"{r['history_auc']:.0%} of pairs ({r['sample_users']} sample users)"
+    )
     return 0
 
 
@@ -90,21 +129,32 @@ def run_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     tower = TowerConfig(dim=args.dim, history_len=args.history)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
-                      patience=args.patience, seed=args.seed, max_seconds=args.max_seconds)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        temperature=args.temperature,
+        patience=args.patience,
+        seed=args.seed,
+        max_seconds=args.max_seconds,
+    )
     if args.search:
-        from towerann.model.search import SearchConfig, search
+        from towerann.model.hparam_search import SearchConfig, search
 
         model = search(args.data, tower, cfg, SearchConfig(args.search_budget_s, args.search_trials))
         model.save(args.out, name=Path(args.out).name, overwrite=args.overwrite)
         found = model.info["search"]
-        print(f"search: {len(found['trials'])} trials in {found['seconds']} s (stopped by {found['stopped_by']}); "
-              f"chosen {found['chosen']}")
+        print(
+            f"search: {len(found['trials'])} trials in {found['seconds']} s (stopped by {found['stopped_by']}); "
+            f"chosen {found['chosen']}"
+        )
     else:
         model = train(args.data, args.out, tower, cfg, name=Path(args.out).name, overwrite=args.overwrite)
     s = summary(model)
-    print(f"model {s['model_version']} -> {args.out}: best epoch {s['best_epoch']}, "
-          f"val recall@{cfg.eval_k} {s[f'val_recall@{cfg.eval_k}']:.4f}, {s['train_seconds']} s")
+    print(
+        f"model {s['model_version']} -> {args.out}: best epoch {s['best_epoch']}, "
+        f"val recall@{cfg.eval_k} {s[f'val_recall@{cfg.eval_k}']:.4f}, {s['train_seconds']} s"
+    )
     return 0
 
 
@@ -115,12 +165,18 @@ def run_session_eval(args: argparse.Namespace) -> int:
     if args.json_out:
         write_json_atomic(args.json_out, result)
     ni, shift = result["next_item"], result["interest_shift"]
-    print(f"next item ({ni['next_items']} held-out items of {ni['users']} users): "
-          + "; ".join(f"{name.replace('_', ' ')} recall@10 {ni[name]['recall@10']:.4f} recall@100 "
-                      f"{ni[name]['recall@100']:.4f}" for name in ("with_session", "without_session")))
-    print(f"share of a newly clicked category in the top {shift['k']} after 0..{len(shift['share_by_clicks']) - 1} "
-          f"clicks: {shift['share_by_clicks']}; past 20% after {shift['clicks_to_20pct']}, past 50% after "
-          f"{shift['clicks_to_50pct']} clicks")
+    print(
+        f"next item ({ni['next_items']} held-out items of {ni['users']} users): "
+        + "; ".join(
+            f"{name.replace('_', ' ')} recall@10 {ni[name]['recall@10']:.4f} recall@100 {ni[name]['recall@100']:.4f}"
+            for name in ("with_session", "without_session")
+        )
+    )
+    print(
+        f"share of a newly clicked category in the top {shift['k']} after 0..{len(shift['share_by_clicks']) - 1} "
+        f"clicks: {shift['share_by_clicks']}; past 20% after {shift['clicks_to_20pct']}, past 50% after "
+        f"{shift['clicks_to_50pct']} clicks"
+    )
     if args.json_out:
         print(f"wrote {args.json_out}")
     return 0

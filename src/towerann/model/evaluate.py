@@ -52,12 +52,13 @@ def held_out(p: Prepared, split: int) -> Queries:
         r0 = order[s]
         rows.append(r0)
         targets.append(np.unique(p.item_row[order[s:e]]))
-        seen.append(np.unique(p.item_row[user_start[keys[r0]]:r0]))
+        seen.append(np.unique(p.item_row[user_start[keys[r0]] : r0]))
     return Queries(np.asarray(rows, np.int64), targets, seen)
 
 
-def user_queries(model: TwoTowerModel, p: Prepared, rows: np.ndarray, catalog_vocab: np.ndarray,
-                 catalog_cat: np.ndarray) -> np.ndarray:
+def user_queries(
+    model: TwoTowerModel, p: Prepared, rows: np.ndarray, catalog_vocab: np.ndarray, catalog_cat: np.ndarray
+) -> np.ndarray:
     """User-tower vectors at the given interaction rows (history = the items before each).
 
     catalog_vocab / catalog_cat: item-vocab index (0 = unknown) and category code per catalog row."""
@@ -119,8 +120,9 @@ def subsample(q: Queries, n: int, seed: int = 0) -> Queries:
     return Queries(q.rows[keep], [q.targets[i] for i in keep], [q.seen[i] for i in keep])
 
 
-def two_tower_topk(model: TwoTowerModel, p: Prepared, q: Queries, k: int, item_vectors: np.ndarray | None = None,
-                   batch: int = 1024) -> np.ndarray:
+def two_tower_topk(
+    model: TwoTowerModel, p: Prepared, q: Queries, k: int, item_vectors: np.ndarray | None = None, batch: int = 1024
+) -> np.ndarray:
     catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
     catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
     if item_vectors is None:
@@ -129,8 +131,8 @@ def two_tower_topk(model: TwoTowerModel, p: Prepared, q: Queries, k: int, item_v
     batch = max(1, min(batch, SCORES_PER_BATCH // max(len(item_vectors), 1)))  # 10M items: 6 users a batch, not 40 GB
     out = []
     for s in range(0, len(q.rows), batch):
-        Q = user_queries(model, p, q.rows[s:s + batch], catalog_vocab, catalog_cat)
-        out.append(rank_scores(torch.from_numpy(Q) @ items_t.T, q.seen[s:s + batch], k))
+        Q = user_queries(model, p, q.rows[s : s + batch], catalog_vocab, catalog_cat)
+        out.append(rank_scores(torch.from_numpy(Q) @ items_t.T, q.seen[s : s + batch], k))
     return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
 
@@ -141,11 +143,20 @@ def popularity_topk(p: Prepared, q: Queries, k: int) -> np.ndarray:
     return rank_scores(scores, q.seen, k)
 
 
-def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int = 15, seed: int = 0,
-             regularization: float = 0.01, alpha: float = 1.0,
-             train_splits: tuple[int, ...] = (TRAIN, VALID)) -> np.ndarray:
+def als_topk(
+    p: Prepared,
+    q: Queries,
+    k: int,
+    factors: int = 64,
+    iterations: int = 15,
+    seed: int = 0,
+    regularization: float = 0.01,
+    alpha: float = 1.0,
+    train_splits: tuple[int, ...] = (TRAIN, VALID),
+) -> np.ndarray:
     """implicit's ALS on the interactions of `train_splits` (default: everything before the test period)."""
     import scipy.sparse as sp
+
     try:
         from implicit.als import AlternatingLeastSquares
     except ImportError as e:
@@ -153,15 +164,22 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
 
     before = np.isin(p.split, train_splits)
     users, uidx = np.unique(p.user_key[before], return_inverse=True)
-    mat = sp.csr_matrix((np.ones(before.sum(), np.float32), (uidx, p.item_row[before])),
-                        shape=(len(users), len(p.items)))
+    mat = sp.csr_matrix(
+        (np.ones(before.sum(), np.float32), (uidx, p.item_row[before])), shape=(len(users), len(p.items))
+    )
     mat.data[:] = 1.0  # duplicates summed by csr -> binarise
     from threadpoolctl import threadpool_limits
 
     # implicit parallelises itself and warns about a threaded BLAS underneath: limit BLAS to one thread
     with threadpool_limits(1, "blas"):
-        als = AlternatingLeastSquares(factors=factors, iterations=iterations, regularization=regularization,
-                                      alpha=alpha, random_state=seed, calculate_training_loss=False)
+        als = AlternatingLeastSquares(
+            factors=factors,
+            iterations=iterations,
+            regularization=regularization,
+            alpha=alpha,
+            random_state=seed,
+            calculate_training_loss=False,
+        )
         als.fit(mat, show_progress=False)
     user_pos = np.searchsorted(users, p.user_key[q.rows])
     found = (user_pos < len(users)) & (users[np.minimum(user_pos, len(users) - 1)] == p.user_key[q.rows])
@@ -171,8 +189,14 @@ def als_topk(p: Prepared, q: Queries, k: int, factors: int = 64, iterations: int
     return rank_scores(scores.float(), q.seen, k)
 
 
-def evaluate(data: str | Path, model_dir: str | Path | TwoTowerModel, ks: tuple[int, ...] = KS, baselines: bool = True,
-             tune_als: bool = False, prepared: Prepared | None = None) -> dict[str, Any]:
+def evaluate(
+    data: str | Path,
+    model_dir: str | Path | TwoTowerModel,
+    ks: tuple[int, ...] = KS,
+    baselines: bool = True,
+    tune_als: bool = False,
+    prepared: Prepared | None = None,
+) -> dict[str, Any]:
     """Test-split metrics of a model (a directory or a loaded one) and, with `baselines`, of popularity
     and ALS; `tune_als` adds "als_tuned": ALS with the grid point chosen on the validation split."""
     model = model_dir if isinstance(model_dir, TwoTowerModel) else TwoTowerModel.load(model_dir)
@@ -184,7 +208,7 @@ def evaluate(data: str | Path, model_dir: str | Path | TwoTowerModel, ks: tuple[
         result["popularity"] = metrics(popularity_topk(p, q, k), q.targets, ks)
         result["als"] = metrics(als_topk(p, q, k), q.targets, ks)
     if baselines and tune_als:
-        from towerann.model.search import tune_als as tune
+        from towerann.model.hparam_search import tune_als as tune
 
         chosen, grid = tune(p, seed=0)
         result["als_tuned"] = metrics(als_topk(p, q, k, **chosen), q.targets, ks) | {"params": chosen, "grid": grid}

@@ -8,8 +8,9 @@ as ONNX and `UserEncoder` runs it; plain torch stays as the fallback (`runtime="
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ RUNTIMES = ("onnx", "torchscript", "torch")
 class _UserTowerForExport(nn.Module):
     """The user tower with empty feature groups left out of the signature (ONNX dislikes [n, 0] inputs)."""
 
-    def __init__(self, model: "TwoTowerModel"):
+    def __init__(self, model: TwoTowerModel):
         super().__init__()
         self.tower = model.net.user_tower
         self.n_num = len(model.schema.user_numeric)
@@ -36,7 +37,7 @@ class _UserTowerForExport(nn.Module):
         return self.tower(user_idx, numeric, attrs, hist_idx, hist_cat, hist_mask)
 
 
-def example_inputs(model: "TwoTowerModel", n: int = 1) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: TwoTowerModel, n: int = 1) -> tuple[torch.Tensor, ...]:
     N = model.cfg.history_len
     return (
         torch.zeros(n, dtype=torch.int64),
@@ -51,21 +52,26 @@ def example_inputs(model: "TwoTowerModel", n: int = 1) -> tuple[torch.Tensor, ..
 INPUT_NAMES = ["user_idx", "numeric", "attrs", "hist_idx", "hist_cat", "hist_mask"]
 
 
-def export_user_tower_onnx(model: "TwoTowerModel", path: Path) -> None:
+def export_user_tower_onnx(model: TwoTowerModel, path: Path) -> None:
     module = _UserTowerForExport(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, example_inputs(model), str(path), input_names=INPUT_NAMES, output_names=["vector"],
+            module,
+            example_inputs(model),
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=["vector"],
             dynamic_axes={name: {0: "n"} for name in INPUT_NAMES} | {"vector": {0: "n"}},
-            opset_version=17, dynamo=False,
+            opset_version=17,
+            dynamo=False,
         )
 
 
 class UserEncoder:
     """Request-time user tower: (user id, static features, history newest first) -> f32 [dim]."""
 
-    def __init__(self, model: "TwoTowerModel", model_dir: str | Path | None = None, runtime: str = "onnx"):
+    def __init__(self, model: TwoTowerModel, model_dir: str | Path | None = None, runtime: str = "onnx"):
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown user-tower runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.model = model
@@ -78,8 +84,10 @@ class UserEncoder:
     def _make_runner(self, runtime: str, model_dir: str | Path | None) -> Any:
         if getattr(self.model, "tower_kind", None) == "onnx-import":
             if runtime != "onnx":
-                raise ConfigError(f"an imported model's towers are ONNX graphs; runtime {runtime!r} cannot run them "
-                                  "(use the onnx runtime)")
+                raise ConfigError(
+                    f"an imported model's towers are ONNX graphs; runtime {runtime!r} cannot run them "
+                    "(use the onnx runtime)"
+                )
             return self.model.user_runner()  # type: ignore[attr-defined]
         if runtime == "onnx":
             import onnxruntime as ort
@@ -94,8 +102,10 @@ class UserEncoder:
                 sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, NoSuchFile...)
                 detail = " ".join(str(e).split())[:300]
-                raise ArtifactError(f"{path}: not a loadable ONNX user tower ({type(e).__name__}: {detail}); "
-                                    "retrain or re-save the model (towerann model train), or republish the bundle") from e
+                raise ArtifactError(
+                    f"{path}: not a loadable ONNX user tower ({type(e).__name__}: {detail}); "
+                    "retrain or re-save the model (towerann model train), or republish the bundle"
+                ) from e
             names = [i.name for i in sess.get_inputs()]
 
             def run_onnx(*arrays: np.ndarray) -> np.ndarray:
@@ -114,7 +124,9 @@ class UserEncoder:
 
         return run_torch
 
-    def inputs(self, user_id: str, static: Mapping[str, Any], history: Sequence[tuple[str, int]]) -> tuple[np.ndarray, ...]:
+    def inputs(
+        self, user_id: str, static: Mapping[str, Any], history: Sequence[tuple[str, int]]
+    ) -> tuple[np.ndarray, ...]:
         """Assemble one request's tower inputs. `history` is (item id, category code), newest first."""
         num, cats = self.schema.encode_user_static([static])
         hist_idx = np.zeros((1, self.N), np.int64)

@@ -17,9 +17,10 @@ item writes run an imported model through the same calls as a trained one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -55,13 +56,27 @@ class Feed:
     unknown: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "source": self.source,
-                "columns": list(self.columns), "first": self.first, "unknown": self.unknown}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "source": self.source,
+            "columns": list(self.columns),
+            "first": self.first,
+            "unknown": self.unknown,
+        }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Feed":
-        return cls(d["name"], d["dtype"], tuple(int(x) for x in d["shape"]), d["source"],
-                   tuple(int(x) for x in d["columns"]), int(d["first"]), int(d["unknown"]))
+    def from_json(cls, d: Mapping[str, Any]) -> Feed:
+        return cls(
+            d["name"],
+            d["dtype"],
+            tuple(int(x) for x in d["shape"]),
+            d["source"],
+            tuple(int(x) for x in d["columns"]),
+            int(d["first"]),
+            int(d["unknown"]),
+        )
 
     def index(self, codes: np.ndarray) -> np.ndarray:
         """towerann codes (0 = unknown, i + 1 = the vocabulary's i-th entry) -> the graph's indexes."""
@@ -75,30 +90,46 @@ class TowerFeeds:
     feeds: tuple[Feed, ...]
     output: str
 
-    def user(self, user_idx: np.ndarray, num: np.ndarray, cats: np.ndarray, hist_idx: np.ndarray,
-             hist_cat: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    def user(
+        self,
+        user_idx: np.ndarray,
+        num: np.ndarray,
+        cats: np.ndarray,
+        hist_idx: np.ndarray,
+        hist_cat: np.ndarray,
+        mask: np.ndarray,
+    ) -> dict[str, np.ndarray]:
         del hist_cat  # no imported input reads it (yet): the graph's own item table knows the categories
         filled = np.asarray(mask) > 0
-        arrays = {"user_id": lambda f: f.index(user_idx), "user_numeric": lambda f: num[:, list(f.columns)],
-                  "user_categorical": lambda f: f.index(cats[:, f.columns[0]]),
-                  "session_items": lambda f: np.where(filled, f.index(hist_idx), f.unknown),
-                  "session_mask": lambda f: filled}
+        arrays = {
+            "user_id": lambda f: f.index(user_idx),
+            "user_numeric": lambda f: num[:, list(f.columns)],
+            "user_categorical": lambda f: f.index(cats[:, f.columns[0]]),
+            "session_items": lambda f: np.where(filled, f.index(hist_idx), f.unknown),
+            "session_mask": lambda f: filled,
+        }
         return self._fill(arrays, len(user_idx))
 
     def item(self, item_idx: np.ndarray, cat: np.ndarray, num: np.ndarray, attrs: np.ndarray) -> dict[str, np.ndarray]:
-        arrays = {"item_id": lambda f: f.index(item_idx), "item_numeric": lambda f: num[:, list(f.columns)],
-                  "item_categorical": lambda f: f.index(attrs[:, f.columns[0]]), "item_category": lambda f: f.index(cat)}
+        arrays = {
+            "item_id": lambda f: f.index(item_idx),
+            "item_numeric": lambda f: num[:, list(f.columns)],
+            "item_categorical": lambda f: f.index(attrs[:, f.columns[0]]),
+            "item_category": lambda f: f.index(cat),
+        }
         return self._fill(arrays, len(item_idx))
 
     def _fill(self, arrays: Mapping[str, Callable[[Feed], np.ndarray]], n: int) -> dict[str, np.ndarray]:
-        return {f.name: np.ascontiguousarray(arrays[f.source](f), dtype=DTYPES[f.dtype]).reshape(n, *f.shape)
-                for f in self.feeds}
+        return {
+            f.name: np.ascontiguousarray(arrays[f.source](f), dtype=DTYPES[f.dtype]).reshape(n, *f.shape)
+            for f in self.feeds
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {"output": self.output, "inputs": [f.to_json() for f in self.feeds]}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "TowerFeeds":
+    def from_json(cls, d: Mapping[str, Any]) -> TowerFeeds:
         return cls(tuple(Feed.from_json(f) for f in d["inputs"]), d["output"])
 
 
@@ -128,8 +159,10 @@ class OnnxTower:
         out = np.asarray(self.session.run([self.feeds.output], inputs)[0], dtype=np.float32)
         out = out.reshape(len(out), -1)
         if out.shape[1] != self.dim:
-            raise ConfigError(f"{self.side} tower output {self.feeds.output!r} gives vectors of dim {out.shape[1]}; "
-                              f"the model's dim is {self.dim}")
+            raise ConfigError(
+                f"{self.side} tower output {self.feeds.output!r} gives vectors of dim {out.shape[1]}; "
+                f"the model's dim is {self.dim}"
+            )
         if self.normalize:  # metric "cosine": the graph's raw outputs, normalised, rank by cosine
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
@@ -143,7 +176,9 @@ class OnnxItemTower(nn.Module):
         super().__init__()
         self.tower = tower
 
-    def forward(self, item_idx: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, item_idx: torch.Tensor, cat: torch.Tensor, num: torch.Tensor, attrs: torch.Tensor
+    ) -> torch.Tensor:
         arrays = (t.detach().cpu().numpy() for t in (item_idx, cat, num, attrs))
         return torch.from_numpy(self.tower.run(self.tower.feeds.item(*arrays)))
 
@@ -189,14 +224,16 @@ class ImportedModel:
 
     def item_tower(self) -> OnnxTower:
         if self._item_tower is None:
-            self._item_tower = OnnxTower(self.directory / "item_tower.onnx", "item", self.item_feeds, self.dim,
-                                         self.normalize)
+            self._item_tower = OnnxTower(
+                self.directory / "item_tower.onnx", "item", self.item_feeds, self.dim, self.normalize
+            )
         return self._item_tower
 
     def user_tower(self) -> OnnxTower:
         if self._user_tower is None:  # one request at a time: one thread beats a pool for a single row
-            self._user_tower = OnnxTower(self.directory / "user_tower.onnx", "user", self.user_feeds, self.dim,
-                                         self.normalize, threads=1)
+            self._user_tower = OnnxTower(
+                self.directory / "user_tower.onnx", "user", self.user_feeds, self.dim, self.normalize, threads=1
+            )
         return self._user_tower
 
     def user_runner(self) -> Callable[..., np.ndarray]:
@@ -209,36 +246,57 @@ class ImportedModel:
         tower = self.item_tower()
         out = np.empty((len(frame), self.dim), np.float32)
         for s in range(0, len(frame), batch_size):
-            part = frame.iloc[s:s + batch_size]
+            part = frame.iloc[s : s + batch_size]
             cat, num, attrs = self.schema.encode_item_features(part)
             idx = self.item_vocab.encode(part["item_id"].to_numpy())
-            out[s:s + len(part)] = tower.run(self.item_feeds.item(idx, cat, num, attrs))
+            out[s : s + len(part)] = tower.run(self.item_feeds.item(idx, cat, num, attrs))
         return out
 
-    def encode_users(self, user_keys: np.ndarray, static_num: np.ndarray, static_cat: np.ndarray,
-                     hist_idx: np.ndarray, hist_cat: np.ndarray, hist_mask: np.ndarray,
-                     batch_size: int = 4096) -> np.ndarray:
+    def encode_users(
+        self,
+        user_keys: np.ndarray,
+        static_num: np.ndarray,
+        static_cat: np.ndarray,
+        hist_idx: np.ndarray,
+        hist_cat: np.ndarray,
+        hist_mask: np.ndarray,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
         """Bulk user vectors (import checks, index tuning); hist_idx are item-vocab codes (0 = unknown)."""
         tower = self.user_tower()
         user_idx = self.user_vocab.encode(user_keys)
         out = np.empty((len(user_idx), self.dim), np.float32)
         for s in range(0, len(user_idx), batch_size):
             sl = slice(s, s + batch_size)
-            out[sl] = tower.run(self.user_feeds.user(user_idx[sl], static_num[sl], static_cat[sl], hist_idx[sl],
-                                                     hist_cat[sl], np.asarray(hist_mask[sl], np.float32)))
+            out[sl] = tower.run(
+                self.user_feeds.user(
+                    user_idx[sl],
+                    static_num[sl],
+                    static_cat[sl],
+                    hist_idx[sl],
+                    hist_cat[sl],
+                    np.asarray(hist_mask[sl], np.float32),
+                )
+            )
         return out
 
     @classmethod
-    def from_manifest(cls, directory: Path, m: Mapping[str, Any]) -> "ImportedModel":
+    def from_manifest(cls, directory: Path, m: Mapping[str, Any]) -> ImportedModel:
         try:
             sums = m["checksums"]
             mapping = m["mapping"]
-            model = cls(directory, FeatureSchema.from_json(m["schema"]),
-                        IdVocab(load_npy(directory / "item_vocab.npy", sums["item_vocab.npy"])),
-                        IdVocab(load_npy(directory / "user_vocab.npy", sums["user_vocab.npy"])),
-                        ImportedConfig(int(m["dim"]), int(m["schema"]["history_len"])),
-                        TowerFeeds.from_json(mapping["user"]), TowerFeeds.from_json(mapping["item"]),
-                        bool(mapping["normalize"]), m["model_version"], m.get("info", {}))
+            model = cls(
+                directory,
+                FeatureSchema.from_json(m["schema"]),
+                IdVocab(load_npy(directory / "item_vocab.npy", sums["item_vocab.npy"])),
+                IdVocab(load_npy(directory / "user_vocab.npy", sums["user_vocab.npy"])),
+                ImportedConfig(int(m["dim"]), int(m["schema"]["history_len"])),
+                TowerFeeds.from_json(mapping["user"]),
+                TowerFeeds.from_json(mapping["item"]),
+                bool(mapping["normalize"]),
+                m["model_version"],
+                m.get("info", {}),
+            )
             graphs = [(directory / name, sums[name]) for name in FILES if name.endswith(".onnx")]
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{directory}/manifest.json: incomplete imported-model manifest ({e})") from e
@@ -246,11 +304,12 @@ class ImportedModel:
             raise ArtifactError(f"{directory}/manifest.json: metric {m.get('metric')!r}; towerann serves 'ip'")
         for path, want in graphs:
             if not path.is_file() or sha256_file(path) != want:
-                raise ArtifactError(f"{path}: missing or checksum mismatch (corrupted or replaced); import the model again")
+                raise ArtifactError(
+                    f"{path}: missing or checksum mismatch (corrupted or replaced); import the model again"
+                )
         return model
 
 
 @dataclass
 class _Net:
     item_tower: nn.Module
-

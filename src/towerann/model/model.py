@@ -29,8 +29,10 @@ KIND = "model"
 FORMAT_VERSION = 1
 METRIC = "ip"  # towers emit L2-normalised vectors: inner product == cosine
 # The user tower reads history through the item tower's tables: saved once, restored to both names.
-SHARED = {"user_tower.item_emb.weight": "item_tower.item_emb.weight",
-          "user_tower.cat_emb.weight": "item_tower.cat_emb.weight"}
+SHARED = {
+    "user_tower.item_emb.weight": "item_tower.item_emb.weight",
+    "user_tower.cat_emb.weight": "item_tower.cat_emb.weight",
+}
 
 
 @dataclass
@@ -44,7 +46,9 @@ class TwoTowerModel:
     info: dict[str, Any] = field(default_factory=dict)  # training summary, stored in the manifest
 
     @classmethod
-    def create(cls, schema: FeatureSchema, item_ids: np.ndarray, user_ids: np.ndarray, cfg: TowerConfig) -> "TwoTowerModel":
+    def create(
+        cls, schema: FeatureSchema, item_ids: np.ndarray, user_ids: np.ndarray, cfg: TowerConfig
+    ) -> TwoTowerModel:
         item_vocab, user_vocab = IdVocab(item_ids), IdVocab(user_ids)
         sizes = TowerSizes(
             n_items=item_vocab.size,
@@ -78,15 +82,22 @@ class TwoTowerModel:
         self.net.eval()
         out = np.empty((len(frame), self.dim), np.float32)
         for s in range(0, len(frame), batch_size):
-            out[s:s + batch_size] = self.net.item_tower(*self.item_inputs(frame.iloc[s:s + batch_size])).numpy()
+            out[s : s + batch_size] = self.net.item_tower(*self.item_inputs(frame.iloc[s : s + batch_size])).numpy()
         return out
 
     # --- user side ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_users(self, user_keys: np.ndarray, static_num: np.ndarray, static_cat: np.ndarray,
-                     hist_idx: np.ndarray, hist_cat: np.ndarray, hist_mask: np.ndarray,
-                     batch_size: int = 4096) -> np.ndarray:
+    def encode_users(
+        self,
+        user_keys: np.ndarray,
+        static_num: np.ndarray,
+        static_cat: np.ndarray,
+        hist_idx: np.ndarray,
+        hist_cat: np.ndarray,
+        hist_mask: np.ndarray,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
         """Bulk user vectors (evaluation, tuning). hist_idx are item-vocab indexes (0 = unknown item)."""
         self.net.eval()
         user_idx = self.user_vocab.encode(user_keys)
@@ -94,8 +105,11 @@ class TwoTowerModel:
         for s in range(0, len(user_idx), batch_size):
             sl = slice(s, s + batch_size)
             out[sl] = self.net.user_tower(
-                torch.from_numpy(user_idx[sl]), torch.from_numpy(static_num[sl]), torch.from_numpy(static_cat[sl]),
-                torch.from_numpy(hist_idx[sl]), torch.from_numpy(hist_cat[sl]),
+                torch.from_numpy(user_idx[sl]),
+                torch.from_numpy(static_num[sl]),
+                torch.from_numpy(static_cat[sl]),
+                torch.from_numpy(hist_idx[sl]),
+                torch.from_numpy(hist_cat[sl]),
                 torch.from_numpy(hist_mask[sl].astype(np.float32)),
             ).numpy()
         return out
@@ -135,7 +149,7 @@ class TwoTowerModel:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> "TwoTowerModel":
+    def load(cls, directory: str | Path) -> TwoTowerModel:
         """A model directory. One written by `towerann model import` loads as an ImportedModel, which
         answers every call the rest of towerann makes of a model (see towerann.model.imported)."""
         directory = Path(directory)
@@ -154,8 +168,10 @@ class TwoTowerModel:
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{directory / MANIFEST}: incomplete model manifest ({e})") from e
         if m.get("metric") != METRIC or m.get("dim") != cfg.dim:
-            raise ArtifactError(f"{directory / MANIFEST}: metric/dim ({m.get('metric')}, {m.get('dim')}) "
-                                f"do not match the tower config ({METRIC}, {cfg.dim})")
+            raise ArtifactError(
+                f"{directory / MANIFEST}: metric/dim ({m.get('metric')}, {m.get('dim')}) "
+                f"do not match the tower config ({METRIC}, {cfg.dim})"
+            )
         weights = directory / "weights.npz"
         if not weights.exists() or sha256_file(weights) != sums["weights.npz"]:
             raise ArtifactError(f"{weights}: missing or checksum mismatch (corrupted or replaced)")
@@ -168,9 +184,15 @@ class TwoTowerModel:
         except RuntimeError as e:
             raise ArtifactError(f"{weights}: weights do not fit the manifest's tower sizes ({e})") from e
         net.eval()
-        model = cls(schema, IdVocab(load_npy(directory / "item_vocab.npy", sums["item_vocab.npy"])),
-                    IdVocab(load_npy(directory / "user_vocab.npy", sums["user_vocab.npy"])), cfg, net,
-                    version=m["model_version"], info=m.get("info", {}))
+        model = cls(
+            schema,
+            IdVocab(load_npy(directory / "item_vocab.npy", sums["item_vocab.npy"])),
+            IdVocab(load_npy(directory / "user_vocab.npy", sums["user_vocab.npy"])),
+            cfg,
+            net,
+            version=m["model_version"],
+            info=m.get("info", {}),
+        )
         if model.item_vocab.size != sizes.n_items or model.user_vocab.size != sizes.n_users:
             raise ArtifactError(f"{directory}: vocabulary files do not match the manifest sizes")
         return model

@@ -45,9 +45,10 @@ import logging
 import shutil
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,10 +64,25 @@ log = logging.getLogger(__name__)
 METRICS = ("ip", "cosine")
 USER_SOURCES = ("user_id", "user_feature", "session_items", "session_mask")
 ITEM_SOURCES = ("item_id", "item_column")
-INPUT_KEYS = {"name", "dtype", "shape", "source", "feature", "features", "column", "columns", "values",
-              "first_index", "unknown_index"}
-SECTION_KEYS = {"model": {"dim", "metric", "normalized"}, "ids": {"items", "users", "first_index", "unknown_index"},
-                "user_tower": {"inputs", "output"}, "item_tower": {"inputs", "output"}}
+INPUT_KEYS = {
+    "name",
+    "dtype",
+    "shape",
+    "source",
+    "feature",
+    "features",
+    "column",
+    "columns",
+    "values",
+    "first_index",
+    "unknown_index",
+}
+SECTION_KEYS = {
+    "model": {"dim", "metric", "normalized"},
+    "ids": {"items", "users", "first_index", "unknown_index"},
+    "user_tower": {"inputs", "output"},
+    "item_tower": {"inputs", "output"},
+}
 ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "INT64": "int64", "INT32": "int32", "BOOL": "bool"}
 NORM_TOL = 1e-3
 SAMPLE_ITEMS = 512
@@ -75,9 +91,16 @@ RANDOM_PER_USER = 20
 MIN_SPACE_AUC = 0.6
 
 
-def import_model(schema_path: str | Path, user_tower: str | Path, item_tower: str | Path, data: str | Path,
-                 out: str | Path, name: str | None = None, overwrite: bool = False,
-                 min_space_auc: float = MIN_SPACE_AUC) -> dict[str, Any]:
+def import_model(
+    schema_path: str | Path,
+    user_tower: str | Path,
+    item_tower: str | Path,
+    data: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    overwrite: bool = False,
+    min_space_auc: float = MIN_SPACE_AUC,
+) -> dict[str, Any]:
     """Check the pair against the schema and a dataset, write the model directory; return a report."""
     schema_path, out = Path(schema_path), Path(out)
     spec = _read_toml(schema_path)
@@ -91,19 +114,37 @@ def import_model(schema_path: str | Path, user_tower: str | Path, item_tower: st
         shutil.copyfile(graphs["user"], tmp / "user_tower.onnx")
         shutil.copyfile(graphs["item"], tmp / "item_tower.onnx")
         shutil.copyfile(schema_path, tmp / "import.toml")  # what it was imported from, for the record
-        sums = {"user_tower.onnx": sha256_file(tmp / "user_tower.onnx"),
-                "item_tower.onnx": sha256_file(tmp / "item_tower.onnx"),
-                "item_vocab.npy": save_npy(tmp / "item_vocab.npy", plan["item_ids"]),
-                "user_vocab.npy": save_npy(tmp / "user_vocab.npy", plan["user_ids"])}
-        mapping = {"user": plan["user_feeds"].to_json(), "item": plan["item_feeds"].to_json(),
-                   "normalize": spec["model"]["metric"] == "cosine"}
+        sums = {
+            "user_tower.onnx": sha256_file(tmp / "user_tower.onnx"),
+            "item_tower.onnx": sha256_file(tmp / "item_tower.onnx"),
+            "item_vocab.npy": save_npy(tmp / "item_vocab.npy", plan["item_ids"]),
+            "user_vocab.npy": save_npy(tmp / "user_vocab.npy", plan["user_ids"]),
+        }
+        mapping = {
+            "user": plan["user_feeds"].to_json(),
+            "item": plan["item_feeds"].to_json(),
+            "normalize": spec["model"]["metric"] == "cosine",
+        }
         digest = _digest(sums, mapping)
-        manifest = {"kind": "model", "format_version": 1, "tower_kind": TOWER_KIND,
-                    "model_version": f"{name or out.name}-{digest[:12]}", "dim": spec["model"]["dim"], "metric": "ip",
-                    "schema": plan["schema"].to_json(), "mapping": mapping, "checksums": sums,
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "info": {"imported_from": {"schema": str(schema_path), "user_tower": str(graphs["user"]),
-                                               "item_tower": str(graphs["item"])}}}
+        manifest = {
+            "kind": "model",
+            "format_version": 1,
+            "tower_kind": TOWER_KIND,
+            "model_version": f"{name or out.name}-{digest[:12]}",
+            "dim": spec["model"]["dim"],
+            "metric": "ip",
+            "schema": plan["schema"].to_json(),
+            "mapping": mapping,
+            "checksums": sums,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "info": {
+                "imported_from": {
+                    "schema": str(schema_path),
+                    "user_tower": str(graphs["user"]),
+                    "item_tower": str(graphs["item"]),
+                }
+            },
+        }
         model = ImportedModel.from_manifest(tmp, manifest)
         checks = _sample_checks(model, data, min_space_auc)
         manifest["info"]["import_checks"] = checks
@@ -118,6 +159,7 @@ def _digest(sums: Mapping[str, str], mapping: Mapping[str, Any]) -> str:
 
 
 # --- the schema file --------------------------------------------------------------------------
+
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
@@ -143,9 +185,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if m.get("metric") not in METRICS:
         raise ConfigError(f"{path}: [model] metric must be one of {', '.join(METRICS)}, got {m.get('metric')!r}")
     if m["metric"] == "ip" and m.get("normalized") is not True:
-        raise ConfigError(f"{path}: [model] metric 'ip' with normalized = {m.get('normalized')!r}: towerann's indexes "
-                          "rank by the inner product of L2-normalised vectors; normalise in the towers (normalized = "
-                          "true), or set metric = \"cosine\" to have towerann normalise the outputs")
+        raise ConfigError(
+            f"{path}: [model] metric 'ip' with normalized = {m.get('normalized')!r}: towerann's indexes "
+            "rank by the inner product of L2-normalised vectors; normalise in the towers (normalized = "
+            'true), or set metric = "cosine" to have towerann normalise the outputs'
+        )
     return spec
 
 
@@ -159,8 +203,11 @@ def _int(d: Mapping[str, Any], key: str, default: int, where: str) -> int:
 def _vocab(path: Path, ids: pd.Series, what: str) -> np.ndarray:
     """A vocabulary file's ids, typed like the dataset's ids."""
     try:
-        raw = (np.load(path, allow_pickle=False) if path.suffix == ".npy"
-               else np.asarray([line.strip() for line in path.read_text().splitlines() if line.strip()]))
+        raw = (
+            np.load(path, allow_pickle=False)
+            if path.suffix == ".npy"
+            else np.asarray([line.strip() for line in path.read_text().splitlines() if line.strip()])
+        )
     except (OSError, ValueError) as e:
         raise ConfigError(f"[ids] {what} = {str(path)!r}: cannot read it ({e})") from e
     try:
@@ -181,8 +228,12 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
         if not isinstance(ids.get(what), str):
             raise ConfigError(f"{schema_path}: [ids] {what} must name a vocabulary file (.txt or .npy)")
         vocabs[what] = _vocab(schema_path.parent / ids[what], frame[col], what)
-    cols: dict[str, dict[str, Any]] = {"user_numeric": {}, "user_categorical": {}, "item_numeric": {},
-                                      "item_categorical": {}}
+    cols: dict[str, dict[str, Any]] = {
+        "user_numeric": {},
+        "user_categorical": {},
+        "item_numeric": {},
+        "item_categorical": {},
+    }
     categories: CategoricalColumn | None = None
     history: set[int] = set()
     feeds: dict[str, list[Feed]] = {"user": [], "item": []}
@@ -195,7 +246,9 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
         for d in inputs:
             where = f"{side} tower input {d.get('name')!r}"
             if not isinstance(d.get("name"), str) or d["name"] in names:
-                raise ConfigError(f"{schema_path}: {side} tower: every input needs a unique name, got {d.get('name')!r}")
+                raise ConfigError(
+                    f"{schema_path}: {side} tower: every input needs a unique name, got {d.get('name')!r}"
+                )
             names.add(d["name"])
             extra = set(d) - INPUT_KEYS
             if extra:
@@ -203,15 +256,23 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
             if d.get("dtype") not in DTYPES:
                 raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {d.get('dtype')!r}")
             shape = d.get("shape", [])
-            if not isinstance(shape, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
-                                                      for x in shape):
-                raise ConfigError(f"{where}: shape must be a list of positive integers (per row, batch axis left "
-                                  f"out), got {shape!r}")
+            if not isinstance(shape, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape
+            ):
+                raise ConfigError(
+                    f"{where}: shape must be a list of positive integers (per row, batch axis left out), got {shape!r}"
+                )
             source = d.get("source")
             if source not in sources:
                 raise ConfigError(f"{where}: source must be one of {', '.join(sources)}, got {source!r}")
             f_first, f_unknown = _int(d, "first_index", first, where), _int(d, "unknown_index", unknown, where)
-            base = {"name": d["name"], "dtype": d["dtype"], "shape": tuple(shape), "first": f_first, "unknown": f_unknown}
+            base = {
+                "name": d["name"],
+                "dtype": d["dtype"],
+                "shape": tuple(shape),
+                "first": f_first,
+                "unknown": f_unknown,
+            }
             if source in ("user_id", "item_id"):
                 _want(shape, ((), (1,)), where, "an id: shape [] or [1]")
                 _int_dtype(d, where)
@@ -227,14 +288,16 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
                 key = "feature" if side == "user" else "column"
                 names_in = d.get(key + "s", [d[key]] if key in d else None)
                 if not isinstance(names_in, list) or not names_in or not all(isinstance(c, str) for c in names_in):
-                    raise ConfigError(f"{where}: give the {side} {key} it reads ({key} = \"...\" or {key}s = [...])")
+                    raise ConfigError(f'{where}: give the {side} {key} it reads ({key} = "..." or {key}s = [...])')
                 missing = [c for c in names_in if c not in frame.columns]
                 if missing:
                     file = "users.parquet" if side == "user" else "items.parquet"
-                    raise ConfigError(f"{where}: the dataset's {file} has no column(s) {missing} (it has "
-                                      f"{[c for c in frame.columns]})")
+                    raise ConfigError(
+                        f"{where}: the dataset's {file} has no column(s) {missing} (it has "
+                        f"{[c for c in frame.columns]})"
+                    )
                 if side == "item" and {"item_id", "available"} & set(names_in):
-                    raise ConfigError(f"{where}: item_id and available are not item columns; use source = \"item_id\"")
+                    raise ConfigError(f'{where}: item_id and available are not item columns; use source = "item_id"')
                 values = d.get("values")
                 if values is None:  # numeric: passed as it is
                     if len(names_in) == 1:
@@ -242,15 +305,22 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
                     else:
                         _want(shape, ((len(names_in),),), where, f"{len(names_in)} {key}s: shape [{len(names_in)}]")
                     if any(pd.api.types.is_string_dtype(frame[c]) or frame[c].dtype == object for c in names_in):
-                        raise ConfigError(f"{where}: {key} {names_in} holds strings; give values = [...] (the "
-                                          "graph's index of each value is first_index + its position)")
+                        raise ConfigError(
+                            f"{where}: {key} {names_in} holds strings; give values = [...] (the "
+                            "graph's index of each value is first_index + its position)"
+                        )
                     group = cols[f"{side}_numeric"]
                     for c in names_in:
                         group.setdefault(c, NumericColumn(c, 0.0, 1.0))
-                    feeds[side].append(Feed(**base, source=f"{side}_numeric",
-                                            columns=tuple(list(group).index(c) for c in names_in)))
+                    feeds[side].append(
+                        Feed(**base, source=f"{side}_numeric", columns=tuple(list(group).index(c) for c in names_in))
+                    )
                 else:
-                    if len(names_in) != 1 or not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                    if (
+                        len(names_in) != 1
+                        or not isinstance(values, list)
+                        or not all(isinstance(v, str) for v in values)
+                    ):
                         raise ConfigError(f"{where}: values (a list of strings) go with one {key}")
                     _want(shape, ((), (1,)), where, "a categorical value: shape [] or [1]")
                     _int_dtype(d, where)
@@ -271,14 +341,21 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
         raise ConfigError(f"{schema_path}: session inputs disagree on N (shapes {sorted(history)}); one history length")
     schema = FeatureSchema(
         categories=categories or _categorical(items, "category"),
-        item_numeric=list(cols["item_numeric"].values()), item_categorical=list(cols["item_categorical"].values()),
-        user_numeric=list(cols["user_numeric"].values()), user_categorical=list(cols["user_categorical"].values()),
+        item_numeric=list(cols["item_numeric"].values()),
+        item_categorical=list(cols["item_categorical"].values()),
+        user_numeric=list(cols["user_numeric"].values()),
+        user_categorical=list(cols["user_categorical"].values()),
         history_len=history.pop() if history else 1,
         item_id_kind="int" if pd.api.types.is_integer_dtype(items["item_id"]) else "str",
-        user_id_kind="int" if pd.api.types.is_integer_dtype(users["user_id"]) else "str")
-    return {"schema": schema, "item_ids": vocabs["items"], "user_ids": vocabs["users"],
-            "user_feeds": TowerFeeds(tuple(feeds["user"]), spec["user_tower"].get("output", "")),
-            "item_feeds": TowerFeeds(tuple(feeds["item"]), spec["item_tower"].get("output", ""))}
+        user_id_kind="int" if pd.api.types.is_integer_dtype(users["user_id"]) else "str",
+    )
+    return {
+        "schema": schema,
+        "item_ids": vocabs["items"],
+        "user_ids": vocabs["users"],
+        "user_feeds": TowerFeeds(tuple(feeds["user"]), spec["user_tower"].get("output", "")),
+        "item_feeds": TowerFeeds(tuple(feeds["item"]), spec["item_tower"].get("output", "")),
+    }
 
 
 def _want(shape: list[int], allowed: tuple[tuple[int, ...], ...], where: str, what: str) -> None:
@@ -292,6 +369,7 @@ def _int_dtype(d: Mapping[str, Any], where: str) -> None:
 
 
 # --- the graphs -------------------------------------------------------------------------------
+
 
 def _check_graph(path: Path, side: str, feeds: TowerFeeds, dim: int) -> str:
     """Every graph input in the schema and the reverse; dtypes, shapes and the output's dim agree.
@@ -307,12 +385,16 @@ def _check_graph(path: Path, side: str, feeds: TowerFeeds, dim: int) -> str:
     declared = {f.name: f for f in feeds.feeds}
     for name in graph_inputs:
         if name not in declared:
-            raise ConfigError(f"{side} tower input {name!r} (an input of {path.name}) is missing from the schema's "
-                              f"[[{side}_tower.inputs]]")
+            raise ConfigError(
+                f"{side} tower input {name!r} (an input of {path.name}) is missing from the schema's "
+                f"[[{side}_tower.inputs]]"
+            )
     for name, f in declared.items():
         if name not in graph_inputs:
-            raise ConfigError(f"{side} tower input {name!r} of the schema is not an input of {path.name} "
-                              f"(its inputs: {sorted(graph_inputs)})")
+            raise ConfigError(
+                f"{side} tower input {name!r} of the schema is not an input of {path.name} "
+                f"(its inputs: {sorted(graph_inputs)})"
+            )
         t = graph_inputs[name].type.tensor_type
         got = ONNX_DTYPES.get(onnx.TensorProto.DataType.Name(t.elem_type), onnx.TensorProto.DataType.Name(t.elem_type))
         if got != f.dtype:
@@ -320,17 +402,22 @@ def _check_graph(path: Path, side: str, feeds: TowerFeeds, dim: int) -> str:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if len(dims) != 1 + len(f.shape) or any(g is not None and g != w for g, w in zip(dims[1:], f.shape)):
             shown = ["n" if g is None else g for g in dims]
-            raise ConfigError(f"{side} tower input {name!r}: the schema's per-row shape {list(f.shape)} does not fit "
-                              f"{path.name}'s {shown} (batch axis first)")
+            raise ConfigError(
+                f"{side} tower input {name!r}: the schema's per-row shape {list(f.shape)} does not fit "
+                f"{path.name}'s {shown} (batch axis first)"
+            )
         if dims[0] is not None:
-            raise ConfigError(f"{side} tower input {name!r}: {path.name} fixes the batch axis at {dims[0]}; export "
-                              "with a dynamic first axis (torch.onnx.export dynamic_axes)")
+            raise ConfigError(
+                f"{side} tower input {name!r}: {path.name} fixes the batch axis at {dims[0]}; export "
+                "with a dynamic first axis (torch.onnx.export dynamic_axes)"
+            )
     outputs = {o.name: o for o in graph.output}
     output = feeds.output
     if not output:
         if len(outputs) != 1:
-            raise ConfigError(f"{side} tower {path.name} has outputs {sorted(outputs)}; name one in "
-                              f"[{side}_tower] output")
+            raise ConfigError(
+                f"{side} tower {path.name} has outputs {sorted(outputs)}; name one in [{side}_tower] output"
+            )
         output = next(iter(outputs))
     if output not in outputs:
         raise ConfigError(f"{side} tower output {output!r} is not an output of {path.name} ({sorted(outputs)})")
@@ -341,6 +428,7 @@ def _check_graph(path: Path, side: str, feeds: TowerFeeds, dim: int) -> str:
 
 
 # --- the sample run ---------------------------------------------------------------------------
+
 
 def _run(what: str, fn: Any, *args: Any) -> np.ndarray:
     try:
@@ -354,15 +442,18 @@ def _run(what: str, fn: Any, *args: Any) -> np.ndarray:
 
 def _check_vectors(v: np.ndarray, side: str, output: str, dim: int, unit: bool) -> None:
     if v.ndim != 2 or v.shape[1] != dim:
-        raise ConfigError(f"{side} tower output {output!r} gives vectors of shape {list(v.shape[1:])}; the schema "
-                          f"says dim = {dim}")
+        raise ConfigError(
+            f"{side} tower output {output!r} gives vectors of shape {list(v.shape[1:])}; the schema says dim = {dim}"
+        )
     if not np.isfinite(v).all():
         raise ConfigError(f"{side} tower output {output!r} gives non-finite values on the sample")
     norms = np.linalg.norm(v, axis=1)
     if unit and len(norms) and np.abs(norms - 1).max() > NORM_TOL:
-        raise ConfigError(f"{side} tower output {output!r} is not L2-normalised (|v| from {norms.min():.4f} to "
-                          f"{norms.max():.4f}) but the schema says normalized = true for metric 'ip'; normalise in the "
-                          "tower, or set metric = \"cosine\" to have towerann normalise")
+        raise ConfigError(
+            f"{side} tower output {output!r} is not L2-normalised (|v| from {norms.min():.4f} to "
+            f"{norms.max():.4f}) but the schema says normalized = true for metric 'ip'; normalise in the "
+            'tower, or set metric = "cosine" to have towerann normalise'
+        )
 
 
 def _check_largest_indexes(model: ImportedModel) -> None:
@@ -373,27 +464,47 @@ def _check_largest_indexes(model: ImportedModel) -> None:
     def codes(size: int) -> np.ndarray:
         return np.array([0, size - 1], np.int64)  # 0: unknown; size - 1: the vocabulary's last entry
 
-    item_attrs = np.stack([codes(c.size) for c in sch.item_categorical], axis=1) if sch.item_categorical else \
-        np.zeros((2, 0), np.int64)
-    item = (codes(model.item_vocab.size), codes(sch.categories.size), np.zeros((2, len(sch.item_numeric)), np.float32),
-            item_attrs)
-    user_cats = np.stack([codes(c.size) for c in sch.user_categorical], axis=1) if sch.user_categorical else \
-        np.zeros((2, 0), np.int64)
+    item_attrs = (
+        np.stack([codes(c.size) for c in sch.item_categorical], axis=1)
+        if sch.item_categorical
+        else np.zeros((2, 0), np.int64)
+    )
+    item = (
+        codes(model.item_vocab.size),
+        codes(sch.categories.size),
+        np.zeros((2, len(sch.item_numeric)), np.float32),
+        item_attrs,
+    )
+    user_cats = (
+        np.stack([codes(c.size) for c in sch.user_categorical], axis=1)
+        if sch.user_categorical
+        else np.zeros((2, 0), np.int64)
+    )
     n = model.cfg.history_len
     hist = np.repeat(codes(model.item_vocab.size)[:, None], n, axis=1)
-    user = (codes(model.user_vocab.size), np.zeros((2, len(sch.user_numeric)), np.float32), user_cats, hist,
-            np.zeros((2, n), np.int64), np.ones((2, n), np.float32))
-    for side, tower, feed in (("item", model.item_tower(), model.item_feeds.item(*item)),
-                              ("user", model.user_tower(), model.user_feeds.user(*user))):
+    user = (
+        codes(model.user_vocab.size),
+        np.zeros((2, len(sch.user_numeric)), np.float32),
+        user_cats,
+        hist,
+        np.zeros((2, n), np.int64),
+        np.ones((2, n), np.float32),
+    )
+    for side, tower, feed in (
+        ("item", model.item_tower(), model.item_feeds.item(*item)),
+        ("user", model.user_tower(), model.user_feeds.user(*user)),
+    ):
         try:
             tower.run(feed)
         except TowerannError:
             raise
         except Exception as e:
             detail = " ".join(str(e).split())[:200]
-            raise ConfigError(f"the {side} tower fails on the last index of a vocabulary ([ids] or values); is a "
-                              f"list longer than the graph's table, or first_index off? ({type(e).__name__}: "
-                              f"{detail})") from e
+            raise ConfigError(
+                f"the {side} tower fails on the last index of a vocabulary ([ids] or values); is a "
+                f"list longer than the graph's table, or first_index off? ({type(e).__name__}: "
+                f"{detail})"
+            ) from e
 
 
 def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> dict[str, Any]:
@@ -407,13 +518,20 @@ def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> di
     sample = np.sort(rng.choice(n_items, min(SAMPLE_ITEMS, n_items), replace=False))
     unit = not model.normalize
     _check_largest_indexes(model)
-    _check_vectors(_run("the item tower", model.encode_items, p.items.iloc[sample]), "item",
-                   model.item_feeds.output, model.dim, unit)
+    _check_vectors(
+        _run("the item tower", model.encode_items, p.items.iloc[sample]),
+        "item",
+        model.item_feeds.output,
+        model.dim,
+        unit,
+    )
     with_history = np.flatnonzero(p.hist_rows[:, 0] >= 0)
     rows = with_history[p.split[with_history] == TEST] if (p.split[with_history] == TEST).any() else with_history
     if len(rows) == 0:
-        raise DataError(f"{data}: no interaction with an earlier one of the same user; the import needs histories "
-                        "to check that the towers share a space")
+        raise DataError(
+            f"{data}: no interaction with an earlier one of the same user; the import needs histories "
+            "to check that the towers share a space"
+        )
     rows = np.sort(rng.choice(rows, min(SAMPLE_USERS, len(rows)), replace=False))
     catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
     catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
@@ -432,12 +550,18 @@ def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> di
         own_mean.append(float(s_own.mean()))
         rand_mean.append(float(s_rand.mean()))
     auc = float(np.mean(aucs))
-    checks = {"sample_users": len(rows), "sample_items": len(sample), "history_auc": round(auc, 4),
-              "own_history_score": round(float(np.mean(own_mean)), 4),
-              "random_item_score": round(float(np.mean(rand_mean)), 4)}
+    checks = {
+        "sample_users": len(rows),
+        "sample_items": len(sample),
+        "history_auc": round(auc, 4),
+        "own_history_score": round(float(np.mean(own_mean)), 4),
+        "random_item_score": round(float(np.mean(rand_mean)), 4),
+    }
     if auc < min_auc:
-        raise ConfigError(f"the towers do not seem to share one space: a user's own history items outscore random "
-                          f"items in {auc:.0%} of pairs (at least {min_auc:.0%} expected; mean score "
-                          f"{checks['own_history_score']} vs {checks['random_item_score']}); check that the user and "
-                          "item towers are from one model and the [ids] vocabularies match their tables")
+        raise ConfigError(
+            f"the towers do not seem to share one space: a user's own history items outscore random "
+            f"items in {auc:.0%} of pairs (at least {min_auc:.0%} expected; mean score "
+            f"{checks['own_history_score']} vs {checks['random_item_score']}); check that the user and "
+            "item towers are from one model and the [ids] vocabularies match their tables"
+        )
     return checks

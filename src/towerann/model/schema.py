@@ -8,8 +8,9 @@ handled by the towers (the cold-start path), never rejected.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -88,7 +89,7 @@ class FeatureSchema:
     user_id_kind: str
 
     @classmethod
-    def from_frames(cls, items: pd.DataFrame, users: pd.DataFrame, history_len: int) -> "FeatureSchema":
+    def from_frames(cls, items: pd.DataFrame, users: pd.DataFrame, history_len: int) -> FeatureSchema:
         item_num, item_cat = feature_columns(pa.Schema.from_pandas(items, preserve_index=False), ITEM_RESERVED)
         user_num, user_cat = feature_columns(pa.Schema.from_pandas(users, preserve_index=False), USER_RESERVED)
         return cls(
@@ -117,8 +118,9 @@ class FeatureSchema:
         """Catalog rows (pandas or Arrow) -> (category idx [n], numeric f32 [n, a], categorical idx [n, b]).
 
         The one item encoder: training, batch embedding and live item writes all come through here."""
-        cols = _arrow_columns(frame, ["category", *(c.name for c in self.item_numeric),
-                                      *(c.name for c in self.item_categorical)])
+        cols = _arrow_columns(
+            frame, ["category", *(c.name for c in self.item_numeric), *(c.name for c in self.item_categorical)]
+        )
         cat = self.categories.encode_arrow(cols["category"])
         num = _standardise(cols, self.item_numeric, len(cat))
         cats = _stack_codes(cols, self.item_categorical, len(cat))
@@ -164,7 +166,7 @@ class FeatureSchema:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FeatureSchema":
+    def from_json(cls, d: Mapping[str, Any]) -> FeatureSchema:
         return cls(
             categories=CategoricalColumn("category", list(d["categories"])),
             item_numeric=[NumericColumn(c["name"], c["mean"], c["std"]) for c in d["item_numeric"]],

@@ -30,20 +30,22 @@ MAX_CLICKS = 10
 
 
 def _catalog_codes(model: TwoTowerModel, p: Prepared) -> tuple[np.ndarray, np.ndarray]:
-    return (model.item_vocab.encode(p.items["item_id"].to_numpy()),
-            model.schema.categories.encode(p.items["category"].to_numpy()))
+    return (
+        model.item_vocab.encode(p.items["item_id"].to_numpy()),
+        model.schema.categories.encode(p.items["category"].to_numpy()),
+    )
 
 
-def _hits(queries: np.ndarray, items: torch.Tensor, seen: list[np.ndarray], targets: np.ndarray,
-          k: int) -> np.ndarray:
+def _hits(queries: np.ndarray, items: torch.Tensor, seen: list[np.ndarray], targets: np.ndarray, k: int) -> np.ndarray:
     """rank of each target within the top-k (exact, seen items excluded); -1 when not in it."""
     top = rank_scores(torch.from_numpy(queries) @ items.T, seen, k)
     match = top == targets[:, None]
     return np.where(match.any(axis=1), match.argmax(axis=1), -1)
 
 
-def next_item_recall(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, max_users: int | None,
-                     seed: int) -> dict[str, Any]:
+def next_item_recall(
+    model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, max_users: int | None, seed: int
+) -> dict[str, Any]:
     vocab, cats = _catalog_codes(model, p)
     test = np.flatnonzero(p.split == TEST)
     users = np.unique(p.user_key[test])
@@ -54,7 +56,7 @@ def next_item_recall(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray
     first_of_user = dict(zip(p.user_key[firsts], firsts.tolist()))
     user_start = {p.user_key[r]: int(r) for r in np.r_[0, np.flatnonzero(p.user_key[1:] != p.user_key[:-1]) + 1]}
     frozen = np.array([first_of_user[p.user_key[r]] for r in test], np.int64)
-    seen = [np.unique(p.item_row[user_start[p.user_key[r]]:r]) for r in test]
+    seen = [np.unique(p.item_row[user_start[p.user_key[r]] : r]) for r in test]
     targets = p.item_row[test]
     items = torch.from_numpy(item_vectors)
     ranks: dict[str, list[np.ndarray]] = {"with_session": [], "without_session": []}
@@ -71,14 +73,22 @@ def next_item_recall(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray
     later = test != frozen
     for name, parts in ranks.items():
         r = (np.concatenate(parts) if parts else np.zeros(0, np.int64))[later]
-        out[name]["later_items"] = {f"recall@{k}": round(float(((r >= 0) & (r < k)).mean()) if len(r) else 0.0, 4)
-                                    for k in KS}
+        out[name]["later_items"] = {
+            f"recall@{k}": round(float(((r >= 0) & (r < k)).mean()) if len(r) else 0.0, 4) for k in KS
+        }
     out["later_items"] = int(later.sum())
     return out
 
 
-def interest_shift(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, n_users: int, seed: int,
-                   k: int = 100, max_clicks: int = MAX_CLICKS) -> dict[str, Any]:
+def interest_shift(
+    model: TwoTowerModel,
+    p: Prepared,
+    item_vectors: np.ndarray,
+    n_users: int,
+    seed: int,
+    k: int = 100,
+    max_clicks: int = MAX_CLICKS,
+) -> dict[str, Any]:
     vocab, cats = _catalog_codes(model, p)
     firsts = held_out(p, TEST).rows
     rng = np.random.default_rng(seed)
@@ -101,7 +111,7 @@ def interest_shift(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, 
         target = min(big, key=lambda c: (shown[c], c))  # the least shown; ties by name: deterministic
         pool = np.flatnonzero((category == target) & available)
         picked = pool[np.argsort(-popularity[pool], kind="stable")][:max_clicks]
-        clicks[i, :len(picked)] = picked
+        clicks[i, : len(picked)] = picked
         targets.append(target)
     targets_arr = np.asarray(targets, dtype=object)
     num, cat = model.schema.encode_user_frame(p.users)
@@ -112,10 +122,16 @@ def interest_shift(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, 
     shares = np.zeros((len(rows), max_clicks + 1))
     for n in range(max_clicks + 1):
         # the n clicks newest first, then the offline history, cut to the tower's history length
-        h = np.concatenate([clicks[:, :n][:, ::-1], offline], axis=1)[:, :offline.shape[1]]
+        h = np.concatenate([clicks[:, :n][:, ::-1], offline], axis=1)[:, : offline.shape[1]]
         filled = h >= 0
-        q = model.encode_users(p.user_key[rows], static_num, static_cat, np.where(filled, vocab[np.maximum(h, 0)], 0),
-                               np.where(filled, cats[np.maximum(h, 0)], 0), filled)
+        q = model.encode_users(
+            p.user_key[rows],
+            static_num,
+            static_cat,
+            np.where(filled, vocab[np.maximum(h, 0)], 0),
+            np.where(filled, cats[np.maximum(h, 0)], 0),
+            filled,
+        )
         top = torch.topk(torch.from_numpy(q) @ items.T, k, dim=1).indices.numpy()
         shares[:, n] = (category[top] == targets_arr[:, None]).mean(axis=1) if len(rows) else 0.0
     mean = shares.mean(axis=0) if len(rows) else np.zeros(max_clicks + 1)
@@ -124,22 +140,32 @@ def interest_shift(model: TwoTowerModel, p: Prepared, item_vectors: np.ndarray, 
         over = np.flatnonzero(mean > level)
         return int(over[0]) if len(over) else None
 
-    return {"users": int(len(rows)), "k": k, "share_by_clicks": [round(float(x), 4) for x in mean],
-            "clicks_to_20pct": clicks_to(0.2), "clicks_to_50pct": clicks_to(0.5)}
+    return {
+        "users": int(len(rows)),
+        "k": k,
+        "share_by_clicks": [round(float(x), 4) for x in mean],
+        "clicks_to_20pct": clicks_to(0.2),
+        "clicks_to_50pct": clicks_to(0.5),
+    }
 
 
-def evaluate_session(data: str | Path, model_dir: str | Path, max_users: int | None = 2000, shift_users: int = 200,
-                     seed: int = 0) -> dict[str, Any]:
+def evaluate_session(
+    data: str | Path, model_dir: str | Path, max_users: int | None = 2000, shift_users: int = 200, seed: int = 0
+) -> dict[str, Any]:
     model = TwoTowerModel.load(model_dir)
     p = prepare(data, model.cfg.history_len)
     vectors = model.encode_items(p.items)
-    return {"model_version": model.version, "history_len": model.cfg.history_len,
-            "next_item": next_item_recall(model, p, vectors, max_users, seed),
-            "interest_shift": interest_shift(model, p, vectors, shift_users, seed)}
+    return {
+        "model_version": model.version,
+        "history_len": model.cfg.history_len,
+        "next_item": next_item_recall(model, p, vectors, max_users, seed),
+        "interest_shift": interest_shift(model, p, vectors, shift_users, seed),
+    }
 
 
 def plot(result: dict[str, Any]) -> Any:
     """The share-of-category curve (for bench.report.write_report)."""
+
     def draw(fig: Any) -> None:
         ax1, ax2 = fig.subplots(1, 2)
         shift = result["interest_shift"]

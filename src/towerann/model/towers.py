@@ -54,8 +54,9 @@ class ItemTower(nn.Module):
         width = cfg.id_dim + cfg.category_dim + cfg.attr_dim * len(sizes.item_attr_sizes) + sizes.item_numeric
         self.mlp = nn.Sequential(nn.Linear(width, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
 
-    def forward(self, item_idx: torch.Tensor, cat_idx: torch.Tensor, numeric: torch.Tensor,
-                attrs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, item_idx: torch.Tensor, cat_idx: torch.Tensor, numeric: torch.Tensor, attrs: torch.Tensor
+    ) -> torch.Tensor:
         parts = [self.item_emb(item_idx), self.cat_emb(cat_idx), numeric]
         parts += [emb(attrs[:, j]) for j, emb in enumerate(self.attr_embs)]
         return F.normalize(self.mlp(torch.cat(parts, dim=1)), dim=1)
@@ -72,8 +73,15 @@ class UserTower(nn.Module):
         width = cfg.id_dim + cfg.attr_dim * len(sizes.user_attr_sizes) + sizes.user_numeric + 2 * hist
         self.mlp = nn.Sequential(nn.Linear(width, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.dim))
 
-    def forward(self, user_idx: torch.Tensor, numeric: torch.Tensor, attrs: torch.Tensor,
-                hist_idx: torch.Tensor, hist_cat: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        user_idx: torch.Tensor,
+        numeric: torch.Tensor,
+        attrs: torch.Tensor,
+        hist_idx: torch.Tensor,
+        hist_cat: torch.Tensor,
+        hist_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """hist_* are [n, N], newest first; hist_mask is 1.0 where a history slot is filled."""
         hist = torch.cat([self.item_emb(hist_idx), self.cat_emb(hist_cat)], dim=2) * hist_mask.unsqueeze(2)
         pooled = hist.sum(dim=1) / hist_mask.sum(dim=1, keepdim=True).clamp(min=1.0)

@@ -60,9 +60,15 @@ def item_vocabulary(p: Prepared, max_items: int) -> np.ndarray:
     return p.items["item_id"].to_numpy()[order]
 
 
-def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | None = None,
-          cfg: TrainConfig | None = None, name: str | None = None, overwrite: bool = False,
-          progress: bool | None = None) -> TwoTowerModel:
+def train(
+    data: str | Path,
+    out: str | Path | None = None,
+    tower: TowerConfig | None = None,
+    cfg: TrainConfig | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> TwoTowerModel:
     tower = tower or TowerConfig()
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
@@ -72,8 +78,9 @@ def train(data: str | Path, out: str | Path | None = None, tower: TowerConfig | 
     return model
 
 
-def fit(p: Prepared, data: str, tower: TowerConfig, cfg: TrainConfig, progress: bool | None = None,
-        t0: float | None = None) -> TwoTowerModel:
+def fit(
+    p: Prepared, data: str, tower: TowerConfig, cfg: TrainConfig, progress: bool | None = None, t0: float | None = None
+) -> TwoTowerModel:
     """Train on the TRAIN split of prepared data, early-stopping on VALID; the test split is never read."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -112,9 +119,14 @@ def fit(p: Prepared, data: str, tower: TowerConfig, cfg: TrainConfig, progress: 
         order = torch.from_numpy(rng.permutation(train_rows))
         total, steps = 0.0, 0
         batches = range(0, len(order), cfg.batch_size)
-        for s in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=True if progress is False else None,
-                      leave=False):
-            rows = order[s:s + cfg.batch_size]
+        for s in tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=True if progress is False else None,
+            leave=False,
+        ):
+            rows = order[s : s + cfg.batch_size]
             if len(rows) < 2:
                 continue
             items = pos_rows[rows]
@@ -122,8 +134,14 @@ def fit(p: Prepared, data: str, tower: TowerConfig, cfg: TrainConfig, progress: 
             uidx = torch.where(torch.rand(len(rows)) < cfg.id_dropout, 0, uidx)
             ur = urow[rows]
             k = known[rows].unsqueeze(1)
-            u = net.user_tower(uidx, user_num_t[ur] * k, user_cat_t[ur] * k, hist_idx_all[rows], hist_cat_all[rows],
-                               hist_mask_all[rows])
+            u = net.user_tower(
+                uidx,
+                user_num_t[ur] * k,
+                user_cat_t[ur] * k,
+                hist_idx_all[rows],
+                hist_cat_all[rows],
+                hist_mask_all[rows],
+            )
             iidx = torch.where(torch.rand(len(rows)) < cfg.item_id_dropout, 0, item_idx[items])
             v = net.item_tower(iidx, item_cat[items], item_num[items], item_attrs[items])
             logits = (u @ v.T) / cfg.temperature - cfg.logq_weight * log_q[items].unsqueeze(0)
@@ -135,12 +153,18 @@ def fit(p: Prepared, data: str, tower: TowerConfig, cfg: TrainConfig, progress: 
             opt.step()
             total += float(loss.detach())
             steps += 1
-        val = metrics(two_tower_topk(model, p, valid, cfg.eval_k), valid.targets, (cfg.eval_k,)) if len(valid.rows) else {}
+        val = (
+            metrics(two_tower_topk(model, p, valid, cfg.eval_k), valid.targets, (cfg.eval_k,))
+            if len(valid.rows)
+            else {}
+        )
         score = val.get(f"recall@{cfg.eval_k}", -total)
         history.append({"epoch": epoch + 1, "loss": total / max(steps, 1), f"val_recall@{cfg.eval_k}": score})
         log.info("epoch %d loss %.4f val recall@%d %.4f", epoch + 1, total / max(steps, 1), cfg.eval_k, score)
         if progress is not False:
-            print(f"epoch {epoch + 1}: loss {total / max(steps, 1):.4f}  val recall@{cfg.eval_k} {score:.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1}: loss {total / max(steps, 1):.4f}  val recall@{cfg.eval_k} {score:.4f}", flush=True
+            )
         if score > best:
             best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch + 1
         elif epoch + 1 - best_epoch >= cfg.patience:

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
 DICT_MAX = 100_000  # single lookups: a dict up to this many ids, binary search in sorted ids above
 
 

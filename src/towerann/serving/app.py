@@ -36,8 +36,9 @@ import functools
 import hmac
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import Annotated, Any, Awaitable, Callable, Protocol
+from typing import Annotated, Any, Protocol
 
 import orjson
 from fastapi import Depends, FastAPI, Path, Request
@@ -48,21 +49,37 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from towerann.errors import (BackendUnavailable, BadRequest, Forbidden, NotFound, ShardsUnavailable, TowerannError,
-                             Unauthorized)
+from towerann.errors import (
+    BackendUnavailable,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    ShardsUnavailable,
+    TowerannError,
+    Unauthorized,
+)
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.monitor import RecallMonitor
 from towerann.serving.retriever import STAGES, Retriever, int64_spelling_in_range
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("/v1/candidates", "/v1/events", "/v1/items", "/v1/admin/reload", "/v1/admin/recall", "/healthz", "/readyz",
-          "/metrics")
+ROUTES = (
+    "/v1/candidates",
+    "/v1/events",
+    "/v1/items",
+    "/v1/admin/reload",
+    "/v1/admin/recall",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 RECALL_BUCKETS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 
 
 # ---- schema (OpenAPI) -------------------------------------------------------------------------------
+
 
 class Candidate(BaseModel):
     item_id: int | str
@@ -74,10 +91,15 @@ class CandidatesResponse(BaseModel):
     model_version: str
     index_version: str
     timings_ms: dict[str, float]
-    degraded: bool = Field(description="true: the feature store did not answer in time, so these candidates "
-                                       "were ranked without the user's features and session (cold start)")
-    partial: bool | None = Field(None, description="only when true: a sharded index answered without some "
-                                 "shards (late or restarting); the candidates are the best of the other shards' items")
+    degraded: bool = Field(
+        description="true: the feature store did not answer in time, so these candidates "
+        "were ranked without the user's features and session (cold start)"
+    )
+    partial: bool | None = Field(
+        None,
+        description="only when true: a sharded index answered without some "
+        "shards (late or restarting); the candidates are the best of the other shards' items",
+    )
     missing_shards: list[int] | None = Field(None, description="with partial: the shards left out")
 
 
@@ -172,11 +194,15 @@ def request_models(max_k: int = 1000, max_id_length: int = 256, max_items: int =
     class CandidatesRequest(RequestBody):
         model_config = ConfigDict(extra="forbid", strict=True)
         user_id: Id | JsonInt | None = Field(None, description=id_doc + "; or give query_vector instead")
-        query_vector: list[float] | None = Field(None, description="instead of user_id: a user-tower output made "
-                                                 "by the caller (the served index's dim, finite numbers)")
+        query_vector: list[float] | None = Field(
+            None,
+            description="instead of user_id: a user-tower output made "
+            "by the caller (the served index's dim, finite numbers)",
+        )
         # The bounds are checked by the Retriever (400 with what to send), and documented here.
-        k: JsonInt = Field(description=f"number of candidates, 1..{max_k}",
-                       json_schema_extra={"minimum": 1, "maximum": max_k})
+        k: JsonInt = Field(
+            description=f"number of candidates, 1..{max_k}", json_schema_extra={"minimum": 1, "maximum": max_k}
+        )
         filter: CandidateFilter | None = None
 
     class EventRequest(RequestBody):
@@ -184,17 +210,28 @@ def request_models(max_k: int = 1000, max_id_length: int = 256, max_items: int =
         user_id: Id | JsonInt = Field(description=id_doc)
         item_id: Id | JsonInt = Field(description="the catalog's item id: " + id_doc)
         type: Id = "click"
-        ts: float | None = Field(None, description="unix seconds, within the session window ([features] ttl_s) "
-                                                   "and at most [serve] max_clock_skew_s ahead; omitted = now")
+        ts: float | None = Field(
+            None,
+            description="unix seconds, within the session window ([features] ttl_s) "
+            "and at most [serve] max_clock_skew_s ahead; omitted = now",
+        )
 
     class ItemsRequest(RequestBody):
         model_config = ConfigDict(extra="forbid", strict=True)
-        items: list[dict[str, Any]] = Field(description="item rows: item_id (string or integer), category, available?, "
-                                                        "and the item tower's feature columns",
-                                            min_length=1, max_length=max_items)
+        items: list[dict[str, Any]] = Field(
+            description="item rows: item_id (string or integer), category, available?, "
+            "and the item tower's feature columns",
+            min_length=1,
+            max_length=max_items,
+        )
 
-    return SimpleNamespace(CandidateFilter=CandidateFilter, CandidatesRequest=CandidatesRequest,
-                           EventRequest=EventRequest, ItemsRequest=ItemsRequest, ItemId=Id)
+    return SimpleNamespace(
+        CandidateFilter=CandidateFilter,
+        CandidatesRequest=CandidatesRequest,
+        EventRequest=EventRequest,
+        ItemsRequest=ItemsRequest,
+        ItemId=Id,
+    )
 
 
 _defaults = request_models()  # for Python callers and tests; each app builds its own with its limits
@@ -253,6 +290,7 @@ class BundleReloads(Protocol):
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
+
 class Metrics:
     """Per-app registry, so two apps in one process (tests) never share counters.
 
@@ -263,29 +301,63 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("towerann_http_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=self.registry)
-        self.stage = Histogram("towerann_stage_seconds", "server-side time per request stage",
-                               ["stage"], buckets=BUCKETS_S, registry=self.registry)
+        self.requests = Counter(
+            "towerann_http_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.stage = Histogram(
+            "towerann_stage_seconds",
+            "server-side time per request stage",
+            ["stage"],
+            buckets=BUCKETS_S,
+            registry=self.registry,
+        )
         self.stage_children = {s: self.stage.labels(stage=s) for s in STAGES}
         # livemax: with several workers, the largest index among the live ones (they converge on one)
-        self.index_items = Gauge("towerann_index_items", "live items in the served index", registry=self.registry,
-                                 multiprocess_mode="livemax")
-        self.reloads = Counter("towerann_bundle_reloads", "bundle reloads by outcome (swapped, refused)",
-                               ["outcome"], registry=self.registry)
-        self.degraded = Counter("towerann_degraded_answers", "candidates answered without the user's features "
-                                "(the feature store was down or missed its deadline)", registry=self.registry)
-        self.partial = Counter("towerann_partial_answers", "candidates answered without some shards of a sharded "
-                               "index (late or restarting)", registry=self.registry)
+        self.index_items = Gauge(
+            "towerann_index_items",
+            "live items in the served index",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.reloads = Counter(
+            "towerann_bundle_reloads",
+            "bundle reloads by outcome (swapped, refused)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "towerann_degraded_answers",
+            "candidates answered without the user's features (the feature store was down or missed its deadline)",
+            registry=self.registry,
+        )
+        self.partial = Counter(
+            "towerann_partial_answers",
+            "candidates answered without some shards of a sharded index (late or restarting)",
+            registry=self.registry,
+        )
         # the online recall monitor (serving.monitor); livemin: with several workers, the worst one
-        self.recall = Gauge("towerann_recall", "recall@k vs exact search of sampled live requests (mean of the "
-                            "last samples)", ["bundle", "filter"], registry=self.registry, multiprocess_mode="livemin")
-        self.recall_samples = Histogram("towerann_recall_sample", "recall@k vs exact search, one per sampled request",
-                                        ["bundle", "filter"], buckets=RECALL_BUCKETS, registry=self.registry)
-        self.recall_dropped = Counter("towerann_recall_samples_dropped", "sampled requests not scored (queue_full: "
-                                      "its queue was full; busy: within its duty cycle, [monitor] max_busy; stale: "
-                                      "their bundle was swapped out)", ["reason"],
-                                      registry=self.registry)
+        self.recall = Gauge(
+            "towerann_recall",
+            "recall@k vs exact search of sampled live requests (mean of the last samples)",
+            ["bundle", "filter"],
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.recall_samples = Histogram(
+            "towerann_recall_sample",
+            "recall@k vs exact search, one per sampled request",
+            ["bundle", "filter"],
+            buckets=RECALL_BUCKETS,
+            registry=self.registry,
+        )
+        self.recall_dropped = Counter(
+            "towerann_recall_samples_dropped",
+            "sampled requests not scored (queue_full: "
+            "its queue was full; busy: within its duty cycle, [monitor] max_busy; stale: "
+            "their bundle was swapped out)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._exposed = [self.registry]
         info_registry = self.registry
         if multiprocess_dir is not None:
@@ -301,6 +373,7 @@ class Metrics:
 
     def watch(self, monitor: RecallMonitor) -> None:
         """Export what the recall monitor measures (its thread calls these; prometheus_client is thread-safe)."""
+
         def sample(version: str, kind: str, recall: float, mean: float) -> None:
             self.recall.labels(bundle=version, filter=kind).set(mean)
             self.recall_samples.labels(bundle=version, filter=kind).observe(recall)
@@ -316,8 +389,9 @@ class Metrics:
 
     def on_swap(self, bundle: RetrievalBundle) -> None:
         self.index_items.set(len(bundle.index))
-        self.bundle.info({"index_version": bundle.version, "model_version": bundle.model_version,
-                          "index": bundle.index.describe()})
+        self.bundle.info(
+            {"index_version": bundle.version, "model_version": bundle.model_version, "index": bundle.index.describe()}
+        )
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -377,21 +451,32 @@ class GuardMiddleware:
         except Exception as exc:
             log.exception("unexpected error on %s %s", scope.get("method"), path)
             if status[0] == 0:  # nothing sent yet: answer it, and the connection stays usable
-                await _error(500, f"internal error ({type(exc).__name__}); see the server log")(scope, receive,
-                                                                                                 send_counted)
+                await _error(500, f"internal error ({type(exc).__name__}); see the server log")(
+                    scope, receive, send_counted
+                )
         finally:
             # 499 (nginx's "client closed request"): the client went away before any answer started
             self.metrics.requests.labels(route=route, status=str(status[0] or 499)).inc()
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        await _error(413, f"request body over {self.max_body} bytes; send a smaller body "
-                          "(raise [serve] max_body_bytes if this was intended)")(scope, receive, send)
+        await _error(
+            413,
+            f"request body over {self.max_body} bytes; send a smaller body "
+            "(raise [serve] max_body_bytes if this was intended)",
+        )(scope, receive, send)
 
 
-def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWrites | None = None,
-               reloader: BundleReloads | None = None, token: str | None = None,
-               max_items_per_write: int = 1000, worker: str | None = None,
-               metrics_dir: str | None = None, freshen: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+def create_app(
+    retriever: Retriever,
+    max_body_bytes: int = 65536,
+    writer: ItemWrites | None = None,
+    reloader: BundleReloads | None = None,
+    token: str | None = None,
+    max_items_per_write: int = 1000,
+    worker: str | None = None,
+    metrics_dir: str | None = None,
+    freshen: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
     """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
 
     writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
@@ -406,8 +491,12 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
         metrics.watch(retriever.monitor)
     models = request_models(retriever.max_k, retriever.max_id_length, max_items_per_write)
     # redirect_slashes off: Starlette would build the redirect's Location from the Host header
-    app = FastAPI(title="towerann", summary="two-tower retrieval: top-K candidates for a user, now",
-                  responses={}, redirect_slashes=False)
+    app = FastAPI(
+        title="towerann",
+        summary="two-tower retrieval: top-K candidates for a user, now",
+        responses={},
+        redirect_slashes=False,
+    )
     app.state.retriever, app.state.metrics = retriever, metrics
     delta = getattr(writer, "delta", None)
     _add_read_routes(app, retriever, metrics, models, delta, freshen)
@@ -421,8 +510,14 @@ def create_app(retriever: Retriever, max_body_bytes: int = 65536, writer: ItemWr
     return app
 
 
-def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, models: Any, delta: Any,
-                     freshen: Callable[[], Awaitable[None]] | None) -> None:
+def _add_read_routes(
+    app: FastAPI,
+    retriever: Retriever,
+    metrics: Metrics,
+    models: Any,
+    delta: Any,
+    freshen: Callable[[], Awaitable[None]] | None,
+) -> None:
     """candidates, events, healthz, readyz, metrics: no token."""
     holder, observe = retriever.holder, metrics.stage_children
     CandidatesRequest, EventRequest = models.CandidatesRequest, models.EventRequest
@@ -440,9 +535,13 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
             observe[stage].observe(ms / 1e3)
         if c.degraded:
             metrics.degraded.inc()
-        body = {"candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
-                "model_version": c.model_version, "index_version": c.index_version, "timings_ms": c.timings_ms,
-                "degraded": c.degraded}
+        body = {
+            "candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
+            "model_version": c.model_version,
+            "index_version": c.index_version,
+            "timings_ms": c.timings_ms,
+            "degraded": c.degraded,
+        }
         if c.partial:  # absent otherwise: an unsharded answer has nothing to say here
             metrics.partial.inc()
             body.update(partial=True, missing_shards=list(c.missing_shards))
@@ -460,7 +559,7 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         return {"status": "ok"}
 
     async def probe(dependency: Any) -> str:
-        """"up" or "down", within [features] timeout_ms; a dependency that failed a moment ago is not waited on."""
+        """ "up" or "down", within [features] timeout_ms; a dependency that failed a moment ago is not waited on."""
         if not getattr(dependency, "does_io", False):
             try:
                 dependency.ping()
@@ -472,7 +571,7 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         try:
             await asyncio.wait_for(asyncio.to_thread(dependency.ping), retriever.features_timeout_s)
             return "up"
-        except (asyncio.TimeoutError, TowerannError):
+        except (TimeoutError, TowerannError):
             return "down"
 
     @app.get("/readyz", responses={503: _JSON_ERROR})
@@ -498,27 +597,54 @@ def _add_read_routes(app: FastAPI, retriever: Retriever, metrics: Metrics, model
         # No path: anyone may ask /readyz, and the disk layout is for the server's log (the version names the bundle)
         bundle = {key: value for key, value in b.describe().items() if key != "path"}
         why = {"durability": f"{not_durable}: item writes and clicks are refused until Redis logs writes again"}
-        return JSONResponse({"status": "ready", "degraded": degraded, "dependencies": deps, **recall,
-                             **(why if not_durable else {}),
-                             **({"missing_shards": missing} if missing else {}), **bundle})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "degraded": degraded,
+                "dependencies": deps,
+                **recall,
+                **(why if not_durable else {}),
+                **({"missing_shards": missing} if missing else {}),
+                **bundle,
+            }
+        )
 
-    @app.get("/metrics", response_class=PlainTextResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition format"}})
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format",
+            }
+        },
+    )
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: ItemWrites | None,
-                      reloader: BundleReloads | None, token: str | None, delta: Any) -> None:
+def _add_write_routes(
+    app: FastAPI,
+    retriever: Retriever,
+    models: Any,
+    writer: ItemWrites | None,
+    reloader: BundleReloads | None,
+    token: str | None,
+    delta: Any,
+) -> None:
     """Item writes and the admin reload: bearer token."""
     holder, ItemsRequest = retriever.holder, models.ItemsRequest
-    PathItemId = Annotated[str, Path(min_length=1, max_length=retriever.max_id_length,
-                                     description="the catalog's item id")]
+    PathItemId = Annotated[
+        str, Path(min_length=1, max_length=retriever.max_id_length, description="the catalog's item id")
+    ]
     # A delta log on the network (Redis): its writes run in one worker thread, so a hung Redis holds
     # only that write, never the loop; the index change itself runs on the loop (apply_on), where
     # no search can overlap it, so searches never wait on the log.
-    write_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="towerann-write") if getattr(delta, "does_io", False) else None
+    write_pool = (
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="towerann-write")
+        if getattr(delta, "does_io", False)
+        else None
+    )
     app.state.write_pool = write_pool
 
     async def authorize(request: Request) -> None:
@@ -531,8 +657,10 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
     async def authorize_admin(request: Request) -> None:
         """The bearer token, for every route that needs it (writes and admin reads)."""
         if token is None:
-            raise Forbidden("writes and admin routes are disabled: no API token is configured (set "
-                            "TOWERANN_API_TOKEN or [freshness] token_file)")
+            raise Forbidden(
+                "writes and admin routes are disabled: no API token is configured (set "
+                "TOWERANN_API_TOKEN or [freshness] token_file)"
+            )
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme in any case (RFC 9110); the token compared in constant time, whatever the scheme was
         same = hmac.compare_digest(given.strip().encode(), token.encode())
@@ -543,8 +671,9 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
         if write_pool is None:
             return fn(*args)  # a local delta log (SQLite): on the loop, as searches are
         if not delta.available():
-            raise BackendUnavailable("the delta log's Redis is unavailable (it failed a moment ago); nothing was "
-                                     "written: retry later")
+            raise BackendUnavailable(
+                "the delta log's Redis is unavailable (it failed a moment ago); nothing was written: retry later"
+            )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(write_pool, functools.partial(fn, *args, apply_on=on_loop(loop)))
 
@@ -571,8 +700,11 @@ def _add_write_routes(app: FastAPI, retriever: Retriever, models: Any, writer: I
         info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
 
-    @app.get("/v1/admin/recall", responses={k: v for k, v in WRITE_ERRORS.items() if k in (401, 403, 404)},
-             dependencies=[Depends(authorize_admin)])
+    @app.get(
+        "/v1/admin/recall",
+        responses={k: v for k, v in WRITE_ERRORS.items() if k in (401, 403, 404)},
+        dependencies=[Depends(authorize_admin)],
+    )
     async def recall() -> JSONResponse:
         """The online recall monitor: recall@k vs exact search of sampled live requests, per bundle
         version and filter kind, with sample sizes ([monitor] in the config)."""
@@ -587,6 +719,7 @@ APPLY_WAIT_S = 60.0  # the loop runs a change within milliseconds; this only bou
 
 def on_loop(loop: asyncio.AbstractEventLoop) -> ApplyOn:
     """An ApplyOn for a worker thread: run the change on `loop` between two handlers, and wait for it."""
+
     def apply(change: Callable[[], None]) -> None:
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
 

@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy, sha256_file
-from towerann.cluster import create_index, load_index
-from towerann.embed.attributes import attribute_key, read_vector_attributes
-from towerann.embed.vectors import VectorSet
+from towerann.data.attributes import attribute_key, read_vector_attributes
+from towerann.data.vectors_dir import VectorSet
 from towerann.errors import ArtifactError, BackendUnavailable, IndexIncompatible
-from towerann.index import Index
-from towerann.index.build import SHARDED, Tuning, build_index, split_params
-from towerann.index.plan import calibrate
+from towerann.index import SHARDED, Index, load
+from towerann.index.build import Tuning, build_index, split_params
+from towerann.index.filter_plan import calibrate
 from towerann.index.snapshot import publish, read_checked_manifest, resolve
 
 if TYPE_CHECKING:
@@ -47,17 +47,25 @@ log = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
 
 
-def _vector_set(vectors: "VectorSet | str | Path") -> "VectorSet":
-    from towerann.embed.vectors import read_vectors
+def _vector_set(vectors: VectorSet | str | Path) -> VectorSet:
+    from towerann.data.vectors_dir import read_vectors
 
     return vectors if isinstance(vectors, VectorSet) else read_vectors(vectors)
 
 
-def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet | str | Path", kind: str = "auto",
-                   params: dict[str, Any] | None = None, tuning: Tuning | None = None, keep: int = 3,
-                   index: Index | None = None, delta_seq: int = 0,
-                   attributes: dict[str, tuple[np.ndarray, list[str]]] | None = None,
-                   calibrate_filters: bool = True) -> Path:
+def publish_bundle(
+    root: str | Path,
+    model_dir: str | Path,
+    vectors: VectorSet | str | Path,
+    kind: str = "auto",
+    params: dict[str, Any] | None = None,
+    tuning: Tuning | None = None,
+    keep: int = 3,
+    index: Index | None = None,
+    delta_seq: int = 0,
+    attributes: dict[str, tuple[np.ndarray, list[str]]] | None = None,
+    calibrate_filters: bool = True,
+) -> Path:
     """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it.
 
     delta_seq: the last delta-log entry folded into `vectors` (a refresh's cut-off); a server that
@@ -74,13 +82,16 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
     model_version = model_version_of(model_dir)
     vs = _vector_set(vectors)
     if vs.model_version != model_version:
-        raise IndexIncompatible(f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
-                                f"{model_version!r}; embed the catalog with this model first")
+        raise IndexIncompatible(
+            f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
+            f"{model_version!r}; embed the catalog with this model first"
+        )
     if attributes is None:
         attributes = {} if isinstance(vectors, VectorSet) else read_vector_attributes(vectors)
     if index is None:
-        index = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params,
-                            tuning=tuning, metric=vs.metric, create_index=create_index)
+        index = build_index(
+            vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params, tuning=tuning, metric=vs.metric
+        )
         if index.kind == SHARDED and tuning is not None and calibrate_filters:
             # calibrate measures a backend's own paths; the shards keep the default thresholds
             log.info("sharded index: no filter plan measured (the shards use the default thresholds)")
@@ -89,13 +100,17 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
             index.search_defaults.update(split_params(index.kind, dict(params or {}))[1])  # explicit params win
     for name, (codes, values) in attributes.items():
         if len(codes) < len(vs.external_ids) or (len(codes) and int(codes.max()) >= len(values)):
-            raise ArtifactError(f"attribute {name!r}: expected a code (< {len(values)} values) per internal id, "
-                                f"got {len(codes)} codes for {len(vs.external_ids)} ids")
+            raise ArtifactError(
+                f"attribute {name!r}: expected a code (< {len(values)} values) per internal id, "
+                f"got {len(codes)} codes for {len(vs.external_ids)} ids"
+            )
     if attributes:
         index.set_attributes(vs.ids, {name: codes[vs.ids] for name, (codes, _) in attributes.items()})
     if sorted(attributes) != index.attribute_names:
-        raise ArtifactError(f"the index holds attributes {index.attribute_names} but their values are given for "
-                            f"{sorted(attributes)}; pass attributes= for each")
+        raise ArtifactError(
+            f"the index holds attributes {index.attribute_names} but their values are given for "
+            f"{sorted(attributes)}; pass attributes= for each"
+        )
     n_ext = int(vs.ids.max()) + 1 if len(vs) else 0
     if len(vs.external_ids) < n_ext or len(vs.categories) != len(vs.ids):
         raise ArtifactError("vectors: external_ids must cover every internal id and categories one per item")
@@ -108,9 +123,22 @@ def publish_bundle(root: str | Path, model_dir: str | Path, vectors: "VectorSet 
         save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
         save_npy(tmp / "item_categories.npy", item_cats)
 
-    path = publish(index, root, model_version, keep=keep, add_files=add_files, extra={"bundle": {
-        "format": BUNDLE_FORMAT, "category_names": list(vs.category_names), "items": len(vs),
-        "delta_seq": int(delta_seq), "attributes": {name: list(values) for name, (_, values) in attributes.items()}}})
+    path = publish(
+        index,
+        root,
+        model_version,
+        keep=keep,
+        add_files=add_files,
+        extra={
+            "bundle": {
+                "format": BUNDLE_FORMAT,
+                "category_names": list(vs.category_names),
+                "items": len(vs),
+                "delta_seq": int(delta_seq),
+                "attributes": {name: list(values) for name, (_, values) in attributes.items()},
+            }
+        },
+    )
     log.info("published bundle %s (%s, %d items, model %s)", path, index.describe(), len(index), model_version)
     return path
 
@@ -173,8 +201,8 @@ class RetrievalBundle:
     path: Path
     version: str  # the snapshot (index) version
     model_version: str
-    model: "TwoTowerModel"
-    encoder: "UserEncoder"
+    model: TwoTowerModel
+    encoder: UserEncoder
     index: Index
     external_ids: np.ndarray  # external item id per internal id
     category_names: list[str]
@@ -188,8 +216,13 @@ class RetrievalBundle:
     attribute_code: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> value -> code
 
     @classmethod
-    def load(cls, directory: str | Path, model_dir: str | Path | None = None, runtime: str = "onnx",
-             index_loader: Callable[[Path], Index] | None = None) -> "RetrievalBundle":
+    def load(
+        cls,
+        directory: str | Path,
+        model_dir: str | Path | None = None,
+        runtime: str = "onnx",
+        index_loader: Callable[[Path], Index] | None = None,
+    ) -> RetrievalBundle:
         """Load a bundle directory, or a root's CURRENT bundle; refuse a mismatched pairing.
 
         A plain index snapshot (from `towerann index build`) is served too when `model_dir` is given:
@@ -206,16 +239,20 @@ class RetrievalBundle:
                 from towerann.model.model import model_version_of
 
                 if model_version_of(model_dir) != model_version_of(path / "model"):
-                    raise IndexIncompatible(f"{path} carries model {model_version_of(path / 'model')!r}, but "
-                                            f"{model_dir} is {model_version_of(model_dir)!r}; drop --model to serve the bundle's own")
+                    raise IndexIncompatible(
+                        f"{path} carries model {model_version_of(path / 'model')!r}, but "
+                        f"{model_dir} is {model_version_of(model_dir)!r}; drop --model to serve the bundle's own"
+                    )
             model_dir = path / "model"
         elif model_dir is None:
-            raise ArtifactError(f"{path}: no model/ directory; this is a plain index snapshot - give the model "
-                                "directory it was built from (--model), or publish a bundle (publish_bundle)")
+            raise ArtifactError(
+                f"{path}: no model/ directory; this is a plain index snapshot - give the model "
+                "directory it was built from (--model), or publish a bundle (publish_bundle)"
+            )
         model_dir = Path(model_dir)
         model = TwoTowerModel.load(model_dir)
         if index_loader is None:
-            index = load_index(path, expected_model_version=model.version, expected_dim=model.dim)
+            index = load(path, expected_model_version=model.version, expected_dim=model.dim)
         else:
             _check_front_files(path, model.version, model.dim)
             index = index_loader(path)
@@ -233,17 +270,24 @@ class RetrievalBundle:
             names = [str(n) for n in info["category_names"]]
             attr_values = {str(a): [str(v) for v in vals] for a, vals in (info.get("attributes") or {}).items()}
             if sorted(attr_values) != index.attribute_names:
-                raise ArtifactError(f"{path}: the bundle lists attributes {sorted(attr_values)}, its index holds "
-                                    f"{index.attribute_names}; republish the bundle")
+                raise ArtifactError(
+                    f"{path}: the bundle lists attributes {sorted(attr_values)}, its index holds "
+                    f"{index.attribute_names}; republish the bundle"
+                )
         else:
             vectors_dir = m.get("vectors_dir")
             if not vectors_dir:
-                raise ArtifactError(f"{path}/manifest.json: neither 'bundle' nor 'vectors_dir'; publish a bundle instead")
+                raise ArtifactError(
+                    f"{path}/manifest.json: neither 'bundle' nor 'vectors_dir'; publish a bundle instead"
+                )
             vs = _vector_set(vectors_dir)
             external_ids, names = vs.external_ids, [str(n) for n in vs.category_names]
             # a plain snapshot filters on the attributes its index was built with
-            attr_values = {a: vals for a, (_, vals) in read_vector_attributes(vectors_dir, verify=False).items()
-                           if a in index.attribute_names}
+            attr_values = {
+                a: vals
+                for a, (_, vals) in read_vector_attributes(vectors_dir, verify=False).items()
+                if a in index.attribute_names
+            }
             item_cats = np.full(len(external_ids), -1, np.int32)
             item_cats[vs.ids] = vs.categories
         if item_cats.shape != external_ids.shape:
@@ -252,13 +296,23 @@ class RetrievalBundle:
         to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
         item_model_cat = to_model[np.where(item_cats >= 0, item_cats, len(names))]
         item_internal = IdLookup(external_ids)
-        return cls(path=path, version=path.name, model_version=model.version, model=model,
-                   encoder=UserEncoder(model, model_dir, runtime=runtime), index=index, external_ids=external_ids,
-                   category_names=names, category_code={n: i for i, n in enumerate(names)},
-                   item_internal=item_internal, item_model_cat=item_model_cat,
-                   history_len=model.cfg.history_len, delta_seq=int((info or {}).get("delta_seq", 0)),
-                   attribute_values=attr_values,
-                   attribute_code={a: {v: i for i, v in enumerate(vals)} for a, vals in attr_values.items()})
+        return cls(
+            path=path,
+            version=path.name,
+            model_version=model.version,
+            model=model,
+            encoder=UserEncoder(model, model_dir, runtime=runtime),
+            index=index,
+            external_ids=external_ids,
+            category_names=names,
+            category_code={n: i for i, n in enumerate(names)},
+            item_internal=item_internal,
+            item_model_cat=item_model_cat,
+            history_len=model.cfg.history_len,
+            delta_seq=int((info or {}).get("delta_seq", 0)),
+            attribute_values=attr_values,
+            attribute_code={a: {v: i for i, v in enumerate(vals)} for a, vals in attr_values.items()},
+        )
 
     # ---- changes: each one all-or-nothing, the index first ------------------------------------------
     def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: np.ndarray, seq: int | None = None) -> None:
@@ -296,8 +350,9 @@ class RetrievalBundle:
                 ext = np.asarray(list(new_ids))
                 ext = ext.astype(np.result_type(self.external_ids.dtype, ext.dtype))
             self.external_ids = np.concatenate([self.external_ids, ext])
-            self.item_model_cat = np.concatenate([self.item_model_cat,
-                                                  np.fromiter(new_model_cats.values(), np.int64, len(new_ids))])
+            self.item_model_cat = np.concatenate(
+                [self.item_model_cat, np.fromiter(new_model_cats.values(), np.int64, len(new_ids))]
+            )
             for item_id, iid in new_ids.items():
                 self.item_internal[item_id] = iid
         for iid, cat in recoded.items():
@@ -311,8 +366,9 @@ class RetrievalBundle:
                 self.attribute_code[attr][value] = code
         self._advance(seq)
 
-    def _attribute_codes(self, rows: Sequence[Mapping[str, Any]], internal: np.ndarray
-                         ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+    def _attribute_codes(
+        self, rows: Sequence[Mapping[str, Any]], internal: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
         """Per attribute, the rows' codes: a value given (null: no value, -1), else the item's current
         one (an upsert that leaves an attribute out keeps it, as a rebuild from the folded catalog does).
         Also the values this bundle never saw, with their new codes (appended once the write succeeded)."""
@@ -373,6 +429,11 @@ class RetrievalBundle:
             items = None if missing else len(self.index)
         except BackendUnavailable:
             items = None
-        return {"path": str(self.path), "index_version": self.version, "model_version": self.model_version,
-                "index": self.index.describe(), "items": items, "delta_seq": self.delta_seq}
-
+        return {
+            "path": str(self.path),
+            "index_version": self.version,
+            "model_version": self.model_version,
+            "index": self.index.describe(),
+            "items": items,
+            "delta_seq": self.delta_seq,
+        }

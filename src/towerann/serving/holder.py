@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from towerann.errors import BackendUnavailable
 from towerann.serving.bundle import RetrievalBundle

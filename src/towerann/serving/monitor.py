@@ -31,9 +31,10 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, ContextManager
 
 import numpy as np
 
@@ -91,8 +92,16 @@ class _Stats:
 
 
 class RecallMonitor:
-    def __init__(self, holder: BundleHolder, sample: float = 0.01, threshold: float = 0.9, queue_size: int = 64,
-                 guard: ContextManager[Any] | None = None, start: bool = True, max_busy: float = 1.0):
+    def __init__(
+        self,
+        holder: BundleHolder,
+        sample: float = 0.01,
+        threshold: float = 0.9,
+        queue_size: int = 64,
+        guard: ContextManager[Any] | None = None,
+        start: bool = True,
+        max_busy: float = 1.0,
+    ):
         self.holder = holder
         self.sample, self.threshold = float(sample), float(threshold)
         # Duty cycle: after a sample that took t s, none is taken for t / max_busy - t s (see config).
@@ -152,8 +161,14 @@ class RecallMonitor:
             finally:
                 self._queue.task_done()
 
-    def process(self, bundle_ref: Callable[[], RetrievalBundle | None], query: np.ndarray, k: int,
-                flt: Filter | None, ids: np.ndarray) -> float | None:
+    def process(
+        self,
+        bundle_ref: Callable[[], RetrievalBundle | None],
+        query: np.ndarray,
+        k: int,
+        flt: Filter | None,
+        ids: np.ndarray,
+    ) -> float | None:
         """Exact search for one sample on the bundle that answered it; record and return its recall."""
         with self.guard:  # no index write or swap while the exact search reads the index
             bundle = bundle_ref()
@@ -184,12 +199,23 @@ class RecallMonitor:
             low = self.threshold > 0 and len(s.window) >= MIN_SAMPLES and mean < self.threshold
             changed, s.unhealthy = low != s.unhealthy, low
         if changed and low:
-            log.warning("recall monitor: bundle %s, filter %s: recall@k vs exact search %.3f over the last %d samples "
-                        "is under the threshold %.3f ([monitor] threshold)", version, kind, mean,
-                        min(s.samples, WINDOW), self.threshold)
+            log.warning(
+                "recall monitor: bundle %s, filter %s: recall@k vs exact search %.3f over the last %d samples "
+                "is under the threshold %.3f ([monitor] threshold)",
+                version,
+                kind,
+                mean,
+                min(s.samples, WINDOW),
+                self.threshold,
+            )
         elif changed:
-            log.info("recall monitor: bundle %s, filter %s: recall %.3f is back at or over the threshold %.3f",
-                     version, kind, mean, self.threshold)
+            log.info(
+                "recall monitor: bundle %s, filter %s: recall %.3f is back at or over the threshold %.3f",
+                version,
+                kind,
+                mean,
+                self.threshold,
+            )
         for v, kind_ in forgotten:
             for forget in self._on_forget:
                 forget(v, kind_)
@@ -206,11 +232,27 @@ class RecallMonitor:
     def snapshot(self) -> dict[str, Any]:
         """The admin route's answer: per bundle version and filter kind, the window mean and sample sizes."""
         with self._lock:
-            bundles = {v: {kind: {"recall": None if not s.window else round(s.mean, 4), "window": len(s.window),
-                                  "samples": s.samples, "healthy": not s.unhealthy}
-                           for kind, s in kinds.items()} for v, kinds in self._stats.items()}
-        return {"sample": self.sample, "threshold": self.threshold, "window": WINDOW, "min_samples": MIN_SAMPLES,
-                "queued": self._queue.qsize(), "dropped": dict(self.dropped), "bundles": bundles}
+            bundles = {
+                v: {
+                    kind: {
+                        "recall": None if not s.window else round(s.mean, 4),
+                        "window": len(s.window),
+                        "samples": s.samples,
+                        "healthy": not s.unhealthy,
+                    }
+                    for kind, s in kinds.items()
+                }
+                for v, kinds in self._stats.items()
+            }
+        return {
+            "sample": self.sample,
+            "threshold": self.threshold,
+            "window": WINDOW,
+            "min_samples": MIN_SAMPLES,
+            "queued": self._queue.qsize(),
+            "dropped": dict(self.dropped),
+            "bundles": bundles,
+        }
 
     def health(self, version: str | None) -> dict[str, Any]:
         """For /readyz: is this bundle's recall (each filter kind judged) at or over the threshold?"""

@@ -23,5 +23,7 @@ def check_query_vector(value: Any, dim: int) -> np.ndarray:
         q = np.full(dim, np.inf, np.float32)
     bad = np.flatnonzero(~np.isfinite(q))
     if len(bad):
-        raise BadRequest(f"query_vector holds a NaN or infinite value (or one beyond float32) at position {int(bad[0])}")
+        raise BadRequest(
+            f"query_vector holds a NaN or infinite value (or one beyond float32) at position {int(bad[0])}"
+        )
     return q

@@ -19,13 +19,14 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from towerann.embed.attributes import attribute_key
+from towerann.data.attributes import attribute_key
 from towerann.errors import BackendUnavailable, BadRequest, NotFound
 from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
@@ -57,9 +58,19 @@ class Candidates:
 
 
 class Retriever:
-    def __init__(self, holder: BundleHolder, store: FeatureStore, max_k: int = 1000, *, max_id_length: int = 256,
-                 max_clock_skew_s: float = 300.0, features_timeout_s: float = 0.1, write_timeout_s: float = 1.0,
-                 io_workers: int = 4, monitor: RecallMonitor | None = None):
+    def __init__(
+        self,
+        holder: BundleHolder,
+        store: FeatureStore,
+        max_k: int = 1000,
+        *,
+        max_id_length: int = 256,
+        max_clock_skew_s: float = 300.0,
+        features_timeout_s: float = 0.1,
+        write_timeout_s: float = 1.0,
+        io_workers: int = 4,
+        monitor: RecallMonitor | None = None,
+    ):
         self.holder = holder
         self.monitor = monitor  # replays a sample of the answers with exact search (serving.monitor)
         self.store = store
@@ -73,8 +84,14 @@ class Retriever:
 
     # ---- candidates -------------------------------------------------------------------------------
 
-    def candidates(self, user_id: str | int | None, k: int, filter: dict[str, Any] | None = None, *,
-                   query_vector: Sequence[float] | None = None) -> Candidates:
+    def candidates(
+        self,
+        user_id: str | int | None,
+        k: int,
+        filter: dict[str, Any] | None = None,
+        *,
+        query_vector: Sequence[float] | None = None,
+    ) -> Candidates:
         """Top-k items for this user now, counting their session events up to this call; or, given
         `query_vector` instead of a user (a caller that runs the user tower itself), for that vector."""
         t0 = time.perf_counter()
@@ -87,8 +104,14 @@ class Retriever:
             f = None
         return self._rank(b, user_id, k, flt, f, t0)
 
-    async def candidates_async(self, user_id: str | int | None, k: int, filter: dict[str, Any] | None = None, *,
-                               query_vector: Sequence[float] | None = None) -> Candidates:
+    async def candidates_async(
+        self,
+        user_id: str | int | None,
+        k: int,
+        filter: dict[str, Any] | None = None,
+        *,
+        query_vector: Sequence[float] | None = None,
+    ) -> Candidates:
         """candidates() for an event loop: the store's network IO off the loop, within features_timeout_s."""
         t0 = time.perf_counter()
         if query_vector is not None or user_id is None:
@@ -121,15 +144,19 @@ class Retriever:
     def _for_vector(self, user_id: Any, query_vector: Any, k: Any, filter: Any, t0: float) -> Candidates:
         """The search alone, for a query vector the caller made: same filters, same exact-k search."""
         if (user_id is None) == (query_vector is None):
-            raise BadRequest("give either user_id or query_vector (a user tower output), not both" if user_id is not None
-                             else "give user_id, or query_vector (a user tower output)")
+            raise BadRequest(
+                "give either user_id or query_vector (a user tower output), not both"
+                if user_id is not None
+                else "give user_id, or query_vector (a user tower output)"
+            )
         b, flt = self._check_k_filter(k, filter)
         query = check_query_vector(query_vector, b.index.dim)
         t1 = time.perf_counter()
         return self._search(b, query, k, flt, t0, t1, t1, degraded=False)
 
-    def _rank(self, b: RetrievalBundle, user_id: str, k: int, flt: Filter | None, f: UserFeatures | None,
-              t0: float) -> Candidates:
+    def _rank(
+        self, b: RetrievalBundle, user_id: str, k: int, flt: Filter | None, f: UserFeatures | None, t0: float
+    ) -> Candidates:
         degraded = f is None
         if f is None:  # no features to be had: the cold-start path an unknown user takes
             f = UserFeatures(user_id, False, {}, (), ())
@@ -138,8 +165,17 @@ class Retriever:
         query = b.encoder.encode(user_id, f.static, history)
         return self._search(b, query, k, flt, t0, t1, time.perf_counter(), degraded)
 
-    def _search(self, b: RetrievalBundle, query: np.ndarray, k: int, flt: Filter | None, t0: float, t1: float,
-                t2: float, degraded: bool) -> Candidates:
+    def _search(
+        self,
+        b: RetrievalBundle,
+        query: np.ndarray,
+        k: int,
+        flt: Filter | None,
+        t0: float,
+        t1: float,
+        t2: float,
+        degraded: bool,
+    ) -> Candidates:
         res = b.index.search(query[None, :], k, filter=flt)
         t3 = time.perf_counter()
         ids, scores = res.ids[0], res.scores[0]
@@ -150,26 +186,40 @@ class Retriever:
         t4 = time.perf_counter()
         # The versions come from the parts that did the work (the encoder, the index searched), not
         # from the bundle's labels, so a request that paired parts of two bundles would show it.
-        return Candidates(items, scores[:n].tolist(), b.encoder.model_version, b.index.version or b.version, {
-            "features": (t1 - t0) * 1e3, "user_tower": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,
-            "total": (t4 - t0) * 1e3}, degraded, tuple(int(s) for s in res.missing_shards))
+        return Candidates(
+            items,
+            scores[:n].tolist(),
+            b.encoder.model_version,
+            b.index.version or b.version,
+            {
+                "features": (t1 - t0) * 1e3,
+                "user_tower": (t2 - t1) * 1e3,
+                "ann": (t3 - t2) * 1e3,
+                "total": (t4 - t0) * 1e3,
+            },
+            degraded,
+            tuple(int(s) for s in res.missing_shards),
+        )
 
     # ---- events -----------------------------------------------------------------------------------
 
-    def record_event(self, user_id: str | int, item_id: str | int, type: str = "click",
-                     ts: float | None = None) -> Event:
+    def record_event(
+        self, user_id: str | int, item_id: str | int, type: str = "click", ts: float | None = None
+    ) -> Event:
         """Store one event (durably, before returning); unknown items are refused."""
         return self.store.append_event(self._event(user_id, item_id, type, ts))
 
-    async def record_event_async(self, user_id: str | int, item_id: str | int, type: str = "click",
-                                 ts: float | None = None) -> Event:
+    async def record_event_async(
+        self, user_id: str | int, item_id: str | int, type: str = "click", ts: float | None = None
+    ) -> Event:
         """record_event() for an event loop: a network store is written off the loop, within write_timeout_s."""
         event = self._event(user_id, item_id, type, ts)
         if self._io is None:
             return self.store.append_event(event)
         if not self.store.available():
-            raise BackendUnavailable("the feature store is unavailable (it failed a moment ago); the event was not "
-                                     "stored: retry it later")
+            raise BackendUnavailable(
+                "the feature store is unavailable (it failed a moment ago); the event was not stored: retry it later"
+            )
         return await self._off_loop(self.store.append_event, event, timeout_s=self.write_timeout_s, what="write")
 
     def _event(self, user_id: Any, item_id: Any, type: Any, ts: Any) -> Event:
@@ -178,17 +228,21 @@ class Retriever:
         b = self.holder.current()
         item_id = self.item_key(item_id, b)
         if item_id not in b.item_internal:
-            raise NotFound(f"item_id {item_id!r} is not in the served catalog (bundle {b.version}); "
-                           "send ids as the catalog gives them")
+            raise NotFound(
+                f"item_id {item_id!r} is not in the served catalog (bundle {b.version}); "
+                "send ids as the catalog gives them"
+            )
         if ts is None or (not isinstance(ts, bool) and isinstance(ts, (int, float)) and ts == 0):
             return Event(user_id, item_id, type, 0.0)  # the store stamps it with the time
         if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
             raise BadRequest(f"ts must be unix seconds (a finite number), got {ts!r}")
         now, ttl = time.time(), self.store.ttl_s
         if not now - ttl <= ts <= now + self.max_clock_skew_s:
-            raise BadRequest(f"ts {ts!r} is outside the session window: an event's ts must lie within the last "
-                             f"{ttl:g} s ([features] ttl_s) and at most {self.max_clock_skew_s:g} s ahead of the "
-                             "server's clock ([serve] max_clock_skew_s); omit it to mean now")
+            raise BadRequest(
+                f"ts {ts!r} is outside the session window: an event's ts must lie within the last "
+                f"{ttl:g} s ([features] ttl_s) and at most {self.max_clock_skew_s:g} s ahead of the "
+                "server's clock ([serve] max_clock_skew_s); omit it to mean now"
+            )
         return Event(user_id, item_id, type, float(ts))
 
     # ---- ids --------------------------------------------------------------------------------------
@@ -203,8 +257,10 @@ class Retriever:
         if not isinstance(value, str) or not value:
             raise BadRequest(f"{field} must be a non-empty string or an integer, got {value!r}")
         if len(value) > self.max_id_length:
-            raise BadRequest(f"{field} is {len(value)} characters long; at most {self.max_id_length} are accepted "
-                             "([serve] max_id_length)")
+            raise BadRequest(
+                f"{field} is {len(value)} characters long; at most {self.max_id_length} are accepted "
+                "([serve] max_id_length)"
+            )
         return value
 
     def item_key(self, item_id: Any, bundle: RetrievalBundle | None = None) -> str:
@@ -213,8 +269,10 @@ class Retriever:
         item_id = self.check_id(item_id, "item_id")
         b = bundle or self.holder.current()
         if b.external_ids.dtype.kind in "iu" and not int64_spelling_in_range(item_id):
-            raise NotFound(f"item_id {item_id!r} is not in the served catalog (bundle {b.version}): this catalog's "
-                           "ids are 64-bit integers")
+            raise NotFound(
+                f"item_id {item_id!r} is not in the served catalog (bundle {b.version}): this catalog's "
+                "ids are 64-bit integers"
+            )
         return item_id
 
     # ---- off the event loop -----------------------------------------------------------------------
@@ -224,9 +282,11 @@ class Retriever:
         future = asyncio.get_running_loop().run_in_executor(self._io, fn, arg)
         try:
             return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
-            raise BackendUnavailable(f"the feature store did not answer a {what} within {timeout_s * 1e3:.0f} ms"
-                                     + ("; the event is not acknowledged: retry it" if what == "write" else "")) from None
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"the feature store did not answer a {what} within {timeout_s * 1e3:.0f} ms"
+                + ("; the event is not acknowledged: retry it" if what == "write" else "")
+            ) from None
 
     def close(self) -> None:
         """Stop the store's worker threads and the recall monitor (the store itself is closed by whoever opened it)."""
@@ -261,8 +321,9 @@ class Retriever:
             return None
         known = ["categories", *b.attribute_values]
         if not isinstance(filter, dict) or set(filter) - set(known):
-            raise BadRequest(f"filter must be an object with keys among {known} (each a list of values), got "
-                             f"{str(filter)[:200]!r}")
+            raise BadRequest(
+                f"filter must be an object with keys among {known} (each a list of values), got {str(filter)[:200]!r}"
+            )
         categories = None
         attributes = {}
         for key, values in filter.items():

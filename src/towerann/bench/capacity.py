@@ -1,0 +1,241 @@
+"""`towerann plan`: how many machines a catalog needs, and what recall and latency to expect there.
+
+Memory comes from a byte model of each backend (what the process holds per item, checked against
+the memory the index reports and a test checks against the process's growth); latency and recall
+come from committed benchmark runs (`bench pq` for ivfpq, `bench ann` for the others: JSON under
+docs/bench/). For each measured catalog size the planner takes the fastest measured setting that
+reaches the recall target at K; between and beyond measured sizes it scales p50/p99 as
+items_per_node^alpha, alpha fitted on the two largest measured sizes (or the stated default for the
+backend when only one size was measured). Everything extrapolated is labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from towerann.errors import ConfigError
+
+KINDS = ("ivfpq", "hnsw", "exact", "scann")
+# p50 ~ n^alpha when only one size was measured: ivfpq/scann scan a fixed share of ~sqrt(n) lists of
+# ~sqrt(n) items at a fixed recall (~n^0.5 per query, measured 0.4-0.6 between 300k and 1M); a graph
+# walk grows ~log n (0.2 over a decade); brute force is linear.
+DEFAULT_ALPHA = {"ivfpq": 0.5, "scann": 0.5, "hnsw": 0.2, "exact": 1.0}
+TABLES_BYTES = 8 + 4 + 3 + 16  # id, category, 3 flags, the sorted id -> slot lookup (Index base tables)
+HNSW_M = 32
+HEADROOM = 0.7  # share of a node's RAM the index may take (the rest: server, OS, page cache, a swap's second copy)
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1e3,
+    "MB": 1e6,
+    "GB": 1e9,
+    "TB": 1e12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_bytes(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in UNITS:
+        raise ConfigError(f"--ram-per-node: expected a size like 64GB or 512GiB, got {text!r}")
+    return float(m.group(1)) * UNITS[m.group(2).upper()]
+
+
+def bytes_per_item(kind: str, n: float, dim: int, pq_m: int = 16, attributes: int = 0) -> dict[str, float]:
+    """Resident and on-disk bytes per item of one node's index over `n` items."""
+    tables = TABLES_BYTES + 4 * attributes
+    raw = 4.0 * dim
+    if kind == "ivfpq":
+        nlist = max(1.0, 4 * math.sqrt(n))
+        resident = pq_m + 8 + tables + nlist * (raw + 48) / n + raw / 4096  # codes, list ids, centroids, page map
+        return {"resident": resident, "disk": raw + pq_m + 8 + tables - 16, "vectors_on_disk": raw}
+    if kind == "hnsw":  # vectors + level-0 links (2M int32) + ~1/M of nodes on upper levels
+        return {"resident": raw + 2 * HNSW_M * 4 * (1 + 1 / HNSW_M) + tables, "disk": raw + 2 * HNSW_M * 4 + tables}
+    if kind == "exact":
+        return {"resident": raw + tables, "disk": raw + tables}
+    if kind == "scann":  # AH codes (4 bits per 2 dims), int32 ids, the reorder vectors in RAM
+        return {"resident": dim / 4 + 4 + raw + tables, "disk": dim / 4 + 4 + raw + tables}
+    raise ConfigError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+
+
+def measured_curves(bench_dir: Path, kind: str, k: int, recall: float, mode: str, pq_m: int) -> list[dict[str, Any]]:
+    """Per measured catalog size: the fastest point reaching `recall` at K (from docs/bench JSON)."""
+    out: dict[int, dict[str, Any]] = {}
+    for path in sorted(bench_dir.glob("pq*.json" if kind == "ivfpq" else "ann-*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "far" in path.name:  # the far-off set is the hard case, not the user-query plan
+            continue
+        n = int(r.get("dataset", {}).get("items", 0))
+        for p in r.get("points", []):
+            if p.get("k") != k or p.get("recall", 0) < recall:
+                continue
+            if kind == "ivfpq":
+                if p.get("pq_m") != pq_m or p.get("mode") != mode:
+                    continue
+            elif p.get("series") != f"towerann {kind}":
+                continue
+            best = out.get(n)
+            if best is None or p["p50_ms"] < best["p50_ms"]:
+                out[n] = {
+                    "items": n,
+                    "p50_ms": p["p50_ms"],
+                    "p99_ms": p["p99_ms"],
+                    "recall": p["recall"],
+                    "params": p.get("params"),
+                    "source": path.name,
+                }
+    return [out[n] for n in sorted(out)]
+
+
+def predict_latency(curves: list[dict[str, Any]], kind: str, n: float) -> dict[str, Any]:
+    if not curves:
+        return {"p50_ms": None, "p99_ms": None, "basis": "no committed run reaches the recall target at this K"}
+    exact = next((c for c in curves if c["items"] == int(n)), None)
+    if exact is not None:
+        return {**exact, "basis": f"measured at {exact['items']:,} items ({exact['source']})"}
+    if len(curves) >= 2:
+        a, b = curves[-2], curves[-1]
+        fitted = math.log(b["p50_ms"] / a["p50_ms"]) / math.log(b["items"] / a["items"])
+        alpha = min(max(fitted, 0.0), 1.0)  # runs on a noisy machine can fit nonsense; no index is worse than linear
+        how = f"fitted on {a['items']:,} and {b['items']:,} items" + (
+            "" if alpha == fitted else f" ({fitted:.2f}, clamped)"
+        )
+    else:
+        b, alpha = curves[-1], DEFAULT_ALPHA[kind]
+        how = f"assumed for {kind} (one measured size)"
+    scale = (n / b["items"]) ** alpha
+    return {
+        "p50_ms": b["p50_ms"] * scale,
+        "p99_ms": b["p99_ms"] * scale,
+        "recall": b["recall"],
+        "params": b["params"],
+        "alpha": alpha,
+        "basis": f"extrapolated from {b['items']:,} items ({b['source']}) as n^{alpha:.2f}, alpha {how}",
+    }
+
+
+def plan(
+    items: float,
+    dim: int,
+    kind: str,
+    ram_per_node: float,
+    k: int = 1000,
+    recall: float = 0.95,
+    pq_m: int = 16,
+    attributes: int = 0,
+    mode: str = "warm",
+    bench_dir: Path | None = None,
+    headroom: float = HEADROOM,
+) -> dict[str, Any]:
+    if items < 1 or dim < 1 or ram_per_node <= 0:
+        raise ConfigError("--items, --dim and --ram-per-node must be positive")
+    total = bytes_per_item(kind, items, dim, pq_m, attributes)
+    nodes = max(1, math.ceil(items * total["resident"] / (ram_per_node * headroom)))
+    per_node = items / nodes
+    node_bytes = bytes_per_item(kind, per_node, dim, pq_m, attributes)
+    curves = measured_curves(bench_dir or default_bench_dir(), kind, k, recall, mode, pq_m)
+    latency = predict_latency(curves, kind, per_node)
+    return {
+        "items": items,
+        "dim": dim,
+        "kind": kind,
+        "k": k,
+        "recall_target": recall,
+        "pq_m": pq_m if kind == "ivfpq" else None,
+        "mode": mode if kind == "ivfpq" else None,
+        "ram_per_node_bytes": ram_per_node,
+        "headroom": headroom,
+        "resident_bytes_per_item": node_bytes["resident"],
+        "disk_bytes_per_item": node_bytes["disk"],
+        "nodes": nodes,
+        "items_per_node": per_node,
+        "resident_bytes_per_node": per_node * node_bytes["resident"],
+        "disk_bytes_per_node": per_node * node_bytes["disk"],
+        "per_node_latency": latency,
+        "measured_curve": curves,
+        "note": "per node, one query on one thread; a sharded query also pays the fan-out and merge "
+        "(not in these numbers)"
+        if nodes > 1
+        else "one node",
+    }
+
+
+def default_bench_dir() -> Path:
+    """docs/bench of the checkout this module runs from, else of the current directory."""
+    here = Path(__file__).resolve().parents[3] / "docs" / "bench"
+    return here if here.is_dir() else Path("docs/bench")
+
+
+def run(args: argparse.Namespace) -> int:
+    p = plan(
+        float(args.items),
+        args.dim,
+        args.kind,
+        parse_bytes(args.ram_per_node),
+        k=args.k,
+        recall=args.recall,
+        pq_m=args.pq_m,
+        attributes=args.attributes,
+        mode=args.mode,
+        bench_dir=Path(args.bench_dir) if args.bench_dir else None,
+    )
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    lat = p["per_node_latency"]
+    print(
+        f"{p['items']:,.0f} items x {p['dim']}-d, {p['kind']}" + (f" (PQ{p['pq_m']}, {p['mode']})" if p["pq_m"] else "")
+    )
+    print(f"  resident {p['resident_bytes_per_item']:.1f} B/item, on disk {p['disk_bytes_per_item']:.1f} B/item")
+    print(
+        f"  nodes: {p['nodes']} of {p['ram_per_node_bytes'] / 1e9:.0f} GB ({p['headroom']:.0%} for the index): "
+        f"{p['items_per_node']:,.0f} items, {p['resident_bytes_per_node'] / 1e9:.1f} GB resident and "
+        f"{p['disk_bytes_per_node'] / 1e9:.1f} GB on disk each"
+    )
+    if lat["p50_ms"] is None:
+        print(f"  latency: unknown - {lat['basis']}")
+    else:
+        print(
+            f"  per node at recall@{p['k']} >= {p['recall_target']}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms"
+            f" (measured recall {lat['recall']:.3f}, {lat['params']})"
+        )
+        print(f"  basis: {lat['basis']}")
+    print(f"  {p['note']}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="capacity plan: bytes per item, nodes, expected recall and latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--items", type=float, required=True, help="catalog size (e.g. 1e9)")
+    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
+    p.add_argument("--kind", choices=KINDS, default="ivfpq", help="index backend (default ivfpq)")
+    p.add_argument("--ram-per-node", default="64GB", help="RAM of one node (default 64GB)")
+    p.add_argument("--k", type=int, default=1000, help="candidates per request (default 1000)")
+    p.add_argument("--recall", type=float, default=0.95, help="recall@K target (default 0.95)")
+    p.add_argument("--pq-m", type=int, default=16, help="ivfpq: code bytes per item (default 16)")
+    p.add_argument("--attributes", type=int, default=0, help="filter attributes besides category (4 B/item each)")
+    p.add_argument(
+        "--mode",
+        choices=("warm", "cold", "ram"),
+        default="warm",
+        help="ivfpq: vectors in the page cache (warm), read from disk (cold) or in RAM (default warm)",
+    )
+    p.add_argument("--bench-dir", default=None, help="where the committed bench JSON lives (default docs/bench)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)

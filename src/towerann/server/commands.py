@@ -1,0 +1,107 @@
+"""`towerann serve`: the HTTP API over a retrieval bundle and a feature store."""
+
+from __future__ import annotations
+
+import argparse
+
+from towerann.config import load_config
+from towerann.errors import ConfigError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve top-K candidates over HTTP (FastAPI + uvicorn)",
+        description="Serve POST /v1/candidates, POST /v1/events, /healthz, /readyz, /metrics, "
+        "and (with a bearer token) POST/PATCH/DELETE /v1/items and POST /v1/admin/reload. "
+        "Settings come from --config (TOML); flags override it.",
+    )
+    p.add_argument("--config", default=None, help="TOML config file (default: built-in defaults, see towerann.config)")
+    p.add_argument("--index", default=None, help="bundle root with CURRENT, or one bundle/snapshot directory")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory; needed only when --index is a plain snapshot from `towerann index build`",
+    )
+    p.add_argument("--store", default=None, help="embedded | memory | redis://HOST:PORT/DB")
+    p.add_argument("--store-path", default=None, help="SQLite file of the embedded store")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes answering on the port, each with the whole service (default [serve] workers: "
+        "one per core when the feature store is Redis, else 1); several need --store redis://...",
+    )
+    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default 1000)")
+    p.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="serve a sharded bundle's index from shard actors on the Ray cluster at ADDRESS (HOST:PORT, "
+        "or 'auto'); model and id map stay in this process; one process, no hot swap (docs/shards.md)",
+    )
+    p.add_argument(
+        "--shard-deadline-ms",
+        type=float,
+        default=None,
+        help="--ray: how long a search waits for the shards; later ones are left out and the answer says "
+        "partial (default 500)",
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from towerann.server.workers import resolve_workers, run_workers
+    from towerann.storeurl import redact_logging
+
+    redact_logging()  # whatever is logged (ours, uvicorn's, redis-py's) never shows a store password
+
+    cfg = load_config(args.config).with_overrides(
+        paths_index=args.index,
+        paths_model=args.model,
+        features_store=args.store,
+        features_path=args.store_path,
+        serve_host=args.host,
+        serve_port=args.port,
+        serve_max_k=args.max_k,
+        serve_workers=args.workers,
+    )
+    if args.shard_deadline_ms is not None and (args.ray is None or args.shard_deadline_ms <= 0):
+        raise ConfigError("--shard-deadline-ms goes with --ray and must be > 0")
+    if args.ray is not None and cfg.serve.workers == 0:  # "one per core" means one for a front over Ray shards
+        cfg = cfg.with_overrides(serve_workers=1)
+    n = resolve_workers(cfg)
+    if n > 1 and args.ray is None:  # the parent of the workers loads nothing itself (service.workers)
+        run_workers(cfg, n, model_dir=args.model)
+        return 0
+    from towerann.server.server import SHARD_DEADLINE_S, serve_forever
+
+    deadline_s = SHARD_DEADLINE_S if args.shard_deadline_ms is None else args.shard_deadline_ms / 1e3
+    serve_forever(cfg, model_dir=args.model, ray_address=args.ray, shard_deadline_s=deadline_s)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m towerann.server.commands serve ...`: the server alone, without the rest of the CLI
+    (what benchmarks start in a subprocess)."""
+    import logging
+    import sys
+
+    from towerann.errors import TowerannError
+    from towerann.storeurl import redact
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="towerann")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TowerannError as e:
+        print(f"towerann serve: error: {redact(str(e))}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
