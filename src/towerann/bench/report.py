@@ -12,7 +12,8 @@ beside what it ran on:
   process, the moment the previous report was written (`load_average_before_source` says which,
   `load_average_before_at` when);
 - `ceilings`: this machine's SGEMM rate on 1 thread and on all cores and its memory-copy bandwidth,
-  measured when the report is written (`towerann.bench.machine`, at small sizes: about a second).
+  measured when the report is written (the same measurements as `towerann bench machine`, at small sizes:
+  about a second).
   `write_report(..., ceilings=False)`, or the environment variable TOWERANN_BENCH_NO_CEILINGS=1, skips the
   measurement (tests) and records null.
 """
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from towerann.artifacts import write_json_atomic
-from towerann.errors import BackendUnavailable
+from towerann.errors import BackendUnavailable, ConfigError
 
 # Set to 1 (or true/yes) to skip measuring the machine's ceilings in every report of this process.
 NO_CEILINGS_ENV = "TOWERANN_BENCH_NO_CEILINGS"
@@ -96,15 +97,52 @@ def source_commit() -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 
-def measure_ceilings() -> dict[str, Any]:
-    """This machine's SGEMM GFLOP/s (1 thread, all cores) and memory-copy GB/s, at the small sizes above."""
-    from towerann.bench import machine  # lazily: it imports this module, and torch
+def sgemm_gflops(threads: int | None = None, n: int = 2048, repeats: int = 5) -> float:
+    """Median GFLOP/s of an n x n x n float32 matmul in torch (MKL), on `threads` threads (default: all cores)."""
+    import torch  # lazily: writing a report needs no torch unless the ceilings are measured
 
+    if n < 1 or repeats < 1:
+        raise ConfigError(f"n and repeats must be >= 1 (got {n}, {repeats})")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        c = torch.empty(n, n)
+        torch.mm(a, b, out=c)  # warm-up: thread pool start, page faults
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2.0 * n**3 / float(np.median(times)) / 1e9
+
+
+def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """Median GB/s of a numpy copy of a `mib` MiB array, counting bytes read plus bytes written."""
+    if mib < 1 or repeats < 1:
+        raise ConfigError(f"mib and repeats must be >= 1 (got {mib}, {repeats})")
+    src = np.ones(mib * (1 << 20) // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # warm-up: fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * src.nbytes / float(np.median(times)) / 1e9
+
+
+def measure_ceilings() -> dict[str, Any]:
+    """This machine's SGEMM GFLOP/s (1 thread, all cores) and memory-copy GB/s, at the small sizes above
+    (`towerann bench machine` measures the same at its own sizes)."""
     t0 = time.perf_counter()
     result: dict[str, Any] = {
-        "sgemm_gflops_1_thread": machine.sgemm_gflops(1, CEILING_SGEMM_N, CEILING_REPEATS),
-        "sgemm_gflops_all_cores": machine.sgemm_gflops(None, CEILING_SGEMM_N, CEILING_REPEATS),
-        "memory_bandwidth_gbs": machine.memory_bandwidth_gbs(CEILING_COPY_MIB, CEILING_REPEATS),
+        "sgemm_gflops_1_thread": sgemm_gflops(1, CEILING_SGEMM_N, CEILING_REPEATS),
+        "sgemm_gflops_all_cores": sgemm_gflops(None, CEILING_SGEMM_N, CEILING_REPEATS),
+        "memory_bandwidth_gbs": memory_bandwidth_gbs(CEILING_COPY_MIB, CEILING_REPEATS),
         "sgemm_n": CEILING_SGEMM_N,
         "copy_mib": CEILING_COPY_MIB,
         "cores": os.cpu_count(),
