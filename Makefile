@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 # `pip install towerann` alone is what a serving machine needs.
 EXTRAS ?= test,scann,eval,bench,lancedb,ray
 
-.PHONY: setup demo test test-feast mutants redis bench clean
+.PHONY: setup demo test lint test-feast mutants redis bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ redis:
 
 test: setup redis
 	$(VENV)/bin/pytest -q
+
+# What CI checks besides the tests: lint, format, types, that every mutant still finds its snippet, and that
+# docs/benchmarks.md is what its JSON runs say.
+lint: setup
+	$(VENV)/bin/ruff check src tests tools
+	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python tools/mutants.py --check
+	$(VENV)/bin/python tools/bench_docs.py --check
 
 # Feast pins pandas < 3 and prometheus-client < 0.25: its backend is tested in a venv of its own, where
 # the Feast tests run instead of skipping.

@@ -85,7 +85,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "base-exact-below-ignored",
-        "index/plan.py",
+        "index/filter_plan.py",
         'n_qual <= int(params.get("exact_below", 0))',
         "n_qual <= 16384",
         "the exact_below search parameter is ignored (a forced-library test would silently run brute force)",
@@ -390,8 +390,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "validation-against-itself",
         "freshness/reload.py",
-        "bundle.index.exact_search(q[s:s + 4], k).ids",
-        "bundle.index.search(q[s:s + 4], k).ids",
+        "bundle.index.exact_search(q[s : s + 4], k).ids",
+        "bundle.index.search(q[s : s + 4], k).ids",
         "validation measures the index against itself, not exact search",
         select="min_recall",
         tests=("tests/integration/test_ann_bundles.py",),
@@ -416,7 +416,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "workers-search-not-freshened",
-        "service/workers.py",
+        "server/workers.py",
         "        if self.behind():\n            try:\n                await asyncio.wait_for(self.catch_up()",
         "        if False:\n            try:\n                await asyncio.wait_for(self.catch_up()",
         "with several workers, a search does not first apply the writes another worker acknowledged",
@@ -461,7 +461,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "plan-no-recall-gate",
-        "index/plan.py",
+        "index/filter_plan.py",
         'and p["recall"] + RECALL_SE_TOLERANCE * p.get("recall_se", 0.0) >= target',
         "and True",
         "the filter planner takes the fastest path whatever its recall",
@@ -677,11 +677,34 @@ def _wrong_imports(report: Path, src: Path) -> str:
     return ("towerann imported from outside the mutant's tree: " + "; ".join(bad[:3])) if bad else ""
 
 
+def check_snippets(mutants: list[Mutant]) -> int:
+    """0 when every mutant's snippet occurs exactly once in its file under src/towerann; else 2, one line each."""
+    bad = []
+    for m in mutants:
+        target = REPO / "src" / "towerann" / m.file
+        n = target.read_text().count(m.old) if target.exists() else -1
+        if n != 1:
+            where = "file not found" if n < 0 else f"{n} matches"
+            bad.append(f"{m.name}: src/towerann/{m.file}: {where}")
+        for t in m.tests:
+            if not (REPO / t.split("::")[0]).exists():
+                bad.append(f"{m.name}: test path not found: {t}")
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"mutants: {len(mutants) - len({b.split(':')[0] for b in bad})} of {len(mutants)} snippets apply")
+    return 2 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="check that every mutant's snippet occurs exactly once in its file, and exit (no tests run)",
+    )
     ap.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
     ap.add_argument(
         "--tests",
@@ -714,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
             sel = f"  [-k {m.select}]" if m.select else ""
             print(f"{m.name:32} src/towerann/{m.file:18} {m.why}{sel}")
         return 0
+    if args.check:
+        return check_snippets(MUTANTS)
     chosen = MUTANTS
     if args.only:
         unknown = sorted(set(args.only) - set(names))
