@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -32,14 +32,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Yield a file open for writing ("w" or "wb") that becomes `path` when the block ends without error:
+    written under a temporary name beside it, flushed to disk, renamed over it and the rename flushed, so
+    `path` holds the old file or the whole new one, never part of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,6 +52,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 MANIFEST_CHECKSUM = "manifest_sha256"
@@ -127,6 +136,13 @@ def save_npy(path: str | Path, array: np.ndarray) -> str:
     return sha256_file(path)
 
 
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> str:
+    """save_npy through atomic_file: `path` is the old file or the whole new array; return its sha256."""
+    with atomic_file(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    return sha256_file(path)
+
+
 def load_npy(path: str | Path, expected_sha256: str | None = None, mmap: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.exists():
@@ -160,9 +176,8 @@ def read_manifest(directory: str | Path, kind: str, format_version: int) -> dict
             "publish the artifact again instead of editing it"
         )
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
-        raise ArtifactError(
-            f"{path}: expected a {kind} manifest, found kind={manifest.get('kind') if isinstance(manifest, dict) else None!r}"
-        )
+        found = manifest.get("kind") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{path}: expected a {kind} manifest, found kind={found!r}")
     if manifest.get("format_version") != format_version:
         raise ArtifactError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {format_version})"

@@ -1,10 +1,10 @@
 """One TOML file configures a deployment; every setting has a default that works after `towerann demo`.
 
     [serve]    host, port, workers (processes sharing the port; 0 = one per core when the feature store
-               can be shared across processes (Redis), else 1), max_k, max_body_bytes, and the limits on what one unauthenticated request may
-               make the server keep: max_id_length (user, item and event-type ids), max_items_per_write,
-               max_clock_skew_s (an event's ts may lie at most this far ahead of the server's clock; one older
-               than [features] ttl_s is refused too, it would be expired on arrival)
+               can be shared across processes (Redis), else 1), max_k, max_body_bytes, and the limits on what
+               one unauthenticated request may make the server keep: max_id_length (user, item and event-type
+               ids), max_items_per_write, max_clock_skew_s (an event's ts may lie at most this far ahead of
+               the server's clock; one older than [features] ttl_s is refused too, it would be expired on arrival)
     [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory),
                data (the dataset whose catalog `towerann refresh` re-embeds)
     [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s,

@@ -23,7 +23,8 @@ class Steps:
     """Numbered steps with their wall time, printed as they finish."""
 
     def __init__(self, total: int):
-        self.total, self.n, self.times = total, 0, {}
+        self.total, self.n = total, 0
+        self.times: dict[str, float] = {}
 
     def run(self, title: str, fn: Callable[[], Any]) -> Any:
         self.n += 1
@@ -117,11 +118,11 @@ def build_and_publish(
     """Build the auto index (each candidate tuned on held-out users' queries, the fastest at the target
     kept), measure it against exact search on other queries, publish the bundle."""
     from towerann.data.vectors_dir import read_vectors
+    from towerann.freshness.publish import publish_bundle
     from towerann.index.build import Tuning, build_index
     from towerann.index.tune import recall_at_k
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
-    from towerann.serving.bundle import publish_bundle
 
     vs = read_vectors(vectors)
     queries = heldout_user_queries(TwoTowerModel.load(model_dir), data, max_queries=1000, seed=seed)
@@ -139,15 +140,17 @@ def build_and_publish(
         auto_exact_items=0,
     )  # the ANN path even on a small catalog (the tests run 3k items)
     build_s = time.perf_counter() - t0  # every candidate's build + tuning
+    tuned = ann.tuning
+    assert tuned is not None  # a build with Tuning records it
     exact = build_index(vs.vectors, vs.ids, vs.categories, vs.available, kind="exact", metric=vs.metric)
     truth = exact.search(check_q, k).ids
     out = {
         "kind": ann.kind,
         "describe": ann.describe(),
         "build_s": round(build_s, 2),
-        "params": ann.tuning["params"],
+        "params": tuned["params"],
         f"recall@{k}": round(recall_at_k(ann.search(check_q, k).ids, truth), 4),
-        "candidates": [(c["kind"], c.get("recall"), c.get("p50_ms")) for c in ann.tuning["auto"]["candidates"]],
+        "candidates": [(c["kind"], c.get("recall"), c.get("p50_ms")) for c in tuned["auto"]["candidates"]],
     }
     for name, index in (("ann", ann), ("exact", exact)):
         lat = one_query_latencies_ms(index, check_q[:200], k)
@@ -255,7 +258,8 @@ def print_report(r: dict[str, Any]) -> None:
     print(
         f"index: {ix['describe']} chosen by measurement from (kind, recall@{k}, p50 ms) {ix['candidates']} "
         f"in {ix['build_s']} s; search params {ix['params']}: recall@{k} {ix[f'recall@{k}']} "
-        f"vs exact on other held-out user queries; one query p50 {ix['ann_p50_ms']} ms (exact {ix['exact_p50_ms']} ms), "
+        f"vs exact on other held-out user queries; "
+        f"one query p50 {ix['ann_p50_ms']} ms (exact {ix['exact_p50_ms']} ms), "
         f"p99 {ix['ann_p99_ms']} ms (exact {ix['exact_p99_ms']} ms)"
     )
     s = r["serve"]

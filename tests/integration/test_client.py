@@ -16,8 +16,8 @@ from towerann.client import Client
 from towerann.config import FeaturesConfig
 from towerann.data.dataset import read_items
 from towerann.errors import BackendUnavailable, BadRequest, NotFound, Unauthorized
+from towerann.freshness.publish import publish_bundle
 from towerann.server.server import ServerHandle, free_port, start_background
-from towerann.serving.bundle import publish_bundle
 
 
 @pytest.fixture

@@ -25,9 +25,9 @@ from towerann.embed.runner import embed_catalog
 from towerann.errors import ConfigError
 from towerann.features.embedded import EmbeddedFeatureStore
 from towerann.features.loader import load_dataset_features
+from towerann.freshness.publish import publish_bundle
 from towerann.model.onnx_import import import_model
 from towerann.server.server import start_background
-from towerann.serving.bundle import publish_bundle
 
 D, N = 16, 8  # the shop model's dim and session length
 

@@ -6,7 +6,7 @@ recall@K against exact search, p50/p99 latency of one query at a time on ONE thr
 for their peers called directly (raw faiss, hnswlib, ScaNN, LanceDB, numpy brute force). It
 reports towerann's overhead over the raw library it wraps (ratio of p50 at the same parameters),
 recall for item vectors used as queries beside user queries (the out-of-distribution gap), and
-the machine's SGEMM / memory-bandwidth ceilings when `towerann.bench.machine` is present.
+the machine's SGEMM / memory-bandwidth ceilings (as `towerann bench machine` measures them).
 
 By default it builds its own dataset (synthetic catalog -> trained two-tower model -> item
 vectors + held-out users' query vectors), cached under --work so a second run reuses it.
@@ -34,6 +34,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from towerann.artifacts import load_npy, read_manifest, save_npy, write_json_atomic
+from towerann.bench.options import (
+    add_backends,
+    add_catalog,
+    add_given_vectors,
+    add_ks,
+    add_out,
+    add_quick,
+    add_seed,
+    parse_csv,
+    parse_ks,
+)
 from towerann.errors import ArtifactError, ConfigError, DataError, TowerannError
 from towerann.index.tune import recall_at_k
 
@@ -46,7 +57,8 @@ BACKENDS = ("exact", "hnsw", "ivfpq", "scann")
 PEERS = ("faiss", "hnswlib", "scann", "lancedb", "numpy")
 DATA_KIND = "bench-ann-data"
 DATA_VERSION = 1
-QUICK_ITEMS = 20_000
+ITEMS, USERS = 1_000_000, 50_000  # the synthetic dataset by default
+QUICK_ITEMS, QUICK_USERS = 20_000, 2_000  # and with --quick
 TARGETS = {  # the goals this benchmark checks (set for 1M x 128-d, inner product, 2 cores)
     "recall@1000>=0.95 at p50<=1ms": {"k": 1000, "recall": 0.95, "p50_ms": 1.0},
     "recall@100>=0.95 at p50<=0.5ms": {"k": 100, "recall": 0.95, "p50_ms": 0.5},
@@ -229,7 +241,7 @@ def grids(k: int, quick: bool, nlist: int, leaves: int) -> dict[str, list[dict[s
 
 def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list[Series], Any]:
     """Build one towerann backend; return its series (ivfpq: plain and re-ranked) and the index."""
-    from towerann.bench.peers import Series, _dir_bytes
+    from towerann.bench.peers import Series, dir_bytes
     from towerann.index import create
 
     t0 = time.perf_counter()
@@ -238,7 +250,7 @@ def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list[Series], Any]:
     build_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         ix.save(Path(tmp))
-        nbytes = _dir_bytes(Path(tmp))
+        nbytes = dir_bytes(Path(tmp))
 
     def search(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
         return ix.search(q, k, params=params or None).ids
@@ -310,13 +322,13 @@ def measure_point(
 
 
 def machine_ceilings() -> dict[str, Any]:
-    """This machine's SGEMM and memory bandwidth (towerann.bench.machine): the ceilings beside the results."""
-    from towerann.bench import machine
+    """This machine's SGEMM and memory bandwidth (`towerann bench machine`'s sizes): the ceilings beside the results."""
+    from towerann.bench.report import memory_bandwidth_gbs, sgemm_gflops
 
     return {
-        "sgemm_gflops_1_thread": machine.sgemm_gflops(1),
-        "sgemm_gflops_all_cores": machine.sgemm_gflops(None),
-        "memory_bandwidth_gbs": machine.memory_bandwidth_gbs(),
+        "sgemm_gflops_1_thread": sgemm_gflops(1),
+        "sgemm_gflops_all_cores": sgemm_gflops(None),
+        "memory_bandwidth_gbs": memory_bandwidth_gbs(),
     }
 
 
@@ -349,6 +361,7 @@ def run_ann_bench(
     )
     from towerann.bench.report import write_report
     from towerann.index import create
+    from towerann.index.ivfpq import IVFPQIndex
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -390,13 +403,14 @@ def run_ann_bench(
     # The raw libraries get the build params towerann chose (its own defaults where it built nothing).
     hp = (built.get("hnsw") or create("hnsw", dim)).build_params
     ivf = built.get("ivfpq") or create("ivfpq", dim)
+    assert isinstance(ivf, IVFPQIndex)
     nlist = ivf.nlist or ivf.nlist_for(n)
     ivf_p = ivf.build_params
     sc = built.get("scann")
     leaves = sc.leaves if sc is not None else 0  # 0: no scann grid (neither towerann's nor the raw one runs)
     if sc is None and "scann" in peers:
         skipped["scann"] = "towerann's scann backend was not built, so its build params are unknown"
-        peers = [p for p in peers if p != "scann"]
+        peers = tuple(p for p in peers if p != "scann")
     peer_builders: list[tuple[str, Callable[[], list[Any]]]] = []
     if "numpy" in peers:
         peer_builders.append(("numpy", lambda: numpy_series(vectors)))
@@ -573,9 +587,9 @@ def check_targets(result: dict[str, Any], targets: dict[str, dict[str, Any]] = T
                 "met_by": sorted(s for s, r in ratios.items() if r <= t["memory_ratio"]),
             }
         else:
-            med: dict[str, float] = {}
+            med: dict[str, list[float]] = {}
             for o in result["overhead"]:
-                med.setdefault(o["series"], []).append(o["overhead"])  # type: ignore[attr-defined]
+                med.setdefault(o["series"], []).append(o["overhead"])
             medians = {s: float(np.median(v)) for s, v in med.items()}
             out[name] = {
                 "target": t,
@@ -671,20 +685,6 @@ def plot(result: dict[str, Any], targets: dict[str, dict[str, Any]] = TARGETS) -
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
-def _csv(text: str, what: str) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not items:
-        raise ConfigError(f"{what}: give a comma-separated list, got {text!r}")
-    return items
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in _csv(text, "--k"))
-    except ValueError as e:
-        raise ConfigError(f"--k: expected comma-separated integers like 100,1000, got {text!r}") from e
-
-
 def print_table(result: dict[str, Any]) -> None:
     series = {s["name"]: s for s in result["series"]}
     over = {(o["series"], o["k"], repr(o["params"])): o["overhead"] for o in result["overhead"]}
@@ -708,10 +708,17 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"skipped {name}: {why}")
 
 
+def catalog_size(args: argparse.Namespace) -> tuple[int, int]:
+    """(items, users) of the synthetic dataset (`bench ann`, `bench pq`): --items and --users, else the
+    --quick or the full defaults."""
+    items = QUICK_ITEMS if args.quick and args.items is None else (args.items or ITEMS)
+    return items, args.users or (QUICK_USERS if args.quick else USERS)
+
+
 def run(args: argparse.Namespace) -> int:
-    ks = _ks(args.k)
-    backends = _csv(args.backends, "--backends")
-    peers = _csv(args.peers, "--peers") if args.peers.strip() else ()
+    ks = parse_ks(args.k)
+    backends = parse_csv(args.backends, "--backends")
+    peers = parse_csv(args.peers, "--peers") if args.peers.strip() else ()
     work = Path(args.work) if args.work else Path(args.out) / "work"
     if bool(args.vectors) != bool(args.queries):
         raise ConfigError(
@@ -720,14 +727,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.vectors and args.set == "far":
         raise ConfigError("--set far generates its own catalog; give --vectors/--queries only with --set user")
+    items, users = catalog_size(args)
     if args.vectors:
         data = given_dataset(args.vectors, args.queries)
     elif args.set == "far":
-        items = QUICK_ITEMS if args.quick and args.items is None else (args.items or 1_000_000)
         data = far_dataset(items, args.dim, n_queries=5000, seed=args.seed)
     else:
-        items = QUICK_ITEMS if args.quick and args.items is None else (args.items or 1_000_000)
-        users = args.users or (2_000 if args.quick else 50_000)
         data = synthetic_dataset(work, items, users, args.dim, train_seconds=60 if args.quick else args.train_seconds)
     n_queries = args.queries_n or (100 if args.quick else 300)
     work.mkdir(parents=True, exist_ok=True)
@@ -766,22 +771,19 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         "users' query vectors (default); far: the far-off-query catalog (Zipf clusters, power-law spectrum, "
         "queries = mean of 3-8 items + noise; towerann.data.synth_vectors), written as ann-far.json/png",
     )
-    p.add_argument("--seed", type=int, default=0, help="--set far: catalog seed (same seed -> same vectors; default 0)")
-    p.add_argument("--items", type=int, default=None, help="synthetic catalog size (default 1000000; --quick: 20000)")
-    p.add_argument("--users", type=int, default=None, help="synthetic users (default 50000; --quick: 2000)")
-    p.add_argument("--dim", type=int, default=128, help="vector dimension of the trained model (default 128)")
+    add_seed(p, "--set far: catalog seed; the same seed gives the same vectors")
+    add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)
     p.add_argument("--train-seconds", type=float, default=300.0, help="cap on model training time (default 300)")
-    p.add_argument("--vectors", default=None, help="use this vectors directory instead of a synthetic dataset")
-    p.add_argument("--queries", default=None, help="with --vectors: .npy file of user-tower query vectors [m, dim]")
-    p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
+    add_given_vectors(p)
+    add_ks(p)
     p.add_argument("--queries-n", type=int, default=None, help="queries measured (default 300; --quick: 100)")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"towerann backends (default {','.join(BACKENDS)})")
+    add_backends(p, BACKENDS, "towerann backends")
     p.add_argument(
         "--peers",
         default=",".join(PEERS),
         help=f"peers measured beside them (default {','.join(PEERS)}; empty for none)",
     )
-    p.add_argument("--quick", action="store_true", help="small dataset and few parameter settings (smoke run)")
-    p.add_argument("--out", default="bench-results", help="directory for ann.json and ann.png (--set far: ann-far.*)")
+    add_quick(p, "small dataset and few parameter settings (smoke run)")
+    add_out(p, "ann.json and ann.png, or ann-far.* with --set far")
     p.add_argument("--work", default=None, help="cache for dataset, model, vectors, queries (default OUT/work)")
     p.set_defaults(func=run)

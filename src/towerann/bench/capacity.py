@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from towerann.bench.options import add_dim, add_k, add_kind, add_recall
 from towerann.errors import ConfigError
 
 KINDS = ("ivfpq", "hnsw", "exact", "scann")
@@ -207,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  latency: unknown - {lat['basis']}")
     else:
         print(
-            f"  per node at recall@{p['k']} >= {p['recall_target']}: p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms"
+            f"  per node at recall@{p['k']} >= {p['recall_target']}: "
+            f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms"
             f" (measured recall {lat['recall']:.3f}, {lat['params']})"
         )
         print(f"  basis: {lat['basis']}")
@@ -223,11 +225,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--items", type=float, required=True, help="catalog size (e.g. 1e9)")
-    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
-    p.add_argument("--kind", choices=KINDS, default="ivfpq", help="index backend (default ivfpq)")
+    add_dim(p, 128)
+    add_kind(p, "ivfpq", choices=KINDS)
     p.add_argument("--ram-per-node", default="64GB", help="RAM of one node (default 64GB)")
-    p.add_argument("--k", type=int, default=1000, help="candidates per request (default 1000)")
-    p.add_argument("--recall", type=float, default=0.95, help="recall@K target (default 0.95)")
+    add_k(p, 1000)
+    add_recall(p, "recall@K target")
     p.add_argument("--pq-m", type=int, default=16, help="ivfpq: code bytes per item (default 16)")
     p.add_argument("--attributes", type=int, default=0, help="filter attributes besides category (4 B/item each)")
     p.add_argument(

@@ -30,11 +30,34 @@ from typing import Any
 
 import numpy as np
 
+from towerann.bench.ann import (
+    ITEMS,
+    QUICK_ITEMS,
+    QUICK_USERS,
+    USERS,
+    catalog_size,
+    exact_topk,
+    far_dataset,
+    frontier,
+    given_dataset,
+    synthetic_dataset,
+    threads,
+)
+from towerann.bench.options import (
+    add_catalog,
+    add_given_vectors,
+    add_ks,
+    add_out,
+    add_quick,
+    add_seed,
+    parse_csv,
+    parse_ks,
+)
 from towerann.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TARGETS = {  # issue 11's targets (1M x 128-d user-tower queries, one query on one thread)
+TARGETS: dict[str, dict[str, Any]] = {  # issue 11's targets (1M x 128-d user-tower queries, one query on one thread)
     "resident<=32B/item, recall@100>=0.95, warm p50<=1ms": {
         "k": 100,
         "recall": 0.95,
@@ -96,7 +119,6 @@ def run_pq_bench(
     source: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    from towerann.bench.ann import exact_topk, threads
     from towerann.bench.freshness import rss_mb
     from towerann.bench.report import percentiles, write_report
     from towerann.index import create
@@ -134,6 +156,7 @@ def run_pq_bench(
         in_ram = IVFPQIndex.load(
             path, {**manifest, "build_params": {**manifest["build_params"], "rerank_from": "memory"}}
         )
+        assert isinstance(on_disk, IVFPQIndex) and isinstance(in_ram, IVFPQIndex)  # load() is typed as Index's
         mem = on_disk.memory()
         info = {
             "pq_m": pq_m,
@@ -243,8 +266,6 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any]) -> Callable[[Any], None]:
-    from towerann.bench.ann import frontier
-
     def draw(fig: Any) -> None:
         ks = result["ks"]
         fig.set_size_inches(7 * len(ks), 6)
@@ -301,29 +322,21 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from towerann.bench.ann import QUICK_ITEMS, _csv, _ks, far_dataset, given_dataset, synthetic_dataset
-
-    ks = _ks(args.k)
+    ks = parse_ks(args.k)
     try:
-        pq_ms = tuple(int(x) for x in _csv(args.pq_m, "--pq-m"))
+        pq_ms = tuple(int(x) for x in parse_csv(args.pq_m, "--pq-m"))
     except ValueError as e:
         raise ConfigError(f"--pq-m: expected comma-separated integers like 8,16,32, got {args.pq_m!r}") from e
     work = Path(args.work) if args.work else Path(args.out) / "work"
     if bool(args.vectors) != bool(args.queries):
         raise ConfigError("--vectors and --queries go together: give both or neither")
-    items = QUICK_ITEMS if args.quick and args.items is None else (args.items or 1_000_000)
+    items, users = catalog_size(args)
     if args.vectors:
         data = given_dataset(args.vectors, args.queries)
     elif args.set == "far":
         data = far_dataset(items, args.dim, n_queries=5000, seed=args.seed)
     else:
-        data = synthetic_dataset(
-            work,
-            items,
-            args.users or (2_000 if args.quick else 50_000),
-            args.dim,
-            train_seconds=60 if args.quick else args.train_seconds,
-        )
+        data = synthetic_dataset(work, items, users, args.dim, train_seconds=60 if args.quick else args.train_seconds)
     work.mkdir(parents=True, exist_ok=True)
     result = run_pq_bench(
         data.vectors,
@@ -356,14 +369,11 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         help="user: a trained model's item vectors and held-out users' queries (default; the dataset "
         "`bench ann` caches); far: the far-off-query catalog",
     )
-    p.add_argument("--seed", type=int, default=0, help="--set far: catalog seed (default 0)")
-    p.add_argument("--items", type=int, default=None, help="catalog size (default 1000000; --quick: 20000)")
-    p.add_argument("--users", type=int, default=None, help="synthetic users (default 50000; --quick: 2000)")
-    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
+    add_seed(p, "--set far: catalog seed")
+    add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)
     p.add_argument("--train-seconds", type=float, default=300.0, help="cap on model training time (default 300)")
-    p.add_argument("--vectors", default=None, help="a vectors directory instead of a synthetic dataset")
-    p.add_argument("--queries", default=None, help="with --vectors: .npy of user-tower query vectors [m, dim]")
-    p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
+    add_given_vectors(p)
+    add_ks(p)
     p.add_argument("--pq-m", default="8,16,32", help="PQ code sizes in bytes per item (default 8,16,32)")
     p.add_argument("--queries-n", type=int, default=300, help="warm queries measured per setting (default 300)")
     p.add_argument(
@@ -372,7 +382,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         default=40,
         help="cold queries per setting, each after evicting the vector file (default 40)",
     )
-    p.add_argument("--quick", action="store_true", help="small dataset and few settings (smoke run)")
-    p.add_argument("--out", default="bench-results", help="directory for pq.json and pq.png")
+    add_quick(p)
+    add_out(p, "pq.json and pq.png")
     p.add_argument("--work", default=None, help="cache for the dataset and the snapshots (default OUT/work)")
     p.set_defaults(func=run)

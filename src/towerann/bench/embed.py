@@ -13,14 +13,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from towerann.bench.machine import memory_bandwidth_gbs, sgemm_gflops
-from towerann.bench.report import write_report
+from towerann.bench.options import add_catalog, add_out
+from towerann.bench.report import memory_bandwidth_gbs, sgemm_gflops, write_report
 from towerann.errors import ArtifactError, DataError
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def measure(
     }
 
 
-def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _plot(result: dict[str, Any]) -> Callable[[Any], None]:
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
         alone = result["stage_alone_s_for_catalog"]
@@ -217,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"item tower alone: {result['pure_tower']['gflops']:.1f} GFLOP/s = {result['ratio_tower_to_sgemm']:.0%} of "
-        f"SGEMM {result['machine_sgemm_gflops']:.1f}; end to end = {result['ratio_end_to_end_to_pure_tower']:.0%} of the pure tower"
+        f"SGEMM {result['machine_sgemm_gflops']:.1f}; "
+        f"end to end = {result['ratio_end_to_end_to_pure_tower']:.0%} of the pure tower"
     )
     print(f"wrote {json_path} and {png_path}")
     return 0
@@ -225,12 +227,12 @@ def run(args: argparse.Namespace) -> int:
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("embed", help="batch embedding throughput vs the pure tower and SGEMM")
-    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (synthetic; default 1000000)")
+    add_catalog(p, 1_000_000, dim=None)
     p.add_argument("--model", default=None, help="model directory (default: train a small one, reused)")
     p.add_argument(
         "--work", default="bench-results/embed-data", help="where catalogs, the model and vectors go (reused)"
     )
     p.add_argument("--batch-size", type=int, default=16384)
     p.add_argument("--keep", action="store_true", help="keep the vectors directory (default: remove it)")
-    p.add_argument("--out", default="bench-results", help="directory for embed-N.json and embed-N.png")
+    add_out(p, "embed-N.json and embed-N.png")
     p.set_defaults(func=run)

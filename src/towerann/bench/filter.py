@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from towerann.bench.ann import _csv, _ks, threads
+from towerann.bench.ann import threads
+from towerann.bench.options import add_backends, add_catalog, add_ks, add_out, add_recall, add_seed, parse_csv, parse_ks
 from towerann.bench.report import percentiles, write_report
 from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import Filter, create, filter_plan
@@ -62,6 +63,11 @@ def share_filter(clusters: np.ndarray, share: float, rng: np.random.Generator, o
         codes, counts = np.unique(clusters, return_counts=True)
         chosen = [int(codes[np.argmin(counts)])]
     return Filter(categories=frozenset(chosen))
+
+
+def _searcher(index: Any, k: int, flt: Filter | None, params: dict[str, Any]) -> Callable[[np.ndarray], Any]:
+    """One query path of `index`: its filtered search at K with these params."""
+    return lambda q: index.search(q, k, filter=flt, params=params or None)
 
 
 def measure_backend(
@@ -115,18 +121,16 @@ def measure_backend(
     for k in ks:
         base = {key: v for key, v in params_at[k].items()}
         for share, flt in filters:
-            kept = len(clusters) if flt is None else int(np.isin(clusters, list(flt.categories)).sum())
+            kept = len(clusters) if flt is None else int(np.isin(clusters, list(flt.categories or ())).sum())
             truth = index.exact_search(q_eval, k, filter=flt).ids
             chosen = (
                 filter_plan.choose(kept, len(clusters), k, {**index.search_defaults, **base}) if flt else "unfiltered"
             )
             paths = ("planner",) if flt is None else ("planner", *index.filter_paths)
-
-            def search_for(path: str) -> Callable[[np.ndarray], Any]:
-                params = base if path == "planner" else {**base, "filter_path": path}
-                return lambda q: index.search(q, k, filter=flt, params=params or None)
-
-            runs = {path: search_for(path) for path in paths}
+            runs = {
+                path: _searcher(index, k, flt, base if path == "planner" else {**base, "filter_path": path})
+                for path in paths
+            }
             times = filter_plan.time_paths(runs, q_eval[:n_time])  # the paths take turns on each query
             for path, search in runs.items():
                 res = search(q_eval)
@@ -328,14 +332,14 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    shares = tuple(float(s) for s in _csv(args.shares, "--shares"))
+    shares = tuple(float(s) for s in parse_csv(args.shares, "--shares"))
     if not all(0 < s <= 1 for s in shares):
         raise ConfigError(f"--shares: each share must be in (0, 1], got {args.shares!r}")
     result = run_filter_bench(
         args.items,
         dim=args.dim,
-        ks=_ks(args.k),
-        backends=_csv(args.backends, "--backends"),
+        ks=parse_ks(args.k),
+        backends=parse_csv(args.backends, "--backends"),
         shares=shares,
         recall=args.recall,
         n_queries=2 * args.queries_n,
@@ -358,19 +362,18 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
-    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
-    p.add_argument("--k", default="100,1000", help="comma-separated K values (default 100,1000)")
+    add_catalog(p, 1_000_000)
+    add_ks(p)
     p.add_argument(
         "--shares",
         default=",".join(str(s) for s in SHARES),
         help=f"shares of the catalog kept (default {','.join(str(s) for s in SHARES)}; 1 = no filter)",
     )
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"backends (default {','.join(BACKENDS)})")
-    p.add_argument("--recall", type=float, default=0.95, help="tuning and planner recall target (default 0.95)")
+    add_backends(p, BACKENDS)
+    add_recall(p, "tuning and planner recall target")
     p.add_argument("--queries-n", type=int, default=200, help="queries measured (as many again calibrate; default 200)")
     p.add_argument("--time-n", type=int, default=200, help="of those, timed one at a time (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="catalog and filter seed (default 0)")
+    add_seed(p, "catalog and filter seed")
     p.add_argument(
         "--partition-by",
         default=None,
@@ -389,7 +392,5 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         choices=["random", "largest"],
         help="measured filters: whole categories in a seeded random order (default), or biggest first",
     )
-    p.add_argument(
-        "--out", default="bench-results", help="directory for filter-<items>[-partitions-category].json and .png"
-    )
+    add_out(p, "filter-<items>[-partitions-category].json and .png")
     p.set_defaults(func=run)

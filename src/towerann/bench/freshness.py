@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from towerann.bench.options import add_catalog, add_k, add_kind, add_out, add_recall, add_workdir
 from towerann.bench.report import percentiles, write_report
 from towerann.errors import ConfigError
 
@@ -114,7 +115,7 @@ def _refresh_main(
     delta_url: str,
     delta_path: Path | None,
     kind: str,
-    recall: float,
+    recall: float | None,
     k: int,
     out: Any,
 ) -> None:
@@ -137,12 +138,12 @@ def rebuild_niced(
     root: Path,
     delta_path: Path | None,
     kind: str,
-    recall: float,
+    recall: float | None,
     k: int,
     delta_url: str = "embedded",
 ) -> dict[str, Any]:
-    """`refresh` in a child process at nice 10, as a cron job beside a server would run. The delta log:
-    "embedded" (SQLite at delta_path) or a Redis URL."""
+    """`refresh` in a child process at nice 10, as a cron job beside a server would run (`recall`: None for no
+    tuning). The delta log: "embedded" (SQLite at delta_path) or a Redis URL."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -160,12 +161,12 @@ def run(args: argparse.Namespace) -> int:
 
     from towerann.bench.serve import prepare, run_load
     from towerann.data.dataset import read_items
+    from towerann.freshness.publish import publish_bundle
     from towerann.index.build import Tuning
     from towerann.index.snapshot import resolve, set_current
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
     from towerann.server.server import start_subprocess
-    from towerann.serving.bundle import publish_bundle
 
     work = Path(args.workdir) / f"serve-{args.items}"
     paths = prepare(work, args.items, args.users, dim=args.dim, epochs=1, publish=False)  # data, model, vectors
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"items": args.items, "index": args.kind, "initial_build_s": round(build_s, 1)}
 
     server = start_subprocess(root, "memory", config=toml, timeout_s=600)
+    assert server.process is not None  # start_subprocess's handle always has its child
     pid = server.process.pid
     try:
         with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -319,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
     }
     s = result["swap"]
     print(
-        f"swap under {args.rate}/s: {s['failed_requests']} failed of {s['sent']}; p99 steady {steady['p99_ms']:.2f} ms, "
+        f"swap under {args.rate}/s: {s['failed_requests']} failed of {s['sent']}; "
+        f"p99 steady {steady['p99_ms']:.2f} ms, "
         f"during swap {during_swap['p99_ms']:.2f} ms ({s['p99_swap_over_steady']}x); RSS {s['rss_mb_before']} -> "
         f"peak {s['rss_mb_peak_during_swap']} -> {s['rss_mb_after']} MiB; reload {swap.get('outcome')} in "
         f"{swap.get('seconds')}s",
@@ -328,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
     for n, sw in enumerate(s["swaps"]):
         w = sw["worst_request"]
         print(
-            f"  swap {n + 1}: p99 {sw['p99_ms']:.2f} ms ({sw['p99_over_steady']}x steady), worst {w.get('latency_ms', 0):.1f} ms "
+            f"  swap {n + 1}: p99 {sw['p99_ms']:.2f} ms ({sw['p99_over_steady']}x steady), "
+            f"worst {w.get('latency_ms', 0):.1f} ms "
             f"sent {w.get('after_reload_start_s', float('nan')):.2f}s into the reload (phase {w.get('phase')}); "
             f"phases {sw['phases_s']}",
             flush=True,
@@ -428,16 +432,14 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
-    p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
-    p.add_argument("--dim", type=int, default=128, help="embedding dim of the bench model (default 128)")
-    p.add_argument("--kind", default="hnsw", help="index backend (default hnsw)")
+    add_catalog(p, 1_000_000, users=20_000, dim=128, trained=True)
+    add_kind(p)
     p.add_argument("--new-items", type=int, default=300, help="single-item writes measured (default 300)")
     p.add_argument("--bulk-batch", type=int, default=1000, help="items per bulk call (default 1000)")
     p.add_argument("--bulk-calls", type=int, default=10, help="bulk calls (default 10)")
     p.add_argument("--rate", type=float, default=100.0, help="requests/s during the swap (default 100)")
-    p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
-    p.add_argument("--recall", type=float, default=0.95, help="both bundles are tuned to this recall@k (default 0.95)")
+    add_k(p, 100)
+    add_recall(p, "both bundles are tuned to this recall@k")
     p.add_argument("--steady-s", type=float, default=15.0, help="steady load before and after (default 15 s)")
     p.add_argument(
         "--settle-s",
@@ -469,8 +471,6 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         "bundle's files (read) or allocates and touches as much memory (alloc): does the machine "
         "stall the server without any swap? (reported as 'control')",
     )
-    p.add_argument(
-        "--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)"
-    )
-    p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
+    add_workdir(p)
+    add_out(p)
     p.set_defaults(func=run)

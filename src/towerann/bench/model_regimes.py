@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from towerann.bench.options import add_out, add_seed
 from towerann.bench.report import write_report
 from towerann.data.movielens import convert
 from towerann.data.synth import generate
@@ -110,7 +112,7 @@ def measure(
     }
 
 
-def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _plot(result: dict[str, Any]) -> Callable[[Any], None]:
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
         rows = result["rows"]
@@ -152,7 +154,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--movielens-budget-s", type=float, default=600.0, help="search budget for ml-100k (default 600)")
     p.add_argument("--trials", type=int, default=10, help="search trials per regime at most (default 10)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p, "seed of the datasets and the training")
     p.add_argument("--work", default="bench-work/model", help="where the datasets are written")
-    p.add_argument("--out", default="bench-results", help="directory for model-regimes.json and .png")
+    add_out(p, "model-regimes.json and .png")
     p.set_defaults(func=run)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -41,7 +41,8 @@ class Series:
     wraps: str | None = None  # for a towerann series: the name of the raw series it wraps
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file under `path`: what an index saved there costs on disk."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
@@ -97,7 +98,8 @@ def faiss_hnsw_series(vectors: np.ndarray, M: int, ef_construction: int) -> list
     build_s = time.perf_counter() - t0
 
     def search(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
-        p = faiss.SearchParametersHNSW()
+        # faiss's bundled stub (__init__.pyi) lacks this SWIG class, which every faiss >= 1.7.3 has at run time
+        p = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
         p.efSearch = max(int(params["ef"]), k)
         return ix.search(q, k, params=p)[1]
 
@@ -234,7 +236,7 @@ def scann_series(
 
     with tempfile.TemporaryDirectory() as tmp:
         searcher.serialize(tmp)
-        nbytes = _dir_bytes(Path(tmp))
+        nbytes = dir_bytes(Path(tmp))
     return [
         Series(
             "ScaNN",
@@ -258,6 +260,7 @@ def lancedb_series(vectors: np.ndarray, workdir: Path, num_partitions: int, num_
     try:
         import lancedb
         import pyarrow as pa
+        from lancedb.query import LanceVectorQueryBuilder
     except ImportError as e:
         raise BackendUnavailable(f"the lancedb peer needs lancedb: pip install lancedb ({e})") from e
     n, d = vectors.shape
@@ -280,13 +283,9 @@ def lancedb_series(vectors: np.ndarray, workdir: Path, num_partitions: int, num_
     build_s = time.perf_counter() - t0
 
     def one(q: np.ndarray, k: int, params: dict[str, Any]) -> np.ndarray:
-        query = (
-            table.search(q[0], vector_column_name="vector")
-            .distance_type("dot")
-            .nprobes(int(params["nprobes"]))
-            .limit(k)
-            .select(["id", "_distance"])
-        )
+        # a vector query: search() is typed as returning the base builder, which has no distance_type
+        vector_query = cast(LanceVectorQueryBuilder, table.search(q[0], vector_column_name="vector"))
+        query = vector_query.distance_type("dot").nprobes(int(params["nprobes"])).limit(k).select(["id", "_distance"])
         if params.get("refine_factor"):
             query = query.refine_factor(int(params["refine_factor"]))
         return _pad(query.to_arrow()["id"].to_numpy()[None, :], k)
@@ -303,7 +302,7 @@ def lancedb_series(vectors: np.ndarray, workdir: Path, num_partitions: int, num_
             one,
             batch,
             build_s,
-            _dir_bytes(Path(workdir)),
+            dir_bytes(Path(workdir)),
             f"IVF_PQ partitions={num_partitions} sub_vectors={num_sub_vectors}",
         )
     ]

@@ -22,11 +22,13 @@ import multiprocessing as mp
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from towerann.bench.options import add_catalog, add_k, add_kind, add_out, add_recall, add_workdir
 from towerann.bench.report import percentiles, write_report
 from towerann.config import MonitorConfig
 from towerann.errors import ConfigError
@@ -54,10 +56,10 @@ def prepare(
     recall: tune the index's search parameters to this recall@k on held-out users' queries."""
     from towerann.data.synth import generate
     from towerann.embed.runner import embed_catalog
+    from towerann.freshness.publish import publish_bundle
     from towerann.index.build import Tuning
     from towerann.model.towers import TowerConfig
     from towerann.model.train import TrainConfig, train
-    from towerann.serving.bundle import publish_bundle
 
     work = Path(workdir)
     index_name = "indexes" if recall is None else f"indexes-{kind}-r{recall}@{k}"  # one cached bundle per setting
@@ -96,7 +98,7 @@ Request = bytes | tuple[str, bytes]
 
 async def _open_loop(
     url: str,
-    bodies: list[Request],
+    bodies: Sequence[Request],
     rate: float,
     duration_s: float,
     connections: int,
@@ -200,7 +202,7 @@ async def _open_loop(
 
 def _loadgen_main(
     url: str,
-    bodies: list[Request],
+    bodies: Sequence[Request],
     rate: float,
     duration_s: float,
     connections: int,
@@ -216,7 +218,7 @@ def _loadgen_main(
 
 def run_load(
     url: str,
-    bodies: list[Request],
+    bodies: Sequence[Request],
     rate: float,
     duration_s: float,
     connections: int,
@@ -362,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
         # --monitor-sample S > 0: a second server with the monitor off takes the same load, rate by rate,
         # in alternation (who goes first alternates too), so both see the same machine load.
         off = _start_server(work, paths["index"], store_url, store_path, args.workers, 0.0) if compare else None
-        rates, rates_off = [], []
+        rates: list[dict[str, Any]] = []
+        rates_off: list[dict[str, Any]] = []
         try:
             for s in (server, off):
                 if s is not None:
@@ -518,18 +521,11 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default 1000000)")
-    p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
-    p.add_argument("--dim", type=int, default=64, help="embedding dim of the model trained for the bench (default 64)")
+    add_catalog(p, 1_000_000, users=20_000, dim=64, trained=True)
     p.add_argument("--epochs", type=int, default=1, help="training epochs for the bench model (default 1)")
-    p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
-    p.add_argument("--kind", default="hnsw", help="index backend of the served bundle (default hnsw)")
-    p.add_argument(
-        "--recall",
-        type=float,
-        default=0.95,
-        help="tune the index to this recall@k on held-out user queries (default 0.95)",
-    )
+    add_k(p, 100)
+    add_kind(p, what="of the served bundle")
+    add_recall(p, "tune the index to this recall@k on held-out user queries")
     p.add_argument(
         "--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB"
     )
@@ -555,8 +551,6 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         "taking the same load, rate by rate in alternation: the p99 with and without it (0: one "
         "server, monitor off; default: one server with the config's default, 1%%)",
     )
-    p.add_argument(
-        "--workdir", default="bench-work", help="where the workload is built and cached (default bench-work/)"
-    )
-    p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
+    add_workdir(p, "where the workload is built and cached")
+    add_out(p)
     p.set_defaults(func=run)

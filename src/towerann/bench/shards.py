@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from towerann.bench.ann import _csv, threads
+from towerann.bench.ann import threads
+from towerann.bench.options import add_catalog, add_k, add_out, add_seed, parse_csv
 from towerann.bench.report import percentiles, write_report
 from towerann.errors import ConfigError
 from towerann.index import create
@@ -38,10 +39,15 @@ from towerann.index.tune import recall_at_k
 
 log = logging.getLogger(__name__)
 
-BUILD = {"hnsw": {"M": 16, "ef_construction": 80}, "exact": {}, "ivfpq": {}, "scann": {}}
+BUILD: dict[str, dict[str, Any]] = {"hnsw": {"M": 16, "ef_construction": 80}, "exact": {}, "ivfpq": {}, "scann": {}}
 # recall is compared at each setting; the last is the one timed (ef=1200: recall@100 ~0.94 on this
 # catalog in docs/bench/ann-far-200k.json, M=32)
-RECALL_SETTINGS = {"hnsw": [{"ef": 128}, {"ef": 512}, {"ef": 1200}], "exact": [{}], "ivfpq": [{}], "scann": [{}]}
+RECALL_SETTINGS: dict[str, list[dict[str, Any]]] = {
+    "hnsw": [{"ef": 128}, {"ef": 512}, {"ef": 1200}],
+    "exact": [{}],
+    "ivfpq": [{}],
+    "scann": [{}],
+}
 TARGET = {"recall_points": 0.5, "overhead_p50_ms_at_4": 2.0}
 BATCH = 32
 COMPILED_TIMEOUT_S = 60
@@ -56,6 +62,11 @@ def _time_each(fn: Callable[[int], Any], n: int, warm: int = 10) -> dict[str, fl
         fn(i)
         samples.append(time.perf_counter() - t0)
     return {k: round(v, 4) for k, v in percentiles(samples).items()}
+
+
+def _one_by_one(index: Any, queries: np.ndarray, k: int, params: dict[str, Any] | None) -> Callable[[int], Any]:
+    """fn(i): a search of the i-th query (round robin) alone, as the serving path sends them."""
+    return lambda i: index.search(queries[i % len(queries)], k, params=params)
 
 
 def _compiled(actors: list[Any], method: str, *bound: Any) -> Any:
@@ -81,7 +92,7 @@ def measure_ray(
     s, q1 = shards.n, queries[:1]
     out: dict[str, Any] = {
         "noop_plain": _time_each(lambda i: ray.get([a.noop.remote(q1) for a in shards.actors]), n_time),
-        "search_plain": _time_each(lambda i: ix.search(queries[i % len(queries)], k, params=params), n_time),
+        "search_plain": _time_each(_one_by_one(ix, queries, k, params), n_time),
         "batch_plain_per_query": {},
     }
     t = _time_each(lambda i: ix.search(queries[:BATCH], k, params=params), max(n_time // 10, 5), warm=2)
@@ -95,10 +106,14 @@ def measure_ray(
         )
         try:
             if name == "noop_compiled":
-                out[name] = _time_each(lambda i: ray.get(graph.execute(q1)), n_time)
+
+                def noop(i: int, graph: Any = graph) -> Any:
+                    return ray.get(graph.execute(q1))
+
+                out[name] = _time_each(noop, n_time)
             else:
 
-                def one(i: int) -> Any:
+                def one(i: int, graph: Any = graph) -> Any:
                     parts = [r for _, r in ray.get(graph.execute((queries[i % len(queries)][None, :], k, None, p)))]
                     return merge_topk([r.ids for r in parts], [r.scores for r in parts], k)
 
@@ -136,7 +151,7 @@ def run_shards_bench(
     compiled: bool = True,
 ) -> dict[str, Any]:
     from towerann.cluster.local_cluster import LocalCluster
-    from towerann.cluster.ray_shards import attach, require_ray
+    from towerann.cluster.ray_shards import RayShards, attach, require_ray
     from towerann.data.synth_vectors import far_off_catalog
     from towerann.index.sharded import ShardedIndex
 
@@ -181,13 +196,13 @@ def run_shards_bench(
         plain.build(cat.vectors, np.arange(n_items))
         build_s = time.perf_counter() - t0
     with threads(1):
-        base = {
+        base: dict[str, Any] = {
             "recall": round(recall_at_k(plain.search(q, k, params=search or None).ids, gt), 4),
             "recall_by_setting": recalls(plain),
-            "local": _time_each(lambda i: plain.search(q[i % n_queries], k, params=search or None), n_time),
+            "local": _time_each(_one_by_one(plain, q, k, search or None), n_time),
             "build_s": round(build_s, 1),
         }
-    plain = None  # freed before the shards load their copies
+    del plain  # freed before the shards load their copies
     result["unsharded"] = base
     connected = ray.is_initialized()  # a caller's cluster (a test's): use it, leave it running
     cluster = None if address or connected else LocalCluster(nodes=nodes)
@@ -207,16 +222,18 @@ def run_shards_bench(
             with threads(1):
                 recall = recall_at_k(sharded.search(q, k, params=search or None).ids, gt)
                 by_setting = recalls(sharded)
-                local = _time_each(lambda i: sharded.search(q[i % n_queries], k, params=search or None), n_time)
+                local = _time_each(_one_by_one(sharded, q, k, search or None), n_time)
             with tempfile.TemporaryDirectory(prefix="bench-shards-") as root:
                 publish(sharded, root, "bench")
-                sharded = None  # the shard actors load their own copies
+                del sharded  # the shard actors load their own copies
                 ix = attach(root, name=f"bench-{s}")
                 try:
                     ray_recall = recall_at_k(ix.search(q, k, params=search).ids, gt)
                     timings = measure_ray(ix, q, k, search, n_time, compiled)
                 finally:
-                    ix.shards.close()
+                    shards = ix.shards
+                    assert isinstance(shards, RayShards)  # attach() serves the shards by Ray actors
+                    shards.close()
             point = {
                 "shards": s,
                 "recall": round(recall, 4),
@@ -329,7 +346,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    counts = tuple(int(s) for s in _csv(args.shards, "--shards"))
+    counts = tuple(int(s) for s in parse_csv(args.shards, "--shards"))
     if not counts or min(counts) < 1:
         raise ConfigError(f"--shards: positive shard counts, got {args.shards!r}")
     result = run_shards_bench(
@@ -358,16 +375,15 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--items", type=int, default=200_000, help="catalog size (default 200000)")
-    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
-    p.add_argument("--k", type=int, default=100, help="K (default 100)")
+    add_catalog(p, 200_000)
+    add_k(p, 100, "K")
     p.add_argument("--shards", default="1,2,4", help="comma-separated shard counts (default 1,2,4)")
     p.add_argument("--backend", default="hnsw", choices=sorted(BUILD), help="the shards' backend (default hnsw)")
     p.add_argument("--nodes", type=int, default=2, help="local Ray nodes to start (default 2)")
     p.add_argument("--address", default=None, help="use a running Ray cluster at this address instead")
     p.add_argument("--queries-n", type=int, default=200, help="queries for recall (default 200)")
     p.add_argument("--time-n", type=int, default=200, help="timed one at a time per path (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="catalog seed (default 0)")
+    add_seed(p, "catalog seed")
     p.add_argument("--no-compiled", action="store_true", help="skip the compiled-graph (ray.dag) paths")
-    p.add_argument("--out", default="bench-results", help="directory for shards-<items>.json and .png")
+    add_out(p, "shards-<items>.json and .png")
     p.set_defaults(func=run)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from towerann.bench.options import add_catalog, add_k, add_kind, add_out, add_recall, add_seed, add_workdir
 from towerann.bench.report import percentiles, write_report
 
 TOKEN = "soak-token"
@@ -189,11 +190,11 @@ def run(args: argparse.Namespace) -> int:
     from towerann.data.dataset import read_items
     from towerann.features import open_store
     from towerann.features.loader import load_dataset_features
+    from towerann.freshness.publish import publish_bundle
     from towerann.index.build import Tuning
     from towerann.model.evaluate import heldout_user_queries
     from towerann.model.model import TwoTowerModel
     from towerann.server.server import start_subprocess
-    from towerann.serving.bundle import publish_bundle
 
     work = Path(args.workdir) / f"serve-{args.items}"
     paths = prepare(work, args.items, args.users, dim=args.dim, epochs=1, publish=False)
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         bodies, kinds, wrote = _plan(n, tuple(args.mix), user_ids, item_ids, rows, args.k, args.seed)
 
         server = start_subprocess(root, redis.url, config=toml, timeout_s=600)
+        assert server.process is not None  # start_subprocess's handle always has its child
         pid = server.process.pid
         sampler = RssSampler(pid, 0.5).start()
         load_out: dict[str, Any] = {}
@@ -451,17 +453,10 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--items", type=int, default=200_000, help="catalog size (default 200000)")
-    p.add_argument("--users", type=int, default=20_000, help="synthetic users (default 20000)")
-    p.add_argument("--dim", type=int, default=64, help="embedding dim of the bench model (default 64)")
-    p.add_argument("--kind", default="hnsw", help="index backend (default hnsw)")
-    p.add_argument(
-        "--recall",
-        type=float,
-        default=0.95,
-        help="both bundles are tuned to this recall@k (default 0.95; 0 = no tuning)",
-    )
-    p.add_argument("--k", type=int, default=100, help="candidates per read (default 100)")
+    add_catalog(p, 200_000, users=20_000, dim=64, trained=True)
+    add_kind(p)
+    add_recall(p, "both bundles are tuned to this recall@k", note="; 0 = no tuning")
+    add_k(p, 100, "candidates per read")
     p.add_argument("--rate", type=float, default=200.0, help="requests/s, all kinds together (default 200)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
     p.add_argument(
@@ -474,10 +469,8 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--redis-down-s", type=float, default=2.0, help="seconds Redis stays down (default 2)")
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the generator (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
+    add_seed(p, "seed of the request mix")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument(
-        "--workdir", default="bench-work", help="workload cache, shared with bench serve (default bench-work/)"
-    )
-    p.add_argument("--out", default="bench-results", help="directory for the JSON and PNG (default bench-results/)")
+    add_workdir(p)
+    add_out(p)
     p.set_defaults(func=run)

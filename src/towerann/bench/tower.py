@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from towerann.bench.options import add_out
 from towerann.bench.report import percentiles, write_report
 from towerann.model.export import RUNTIMES, UserEncoder
 from towerann.model.model import TwoTowerModel
@@ -43,7 +45,7 @@ def measure(model_dir: str | Path, requests: int = 5000, warmup: int = 200) -> d
             t0 = time.perf_counter()
             inputs = enc.inputs(user, static, hist)
             t1 = time.perf_counter()
-            enc._run(*inputs)
+            enc.run(*inputs)
             t2 = time.perf_counter()
             if i >= warmup:
                 end_to_end.append(t2 - t0)
@@ -61,7 +63,7 @@ def measure(model_dir: str | Path, requests: int = 5000, warmup: int = 200) -> d
     }
 
 
-def _plot(result: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _plot(result: dict[str, Any]) -> Callable[[Any], None]:
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
         names = list(result["runtimes"])
@@ -93,5 +95,5 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("tower", help="user-tower latency per runtime (ONNX Runtime, TorchScript, torch)")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--requests", type=int, default=5000)
-    p.add_argument("--out", default="bench-results", help="directory for tower.json and tower.png")
+    add_out(p, "tower.json and tower.png")
     p.set_defaults(func=run)

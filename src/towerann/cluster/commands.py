@@ -13,15 +13,8 @@ from towerann.embed.commands import report_embedding
 from towerann.errors import ConfigError
 
 
-def _subparser(parent: argparse.ArgumentParser | argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    """The parser of subcommand `name` under `parent` (a subparsers action, or a parser that holds one)."""
-    if isinstance(parent, argparse.ArgumentParser):
-        parent = next(a for a in parent._actions if isinstance(a, argparse._SubParsersAction))
-    return parent.choices[name]
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    embed = _subparser(sub, "embed")
+    embed: argparse.ArgumentParser = sub.choices["embed"]  # the subcommand's parser, added by embed/
     embed.add_argument(
         "--ray",
         nargs="?",

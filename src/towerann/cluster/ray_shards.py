@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from towerann.errors import ArtifactError, BackendUnavailable, ConfigError, TowerannError
-from towerann.index.base import Index
+from towerann.index import Index
 from towerann.index.shard_backends import WRITES, ShardSet, apply
 from towerann.index.sharded import KIND, SHARD_DIR, ShardedIndex, load_shard
 from towerann.index.snapshot import current_version, read_checked_manifest
@@ -314,7 +314,7 @@ class RayShards(ShardSet):
                 except ray.exceptions.RayError as e:
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, TowerannError) and not isinstance(cause, ShardVersionMissing):
-                        raise cause
+                        raise cause from e
                     failed.append(s)
                     continue
                 if method in WRITES:

@@ -10,6 +10,7 @@ The vectors are taken as they are (inner product); `normalize` L2-normalises the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,17 @@ from towerann.data.vectors_dir import write_vectors
 from towerann.errors import DataError
 
 UNKNOWN = "<unknown>"
+
+
+class ExternalVectors(TypedDict):
+    """An external vector file's arrays, checked (read_external)."""
+
+    vectors: np.ndarray  # f32 [n, dim]
+    external_ids: np.ndarray  # int64 or str [n]
+    categories: np.ndarray  # int32 codes [n] into category_names (0: unknown)
+    available: np.ndarray  # bool [n]
+    category_names: list[str]
+    model_version: str  # "external-" + the files' checksums
 
 
 def _vectors_from_column(col: pa.ChunkedArray, file: Path, name: str) -> np.ndarray:
@@ -47,7 +59,7 @@ def read_external(
     vector_column: str = "vector",
     category_column: str | None = None,
     available_column: str | None = None,
-) -> dict[str, np.ndarray | list[str] | str]:
+) -> ExternalVectors:
     """The arrays of an external vector file, checked: vectors, external_ids, categories, available, names."""
     file = Path(source)
     if not file.is_file():

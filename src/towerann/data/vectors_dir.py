@@ -128,6 +128,11 @@ def write_vectors(
     return Path(out)
 
 
+def vectors_model_version(directory: str | Path) -> str:
+    """The version of the model that embedded a vectors directory, from its manifest alone (cheap)."""
+    return str(read_manifest(directory, KIND, FORMAT_VERSION)["model_version"])
+
+
 def read_vectors(directory: str | Path, verify: bool = True) -> VectorSet:
     """Load a vectors directory, checking its manifest and (by default) every checksum."""
     directory = Path(directory)

@@ -140,7 +140,8 @@ def iter_batches_from(
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Record batches of catalog rows [start, stop), skipping whole row groups before `start` unread."""
     meta = pf.metadata
-    first_row, groups = 0, []
+    first_row = 0
+    groups: list[int] = []  # the row groups read
     for rg in range(meta.num_row_groups):
         rows = meta.row_group(rg).num_rows
         if first_row + rows > start or groups:

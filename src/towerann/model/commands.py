@@ -1,4 +1,4 @@
-"""`towerann train` and `towerann eval`."""
+"""`towerann train`, `towerann eval` and `towerann model import|queries`."""
 
 from __future__ import annotations
 
@@ -76,7 +76,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="--session: seed of the sampled users (default 0)")
     e.set_defaults(func=run_eval)
 
-    m = sub.add_parser("model", help="model directories: import towers trained elsewhere")
+    m = sub.add_parser(
+        "model", help="model directories: import towers trained elsewhere, write a dataset's tuning queries"
+    )
     msub = m.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     i = msub.add_parser(
         "import",
@@ -99,6 +101,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     i.set_defaults(func=run_import)
 
+    q = msub.add_parser(
+        "queries",
+        help="user-tower query vectors of a dataset's held-out users (.npy), to tune an index on",
+        description="The user tower's vectors of the held-out (test) users of a dataset, each at the moment "
+        "its held-out period starts: what serving sends, so what an index is tuned and checked on "
+        "(`towerann index build --queries`, `towerann index tune --queries`). Written atomically.",
+    )
+    q.add_argument("--data", required=True, help="dataset directory (items/users/interactions.parquet)")
+    q.add_argument("--model", required=True, help="model directory whose user tower makes the queries")
+    q.add_argument("--out", required=True, help="the .npy file to write (float32 [n, dim])")
+    q.add_argument("--n", type=int, default=2000, help="at most this many users, a seeded sample (default 2000)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    q.add_argument(
+        "--vectors",
+        default=None,
+        help="vectors directory the queries will tune an index of: refuse a model other than the one that embedded it",
+    )
+    q.set_defaults(func=run_queries)
+
 
 def run_import(args: argparse.Namespace) -> int:
     from towerann.model.onnx_import import MIN_SPACE_AUC, import_model
@@ -116,6 +137,21 @@ def run_import(args: argparse.Namespace) -> int:
     print(
         f"imported model {r['model_version']} -> {r['out']}: own history items outscore random ones in "
         f"{r['history_auc']:.0%} of pairs ({r['sample_users']} sample users)"
+    )
+    return 0
+
+
+def run_queries(args: argparse.Namespace) -> int:
+    from towerann.model.evaluate import write_heldout_queries
+
+    version = None
+    if args.vectors is not None:
+        from towerann.data.vectors_dir import vectors_model_version
+
+        version = vectors_model_version(args.vectors)
+    q = write_heldout_queries(args.model, args.data, args.out, args.n, args.seed, vectors_model_version=version)
+    print(
+        f"wrote {args.out}: {len(q)} x {q.shape[1]} user-tower queries of {args.data}'s held-out users ({args.model})"
     )
     return 0
 

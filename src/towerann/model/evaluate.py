@@ -3,7 +3,11 @@
 For each user with held-out interactions, the query is the user tower's vector at the moment the
 held-out period starts (history = the items before it), the candidates are the whole catalog minus
 what the user already interacted with, and the targets are the held-out items. The two-tower model
-is measured beside a popularity baseline and implicit's ALS on the same split.
+is measured beside a popularity baseline and implicit's ALS on the same split (ALS's settings chosen on
+the validation split by `tune_als`, when asked).
+
+The same held-out users' vectors are the queries an index is tuned on: `write_heldout_queries` writes
+them for `towerann index build --queries` (`towerann model queries`).
 """
 
 from __future__ import annotations
@@ -11,18 +15,35 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
-from towerann.errors import BackendUnavailable
+from towerann.artifacts import save_npy_atomic
+from towerann.errors import BackendUnavailable, ConfigError, DataError
 from towerann.model.model import TwoTowerModel
 from towerann.model.prepare import TEST, TRAIN, VALID, Prepared, prepare
 
 log = logging.getLogger(__name__)
 
 KS = (10, 100, 1000)
+MIN_GAIN = 1e-4  # a setting must beat the best validation recall by this much to be kept (ALS grid, model search)
+
+# ALS grid (factors x regularisation x confidence alpha), scored like the model search: fit on TRAIN, recall on VALID.
+ALS_GRID: dict[str, tuple[float, ...]] = {
+    "factors": (32, 64, 128),
+    "regularization": (0.01, 0.1, 1.0),
+    "alpha": (1.0, 10.0),
+}
+
+
+class AlsParams(TypedDict):
+    """One point of the ALS grid: als_topk's keyword arguments."""
+
+    factors: int
+    regularization: float
+    alpha: float
 
 
 @dataclass
@@ -85,6 +106,32 @@ def heldout_user_queries(model: TwoTowerModel, data: str | Path, max_queries: in
     catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
     catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
     return user_queries(model, p, rows, catalog_vocab, catalog_cat).astype(np.float32)
+
+
+def write_heldout_queries(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    max_queries: int = 2000,
+    seed: int = 0,
+    vectors_model_version: str | None = None,
+) -> np.ndarray:
+    """Write the user-tower queries of `data`'s held-out users (heldout_user_queries) to the .npy file `out`,
+    atomically, and return them: the tuning queries `towerann index build --queries` and `index tune --queries`
+    read. `vectors_model_version`: refuse a model other than the one that embedded the vectors to be tuned."""
+    if max_queries < 1:
+        raise ConfigError(f"the number of queries must be >= 1, got {max_queries}")
+    model = TwoTowerModel.load(model_dir)
+    if vectors_model_version is not None and model.version != vectors_model_version:
+        raise ConfigError(
+            f"{model_dir} is {model.version!r} but the vectors come from {vectors_model_version!r}; "
+            "make the queries with the model that embedded them"
+        )
+    queries = heldout_user_queries(model, data, max_queries, seed)
+    if len(queries) == 0:
+        raise DataError(f"{data}: no held-out (test) interactions, so no users to make queries of")
+    save_npy_atomic(out, queries)
+    return queries
 
 
 def rank_scores(scores: torch.Tensor, seen: list[np.ndarray], k: int) -> np.ndarray:
@@ -189,6 +236,34 @@ def als_topk(
     return rank_scores(scores.float(), q.seen, k)
 
 
+def tune_als(
+    p: Prepared, k: int = 100, seed: int = 0, grid: dict[str, tuple[float, ...]] | None = None
+) -> tuple[AlsParams, list[dict[str, Any]]]:
+    """The ALS grid point with the best validation recall@k (fit on TRAIN only); (chosen, every point)."""
+    grid = grid or ALS_GRID
+    q = held_out(p, VALID)
+    trials: list[dict[str, Any]] = []
+    best: AlsParams | None = None
+    best_score = -1.0
+    for factors in grid["factors"]:
+        for reg in grid["regularization"]:
+            for alpha in grid["alpha"]:
+                params = AlsParams(factors=int(factors), regularization=float(reg), alpha=float(alpha))
+                top = als_topk(p, q, k, seed=seed, train_splits=(TRAIN,), **params)
+                score = metrics(top, q.targets, (k,))[f"recall@{k}"]
+                trials.append({**params, f"val_recall@{k}": round(score, 6)})
+                if score > best_score + MIN_GAIN:
+                    best, best_score = params, score
+    assert best is not None
+    return best, trials
+
+
+def _tuned_als_metrics(p: Prepared, q: Queries, k: int, ks: tuple[int, ...]) -> dict[str, Any]:
+    """Test-split metrics of ALS at the grid point chosen on the validation split, with the grid."""
+    chosen, grid = tune_als(p, seed=0)
+    return metrics(als_topk(p, q, k, **chosen), q.targets, ks) | {"params": chosen, "grid": grid}
+
+
 def evaluate(
     data: str | Path,
     model_dir: str | Path | TwoTowerModel,
@@ -208,10 +283,7 @@ def evaluate(
         result["popularity"] = metrics(popularity_topk(p, q, k), q.targets, ks)
         result["als"] = metrics(als_topk(p, q, k), q.targets, ks)
     if baselines and tune_als:
-        from towerann.model.hparam_search import tune_als as tune
-
-        chosen, grid = tune(p, seed=0)
-        result["als_tuned"] = metrics(als_topk(p, q, k, **chosen), q.targets, ks) | {"params": chosen, "grid": grid}
+        result["als_tuned"] = _tuned_als_metrics(p, q, k, ks)
     result["model_version"] = model.version
     result["catalog_items"] = len(p.items)
     return result

@@ -8,7 +8,7 @@ as ONNX and `UserEncoder` runs it; plain torch stays as the fallback (`runtime="
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,55 +17,12 @@ import torch
 from torch import nn
 
 from towerann.errors import ArtifactError, ConfigError
+from towerann.model.onnx_export import UserTowerForExport, example_inputs
 
 if TYPE_CHECKING:
     from towerann.model.model import TwoTowerModel
 
 RUNTIMES = ("onnx", "torchscript", "torch")
-
-
-class _UserTowerForExport(nn.Module):
-    """The user tower with empty feature groups left out of the signature (ONNX dislikes [n, 0] inputs)."""
-
-    def __init__(self, model: TwoTowerModel):
-        super().__init__()
-        self.tower = model.net.user_tower
-        self.n_num = len(model.schema.user_numeric)
-        self.n_cat = len(model.schema.user_categorical)
-
-    def forward(self, user_idx, numeric, attrs, hist_idx, hist_cat, hist_mask):  # type: ignore[no-untyped-def]
-        return self.tower(user_idx, numeric, attrs, hist_idx, hist_cat, hist_mask)
-
-
-def example_inputs(model: TwoTowerModel, n: int = 1) -> tuple[torch.Tensor, ...]:
-    N = model.cfg.history_len
-    return (
-        torch.zeros(n, dtype=torch.int64),
-        torch.zeros(n, len(model.schema.user_numeric), dtype=torch.float32),
-        torch.zeros(n, len(model.schema.user_categorical), dtype=torch.int64),
-        torch.zeros(n, N, dtype=torch.int64),
-        torch.zeros(n, N, dtype=torch.int64),
-        torch.ones(n, N, dtype=torch.float32),
-    )
-
-
-INPUT_NAMES = ["user_idx", "numeric", "attrs", "hist_idx", "hist_cat", "hist_mask"]
-
-
-def export_user_tower_onnx(model: TwoTowerModel, path: Path) -> None:
-    module = _UserTowerForExport(model).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            example_inputs(model),
-            str(path),
-            input_names=INPUT_NAMES,
-            output_names=["vector"],
-            dynamic_axes={name: {0: "n"} for name in INPUT_NAMES} | {"vector": {0: "n"}},
-            opset_version=17,
-            dynamo=False,
-        )
 
 
 class UserEncoder:
@@ -79,7 +36,8 @@ class UserEncoder:
         self.schema = model.schema
         self.N = model.cfg.history_len
         self.runtime = runtime
-        self._run = self._make_runner(runtime, model_dir)
+        # the tower alone on assembled inputs (those of `inputs()`): [n, dim]; `towerann bench tower` times it
+        self.run: Callable[..., np.ndarray] = self._make_runner(runtime, model_dir)
 
     def _make_runner(self, runtime: str, model_dir: str | Path | None) -> Any:
         if getattr(self.model, "tower_kind", None) == "onnx-import":
@@ -112,11 +70,11 @@ class UserEncoder:
                 return sess.run(None, dict(zip(names, arrays)))[0]
 
             return run_onnx
-        module: nn.Module = _UserTowerForExport(self.model).eval()
+        module: nn.Module = UserTowerForExport(self.model.net).eval()
         if runtime == "torchscript":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                module = torch.jit.trace(module, example_inputs(self.model))
+                module = torch.jit.trace(module, example_inputs(self.model.net))
 
         def run_torch(*arrays: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
@@ -141,4 +99,4 @@ class UserEncoder:
         return user_idx, num, cats, hist_idx, hist_cat, mask
 
     def encode(self, user_id: str, static: Mapping[str, Any], history: Sequence[tuple[str, int]]) -> np.ndarray:
-        return self._run(*self.inputs(user_id, static, history))[0]
+        return self.run(*self.inputs(user_id, static, history))[0]

@@ -1,4 +1,4 @@
-"""Choosing training settings on the validation split: a small greedy search, and ALS's grid.
+"""Choosing training settings on the validation split: a small greedy search (ALS's grid is evaluate.tune_als).
 
 Fixed constants fit the data they were tuned on (ml-100k) and not data in general, so `towerann
 train --search` tries a handful of settings and keeps the one with the best validation recall@K.
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from towerann.errors import ConfigError
-from towerann.model.evaluate import als_topk, held_out, metrics
+from towerann.model.evaluate import MIN_GAIN
 from towerann.model.model import TwoTowerModel
-from towerann.model.prepare import TRAIN, VALID, Prepared, prepare
+from towerann.model.prepare import Prepared, prepare
 from towerann.model.towers import TowerConfig
 from towerann.model.train import TrainConfig, fit
 
@@ -46,14 +46,6 @@ STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (
     ("dim", (64,)),
 )
 TOWER_KNOBS = frozenset(f.name for f in dataclasses.fields(TowerConfig))
-MIN_GAIN = 1e-4  # a change must beat the best validation recall by this much to be kept
-
-# ALS grid (factors x regularisation x confidence alpha), scored the same way: fit on TRAIN, recall on VALID.
-ALS_GRID: dict[str, tuple[float, ...]] = {
-    "factors": (32, 64, 128),
-    "regularization": (0.01, 0.1, 1.0),
-    "alpha": (1.0, 10.0),
-}
 
 
 @dataclass
@@ -69,8 +61,10 @@ def _settings(tower: TowerConfig, cfg: TrainConfig) -> dict[str, Any]:
 
 def _with(tower: TowerConfig, cfg: TrainConfig, knob: str, value: float) -> tuple[TowerConfig, TrainConfig]:
     if knob in TOWER_KNOBS:
-        return dataclasses.replace(tower, **{knob: int(value)}), cfg
-    return tower, dataclasses.replace(cfg, **{knob: float(value)})
+        tower_change: dict[str, Any] = {knob: int(value)}
+        return dataclasses.replace(tower, **tower_change), cfg
+    train_change: dict[str, Any] = {knob: float(value)}
+    return tower, dataclasses.replace(cfg, **train_change)
 
 
 def search(
@@ -124,9 +118,10 @@ def search(
                 flush=True,
             )
 
-    candidates = [(None, None)] + [(knob, v) for knob, values in STAGES for v in values]
-    for knob, value in candidates:
-        t, c = (tower, cfg) if knob is None else _with(best_tower, best_cfg, knob, value)
+    # the given settings first, then one knob changed at a time from the best so far
+    candidates: list[tuple[str, float] | None] = [None, *((knob, v) for knob, values in STAGES for v in values)]
+    for change in candidates:
+        t, c = (tower, cfg) if change is None else _with(best_tower, best_cfg, *change)
         sig = tuple(sorted(_settings(t, c).items()))
         if sig in tried:
             continue
@@ -152,23 +147,3 @@ def search(
         "scored_on": "validation split",
     }
     return best_model
-
-
-def tune_als(
-    p: Prepared, k: int = 100, seed: int = 0, grid: dict[str, tuple[float, ...]] | None = None
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The ALS grid point with the best validation recall@k (fit on TRAIN only); (chosen, every point)."""
-    grid = grid or ALS_GRID
-    q = held_out(p, VALID)
-    trials, best, best_score = [], None, -1.0
-    for factors in grid["factors"]:
-        for reg in grid["regularization"]:
-            for alpha in grid["alpha"]:
-                params = {"factors": int(factors), "regularization": float(reg), "alpha": float(alpha)}
-                top = als_topk(p, q, k, seed=seed, train_splits=(TRAIN,), **params)
-                score = metrics(top, q.targets, (k,))[f"recall@{k}"]
-                trials.append({**params, f"val_recall@{k}": round(score, 6)})
-                if score > best_score + MIN_GAIN:
-                    best, best_score = params, score
-    assert best is not None
-    return best, trials

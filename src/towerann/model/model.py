@@ -5,7 +5,7 @@ Artifact directory:
   weights.npz        the state dict (numpy arrays, loaded with allow_pickle=False)
   item_vocab.npy     external item ids of the item-id embedding rows 1..n (0 = unknown)
   user_vocab.npy     external user ids likewise
-  user_tower.onnx    the user tower exported for serving (see towerann.model.export)
+  user_tower.onnx    the user tower exported for serving (towerann.model.onnx_export; run by model.export)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from towerann.artifacts import MANIFEST, atomic_dir, load_npy, read_manifest, save_npy, sha256_file, write_manifest
 from towerann.errors import ArtifactError
+from towerann.model.onnx_export import export_user_tower_onnx
 from towerann.model.schema import FeatureSchema
 from towerann.model.towers import TowerConfig, TowerSizes, TwoTower
 from towerann.model.vocab import IdVocab
@@ -117,8 +118,6 @@ class TwoTowerModel:
     # --- persistence ----------------------------------------------------------------------
 
     def save(self, out: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
-        from towerann.model.export import export_user_tower_onnx
-
         out = Path(out)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             state = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items() if k not in SHARED}
@@ -130,7 +129,7 @@ class TwoTowerModel:
                 "item_vocab.npy": save_npy(tmp / "item_vocab.npy", self.item_vocab.ids),
                 "user_vocab.npy": save_npy(tmp / "user_vocab.npy", self.user_vocab.ids),
             }
-            export_user_tower_onnx(self, tmp / "user_tower.onnx")
+            export_user_tower_onnx(self.net, tmp / "user_tower.onnx")
             checksums["user_tower.onnx"] = sha256_file(tmp / "user_tower.onnx")
             manifest = {
                 "kind": KIND,

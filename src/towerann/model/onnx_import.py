@@ -57,7 +57,7 @@ from towerann.artifacts import MANIFEST, atomic_dir, save_npy, sha256_file, writ
 from towerann.data.dataset import read_items, read_users
 from towerann.errors import ConfigError, DataError, TowerannError
 from towerann.model.imported import DTYPES, TOWER_KIND, Feed, ImportedModel, TowerFeeds
-from towerann.model.schema import CategoricalColumn, FeatureSchema, NumericColumn, _categorical
+from towerann.model.schema import CategoricalColumn, FeatureSchema, NumericColumn
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
     if len(history) > 1:
         raise ConfigError(f"{schema_path}: session inputs disagree on N (shapes {sorted(history)}); one history length")
     schema = FeatureSchema(
-        categories=categories or _categorical(items, "category"),
+        categories=categories or CategoricalColumn.from_frame(items, "category"),
         item_numeric=list(cols["item_numeric"].values()),
         item_categorical=list(cols["item_categorical"].values()),
         user_numeric=list(cols["user_numeric"].values()),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from towerann.data.dataset import ITEM_KEY_COLUMNS, ITEM_RESERVED, USER_RESERVED, feature_columns
 
 MAX_CATEGORICAL_VOCAB = 10_000
-Columns = pd.DataFrame | pa.RecordBatch | pa.Table
+Columns: TypeAlias = pd.DataFrame | pa.RecordBatch | pa.Table
 
 
 @dataclass
@@ -63,16 +63,17 @@ class CategoricalColumn:
     def size(self) -> int:
         return len(self.values) + 1
 
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, name: str) -> CategoricalColumn:
+        """Column `name`'s vocabulary: its values as strings, most frequent first, at most MAX_CATEGORICAL_VOCAB."""
+        counts = df[name].astype(str).value_counts()
+        return cls(name, [str(v) for v in counts.index[:MAX_CATEGORICAL_VOCAB]])
+
 
 def _numeric(df: pd.DataFrame, name: str) -> NumericColumn:
     col = df[name].astype("float64")
     std = float(col.std()) if len(col) > 1 else 1.0
     return NumericColumn(name, float(np.nan_to_num(col.mean())), std if std > 1e-9 and np.isfinite(std) else 1.0)
-
-
-def _categorical(df: pd.DataFrame, name: str) -> CategoricalColumn:
-    counts = df[name].astype(str).value_counts()
-    return CategoricalColumn(name, [str(v) for v in counts.index[:MAX_CATEGORICAL_VOCAB]])
 
 
 @dataclass
@@ -93,11 +94,11 @@ class FeatureSchema:
         item_num, item_cat = feature_columns(pa.Schema.from_pandas(items, preserve_index=False), ITEM_RESERVED)
         user_num, user_cat = feature_columns(pa.Schema.from_pandas(users, preserve_index=False), USER_RESERVED)
         return cls(
-            categories=_categorical(items, "category"),
+            categories=CategoricalColumn.from_frame(items, "category"),
             item_numeric=[_numeric(items, c) for c in item_num],
-            item_categorical=[_categorical(items, c) for c in item_cat],
+            item_categorical=[CategoricalColumn.from_frame(items, c) for c in item_cat],
             user_numeric=[_numeric(users, c) for c in user_num],
-            user_categorical=[_categorical(users, c) for c in user_cat],
+            user_categorical=[CategoricalColumn.from_frame(users, c) for c in user_cat],
             history_len=history_len,
             item_id_kind="int" if pd.api.types.is_integer_dtype(items["item_id"]) else "str",
             user_id_kind="int" if pd.api.types.is_integer_dtype(users["user_id"]) else "str",
@@ -134,9 +135,9 @@ class FeatureSchema:
             for j, c in enumerate(self.user_numeric):
                 v = row.get(c.name)
                 num[r, j] = 0.0 if v is None or v != v else (float(v) - c.mean) / c.std
-            for j, c in enumerate(self.user_categorical):
-                v = row.get(c.name)
-                cats[r, j] = 0 if v is None else c.encode_one(v)
+            for j, cc in enumerate(self.user_categorical):
+                v = row.get(cc.name)
+                cats[r, j] = 0 if v is None else cc.encode_one(v)
         return num, cats
 
     def encode_user_frame(self, users: Columns) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,7 @@ class IdVocab:
             self.ids = self.ids.astype(str)
         self._index = pd.Index(self.ids)
         self._dict: dict[str, int] | None = None
-        self._sorted: np.ndarray | None = None
-        self._order: np.ndarray | None = None
+        self._by_value: tuple[np.ndarray, np.ndarray] | None = None  # (order, ids[order]), set in one step
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,9 +48,10 @@ class IdVocab:
     def _search_one(self, value: str) -> int:
         """Binary search in the sorted ids: for big vocabularies, whose dict would cost ~100 MB and a
         GIL-holding build of ~0.5 s at the first request after a bundle swap."""
-        if self._sorted is None:
-            self._order = np.argsort(self.ids, kind="stable")
-            self._sorted = self.ids[self._order]
+        if self._by_value is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._by_value = (order, self.ids[order])
+        order, sorted_ids = self._by_value
         key: Any = value
         if self.ids.dtype.kind in "iu":
             try:
@@ -60,5 +60,5 @@ class IdVocab:
                 return 0
             if str(key) != value:  # the dict path's spelling rule: "7" is id 7, "007" is unknown
                 return 0
-        i = int(np.searchsorted(self._sorted, key))
-        return int(self._order[i]) + 1 if i < len(self._sorted) and self._sorted[i] == key else 0
+        i = int(np.searchsorted(sorted_ids, key))
+        return int(order[i]) + 1 if i < len(sorted_ids) and sorted_ids[i] == key else 0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from towerann.bench import machine
-from towerann.bench.machine import memory_bandwidth_gbs, sgemm_gflops
+from towerann.bench import report
+from towerann.bench.report import memory_bandwidth_gbs, sgemm_gflops
 from towerann.errors import ConfigError
 
 
@@ -30,13 +30,13 @@ class FakeClock:
 
 def test_sgemm_gflops_counts_2n3_flops_over_the_median_time(monkeypatch) -> None:
     n = 64
-    monkeypatch.setattr(machine.time, "perf_counter", FakeClock([0.5, 0.1, 0.3, 9.0, 0.2]))
+    monkeypatch.setattr(report.time, "perf_counter", FakeClock([0.5, 0.1, 0.3, 9.0, 0.2]))
     assert sgemm_gflops(threads=1, n=n, repeats=5) == pytest.approx(2.0 * n**3 / 0.3 / 1e9)
 
 
 def test_memory_bandwidth_counts_bytes_read_and_written_over_the_median_time(monkeypatch) -> None:
     mib = 4
-    monkeypatch.setattr(machine.time, "perf_counter", FakeClock([0.02, 0.01, 0.04]))
+    monkeypatch.setattr(report.time, "perf_counter", FakeClock([0.02, 0.01, 0.04]))
     assert memory_bandwidth_gbs(mib=mib, repeats=3) == pytest.approx(2.0 * mib * (1 << 20) / 0.02 / 1e9)
 
 

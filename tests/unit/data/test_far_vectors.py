@@ -1,4 +1,4 @@
-"""The far-off-query vector catalog (towerann.data.synth_vectors): seeded, skewed, and its queries far from every item."""
+"""The far-off-query vector catalog (towerann.data.synth_vectors): seeded, skewed, its queries far from every item."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import torch
 from towerann.cli import main
 from towerann.data.dataset import read_interactions, read_items, read_users, write_dataset
 from towerann.data.synth import generate
-from towerann.model.evaluate import evaluate
-from towerann.model.hparam_search import SearchConfig, search, tune_als
+from towerann.model.evaluate import evaluate, tune_als
+from towerann.model.hparam_search import SearchConfig, search
 from towerann.model.prepare import TEST, prepare, time_split
 from towerann.model.towers import TowerConfig
 from towerann.model.train import TrainConfig
