@@ -41,12 +41,14 @@ def run_demo(
     items: int = 20_000,
     users: int = 4_000,
     seed: int = 0,
-    train_seconds: float = 90.0,
+    train_seconds: float | None = 90.0,
+    train_epochs: int | None = None,
     k: int = 100,
     target_recall: float = 0.95,
     search_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The whole job on a synthetic catalog; `search_params` go to the index (e.g. exact_below)."""
+    """The whole job on a synthetic catalog; `search_params` go to the index (e.g. exact_below).
+    Training stops after `train_seconds` or `train_epochs` (default: TrainConfig's), whichever comes first."""
     from towerann.data.synth import generate
     from towerann.embed.runner import embed_catalog
     from towerann.model.evaluate import evaluate
@@ -70,7 +72,7 @@ def run_demo(
             data,
             model_dir,
             TowerConfig(),
-            TrainConfig(max_seconds=train_seconds, seed=seed),
+            TrainConfig(max_seconds=train_seconds, seed=seed, **({"epochs": train_epochs} if train_epochs else {})),
             name="demo",
             progress=False,
         ),
