@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,30 @@ def spawn_redis(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
             proc.wait()
 
 
+@pytest.fixture
+def private_redis(spawn_redis: Callable[..., subprocess.Popen]) -> Callable[..., subprocess.Popen]:
+    """A factory of redis-server processes of the test's own (spawn_redis) that answer: start(port, *extra_args)
+    returns the process once it answers PING."""
+    import redis
+
+    def start(port: int, *extra: str) -> subprocess.Popen:
+        proc = spawn_redis(port, *extra)
+        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return proc
+                except redis.exceptions.ConnectionError:
+                    assert time.monotonic() < deadline and proc.poll() is None, "private redis-server did not start"
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    return start
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start Debian's redis-server on a free loopback port, no persistence; yield its URL."""
@@ -128,6 +153,18 @@ def redis_prefix() -> str:
 def free_port() -> int:
     """A loopback port nothing listens on (for connection-refused tests)."""
     return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serving_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small real bundle for the whole session (towerann.bench.serve.prepare: a synthetic dataset of
+    2000 items and 1000 users, a dim-32 model trained 2 epochs, its vectors, an exact bundle root):
+    {"data", "model", "vectors", "index"} paths."""
+    from towerann.bench.serve import prepare
+
+    return prepare(
+        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
+    )
 
 
 def tuner_cost_ms(kind: str, params: dict | None, search: Callable, queries) -> float:  # type: ignore[type-arg]

@@ -107,7 +107,7 @@ def tuning_queries(cat: dict[str, Path]) -> np.ndarray:
 
 def template(base: Path, cat: dict[str, Path], kind: str) -> Path:
     """The bundle directory of `kind` over the catalog (published once per session)."""
-    from towerann.serving.bundle import publish_bundle
+    from towerann.freshness.publish import publish_bundle
 
     root = base / "ann-templates" / kind
     if not (root / CURRENT).exists():

@@ -12,13 +12,9 @@ from towerann.server.server import ServerHandle, start_background
 
 
 @pytest.fixture(scope="session")
-def bundle_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from towerann.bench.serve import prepare
-
-    # One fixed place per test session, so tests/unit/test_retriever.py reuses the same build.
-    return prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+def bundle_paths(serving_bundle: dict[str, Path]) -> dict[str, Path]:
+    """The session's one small bundle (tests/conftest.py serving_bundle), under the name these tests use."""
+    return serving_bundle
 
 
 def make_config(paths: dict[str, Path], store: str = "memory", store_path: str = "", **serve: object) -> Config:

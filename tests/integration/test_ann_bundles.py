@@ -26,11 +26,12 @@ from ann_catalog import ANN_KINDS, AUTH, KINDS, assert_library_path, build_libra
 
 from towerann.artifacts import write_manifest
 from towerann.data.dataset import read_interactions, read_items
+from towerann.freshness.publish import publish_bundle
 from towerann.freshness.reload import validation_recall
 from towerann.index import Filter
 from towerann.index.snapshot import set_current
 from towerann.server.server import ServerHandle, start_background
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.retriever import Retriever
 
 

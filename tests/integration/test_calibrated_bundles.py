@@ -24,11 +24,11 @@ import pytest
 from towerann.config import Config, FeaturesConfig, PathsConfig, ServeConfig
 from towerann.data.synth_vectors import far_off_catalog
 from towerann.data.vectors_dir import read_vectors, write_vectors
+from towerann.freshness.publish import publish_bundle
 from towerann.index.build import Tuning
 from towerann.index.snapshot import resolve
 from towerann.model.model import model_version_of
 from towerann.server.server import start_background
-from towerann.serving.bundle import publish_bundle
 
 N, K, TARGET, HELD_OUT = 24_000, 100, 0.95, 20
 

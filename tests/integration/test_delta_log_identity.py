@@ -6,24 +6,22 @@ returns to, on the embedded store and on Redis."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from ann_catalog import AUTH, TOKEN
 
 from towerann.cli import main
 from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
 from towerann.data.dataset import read_items
 from towerann.errors import ConfigError
+from towerann.freshness.publish import publish_bundle
 from towerann.index.snapshot import current_version
 from towerann.server.server import start_background
 from towerann.server.wiring import open_service
-from towerann.serving.bundle import publish_bundle
 
 
 def config(root: Path, tmp: Path, store: str = "embedded", delta_path: str = "", adopt: bool = False) -> Config:
@@ -94,31 +92,22 @@ def test_a_log_behind_the_bundle_is_refused(bundle_paths: dict[str, Path], tmp_p
 
 
 @pytest.fixture
-def private_redis(spawn_redis: Callable[..., Any], free_port: int) -> str:
-    spawn_redis(free_port, "--appendonly", "yes", "--appendfsync", "always")
-    client = redis.Redis(port=free_port, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            assert time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.05)
-    client.close()
+def durable_redis(private_redis: Callable[..., Any], free_port: int) -> str:
+    """A redis-server of the test's own that logs every write before it answers: its URL."""
+    private_redis(free_port, "--appendonly", "yes", "--appendfsync", "always")
     return f"redis://127.0.0.1:{free_port}/0"
 
 
 def test_switching_store_while_the_old_log_holds_newer_writes_is_refused(
-    bundle_paths: dict[str, Path], tmp_path: Path, private_redis: str
+    bundle_paths: dict[str, Path], tmp_path: Path, durable_redis: str
 ) -> None:
     root = copy_root(bundle_paths, tmp_path / "indexes")
     write_item(config(root, tmp_path), item(bundle_paths, "880200", "switch"))  # seq 1 > the bundle's 0
-    why = refused(config(root, tmp_path, store=private_redis))
+    why = refused(config(root, tmp_path, store=durable_redis))
     assert (
         str(root / "delta.sqlite") in why and "Redis at redis://127.0.0.1" in why and "newer than the bundle" in why
     ), why
-    assert holds(config(root, tmp_path, store=private_redis, adopt=True), "880200") is False  # adopted: let go
+    assert holds(config(root, tmp_path, store=durable_redis, adopt=True), "880200") is False  # adopted: let go
     # Back to the embedded log: the root was last served with the Redis one, which cannot be read from
     # an embedded configuration, so the switch is refused too (adopt_log would allow it).
     assert "cannot be read from here" in refused(config(root, tmp_path))
@@ -128,7 +117,7 @@ def test_switching_store_while_the_old_log_holds_newer_writes_is_refused(
 def test_a_rollback_replays_every_write_newer_than_the_bundle_it_returns_to(
     store: str, bundle_paths: dict[str, Path], tmp_path: Path, request
 ) -> None:
-    url = request.getfixturevalue("private_redis") if store == "redis" else "embedded"
+    url = request.getfixturevalue("durable_redis") if store == "redis" else "embedded"
     root = copy_root(bundle_paths, tmp_path / "indexes")
     first = current_version(root)
     cfg = config(root, tmp_path, store=url)

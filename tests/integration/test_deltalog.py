@@ -77,33 +77,13 @@ def test_unreachable_redis_is_a_clear_error(free_port: int) -> None:
         open_delta_log(f"redis://127.0.0.1:{free_port}/0")
 
 
-def _private_redis(spawn_redis, port: int, *extra: str):  # type: ignore[no-untyped-def]
-    """A redis-server of the test's own (tests/conftest.py spawn_redis), once it answers PING."""
-    import time
-
-    import redis
-
-    proc = spawn_redis(port, *extra)
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            assert time.monotonic() < deadline and proc.poll() is None, "private redis-server did not start"
-            time.sleep(0.05)
-    client.close()
-    return proc
-
-
-def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(spawn_redis, free_port: int) -> None:
+def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(private_redis, free_port: int) -> None:
     """append/since/last_seq of the Redis log: 503-type errors (were a raw redis ConnectionError: HTTP 500),
     within the deadline when Redis hangs, at once while it is marked down, and fine again once it is back."""
     import signal
     import time
 
-    proc = _private_redis(spawn_redis, free_port, "--appendonly", "no")
+    proc = private_redis(free_port, "--appendonly", "no")
     # retry_s 2: the fail-fast window outlasts any scheduling pause between the calls below
     log = open_delta_log(f"redis://127.0.0.1:{free_port}/0", timeout_s=0.2, retry_s=2.0)
     try:
@@ -144,12 +124,12 @@ def test_a_dead_or_hung_redis_is_backend_unavailable_on_every_call(spawn_redis, 
     ],
 )
 def test_check_durable_reads_the_servers_persistence(
-    spawn_redis, tmp_path: Path, free_port: int, settings, outcome
+    private_redis, tmp_path: Path, free_port: int, settings, outcome
 ) -> None:  # type: ignore[no-untyped-def]
     from towerann.errors import ConfigError
     from towerann.freshness.deltalog import check_durable
 
-    proc = _private_redis(spawn_redis, free_port, *settings)
+    proc = private_redis(free_port, *settings)
     log = open_delta_log(f"redis://127.0.0.1:{free_port}/0")
     try:
         if outcome == "refused":

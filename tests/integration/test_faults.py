@@ -476,7 +476,7 @@ def test_a_redis_password_never_leaks(redis_up: PrivateRedis, bundle_paths, tmp_
 
 
 def own_root(tmp_path: Path, bundle_paths: dict[str, Path]) -> Config:
-    from towerann.serving.bundle import publish_bundle
+    from towerann.freshness.publish import publish_bundle
 
     root = tmp_path / "indexes"
     publish_bundle(root, bundle_paths["model"], bundle_paths["vectors"], kind="exact")
@@ -496,7 +496,7 @@ def own_root(tmp_path: Path, bundle_paths: dict[str, Path]) -> Config:
 
 
 def test_a_bad_upsert_in_the_log_stops_neither_startup_nor_a_reload(tmp_path: Path, bundle_paths) -> None:
-    from towerann.serving.bundle import publish_bundle
+    from towerann.freshness.publish import publish_bundle
 
     cfg = own_root(tmp_path, bundle_paths)
     delta = open_delta_log("embedded", cfg.freshness.delta_path)

@@ -29,7 +29,9 @@ customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueTy
 demographics = FeatureView(
     name="demographics", entities=[customer], ttl=timedelta(days=3650), online=True,
     source=FileSource(path="data/customers.parquet", timestamp_field="ts"),
-    schema=[Field(name="customer_id", dtype=Int64), Field(name="years", dtype=Float32), Field(name="land", dtype=String)])
+    schema=[
+        Field(name="customer_id", dtype=Int64), Field(name="years", dtype=Float32), Field(name="land", dtype=String)
+    ])
 """
 
 

@@ -18,8 +18,8 @@ from ann_catalog import AUTH, server_config
 
 from towerann.data.dataset import read_items
 from towerann.data.vectors_dir import read_vectors
+from towerann.freshness.publish import publish_bundle
 from towerann.server.server import start_background
-from towerann.serving.bundle import publish_bundle
 
 LABELS = ["acme", "globex", "initech"]
 

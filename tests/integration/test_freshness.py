@@ -24,10 +24,10 @@ from ann_catalog import AUTH, KINDS, LIBRARY_MARK, assert_library_path, new_root
 from towerann.config import Config
 from towerann.data.dataset import read_interactions, read_items
 from towerann.freshness.deltalog import open_delta_log
+from towerann.freshness.publish import publish_bundle
 from towerann.freshness.refresh import refresh
 from towerann.index.snapshot import set_current
 from towerann.server.server import ServerHandle, start_background, start_subprocess
-from towerann.serving.bundle import publish_bundle
 from towerann.serving.retriever import Retriever
 
 

@@ -107,8 +107,8 @@ def test_no_filesystem_path_reaches_an_unauthenticated_caller(
     """/readyz showed the bundle's absolute path, and a 503 of /v1/events the feature store's file: paths stay
     in the server's log. The token is configured, but no request here carries it."""
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.freshness.publish import publish_bundle
     from towerann.server.server import start_background
-    from towerann.serving.bundle import publish_bundle
 
     bundle = publish_bundle(tmp_path / "indexes", bundle_paths["model"], bundle_paths["vectors"], kind="exact")
     (tmp_path / "token").write_text("paths-token-1c7e")

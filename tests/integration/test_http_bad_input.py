@@ -94,8 +94,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def writable(bundle_paths, tmp_path_factory):  # type: ignore[no-untyped-def]
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.freshness.publish import publish_bundle
     from towerann.server.server import start_background
-    from towerann.serving.bundle import publish_bundle
 
     tmp = tmp_path_factory.mktemp("writable")
     publish_bundle(tmp / "indexes", bundle_paths["model"], bundle_paths["vectors"], kind="exact")

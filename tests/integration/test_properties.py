@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -130,16 +131,12 @@ def check(r: httpx.Response) -> None:
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    from towerann.bench.serve import prepare
+def http(serving_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.freshness.publish import publish_bundle
     from towerann.server.server import start_background
-    from towerann.serving.bundle import publish_bundle
 
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    paths = prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+    paths = serving_bundle
     tmp = tmp_path_factory.mktemp("properties")
     publish_bundle(tmp / "indexes", paths["model"], paths["vectors"], kind="exact")  # writes go to a root of its own
     (tmp / "token").write_text(TOKEN)

@@ -21,9 +21,9 @@ from towerann.data.dataset import read_items
 from towerann.data.external_vectors import import_vectors
 from towerann.data.vectors_dir import read_vectors
 from towerann.errors import BadRequest
+from towerann.freshness.publish import publish_bundle
 from towerann.model.model import model_version_of
 from towerann.server.server import start_background
-from towerann.serving.bundle import publish_bundle
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 from ann_catalog import AUTH, build_library_index, server_config
 
 from towerann.config import MonitorConfig
+from towerann.freshness.publish import publish_bundle
 from towerann.server.server import ServerHandle, start_background
-from towerann.serving.bundle import publish_bundle
 
 THRESHOLD = 0.9
 

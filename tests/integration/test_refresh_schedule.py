@@ -11,8 +11,8 @@ import pytest
 
 from towerann.config import load_config
 from towerann.errors import ConfigError
+from towerann.freshness.publish import publish_bundle
 from towerann.index.snapshot import list_versions
-from towerann.serving.bundle import publish_bundle
 
 
 def _toml(tmp_path: Path, body: str) -> Path:
@@ -28,13 +28,8 @@ def test_refresh_every_s_is_read_and_checked(tmp_path: Path) -> None:
         load_config(_toml(tmp_path, "[freshness]\nrefresh_every_s = -1\n"))
 
 
-def test_refresh_repeats_on_the_configured_schedule(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from towerann.bench.serve import prepare
-
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    paths = prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+def test_refresh_repeats_on_the_configured_schedule(tmp_path: Path, serving_bundle: dict[str, Path]) -> None:
+    paths = serving_bundle
     root = tmp_path / "indexes"
     publish_bundle(root, paths["model"], paths["vectors"], kind="exact")
     toml = _toml(

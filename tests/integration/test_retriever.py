@@ -11,29 +11,20 @@ from towerann.data.dataset import read_items
 from towerann.errors import ArtifactError, BadRequest, IndexIncompatible, NotFound
 from towerann.features import open_store
 from towerann.features.loader import load_dataset_features
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.freshness.publish import publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 from towerann.serving.retriever import Retriever
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from towerann.bench.serve import prepare
-
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    return prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+def bundle(serving_bundle: dict[str, Path]) -> RetrievalBundle:
+    return RetrievalBundle.load(serving_bundle["index"])
 
 
 @pytest.fixture(scope="module")
-def bundle(paths: dict[str, Path]) -> RetrievalBundle:
-    return RetrievalBundle.load(paths["index"])
-
-
-@pytest.fixture(scope="module")
-def item_category(paths: dict[str, Path]) -> dict[int, str]:
-    items = read_items(paths["data"])
+def item_category(serving_bundle: dict[str, Path]) -> dict[int, str]:
+    items = read_items(serving_bundle["data"])
     return dict(zip(items["item_id"].tolist(), items["category"].tolist()))
 
 
@@ -61,8 +52,8 @@ def test_filter_by_category_returns_only_those(retriever: Retriever, item_catego
         retriever.candidates("3", 5, {"brand": ["x"]})
 
 
-def test_unavailable_items_never_returned(retriever: Retriever, paths: dict[str, Path]) -> None:
-    items = read_items(paths["data"])
+def test_unavailable_items_never_returned(retriever: Retriever, serving_bundle: dict[str, Path]) -> None:
+    items = read_items(serving_bundle["data"])
     hidden = set(items.loc[~items["available"], "item_id"].tolist())
     assert hidden  # the synthetic catalog has unavailable items
     assert not hidden & set(retriever.candidates("3", 500).item_ids)
@@ -85,7 +76,7 @@ def test_bad_k_and_unknown_item(retriever: Retriever) -> None:
 
 
 def test_both_stores_see_history(
-    bundle: RetrievalBundle, paths: dict[str, Path], redis_server: str, redis_prefix: str, tmp_path: Path
+    bundle: RetrievalBundle, serving_bundle: dict[str, Path], redis_server: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     """Known users' offline history and static features flow through either store alike."""
     got = {}
@@ -94,7 +85,7 @@ def test_both_stores_see_history(
         ("redis", open_store(redis_server, prefix=redis_prefix)),
     ):
         try:
-            load_dataset_features(store, paths["data"])
+            load_dataset_features(store, serving_bundle["data"])
             r = Retriever(BundleHolder(bundle), store)
             got[name] = r.candidates("7", 30).item_ids
             assert got[name] != r.candidates("unknown-user", 30).item_ids  # history and static features count
@@ -105,12 +96,12 @@ def test_both_stores_see_history(
     assert got["embedded"] == got["redis"]
 
 
-def test_version_mismatch_refused_at_load(paths: dict[str, Path], tmp_path: Path) -> None:
+def test_version_mismatch_refused_at_load(serving_bundle: dict[str, Path], tmp_path: Path) -> None:
     from towerann.model.towers import TowerConfig
     from towerann.model.train import TrainConfig, train
 
     other = train(
-        paths["data"],
+        serving_bundle["data"],
         tmp_path / "other-model",
         TowerConfig(dim=32),
         TrainConfig(epochs=1, seed=1),
@@ -118,29 +109,29 @@ def test_version_mismatch_refused_at_load(paths: dict[str, Path], tmp_path: Path
         progress=False,
     )
     bundle_dir = tmp_path / "bundle"
-    shutil.copytree(RetrievalBundle.load(paths["index"]).path, bundle_dir)
+    shutil.copytree(RetrievalBundle.load(serving_bundle["index"]).path, bundle_dir)
     shutil.rmtree(bundle_dir / "model")
     shutil.copytree(tmp_path / "other-model", bundle_dir / "model")  # a user tower from another training run
     with pytest.raises(IndexIncompatible, match=other.version):
         RetrievalBundle.load(bundle_dir)
     with pytest.raises(IndexIncompatible, match="embed the catalog with this model"):
-        publish_bundle(tmp_path / "root", tmp_path / "other-model", paths["vectors"])
+        publish_bundle(tmp_path / "root", tmp_path / "other-model", serving_bundle["vectors"])
 
 
 def test_plain_snapshot_needs_model_and_holder_swaps(
-    paths: dict[str, Path], bundle: RetrievalBundle, tmp_path: Path
+    serving_bundle: dict[str, Path], bundle: RetrievalBundle, tmp_path: Path
 ) -> None:
     from towerann.data.vectors_dir import read_vectors
     from towerann.index import create
     from towerann.index.snapshot import publish
 
-    vs = read_vectors(paths["vectors"])
+    vs = read_vectors(serving_bundle["vectors"])
     index = create("exact", vs.dim)
     index.build(vs.vectors, vs.ids, vs.categories, vs.available)
-    snap = publish(index, tmp_path / "plain", vs.model_version, extra={"vectors_dir": str(paths["vectors"])})
+    snap = publish(index, tmp_path / "plain", vs.model_version, extra={"vectors_dir": str(serving_bundle["vectors"])})
     with pytest.raises(ArtifactError, match="--model"):
         RetrievalBundle.load(snap)
-    plain = RetrievalBundle.load(snap, model_dir=paths["model"])
+    plain = RetrievalBundle.load(snap, model_dir=serving_bundle["model"])
     holder = BundleHolder(bundle)
     seen: list[str] = []
     holder.subscribe(lambda b: seen.append(b.version))

@@ -25,8 +25,8 @@ EXAMPLES = 30  # per operation, mode and token setting
 def api(bundle_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """A server with writes enabled on a bundle root of its own (schemathesis deletes and hides items)."""
     from towerann.config import Config, FeaturesConfig, FreshnessConfig, PathsConfig, ServeConfig
+    from towerann.freshness.publish import publish_bundle
     from towerann.server.server import start_background
-    from towerann.serving.bundle import publish_bundle
 
     tmp = tmp_path_factory.mktemp("schemathesis")
     publish_bundle(tmp / "indexes", bundle_paths["model"], bundle_paths["vectors"], kind="exact")

@@ -22,9 +22,10 @@ from ray_cluster import two_nodes
 
 from towerann.client import Client
 from towerann.data.vectors_dir import read_vectors
+from towerann.freshness.publish import publish_bundle
 from towerann.index.shard_hash import shard_of
 from towerann.server.server import start_subprocess
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 
 S, K = 2, 20
 

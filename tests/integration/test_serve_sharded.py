@@ -20,10 +20,11 @@ from ann_catalog import AUTH, server_config
 
 from towerann.cli import main
 from towerann.data.dataset import read_items
+from towerann.freshness.publish import publish_bundle
 from towerann.index.shard_hash import shard_of
 from towerann.index.sharded import ShardedIndex
 from towerann.server.server import ServerHandle, start_background
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 
 S = 3
 USERS = [str(u) for u in range(12)]

@@ -182,7 +182,7 @@ def test_a_click_recorded_by_one_worker_counts_on_the_other(w, bundle_paths) -> 
 
 
 def test_a_reload_through_one_worker_reaches_the_other(served, w, bundle_paths) -> None:
-    from towerann.serving.bundle import publish_bundle
+    from towerann.freshness.publish import publish_bundle
 
     root = served[1]
     assert (
@@ -220,7 +220,7 @@ def test_metrics_add_up_across_workers(served, w) -> None:
     ]
     assert set(answered_by) == {"0", "1"}, answered_by  # both served some, so the totals had to be added
     for worker in ("0", "1"):  # the count lands just after each answer: wait for it, then it must be exact
-        eventually(lambda: _count(w[worker]) >= before + 30, f"the count on worker {worker}")
+        eventually(lambda one=w[worker]: _count(one) >= before + 30, f"the count on worker {worker}")
         assert _count(w[worker]) == before + 30
 
 

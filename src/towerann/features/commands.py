@@ -8,12 +8,11 @@ import json
 import time
 
 from towerann.config import load_config
-from towerann.features import open_store
-from towerann.features.loader import load_dataset_features
+from towerann.features import FeatureStore, open_store
 from towerann.storeurl import parse_store_url, redact
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("features", help="user feature store: load static features and history")
     sub = p.add_subparsers(dest="features_command", metavar="ACTION", required=True)
 
@@ -63,7 +62,7 @@ def _store_url(args: argparse.Namespace) -> tuple[str, str | None]:
     return store, args.path or (cfg.path if store == "embedded" else None)
 
 
-def _open(args: argparse.Namespace):  # -> FeatureStore
+def _open(args: argparse.Namespace) -> FeatureStore:
     store, path = _store_url(args)
     if parse_store_url(store).is_redis:
         from towerann.features.redis_store import RedisFeatureStore
@@ -74,6 +73,8 @@ def _open(args: argparse.Namespace):  # -> FeatureStore
 
 
 def _load(args: argparse.Namespace) -> int:
+    from towerann.features.loader import load_dataset_features  # pandas: only for this command
+
     t0 = time.perf_counter()
     store = _open(args)
     try:

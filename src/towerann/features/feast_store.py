@@ -207,7 +207,7 @@ class FeastFeatureStore(FeatureStore):
                 if frame[list(names)].isnull().all().all():
                     # write_to_online_store skips a batch with no value at all (a warning, nothing written),
                     # so the old values would outlive the rows that replace them; the provider writes the nulls
-                    self.fs._get_provider().ingest_df(self.fs.get_feature_view(view), frame)
+                    self.fs.provider.ingest_df(self.fs.get_feature_view(view), frame)
                 else:
                     self.fs.write_to_online_store(view, frame)
             except Exception as e:

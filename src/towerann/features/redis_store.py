@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -43,6 +43,9 @@ from towerann.features.store import (
     normalize_row,
 )
 from towerann.storeurl import redact
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +228,7 @@ class RedisFeatureStore(FeatureStore):
         pipe = self._w.pipeline(transaction=True)
         for user_id, static, recent in records:
             key = self._ukey(user_id)
-            mapping = {k: json.dumps(v) for k, v in static.items()}
+            mapping: dict[FieldT, EncodableT] = {k: json.dumps(v) for k, v in static.items()}
             mapping[RECENT_ITEMS] = json.dumps(list(recent))
             pipe.delete(key)  # a row replaces the whole record, dropping features it no longer has
             pipe.hset(key, mapping=mapping)

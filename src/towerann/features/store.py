@@ -71,6 +71,7 @@ class FeatureStore(ABC):
 
     def ping(self) -> None:
         """Raise BackendUnavailable unless the backend answers now."""
+        return None  # in process: nothing to reach (a backend on the network overrides this)
 
     @abstractmethod
     def put_users(self, rows: Iterable[Mapping[str, Any]]) -> int:

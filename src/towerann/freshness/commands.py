@@ -14,7 +14,7 @@ from towerann.index.build import AUTO_HELP
 log = logging.getLogger(__name__)
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "refresh",
         help="re-embed the catalog (+ the delta log) and publish a new bundle for hot swap",

@@ -15,6 +15,7 @@ Redis that does not (unless [freshness] allow_volatile = true, which only warns)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
@@ -24,11 +25,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from towerann.config import Config
 from towerann.errors import ArtifactError, BackendUnavailable, BadRequest, ConfigError
 from towerann.storeurl import parse_store_url
+
+if TYPE_CHECKING:
+    from towerann.features.redis_store import RedisLink
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,8 @@ class SQLiteDeltaLog:
                     seq = self._db.execute(
                         "INSERT INTO delta (ts, op, item_id, payload) VALUES (?, ?, ?, ?)", row
                     ).lastrowid
-                    out.append(DeltaEntry(int(seq), row[1], row[2], json.loads(row[3]), now))
+                    assert seq is not None  # an INSERT into a rowid table sets it
+                    out.append(DeltaEntry(seq, row[1], row[2], json.loads(row[3]), now))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -205,7 +210,7 @@ class RedisDeltaLog:
             probe.close()
 
     @property
-    def link(self):  # -> towerann.features.redis_store.RedisLink
+    def link(self) -> RedisLink:
         return self._link
 
     def available(self) -> bool:
@@ -254,7 +259,7 @@ class RedisDeltaLog:
     def since(self, seq: int) -> Iterator[DeltaEntry]:
         start = "(" + self._stream_id(seq) if seq > 0 else "-"
         while True:
-            batch = self._link.call(lambda: self._r.xrange(self.key, min=start, max="+", count=10_000))
+            batch = self._link.call(functools.partial(self._r.xrange, self.key, min=start, max="+", count=10_000))
             if not batch:
                 return
             for sid, f in batch:
@@ -328,13 +333,13 @@ class DurabilityWatch:
     server), the delta log and the feature store's Redis links refuse acknowledged writes - item
     writes and clicks get 503 - and `problem` says why (/readyz shows it), until it logs again."""
 
-    def __init__(self, delta: DeltaLog, links: list[Any]):
+    def __init__(self, delta: RedisDeltaLog, links: list[RedisLink]):
         self.delta, self.links = delta, links
         self.problem: str | None = None
 
     def check(self) -> str | None:
         try:
-            found = self.delta.persistence()  # type: ignore[attr-defined]
+            found = self.delta.persistence()
         except BackendUnavailable:
             return self.problem  # unreachable: the links fail fast on their own; the verdict stands
         problem = None if found.get("appendonly") == "yes" else f"appendonly {found.get('appendonly') or '?'}"

@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-# Runs one change of the served bundle (no IO, fast): where searches cannot overlap it.
-ApplyOn = Callable[[Callable[[], None]], None]
+# Runs one change of the served bundle (no IO, fast) where searches cannot overlap it; drops its result.
+ApplyOn = Callable[[Callable[[], object]], None]
 
 
-def apply_here(change: Callable[[], None]) -> None:
+def apply_here(change: Callable[[], object]) -> None:
     change()
 
 
@@ -108,7 +108,8 @@ FAR_Z = 100.0  # standard deviations from the training mean: a feature value "fa
 def usable(vectors: np.ndarray) -> np.ndarray:
     """Per row: may the index hold this vector (finite, and not of near-zero norm)?"""
     with np.errstate(over="ignore", invalid="ignore"):
-        return np.isfinite(vectors).all(axis=1) & (np.linalg.norm(vectors, axis=1) >= MIN_NORM)
+        ok: np.ndarray = np.isfinite(vectors).all(axis=1) & (np.linalg.norm(vectors, axis=1) >= MIN_NORM)
+    return ok
 
 
 def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -210,7 +211,7 @@ class ItemWriter:
     log. Then a write first applies the entries they logged since this bundle's delta_seq (so its
     checks see their items), and applies its own entries after every entry logged before them, in
     log order: two workers' writes to one item end the same way on every worker. `catch_up` applies
-    the others' writes between two of ours (service.workers calls it every [freshness] tail_ms and
+    the others' writes between two of ours (server.workers calls it every [freshness] tail_ms and
     before a search that is behind another worker's acknowledged write)."""
 
     def __init__(self, holder: BundleHolder, delta: DeltaLog, shared: bool = False):
@@ -265,7 +266,9 @@ class ItemWriter:
             self._apply_since(b, apply_on)
         return b
 
-    def _apply_own(self, b: RetrievalBundle, first: int, last: int, own: Callable[[], None], apply_on: ApplyOn) -> None:
+    def _apply_own(
+        self, b: RetrievalBundle, first: int, last: int, own: Callable[[], object], apply_on: ApplyOn
+    ) -> None:
         """Apply our logged entries (seqs first..last) after those the other processes logged before
         them, then say so (on_written), all before the write is acknowledged."""
         before = [e for e in self.delta.since(b.delta_seq) if e.seq < first] if self.shared else []

@@ -46,7 +46,7 @@ def refresh(
     search params of the index (as `towerann index build --param`); `attributes`: the catalog columns
     requests may filter on besides category ([filters] attributes), with the values item writes gave them."""
     from towerann.embed.runner import embed_catalog
-    from towerann.serving.bundle import publish_bundle
+    from towerann.freshness.publish import publish_bundle
 
     t0 = time.perf_counter()
     cut = delta.last_seq()

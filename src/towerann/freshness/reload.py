@@ -143,21 +143,22 @@ class Reloader:
         The work runs in a thread of its own at nice RELOAD_NICE: on a loaded machine the validation's
         exact search and the load's copying otherwise take the core a request thread is waiting for
         (at 1M items on 2 cores, 1 swap in 10 had its p99 at 4.7x steady, in the validate phase)."""
-        out: dict[str, Any] = {}
+        info: list[dict[str, Any]] = []
+        error: list[BaseException] = []
 
         def run() -> None:
             lower_this_threads_priority(RELOAD_NICE)
             try:
-                out["info"] = self._reload()
+                info.append(self._reload())
             except BaseException as e:  # handed to the caller, as if it had run there
-                out["error"] = e
+                error.append(e)
 
         worker = threading.Thread(target=run, name="towerann-reload", daemon=True)
         worker.start()
         worker.join()
-        if "error" in out:
-            raise out["error"]
-        return out["info"]
+        if error:
+            raise error[0]
+        return info[0]
 
     def _reload(self) -> dict[str, Any]:
         with self._reload_lock, _background_manners():
@@ -192,10 +193,10 @@ class Reloader:
                     release_when_unused(old)
                 del old
                 phases.mark("release_old")
-                gc.freeze()  # keep the new bundle out of full collections (see service.server.freeze_heap)
+                gc.freeze()  # keep the new bundle out of full collections (see server.asgi.freeze_heap)
                 phases.mark("freeze")
                 self._refused = None
-                info = {
+                info: dict[str, Any] = {
                     "outcome": "swapped",
                     "index_version": version,
                     "model_version": new.model_version,

@@ -6,6 +6,24 @@ request path and the bundle, `freshness/` the writes and swaps on top of it.
     handle = start_background(cfg)                      # server.py: uvicorn, in a thread
 """
 
-from towerann.server.wiring import Service, open_retriever, open_service
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from towerann.server.wiring import Service, open_retriever, open_service
 
 __all__ = ["Service", "open_retriever", "open_service"]
+
+# Loaded from wiring.py on first use: the CLI imports server.commands (and so this package) for every command.
+_MODULE_OF = {"Service": "wiring", "open_retriever": "wiring", "open_service": "wiring"}
+
+if not TYPE_CHECKING:  # the type checker reads the imports above instead
+
+    def __getattr__(name: str) -> Any:
+        if name not in _MODULE_OF:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+        globals()[name] = value
+        return value

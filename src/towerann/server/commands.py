@@ -8,7 +8,7 @@ from towerann.config import load_config
 from towerann.errors import ConfigError
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve top-K candidates over HTTP (FastAPI + uvicorn)",
@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ray is not None and cfg.serve.workers == 0:  # "one per core" means one for a front over Ray shards
         cfg = cfg.with_overrides(serve_workers=1)
     n = resolve_workers(cfg)
-    if n > 1 and args.ray is None:  # the parent of the workers loads nothing itself (service.workers)
+    if n > 1 and args.ray is None:  # the parent of the workers loads nothing itself (server.workers)
         run_workers(cfg, n, model_dir=args.model)
         return 0
     from towerann.server.server import SHARD_DEADLINE_S, serve_forever

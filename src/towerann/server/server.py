@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ from fastapi import FastAPI
 from towerann.config import Config
 from towerann.errors import BackendUnavailable, ConfigError, TowerannError
 from towerann.index.snapshot import resolve
+from towerann.server.asgi import app_for, close_app, freeze_heap, uvicorn_config
 from towerann.server.wiring import Service, open_service
 from towerann.server.workers import listening_socket
-from towerann.serving.app import create_app
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.retriever import Retriever
 
@@ -35,48 +35,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def app_for(
-    svc: Service,
-    worker: str | None = None,
-    metrics_dir: str | None = None,
-    freshen: Callable[[], Awaitable[None]] | None = None,
-) -> FastAPI:
-    return create_app(
-        svc.retriever,
-        svc.cfg.serve.max_body_bytes,
-        svc.writer,
-        svc.reloader,
-        svc.token,
-        max_items_per_write=svc.cfg.serve.max_items_per_write,
-        worker=worker,
-        metrics_dir=metrics_dir,
-        freshen=freshen,
-    )
-
-
-def close_app(app: FastAPI | None) -> None:
-    pool = getattr(getattr(app, "state", None), "write_pool", None)
-    if pool is not None:
-        pool.shutdown(wait=False)
-
-
-def freeze_heap() -> None:
-    """Exempt everything loaded so far (the bundle: models, id maps) from the cyclic GC.
-
-    Without it, each full collection walks the million-entry id map and the model's objects and
-    stalls the event loop for 100-170 ms (measured at 1M items), which is the p99 at 200 req/s.
-    The reloader freezes again after a bundle swap, so the new bundle is exempt too."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-
-
-def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
-    # access_log off: one INFO line per request costs more than the retrieval itself
-    return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
 
 
 # --ray: a search waits this long for the shard actors; a later one is left out (partial answer)
@@ -146,7 +104,7 @@ def serve_forever(
     ray_address: str | None = None,
     shard_deadline_s: float = SHARD_DEADLINE_S,
 ) -> None:
-    """`towerann serve`: one process, or [serve] workers processes on one port (service.workers);
+    """`towerann serve`: one process, or [serve] workers processes on one port (server.workers);
     `ray_address`: the index on that Ray cluster's shard actors (one process)."""
     from towerann.server.workers import resolve_workers, run_workers
 

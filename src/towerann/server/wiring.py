@@ -12,7 +12,7 @@ from pathlib import Path
 from towerann.config import Config
 from towerann.errors import ArtifactError, TowerannError
 from towerann.features import FeatureStore, open_configured_store
-from towerann.freshness.deltalog import DurabilityWatch, check_durable, open_configured_delta_log
+from towerann.freshness.deltalog import DurabilityWatch, RedisDeltaLog, check_durable, open_configured_delta_log
 from towerann.freshness.live import ItemWriter, replay
 from towerann.freshness.log_binding import bind_delta_log
 from towerann.freshness.reload import Reloader
@@ -171,7 +171,7 @@ def open_service(
         else None
     )
     watch = None
-    if hasattr(delta, "persistence") and not cfg.freshness.allow_volatile:  # checked once above; again while serving
+    if isinstance(delta, RedisDeltaLog) and not cfg.freshness.allow_volatile:  # checked once above; again while serving
         links = [delta.link, *([retriever.store.link] if hasattr(retriever.store, "link") else [])]
         watch = DurabilityWatch(delta, links)
     return Service(cfg, retriever, writer, reloader, cfg.api_token(), owns_store, durability=watch)

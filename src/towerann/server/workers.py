@@ -198,7 +198,7 @@ def _preload(cfg: Config, model_dir: str | None) -> Any:
     os.environ["OMP_NUM_THREADS"] = "1"
     import gc
 
-    import towerann.server.server  # noqa: F401 - the web stack, imported once for all workers
+    import towerann.server.asgi  # noqa: F401 - the web stack, imported once for all workers
     from towerann.server.wiring import load_bundle
 
     _PRELOADED = load_bundle(cfg, model_dir)  # a bad bundle: its one-line error, before any worker starts
@@ -276,7 +276,7 @@ def worker_main(
     redact_logging()
     _die_with_parent()
     try:
-        from towerann.server.server import app_for, freeze_heap
+        from towerann.server.asgi import app_for, freeze_heap
         from towerann.server.wiring import open_service
 
         svc = open_service(cfg, model_dir=model_dir, shared=True, bundle=_PRELOADED)
@@ -300,7 +300,7 @@ def worker_main(
         svc.start()
         _serve_on(svc, app, sock, peers)
     finally:
-        from towerann.server.server import close_app
+        from towerann.server.asgi import close_app
 
         close_app(app)
         svc.close()
@@ -322,7 +322,7 @@ def _die_with_parent() -> None:
 def _serve_on(svc: Service, app: Any, sock: socket.socket, peers: Peers) -> None:
     import uvicorn
 
-    from towerann.server.server import uvicorn_config
+    from towerann.server.asgi import uvicorn_config
 
     config = uvicorn_config(app, svc.cfg.serve.host, svc.cfg.serve.port)
     server = uvicorn.Server(config)

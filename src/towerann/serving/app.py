@@ -21,7 +21,7 @@ out of its load balancer at once; it answers 503 only until a bundle is loaded.
 Request handlers are `async def`: they run one at a time on the event loop,
 which (1) serialises searches with live index writes (POST/PATCH/DELETE /v1/items) without a lock on
 the read path, and (2) measured at 1M items, K=1000 (`towerann bench serve`), kept p99 at 4.2 ms at
-200 req/s and 5.4 ms at 400 req/s together with the frozen heap (service.server.freeze_heap). An
+200 req/s and 5.4 ms at 400 req/s together with the frozen heap (server.asgi.freeze_heap). An
 earlier measurement at 100k items, K=100, before the heap was frozen, favoured the thread pool at
 1200 req/s (faiss and ONNX Runtime release the GIL, so two requests can overlap on two cores);
 re-measure before changing this.
@@ -38,7 +38,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import orjson
 from fastapi import Depends, FastAPI, Path, Request
@@ -48,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from towerann.errors import (
     BackendUnavailable,
@@ -238,6 +239,27 @@ _defaults = request_models()  # for Python callers and tests; each app builds it
 CandidateFilter, CandidatesRequest = _defaults.CandidateFilter, _defaults.CandidatesRequest
 EventRequest, ItemsRequest = _defaults.EventRequest, _defaults.ItemsRequest
 
+
+# What the handlers read of the request bodies, for the type checker. FastAPI gets each app's own models
+# (request_models: the limits are in their schema), so these names are bound to those at run time.
+class CandidatesBody(Protocol):
+    user_id: str | int | None
+    query_vector: list[float] | None
+    k: int
+    filter: BaseModel | None
+
+
+class EventBody(Protocol):
+    user_id: str | int
+    item_id: str | int
+    type: str
+    ts: float | None
+
+
+class ItemsBody(Protocol):
+    items: list[dict[str, Any]]
+
+
 _JSON_ERROR = {"model": ErrorResponse}
 ERRORS: dict[int | str, dict[str, Any]] = {code: _JSON_ERROR for code in (400, 404, 413, 422, 503)}
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {code: _JSON_ERROR for code in (400, 401, 403, 404, 413, 422, 503)}
@@ -273,8 +295,9 @@ def entry_rows(rows: list[dict[str, Any]], bundle: RetrievalBundle, retriever: R
 
 # ---- what the write routes call (freshness/ implements them; serving never imports it) -------------
 
-# apply_on: a write hands its last step - the change of the served index, no IO - to this runner.
-ApplyOn = Callable[[Callable[[], None]], None]
+# apply_on: a write hands its last step - the change of the served index, no IO - to this runner (which drops
+# the change's result, if it has one).
+ApplyOn = Callable[[Callable[[], object]], None]
 
 
 class ItemWrites(Protocol):
@@ -364,7 +387,8 @@ class Metrics:
             from prometheus_client.multiprocess import MultiProcessCollector
 
             totals, info_registry = CollectorRegistry(), CollectorRegistry()
-            MultiProcessCollector(totals, path=multiprocess_dir)
+            # prometheus_client leaves this constructor unannotated
+            MultiProcessCollector(totals, path=multiprocess_dir)  # type: ignore[no-untyped-call]
             self._exposed = [totals, info_registry]
         self.bundle = Info("towerann_bundle", "the served retrieval bundle", registry=info_registry)
 
@@ -403,19 +427,20 @@ class GuardMiddleware:
     and answer an unexpected exception with a logged 500 JSON without letting it reach the server (which
     would drop the keep-alive connection). A client that goes away before its answer counts as 499."""
 
-    def __init__(self, app: Any, max_body_bytes: int, metrics: Metrics, worker: str | None = None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics, worker: str | None = None):
         self.app, self.max_body, self.metrics = app, max_body_bytes, metrics
         # which worker answered (`serve --workers N`): clients and tests can tell them apart
         self.worker_header = None if worker is None else (b"x-towerann-worker", worker.encode())
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            await self.app(scope, receive, send)
+            return
         path = scope["path"]
         route = path if path in ROUTES else "/v1/items/{item_id}" if path.startswith("/v1/items/") else "other"
         status = [0]  # 0: no answer started (yet)
 
-        async def send_counted(message: dict) -> None:
+        async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 if self.worker_header is not None:
@@ -438,7 +463,7 @@ class GuardMiddleware:
                         return await self._too_large(scope, receive, send_counted)
                 replayed = False
 
-                async def replay() -> dict:
+                async def replay() -> Message:
                     nonlocal replayed
                     if not replayed:
                         replayed = True
@@ -458,7 +483,7 @@ class GuardMiddleware:
             # 499 (nginx's "client closed request"): the client went away before any answer started
             self.metrics.requests.labels(route=route, status=str(status[0] or 499)).inc()
 
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _error(
             413,
             f"request body over {self.max_body} bytes; send a smaller body "
@@ -520,13 +545,14 @@ def _add_read_routes(
 ) -> None:
     """candidates, events, healthz, readyz, metrics: no token."""
     holder, observe = retriever.holder, metrics.stage_children
-    CandidatesRequest, EventRequest = models.CandidatesRequest, models.EventRequest
+    if not TYPE_CHECKING:  # FastAPI reads the handlers' parameter types: this app's models, with its limits
+        CandidatesBody, EventBody = models.CandidatesRequest, models.EventRequest
 
     # The request handlers are `async` on purpose: they run on the event loop, one at a time. A
     # request is ~1-2 ms of CPU, mostly under the GIL; in uvicorn's thread pool, concurrent
     # requests fought over the GIL and the p99 at 200 requests/s grew ten-fold.
     @app.post("/v1/candidates", response_model=None, responses={200: {"model": CandidatesResponse}, **ERRORS})
-    async def candidates(req: CandidatesRequest) -> Response:
+    async def candidates(req: CandidatesBody) -> Response:
         flt = None if req.filter is None else req.filter.model_dump()
         if freshen is not None:
             await freshen()
@@ -549,7 +575,7 @@ def _add_read_routes(
         return Response(orjson.dumps(body), media_type="application/json")
 
     @app.post("/v1/events", response_model=EventResponse, responses=ERRORS)
-    async def events(req: EventRequest) -> dict[str, Any]:
+    async def events(req: EventBody) -> dict[str, Any]:
         e = await retriever.record_event_async(req.user_id, req.item_id, req.type, req.ts)
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
 
@@ -633,7 +659,9 @@ def _add_write_routes(
     delta: Any,
 ) -> None:
     """Item writes and the admin reload: bearer token."""
-    holder, ItemsRequest = retriever.holder, models.ItemsRequest
+    holder = retriever.holder
+    if not TYPE_CHECKING:  # as in _add_read_routes: this app's model
+        ItemsBody = models.ItemsRequest
     PathItemId = Annotated[
         str, Path(min_length=1, max_length=retriever.max_id_length, description="the catalog's item id")
     ]
@@ -647,11 +675,15 @@ def _add_write_routes(
     )
     app.state.write_pool = write_pool
 
+    def writes_enabled() -> ItemWrites:
+        if writer is None:
+            raise NotFound("item writes are not enabled on this server")
+        return writer
+
     async def authorize(request: Request) -> None:
         """A dependency of every write route: FastAPI runs it before it validates the body, so a
         request without the token gets 401 whatever it carries. (async: no thread-pool hop.)"""
-        if writer is None:
-            raise NotFound("item writes are not enabled on this server")
+        writes_enabled()
         await authorize_admin(request)
 
     async def authorize_admin(request: Request) -> None:
@@ -677,20 +709,20 @@ def _add_write_routes(
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(write_pool, functools.partial(fn, *args, apply_on=on_loop(loop)))
 
-    writes = {"responses": WRITE_ERRORS, "dependencies": [Depends(authorize)]}
+    authorized = [Depends(authorize)]
 
-    @app.post("/v1/items", **writes)
-    async def upsert_items(req: ItemsRequest) -> dict[str, Any]:
+    @app.post("/v1/items", responses=WRITE_ERRORS, dependencies=authorized)
+    async def upsert_items(req: ItemsBody) -> dict[str, Any]:
         """Embed the items with the item tower and add them to the live index: searchable on return."""
-        return await write(writer.upsert, entry_rows(req.items, holder.current(), retriever))
+        return await write(writes_enabled().upsert, entry_rows(req.items, holder.current(), retriever))
 
-    @app.patch("/v1/items/{item_id}", **writes)
+    @app.patch("/v1/items/{item_id}", responses=WRITE_ERRORS, dependencies=authorized)
     async def set_available(item_id: PathItemId, req: AvailabilityRequest) -> dict[str, Any]:
-        return await write(writer.set_available, retriever.item_key(item_id), req.available)
+        return await write(writes_enabled().set_available, retriever.item_key(item_id), req.available)
 
-    @app.delete("/v1/items/{item_id}", **writes)
+    @app.delete("/v1/items/{item_id}", responses=WRITE_ERRORS, dependencies=authorized)
     async def delete_item(item_id: PathItemId) -> dict[str, Any]:
-        return await write(writer.delete, retriever.item_key(item_id))
+        return await write(writes_enabled().delete, retriever.item_key(item_id))
 
     @app.post("/v1/admin/reload", responses={409: _JSON_ERROR, **WRITE_ERRORS}, dependencies=[Depends(authorize)])
     async def reload() -> JSONResponse:
@@ -720,7 +752,7 @@ APPLY_WAIT_S = 60.0  # the loop runs a change within milliseconds; this only bou
 def on_loop(loop: asyncio.AbstractEventLoop) -> ApplyOn:
     """An ApplyOn for a worker thread: run the change on `loop` between two handlers, and wait for it."""
 
-    def apply(change: Callable[[], None]) -> None:
+    def apply(change: Callable[[], object]) -> None:
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
         def run() -> None:

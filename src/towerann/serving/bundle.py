@@ -11,7 +11,7 @@ its CURRENT pointer and checksums over every file) that also holds:
   external_ids.npy    the catalog's item id per internal id (int64 or unicode)
   item_categories.npy category code per internal id (codes index bundle.category_names)
 and `{"bundle": {...}}` in the snapshot manifest (with "attributes": {name: [value, ...]}, code i =
-value i); `publish_bundle` writes it with `snapshot.publish`.
+value i); `towerann.freshness.publish.publish_bundle` writes it with `snapshot.publish`.
 
 The bundle owns its changes (`upsert`, `set_available`, `remove`): the index call comes first and
 the id map and categories change only after it succeeded, so a failing write leaves the bundle as
@@ -20,8 +20,6 @@ it was. Callers serialise writes (freshness.live.ItemWriter holds a lock); reque
 
 from __future__ import annotations
 
-import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,118 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from towerann.artifacts import load_npy, save_npy, sha256_file
+from towerann.artifacts import load_npy, sha256_file
 from towerann.data.attributes import attribute_key, read_vector_attributes
-from towerann.data.vectors_dir import VectorSet
+from towerann.data.vectors_dir import read_vectors
 from towerann.errors import ArtifactError, BackendUnavailable, IndexIncompatible
-from towerann.index import SHARDED, Index, load
-from towerann.index.build import Tuning, build_index, split_params
-from towerann.index.filter_plan import calibrate
-from towerann.index.snapshot import publish, read_checked_manifest, resolve
+from towerann.index import Index, load
+from towerann.index.snapshot import read_checked_manifest, resolve
 
 if TYPE_CHECKING:
     from towerann.model.export import UserEncoder
     from towerann.model.model import TwoTowerModel
 
-log = logging.getLogger(__name__)
-
 BUNDLE_FORMAT = 1
-
-
-def _vector_set(vectors: VectorSet | str | Path) -> VectorSet:
-    from towerann.data.vectors_dir import read_vectors
-
-    return vectors if isinstance(vectors, VectorSet) else read_vectors(vectors)
-
-
-def publish_bundle(
-    root: str | Path,
-    model_dir: str | Path,
-    vectors: VectorSet | str | Path,
-    kind: str = "auto",
-    params: dict[str, Any] | None = None,
-    tuning: Tuning | None = None,
-    keep: int = 3,
-    index: Index | None = None,
-    delta_seq: int = 0,
-    attributes: dict[str, tuple[np.ndarray, list[str]]] | None = None,
-    calibrate_filters: bool = True,
-) -> Path:
-    """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it.
-
-    delta_seq: the last delta-log entry folded into `vectors` (a refresh's cut-off); a server that
-    loads the bundle replays only the entries after it. `attributes`: the filter attributes
-    ({name: (int32 code per internal id, vocabulary)}); default: those of a vectors directory given
-    by path (embed.attributes). With `tuning`, a built index also gets its filter plan measured
-    (index.plan.calibrate at tuning.k), unless calibrate_filters is False or the index is sharded.
-
-    kind="sharded": params {"shards": S, "backend": "hnsw", <the backend's build and search params>};
-    tuning tunes the shards' search params (the same for every shard)."""
-    from towerann.model.model import model_version_of
-
-    model_dir = Path(model_dir)
-    model_version = model_version_of(model_dir)
-    vs = _vector_set(vectors)
-    if vs.model_version != model_version:
-        raise IndexIncompatible(
-            f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
-            f"{model_version!r}; embed the catalog with this model first"
-        )
-    if attributes is None:
-        attributes = {} if isinstance(vectors, VectorSet) else read_vector_attributes(vectors)
-    if index is None:
-        index = build_index(
-            vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params, tuning=tuning, metric=vs.metric
-        )
-        if index.kind == SHARDED and tuning is not None and calibrate_filters:
-            # calibrate measures a backend's own paths; the shards keep the default thresholds
-            log.info("sharded index: no filter plan measured (the shards use the default thresholds)")
-        elif tuning is not None and calibrate_filters and index.kind != "exact":
-            calibrate(index, tuning.queries, ks=(tuning.k,), target=tuning.recall)
-            index.search_defaults.update(split_params(index.kind, dict(params or {}))[1])  # explicit params win
-    for name, (codes, values) in attributes.items():
-        if len(codes) < len(vs.external_ids) or (len(codes) and int(codes.max()) >= len(values)):
-            raise ArtifactError(
-                f"attribute {name!r}: expected a code (< {len(values)} values) per internal id, "
-                f"got {len(codes)} codes for {len(vs.external_ids)} ids"
-            )
-    if attributes:
-        index.set_attributes(vs.ids, {name: codes[vs.ids] for name, (codes, _) in attributes.items()})
-    if sorted(attributes) != index.attribute_names:
-        raise ArtifactError(
-            f"the index holds attributes {index.attribute_names} but their values are given for "
-            f"{sorted(attributes)}; pass attributes= for each"
-        )
-    n_ext = int(vs.ids.max()) + 1 if len(vs) else 0
-    if len(vs.external_ids) < n_ext or len(vs.categories) != len(vs.ids):
-        raise ArtifactError("vectors: external_ids must cover every internal id and categories one per item")
-    # Per internal id, so that lookups are one array index; internal ids are catalog rows.
-    item_cats = np.full(len(vs.external_ids), -1, np.int32)
-    item_cats[vs.ids] = vs.categories
-
-    def add_files(tmp: Path) -> None:
-        shutil.copytree(model_dir, tmp / "model")
-        save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
-        save_npy(tmp / "item_categories.npy", item_cats)
-
-    path = publish(
-        index,
-        root,
-        model_version,
-        keep=keep,
-        add_files=add_files,
-        extra={
-            "bundle": {
-                "format": BUNDLE_FORMAT,
-                "category_names": list(vs.category_names),
-                "items": len(vs),
-                "delta_seq": int(delta_seq),
-                "attributes": {name: list(values) for name, (_, values) in attributes.items()},
-            }
-        },
-    )
-    log.info("published bundle %s (%s, %d items, model %s)", path, index.describe(), len(index), model_version)
-    return path
 
 
 def _check_front_files(path: Path, model_version: str, dim: int) -> None:
@@ -280,7 +178,7 @@ class RetrievalBundle:
                 raise ArtifactError(
                     f"{path}/manifest.json: neither 'bundle' nor 'vectors_dir'; publish a bundle instead"
                 )
-            vs = _vector_set(vectors_dir)
+            vs = read_vectors(vectors_dir)
             external_ids, names = vs.external_ids, [str(n) for n in vs.category_names]
             # a plain snapshot filters on the attributes its index was built with
             attr_values = {

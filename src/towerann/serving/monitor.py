@@ -32,9 +32,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def lower_this_threads_priority(nice: int) -> None:
 
 @dataclass
 class _Stats:
-    window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    window: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     samples: int = 0
     unhealthy: bool = False
 
@@ -98,7 +98,7 @@ class RecallMonitor:
         sample: float = 0.01,
         threshold: float = 0.9,
         queue_size: int = 64,
-        guard: ContextManager[Any] | None = None,
+        guard: AbstractContextManager[Any] | None = None,
         start: bool = True,
         max_busy: float = 1.0,
     ):
@@ -107,7 +107,7 @@ class RecallMonitor:
         # Duty cycle: after a sample that took t s, none is taken for t / max_busy - t s (see config).
         self.max_busy = float(max_busy)
         self._idle_until = 0.0  # time.monotonic() before which offers are dropped as "busy"
-        self.guard: ContextManager[Any] = guard or nullcontext()
+        self.guard: AbstractContextManager[Any] = guard or nullcontext()
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=max(1, int(queue_size)))
         self._draw = random.random
         self._lock = threading.Lock()  # the stats: written by the worker, read by /metrics and the admin route

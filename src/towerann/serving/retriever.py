@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ("features", "user_tower", "ann", "total")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# the argument and the result of a call made off the event loop
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -266,18 +269,18 @@ class Retriever:
     def item_key(self, item_id: Any, bundle: RetrievalBundle | None = None) -> str:
         """The catalog's id for `item_id` (a string or a JSON integer); an integer id outside int64 on a catalog
         of integer ids is no item of it (NotFound), whatever the lookup underneath would make of it."""
-        item_id = self.check_id(item_id, "item_id")
+        key = self.check_id(item_id, "item_id")
         b = bundle or self.holder.current()
-        if b.external_ids.dtype.kind in "iu" and not int64_spelling_in_range(item_id):
+        if b.external_ids.dtype.kind in "iu" and not int64_spelling_in_range(key):
             raise NotFound(
-                f"item_id {item_id!r} is not in the served catalog (bundle {b.version}): this catalog's "
+                f"item_id {key!r} is not in the served catalog (bundle {b.version}): this catalog's "
                 "ids are 64-bit integers"
             )
-        return item_id
+        return key
 
     # ---- off the event loop -----------------------------------------------------------------------
 
-    async def _off_loop(self, fn: Callable[..., Any], arg: Any, *, timeout_s: float, what: str) -> Any:
+    async def _off_loop(self, fn: Callable[[A], R], arg: A, *, timeout_s: float, what: str) -> R:
         assert self._io is not None
         future = asyncio.get_running_loop().run_in_executor(self._io, fn, arg)
         try:
@@ -350,7 +353,7 @@ class Retriever:
                 attributes[key] = frozenset(codes)
         if categories is None and not attributes:
             return None
-        return Filter(categories=categories, attributes=attributes)
+        return Filter(categories=categories, attributes=tuple(attributes.items()))
 
 
 def _value_key(value: Any) -> str | None:

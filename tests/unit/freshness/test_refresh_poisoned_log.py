@@ -11,31 +11,24 @@ import pytest
 
 from towerann.data.dataset import read_items
 from towerann.freshness.deltalog import open_delta_log
+from towerann.freshness.publish import publish_bundle
 from towerann.freshness.refresh import refresh
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from towerann.bench.serve import prepare
-
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    return prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+from towerann.serving.bundle import RetrievalBundle
 
 
 def test_refresh_skips_an_unembeddable_upsert_and_folds_the_rest(
-    paths: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    serving_bundle: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    row = read_items(paths["data"]).iloc[0].to_dict()
+    row = read_items(serving_bundle["data"]).iloc[0].to_dict()
     good = {**row, "item_id": "990001", "available": True}
     poison = {**good, "item_id": "990002", "price": 1e300}  # finite, but the tower's float32 overflows
     delta = open_delta_log("embedded", tmp_path / "delta.sqlite")
     delta.append("upsert", "990002", poison)
     delta.append("upsert", "990001", good)
     with caplog.at_level(logging.ERROR, logger="towerann.freshness.refresh"):
-        out = refresh(paths["data"], paths["model"], tmp_path / "indexes", delta, kind="exact", recall=None)
+        out = refresh(
+            serving_bundle["data"], serving_bundle["model"], tmp_path / "indexes", delta, kind="exact", recall=None
+        )
     delta.close()
     bundle = RetrievalBundle.load(out["path"])
     assert bundle.holds("990001") and not bundle.holds("990002")
@@ -44,19 +37,23 @@ def test_refresh_skips_an_unembeddable_upsert_and_folds_the_rest(
 
 
 def test_refresh_and_replay_skip_an_upsert_of_near_zero_norm(
-    paths: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    serving_bundle: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """price 1e38 is finite, but the item tower maps it to the zero vector: a log written before writes
     were checked for it may hold one; neither a rebuild nor a replay puts it in the index."""
     from towerann.freshness.live import replay
 
-    row = read_items(paths["data"]).iloc[0].to_dict()
+    row = read_items(serving_bundle["data"]).iloc[0].to_dict()
     delta = open_delta_log("embedded", tmp_path / "delta.sqlite")
     delta.append("upsert", "990003", {**row, "item_id": "990003", "available": True, "price": 1e38})
     with caplog.at_level(logging.ERROR, logger="towerann.freshness"):
-        out = refresh(paths["data"], paths["model"], tmp_path / "indexes", delta, kind="exact", recall=None)
+        out = refresh(
+            serving_bundle["data"], serving_bundle["model"], tmp_path / "indexes", delta, kind="exact", recall=None
+        )
         assert not RetrievalBundle.load(out["path"]).holds("990003") and out["items"] == 2000
-        older = RetrievalBundle.load(publish_bundle(tmp_path / "older", paths["model"], paths["vectors"], kind="exact"))
+        older = RetrievalBundle.load(
+            publish_bundle(tmp_path / "older", serving_bundle["model"], serving_bundle["vectors"], kind="exact")
+        )
         assert replay(older, delta) == 1 and not older.holds("990003")
     delta.close()
     skipped = [r.getMessage() for r in caplog.records if "'990003'" in r.getMessage()]
@@ -75,13 +72,13 @@ def _log_with_an_unknown_op(path: Path, item_id: str) -> None:
 
 
 def test_replay_skips_an_unknown_op_with_one_warning(
-    paths: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    serving_bundle: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One warning line per bundle it is skipped on: a replay at load, and another worker's catch-up."""
     from towerann.freshness.live import ItemWriter, replay
     from towerann.serving.holder import BundleHolder
 
-    root = publish_bundle(tmp_path / "indexes", paths["model"], paths["vectors"], kind="exact")
+    root = publish_bundle(tmp_path / "indexes", serving_bundle["model"], serving_bundle["vectors"], kind="exact")
     _log_with_an_unknown_op(tmp_path / "delta.sqlite", "1")
     delta = open_delta_log("embedded", tmp_path / "delta.sqlite")
     bundle, other = RetrievalBundle.load(root), RetrievalBundle.load(root)
@@ -97,12 +94,14 @@ def test_replay_skips_an_unknown_op_with_one_warning(
 
 
 def test_refresh_skips_an_unknown_op_with_one_warning(
-    paths: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    serving_bundle: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _log_with_an_unknown_op(tmp_path / "delta.sqlite", "1")
     delta = open_delta_log("embedded", tmp_path / "delta.sqlite")
     with caplog.at_level(logging.WARNING, logger="towerann.freshness"):
-        out = refresh(paths["data"], paths["model"], tmp_path / "indexes", delta, kind="exact", recall=None)
+        out = refresh(
+            serving_bundle["data"], serving_bundle["model"], tmp_path / "indexes", delta, kind="exact", recall=None
+        )
     delta.close()
     assert RetrievalBundle.load(out["path"]).holds("1") and out["items"] == 2000 and out["delta_seq"] == 1
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]

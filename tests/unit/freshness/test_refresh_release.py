@@ -10,21 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from towerann.freshness.publish import publish_bundle
 from towerann.freshness.reload import release_when_unused
 from towerann.index.base import release_pages
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 
 PAGE = 4096
 
 
 @pytest.fixture(scope="module")
-def hnsw_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from towerann.bench.serve import prepare
+def hnsw_root(serving_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
 
-    # same place and sizes as tests/integration/conftest.py, so one session builds the model once
-    paths = prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+    paths = serving_bundle
     root = tmp_path_factory.mktemp("hnsw-bundle")
     publish_bundle(root, paths["model"], paths["vectors"], kind="hnsw")
     return root
@@ -88,7 +85,8 @@ def test_indexes_without_c_buffers_release_nothing_and_keep_answering() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a Linux feature")
 def test_a_reload_runs_in_a_thread_of_its_own_at_a_lower_priority(hnsw_root: Path, tmp_path: Path) -> None:
-    """Load and validation must yield the cores to request threads: the reload's thread is niced, the caller's is not."""
+    """Load and validation must yield the cores to request threads: the reload's thread is niced, the caller's
+    is not."""
     from towerann.freshness.deltalog import open_delta_log
     from towerann.freshness.live import ItemWriter
     from towerann.freshness.reload import RELOAD_NICE, Reloader

@@ -9,22 +9,15 @@ import pytest
 
 from towerann.errors import BadRequest
 from towerann.freshness.live import check_rows, embed_rows
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from towerann.bench.serve import prepare
-
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    return prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+from towerann.freshness.publish import publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 
 
 @pytest.fixture(params=["exact", "hnsw"])
-def bundle(request: pytest.FixtureRequest, paths: dict[str, Path], tmp_path: Path) -> RetrievalBundle:
-    return RetrievalBundle.load(publish_bundle(tmp_path / "root", paths["model"], paths["vectors"], kind=request.param))
+def bundle(request: pytest.FixtureRequest, serving_bundle: dict[str, Path], tmp_path: Path) -> RetrievalBundle:
+    return RetrievalBundle.load(
+        publish_bundle(tmp_path / "root", serving_bundle["model"], serving_bundle["vectors"], kind=request.param)
+    )
 
 
 def _rows(bundle: RetrievalBundle, ids: list[str], category: str) -> list[dict]:

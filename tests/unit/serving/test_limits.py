@@ -41,17 +41,13 @@ def test_the_embedded_store_keeps_the_sessions_of_at_most_max_session_users(tmp_
 
 
 @pytest.fixture(scope="module")
-def retriever(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from towerann.bench.serve import prepare
+def retriever(serving_bundle: dict[str, Path]):  # type: ignore[no-untyped-def]
     from towerann.features import open_store
     from towerann.serving.bundle import RetrievalBundle
     from towerann.serving.holder import BundleHolder
     from towerann.serving.retriever import Retriever
 
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    paths = prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
+    paths = serving_bundle
     return Retriever(
         BundleHolder(RetrievalBundle.load(paths["index"])),
         open_store("memory", ttl_s=3600),

@@ -15,27 +15,18 @@ import pytest
 from towerann.config import load_config
 from towerann.errors import ConfigError
 from towerann.features import open_store
+from towerann.freshness.publish import publish_bundle
 from towerann.index import Filter
 from towerann.index.tune import recall_at_k
 from towerann.serving.app import Metrics
-from towerann.serving.bundle import RetrievalBundle, publish_bundle
+from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 from towerann.serving.monitor import MIN_SAMPLES, RecallMonitor, filter_kind, recall_of
 from towerann.serving.retriever import Retriever
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from towerann.bench.serve import prepare
-
-    # same place and sizes as tests/integration/conftest.py, so one session builds it once
-    return prepare(
-        tmp_path_factory.getbasetemp() / "serving-bundle", items=2000, users=1000, dim=32, epochs=2, kind="exact"
-    )
-
-
-@pytest.fixture(scope="module")
-def poor(paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> RetrievalBundle:
+def poor(serving_bundle: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> RetrievalBundle:
     """An HNSW bundle made to miss: a sparse graph, ef = k, every masked search through the library."""
     import faiss
 
@@ -45,8 +36,8 @@ def poor(paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Re
     try:
         publish_bundle(
             root,
-            paths["model"],
-            paths["vectors"],
+            serving_bundle["model"],
+            serving_bundle["vectors"],
             kind="hnsw",
             params={"M": 4, "ef_construction": 8, "ef": 1, "exact_below": 0},
         )
@@ -121,9 +112,9 @@ def test_a_full_queue_drops_and_counts_and_sample_zero_queues_nothing(poor: Retr
 
 
 def test_a_queued_sample_holds_no_bundle_and_a_swapped_out_bundle_is_not_searched(
-    paths: dict[str, Path], poor: RetrievalBundle
+    serving_bundle: dict[str, Path], poor: RetrievalBundle
 ) -> None:
-    other = RetrievalBundle.load(paths["index"])
+    other = RetrievalBundle.load(serving_bundle["index"])
     holder = BundleHolder(other)
     monitor = RecallMonitor(holder, sample=1.0, start=False)
     q = queries(other, 1)[0]
