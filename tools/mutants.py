@@ -72,8 +72,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "base-mask-only-with-filter",
         "index/base.py",
-        "self._run_path(q, k, p, mask, path)",
-        "self._run_path(q, k, p, mask if filter is not None else None, path)",
+        "self.run_path(q, k, p, mask, path)",
+        "self.run_path(q, k, p, mask if filter is not None else None, path)",
         "the library ignores removed/unavailable items when the request has no filter",
     ),
     Mutant(
@@ -85,7 +85,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "base-exact-below-ignored",
-        "index/filter_plan.py",
+        "index/path_choice.py",
         'n_qual <= int(params.get("exact_below", 0))',
         "n_qual <= 16384",
         "the exact_below search parameter is ignored (a forced-library test would silently run brute force)",

@@ -53,7 +53,7 @@ def _load(path: Path, rerank_from: str) -> IVFPQIndex:
 def test_rerank_from_file_gives_exactly_the_in_memory_scores(cat, published):
     built, path = published
     on_disk, in_ram = _load(path, "disk"), _load(path, "memory")
-    assert on_disk._vecs.on_disk and not in_ram._vecs.on_disk
+    assert on_disk.rerank_vectors.on_disk and not in_ram.rerank_vectors.on_disk
     for q in (cat.queries, cat.queries[:1]):  # a batch, and one query (the parallel file reads)
         a, b, c = (ix.search(q, K) for ix in (on_disk, in_ram, built))
         np.testing.assert_array_equal(a.ids, b.ids)
@@ -150,12 +150,12 @@ def test_items_added_after_a_load_stay_in_memory_and_are_reranked_from_there(cat
     disk_before = ix.memory()["disk_bytes"]
     new = cat.queries[:3] / np.linalg.norm(cat.queries[:3], axis=1, keepdims=True)
     ix.add(new, np.array([10**9, 10**9 + 1, 10**9 + 2]))
-    assert ix._vecs.fresh.n == 3 and ix._vecs.n_main == N  # the file was not copied into RAM
+    assert ix.rerank_vectors.fresh.n == 3 and ix.rerank_vectors.n_main == N  # the file was not copied into RAM
     assert ix.memory()["disk_bytes"] == disk_before
     res = ix.search(cat.queries[:3], K)
     np.testing.assert_array_equal(res.ids[:, 0], [10**9, 10**9 + 1, 10**9 + 2])
     np.testing.assert_allclose(res.scores[:, 0], (new * cat.queries[:3]).sum(1), rtol=1e-5)
     # Saved again, the fresh tier joins the file.
     again = load_snapshot(publish(ix, path.parent, "model-v1"))
-    assert again._vecs.fresh.n == 0 and again._vecs.n_main == N + 3
+    assert again.rerank_vectors.fresh.n == 0 and again.rerank_vectors.n_main == N + 3
     np.testing.assert_array_equal(again.search(cat.queries[:3], K).ids, res.ids)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from towerann.errors import ArtifactError, BadRequest, ConfigError
-from towerann.index import Filter, create
+from towerann.index import Filter, Index, create, filter_plan
 from towerann.index import create as create_index
 from towerann.index import load as load_index
+from towerann.index.base import SlotIndex
 from towerann.index.shard_hash import shard_of, split
 from towerann.index.sharded import ShardedIndex
 from towerann.index.snapshot import publish
@@ -177,6 +178,10 @@ def test_create_index_knows_plain_and_sharded_kinds() -> None:
         create_index("sharded", D, backend="sharded")
     with pytest.raises(ConfigError, match="unknown index kind"):
         create_index("sharded", D, backend="nope")
+    # one contract, two implementations: a sharded index holds no slots of its own, so no filter plan
+    assert isinstance(ix, Index) and not isinstance(ix, SlotIndex) and isinstance(create_index("exact", D), SlotIndex)
+    with pytest.raises(ConfigError, match="plain index"):
+        filter_plan.calibrate(ix, np.eye(D, dtype=np.float32))
 
 
 def test_the_core_and_local_mode_do_not_import_ray() -> None:

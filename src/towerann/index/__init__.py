@@ -1,4 +1,8 @@
-"""ANN indexes over item vectors: one module per backend behind one `Index` interface.
+"""ANN indexes over item vectors: the retrieval stage's top-k by inner product, with filters and live writes.
+
+Everyone holds an `Index` (index.protocol: search, exact search, writes, save/load). The backends
+(exact, hnsw, ivfpq, scann) share their slot bookkeeping in `index.base.SlotIndex`; a sharded index
+(kind "sharded", index.sharded) spreads items over S of them. `create` and `load` make any kind.
 
 index = create("hnsw", dim=128, M=32)
 index.build(vectors, ids, categories, available)
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from towerann.errors import ConfigError
-from towerann.index.base import Filter, Index, SearchResult
+from towerann.index.protocol import Filter, Index, SearchResult
 
 # kind -> (module, class); imported on demand so an optional backend costs nothing until used.
 _BACKENDS = {
@@ -32,7 +36,8 @@ def backend_class(kind: str) -> type[Index]:
     if kind not in _BACKENDS:
         raise ConfigError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
     module, name = _BACKENDS[kind]
-    return getattr(importlib.import_module(module), name)
+    cls: type[Index] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def create(kind: str, dim: int, metric: str = "ip", **build_params: Any) -> Index:

@@ -1,4 +1,4 @@
-"""The Index interface and the bookkeeping every backend shares.
+"""`SlotIndex`: the bookkeeping every backend shares, under the `Index` contract (index.protocol).
 
 A backend stores vectors under *slots* (0, 1, 2, ... in insertion order); this base class maps
 slots to item ids and keeps per-slot attributes (category, removed, available, and any declared
@@ -7,87 +7,47 @@ removal only marks the old slot dead, so no library ever has to delete in place;
 live-and-available slots is handed to the library (as a bitmap selector where it can take one).
 
 Which path a masked search takes (brute force over the qualifying items, the library's filtered
-search, or over-fetch + post-filter) is decided per query by `towerann.index.filter_plan` from the mask's
-exact count and the index's measured thresholds (search param `filter_plan`).
+search, or over-fetch + post-filter) is decided per query by `towerann.index.path_choice` from the
+mask's exact count and the index's measured thresholds (search param `filter_plan`, measured by
+`towerann.index.filter_plan`).
 
 Contract of `search`: exactly k results whenever at least k items qualify; when the library
 returns fewer (selective filter, many dead slots) the short rows fall back to exact search over
 the qualifying slots. Mutations must not run concurrently with searches (the serving layer
 serialises them); searches may run in parallel with each other.
+
+What a backend implements: `_add_vectors`, `_search`, `_vectors`, `_save_backend`, `_load_backend`
+(and may replace `_exact`, the brute force). What other modules of this package read (the filter
+planner, partitions, a backend's memory accounting) goes through the public slot hooks below:
+`slot_ids`, `slot_categories`, `slot_alive`, `slot_returnable`, `slot_attributes`, `slots_of`,
+`aligned_slots`, `vectors_of_slots`, `mask_for`, `run_path`, `exact_search_slots`,
+`library_search_slots`, `partition_info`, `slot_table_bytes`, `load_saved_vectors`.
+`exact_search_slots` and `library_search_slots` call `_exact` and `_search`, so every search, from
+here or from another module, goes through the one method a backend overrides.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Self
 
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
 from towerann.config import ATTRIBUTE_NAME  # a name becomes a file name here: slot_attr_<name>.npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
-from towerann.index import filter_plan
+from towerann.index import path_choice
 from towerann.index.merge import padded, topk_blocked, topk_rows
+from towerann.index.protocol import COMMON_SEARCH, Filter, Index, SearchResult, as_vectors
 
 log = logging.getLogger(__name__)
 
-METRICS = ("ip",)
-# A filtered (or masked) search with at most this many qualifying items is answered by brute force
-# over them: ~2M multiply-adds at d=128 (well under a millisecond), exact, and immune to what hurts
-# filtered graph/IVF search (few qualifying items, often clustered away from the query).
-# It is a search parameter of every backend ("exact_below"), so a call, a snapshot's defaults or a
-# test can move it; 0 sends every masked search through the library.
-EXACT_BELOW = 16384
-# filter_path: "auto" (the planner decides), or one path forced ("exact", "filtered", "post");
-# filter_plan: the measured (share -> path) table of towerann.index.filter_plan ([] = today's constants).
-COMMON_SEARCH: dict[str, Any] = {"exact_below": EXACT_BELOW, "filter_path": "auto", "filter_plan": []}
 BY_INDEX_ROWS = 4  # masked brute force for at most this many queries reads the qualifying rows in place
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    ids: np.ndarray  # int64 [m, k]; -1 padding
-    scores: np.ndarray  # float32 [m, k]; -inf padding; each row sorted by score descending
-    exact_rows: int = 0  # rows answered (wholly, or completed) by exact search instead of the library
-    short_rows: int = 0  # of those, rows the library was asked for and came up short on
-    # A sharded index (towerann.cluster) may answer without some shards (a missed deadline, a shard
-    # restarting): partial=True and which shards; `version` names the one snapshot version searched.
-    partial: bool = False
-    missing_shards: tuple[int, ...] = ()
-    version: str | None = None
-
-
-@dataclass(frozen=True)
-class Filter:
-    """Which items a search may return: AND across the conditions, OR within each value set.
-
-    Filter(categories={3, 7}, attributes={"brand": {0}}) keeps items whose category code is 3 or 7
-    *and* whose brand code is 0. Availability is always applied: unavailable/removed items are never
-    returned. An item with no value for a filtered attribute (code -1) never matches it."""
-
-    categories: frozenset[int] | None = None  # keep items whose category code is in the set
-    # (name, codes) per attribute, sorted by name (a mapping is accepted and normalised): hashable,
-    # so equal filters share one cached mask
-    attributes: tuple[tuple[str, frozenset[int]], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.categories is not None and not isinstance(self.categories, frozenset):
-            object.__setattr__(self, "categories", frozenset(int(c) for c in self.categories))
-        attrs = self.attributes.items() if isinstance(self.attributes, Mapping) else self.attributes
-        norm = tuple(sorted((str(name), frozenset(int(c) for c in codes)) for name, codes in attrs))
-        if len({name for name, _ in norm}) != len(norm):
-            raise BadRequest(f"filter: an attribute appears twice in {[n for n, _ in norm]}")
-        object.__setattr__(self, "attributes", norm)
-
-    @property
-    def empty(self) -> bool:
-        """No condition beyond availability."""
-        return self.categories is None and not self.attributes
 
 
 class Growable:
@@ -110,6 +70,11 @@ class Growable:
             self._buf = buf
         self._buf[self.n : need] = rows
         self.n = need
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffer, spare capacity included."""
+        return int(self._buf.nbytes)
 
 
 @dataclass
@@ -134,18 +99,12 @@ class Mask:
             self._idx = np.flatnonzero(self.bits)
         return self._idx
 
-
-def as_vectors(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
-    """Check and convert to a C-contiguous float32 [n, dim] array."""
-    v = np.asarray(vectors)
-    if v.ndim == 1:
-        v = v[None, :]
-    if v.ndim != 2 or v.shape[1] != dim:
-        raise BadRequest(f"{what}: expected shape [n, {dim}], got {list(np.shape(vectors))}")
-    v = np.ascontiguousarray(v, dtype=np.float32)
-    if not np.isfinite(v).all():
-        raise BadRequest(f"{what}: contains NaN or infinite values")
-    return v
+    @classmethod
+    def from_slots(cls, slots: np.ndarray, n_slots: int) -> Mask:
+        """A mask keeping `slots` (sorted, unique) of `n_slots`; its slot list is `slots` itself."""
+        bits = np.zeros(n_slots, bool)
+        bits[slots] = True
+        return cls(bits=bits, count=len(slots), _idx=slots)
 
 
 @functools.cache
@@ -188,9 +147,8 @@ def release_pages(buf: np.ndarray) -> int:
 def inner_products(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     """Scores [m, n] = q @ vecs.T, laid out for BLAS: one query is a gemv, which OpenBLAS runs
     ~20x faster than the equivalent 1-row gemm that `q @ vecs.T` becomes."""
-    if len(q) == 1:
-        return (vecs @ q[0])[None, :]
-    return (vecs @ q.T).T
+    scores: np.ndarray = (vecs @ q[0])[None, :] if len(q) == 1 else (vecs @ q.T).T
+    return scores
 
 
 def inner_products_at(q: np.ndarray, vecs: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -202,7 +160,7 @@ def inner_products_at(q: np.ndarray, vecs: np.ndarray, idx: np.ndarray) -> np.nd
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     out = np.empty((len(q), len(idx)), np.float32)
     for i in range(len(q)):
-        faiss.fvec_inner_products_by_idx(
+        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]
             faiss.swig_ptr(out[i]),
             faiss.swig_ptr(q[i]),
             faiss.swig_ptr(vecs),
@@ -214,27 +172,12 @@ def inner_products_at(q: np.ndarray, vecs: np.ndarray, idx: np.ndarray) -> np.nd
     return out
 
 
-class Index(ABC):
-    kind: ClassVar[str]
-    default_search: ClassVar[dict[str, Any]] = {}  # the backend's own search parameters
-    filter_paths: ClassVar[tuple[str, ...]] = ("exact", "filtered")  # the planner's choices (index.plan)
+class SlotIndex(Index):
+    """An `Index` whose backend stores vectors under slots; this class keeps the slot tables, the
+    masks, the exact fallback and the filter planner's hooks."""
 
     def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
-        if metric not in METRICS:
-            raise ConfigError(
-                f"metric {metric!r} is not supported; towerann indexes use 'ip' (inner product "
-                "of L2-normalised vectors)"
-            )
-        if int(dim) <= 0:
-            raise ConfigError(f"dim must be positive, got {dim}")
-        self.dim = int(dim)
-        self.metric = metric
-        self.build_params: dict[str, Any] = dict(build_params)
-        self.search_defaults: dict[str, Any] = {**COMMON_SEARCH, **self.default_search}
-        self.tuning: dict[str, Any] | None = None  # what tune() measured, saved with the snapshot
-        self.filter_calibration: dict[str, Any] | None = None  # what filter_plan.calibrate measured, saved too
-        self.manifest: dict[str, Any] | None = None  # the snapshot manifest this index was loaded from
-        self.version: str | None = None  # the snapshot version it was loaded from (stamped on answers)
+        super().__init__(dim, metric, **build_params)
         self._ids = Growable(np.empty(0, np.int64))  # id per slot
         self._cats = Growable(np.empty(0, np.int32))  # category per slot (-1: none)
         self._attrs: dict[str, Growable] = {}  # filter attribute -> int32 code per slot (-1: none)
@@ -270,21 +213,6 @@ class Index(ABC):
     @abstractmethod
     def _load_backend(self, directory: Path, manifest: dict[str, Any]) -> None:
         """Restore the backend's state from `_save_backend`'s files (slot tables are already loaded)."""
-
-    def describe(self) -> str:
-        return self.kind
-
-    def search_space(self, k: int) -> list[dict[str, Any]]:
-        """Search-parameter settings for tuning, cheapest first (one setting: nothing to tune)."""
-        return [{}]
-
-    def release_memory(self) -> int:
-        """Hand the pages of the index's big buffers back to the kernel; return the bytes released.
-
-        Only for an index that will never be searched again (its buffers then read as zeros): a
-        swapped-out bundle's, just before it is freed. Backends whose big arrays are memory-mapped
-        files or numpy buffers release nothing here (the kernel or numpy frees them at once)."""
-        return 0
 
     # ---- public API -----------------------------------------------------------------------------
     def build(
@@ -322,7 +250,7 @@ class Index(ABC):
 
     def attribute_codes(self, ids: Any) -> dict[str, np.ndarray]:
         """{attribute: int32 code per id} of live items (-1 for unknown ids or no value)."""
-        hit, slots = self._aligned_slots(ids)
+        hit, slots = self.aligned_slots(ids)
         out = {name: np.full(len(hit), -1, np.int32) for name in self._attrs}
         for name, codes in self._attrs.items():
             out[name][hit] = codes.data[slots]
@@ -331,7 +259,7 @@ class Index(ABC):
     def set_attributes(self, ids: Any, attributes: Mapping[str, Any]) -> None:
         """Change filter attributes of live items in place ({name: one code per id}; a new name is
         -1 for every other item). Unknown ids are ignored; the next search sees the change."""
-        hit, slots = self._aligned_slots(ids)
+        hit, slots = self.aligned_slots(ids)
         attrs = self._check_attributes(attributes, len(hit))
         for name, codes in attrs.items():
             if name not in self._attrs:
@@ -339,18 +267,9 @@ class Index(ABC):
             self._attrs[name].data[slots] = codes[hit]
         self._gen += 1
 
-    def _aligned_slots(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(found: bool per id, the live slot of each found id, in the ids' order)."""
-        ids = np.atleast_1d(np.asarray(ids, np.int64))
-        if not len(self._sorted_ids) or not len(ids):
-            return np.zeros(len(ids), bool), np.empty(0, np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        hit = self._sorted_ids[pos] == ids
-        return hit, self._sorted_slots[pos[hit]]
-
     def remove(self, ids: Any) -> None:
         """Delete items for good. Unknown ids are ignored (removal is idempotent)."""
-        slots = self._slots_of(ids)
+        slots = self.slots_of(ids)
         if not len(slots):
             return
         self._alive.data[slots] = False
@@ -359,7 +278,7 @@ class Index(ABC):
 
     def set_available(self, ids: Any, available: bool) -> None:
         """Hide (False) or show again (True) items without removing them. Unknown ids are ignored."""
-        slots = self._slots_of(ids)
+        slots = self.slots_of(ids)
         if len(slots):
             self._avail.data[slots] = bool(available)
             self._refresh_ok(slots)
@@ -368,7 +287,7 @@ class Index(ABC):
         return self._n_alive
 
     def __contains__(self, item_id: int) -> bool:
-        return len(self._slots_of([item_id])) > 0
+        return len(self.slots_of([item_id])) > 0
 
     @property
     def n_slots(self) -> int:
@@ -383,13 +302,13 @@ class Index(ABC):
             raise BadRequest(f"k must be a positive integer, got {k!r}")
         k = int(k)
         p = self.search_defaults if not params else self._merge_params(params)
-        mask = self._mask_for(filter)
+        mask = self.mask_for(filter)
         n_qual = self._ids.n if mask is None else mask.count
         if n_qual == 0:
             ids, scores = padded(len(q), k)
             return SearchResult(ids=ids, scores=scores)
-        path = None if mask is None else filter_plan.choose(n_qual, len(mask.bits), k, p)
-        slots, scores, exact_rows, short_rows = self._run_path(q, k, p, mask, path)
+        path = None if mask is None else path_choice.choose(n_qual, len(mask.bits), k, p)
+        slots, scores, exact_rows, short_rows = self.run_path(q, k, p, mask, path)
         ids = self._ids.data[slots]
         ids[slots < 0] = -1
         return SearchResult(ids=ids, scores=scores, exact_rows=exact_rows, short_rows=short_rows)
@@ -397,7 +316,7 @@ class Index(ABC):
     def exact_search(self, queries: Any, k: int, filter: Filter | None = None) -> SearchResult:
         """Brute force over the same qualifying items: the ground truth for recall, on any backend."""
         q = as_vectors(queries, self.dim, "queries")
-        mask = self._mask_for(filter)
+        mask = self.mask_for(filter)
         if (self._ids.n if mask is None else mask.count) == 0:
             ids, scores = padded(len(q), int(k))
             return SearchResult(ids=ids, scores=scores)
@@ -406,67 +325,67 @@ class Index(ABC):
         ids[slots < 0] = -1
         return SearchResult(ids=ids, scores=scores)
 
-    # ---- shared machinery ----------------------------------------------------------------------
-    def _run_path(
-        self, q: np.ndarray, k: int, p: dict[str, Any], mask: Mask | None, path: str | None
-    ) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """One search along a planned path (None: unmasked, or the backend's own choice); returns
-        (slots, scores, exact_rows, short_rows). Rows the library leaves short go exact."""
-        n_qual = self._ids.n if mask is None else mask.count
-        if n_qual <= k or path == "exact":
-            slots, scores = self._exact(q, k, mask)
-            return slots, scores, len(q), 0
-        if mask is not None:
-            p = {**p, "filter_path": path or "auto"}
-        slots, scores = self._search(q, k, p, mask)
-        short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
-        n_short = int(short.sum())
-        if n_short:
-            log.debug(
-                "%s: %d of %d rows short of k=%d; exact fallback over %d items", self.kind, n_short, len(q), k, n_qual
-            )
-            slots[short], scores[short] = self._exact(q[short], k, mask)
-        return slots, scores, n_short, n_short
+    # ---- slot hooks: what the filter planner, partitions and backends read ---------------------------
+    @property
+    def slot_ids(self) -> np.ndarray:
+        """The item id of each slot, dead slots included (a view: do not write)."""
+        return self._ids.data
 
-    def _merge_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        known = {*COMMON_SEARCH, *self.default_search}
-        unknown = set(params) - known
-        if unknown:
-            raise BadRequest(
-                f"search params {sorted(unknown)} are not understood by the {self.kind} index; it takes {sorted(known)}"
-            )
-        if "filter_path" in params:
-            filter_plan.check_path(params["filter_path"])
-            if params["filter_path"] == "partition" and "partition" not in self.filter_paths:
-                raise BadRequest(
-                    f"filter_path 'partition': this {self.kind} index has no partitions (build it "
-                    "with partition_by=ATTRIBUTE)"
-                )
-        if "filter_plan" in params:
-            filter_plan.check_table(params["filter_plan"])
-        return {**self.search_defaults, **params}
+    @property
+    def slot_categories(self) -> np.ndarray:
+        """The category code of each slot (-1: none; a view: do not write)."""
+        return self._cats.data
 
-    def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
-        """Brute force over the qualifying slots (all slots when mask is None)."""
-        vecs = self._vectors()
-        if mask is None:
-            return topk_blocked(q, k, lambda b: inner_products(b, vecs), len(vecs))
-        if len(q) <= BY_INDEX_ROWS and vecs.dtype == np.float32 and vecs.flags.c_contiguous:
-            return topk_rows(inner_products_at(q, vecs, mask.idx), k, labels=mask.idx)
-        if mask.count * 4 > len(mask.bits):
-            # Most slots qualify: score them all and exclude the rest, rather than gather the
-            # qualifying vectors (at 1M items a 0.5 GB copy per call, e.g. in a bundle's validation).
-            def masked(b: np.ndarray) -> np.ndarray:
-                scores = inner_products(b, vecs)
-                scores[:, ~mask.bits] = -np.inf
-                return scores
+    @property
+    def slot_alive(self) -> np.ndarray:
+        """Per slot: not removed or replaced (a view: do not write)."""
+        return self._alive.data
 
-            return topk_blocked(q, k, masked, len(vecs))
-        idx = mask.idx
-        qualifying = vecs[idx]
-        return topk_blocked(q, k, lambda b: inner_products(b, qualifying), len(idx), labels=idx)
+    @property
+    def slot_returnable(self) -> np.ndarray:
+        """Per slot: alive and available, so a search may return it (a view: do not write)."""
+        return self._ok.data
 
-    def _mask_for(self, filter: Filter | None) -> Mask | None:
+    @property
+    def slot_attributes(self) -> dict[str, np.ndarray]:
+        """{filter attribute: int32 code per slot (-1: no value)} (views: do not write)."""
+        return {name: table.data for name, table in self._attrs.items()}
+
+    def slots_of(self, ids: Any) -> np.ndarray:
+        """Live slots of the given ids, sorted and unique (unknown ids skipped)."""
+        ids = np.atleast_1d(np.asarray(ids))
+        if not np.issubdtype(ids.dtype, np.integer) and len(ids):
+            raise BadRequest(f"ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        pos = np.searchsorted(self._sorted_ids, ids)
+        pos = np.minimum(pos, max(len(self._sorted_ids) - 1, 0))
+        if not len(self._sorted_ids):
+            return np.empty(0, np.int64)
+        hit = self._sorted_ids[pos] == ids
+        return np.unique(self._sorted_slots[pos[hit]])
+
+    def aligned_slots(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(found: bool per id, the live slot of each found id, in the ids' order)."""
+        ids = np.atleast_1d(np.asarray(ids, np.int64))
+        if not len(self._sorted_ids) or not len(ids):
+            return np.zeros(len(ids), bool), np.empty(0, np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        hit = self._sorted_ids[pos] == ids
+        return hit, self._sorted_slots[pos[hit]]
+
+    def vectors_of_slots(self, slots: np.ndarray) -> np.ndarray:
+        """The stored vectors of `slots`, [len(slots), dim] (a copy)."""
+        vectors: np.ndarray = self._vectors()[slots]
+        return vectors
+
+    def slot_table_bytes(self, allocated: bool = False) -> int:
+        """Bytes of the slot tables (ids, categories, flags, attributes) and the id -> slot lookup: in use,
+        or `allocated` (the growable tables keep spare capacity)."""
+        tables = (self._ids, self._cats, self._alive, self._avail, self._ok, *self._attrs.values())
+        used = sum(t.allocated_bytes if allocated else t.data.nbytes for t in tables)
+        return int(used + self._sorted_ids.nbytes + self._sorted_slots.nbytes)
+
+    def mask_for(self, filter: Filter | None) -> Mask | None:
         """The slots a search may return, or None when every slot may be (the lean hot path)."""
         if filter is not None and filter.empty:
             filter = None
@@ -494,6 +413,82 @@ class Index(ABC):
                     bits = bits & np.isin(table.data, np.fromiter(codes, np.int64, len(codes)))
             mask = self._masks[key] = Mask(bits=bits, count=int(bits.sum()))
         return mask
+
+    def run_path(
+        self, q: np.ndarray, k: int, p: dict[str, Any], mask: Mask | None, path: str | None
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """One search along a planned path (None: unmasked, or the backend's own choice); returns
+        (slots, scores, exact_rows, short_rows). Rows the library leaves short go exact."""
+        n_qual = self._ids.n if mask is None else mask.count
+        if n_qual <= k or path == "exact":
+            slots, scores = self._exact(q, k, mask)
+            return slots, scores, len(q), 0
+        if mask is not None:
+            p = {**p, "filter_path": path or "auto"}
+        slots, scores = self._search(q, k, p, mask)
+        short = slots[:, k - 1] < 0  # at least k qualify, so a short row is the library's shortfall
+        n_short = int(short.sum())
+        if n_short:
+            log.debug(
+                "%s: %d of %d rows short of k=%d; exact fallback over %d items", self.kind, n_short, len(q), k, n_qual
+            )
+            slots[short], scores[short] = self._exact(q[short], k, mask)
+        return slots, scores, n_short, n_short
+
+    def exact_search_slots(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the qualifying slots (all slots when mask is None): (slots, scores), -1 padded.
+        `_exact` is the backend's hook; this is how other modules call it."""
+        return self._exact(q, k, mask)
+
+    def library_search_slots(
+        self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The library's own search (no planning, no exact fallback): (slots, scores), -1 where it found
+        fewer. `_search` is the backend's hook; this is how other modules call it."""
+        return self._search(q, k, params, mask)
+
+    def partition_info(self) -> dict[str, Any] | None:
+        """A backend with per-value partitions (the planner's "partition" path) describes them; None: none."""
+        return None
+
+    # ---- shared machinery ----------------------------------------------------------------------
+    def _merge_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        known = {*COMMON_SEARCH, *self.default_search}
+        unknown = set(params) - known
+        if unknown:
+            raise BadRequest(
+                f"search params {sorted(unknown)} are not understood by the {self.kind} index; it takes {sorted(known)}"
+            )
+        if "filter_path" in params:
+            path_choice.check_path(params["filter_path"])
+            if params["filter_path"] == "partition" and "partition" not in self.filter_paths:
+                raise BadRequest(
+                    f"filter_path 'partition': this {self.kind} index has no partitions (build it "
+                    "with partition_by=ATTRIBUTE)"
+                )
+        if "filter_plan" in params:
+            path_choice.check_table(params["filter_plan"])
+        return {**self.search_defaults, **params}
+
+    def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the qualifying slots (all slots when mask is None)."""
+        vecs = self._vectors()
+        if mask is None:
+            return topk_blocked(q, k, lambda b: inner_products(b, vecs), len(vecs))
+        if len(q) <= BY_INDEX_ROWS and vecs.dtype == np.float32 and vecs.flags.c_contiguous:
+            return topk_rows(inner_products_at(q, vecs, mask.idx), k, labels=mask.idx)
+        if mask.count * 4 > len(mask.bits):
+            # Most slots qualify: score them all and exclude the rest, rather than gather the
+            # qualifying vectors (at 1M items a 0.5 GB copy per call, e.g. in a bundle's validation).
+            def masked(b: np.ndarray) -> np.ndarray:
+                scores = inner_products(b, vecs)
+                scores[:, ~mask.bits] = -np.inf
+                return scores
+
+            return topk_blocked(q, k, masked, len(vecs))
+        idx = mask.idx
+        qualifying = vecs[idx]
+        return topk_blocked(q, k, lambda b: inner_products(b, qualifying), len(idx), labels=idx)
 
     def _insert(
         self,
@@ -523,7 +518,7 @@ class Index(ABC):
         attrs = self._check_attributes(attributes, n)
         if n == 0:
             return
-        old = self._slots_of(ids)
+        old = self.slots_of(ids)
         first = self._ids.n
         self._add_vectors(v, first, build)  # the library first: if it fails, the tables stay consistent
         if len(old):  # upsert: the old slots die
@@ -566,19 +561,6 @@ class Index(ABC):
             out[name] = a.astype(np.int32)
         return out
 
-    def _slots_of(self, ids: Any) -> np.ndarray:
-        """Live slots of the given ids (unknown ids skipped)."""
-        ids = np.atleast_1d(np.asarray(ids))
-        if not np.issubdtype(ids.dtype, np.integer) and len(ids):
-            raise BadRequest(f"ids must be integers, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64)
-        pos = np.searchsorted(self._sorted_ids, ids)
-        pos = np.minimum(pos, max(len(self._sorted_ids) - 1, 0))
-        if not len(self._sorted_ids):
-            return np.empty(0, np.int64)
-        hit = self._sorted_ids[pos] == ids
-        return np.unique(self._sorted_slots[pos[hit]])
-
     def _drop_keys(self, slots: np.ndarray) -> None:
         keep = ~np.isin(self._sorted_slots, slots)
         self._sorted_ids = self._sorted_ids[keep]
@@ -593,9 +575,9 @@ class Index(ABC):
         self._gen += 1
 
     # ---- persistence ---------------------------------------------------------------------------
-    def _load_vectors(self, directory: Path, name: str) -> Growable:
-        """A backend's saved full vectors, memory-mapped (copied into memory only if items are added),
-        checked against the slot count and dim of the manifest."""
+    def load_saved_vectors(self, directory: Path, name: str) -> Growable:
+        """A backend's saved full vectors (for its `_load_backend`), memory-mapped (copied into memory
+        only if items are added), checked against the slot count and dim of the manifest."""
         vecs = load_npy(directory / name, mmap=True)
         if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
             raise ArtifactError(
@@ -633,7 +615,7 @@ class Index(ABC):
         }
 
     @classmethod
-    def load(cls, directory: Path, manifest: dict[str, Any]) -> Index:
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> Self:
         """Rebuild an index from `save`'s files; checksums are checked by the snapshot layer."""
         directory = Path(directory)
         try:
@@ -644,7 +626,7 @@ class Index(ABC):
             n = int(manifest["slots"])
             state = manifest["backend_state"]
             attr_names = [str(a) for a in manifest.get("attributes") or []]
-            filter_plan.check_table(index.search_defaults["filter_plan"])
+            path_choice.check_table(index.search_defaults["filter_plan"])
         except (KeyError, TypeError, ValueError, BadRequest) as e:
             raise ArtifactError(f"{directory}: index manifest is missing or has a bad field ({e})") from e
         bad = [a for a in attr_names if not ATTRIBUTE_NAME.match(a)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import SHARDED, backend_class, create
-from towerann.index.base import COMMON_SEARCH, Index
+from towerann.index.protocol import COMMON_SEARCH, Index
 from towerann.index.tune import Timer, tune
 
 log = logging.getLogger(__name__)

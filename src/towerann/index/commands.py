@@ -15,8 +15,18 @@ from towerann.index import KINDS, SHARDED
 from towerann.index.build import AUTO_HELP, Tuning, build_index
 from towerann.index.snapshot import current_version, list_versions, publish, read_checked_manifest, resolve, rollback
 
+# Tuning queries come from a file: the model package makes them (index/ never loads a model).
+NEEDS_QUERIES = (
+    "--recall needs user-tower queries: --queries FILE "
+    "(make one with `towerann model queries --data DIR --model DIR --out q.npy`)"
+)
+QUERIES_HELP = (
+    "user-tower query vectors (.npy, float32 [m, dim]) for tuning; "
+    "`towerann model queries --data DIR --model DIR --out q.npy` writes them"
+)
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("index", help="ANN index: build + publish snapshots, roll back, inspect")
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
@@ -58,15 +68,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--recall",
         type=float,
         default=None,
-        help="tune search params to this recall@k on user-tower queries (e.g. 0.95); "
-        "give --queries, or --data with --model",
+        help="tune search params to this recall@k on user-tower queries (e.g. 0.95); give --queries",
     )
     b.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
-    b.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim]) for tuning")
-    b.add_argument(
-        "--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)"
-    )
-    b.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
+    b.add_argument("--queries", default=None, help=QUERIES_HELP)
     b.add_argument(
         "--param",
         action="append",
@@ -84,11 +89,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("root", help="snapshot root (e.g. indexes/); its CURRENT version is re-tuned")
     t.add_argument("--recall", type=float, required=True, help="recall@k target on the tuning queries")
     t.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
-    t.add_argument("--queries", default=None, help="user-tower query vectors (.npy, float32 [m, dim])")
-    t.add_argument(
-        "--data", default=None, help="dataset directory: tune on its held-out users' queries (needs --model)"
-    )
-    t.add_argument("--model", default=None, help="model directory whose user tower makes the --data queries")
+    t.add_argument("--queries", default=None, help=QUERIES_HELP)
     t.add_argument(
         "--calibrate-filters",
         action=argparse.BooleanOptionalAction,
@@ -124,16 +125,8 @@ def run_build(args: argparse.Namespace) -> int:
     """`index build`."""
     from towerann.data.vectors_dir import read_vectors
 
-    if (args.data is None) != (args.model is None):
-        raise ConfigError(
-            "--data and --model go together: the model's user tower turns the dataset's held-out "
-            "users into tuning queries"
-        )
-    if args.recall is not None and args.queries is None and args.data is None and args.kind != "exact":
-        raise ConfigError(
-            "--recall needs user-tower queries (--queries FILE, or --data DIR --model DIR): "
-            "tuning on item vectors overestimates recall"
-        )
+    if args.recall is not None and args.queries is None and args.kind != "exact":
+        raise ConfigError(NEEDS_QUERIES)  # tuning on item vectors would overestimate recall
     t0 = time.perf_counter()
     if Path(args.vectors).is_file():
         from towerann.data.external_vectors import import_vectors
@@ -160,8 +153,6 @@ def run_build(args: argparse.Namespace) -> int:
     params = _kind_params(args)
     vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
-    if queries is None and args.data is not None:
-        queries = _dataset_queries(args.model, args.data, vs.model_version)
     recall = args.recall if args.recall is not None else 0.95 if args.kind == "auto" else None
     tuning = Tuning(queries, args.k, recall) if recall is not None and queries is not None else None
     t_build = time.perf_counter()
@@ -211,19 +202,6 @@ def _kind_params(args: argparse.Namespace) -> dict[str, Any]:
     return {"shards": args.shards, "backend": args.shard_kind or "hnsw", **params}
 
 
-def _dataset_queries(model_dir: str, data: str, vectors_model_version: str) -> Any:
-    from towerann.model.evaluate import heldout_user_queries
-    from towerann.model.model import TwoTowerModel
-
-    model = TwoTowerModel.load(model_dir)
-    if model.version != vectors_model_version:
-        raise ConfigError(
-            f"--model {model_dir} is {model.version!r} but the vectors come from "
-            f"{vectors_model_version!r}; tune with the model that embedded them"
-        )
-    return heldout_user_queries(model, data)
-
-
 def _tune(args: argparse.Namespace) -> int:
     from towerann.index.retune import retune
 
@@ -232,14 +210,9 @@ def _tune(args: argparse.Namespace) -> int:
             f"{args.root}: index tune does not re-tune a {SHARDED} snapshot yet; rebuild it with "
             "`index build --kind sharded --recall ...` (tuning there sets every shard's search params)"
         )
-    if args.queries:
-        queries = load_npy(args.queries)
-    elif args.data and args.model:
-        queries = _dataset_queries(
-            args.model, args.data, read_checked_manifest(resolve(args.root), verify=False)["model_version"]
-        )
-    else:
-        raise ConfigError("index tune needs tuning queries: --queries FILE.npy, or --data DIR with --model DIR")
+    if not args.queries:
+        raise ConfigError(NEEDS_QUERIES)
+    queries = load_npy(args.queries)
     path, t = retune(args.root, queries, args.k, args.recall, keep=args.keep, calibrate_filters=args.calibrate_filters)
     speed = f", p50 {t['p50_ms']:.3f} ms" if t.get("p50_ms") else ""
     print(

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from towerann.artifacts import save_npy
-from towerann.index.base import Growable, Index, Mask, inner_products
+from towerann.index.base import Growable, Mask, SlotIndex, inner_products
 from towerann.index.merge import topk_rows
 
 # Queries scored per matmul block, so a large batch never materialises a huge [m, n] matrix.
 BLOCK_ROWS = 256
 
 
-class ExactIndex(Index):
+class ExactIndex(SlotIndex):
     kind = "exact"
-    default_search: dict[str, Any] = {}
-    filter_paths = ("exact",)  # its library search is brute force too
+    default_search: ClassVar[dict[str, Any]] = {}
+    filter_paths: tuple[str, ...] = ("exact",)  # its library search is brute force too
 
     def __init__(self, dim: int, metric: str = "ip"):
         super().__init__(dim, metric)
@@ -56,4 +56,4 @@ class ExactIndex(Index):
         return {"vectors": "vectors.npy"}
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        self._vecs = self._load_vectors(directory, state["vectors"])
+        self._vecs = self.load_saved_vectors(directory, state["vectors"])

@@ -1,5 +1,9 @@
 """The filter planner: which path one masked search takes, from the mask's exact count and a measured table.
 
+The rule a search applies (`choose`) and the table's format (`check_table`) live in
+`towerann.index.path_choice`, below the slot base class; they are re-exported here. This module
+measures the table (`calibrate`) by searching an index along each path.
+
 Four paths (a backend lists the ones it has in `Index.filter_paths`):
   exact     brute force over the qualifying items: exact, its cost grows with their count
   filtered  the library's own filtered search, widened as the mask narrows (HNSW: a bitmap
@@ -23,18 +27,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from towerann.errors import BadRequest
-
-if TYPE_CHECKING:
-    from towerann.index.base import Index, Mask
+from towerann.errors import ConfigError
+from towerann.index.base import Mask, SlotIndex
+from towerann.index.path_choice import PATHS as PATHS
+from towerann.index.path_choice import check_path as check_path
+from towerann.index.path_choice import check_table as check_table
+from towerann.index.path_choice import choose as choose
+from towerann.index.protocol import Index, as_vectors
+from towerann.index.recall import recall_at_k
+from towerann.index.recall import recall_standard_error as recall_standard_error
 
 log = logging.getLogger(__name__)
 
-PATHS = ("exact", "filtered", "post", "partition")
 # Shares of the catalog a calibration measures (the plan's rows sit between them, geometrically).
 # 0.95 stands for an unfiltered search with a few hidden items (any hidden item makes a mask): measured
 # at 0.6 alone, the top row once said exact for IVF-PQ at k=1000, a brute force over the whole catalog.
@@ -51,50 +60,6 @@ RECALL_SE_TOLERANCE = 2.0
 # walk of each of the PARTITION_PROBES biggest partitions alone holds the recall floor.
 PARTITION_EF_SCALES = (0.125, 0.25, 0.5, 1.0)
 PARTITION_PROBES = 3
-
-
-def check_path(path: Any) -> str:
-    if path != "auto" and path not in PATHS:
-        raise BadRequest(f"filter_path must be 'auto' or one of {', '.join(PATHS)}, got {path!r}")
-    return path
-
-
-def check_table(table: Any) -> list[list[Any]]:
-    """A filter_plan as stored in JSON: rows [k (int >= 1), max_share (0..1], path]."""
-    if not isinstance(table, list):
-        raise BadRequest(f"filter_plan must be a list of [k, max_share, path] rows, got {type(table).__name__}")
-    for row in table:
-        ok = (
-            isinstance(row, (list, tuple))
-            and len(row) == 3
-            and isinstance(row[0], int)
-            and row[0] >= 1
-            and isinstance(row[1], (int, float))
-            and 0 < row[1] <= 1
-            and row[2] in PATHS
-        )
-        if not ok:
-            raise BadRequest(f"filter_plan row {row!r}: expected [k >= 1, 0 < max_share <= 1, one of {PATHS}]")
-    return table
-
-
-def choose(n_qual: int, n_slots: int, k: int, params: dict[str, Any]) -> str | None:
-    """The path for a masked search keeping n_qual of n_slots slots; None: the backend's own choice."""
-    forced = params.get("filter_path", "auto")
-    if n_qual <= k:
-        return "exact"
-    if forced != "auto":
-        return forced
-    if n_qual <= int(params.get("exact_below", 0)):
-        return "exact"
-    table = params.get("filter_plan")
-    if not table:
-        return None
-    ks = sorted({row[0] for row in table})
-    at = next((x for x in ks if x >= k), ks[-1])
-    share = n_qual / max(n_slots, 1)
-    rows = [row for row in table if row[0] == at]
-    return next((row[2] for row in rows if share <= row[1]), rows[-1][2])
 
 
 def derive(points: list[dict[str, Any]], k: int, target: float) -> list[list[Any]]:
@@ -140,16 +105,14 @@ def categories_for_share(cats: np.ndarray, share: float, rng: np.random.Generato
     return chosen, total
 
 
-def share_mask(index: Index, share: float, rng: np.random.Generator) -> Mask:
+def share_mask(index: SlotIndex, share: float, rng: np.random.Generator) -> Mask:
     """A mask keeping about `share` of the slots, made of whole categories in a random order when the
     index has them (real filters follow categories, and categories follow the vectors' clusters: the
     hard case for graph search), topped up with random items when the categories cannot reach it."""
-    from towerann.index.base import Mask
-
-    ok = index._ok.data
+    ok = index.slot_returnable
     want = max(1, int(round(share * len(ok))))
-    chosen, _ = categories_for_share(np.where(ok, index._cats.data, -1), share, rng)
-    keep = np.isin(index._cats.data, chosen) & ok
+    chosen, _ = categories_for_share(np.where(ok, index.slot_categories, -1), share, rng)
+    keep = np.isin(index.slot_categories, chosen) & ok
     short = want - int(keep.sum())
     if short > 0.1 * want:  # few categories, or all too big: random items make up the rest
         free = np.flatnonzero(ok & ~keep)
@@ -157,16 +120,8 @@ def share_mask(index: Index, share: float, rng: np.random.Generator) -> Mask:
     return Mask(bits=keep, count=int(keep.sum()))
 
 
-def recall_standard_error(found: np.ndarray, truth: np.ndarray) -> float:
-    """Standard error of the mean recall over the query rows (rows with no truth skipped)."""
-    per_query = [
-        len(np.intersect1d(f[f >= 0], t[t >= 0])) / (t >= 0).sum() for f, t in zip(found, truth) if (t >= 0).any()
-    ]
-    return float(np.std(per_query, ddof=1) / np.sqrt(len(per_query))) if len(per_query) > 1 else 0.0
-
-
 def measure(
-    index: Index,
+    index: SlotIndex,
     queries: np.ndarray,
     k: int,
     shares: tuple[float, ...] = SHARES,
@@ -177,8 +132,6 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Recall@k (vs exact search over the same mask) and one-query p50/p99 ms of each path at each
     share of the catalog; `params` are search params over the index's defaults."""
-    from towerann.index.tune import recall_at_k
-
     rng = np.random.default_rng(seed)
     p = {**index.search_defaults, **(params or {})}
     points = []
@@ -186,10 +139,14 @@ def measure(
         mask = share_mask(index, share, rng)
         if mask.count == 0:
             continue
-        truth, _ = index._exact(queries, k, mask)
+        truth, _ = index.exact_search_slots(queries, k, mask)
         # at most k kept: every path is the exact one (plan.choose), so only that one is measured
         todo = ("exact",) if mask.count <= k else (paths or index.filter_paths)
-        runs = {path: (lambda q, path=path: index._run_path(q, k, p, mask, path)[0]) for path in todo}
+
+        def along(path: str, mask: Mask) -> Callable[[np.ndarray], np.ndarray]:
+            return lambda q: index.run_path(q, k, p, mask, path)[0]
+
+        runs = {path: along(path, mask) for path in todo}
         ms = time_paths(runs, queries[:n_time])
         for path, run in runs.items():
             p50, p99 = np.percentile(ms[path], [50, 99])
@@ -210,48 +167,46 @@ def measure(
     return points
 
 
-def partition_ef_scale(index: Index, queries: np.ndarray, k: int, floor: float) -> float:
+def partition_ef_scale(index: SlotIndex, queries: np.ndarray, k: int, floor: float) -> float:
     """The smallest PARTITION_EF_SCALES entry at which the partition path's recall@k holds `floor`
     on a filter of each of the biggest partitions' values (masks made of many small values are
     mostly scanned, and would pass any beam); 1.0 when none does."""
-    from towerann.index.base import Mask
-    from towerann.index.tune import recall_at_k
-
-    info = index.partition_info()  # type: ignore[attr-defined]  # only indexes with the partition path
+    info = index.partition_info()
+    if info is None:
+        raise ConfigError(f"{index.describe()} has no partitions (build it with partition_by=ATTRIBUTE)")
     biggest = sorted(zip(info["sizes"], info["values"]), reverse=True)[:PARTITION_PROBES]
-    ok = index._ok.data
-    table = index._cats.data if info["by"] == "category" else index._attrs[info["by"]].data
+    ok = index.slot_returnable
+    table = index.slot_categories if info["by"] == "category" else index.slot_attributes[info["by"]]
     masks = [Mask(bits=b, count=int(b.sum())) for b in (ok & (table == value) for _, value in biggest)]
     masks = [m for m in masks if m.count > k]
-    truths = [index._exact(queries, k, m)[0] for m in masks]
+    truths = [index.exact_search_slots(queries, k, m)[0] for m in masks]
     for scale in PARTITION_EF_SCALES:
         p = {**index.search_defaults, "partition_ef_scale": scale}
-        got = [recall_at_k(index._run_path(queries, k, p, m, "partition")[0], t) for m, t in zip(masks, truths)]
+        got = [recall_at_k(index.run_path(queries, k, p, m, "partition")[0], t) for m, t in zip(masks, truths)]
         log.info("partition beam at %.3f x ef=%s, k=%d: recall %s", scale, p.get("ef"), k, [round(r, 4) for r in got])
         if all(r >= floor for r in got):
             return scale
     return 1.0
 
 
-def partition_walk_cost(index: Index, queries: np.ndarray, k: int, n_time: int = CALIBRATION_QUERIES) -> float:
+def partition_walk_cost(index: SlotIndex, queries: np.ndarray, k: int, n_time: int = CALIBRATION_QUERIES) -> float:
     """Rows a brute-force scan gets through in the time one partition walk spends per unit of its
     beam, timed on the biggest partition (its walk against a scan of its items, in turns): the
     route walks a partition only where more of its items qualify than that times the beam."""
-    from towerann.index.base import Mask
-
-    parts = index._partitions  # type: ignore[attr-defined]  # only indexes with the partition path
+    parts = index.partitions  # type: ignore[attr-defined]  # only indexes with the partition path
     sub = max(parts.subs, key=len)
-    slots = np.sort(sub._ids.data[sub._alive.data])
-    bits = np.zeros(index.n_slots, bool)
-    bits[slots] = True
-    scan = Mask(bits=bits, count=len(slots), _idx=slots)
+    slots = np.sort(sub.slot_ids[sub.slot_alive])
+    scan = Mask.from_slots(slots, index.n_slots)
     beam = parts.beam(k, index.search_defaults)
     p = {**index.search_defaults, "ef": beam, "filter_path": "auto", "filter_plan": [], "exact_below": 0}
     ms = time_paths(
-        {"walk": lambda row: sub._search(row, k, p, None), "scan": lambda row: index._exact(row, k, scan)},
+        {
+            "walk": lambda row: sub.library_search_slots(row, k, p, None),
+            "scan": lambda row: index.exact_search_slots(row, k, scan),
+        },
         queries[:n_time],
     )
-    cost = len(slots) * float(np.median(ms["walk"]) / np.median(ms["scan"])) / beam
+    cost = float(len(slots) * float(np.median(ms["walk"]) / np.median(ms["scan"])) / beam)
     log.info(
         "partition walk at ef=%d, k=%d: %.2f ms, a scan of its %d items %.2f ms: %.1f rows per unit of beam",
         beam,
@@ -278,19 +233,20 @@ def calibrate(
     when its recall reaches `target`, or the index's own unfiltered recall at k less RECALL_SLACK
     when that is lower. An index with partitions first gets its partition beam (partition_ef_scale)
     and the measured cost of a walk (partition_walk_cost), the largest any k needs. Returns what
-    was measured."""
-    from towerann.index.base import as_vectors
-
+    was measured. Only a plain backend has a plan (a sharded index's shards plan with the defaults)."""
+    if not isinstance(index, SlotIndex):
+        raise ConfigError(
+            f"a filter plan is measured on a plain index, not on {index.describe()} "
+            "(its shards use the default thresholds)"
+        )
     q = as_vectors(queries, index.dim, "calibration queries")
     if len(q) > n_queries:
         q = q[np.sort(np.random.default_rng(seed).choice(len(q), n_queries, replace=False))]
     t0 = time.perf_counter()
-    from towerann.index.tune import recall_at_k
-
     points: list[dict[str, Any]] = []
     table: list[list[Any]] = []
     floors = {}
-    partitioned = "partition" in index.filter_paths and getattr(index, "partition_info", lambda: None)()
+    partitioned = "partition" in index.filter_paths and index.partition_info()
     scales, costs = {}, {}
     for k in ks:
         # An index tuned below the target unfiltered is held to its own unfiltered recall (less a
@@ -324,7 +280,7 @@ def calibrate(
     return result
 
 
-def time_paths(runs: dict[str, Any], q: np.ndarray) -> dict[str, np.ndarray]:
+def time_paths(runs: dict[str, Callable[[np.ndarray], Any]], q: np.ndarray) -> dict[str, np.ndarray]:
     """Milliseconds of one query at a time for each path, the paths taking turns on each query, so
     that a burst of load on a shared machine hits them alike."""
     out = {path: np.empty(len(q)) for path in runs}

@@ -44,15 +44,16 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import ArtifactError
-from towerann.index.base import Index, Mask, as_vectors, madvise_pages, release_pages
+from towerann.index.base import Mask, SlotIndex, madvise_pages, release_pages
 from towerann.index.merge import padded
+from towerann.index.protocol import as_vectors
 from towerann.index.value_partitions import DEFAULT_MIN_ITEMS, Partitions
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,13 @@ def huge_pages(buf: np.ndarray, collapse: bool) -> int:
     return madvise_pages(buf, HUGE_PAGE, (MADV_HUGEPAGE, MADV_COLLAPSE) if collapse else (MADV_HUGEPAGE,))
 
 
-class HNSWIndex(Index):
+class HNSWIndex(SlotIndex):
     kind = "hnsw"
     # partition_ef_scale: a partition's beam is ef times this (its graph is smaller than the whole one);
     # partition_walk_cost: rows a scan does in the time a walk spends per unit of beam (0: the default
     # estimate, index.value_partitions.WALK_ROWS_PER_EF); both measured by filter_plan.calibrate
-    default_search: dict[str, Any] = {"ef": 256, "partition_ef_scale": 1.0, "partition_walk_cost": 0}
-    filter_paths = ("exact", "filtered", "post")
+    default_search: ClassVar[dict[str, Any]] = {"ef": 256, "partition_ef_scale": 1.0, "partition_walk_cost": 0}
+    filter_paths: tuple[str, ...] = ("exact", "filtered", "post")
 
     def __init__(
         self,
@@ -166,7 +167,7 @@ class HNSWIndex(Index):
     def buffers(self) -> list[np.ndarray]:
         """Views of the big C++ buffers (vectors, graph): what `release_memory` hands back."""
         storage = faiss.downcast_index(self._ix.storage)
-        vecs = [getattr(storage, "codes", None), self._ix.hnsw.neighbors]
+        vecs = [getattr(storage, "codes", None), self._ix.hnsw.neighbors]  # type: ignore[attr-defined]
         return [faiss.rev_swig_ptr(v.data(), v.size()) for v in vecs if v is not None and v.size()]
 
     def release_memory(self) -> int:
@@ -176,6 +177,11 @@ class HNSWIndex(Index):
         return sum(release_pages(buf) for buf in self.buffers()) + sum(sub.release_memory() for sub in subs)
 
     # ---- partitions: kept in step with every change of the slot tables -------------------------
+    @property
+    def partitions(self) -> Partitions | None:
+        """The per-value sub-indexes (build param partition_by), or None without them."""
+        return self._partitions
+
     def _insert(
         self,
         vectors: Any,
@@ -187,7 +193,7 @@ class HNSWIndex(Index):
     ) -> None:
         if self._partitions is None:
             return super()._insert(vectors, ids, categories, available, build, attributes)
-        replaced = self._slots_of(np.asarray(ids)) if np.ndim(ids) == 1 and len(self._sorted_ids) else None
+        replaced = self.slots_of(np.asarray(ids)) if np.ndim(ids) == 1 and len(self) else None
         first = self.n_slots
         super()._insert(vectors, ids, categories, available, build, attributes)
         if replaced is not None and len(replaced):
@@ -197,12 +203,12 @@ class HNSWIndex(Index):
     def set_attributes(self, ids: Any, attributes: Mapping[str, Any]) -> None:
         super().set_attributes(ids, attributes)
         if self._partitions is not None and self._partitions.by in attributes:
-            self._partitions.sync(self._aligned_slots(ids)[1])
+            self._partitions.sync(self.aligned_slots(ids)[1])
 
     def remove(self, ids: Any) -> None:
-        slots = self._slots_of(ids) if self._partitions is not None else None
+        slots = self.slots_of(ids) if self._partitions is not None else None
         super().remove(ids)
-        if slots is not None and len(slots):
+        if self._partitions is not None and slots is not None and len(slots):
             self._partitions.forget(slots)
 
     def partition_info(self) -> dict[str, Any] | None:
@@ -234,7 +240,9 @@ class HNSWIndex(Index):
         if n == 0:
             return np.empty((0, self.dim), np.float32)
         storage = faiss.downcast_index(self._ix.storage)
-        return faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)  # no copy
+        xb = storage.get_xb()  # type: ignore[attr-defined]  # IndexFlat's, once downcast
+        vectors: np.ndarray = faiss.rev_swig_ptr(xb, n * self.dim).reshape(n, self.dim)  # no copy
+        return vectors
 
     def _search(
         self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
@@ -252,7 +260,7 @@ class HNSWIndex(Index):
                 return self._partitions.search(q, k, params, mask)
             if path == "partition":  # a filter on another attribute: it would walk every partition
                 log.debug("hnsw: mask not aligned with the %s partitions; brute force", self._partitions.by)
-                return self._exact(q, k, mask)
+                return self.exact_search_slots(q, k, mask)
         if path == "partition":  # a filter_plan row naming partitions this index lacks (a forced
             path = "auto"  # filter_path is refused in _merge_params): its own choice
         if path == "filtered" or (path == "auto" and mask.count < POST_FILTER_SHARE * len(mask.bits)):
@@ -280,7 +288,7 @@ class HNSWIndex(Index):
         so its cost grows as ef^2 (2.1x the unbounded queue's at ef=4000, module docstring); the
         unbounded queue (binary heaps, hnswlib's algorithm) ignores a selector, so a mask needs
         the bounded one."""
-        p = faiss.SearchParametersHNSW()
+        p = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
         p.efSearch = ef
         if mask is None:
             p.bounded_queue = False
@@ -301,14 +309,15 @@ class HNSWIndex(Index):
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
         path = directory / state["file"]
         try:
-            self._ix = faiss.read_index(str(path))
+            ix = faiss.read_index(str(path))
         except RuntimeError as e:
             raise ArtifactError(f"{path}: not a readable faiss index ({e})") from e
-        if not isinstance(self._ix, faiss.IndexHNSWFlat) or self._ix.ntotal != self.n_slots or self._ix.d != self.dim:
+        if not isinstance(ix, faiss.IndexHNSWFlat) or ix.ntotal != self.n_slots or ix.d != self.dim:
             raise ArtifactError(
-                f"{path}: holds {type(self._ix).__name__} with {self._ix.ntotal} vectors of dim "
-                f"{self._ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}"
+                f"{path}: holds {type(ix).__name__} with {ix.ntotal} vectors of dim "
+                f"{ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}"
             )
+        self._ix = ix
         self._huge_pages(collapse=True)
         if self._partitions is not None:
             self._partitions.load(directory, state.get("partitions"))

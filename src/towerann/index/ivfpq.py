@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import faiss
 import numpy as np
 
 from towerann.errors import ArtifactError, ConfigError
-from towerann.index.base import Index, Mask
+from towerann.index.base import Mask, SlotIndex
 from towerann.index.merge import topk_rows
 from towerann.index.vecfile import RerankVectors, save_rows
 
@@ -41,9 +41,9 @@ def default_pq_m(dim: int) -> int:
     return max(m for m in range(1, want + 1) if dim % m == 0)
 
 
-class IVFPQIndex(Index):
+class IVFPQIndex(SlotIndex):
     kind = "ivfpq"
-    default_search: dict[str, Any] = {"nprobe": 32, "rerank": 1000}
+    default_search: ClassVar[dict[str, Any]] = {"nprobe": 32, "rerank": 1000}
 
     def __init__(
         self,
@@ -136,7 +136,7 @@ class IVFPQIndex(Index):
         sample = vectors if m >= n else vectors[np.sort(np.random.default_rng(p["seed"]).choice(n, m, replace=False))]
         log.info("ivfpq: training IVF%d,PQ%dx%d on %d of %d vectors", nlist, p["pq_m"], p["nbits"], len(sample), n)
         ix.train(np.ascontiguousarray(sample))
-        ix.quantizer_trains_alone = 0
+        ix.quantizer_trains_alone = 0  # type: ignore[assignment]  # a C++ char: the stub says str, SWIG takes 0
         self._ix = ix
 
     def _vectors(self) -> np.ndarray:
@@ -148,6 +148,12 @@ class IVFPQIndex(Index):
     def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         return self._vecs.exact_topk(q, k, None if mask is None else mask.bits)
 
+    @property
+    def rerank_vectors(self) -> RerankVectors:
+        """The full vectors re-ranking reads: the snapshot's file (mapped) or an array in RAM, and the
+        in-memory tier of items added since."""
+        return self._vecs
+
     def warm_vectors(self) -> bool:
         """Read the on-disk vectors into the page cache (benchmarks of the warm path); False if in RAM."""
         return self._vecs.warm()
@@ -156,7 +162,7 @@ class IVFPQIndex(Index):
         """Drop the on-disk vectors from the page cache (benchmarks of the cold path); False if in RAM."""
         return self._vecs.evict()
 
-    def memory(self, as_loaded: bool = False) -> dict[str, int]:
+    def memory(self, as_loaded: bool = False) -> dict[str, float]:
         """Bytes this index holds in the process (resident) and leaves on disk, in total and per slot.
 
         Resident: faiss' codes and list ids, coarse and PQ centroids, the slot tables (ids, category,
@@ -174,15 +180,11 @@ class IVFPQIndex(Index):
                 + ix.pq.centroids.size() * 4
             )
         if as_loaded:  # tables at their exact sizes; vectors in the file unless read into RAM
-            tables = n * (8 + 4 + 1 + 1 + 1 + 4 * len(self._attrs)) + len(self) * 16
+            tables = n * (8 + 4 + 1 + 1 + 1 + 4 * len(self.attribute_names)) + len(self) * 16
             in_ram = self.build_params.get("rerank_from") == "memory"
             vectors, disk = (n * self.dim * 4, 0) if in_ram else (0, n * self.dim * 4)
         else:  # what is allocated now (growable tables have spare capacity)
-            tables = sum(
-                g._buf.nbytes
-                for g in (self._ids, self._cats, self._alive, self._avail, self._ok, *self._attrs.values())
-            )
-            tables += self._sorted_ids.nbytes + self._sorted_slots.nbytes
+            tables = self.slot_table_bytes(allocated=True)
             vectors, disk = self._vecs.resident_bytes(), self._vecs.disk_bytes()
         resident = faiss_bytes + tables + vectors
         per = max(n, 1)
@@ -227,18 +229,17 @@ class IVFPQIndex(Index):
         return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        vecs = self._load_vectors(directory, state["vectors"]).data  # memory-mapped, shape-checked
+        vecs = self.load_saved_vectors(directory, state["vectors"]).data  # memory-mapped, shape-checked
         if self.build_params.get("rerank_from") == "memory":
             vecs = np.array(vecs)  # read into RAM
         self._vecs = RerankVectors(vecs, directory / state["vectors"])
         if state.get("file"):
             path = directory / state["file"]
             try:
-                self._ix = faiss.read_index(str(path))
+                self._ix = ix = cast(faiss.IndexIVFPQ, faiss.read_index(str(path)))
             except RuntimeError as e:
                 raise ArtifactError(f"{path}: not a readable faiss index ({e})") from e
-            if self._ix.ntotal != self.n_slots or self._ix.d != self.dim:
+            if ix.ntotal != self.n_slots or ix.d != self.dim:
                 raise ArtifactError(
-                    f"{path}: {self._ix.ntotal} vectors of dim {self._ix.d}; "
-                    f"the manifest says {self.n_slots} x {self.dim}"
+                    f"{path}: {ix.ntotal} vectors of dim {ix.d}; the manifest says {self.n_slots} x {self.dim}"
                 )

@@ -41,7 +41,7 @@ def retune(
     index = load_snapshot(source)
     if index.kind == "exact":
         raise ConfigError(f"{source}: an exact index has no search settings to tune")
-    manifest = dict(index.manifest)
+    manifest = dict(index.manifest or {})  # load_snapshot always sets it
     # Settings the old tuning chose go; explicit settings given at build time (and exact_below) stay.
     for key in (index.tuning or {}).get("params", {}):
         index.search_defaults.pop(key, None)

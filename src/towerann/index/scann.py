@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from towerann.artifacts import save_npy
 from towerann.errors import ArtifactError, BackendUnavailable
-from towerann.index.base import Growable, Index, Mask, inner_products
+from towerann.index.base import Growable, Mask, SlotIndex, inner_products
 from towerann.index.merge import merge_topk, topk_rows
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,11 @@ def _scann() -> Any:
     return scann_ops_pybind
 
 
-class ScannIndex(Index):
+class ScannIndex(SlotIndex):
     kind = "scann"
-    default_search: dict[str, Any] = {"leaves": 0, "reorder": 0}  # 0: set from the catalog size at build
+    default_search: ClassVar[dict[str, Any]] = {"leaves": 0, "reorder": 0}  # 0: set from the catalog size at build
     # "filtered" searches more leaves as the mask narrows; "post" only over-fetches (both drop masked slots)
-    filter_paths = ("exact", "filtered", "post")
+    filter_paths: tuple[str, ...] = ("exact", "filtered", "post")
 
     def __init__(
         self,
@@ -213,7 +213,7 @@ class ScannIndex(Index):
         return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        self._vecs = self._load_vectors(directory, state["vectors"])
+        self._vecs = self.load_saved_vectors(directory, state["vectors"])
         self._n_main, self._leaves = int(state["n_main"]), int(state["leaves"])
         if state.get("scann_dir"):
             sdir = directory / state["scann_dir"]

@@ -9,14 +9,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from towerann.errors import ConfigError
-from towerann.index.base import Index
+from towerann.index.protocol import Index
 
 # Index methods that change a shard: a Ray shard set logs them, to replay onto a restarted worker
 # and onto the next version before it is switched in.
 WRITES = frozenset({"build", "add", "remove", "set_available", "set_attributes"})
 
 
-def apply(index: Index, method: str, args: tuple) -> Any:
+def apply(index: Index, method: str, args: tuple[Any, ...]) -> Any:
     """One shard-side call: an Index method, or "stats" (what the front needs to know of a shard)."""
     if method == "stats":
         return {"count": len(index), "slots": index.n_slots, "attributes": index.attribute_names}
@@ -28,13 +28,13 @@ class ShardSet(ABC):
 
     @abstractmethod
     def fan_out(
-        self, method: str, args: tuple, deadline_s: float | None = None
+        self, method: str, args: tuple[Any, ...], deadline_s: float | None = None
     ) -> tuple[dict[int, Any], tuple[int, ...], str | None]:
         """`Index.<method>(*args)` on every shard of one version: (result per shard that answered,
         shards left out, the version searched). A shard past `deadline_s` (seconds) is left out."""
 
     @abstractmethod
-    def call(self, method: str, args: Mapping[int, tuple]) -> dict[int, Any]:
+    def call(self, method: str, args: Mapping[int, tuple[Any, ...]]) -> dict[int, Any]:
         """`Index.<method>(*args[s])` on each named shard; every one must answer (a write is never partial)."""
 
     def local_indexes(self) -> list[Index] | None:
@@ -58,11 +58,11 @@ class LocalShards(ShardSet):
         self.version = version
 
     def fan_out(
-        self, method: str, args: tuple, deadline_s: float | None = None
+        self, method: str, args: tuple[Any, ...], deadline_s: float | None = None
     ) -> tuple[dict[int, Any], tuple[int, ...], str | None]:
         return {s: apply(ix, method, args) for s, ix in enumerate(self.indexes)}, (), self.version
 
-    def call(self, method: str, args: Mapping[int, tuple]) -> dict[int, Any]:
+    def call(self, method: str, args: Mapping[int, tuple[Any, ...]]) -> dict[int, Any]:
         return {s: apply(self.indexes[s], method, a) for s, a in args.items()}
 
     def local_indexes(self) -> list[Index] | None:

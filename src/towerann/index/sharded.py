@@ -1,5 +1,8 @@
 """`ShardedIndex`: an `Index` whose items are partitioned over S shards by id hash.
 
+It implements the `Index` contract (index.protocol) itself, holding no slots: every call is routed
+to the shards or fanned out and merged.
+
 A search sends the whole query batch to every shard at once (one call per shard), each shard
 answers its top-k under the filter (availability, categories, attributes all live in the shard),
 and the lists are merged by score (inner product: higher is better, `merge_topk`). Adds, removals,
@@ -25,8 +28,8 @@ import numpy as np
 from towerann.artifacts import load_npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError, ShardsUnavailable
 from towerann.index import SHARDED, backend_class, shard_hash
-from towerann.index.base import COMMON_SEARCH, Filter, Index, SearchResult, as_vectors
 from towerann.index.merge import merge_topk, padded
+from towerann.index.protocol import COMMON_SEARCH, Filter, Index, SearchResult, as_vectors
 from towerann.index.shard_backends import LocalShards, ShardSet
 from towerann.index.snapshot import read_checked_manifest, write_snapshot
 
@@ -44,7 +47,7 @@ def shard_dirs(n: int) -> list[str]:
 
 class ShardedIndex(Index):
     kind = KIND
-    filter_paths = ("exact", "filtered", "post")  # the shards plan their own paths
+    filter_paths: tuple[str, ...] = ("exact", "filtered", "post")  # the shards plan their own paths
 
     def __init__(self, dim: int, metric: str = "ip", shards: int = 2, backend: str = "exact", **backend_params: Any):
         n = shard_hash.check_shards(shards)
@@ -101,9 +104,9 @@ class ShardedIndex(Index):
     # ---- routing --------------------------------------------------------------------------------
     def _per_shard(
         self, ids: np.ndarray, *columns: Any, attributes: Mapping[str, Any] | None = None
-    ) -> dict[int, tuple]:
+    ) -> dict[int, tuple[Any, ...]]:
         """Per owning shard: (its ids, its rows of each column (None stays None), its attributes)."""
-        out: dict[int, tuple] = {}
+        out: dict[int, tuple[Any, ...]] = {}
         for s, rows in enumerate(shard_hash.split(ids, self.n_shards)):
             if not len(rows):
                 continue
@@ -116,7 +119,8 @@ class ShardedIndex(Index):
         ids = np.atleast_1d(np.asarray(ids))
         if len(ids) and not np.issubdtype(ids.dtype, np.integer):
             raise BadRequest(f"ids must be integers, got dtype {ids.dtype}")
-        return ids.astype(np.int64)
+        checked: np.ndarray = ids.astype(np.int64)
+        return checked
 
     def _insert_rows(
         self, method: str, vectors: Any, ids: Any, categories: Any, available: Any, attributes: Mapping[str, Any] | None
@@ -244,7 +248,7 @@ class ShardedIndex(Index):
         q = as_vectors(queries, self.dim, "queries")
         return self._merged("exact_search", (q, int(k), filter), len(q), int(k), None)
 
-    def _merged(self, method: str, args: tuple, m: int, k: int, deadline_s: float | None) -> SearchResult:
+    def _merged(self, method: str, args: tuple[Any, ...], m: int, k: int, deadline_s: float | None) -> SearchResult:
         answers, missing, version = self.shards.fan_out(method, args, deadline_s)
         if method == "search":
             self._note_missing(tuple(sorted(missing)))
@@ -286,21 +290,6 @@ class ShardedIndex(Index):
             log.warning("shard %d of %s answers again", s, self.describe())
 
     # ---- persistence ----------------------------------------------------------------------------
-    def _add_vectors(self, vectors: np.ndarray, first_slot: int, build: bool) -> None:
-        raise NotImplementedError("a sharded index stores no vectors itself")
-
-    def _search(self, q: np.ndarray, k: int, params: dict[str, Any], mask: Any) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError("a sharded index searches through its shards")
-
-    def _vectors(self) -> np.ndarray:
-        raise NotImplementedError("a sharded index stores no vectors itself")
-
-    def _save_backend(self, directory: Path) -> dict[str, Any]:
-        raise NotImplementedError("ShardedIndex.save writes its shards")
-
-    def _load_backend(self, directory: Path, manifest: dict[str, Any]) -> None:
-        raise NotImplementedError("ShardedIndex.load reads its shards")
-
     def save(self, directory: Path) -> dict[str, Any]:
         """One complete sub-snapshot per shard under `directory`; return the top manifest's fields."""
         indexes = self.shards.local_indexes()

@@ -19,7 +19,7 @@ from typing import Any
 
 from towerann.artifacts import MANIFEST, atomic_dir, fsync_path, read_manifest, sha256_file, write_manifest
 from towerann.errors import ArtifactError, IndexIncompatible
-from towerann.index.base import Index
+from towerann.index.protocol import Index
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ recall. (`towerann.index.build` decides the kind; this module only measures and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import BadRequest
-from towerann.index.base import Index, as_vectors
+from towerann.index.protocol import Index, as_vectors
+from towerann.index.recall import recall_at_k as recall_at_k  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +27,6 @@ LATENCY_QUERIES = 50  # one-query searches timed per setting
 
 
 TRUTH_SCORES = 1 << 26  # query x item scores of one ground-truth block (256 MB of float32)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over rows of |found ∩ truth| / |truth| (padding -1 ignored; rows with no truth skipped)."""
-    hits, total = 0, 0
-    for f, t in zip(found, truth):
-        t = t[t >= 0]
-        total += len(t)
-        hits += len(np.intersect1d(f[f >= 0], t, assume_unique=True))
-    return hits / total if total else 1.0
 
 
 @contextmanager
@@ -129,7 +121,8 @@ def tune(
         if res.exact_rows:
             point["refused"] = "rows fell back to exact search"
             continue
-        point["p50_ms"] = round(timer(index.kind, params, lambda x: index.search(x, k, params=params or None), q), 4)
+        search = functools.partial(index.search, k=k, params=params or None)
+        point["p50_ms"] = round(timer(index.kind, params, search, q), 4)
         log.info("tune %s: %s", index.kind, point)
         if point["p50_ms"] > exact_ms:
             point["refused"] = "slower than exact search"
@@ -141,7 +134,13 @@ def tune(
         if best is not None and point["p50_ms"] > 2 * best["p50_ms"]:
             break
     chosen = best or best_recall
-    result = {"k": k, "target": target_recall, "queries": len(q), "exact_p50_ms": round(exact_ms, 4), "curve": curve}
+    result: dict[str, Any] = {
+        "k": k,
+        "target": target_recall,
+        "queries": len(q),
+        "exact_p50_ms": round(exact_ms, 4),
+        "curve": curve,
+    }
     if chosen is None and all(p["exact_rows"] == 1 for p in curve):  # brute force answers every search
         log.warning(
             "tune %s: every search is answered by exact search at this size (%d items, masked); the "

@@ -8,7 +8,8 @@ items are scored by brute force over the host's own vectors, as the planner's ex
 
 Bookkeeping, all over the host's slots: `home[slot]` is the partition that indexes the slot under
 its current value (-1: none). A sub-index's ids *are* host slots. Availability needs no change here
-(the host's mask already drops hidden slots); an upsert adds the new slot to its value's partition; an attribute change moves the slot (out of the old value's partition, into the new one's); a
+(the host's mask already drops hidden slots); an upsert adds the new slot to its value's partition;
+an attribute change moves the slot (out of the old value's partition, into the new one's); a
 removal or replacement takes the dead slot out of its partition too. Partitions start at build and
 on any write of at least `min_items` items (a bulk add, attributes set over the catalog) for each
 value that then has `min_items` unpartitioned items: counting a value means a pass over the
@@ -25,17 +26,14 @@ import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from towerann.artifacts import load_npy, save_npy
 from towerann.errors import ArtifactError, ConfigError
-from towerann.index.base import Growable, Mask
+from towerann.index.base import Growable, Mask, SlotIndex
 from towerann.index.merge import merge_topk
-
-if TYPE_CHECKING:
-    from towerann.index.base import Index
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +61,9 @@ class Route:
 
 
 class Partitions:
-    """The partitions of one host index (an `Index` whose backend also builds the sub-indexes)."""
+    """The partitions of one host index (a `SlotIndex` whose backend also builds the sub-indexes)."""
 
-    def __init__(self, host: Index, by: str, min_items: int, sub_params: dict[str, Any]):
+    def __init__(self, host: SlotIndex, by: str, min_items: int, sub_params: dict[str, Any]):
         if not isinstance(by, str) or not by:
             raise ConfigError(f"partition_by must be 'category' or a filter attribute name, got {by!r}")
         if int(min_items) < 1:
@@ -76,14 +74,14 @@ class Partitions:
         self.min_items = int(min_items)
         self.sub_params = dict(sub_params)
         self.values: list[int] = []  # partition -> attribute code
-        self.subs: list[Index] = []
+        self.subs: list[SlotIndex] = []
         self._pid = np.full(0, -1, np.int32)  # attribute code -> partition (-1: none)
         self.home = Growable(np.empty(0, np.int32))  # host slot -> partition indexing it (-1: none)
         self._routes: dict[tuple[int, int], tuple[Any, int, Route]] = {}
         self._version = 0
 
     @property
-    def host(self) -> Index:
+    def host(self) -> SlotIndex:
         host = self._host()
         assert host is not None, "partitions outlived their index"
         return host
@@ -93,9 +91,9 @@ class Partitions:
         """The partition attribute's code per host slot (-1: no value)."""
         h = self.host
         if self.by == "category":
-            return h._cats.data
-        table = h._attrs.get(self.by)
-        return np.full(h.n_slots, -1, np.int32) if table is None else table.data
+            return h.slot_categories
+        table = h.slot_attributes.get(self.by)
+        return np.full(h.n_slots, -1, np.int32) if table is None else table
 
     def sync(self, slots: np.ndarray) -> None:
         """After the host added `slots` or changed their partition attribute: index each live one in
@@ -106,7 +104,7 @@ class Partitions:
         if self.home.n < n:
             self.home.extend(np.full(n - self.home.n, -1, np.int32))
         slots = np.asarray(slots, np.int64)
-        slots = slots[h._alive.data[slots]]
+        slots = slots[h.slot_alive[slots]]
         if not len(slots):
             return
         codes = self._codes()
@@ -145,7 +143,7 @@ class Partitions:
         if not len(candidates):
             return
         h = self.host
-        free = h._alive.data & (self.home.data < 0) & (codes >= 0)
+        free = h.slot_alive & (self.home.data < 0) & (codes >= 0)
         counts = np.bincount(codes[free], minlength=int(candidates.max()) + 1)
         grow = [int(c) for c in candidates if counts[c] >= self.min_items]
         if not grow:
@@ -157,12 +155,12 @@ class Partitions:
         for value, lo, hi in zip(grow, bounds[:-1], bounds[1:]):
             members = idx[lo:hi]
             sub = self.backend(h.dim, h.metric, **self.sub_params)
-            sub.build(h._vectors()[members], members)
+            sub.build(h.vectors_of_slots(members), members)
             self._register(value, sub)
             self.home.data[members] = len(self.subs) - 1
             log.info("partition %s=%d: %d items", self.by, value, len(members))
 
-    def _register(self, value: int, sub: Index) -> None:
+    def _register(self, value: int, sub: SlotIndex) -> None:
         if value >= len(self._pid):
             grown = np.full(max(value + 1, 2 * len(self._pid)), -1, np.int32)
             grown[: len(self._pid)] = self._pid
@@ -172,7 +170,7 @@ class Partitions:
         self.subs.append(sub)
 
     def _add_to(self, pid: int, slots: np.ndarray) -> None:
-        self.subs[pid].add(self.host._vectors()[slots], slots)
+        self.subs[pid].add(self.host.vectors_of_slots(slots), slots)
         self.home.data[slots] = pid
 
     # ---- search ------------------------------------------------------------------------------
@@ -199,8 +197,8 @@ class Partitions:
         rest = [idx[where < 0]]
         covered = touched = 0
         for pid in np.flatnonzero(counts):
-            members = self.subs[pid]._ids.data  # host slots, in the sub-index's slot order
-            mine = (self.home.data[members] == pid) & self.subs[pid]._alive.data
+            members = self.subs[pid].slot_ids  # host slots, in the sub-index's slot order
+            mine = (self.home.data[members] == pid) & self.subs[pid].slot_alive
             if counts[pid] <= min_walk:
                 rest.append(members[mask.bits[members] & mine])
                 continue
@@ -214,9 +212,7 @@ class Partitions:
         rest_idx = np.sort(np.concatenate(rest))
         rest_mask = None
         if len(rest_idx):
-            bits = np.zeros(len(mask.bits), bool)
-            bits[rest_idx] = True
-            rest_mask = Mask(bits=bits, count=len(rest_idx), _idx=rest_idx)
+            rest_mask = Mask.from_slots(rest_idx, len(mask.bits))
         route = Route(walk=walk, rest=rest_mask, aligned=touched <= ALIGN_FACTOR * covered)
         self._routes[key] = (weakref.ref(mask), self._version, route)
         return route
@@ -227,16 +223,16 @@ class Partitions:
         rest by brute force, merged by score."""
         r = self.route(mask, k, params)
         if not r.walk:  # every qualifying item is scanned: the exact path itself, no merge
-            return self.host._exact(q, k, mask)
+            return self.host.exact_search_slots(q, k, mask)
         p = {**params, "filter_path": "auto", "filter_plan": [], "exact_below": 0, "ef": self.beam(k, params)}
         ids, scores = [], []
         for pid, local in r.walk:
             sub = self.subs[pid]
-            slots, sc = sub._search(q, k, p, local)
-            ids.append(np.where(slots >= 0, sub._ids.data[np.maximum(slots, 0)], -1))
+            slots, sc = sub.library_search_slots(q, k, p, local)
+            ids.append(np.where(slots >= 0, sub.slot_ids[np.maximum(slots, 0)], -1))
             scores.append(sc)
         if r.rest is not None:
-            s, sc = self.host._exact(q, k, r.rest)
+            s, sc = self.host.exact_search_slots(q, k, r.rest)
             ids.append(s)
             scores.append(sc)
         return merge_topk(ids, scores, k)
@@ -250,8 +246,7 @@ class Partitions:
         for sub in self.subs:
             bufs = sub.buffers() if hasattr(sub, "buffers") else []
             total += sum(b.nbytes for b in bufs)
-            total += sum(t.data.nbytes for t in (sub._ids, sub._cats, sub._alive, sub._avail, sub._ok))
-            total += sub._sorted_ids.nbytes + sub._sorted_slots.nbytes
+            total += sub.slot_table_bytes()  # a sub-index holds no filter attributes
         n = max(len(self.host), 1)
         return {
             "partitions": len(self.subs),
@@ -302,7 +297,7 @@ class Partitions:
         self.home = Growable(home)
         for pid, entry in enumerate(state["subs"]):
             sub = self.backend.load(root / str(pid), entry["manifest"])
-            members = sub._ids.data
+            members = sub.slot_ids
             if len(members) and (members.min() < 0 or members.max() >= n):
                 raise ArtifactError(f"{root / str(pid)}: partition holds slots outside 0..{n - 1}")
             self._register(int(entry["value"]), sub)

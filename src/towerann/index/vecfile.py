@@ -17,11 +17,13 @@ reader wants.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
@@ -56,7 +58,7 @@ def _inner_products_by_idx(q: np.ndarray, vecs: np.ndarray, slots: np.ndarray) -
         out.fill(-np.inf)
         return out
     q = np.ascontiguousarray(q, np.float32)
-    faiss.fvec_inner_products_by_idx(
+    faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]
         faiss.swig_ptr(out),
         faiss.swig_ptr(q),
         faiss.swig_ptr(vecs),
@@ -78,7 +80,7 @@ os.register_at_fork(after_in_child=_after_fork)
 
 def _mapping(arr: np.ndarray) -> mmap.mmap | None:
     """The mmap under a memory-mapped array (np.load(mmap_mode=...)), or None for an in-memory one."""
-    base = arr
+    base: object = arr
     while isinstance(base, np.ndarray):
         base = base.base
     return base if isinstance(base, mmap.mmap) else None
@@ -97,7 +99,7 @@ class RerankVectors:
         self._file = np.asarray(main)  # a plain ndarray view: its gathers skip np.memmap's wrapping
         self.fresh = Growable(np.empty((0, self.dim), np.float32))
         if self.on_disk:
-            mapping = np.frombuffer(_mapping(main), np.uint8)
+            mapping = np.frombuffer(cast(mmap.mmap, _mapping(main)), np.uint8)
             madvise_pages(mapping, mmap.PAGESIZE, (MADV_RANDOM,))
             self._offset = self._file.ctypes.data - mapping.ctypes.data  # the .npy header, before row 0
             self._row_bytes = self.dim * 4
@@ -192,11 +194,12 @@ class RerankVectors:
 
                 s, top = topk_blocked(q, k, every, len(arr))
             else:
-                idx = np.flatnonzero(bits[first : first + len(arr)])
+                idx = np.flatnonzero(cast(np.ndarray, bits)[first : first + len(arr)])  # not score_all: bits given
                 if not len(idx):
                     continue
                 qualifying = arr[idx]
-                s, top = topk_blocked(q, k, lambda b: inner_products(b, qualifying), len(idx), labels=idx)
+                score = functools.partial(inner_products, vecs=qualifying)
+                s, top = topk_blocked(q, k, score, len(idx), labels=idx)
             ids.append(np.where(s >= 0, s + first, -1))
             scores.append(top)
         if not ids:
@@ -208,7 +211,7 @@ class RerankVectors:
         inline: what a server that has run a while sees. False when nothing is on disk."""
         if not self.on_disk:
             return False
-        view = np.frombuffer(_mapping(self._file), np.uint8)
+        view = np.frombuffer(cast(mmap.mmap, _mapping(self._file)), np.uint8)  # on disk: mapped
         step = 1 << 28  # 256 MB at a time
         for at in range(0, len(view), step):
             int(view[at : at + step : mmap.PAGESIZE].sum())
@@ -249,7 +252,7 @@ def resident_fraction(path: Path) -> float:
         del view  # the mapping cannot close while an array points into it
     if rc != 0:
         raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
-    return float((np.frombuffer(vec, np.uint8) & 1).sum()) / pages
+    return float((np.frombuffer(memoryview(vec), np.uint8) & 1).sum()) / pages
 
 
 def save_rows(path: Path, parts: Sequence[np.ndarray], dim: int) -> str:

@@ -50,7 +50,7 @@ def _truth(catalog, keep: np.ndarray, k: int) -> np.ndarray:
 
 
 def test_reordered_build_keeps_each_items_vector_category_and_availability(built, catalog):
-    assert not np.array_equal(built._ids.data, catalog["ids"]), "the catalog was not stored in locality order"
+    assert not np.array_equal(built.slot_ids, catalog["ids"]), "the catalog was not stored in locality order"
     k = 50
     for cats in (None, frozenset({1, 2})):  # availability alone (post-filtered), and with a category filter
         keep = (

@@ -162,6 +162,25 @@ def test_build_errors_are_towerann_errors(vectors_dir, tmp_path):
     assert not (tmp_path / "i").exists()
 
 
+def test_tuning_queries_come_from_a_file(vectors_dir, tmp_path, capsys):
+    """index/ loads no model: --data/--model are not options of build or tune, and --recall without
+    --queries names the command that writes them."""
+    root = str(tmp_path / "indexes")
+    assert run(["index", "build", "--vectors", str(vectors_dir), "--kind", "exact", "--out", root]) == 0
+    build = ["build", "--vectors", str(vectors_dir), "--kind", "hnsw", "--out", root]
+    for action in (build, ["tune", root]):
+        with pytest.raises(SystemExit) as refused:
+            run(["index", *action, "--recall", "0.9", "--data", "d", "--model", "m"])
+        assert refused.value.code == 2
+        assert "unrecognized arguments: --data d --model m" in capsys.readouterr().err
+        with pytest.raises(ConfigError) as e:
+            run(["index", *action, "--recall", "0.9"])
+        assert str(e.value) == (
+            "--recall needs user-tower queries: --queries FILE "
+            "(make one with `towerann model queries --data DIR --model DIR --out q.npy`)"
+        )
+
+
 def test_info_reports_the_compressed_index_memory(vectors_dir, tmp_path, capsys):
     root = tmp_path / "indexes"
     assert run(["index", "build", "--vectors", str(vectors_dir), "--kind", "ivfpq", "--out", str(root)]) == 0

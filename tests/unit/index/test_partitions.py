@@ -82,13 +82,13 @@ def _share(w: dict, share: float) -> frozenset[int]:
 def test_partitions_follow_the_values_with_enough_items(ix, world):
     codes, counts = _sizes(world)
     big = sorted(int(c) for c, n in zip(codes, counts) if n >= MIN)
-    part = ix._partitions
+    part = ix.partitions
     assert sorted(part.values) == big and len(big) >= 4
     for value, sub in zip(part.values, part.subs):
-        want = np.flatnonzero(ix._cats.data == value)
-        assert sorted(sub._ids.data.tolist()) == want.tolist()  # a sub-index's ids are the host's slots
+        want = np.flatnonzero(ix.slot_categories == value)
+        assert sorted(sub.slot_ids.tolist()) == want.tolist()  # a sub-index's ids are the host's slots
         assert (part.home.data[want] == part.values.index(value)).all()
-    assert (part.home.data[~np.isin(ix._cats.data, big)] == -1).all()
+    assert (part.home.data[~np.isin(ix.slot_categories, big)] == -1).all()
     mem = ix.partition_info()["memory"]
     assert mem["items"] == int(np.isin(world["cats"], big).sum())
     assert mem["bytes_per_partitioned_item"] > DIM * 4  # at least the vector stored again
@@ -101,7 +101,7 @@ def test_partition_path_holds_only_allowed_items_and_keeps_recall(ix, world, sha
     f = Filter(categories=cats)
     assert cats and 0.5 * share * N <= np.isin(world["cats"], list(cats)).sum() <= 1.3 * share * N
     keep = np.isin(world["cats"], list(cats)) & world["available"]
-    route = ix._partitions.route(ix._mask_for(f), K, PARAMS)
+    route = ix.partitions.route(ix.mask_for(f), K, PARAMS)
     assert route.aligned and route.walk, "the partitions were not walked"
     res = ix.search(world["queries"], K, filter=f, params=PARAMS)
     assert res.exact_rows == 0
@@ -117,9 +117,9 @@ def test_a_value_below_the_minimum_is_brute_force_and_mixes_with_partitions(ix, 
     big = int(codes[np.argmax(counts)])
     for cats in ({small}, {small, big}):
         f = Filter(categories=frozenset(cats))
-        route = ix._partitions.route(ix._mask_for(f), K, PARAMS)
-        assert route.rest is not None and set(ix._cats.data[route.rest.idx].tolist()) == {small}
-        assert [ix._partitions.values[p] for p, _ in route.walk] == ([] if cats == {small} else [big])
+        route = ix.partitions.route(ix.mask_for(f), K, PARAMS)
+        assert route.rest is not None and set(ix.slot_categories[route.rest.idx].tolist()) == {small}
+        assert [ix.partitions.values[p] for p, _ in route.walk] == ([] if cats == {small} else [big])
         res = ix.search(world["queries"], K, filter=f, params=PARAMS)
         truth = ix.exact_search(world["queries"], K, filter=f).ids
         if cats == {small}:
@@ -134,7 +134,7 @@ def test_a_partition_with_fewer_qualifying_items_than_a_walk_costs_is_scanned(ix
     value = int(codes[np.argsort(-counts)[1]])  # partitioned, but under 16 x ef items
     assert MIN <= counts[codes == value][0] < value_partitions.WALK_ROWS_PER_EF * PARAMS["ef"]
     f = Filter(categories=frozenset({value}))
-    route = ix._partitions.route(ix._mask_for(f), K, PARAMS)
+    route = ix.partitions.route(ix.mask_for(f), K, PARAMS)
     assert not route.walk and route.rest.count == int((np.isin(world["cats"], [value]) & world["available"]).sum())
     res = ix.search(world["queries"], K, filter=f, params=PARAMS)
     np.testing.assert_array_equal(res.ids, ix.exact_search(world["queries"], K, filter=f).ids)
@@ -142,7 +142,7 @@ def test_a_partition_with_fewer_qualifying_items_than_a_walk_costs_is_scanned(ix
 
 def test_a_filter_on_another_attribute_is_not_walked_through_every_partition(ix, world):
     f = Filter(attributes={"brand": {1}})
-    assert not ix._partitions.route(ix._mask_for(f), K, PARAMS).aligned
+    assert not ix.partitions.route(ix.mask_for(f), K, PARAMS).aligned
     res = ix.search(world["queries"], K, filter=f, params=PARAMS)
     np.testing.assert_array_equal(res.ids, ix.exact_search(world["queries"], K, filter=f).ids)
 
@@ -155,40 +155,40 @@ def test_live_writes_keep_partitions_right(world):
     q = world["vectors"][(item - 5) // 3]
     fa, fb = Filter(categories=frozenset({a})), Filter(categories=frozenset({b}))
     ix.set_available(world["ids"], True)  # nothing hidden: a partition is walked without a mask
-    pa, pb = ix._partitions.values.index(a), ix._partitions.values.index(b)
-    assert ix._partitions.route(ix._mask_for(fa), K, PARAMS).walk == [(pa, None)]
+    pa, pb = ix.partitions.values.index(a), ix.partitions.values.index(b)
+    assert ix.partitions.route(ix.mask_for(fa), K, PARAMS).walk == [(pa, None)]
     res = ix.search(world["queries"], K, filter=fa, params=PARAMS)
     assert set(res.ids.ravel().tolist()) <= set(world["ids"][world["cats"] == a].tolist())
     assert ix.search(q, K, filter=fa, params=PARAMS).ids[0, 0] == item
     ix.add(q[None, :], [item], categories=[b])  # upsert into another category: the item moves partition
     assert item not in ix.search(q, K, filter=fa, params=PARAMS).ids
     assert ix.search(q, K, filter=fb, params=PARAMS).ids[0, 0] == item
-    assert len(ix._partitions.subs[pa]) == int(counts[codes == a][0]) - 1  # the dead slot left partition a
-    assert len(ix._partitions.subs[pb]) == int(counts[codes == b][0]) + 1
+    assert len(ix.partitions.subs[pa]) == int(counts[codes == a][0]) - 1  # the dead slot left partition a
+    assert len(ix.partitions.subs[pb]) == int(counts[codes == b][0]) + 1
     ix.set_available([item], False)
     assert item not in ix.search(q, K, filter=fb, params=PARAMS).ids
     ix.set_available([item], True)
     ix.remove([item])
     assert item not in ix.search(q, K, filter=fb, params=PARAMS).ids
-    assert len(ix._partitions.subs[pb]) == int(counts[codes == b][0])  # removed from its partition
+    assert len(ix.partitions.subs[pb]) == int(counts[codes == b][0])  # removed from its partition
     # a new value gets its partition on a write of at least the minimum, not one item at a time
     rows = np.flatnonzero(world["cats"] == b)[:MIN]
     trickle = int(codes.max()) + 1
     ix.add(world["vectors"][rows[:-1]], np.arange(MIN - 1) + 20 * N, categories=np.full(MIN - 1, trickle))
     ix.add(world["vectors"][rows[-1:]], [21 * N], categories=[trickle])  # the one that reaches MIN
-    assert trickle not in ix._partitions.values  # no pass over the catalog for a one-item write
+    assert trickle not in ix.partitions.values  # no pass over the catalog for a one-item write
     new_cat = trickle + 1
     ix.add(world["vectors"][rows], np.arange(MIN) + 10 * N, categories=np.full(MIN, new_cat))
-    assert new_cat in ix._partitions.values and trickle not in ix._partitions.values
+    assert new_cat in ix.partitions.values and trickle not in ix.partitions.values
     f = Filter(categories=frozenset({new_cat}))
-    assert ix._partitions.route(ix._mask_for(f), K, PARAMS).walk
+    assert ix.partitions.route(ix.mask_for(f), K, PARAMS).walk
     res = ix.search(world["queries"], K, filter=f, params=PARAMS)
     assert set(res.ids.ravel().tolist()) <= set((np.arange(MIN) + 10 * N).tolist())
 
 
 def test_an_attribute_partition_moves_an_item_whose_value_changes(world):
     ix = _build(world, partition_by="brand", partition_min=MIN)
-    assert sorted(ix._partitions.values) == [0, 1, 2, 3]
+    assert sorted(ix.partitions.values) == [0, 1, 2, 3]
     item = int(world["ids"][np.flatnonzero((world["brand"] == 0) & world["available"])[0]])
     q = world["vectors"][(item - 5) // 3]
     f0, f2 = Filter(attributes={"brand": {0}}), Filter(attributes={"brand": {2}})
@@ -209,7 +209,7 @@ def test_save_and_load_keep_the_partitions(ix, world, tmp_path):
     assert not [f for f in manifest["checksums"] if f.endswith((".pkl", ".pickle"))]
     assert any(f.startswith("partitions/") for f in manifest["checksums"])
     loaded = load_snapshot(path)
-    assert loaded._partitions.values == ix._partitions.values
+    assert loaded.partitions.values == ix.partitions.values
     assert loaded.partition_info()["memory"]["items"] == ix.partition_info()["memory"]["items"]
     f = Filter(categories=_share(world, 0.15))
     np.testing.assert_array_equal(
@@ -246,7 +246,7 @@ def test_partition_beam_scale_is_the_smallest_that_holds_the_floor(ix, world):
 
     def worst(at_scale: float) -> float:
         at = {**PARAMS, "ef": 400, "partition_ef_scale": at_scale}
-        assert all(ix._partitions.route(ix._mask_for(f), K, at).walk for f in probes)  # walked, not scanned
+        assert all(ix.partitions.route(ix.mask_for(f), K, at).walk for f in probes)  # walked, not scanned
         return min(
             recall_at_k(ix.search(q, K, filter=f, params=at).ids, ix.exact_search(q, K, filter=f).ids) for f in probes
         )
@@ -260,11 +260,11 @@ def test_partition_beam_scale_is_the_smallest_that_holds_the_floor(ix, world):
 def test_the_measured_walk_cost_decides_which_partitions_are_walked(ix, world):
     cost = filter_plan.partition_walk_cost(ix, world["queries"], K, n_time=5)
     assert cost > 0
-    f = Filter(categories=frozenset({int(v) for v in ix._partitions.values}))
-    mask = ix._mask_for(f)
-    assert ix._partitions.route(mask, K, {**PARAMS, "partition_walk_cost": 0.01}).walk  # walks are cheap: walk
+    f = Filter(categories=frozenset({int(v) for v in ix.partitions.values}))
+    mask = ix.mask_for(f)
+    assert ix.partitions.route(mask, K, {**PARAMS, "partition_walk_cost": 0.01}).walk  # walks are cheap: walk
     dear = {**PARAMS, "partition_walk_cost": N}  # a walk dearer than scanning the catalog: scan everything
-    assert not ix._partitions.route(mask, K, dear).walk
+    assert not ix.partitions.route(mask, K, dear).walk
     np.testing.assert_array_equal(
         ix.search(world["queries"], K, filter=f, params=dear).ids, ix.exact_search(world["queries"], K, filter=f).ids
     )
