@@ -25,6 +25,22 @@ QUERIES_HELP = (
     "`towerann model queries --data DIR --model DIR --out q.npy` writes them"
 )
 
+# index/ reads no model: tuning queries come from a file. The old flags stay, hidden, to say so in one line.
+QUERIES_MOVED = (
+    "--data and --model moved out of `index`: write the tuning queries with "
+    "`towerann model queries --data DIR --model DIR --out q.npy`, then pass --queries q.npy"
+)
+
+
+def _refuse_moved_flags(parser: argparse.ArgumentParser) -> None:
+    for flag in ("--data", "--model"):
+        parser.add_argument(flag, default=None, help=argparse.SUPPRESS)
+
+
+def _check_moved_flags(args: argparse.Namespace) -> None:
+    if args.data is not None or args.model is not None:
+        raise ConfigError(QUERIES_MOVED)
+
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("index", help="ANN index: build + publish snapshots, roll back, inspect")
@@ -72,6 +88,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     b.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
     b.add_argument("--queries", default=None, help=QUERIES_HELP)
+    _refuse_moved_flags(b)
     b.add_argument(
         "--param",
         action="append",
@@ -90,6 +107,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     t.add_argument("--recall", type=float, required=True, help="recall@k target on the tuning queries")
     t.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
     t.add_argument("--queries", default=None, help=QUERIES_HELP)
+    _refuse_moved_flags(t)
     t.add_argument(
         "--calibrate-filters",
         action=argparse.BooleanOptionalAction,
@@ -125,6 +143,7 @@ def run_build(args: argparse.Namespace) -> int:
     """`index build`."""
     from towerann.data.vectors_dir import read_vectors
 
+    _check_moved_flags(args)
     if args.recall is not None and args.queries is None and args.kind != "exact":
         raise ConfigError(NEEDS_QUERIES)  # tuning on item vectors would overestimate recall
     t0 = time.perf_counter()
@@ -205,6 +224,7 @@ def _kind_params(args: argparse.Namespace) -> dict[str, Any]:
 def _tune(args: argparse.Namespace) -> int:
     from towerann.index.retune import retune
 
+    _check_moved_flags(args)
     if read_checked_manifest(resolve(args.root), verify=False)["backend"] == SHARDED:
         raise ConfigError(
             f"{args.root}: index tune does not re-tune a {SHARDED} snapshot yet; rebuild it with "
