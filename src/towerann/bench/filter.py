@@ -6,7 +6,7 @@ built, tuned unfiltered to --recall at each K (index.tune), and its filter plan 
 the queries (index.filter_plan.calibrate). On the other half, for each share of the catalog (whole
 categories in a seeded random order until the share is reached; 100% = no filter) it measures
 recall@K against exact filtered search (`Index.exact_search`) and p50/p99 of one query at a time on
-one thread, for the planner and for each single path (exact, filtered, post: index.plan).
+one thread, for the planner and for each single path (exact, filtered, post: index.filter_plan).
 With --partition-by category, hnsw is built with a sub-index per category of at least
 --partition-min items (index.partition) and the "partition" path is measured too; the JSON
 records what the partitions cost in memory (bytes per item). --filter-order largest measures

@@ -11,7 +11,7 @@ Four paths (a backend lists the ones it has in `Index.filter_paths`):
             ScaNN: more leaves, over-fetch)
   post      over-fetch + post-filter (HNSW: an unbounded beam, masked slots dropped after; ScaNN:
             over-fetch at the unfiltered leaf count)
-  partition only the sub-indexes of the filter's values (index.partition; HNSW built with
+  partition only the sub-indexes of the filter's values (index.value_partitions; HNSW built with
             partition_by), merged by score; brute force over values without a partition
 
 The table (search param `filter_plan`, measured by `calibrate` and stored with the index in its

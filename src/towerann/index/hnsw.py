@@ -1,41 +1,24 @@
 """HNSW graph index on faiss IndexHNSWFlat, searched the way hnswlib searches.
 
-Why faiss (200k x 128-d clustered items, out-of-distribution queries, M=32, efConstruction=128):
-memory 1.53x the raw vectors (hnswlib 1.77x, usearch 1.78x); a mask runs inside the graph walk as
-a C++ bitmap selector (10% kept, k=100, ef=200: 0.57 ms; hnswlib's Python filter callback 5.5 ms,
-32 ms at ef=1000), and the exact fallback reads the stored vectors without a copy.
+Why faiss: less memory per item than hnswlib's graph, a mask runs inside the graph walk as a C++
+bitmap selector (hnswlib filters through a Python callback per candidate), and the exact fallback
+reads the stored vectors without a copy.
 
-Why it was slow at large ef, and what this module does about it (measured on that catalog):
+What this module adds to faiss' search:
 - faiss' default *bounded* queue (MinimaxHeap) scans its ef-sized arrays on every pop
-  (pop_min, count_below), so a search costs ~ef^2; at ef=4000 that was 2.1x the unbounded
-  queue's binary heaps, which is hnswlib's algorithm. Unmasked searches, and masks that keep at
-  least POST_FILTER_SHARE of the slots (any removal or hidden item makes a mask), use the
-  unbounded queue and drop masked-out slots from its beam; narrower masks keep the selector.
+  (pop_min, count_below), so a search costs ~ef^2. Unmasked searches, and masks that keep at
+  least POST_FILTER_SHARE of the slots (any removal or hidden item makes a mask), use an
+  unbounded queue of binary heaps (hnswlib's algorithm) and drop masked-out slots from its beam;
+  narrower masks keep the selector.
 - build() stores the catalog cluster by cluster (k-means, ~1000 items each), so a walk's
-  neighbours share pages and cache lines: 1.45x at ef=2000. It adds the catalog in one faiss call,
-  which shuffles the insertion order (added in cluster-ordered chunks, recall@1000 capped at 0.999).
-- Vectors and graph sit on transparent huge pages (THP "madvise" mode gives none unasked): ~1.1x.
-- partition_by (build param): a small HNSW per value of a category/attribute (index.partition), the
-  planner's "partition" path; live writes keep it in step (the _insert / set_attributes / remove hooks).
+  neighbours share pages and cache lines. It adds the catalog in one faiss call, which shuffles
+  the insertion order (added in cluster-ordered chunks).
+- Vectors and graph sit on transparent huge pages (THP "madvise" mode gives none unasked).
+- partition_by (build param): a small HNSW per value of a category/attribute (index.value_partitions),
+  the planner's "partition" path; live writes keep it in step (the insert / set_attributes / remove hooks).
 
-One query at a time on one thread; recall / p50 of the query's thread CPU time in ms (the 2-core
-machine was shared by 4 engineers: wall-clock p50s were inflated by preemption), M=32,
-efConstruction=128, 100 queries; "before" is the previous version of this module on faiss' graph.
-  200k clustered items   k=100 ef=100  ef=200      ef=600      k=1000 ef=1000 ef=2000      ef=4000
-  faiss HNSWFlat         0.965 0.43    0.999 0.69  1.000 1.31  0.9998 1.96    0.9998 3.23  0.9998 7.01
-  hnswlib                0.984 0.36    0.999 0.57  1.000 1.08  0.9997 1.51    0.9997 2.05  0.9997 3.19
-  towerann hnsw before   0.965 0.48    0.999 0.79  1.000 1.49  0.9998 2.24    0.9998 3.56  0.9998 7.58
-  towerann hnsw now      0.986 0.29    0.999 0.44  1.000 0.79  0.9998 1.15    0.9998 1.58  0.9999 2.60
-  300k far-off queries   k=100 ef=600  ef=1000     ef=1500     k=1000 ef=1000 ef=2000      ef=3000
-  faiss HNSWFlat         0.868 2.99    0.919 4.98  0.944 6.95  0.863 4.76     0.937 8.38   0.959 11.3
-  hnswlib                0.873 2.40    0.920 4.14  0.950 5.66  0.866 3.77     0.939 6.38   0.962 7.90
-  towerann hnsw before   0.868 3.04    0.919 5.00  0.944 6.77  0.863 4.65     0.937 8.16   0.959 10.9
-  towerann hnsw now      0.853 2.04    0.922 3.37  0.953 4.57  0.864 3.12     0.935 5.16   0.962 6.66
-At recall 0.95 the 300k set gives towerann/hnswlib 0.81x (k=100) and 0.84x (k=1000); before, ~1.25x and
-1.38x. Memory: 784 bytes per item on disk, 823 resident with the slot tables (1.61x raw), unchanged.
-Masked searches (availability mask, exact_below=0, 60 queries), 300k set, before -> now, at k=100
-ef=600 and k=1000 ef=2000: 90% kept 3.89 -> 2.61 ms and 8.80 -> 5.68; 40% kept 6.55 -> 4.52 and
-19.0 -> 10.2; 12% kept (still the selector) 10.0 -> 7.31 and 38.0 -> 30.5. Recall within 0.02.
+How it compares with hnswlib, per ef and at a recall target, is measured by `towerann bench ann`
+(hnswlib runs beside it in the same run); the committed runs are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -115,7 +98,7 @@ class HNSWIndex(SlotIndex):
         partition_min: int = DEFAULT_MIN_ITEMS,
     ):
         """partition_by: keep a sub-index per value of this attribute ("category" or a filter
-        attribute) with at least partition_min items (index.partition: the planner's "partition" path)."""
+        attribute) with at least partition_min items (index.value_partitions: the planner's "partition" path)."""
         extra = {} if partition_by is None else {"partition_by": partition_by, "partition_min": int(partition_min)}
         super().__init__(dim, metric, M=int(M), ef_construction=int(ef_construction), **extra)
         self._ix = self._new_index()
@@ -213,7 +196,7 @@ class HNSWIndex(SlotIndex):
 
     def partition_info(self) -> dict[str, Any] | None:
         """The partitions (attribute, minimum size, values, sizes) and the memory they add
-        (index.partition.Partitions.memory), or None without them."""
+        (index.value_partitions.Partitions.memory), or None without them."""
         if self._partitions is None:
             return None
         return {**self._partitions.describe(), "memory": self._partitions.memory()}
@@ -253,7 +236,7 @@ class HNSWIndex(SlotIndex):
         # widen the beam as the mask narrows, up to 4x: wider costs more than brute force over
         # the qualifying items, which the base class uses for narrower masks
         ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)
-        path = params.get("filter_path", "auto")  # the planner's choice (index.plan); auto: by share
+        path = params.get("filter_path", "auto")  # the planner's choice (index.path_choice); auto: by share
         if self._partitions is not None and path in ("partition", "auto"):
             route = self._partitions.route(mask, k, params)
             if route.aligned:
