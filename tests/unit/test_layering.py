@@ -20,6 +20,7 @@ LAYERS = {
     "artifacts": 0,
     "config": 0,
     "storeurl": 0,
+    "lazy": 0,
     "data": 1,
     "index": 2,
     "embed": 3,
@@ -35,7 +36,7 @@ LAYERS = {
     "cli": 8,
 }
 # What the index package may import: it is the lowest layer that does work, above only the catalog's formats.
-INDEX_MAY_IMPORT = {"index", "data", "artifacts", "errors", "config"}
+INDEX_MAY_IMPORT = {"index", "data", "artifacts", "errors", "config", "lazy"}
 # Every package has a commands.py (its CLI subcommands): the one module name allowed twice.
 SHARED_MODULE_NAMES = {"__init__", "commands"}
 

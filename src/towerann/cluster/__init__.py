@@ -7,8 +7,9 @@ index itself (`towerann.index.sharded`, kind "sharded") needs no Ray.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from towerann.lazy import lazy_names
 
 if TYPE_CHECKING:
     from towerann.cluster.local_cluster import LocalCluster
@@ -30,10 +31,4 @@ _MODULE_OF = {
 }
 
 if not TYPE_CHECKING:  # the type checker reads the imports above instead
-
-    def __getattr__(name: str) -> Any:
-        if name not in _MODULE_OF:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-        globals()[name] = value
-        return value
+    __getattr__ = lazy_names(__name__, _MODULE_OF)
