@@ -4,7 +4,8 @@
                can be shared across processes (Redis), else 1), max_k, max_body_bytes, and the limits on what
                one unauthenticated request may make the server keep: max_id_length (user, item and event-type
                ids), max_items_per_write, max_clock_skew_s (an event's ts may lie at most this far ahead of
-               the server's clock; one older than [features] ttl_s is refused too, it would be expired on arrival)
+               the server's clock; one older than [features] ttl_s is refused too, it would be expired on arrival),
+               log_format ("text" or "json": one JSON object per log line), access_log (one line per request)
     [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory),
                data (the dataset whose catalog `towerann refresh` re-embeds)
     [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s,
@@ -63,6 +64,8 @@ class ServeConfig:
     max_id_length: int = 256  # characters of a user_id, item_id or event type
     max_items_per_write: int = 1000  # rows of one POST /v1/items
     max_clock_skew_s: float = 300.0  # an event's ts may be at most this far in the future
+    log_format: str = "text"  # the server's log lines on stderr: "text" or "json" (one JSON object per line)
+    access_log: bool = True  # one INFO line per request (logger towerann.access)
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
     ):
         if hasattr(obj, key) and getattr(obj, key) < (0 if key == "port" else 1):
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
+    if getattr(obj, "log_format", "text") not in ("text", "json"):
+        raise ConfigError(f"{source}: [{section}] log_format must be 'text' or 'json', got {obj.log_format!r}")
     if getattr(obj, "workers", 0) < 0:
         raise ConfigError(f"{source}: [{section}] workers must be >= 0 (0 = one per core)")
     for key in ("timeout_ms", "write_timeout_ms", "tail_ms"):

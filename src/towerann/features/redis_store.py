@@ -132,7 +132,7 @@ class RedisLink:
             with self._lock:
                 if self._down_until:
                     self._down_until = 0.0
-                    log.warning("Redis at %s (%s) answers again", self.safe_url, self.what)
+                    log.info("Redis at %s (%s) answers again", self.safe_url, self.what, extra={"event": "redis_back"})
         return out
 
     def _failed(self, e: Exception) -> None:
@@ -141,7 +141,13 @@ class RedisLink:
             self._last_error = redact(f"{type(e).__name__}: {e}")
             self._down_until = time.monotonic() + self.retry_s
         if first:  # once per outage, not once per request
-            log.warning("Redis at %s (%s) is unavailable: %s", self.safe_url, self.what, self._last_error)
+            log.warning(
+                "Redis at %s (%s) is unavailable: %s",
+                self.safe_url,
+                self.what,
+                self._last_error,
+                extra={"event": "redis_down"},
+            )
 
     def ping(self) -> None:
         self.call(self.read.ping)

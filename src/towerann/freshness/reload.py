@@ -135,10 +135,11 @@ class Reloader:
         served = self.writer.holder.current().version if self.writer.holder.ready else None
         if version in (served, self._refused):
             return None
-        return self.reload()
+        return self.reload(f"CURRENT names {version}")
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, reason: str = "reload asked for") -> dict[str, Any]:
         """Load, validate, replay and swap in the bundle CURRENT names now. Never raises for a bad bundle.
+        `reason`: why (the watcher: CURRENT changed; POST /v1/admin/reload), for the log line.
 
         The work runs in a thread of its own at nice RELOAD_NICE: on a loaded machine the validation's
         exact search and the load's copying otherwise take the core a request thread is waiting for
@@ -149,7 +150,7 @@ class Reloader:
         def run() -> None:
             lower_this_threads_priority(RELOAD_NICE)
             try:
-                info.append(self._reload())
+                info.append(self._reload(reason))
             except BaseException as e:  # handed to the caller, as if it had run there
                 error.append(e)
 
@@ -160,13 +161,13 @@ class Reloader:
             raise error[0]
         return info[0]
 
-    def _reload(self) -> dict[str, Any]:
+    def _reload(self, reason: str) -> dict[str, Any]:
         with self._reload_lock, _background_manners():
             t0 = time.perf_counter()
             version = "?"
+            served = self.writer.holder.current().version if self.writer.holder.ready else None
             try:
                 version = current_version(self.root)
-                served = self.writer.holder.current().version if self.writer.holder.ready else None
                 if version == served:
                     return {"outcome": "unchanged", "index_version": version}
                 phases = _Phases()
@@ -206,18 +207,30 @@ class Reloader:
                     "phases_s": phases.seconds,
                     "phases_start_unix": round(phases.started_unix, 4),
                 }
-                log.warning(
-                    "swapped in bundle %s (model %s, recall %.3f, delta seq %d) in %.2fs",
+                log.info(
+                    "bundle swapped: %s -> %s (%s; model %s, recall %.3f, delta seq %d, %.2fs)",
+                    served,
                     version,
+                    reason,
                     new.model_version,
                     recall,
                     new.delta_seq,
                     info["seconds"],
+                    extra={"event": "bundle_swapped", "from_version": served, "to_version": version, "reason": reason},
                 )
             except Exception as e:  # any failure: refuse this bundle, keep serving the old one
                 self._refused = version
                 info = {"outcome": "refused", "index_version": version, "error": f"{type(e).__name__}: {e}"}
-                log.error("refused bundle %s under %s: %s; the served bundle stays", version, self.root, info["error"])
+                why = " ".join(info["error"].split())  # one line, whatever the exception's message holds
+                log.error(
+                    "bundle refused: %s under %s (%s): %s; still serving %s",
+                    version,
+                    self.root,
+                    reason,
+                    why,
+                    served,
+                    extra={"event": "bundle_refused", "version": version, "reason": reason, "error": why},
+                )
             self.last = info
             for listener in self._listeners:
                 listener(info["outcome"], info)

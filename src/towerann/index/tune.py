@@ -110,7 +110,11 @@ def tune(
     best: dict[str, Any] | None = None  # the fastest setting reaching the target
     best_recall: dict[str, Any] | None = None  # the best recall of any usable setting (target not reached)
     space = index.search_space(k)
-    for params in tqdm(space, desc=f"tune {index.kind}", disable=None if len(space) > 1 else True):
+    # updated as each setting starts, closed with why it stopped when that is before the last setting
+    bar = tqdm(total=len(space), desc=f"tune {index.kind}", disable=None if len(space) > 1 else True)
+    stopped = ""
+    for params in space:
+        bar.update()
         res = index.search(q, k, params=params or None)
         point: dict[str, Any] = {
             "params": params,
@@ -132,7 +136,16 @@ def tune(
         if point["recall"] >= target_recall and (best is None or point["p50_ms"] < best["p50_ms"]):
             best = point
         if best is not None and point["p50_ms"] > 2 * best["p50_ms"]:
+            if bar.n < len(space):
+                stopped = (
+                    f"stopped: recall {best['recall']:.3f} >= {target_recall:g} reached at "
+                    f"{best['p50_ms']:.3g} ms; the next settings are over twice as slow"
+                )
             break
+    if stopped:
+        bar.set_postfix_str(stopped, refresh=False)
+        log.info("tune %s: %d of %d settings measured, %s", index.kind, bar.n, len(space), stopped)
+    bar.close()
     chosen = best or best_recall
     result: dict[str, Any] = {
         "k": k,

@@ -20,6 +20,7 @@ def app_for(
     worker: str | None = None,
     metrics_dir: str | None = None,
     freshen: Callable[[], Awaitable[None]] | None = None,
+    processes: Callable[[], dict[str, int]] | None = None,
 ) -> FastAPI:
     return create_app(
         svc.retriever,
@@ -31,6 +32,7 @@ def app_for(
         worker=worker,
         metrics_dir=metrics_dir,
         freshen=freshen,
+        processes=processes,
     )
 
 
@@ -53,5 +55,9 @@ def freeze_heap() -> None:
 
 
 def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
-    # access_log off: one INFO line per request costs more than the retrieval itself
-    return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
+    # access_log off: ours (serving.access) says more for less (uvicorn's formats each line on the loop).
+    # log_config None: uvicorn's warnings go through the process's handlers (server.logs: the format,
+    # redaction) instead of a stream handler of its own.
+    return uvicorn.Config(
+        app, host=host, port=port, access_log=False, log_level="warning", lifespan="off", log_config=None
+    )

@@ -49,10 +49,23 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="--ray: how long a search waits for the shards; later ones are left out and the answer says "
         "partial (default 500)",
     )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="the log on stderr: text lines, or one JSON object per line (default [serve] log_format: text)",
+    )
+    p.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one log line per request: route, status, k, latency, degraded/partial (default [serve] access_log: on)",
+    )
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from towerann.server.logs import configure_logging
     from towerann.server.workers import resolve_workers, run_workers
     from towerann.storeurl import redact_logging
 
@@ -67,7 +80,11 @@ def _serve(args: argparse.Namespace) -> int:
         serve_port=args.port,
         serve_max_k=args.max_k,
         serve_workers=args.workers,
+        serve_log_format=args.log_format,
+        serve_access_log=args.access_log,
     )
+    # the format of every line from here on, redacted too; towerann's INFO lines start once it serves
+    configure_logging(cfg.serve.log_format, access_log=cfg.serve.access_log)
     if args.shard_deadline_ms is not None and (args.ray is None or args.shard_deadline_ms <= 0):
         raise ConfigError("--shard-deadline-ms goes with --ray and must be > 0")
     if args.ray is not None and cfg.serve.workers == 0:  # "one per core" means one for a front over Ray shards

@@ -23,6 +23,7 @@ from towerann.config import Config
 from towerann.errors import BackendUnavailable, ConfigError, TowerannError
 from towerann.index.snapshot import resolve
 from towerann.server.asgi import app_for, close_app, freeze_heap, uvicorn_config
+from towerann.server.logs import serving
 from towerann.server.wiring import Service, open_service
 from towerann.server.workers import listening_socket
 from towerann.serving.bundle import RetrievalBundle
@@ -50,7 +51,8 @@ class RayReloadRefused:
     into this process, and switching the actors' version in place would pair the old bundle's user
     tower and id map with the new index; so neither the admin route nor a CURRENT watcher swaps."""
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, reason: str = "reload asked for") -> dict[str, Any]:
+        log.warning("reload refused (%s): %s", reason, RAY_NO_RELOAD, extra={"event": "reload_refused"})
         return {"outcome": "refused", "error": RAY_NO_RELOAD}
 
     def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
@@ -127,7 +129,8 @@ def serve_forever(
         app = app_for(svc)
         freeze_heap()
         svc.start()
-        log.warning(
+        serving()  # started: towerann's INFO lines (access log, state changes) from here on
+        log.info(
             "serving %s on http://%s:%d", svc.retriever.holder.current().describe(), cfg.serve.host, cfg.serve.port
         )
         uvicorn.Server(uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
@@ -192,10 +195,13 @@ def start_subprocess(
     workers: int = 1,
     args: Sequence[str] = (),
     log_file: str | Path | None = None,
+    access_log: bool = False,
 ) -> ServerHandle:
     """`towerann serve --workers N` in a child process on a free port; waits for /readyz (`handle.process`
     is the child: the server itself, or with workers > 1 the parent of the workers). `args`: more flags
-    (e.g. ["--ray", ADDRESS]); `log_file`: where its stderr (the server's log) goes, else this process's."""
+    (e.g. ["--ray", ADDRESS], ["--log-format", "json"]); `log_file`: where its stderr (the server's log)
+    goes, else this process's. `access_log`: one line per request in that log (off by default here: a
+    benchmark's load would flood the terminal it was started from)."""
     import httpx
 
     port = free_port()
@@ -219,7 +225,7 @@ def start_subprocess(
         cmd += ["--store-path", store_path]
     if config:
         cmd += ["--config", str(config)]
-    cmd += list(args)
+    cmd += ["--access-log" if access_log else "--no-access-log", *args]
     log = open(log_file, "ab") if log_file is not None else None
     try:
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stderr=log)

@@ -132,11 +132,12 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
     try:
         ctx = _preload(cfg, model_dir)
         acked = ctx.RawArray("q", n)  # per worker: the last delta-log seq it acknowledged (workers.Peers)
+        pids = ctx.RawArray("q", n)  # per worker: its pid, for the process metrics of every worker
         for i in range(n):
             parent_end, child_end = ctx.Pipe()
             p = ctx.Process(
                 target=worker_main,
-                args=(cfg, model_dir, sock, i, child_end, metrics_dir, acked),
+                args=(cfg, model_dir, sock, i, child_end, metrics_dir, acked, pids),
                 name=f"towerann-worker-{i}",
                 daemon=False,
             )
@@ -153,7 +154,10 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
             return
         for pipe in pipes:  # all loaded: now they may answer (none answers before every one could)
             pipe.send(("go",))
-        log.warning(
+        from towerann.server.logs import serving
+
+        serving()
+        log.info(
             "serving on http://%s:%d with %d workers (pids %s)",
             cfg.serve.host,
             cfg.serve.port,
@@ -263,17 +267,20 @@ def worker_main(
     conn: multiprocessing.connection.Connection,
     metrics_dir: str,
     acked: Any,
+    pids: Any = None,
 ) -> None:
     """One worker: the whole service on the inherited socket. Reports ("loaded",) or ("error", line, code),
-    then answers requests once the parent says ("go",) (every worker has loaded)."""
+    then answers requests once the parent says ("go",) (every worker has loaded). `pids`: shared memory,
+    one slot per worker, where each one writes its pid (the process metrics of every worker)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the parent's handler
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (SIGTERM) on Ctrl-C
-    from towerann.storeurl import redact, redact_logging
+    from towerann.server.logs import configure_logging, serving
+    from towerann.storeurl import redact
 
-    logging.basicConfig(
-        level=logging.WARNING, force=True, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s"
-    )
-    redact_logging()
+    # a spawned worker starts with no logging set up, a forked one with the parent's: the same either way
+    configure_logging(cfg.serve.log_format, worker=str(index), access_log=cfg.serve.access_log)
+    if pids is not None:
+        pids[index] = os.getpid()
     _die_with_parent()
     try:
         from towerann.server.asgi import app_for, freeze_heap
@@ -289,7 +296,14 @@ def worker_main(
     app = None
     try:
         peers = Peers(svc, acked, index)
-        app = app_for(svc, worker=str(index), metrics_dir=metrics_dir, freshen=peers.freshen)
+        parent = os.getppid()
+        app = app_for(
+            svc,
+            worker=str(index),
+            metrics_dir=metrics_dir,
+            freshen=peers.freshen,
+            processes=None if pids is None else lambda: {"parent": parent, **{str(i): p for i, p in enumerate(pids)}},
+        )
         peers.write_pool = getattr(app.state, "write_pool", None)
         freeze_heap()
         conn.send(("loaded",))
@@ -298,6 +312,7 @@ def worker_main(
         except EOFError:  # the parent is gone, or stopping before all were loaded
             return
         svc.start()
+        serving()
         _serve_on(svc, app, sock, peers)
     finally:
         from towerann.server.asgi import close_app

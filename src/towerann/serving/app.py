@@ -36,6 +36,8 @@ import functools
 import hmac
 import logging
 import math
+import os
+import time
 from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -44,7 +46,16 @@ import orjson
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,8 +70,10 @@ from towerann.errors import (
     TowerannError,
     Unauthorized,
 )
+from towerann.serving import access
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.monitor import RecallMonitor
+from towerann.serving.process_metrics import ServerProcesses
 from towerann.serving.retriever import STAGES, Retriever, int64_spelling_in_range
 
 log = logging.getLogger(__name__)
@@ -307,7 +320,7 @@ class ItemWrites(Protocol):
 
 
 class BundleReloads(Protocol):
-    def reload(self) -> dict[str, Any]: ...
+    def reload(self, reason: str = ...) -> dict[str, Any]: ...
     def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None: ...
 
 
@@ -320,9 +333,14 @@ class Metrics:
     With `multiprocess_dir` (the workers of `towerann serve --workers N`; prometheus_client was
     imported with PROMETHEUS_MULTIPROC_DIR set to it), every worker's counters and histograms live in
     files there and `exposition()` answers the totals of all workers, whichever one is asked; the
-    bundle info stays per worker (it names the bundle this worker serves)."""
+    bundle info stays per worker (it names the bundle this worker serves).
 
-    def __init__(self, multiprocess_dir: str | None = None) -> None:
+    Process metrics (serving.process_metrics): this process's, or with several workers every process
+    of the server's (`processes()`: {"parent": pid, "0": pid, ...}), labelled by worker."""
+
+    def __init__(
+        self, multiprocess_dir: str | None = None, processes: Callable[[], dict[str, int]] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "towerann_http_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
@@ -390,6 +408,10 @@ class Metrics:
             # prometheus_client leaves this constructor unannotated
             MultiProcessCollector(totals, path=multiprocess_dir)  # type: ignore[no-untyped-call]
             self._exposed = [totals, info_registry]
+            mine = os.getpid()
+            info_registry.register(ServerProcesses(processes or (lambda: {"self": mine})))
+        else:
+            ProcessCollector(registry=self.registry)
         self.bundle = Info("towerann_bundle", "the served retrieval bundle", registry=info_registry)
 
     def exposition(self) -> bytes:
@@ -439,6 +461,10 @@ class GuardMiddleware:
         path = scope["path"]
         route = path if path in ROUTES else "/v1/items/{item_id}" if path.startswith("/v1/items/") else "other"
         status = [0]  # 0: no answer started (yet)
+        logged = access.access_log.isEnabledFor(logging.INFO)  # off: nothing more is done for the access log
+        if logged:
+            t0 = time.perf_counter()
+            fields, token = access.start()
 
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -482,6 +508,8 @@ class GuardMiddleware:
         finally:
             # 499 (nginx's "client closed request"): the client went away before any answer started
             self.metrics.requests.labels(route=route, status=str(status[0] or 499)).inc()
+            if logged:  # the answer is out: the line costs the client nothing
+                access.finish(token, scope["method"], route, status[0] or 499, time.perf_counter() - t0, fields)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _error(
@@ -501,14 +529,16 @@ def create_app(
     worker: str | None = None,
     metrics_dir: str | None = None,
     freshen: Callable[[], Awaitable[None]] | None = None,
+    processes: Callable[[], dict[str, int]] | None = None,
 ) -> FastAPI:
     """The HTTP app around one Retriever; its holder may be empty (readyz says 503) until a swap.
 
     writer (freshness.live.ItemWriter) and reloader (freshness.reload.Reloader) enable the item and
     admin endpoints; they need `Authorization: Bearer <token>`. `worker` names this process in an
     X-Towerann-Worker header; `metrics_dir` makes /metrics the totals of all workers (Metrics);
-    `freshen` is awaited before each search (several workers: apply the others' acknowledged writes)."""
-    metrics = Metrics(metrics_dir)
+    `freshen` is awaited before each search (several workers: apply the others' acknowledged writes);
+    `processes` names the server's processes for the process metrics (Metrics)."""
+    metrics = Metrics(metrics_dir, processes)
     if reloader is not None:
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
     retriever.holder.subscribe(metrics.on_swap)
@@ -553,6 +583,9 @@ def _add_read_routes(
     # requests fought over the GIL and the p99 at 200 requests/s grew ten-fold.
     @app.post("/v1/candidates", response_model=None, responses={200: {"model": CandidatesResponse}, **ERRORS})
     async def candidates(req: CandidatesBody) -> Response:
+        noted = access.note()
+        if noted is not None:
+            noted["k"] = req.k
         flt = None if req.filter is None else req.filter.model_dump()
         if freshen is not None:
             await freshen()
@@ -561,6 +594,8 @@ def _add_read_routes(
             observe[stage].observe(ms / 1e3)
         if c.degraded:
             metrics.degraded.inc()
+            if noted is not None:
+                noted["degraded"] = True
         body = {
             "candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
             "model_version": c.model_version,
@@ -571,6 +606,8 @@ def _add_read_routes(
         if c.partial:  # absent otherwise: an unsharded answer has nothing to say here
             metrics.partial.inc()
             body.update(partial=True, missing_shards=list(c.missing_shards))
+            if noted is not None:
+                noted.update(partial=True, missing_shards=list(c.missing_shards))
         # orjson: at k=1000, json.dumps costs ~0.8 ms a request, as much as the retrieval itself
         return Response(orjson.dumps(body), media_type="application/json")
 
@@ -714,6 +751,9 @@ def _add_write_routes(
     @app.post("/v1/items", responses=WRITE_ERRORS, dependencies=authorized)
     async def upsert_items(req: ItemsBody) -> dict[str, Any]:
         """Embed the items with the item tower and add them to the live index: searchable on return."""
+        noted = access.note()
+        if noted is not None:
+            noted["items"] = len(req.items)
         return await write(writes_enabled().upsert, entry_rows(req.items, holder.current(), retriever))
 
     @app.patch("/v1/items/{item_id}", responses=WRITE_ERRORS, dependencies=authorized)
@@ -729,7 +769,8 @@ def _add_write_routes(
         """Load the bundle CURRENT names now (validated; refused if bad, the old one keeps serving)."""
         if reloader is None:
             raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
-        info = await asyncio.to_thread(reloader.reload)  # off the loop: requests keep being answered
+        # off the loop: requests keep being answered
+        info = await asyncio.to_thread(reloader.reload, "POST /v1/admin/reload")
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
 
     @app.get(

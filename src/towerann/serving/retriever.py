@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,7 @@ class Retriever:
         self.write_timeout_s = float(write_timeout_s)
         # Only a store that waits on the network gets threads; the embedded store is called inline.
         self._io = ThreadPoolExecutor(io_workers, thread_name_prefix="towerann-store") if store.does_io else None
+        self.degraded = DegradedState()  # answers ranked without the user's features: on / off, logged once each
 
     # ---- candidates -------------------------------------------------------------------------------
 
@@ -101,11 +103,12 @@ class Retriever:
         if query_vector is not None or user_id is None:
             return self._for_vector(user_id, query_vector, k, filter, t0)
         user_id, b, flt = self._check(user_id, k, filter)
+        why = None
         try:
             f: UserFeatures | None = self.store.get_one(user_id)
-        except BackendUnavailable:
-            f = None
-        return self._rank(b, user_id, k, flt, f, t0)
+        except BackendUnavailable as e:
+            f, why = None, str(e)
+        return self._rank(b, user_id, k, flt, f, t0, why)
 
     async def candidates_async(
         self,
@@ -120,18 +123,18 @@ class Retriever:
         if query_vector is not None or user_id is None:
             return self._for_vector(user_id, query_vector, k, filter, t0)  # no store, no tower: nothing to wait on
         user_id, b, flt = self._check(user_id, k, filter)
-        store = self.store
+        store, why = self.store, None
         if self._io is None:
             f: UserFeatures | None = store.get_one(user_id)  # in memory: microseconds, no thread hop
         elif not store.available():
-            f = None  # failed a moment ago: don't wait on it again yet
+            f, why = None, "the feature store failed a moment ago"  # don't wait on it again yet
         else:
             try:
                 f = await self._off_loop(store.get_one, user_id, timeout_s=self.features_timeout_s, what="read")
-            except BackendUnavailable:
-                f = None
+            except BackendUnavailable as e:
+                f, why = None, str(e)
         # Index writes run on this loop too (serving.app.on_loop): none can overlap the search below.
-        return self._rank(b, user_id, k, flt, f, t0)
+        return self._rank(b, user_id, k, flt, f, t0, why)
 
     def _check(self, user_id: Any, k: Any, filter: Any) -> tuple[str, RetrievalBundle, Filter | None]:
         user_id = self.check_id(user_id, "user_id")
@@ -158,9 +161,18 @@ class Retriever:
         return self._search(b, query, k, flt, t0, t1, t1, degraded=False)
 
     def _rank(
-        self, b: RetrievalBundle, user_id: str, k: int, flt: Filter | None, f: UserFeatures | None, t0: float
+        self,
+        b: RetrievalBundle,
+        user_id: str,
+        k: int,
+        flt: Filter | None,
+        f: UserFeatures | None,
+        t0: float,
+        why: str | None = None,
     ) -> Candidates:
         degraded = f is None
+        if degraded is not self.degraded.on:  # a transition (rare): logged once
+            self.degraded.turn(degraded, why)
         if f is None:  # no features to be had: the cold-start path an unknown user takes
             f = UserFeatures(user_id, False, {}, (), ())
         history = self._history(b, f.session, f.recent_items)
@@ -354,6 +366,39 @@ class Retriever:
         if categories is None and not attributes:
             return None
         return Filter(categories=categories, attributes=tuple(attributes.items()))
+
+
+class DegradedState:
+    """Whether the latest answer that asked the feature store was ranked without the user's features, and
+    one log line per change: `degraded on` when answers start going without them (the store is down or
+    misses its deadline), `degraded off` when the store answers again. Answers for a query vector never
+    ask the store, so they change nothing."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self._since = 0.0
+        self._lock = threading.Lock()  # Python callers may search from several threads
+
+    def turn(self, on: bool, why: str | None = None) -> None:
+        with self._lock:
+            if on is self.on:  # another thread logged this change first
+                return
+            self.on, now = on, time.monotonic()
+            seconds, self._since = now - self._since, now
+        if on:
+            log.warning(
+                "degraded on: candidates are ranked without the user's features (%s); the store is retried "
+                "every [features] retry_s",
+                " ".join((why or "the feature store did not answer").split()),
+                extra={"event": "degraded_on"},
+            )
+        else:
+            log.info(
+                "degraded off: the feature store answers again; candidates use the user's features (degraded "
+                "for %.1fs)",
+                seconds,
+                extra={"event": "degraded_off", "seconds": round(seconds, 3)},
+            )
 
 
 def _value_key(value: Any) -> str | None:
