@@ -8,8 +8,9 @@ request path and the bundle, `freshness/` the writes and swaps on top of it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from towerann.lazy import lazy_names
 
 if TYPE_CHECKING:
     from towerann.server.wiring import Service, open_retriever, open_service
@@ -20,10 +21,4 @@ __all__ = ["Service", "open_retriever", "open_service"]
 _MODULE_OF = {"Service": "wiring", "open_retriever": "wiring", "open_service": "wiring"}
 
 if not TYPE_CHECKING:  # the type checker reads the imports above instead
-
-    def __getattr__(name: str) -> Any:
-        if name not in _MODULE_OF:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-        globals()[name] = value
-        return value
+    __getattr__ = lazy_names(__name__, _MODULE_OF)

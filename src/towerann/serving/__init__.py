@@ -14,8 +14,9 @@ The names below are loaded from their modules on first use, so importing one mod
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from towerann.lazy import lazy_names
 
 if TYPE_CHECKING:
     from towerann.serving.bundle import RetrievalBundle
@@ -36,10 +37,4 @@ _MODULE_OF = {
 }
 
 if not TYPE_CHECKING:  # the type checker reads the imports above instead
-
-    def __getattr__(name: str) -> Any:
-        if name not in _MODULE_OF:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-        globals()[name] = value
-        return value
+    __getattr__ = lazy_names(__name__, _MODULE_OF)
