@@ -4,6 +4,7 @@
 
     with Client("http://127.0.0.1:8000", token="...") as c:   # token: only the write routes need it
         got = c.candidates("42", k=100, categories=["cat_0001"])
+        got = c.candidates("42", k=100, filter={"categories": ["cat_0001"], "brand": ["acme"]})
         got.item_ids, got.scores, got.degraded
         c.event("42", "1234")                                # the next candidates count this click
         c.upsert_items([{"item_id": "900001", "category": "cat_0001", ...}])
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,30 @@ class Candidates:
         return bool(self.missing_shards)
 
 
+def _filter_body(
+    categories: Sequence[str] | None, filter: Mapping[str, Sequence[str | bool] | None] | None
+) -> dict[str, Any] | None:
+    """The request's "filter" object from candidates()' arguments (None: no filter). Value lists go as
+    JSON lists (a tuple or set too); a single string is sent as it is, so the server says it wants a list."""
+    if filter is not None and not isinstance(filter, Mapping):
+        raise BadRequest(
+            f"filter must be a dict of key -> list of values, e.g. {{'categories': ['cat_0001']}}, "
+            f"got a {type(filter).__name__}"
+        )
+    out = {key: _values(v) for key, v in (filter or {}).items()}
+    if categories is not None:
+        if out.get("categories") is not None:
+            raise BadRequest("categories given twice: pass them as categories=[...] or in filter, not both")
+        out["categories"] = _values(categories)
+    return out or None
+
+
+def _values(values: Any) -> Any:
+    if values is None or isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        return values
+    return list(values)
+
+
 class Client:
     def __init__(
         self,
@@ -97,11 +122,15 @@ class Client:
         self,
         user_id: str | int | None = None,
         k: int = 100,
-        categories: list[str] | None = None,
+        categories: Sequence[str] | None = None,
         *,
         query_vector: Sequence[float] | None = None,
+        filter: Mapping[str, Sequence[str | bool] | None] | None = None,
     ) -> Candidates:
-        """Top-k items for this user now (their clicks up to this call counted); optionally only these categories.
+        """Top-k items for this user now (their clicks up to this call counted).
+        `filter`: {"categories": [names], <attribute>: [values], ...} keeps items that match every key
+        given, each key by any of its values; the attributes are the served bundle's [filters] attributes
+        (strings or booleans). `categories=[...]` is short for filter={"categories": [...]}.
         `query_vector` instead of `user_id`: the top-k for a user-tower output made by the caller."""
         body: dict[str, Any] = {"k": k}
         if user_id is not None:
@@ -111,8 +140,9 @@ class Client:
             bad = [i for i, x in enumerate(body["query_vector"]) if not math.isfinite(x)]
             if bad:  # JSON has no NaN: the server's own answer to it, without a request
                 raise BadRequest(f"query_vector holds a NaN or infinite value at position {bad[0]}")
-        if categories is not None:
-            body["filter"] = {"categories": list(categories)}
+        flt = _filter_body(categories, filter)
+        if flt is not None:
+            body["filter"] = flt
         got = self._call("POST", "/v1/candidates", body, repeatable=True)
         return Candidates(
             item_ids=[c["item_id"] for c in got["candidates"]],

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from towerann.bench.capacity import bytes_per_item, plan
+from towerann.bench.capacity import bytes_per_item, parse_bytes, plan
 from towerann.index import create
 
 
@@ -71,3 +71,20 @@ def test_bad_sizes_get_a_one_line_error():
         text=True,
     )
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--ram-per-node" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("64GB", 64e9), ("512 GiB", 512 * 2**30), ("1.5TB", 1.5e12), ("2e3MB", 2e9), ("100B", 100.0)],
+)
+def test_sizes_with_a_unit_are_read(text: str, expected: float) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize(("text", "said"), [("64", "--ram-per-node 64: give a unit, e.g. 64GB"), ("1.5", "1.5GB")])
+def test_a_size_without_a_unit_is_refused_in_one_line(text: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from towerann.cli import main
+
+    assert main(["plan", "--items", "1e9", "--ram-per-node", text]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.strip().count("\n") == 0, err

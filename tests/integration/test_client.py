@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from ann_catalog import TOKEN, server_config
 
 from towerann.client import Client
 from towerann.config import FeaturesConfig
 from towerann.data.dataset import read_items
+from towerann.data.vectors_dir import read_vectors
 from towerann.errors import BackendUnavailable, BadRequest, NotFound, Unauthorized
 from towerann.freshness.publish import publish_bundle
 from towerann.server.server import ServerHandle, free_port, start_background
@@ -130,3 +132,35 @@ def test_an_unreachable_server_is_backend_unavailable_without_the_urls_credentia
     with Client(url, retries=1, backoff_s=0.0) as c, pytest.raises(BackendUnavailable, match="cannot connect") as e:
         c.candidates("7")
     assert "pw-never-shown" not in str(e.value)
+
+
+def test_filters_on_categories_and_attributes_as_raw_http_does(tmp_path: Path, bundle_paths) -> None:
+    vs = read_vectors(bundle_paths["vectors"])
+    labels = ["acme", "globex", "initech"]
+    label = (np.arange(len(vs.external_ids)) % 3).astype(np.int32)
+    root = tmp_path / "indexes"
+    publish_bundle(root, bundle_paths["model"], vs, kind="exact", attributes={"label": (label, labels)})
+    items = read_items(bundle_paths["data"])
+    available = dict(zip(items["item_id"], items["available"]))
+    category = dict(zip(items["item_id"], items["category"]))
+    cat = items["category"].value_counts().index[0]
+    want = {i for i, code in zip(vs.external_ids.tolist(), label) if available[i] and category[i] == cat and code != 1}
+    handle = start_background(server_config(tmp_path, root, bundle_paths))
+    try:
+        flt = {"categories": [cat], "label": ["acme", "initech"]}
+        raw = httpx.post(f"{handle.url}/v1/candidates", json={"user_id": "7", "k": 1000, "filter": flt}).json()
+        with Client(handle.url) as c:
+            got = c.candidates("7", k=1000, filter=flt)
+            assert 0 < len(want) < 1000 and set(got.item_ids) == want
+            assert got.item_ids == [x["item_id"] for x in raw["candidates"]]
+            # categories= is short for filter={"categories": ...}; any sequence of values will do
+            short = c.candidates("7", k=1000, categories=[cat], filter={"label": ("acme", "initech")})
+            assert short.item_ids == got.item_ids
+            assert set(c.candidates("7", k=1000, categories=[cat]).item_ids) >= want
+            assert set(c.candidates("7", k=1000, filter={"label": ["globex"]}).item_ids).isdisjoint(want)
+            with pytest.raises(BadRequest, match="colour"):  # a key the bundle does not filter on: the server says so
+                c.candidates("7", k=5, filter={"colour": ["red"]})
+            with pytest.raises(BadRequest, match="categories given twice"):  # refused before any request
+                c.candidates("7", k=5, categories=[cat], filter={"categories": [cat]})
+    finally:
+        handle.stop()

@@ -29,8 +29,7 @@ DEFAULT_ALPHA = {"ivfpq": 0.5, "scann": 0.5, "hnsw": 0.2, "exact": 1.0}
 TABLES_BYTES = 8 + 4 + 3 + 16  # id, category, 3 flags, the sorted id -> slot lookup (Index base tables)
 HNSW_M = 32
 HEADROOM = 0.7  # share of a node's RAM the index may take (the rest: server, OS, page cache, a swap's second copy)
-UNITS = {
-    "": 1,
+UNITS = {  # a size needs one: is "64" 64 GB or 64 bytes?
     "B": 1,
     "KB": 1e3,
     "MB": 1e6,
@@ -43,10 +42,13 @@ UNITS = {
 }
 
 
-def parse_bytes(text: str) -> float:
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+def parse_bytes(text: str, flag: str = "--ram-per-node") -> float:
+    """A size with its unit ("64GB", "512 GiB", "1.5e3MB") -> bytes; a bare number is refused."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if m and not m.group(2):
+        raise ConfigError(f"{flag} {text.strip()}: give a unit, e.g. {m.group(1)}GB")
     if not m or m.group(2).upper() not in UNITS:
-        raise ConfigError(f"--ram-per-node: expected a size like 64GB or 512GiB, got {text!r}")
+        raise ConfigError(f"{flag} {text!r}: expected a size with its unit, e.g. 64GB or 512GiB")
     return float(m.group(1)) * UNITS[m.group(2).upper()]
 
 
@@ -227,11 +229,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=float, required=True, help="catalog size (e.g. 1e9)")
     add_dim(p, 128)
     add_kind(p, "ivfpq", choices=KINDS)
-    p.add_argument("--ram-per-node", default="64GB", help="RAM of one node (default 64GB)")
+    p.add_argument(
+        "--ram-per-node",
+        default="64GB",
+        metavar="SIZE",
+        help="RAM of one node, with its unit: B, KB, MB, GB, TB or KiB..TiB (default %(default)s)",
+    )
     add_k(p, 1000)
     add_recall(p, "recall@K target")
     p.add_argument("--pq-m", type=int, default=16, help="ivfpq: code bytes per item (default 16)")
-    p.add_argument("--attributes", type=int, default=0, help="filter attributes besides category (4 B/item each)")
+    p.add_argument(
+        "--attributes",
+        type=int,
+        default=0,
+        help="filter attributes besides category, 4 B/item each (default %(default)s)",
+    )
     p.add_argument(
         "--mode",
         choices=("warm", "cold", "ram"),

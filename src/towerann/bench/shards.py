@@ -11,8 +11,8 @@ same calls, and a batch of queries per call (per query). Also timed: the bare S-
 calls that do nothing (plain and compiled) and the merge alone (merge_topk of S lists).
 "Overhead" is the sharded p50 through Ray minus the unsharded index's p50 in this process.
 
-The issue's targets (at 1M items): recall within 0.5 points of the unsharded index, and the
-fan-out + merge overhead at S=4 under 2 ms p50. Writes shards-<items>.json and .png.
+The JSON's "targets" checks each S against TARGET (at 1M items): recall within 0.5 points of the
+unsharded index, and the fan-out + merge overhead at S=4 under 2 ms p50. Writes shards-<items>.json and .png.
 """
 
 from __future__ import annotations

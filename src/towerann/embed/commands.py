@@ -23,6 +23,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16384, help="items per tower call (default 16384)")
     p.add_argument("--part-size", type=int, default=1_048_576, help="items per output part (default 1048576)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--attributes",
+        type=attribute_list,
+        default=(),
+        metavar="COL[,COL...]",
+        help="catalog columns (strings or booleans) to keep per item as filter attributes besides category, "
+        "e.g. brand,in_stock: list the server's [filters] attributes here (default: none)",
+    )
     p.add_argument("--no-resume", action="store_true", help="discard an unfinished run instead of resuming it")
     p.add_argument("--overwrite", action="store_true", help="replace --out and discard any unfinished run")
     p.set_defaults(func=run_embed)
@@ -42,8 +50,19 @@ def run_embed(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             device=args.device,
             stats=stats,
+            attributes=args.attributes,
         )
     )
+
+
+def attribute_list(text: str) -> tuple[str, ...]:
+    """--attributes brand,in_stock -> ("brand", "in_stock"); the runner checks the names and columns."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected column names separated by commas, e.g. brand,in_stock; got {text!r}"
+        )
+    return names
 
 
 def report_embedding(embed: Callable[[dict[str, Any]], Path]) -> int:

@@ -34,6 +34,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, write_json_atomic, write_manifest
+from towerann.config import ATTRIBUTE_NAME
 from towerann.data.attributes import column_values, encode_column
 from towerann.data.dataset import ITEMS
 from towerann.data.vectors_dir import manifest_for, part_names, write_part
@@ -478,6 +479,37 @@ class EmbedRun:
         write_json_atomic(self.work / PROGRESS, self.state)
 
 
+def check_attribute_names(attributes: tuple[str, ...] | list[str] | str) -> list[str]:
+    """The filter attribute names, checked as the index and the config check them (a name becomes a file name)."""
+    if isinstance(attributes, str):  # attributes="brand" would otherwise be five one-letter columns
+        attributes = [attributes]
+    names = list(attributes)
+    bad = [a for a in names if not isinstance(a, str) or not ATTRIBUTE_NAME.match(a) or a in ("category", "categories")]
+    if bad:
+        raise ConfigError(
+            f"attributes {bad}: a filter attribute is a catalog column named with 1-32 characters a-z, 0-9, _ "
+            "starting with a letter (category is always filterable: leave it out)"
+        )
+    twice = sorted({a for a in names if names.count(a) > 1})
+    if twice:
+        raise ConfigError(f"attributes: {twice} listed more than once")
+    return names
+
+
+def _check_attribute_columns(file: Path, attributes: list[str]) -> None:
+    if not attributes:
+        return
+    try:
+        have = pq.read_schema(file).names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{file}: not a readable Parquet file ({e})") from e
+    missing = [a for a in attributes if a not in have]
+    if missing:
+        raise DataError(
+            f"{file}: no column(s) {missing} to keep as filter attributes; the catalog's columns are {have}"
+        )
+
+
 def start_run(
     model_dir: str | Path,
     items: str | Path,
@@ -494,10 +526,11 @@ def start_run(
         raise ConfigError(f"batch_size and part_size must be >= 1 (got {batch_size}, {part_size})")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or pass --overwrite")
+    attributes = check_attribute_names(attributes)
     file = resolve_items_file(items)
     model = TwoTowerModel.load(model_dir)
-    attributes = list(attributes)
     columns = model.schema.item_columns()
+    _check_attribute_columns(file, attributes)
     columns += [a for a in attributes if a not in columns]
     pf = open_catalog(file, columns)
     t = pf.schema_arrow.field("item_id").type

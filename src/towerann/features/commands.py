@@ -13,10 +13,21 @@ from towerann.storeurl import parse_store_url, redact
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("features", help="user feature store: load static features and history")
+    p = subparsers.add_parser(
+        "features",
+        help="user feature store: load static features and history",
+        description="The store `towerann serve` reads user features from (the one [features] store names): "
+        "load a dataset's users and their recent items into it, print its counts, or one user's features.",
+    )
     sub = p.add_subparsers(dest="features_command", metavar="ACTION", required=True)
 
-    load = sub.add_parser("load", help="load users.parquet + interaction history of a dataset into a store")
+    load = sub.add_parser(
+        "load",
+        help="load users.parquet + interaction history of a dataset into a store",
+        description="Write every user of a dataset into the store: their static features (users.parquet) and "
+        "their last --recent items (interactions.parquet), --batch-size users per write. A user already "
+        "there gets the dataset's record instead.",
+    )
     load.add_argument("--data", required=True, help="dataset folder with users.parquet and interactions.parquet")
     _store_args(load)
     load.add_argument(
@@ -29,11 +40,21 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     load.add_argument("--batch-size", type=int, default=5000, help="users per write (default 5000)")
     load.set_defaults(func=_load)
 
-    stats = sub.add_parser("stats", help="print a store's counts as JSON")
+    stats = sub.add_parser(
+        "stats",
+        help="print a store's counts as JSON",
+        description="Print the store's counts and settings as the backend reports them, as JSON (a Redis URL's "
+        "password never appears).",
+    )
     _store_args(stats)
     stats.set_defaults(func=_stats)
 
-    get = sub.add_parser("get", help="print one user's features as JSON")
+    get = sub.add_parser(
+        "get",
+        help="print one user's features as JSON",
+        description="Print what the store holds for one user as JSON: known or not, static features, recent "
+        "items and the session's events, as the user tower would read them.",
+    )
     _store_args(get)
     get.add_argument("user_id", help="the user id (as a string)")
     get.set_defaults(func=_get)

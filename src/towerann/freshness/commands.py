@@ -9,7 +9,9 @@ from pathlib import Path
 
 from towerann.config import load_config
 from towerann.errors import ConfigError, TowerannError
+from towerann.index import KINDS
 from towerann.index.build import AUTO_HELP
+from towerann.index.commands import TUNE_K, TUNE_K_HELP
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="model directory (default: the model of the bundle now current, else [paths] model)",
     )
     p.add_argument("--index", default=None, help="bundle root with CURRENT (default [paths] index)")
-    p.add_argument("--kind", default="auto", help=f"index backend (default {AUTO_HELP})")
-    p.add_argument("--recall", type=float, default=0.95, help="tune to this recall@k on held-out user queries")
-    p.add_argument("--k", type=int, default=100, help="k for tuning (default 100)")
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=("auto", *KINDS),
+        help=f"index backend: {', '.join(('auto', *KINDS))} (default %(default)s; {AUTO_HELP})",
+    )
+    p.add_argument(
+        "--recall",
+        type=float,
+        default=0.95,
+        help="tune to this recall@k on the dataset's held-out user queries (default %(default)s)",
+    )
+    p.add_argument("--k", type=int, default=TUNE_K, help=TUNE_K_HELP)
     p.add_argument("--keep", type=int, default=3, help="bundle versions to keep for rollback (default 3)")
     p.add_argument(
         "--every",

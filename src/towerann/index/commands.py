@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from towerann.artifacts import load_npy
+from towerann.config import ServeConfig
 from towerann.errors import ConfigError
 from towerann.index import KINDS, SHARDED
 from towerann.index.build import AUTO_HELP, Tuning, build_index
@@ -24,6 +25,11 @@ QUERIES_HELP = (
     "user-tower query vectors (.npy, float32 [m, dim]) for tuning; "
     "`towerann model queries --data DIR --model DIR --out q.npy` writes them"
 )
+
+# The K that tuning measures recall at, for `index build`, `index tune` and `refresh` alike: the largest K
+# a server answers by default ([serve] max_k), so the tuned settings reach the recall target at every K asked.
+TUNE_K = ServeConfig.max_k
+TUNE_K_HELP = "k for tuning: the recall target holds at this K (default %(default)s, [serve] max_k)"
 
 # index/ reads no model: tuning queries come from a file. The old flags stay, hidden, to say so in one line.
 QUERIES_MOVED = (
@@ -43,10 +49,22 @@ def _check_moved_flags(args: argparse.Namespace) -> None:
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("index", help="ANN index: build + publish snapshots, roll back, inspect")
+    p = subparsers.add_parser(
+        "index",
+        help="ANN index: build + publish snapshots, roll back, inspect",
+        description="Snapshots of an item index under a root directory: build and publish one, re-tune the "
+        "current one, roll CURRENT back, inspect one.",
+    )
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
-    b = sub.add_parser("build", help="build an index from a vectors directory and publish it as a snapshot")
+    b = sub.add_parser(
+        "build",
+        help="build an index from a vectors directory and publish it as a snapshot",
+        description="Build an index over a vectors directory (from `towerann embed`, or imported from a .parquet "
+        "or .npy file of vectors made elsewhere), tune its search settings to --recall at --k on user-tower "
+        "queries (--queries), and publish it as a new snapshot version under --out: CURRENT names it, "
+        "servers polling that root swap it in, and older versions beyond --keep are pruned.",
+    )
     b.add_argument(
         "--vectors",
         required=True,
@@ -86,7 +104,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=None,
         help="tune search params to this recall@k on user-tower queries (e.g. 0.95); give --queries",
     )
-    b.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
+    b.add_argument("--k", type=int, default=TUNE_K, help=TUNE_K_HELP)
     b.add_argument("--queries", default=None, help=QUERIES_HELP)
     _refuse_moved_flags(b)
     b.add_argument(
@@ -101,11 +119,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     b.set_defaults(func=run_build)
 
     t = sub.add_parser(
-        "tune", help="re-tune a published snapshot's search settings (no rebuild) and publish them as a new version"
+        "tune",
+        help="re-tune a published snapshot's search settings (no rebuild) and publish them as a new version",
+        description="Measure the CURRENT snapshot of ROOT again on user-tower queries (--queries) and choose the "
+        "fastest search settings that reach --recall at --k; the result is published as a new version that "
+        "shares the index files (hard links) of the one it re-tunes.",
     )
     t.add_argument("root", help="snapshot root (e.g. indexes/); its CURRENT version is re-tuned")
     t.add_argument("--recall", type=float, required=True, help="recall@k target on the tuning queries")
-    t.add_argument("--k", type=int, default=1000, help="k for tuning (default 1000)")
+    t.add_argument("--k", type=int, default=TUNE_K, help=TUNE_K_HELP)
     t.add_argument("--queries", default=None, help=QUERIES_HELP)
     _refuse_moved_flags(t)
     t.add_argument(
@@ -117,11 +139,23 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     t.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
     t.set_defaults(func=_tune)
 
-    r = sub.add_parser("rollback", help="point CURRENT at the previous snapshot version")
+    r = sub.add_parser(
+        "rollback",
+        help="point CURRENT at the previous snapshot version",
+        description="Point CURRENT of a snapshot root at the version before the current one (kept by --keep "
+        "when it was published). Servers polling the root load it as they load a new one; the newer "
+        "version stays on disk until pruned. Refused when no older version is left.",
+    )
     r.add_argument("--root", required=True, help="snapshot root (e.g. indexes/)")
     r.set_defaults(func=_rollback)
 
-    i = sub.add_parser("info", help="print a snapshot's manifest summary as JSON (checks checksums)")
+    i = sub.add_parser(
+        "info",
+        help="print a snapshot's manifest summary as JSON (checks checksums)",
+        description="Check every file of a snapshot against its manifest's checksums and print the manifest's "
+        "summary as JSON: backend, model version, count, build and search settings, the tuning curve; "
+        "for a root, also CURRENT and the versions kept.",
+    )
     i.add_argument("directory", help="a snapshot directory, or a root (its CURRENT version is shown)")
     i.set_defaults(func=_info)
 

@@ -6,6 +6,11 @@ are over-sampled as negatives, their logits are corrected by log(sampling probab
 al., 2019). Accidental hits (the positive item appearing elsewhere in the batch) are masked.
 Every epoch the model is scored on the validation period by exact recall@K; training stops when
 that has not improved for `patience` epochs and the best weights are kept.
+
+A time budget (`max_seconds`, counted from the start, data preparation included) is kept within about
+one step: before each step, training stops when what is left of the budget would not cover that step and
+the validation after it (as long as the previous ones took); the epoch cut short is validated like any
+other. Only the first validation's length is not known in advance.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from towerann.model.prepare import TRAIN, VALID, Prepared, build_schema, prepare
 from towerann.model.towers import TowerConfig
 
 log = logging.getLogger(__name__)
+clock = time.perf_counter  # the time budget's clock (a test substitutes a fake one)
 VALID_SCORES = 2e10  # validation users x items scored per epoch, at most (1M items: 20k users)
 
 
@@ -48,7 +54,7 @@ class TrainConfig:
     # live) are then embedded from their content - category and attributes - instead of an untrained row
     seed: int = 0
     max_item_vocab: int = 1_000_000
-    max_seconds: float | None = None  # stop early (keeping the best epoch) when time runs out
+    max_seconds: float | None = None  # time budget: stop within it (mid-epoch if need be), keeping the best epoch
 
 
 def item_vocabulary(p: Prepared, max_items: int) -> np.ndarray:
@@ -71,7 +77,7 @@ def train(
 ) -> TwoTowerModel:
     tower = tower or TowerConfig()
     cfg = cfg or TrainConfig()
-    t0 = time.perf_counter()
+    t0 = clock()
     model = fit(prepare(data, tower.history_len), str(data), tower, cfg, progress, t0)
     if out is not None:
         model.save(out, name=name, overwrite=overwrite)
@@ -84,7 +90,8 @@ def fit(
     """Train on the TRAIN split of prepared data, early-stopping on VALID; the test split is never read."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    t0 = time.perf_counter() if t0 is None else t0
+    t0 = clock() if t0 is None else t0
+    budget = _Budget(t0, cfg.max_seconds)
     train_rows = np.flatnonzero(p.split == TRAIN)
     if len(train_rows) < 2:
         raise DataError(f"{data}: fewer than 2 training interactions; nothing to learn from")
@@ -117,7 +124,7 @@ def fit(
     for epoch in range(cfg.epochs):
         net.train()
         order = torch.from_numpy(rng.permutation(train_rows))
-        total, steps = 0.0, 0
+        total, steps, cut = 0.0, 0, False
         batches = range(0, len(order), cfg.batch_size)
         for s in tqdm(
             batches,
@@ -126,6 +133,11 @@ def fit(
             disable=True if progress is False else None,
             leave=False,
         ):
+            # the first step of all always runs: a model is trained, however short the budget
+            if (epoch or steps) and budget.spent():
+                cut = True
+                break
+            budget.step_started()
             rows = order[s : s + cfg.batch_size]
             if len(rows) < 2:
                 continue
@@ -153,13 +165,27 @@ def fit(
             opt.step()
             total += float(loss.detach())
             steps += 1
+            budget.step_ended()
+        if cut and not steps:  # no time for a step of this epoch: the weights are the last validated ones
+            log.info("time budget of %.0f s reached before epoch %d", cfg.max_seconds, epoch + 1)
+            break
+        budget.validation_started()
         val = (
             metrics(two_tower_topk(model, p, valid, cfg.eval_k), valid.targets, (cfg.eval_k,))
             if len(valid.rows)
             else {}
         )
+        budget.validation_ended()
         score = val.get(f"recall@{cfg.eval_k}", -total)
-        history.append({"epoch": epoch + 1, "loss": total / max(steps, 1), f"val_recall@{cfg.eval_k}": score})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": total / max(steps, 1),
+                f"val_recall@{cfg.eval_k}": score,
+                "steps": steps,
+                **({"cut_by_time_budget": True} if cut else {}),
+            }
+        )
         log.info("epoch %d loss %.4f val recall@%d %.4f", epoch + 1, total / max(steps, 1), cfg.eval_k, score)
         if progress is not False:
             print(
@@ -169,8 +195,8 @@ def fit(
             best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch + 1
         elif epoch + 1 - best_epoch >= cfg.patience:
             break
-        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
-            log.info("time budget of %.0f s reached after epoch %d", cfg.max_seconds, epoch + 1)
+        if cut or budget.spent():
+            log.info("time budget of %.0f s reached in epoch %d", cfg.max_seconds, epoch + 1)
             break
     if best_state is not None:
         net.load_state_dict(best_state)
@@ -183,10 +209,39 @@ def fit(
         "best_epoch": best_epoch,
         f"val_recall@{cfg.eval_k}": best,
         "epochs": history,
-        "train_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(clock() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
         "train_config": dict(cfg.__dict__),
     }
     return model
+
+
+class _Budget:
+    """What is left of the time budget: enough for one more step and the validation after it? The step
+    and validation lengths are the longest seen so far (the first validation's is unknown: 0)."""
+
+    def __init__(self, t0: float, seconds: float | None):
+        self.deadline = None if seconds is None else t0 + seconds
+        self.step_s = self.validation_s = 0.0
+        self._since = t0
+
+    def spent(self) -> bool:
+        return self.deadline is not None and clock() + self.step_s + self.validation_s > self.deadline
+
+    def step_started(self) -> None:
+        if self.deadline is not None:
+            self._since = clock()
+
+    def step_ended(self) -> None:
+        if self.deadline is not None:
+            self.step_s = max(self.step_s, clock() - self._since)
+
+    def validation_started(self) -> None:
+        self.step_started()
+
+    def validation_ended(self) -> None:
+        if self.deadline is not None:
+            self.validation_s = max(self.validation_s, clock() - self._since)
 
 
 def summary(model: TwoTowerModel) -> dict[str, Any]:

@@ -221,6 +221,42 @@ def test_cli(model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.Capt
     assert "items file not found" in capsys.readouterr().err
 
 
+def test_cli_keeps_attributes_given_as_columns(
+    model_dir: Path, items: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from towerann.cli import main
+    from towerann.data.attributes import read_vector_attributes
+
+    df = items.copy()
+    df["in_stock"] = np.arange(len(df)) % 4 != 0  # a boolean column
+    file = tmp_path / "items.parquet"
+    df.to_parquet(file, index=False)
+    out = tmp_path / "vec"
+    argv = ["embed", "--model", str(model_dir), "--items", str(file), "--out", str(out)]
+    assert main([*argv, "--attributes", " brand, in_stock,brand"]) == 0  # spaces and a repeat are fine
+    attrs = read_vector_attributes(out)
+    assert list(attrs) == ["brand", "in_stock"]
+    codes, values = attrs["brand"]
+    assert values == sorted(set(df["brand"])) and [values[c] for c in codes] == df["brand"].tolist()
+    assert attrs["in_stock"][1] == ["false", "true"]
+    assert np.array_equal(attrs["in_stock"][0], df["in_stock"].to_numpy().astype(np.int32))
+    assert read_vector_attributes(embed_catalog(model_dir, file, tmp_path / "none", progress=False)) == {}
+
+    capsys.readouterr()
+    for attributes, said in [
+        ("colour", "no column(s) ['colour'] to keep as filter attributes"),
+        ("category", "category is always filterable"),
+        ("Brand", "attributes ['Brand']"),
+    ]:
+        assert main([*argv[:-1], str(tmp_path / attributes), "--attributes", attributes]) == 2, attributes
+        err = capsys.readouterr().err
+        assert said in err and err.strip().count("\n") == 0, err
+        assert not (tmp_path / attributes).exists() and not work_dir_for(tmp_path / attributes).exists()
+    with pytest.raises(SystemExit):
+        main([*argv, "--attributes", ","])
+    assert "column names separated by commas" in capsys.readouterr().err
+
+
 def test_read_ahead_reader_gives_the_same_batches(model: TwoTowerModel, dataset: Path) -> None:
     """The read-ahead thread (used with a GPU) hands over the same encoded batches as inline reading."""
     import torch
