@@ -51,6 +51,7 @@ def _embed(local: Any, args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             overwrite=args.overwrite,
             cpus_per_task=args.cpus_per_task,
+            attributes=args.attributes,
             stats=stats,
         )
     )

@@ -2,7 +2,7 @@
 
 A value is a string or a boolean; its key in the vocabulary is the string itself, or "true"/"false"
 (so a filter may say true or "true"). No value (null, or a row that never gave one) is code -1,
-which no filter matches. In a vectors directory (what `towerann embed --attribute` writes):
+which no filter matches. In a vectors directory (what `towerann embed --attributes` writes):
   attr_<name>.npy   int32 code per internal id, checksummed beside categories.npy (attrs_sha256)
   manifest.json     "attributes": {name: [value, ...]}   code i is value i
 """

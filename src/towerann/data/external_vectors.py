@@ -18,10 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from towerann.artifacts import sha256_file
-from towerann.data.vectors_dir import write_vectors
+from towerann.data.vectors_dir import UNKNOWN_CATEGORY, write_vectors
 from towerann.errors import DataError
 
-UNKNOWN = "<unknown>"
+UNKNOWN = UNKNOWN_CATEGORY
 
 
 class ExternalVectors(TypedDict):

@@ -23,6 +23,8 @@ from towerann.errors import ArtifactError
 
 KIND = "vectors"
 FORMAT_VERSION = 1
+# category code 0: items whose category the catalog does not give (never a filter users choose from)
+UNKNOWN_CATEGORY = "<unknown>"
 
 
 @dataclass

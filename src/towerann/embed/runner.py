@@ -37,7 +37,7 @@ from towerann.artifacts import MANIFEST, load_npy, replace_dir, sha256_file, wri
 from towerann.config import ATTRIBUTE_NAME
 from towerann.data.attributes import column_values, encode_column
 from towerann.data.dataset import ITEMS
-from towerann.data.vectors_dir import manifest_for, part_names, write_part
+from towerann.data.vectors_dir import UNKNOWN_CATEGORY, manifest_for, part_names, write_part
 from towerann.errors import ArtifactError, ConfigError, DataError
 from towerann.model.model import TwoTowerModel
 from towerann.model.schema import CategoricalColumn
@@ -574,7 +574,7 @@ def finish_run(run: EmbedRun, out: str | Path, overwrite: bool) -> Path:
         model_version=run.model.version,
         dim=run.model.dim,
         metric=run.model.metric,
-        category_names=["<unknown>"] + run.filter_vocab.values,
+        category_names=[UNKNOWN_CATEGORY] + run.filter_vocab.values,
         extra={
             "source": {"items": str(run.file), "rows": run.n_rows, "model": str(run.model_dir)},
             **({"attributes": run.attr_vocab} if run.attributes else {}),

@@ -1,10 +1,17 @@
-"""ScaNN (tree + anisotropic quantization + exact reorder), with a delta tier for what ScaNN cannot do cheaply.
+"""ScaNN (tree + anisotropic quantization + exact re-rank), with a delta tier for what ScaNN cannot do cheaply.
 
 ScaNN's own upsert/delete rebuild structures and its Python docid mapping is pickled, so this
 backend never uses them: items added after the build go to a small exact *delta* tier searched
 beside ScaNN and merged by score; removed/unavailable/filtered items are masked by over-fetching
 from ScaNN and dropping them (the base class falls back to exact search when that comes up short).
 The next build folds the delta in.
+
+The exact re-rank of ScaNN's candidate pool (search param `reorder`: the pool size) reads the float
+vectors this index keeps anyway (memory-mapped `vectors.npy`), not a float copy inside ScaNN: a ScaNN
+that keeps one computes per-leaf statistics over it and reads it into memory when it loads, all while
+holding the GIL (a hot swap at 1M x 64-d stalled every request ~0.8-1 s; without it ~0.3 s), and it
+is a second copy of the vectors in memory. Snapshots written before carry ScaNN's own reorder
+(backend_state without "rerank", or "rerank": "scann") and still search that way.
 """
 
 from __future__ import annotations
@@ -26,11 +33,42 @@ log = logging.getLogger(__name__)
 MIN_TREE = 2000  # below this many items ScaNN runs brute force (no partitioning to train)
 MAX_OVERFETCH = 10  # fetch at most this many times k from ScaNN when items are masked
 REFETCH_ROUNDS = 2  # the "filtered" path: rows left short fetch 4x more, this many times
+# backend_state["rerank"]: who re-scores the tree's candidate pool exactly. "towerann": this module,
+# over its own vectors (every build since); "scann": ScaNN's reorder over its own float dataset (the
+# layout before, and the meaning of a state without the field).
+RERANK_TOWERANN, RERANK_SCANN = "towerann", "scann"
+RESCORE_CHUNK = 1024  # candidate rows gathered at a time for the exact re-rank (256 KB at 64-d)
 
 
 def default_leaves(n: int, num_leaves: int | None = None) -> int:
     """Tree leaves of a build over `n` items: sqrt(n) unless given, at least 50 items a leaf."""
     return max(2, min(num_leaves or int(round(math.sqrt(n))), n // 50))
+
+
+def scores_at(q: np.ndarray, vecs: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Exact scores [m, n]: q[i] . vecs[slots[i, j]], -inf where slots[i, j] < 0.
+
+    One thread whatever OpenMP is set to: faiss' by-index kernel forks an OpenMP team even for one
+    query, which on a busy host costs far more than the scoring (2 cores under load: p50 19 ms against
+    0.25 ms single-threaded). So the rows are gathered a chunk at a time into a buffer that stays in
+    cache (numpy's take) and scored there (faiss' plain kernel); both release the GIL, so a memory map
+    faulting pages in does not stall other requests."""
+    import faiss
+
+    q = np.ascontiguousarray(q, np.float32)
+    m, n = slots.shape
+    d = vecs.shape[1]
+    out = np.empty((m, n), np.float32)
+    buf = np.empty((min(n, RESCORE_CHUNK), d), np.float32)
+    for i in range(m):
+        for a in range(0, n, RESCORE_CHUNK):
+            b = min(a + RESCORE_CHUNK, n)
+            np.take(vecs, slots[i, a:b], axis=0, out=buf[: b - a], mode="clip")  # unbuffered; -1 scored below
+            faiss.fvec_inner_products_ny(  # type: ignore[attr-defined]
+                faiss.swig_ptr(out[i, a:b]), faiss.swig_ptr(q[i]), faiss.swig_ptr(buf), d, b - a
+            )
+    out[slots < 0] = -np.inf
+    return out
 
 
 def _scann() -> Any:
@@ -69,6 +107,7 @@ class ScannIndex(SlotIndex):
         self._searcher: Any = None
         self._n_main = 0  # slots [0, n_main) are in ScaNN; the rest form the delta tier
         self._leaves = 0  # 0: brute force
+        self._rerank = RERANK_TOWERANN  # RERANK_SCANN: a snapshot from before (ScaNN holds a float copy)
 
     @property
     def leaves(self) -> int:
@@ -112,7 +151,8 @@ class ScannIndex(SlotIndex):
                 num_leaves=leaves, num_leaves_to_search=search_leaves, training_sample_size=min(n, p["train_sample"])
             )
             builder = builder.score_ah(2, anisotropic_quantization_threshold=p["quantization_threshold"])
-            builder = builder.reorder(reorder)
+            if self._rerank == RERANK_SCANN:  # the layout before (kept to build one for the tests)
+                builder = builder.reorder(reorder)
             self._leaves = leaves
         else:
             builder = builder.score_brute_force()
@@ -172,6 +212,8 @@ class ScannIndex(SlotIndex):
         """ScaNN over the main tier: the `fetch` best of a re-scored pool of at least `reorder`, masked-out
         slots dropped, k per row (-1 padded)."""
         reorder = max(reorder, fetch)
+        if self._leaves and self._rerank == RERANK_TOWERANN:
+            return self._reranked(q, k, fetch, min(reorder, self._n_main), leaves or -1, mask)
         pre_reorder, leaves = reorder if self._leaves else -1, leaves or -1
         if len(q) == 1:  # the single-query entry point: less per-call work than a batch of one
             idx, dist = self._searcher.search(q[0], fetch, pre_reorder, leaves)
@@ -190,6 +232,30 @@ class ScannIndex(SlotIndex):
             return self._compact(slots, scores, k)
         return slots, scores
 
+    def _reranked(
+        self, q: np.ndarray, k: int, fetch: int, pool: int, leaves: int, mask: Mask | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What ScaNN's own reorder returned, re-scored here: the tree + AH search's `pool` best candidates
+        per row, scored exactly against the stored vectors, the `fetch` best of them, masked-out slots
+        dropped, k per row (-1 padded). The mask applies after the cut, as it did to ScaNN's rows: rows
+        left short then take the same refetch rounds and exact fallback, which the tuned parameters and
+        the filter plan were measured with."""
+        if len(q) == 1:  # the single-query entry point; it returns a shorter row when the leaves hold fewer
+            idx, dist = self._searcher.search(q[0], pool, pool, leaves)
+            idx, dist = idx[None, :], dist[None, :]
+        else:
+            idx, dist = self._searcher.search_batched(q, pool, pool, leaves)
+        slots = idx.astype(np.int64)
+        slots[~np.isfinite(dist)] = -1  # ScaNN pads short rows with index 0, score NaN; scored -inf
+        scores = scores_at(q, self._vecs.data, slots)
+        if mask is None:  # fetch == k
+            return self._compact(slots, scores, k)
+        if fetch < slots.shape[1]:
+            cols, scores = topk_rows(scores, fetch)
+            slots = np.where(cols >= 0, np.take_along_axis(slots, np.maximum(cols, 0), axis=1), -1)
+        scores = np.where((slots >= 0) & mask.bits[slots], scores, np.float32(-np.inf))
+        return self._compact(slots, scores, k)
+
     @staticmethod
     def _compact(slots: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Keep each row's k best finite entries, sorted, -1/-inf padded."""
@@ -205,6 +271,7 @@ class ScannIndex(SlotIndex):
             "n_main": self._n_main,
             "leaves": self._leaves,
             "scann_dir": None,
+            "rerank": self._rerank,
         }
         if self._searcher is not None:
             (directory / "scann").mkdir()
@@ -215,6 +282,12 @@ class ScannIndex(SlotIndex):
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
         self._vecs = self.load_saved_vectors(directory, state["vectors"])
         self._n_main, self._leaves = int(state["n_main"]), int(state["leaves"])
+        self._rerank = state.get("rerank", RERANK_SCANN)  # no field: written before towerann re-ranked
+        if self._rerank not in (RERANK_TOWERANN, RERANK_SCANN):
+            raise ArtifactError(
+                f"{directory}: backend_state rerank {self._rerank!r} is neither {RERANK_TOWERANN!r} nor "
+                f"{RERANK_SCANN!r}; a newer towerann wrote it, rebuild the index"
+            )
         if state.get("scann_dir"):
             sdir = directory / state["scann_dir"]
             if (sdir / "scann_docids.pkl").exists():  # ScaNN would unpickle it; we never write one

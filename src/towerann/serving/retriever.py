@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from towerann.data.attributes import attribute_key
+from towerann.data.vectors_dir import UNKNOWN_CATEGORY
 from towerann.errors import BackendUnavailable, BadRequest, NotFound
 from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
@@ -334,11 +335,12 @@ class Retriever:
         every key given (AND), and match a key when its value is any of the listed ones (OR)."""
         if filter is None:
             return None
-        known = ["categories", *b.attribute_values]
-        if not isinstance(filter, dict) or set(filter) - set(known):
-            raise BadRequest(
-                f"filter must be an object with keys among {known} (each a list of values), got {str(filter)[:200]!r}"
-            )
+        known = _listed(["categories", *b.attribute_values])
+        if not isinstance(filter, dict):
+            raise BadRequest(f"filter must be an object whose keys are among {known}, each a list of values")
+        unknown = [str(key)[:64] for key in filter if key != "categories" and key not in b.attribute_values]
+        if unknown:
+            raise BadRequest(f"filter.{unknown[0]}: not a filter of this bundle; it filters on {known}")
         categories = None
         attributes = {}
         for key, values in filter.items():
@@ -357,7 +359,8 @@ class Retriever:
                 code = vocab.get(k) if k is not None else None
                 if code is None:
                     what = "category" if key == "categories" else f"{key} value"
-                    raise BadRequest(f"filter.{key}: unknown {what} {str(value)[:100]!r}; known e.g. {names[:5]}")
+                    shown = _listed([n for n in names if n != UNKNOWN_CATEGORY][:5], "and")
+                    raise BadRequest(f"filter.{key}: unknown {what} {str(value)[:100]!r}; known ones include {shown}")
                 codes.append(code)
             if key == "categories":
                 categories = frozenset(codes)
@@ -399,6 +402,12 @@ class DegradedState:
                 seconds,
                 extra={"event": "degraded_off", "seconds": round(seconds, 3)},
             )
+
+
+def _listed(names: Sequence[str], last: str = "or") -> str:
+    """["categories", "brand", "in_stock"] -> "categories, brand or in_stock": a list in words, not a repr."""
+    names = list(names)
+    return ", ".join(names[:-1]) + f" {last} " + names[-1] if len(names) > 1 else "".join(names)
 
 
 def _value_key(value: Any) -> str | None:
