@@ -248,9 +248,25 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "scann-mask-ignored",
         "index/scann.py",
-        "bad |= ~mask.bits[slots]",
-        "pass",
+        "scores = np.where((slots >= 0) & mask.bits[slots], scores, np.float32(-np.inf))",
+        "scores = np.where(slots >= 0, scores, np.float32(-np.inf))",
         "ScaNN's main tier returns masked-out slots",
+        select="scann",
+    ),
+    Mutant(
+        "scann-keeps-float-dataset",
+        "index/scann.py",
+        "            if self._rerank == RERANK_SCANN:  # the layout before (kept to build one for the tests)\n",
+        "            if True:\n",
+        "a new ScaNN build keeps its own float dataset again (its load holds the GIL building reorder state)",
+        tests=("tests/unit/index/test_scann_rerank.py",),
+    ),
+    Mutant(
+        "scann-rerank-pool-is-fetch",
+        "index/scann.py",
+        "self._reranked(q, k, fetch, min(reorder, self._n_main), leaves or -1, mask)",
+        "self._reranked(q, k, fetch, fetch, leaves or -1, mask)",
+        "the exact re-rank scores only the fetch best AH candidates, not the reorder pool",
         select="scann",
     ),
     Mutant(
