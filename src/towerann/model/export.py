@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from towerann.errors import ArtifactError, ConfigError
-from towerann.model.onnx_export import UserTowerForExport, example_inputs
+from towerann.model.onnx_export import INPUT_NAMES, UserTowerForExport, example_inputs
 
 if TYPE_CHECKING:
     from towerann.model.model import TwoTowerModel
@@ -64,10 +64,14 @@ class UserEncoder:
                     f"{path}: not a loadable ONNX user tower ({type(e).__name__}: {detail}); "
                     "retrain or re-save the model (towerann model train), or republish the bundle"
                 ) from e
-            names = [i.name for i in sess.get_inputs()]
+            names = {i.name for i in sess.get_inputs()}
+            # The exporter drops an input the graph never reads (no categorical user features: no "attrs"),
+            # so the arrays are fed by name, and only those the graph has.
+            if not names <= set(INPUT_NAMES):
+                raise ArtifactError(f"{path}: inputs {sorted(names)} are not a towerann user tower's {INPUT_NAMES}")
 
             def run_onnx(*arrays: np.ndarray) -> np.ndarray:
-                return sess.run(None, dict(zip(names, arrays)))[0]
+                return sess.run(None, {n: a for n, a in zip(INPUT_NAMES, arrays) if n in names})[0]
 
             return run_onnx
         module: nn.Module = UserTowerForExport(self.model.net).eval()
