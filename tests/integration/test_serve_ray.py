@@ -128,8 +128,10 @@ def test_serve_ray_answers_partial_while_a_shard_is_down_then_recovers(cluster, 
                 assert r.status_code == 200, r.text
                 time.sleep(0.1)
         assert down is not None and down["missing_shards"] == list(range(S)) and "error" in down, down
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # back by themselves
+        # back by themselves: Ray may take tens of seconds to report a killed actor (a late answer is not a
+        # failure), then restarts it; on a busy machine that exceeded a minute once
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
             r = httpx.post(f"{url}/v1/candidates", json={"query_vector": queries[0].tolist(), "k": K}, timeout=30)
             if r.status_code == 200 and "partial" not in r.json():
                 break
