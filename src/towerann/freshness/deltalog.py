@@ -349,9 +349,14 @@ class DurabilityWatch:
                     "%s stopped logging writes (%s): item writes and clicks are refused until it logs again",
                     self.delta.where,
                     problem,
+                    extra={"event": "durability_lost"},
                 )
             else:
-                log.warning("%s logs writes again (appendonly yes): item writes and clicks are taken", self.delta.where)
+                log.warning(
+                    "%s logs writes again (appendonly yes): item writes and clicks are taken",
+                    self.delta.where,
+                    extra={"event": "durability_back"},
+                )
             self.problem = problem
             for link in self.links:
                 link.not_durable = problem

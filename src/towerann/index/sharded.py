@@ -285,9 +285,10 @@ class ShardedIndex(Index):
                 "shard %d of %s did not answer within its deadline: answers leave it out until it is back",
                 s,
                 self.describe(),
+                extra={"event": "shard_missing", "shard": s},
             )
         for s in sorted(before - set(missing)):
-            log.warning("shard %d of %s answers again", s, self.describe())
+            log.warning("shard %d of %s answers again", s, self.describe(), extra={"event": "shard_back", "shard": s})
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, directory: Path) -> dict[str, Any]:
