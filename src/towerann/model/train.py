@@ -57,6 +57,12 @@ class TrainConfig:
     max_seconds: float | None = None  # time budget: stop within it (mid-epoch if need be), keeping the best epoch
 
 
+def _stopped(progress: bool | None, why: str) -> None:
+    """Say why training stopped before its last epoch (the epoch bars close as each epoch ends)."""
+    if progress is not False:
+        print(f"stopped early: {why}", flush=True)
+
+
 def item_vocabulary(p: Prepared, max_items: int) -> np.ndarray:
     """Items with training interactions, most frequent first, capped at max_items."""
     rows = p.item_row[p.split == TRAIN]
@@ -194,9 +200,11 @@ def fit(
         if score > best:
             best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch + 1
         elif epoch + 1 - best_epoch >= cfg.patience:
+            _stopped(progress, f"no better validation recall for {cfg.patience} epochs; keeping epoch {best_epoch}")
             break
         if cut or budget.spent():
             log.info("time budget of %.0f s reached in epoch %d", cfg.max_seconds, epoch + 1)
+            _stopped(progress, f"time budget of {cfg.max_seconds:.0f} s reached; keeping epoch {best_epoch}")
             break
     if best_state is not None:
         net.load_state_dict(best_state)
