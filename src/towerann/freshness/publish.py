@@ -3,6 +3,16 @@
 `publish_bundle` builds (or takes) an index over an embedded catalog and writes it, with the model and
 the id map, as a bundle under an index root (the layout `towerann.serving.bundle.RetrievalBundle.load`
 reads; its docstring describes it), then points CURRENT at it.
+
+With no model (`model_dir=None`) it publishes a *vectors-only* bundle: vectors made elsewhere
+(`import_vector_file`: a Parquet id + list-of-floats file, or a .npy matrix + ids, with category,
+availability and attribute columns), served for `query_vector` requests as they are. Its manifest says
+`"bundle": {"model": null, "space_id": S}` (S: the vectors' version, "external-<checksum>" for an
+imported file) and it holds `validation_queries.npy`, the sample a server's reload checks recall on.
+With no user tower there are no user queries to tune on: `catalog_queries` samples the catalog's
+own vectors instead. Those overestimate recall (an item's own vector finds the item and its close
+neighbours easily; real queries sit between items), so the target is kept and, where real queries
+exist (`towerann refresh --vectors F --queries q.npy`, `towerann index tune --queries`), they win.
 """
 
 from __future__ import annotations
@@ -15,14 +25,15 @@ from typing import Any
 import numpy as np
 
 from towerann.artifacts import save_npy
-from towerann.data.attributes import read_vector_attributes
+from towerann.data.attributes import column_values, encode_column, read_vector_attributes
+from towerann.data.external_vectors import import_vectors
 from towerann.data.vectors_dir import VectorSet, read_vectors
 from towerann.errors import ArtifactError, IndexIncompatible
 from towerann.index import SHARDED, Index
 from towerann.index.build import Tuning, build_index, split_params
 from towerann.index.filter_plan import calibrate
 from towerann.index.snapshot import publish
-from towerann.serving.bundle import BUNDLE_FORMAT
+from towerann.serving.bundle import BUNDLE_FORMAT, VALIDATION_QUERIES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +42,69 @@ def _vector_set(vectors: VectorSet | str | Path) -> VectorSet:
     return vectors if isinstance(vectors, VectorSet) else read_vectors(vectors)
 
 
+VALIDATION_SAMPLE = 64  # query vectors a vectors-only bundle carries for the reload's recall check
+CATALOG_QUERIES = 1000  # item vectors sampled as tuning queries when no user tower makes queries
+
+
+def catalog_queries(vectors: np.ndarray, n: int = CATALOG_QUERIES, seed: int = 0) -> np.ndarray:
+    """A seeded sample of the catalog's own vectors, as queries (float32 [min(n, items), dim])."""
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(vectors), size=min(n, len(vectors)), replace=False))
+    return np.ascontiguousarray(vectors[picks], dtype=np.float32)
+
+
+def import_vector_file(
+    source: str | Path,
+    out: str | Path,
+    *,
+    ids: str | Path | None = None,
+    id_column: str = "item_id",
+    vector_column: str = "vector",
+    category_column: str | None = None,
+    available_column: str | None = None,
+    attributes: tuple[str, ...] | list[str] = (),
+    normalize: bool = False,
+) -> tuple[VectorSet, dict[str, tuple[np.ndarray, list[str]]]]:
+    """Import vectors made elsewhere into the vectors directory `out` (data.external_vectors) and read
+    the filter `attributes` columns of the same Parquet file: (the vectors, {name: (int32 code per
+    internal id, sorted values)}). Internal ids are the file's row numbers, in both."""
+    import pyarrow.parquet as pq
+
+    from towerann.errors import DataError
+
+    import_vectors(
+        source,
+        out,
+        ids=ids,
+        id_column=id_column,
+        vector_column=vector_column,
+        category_column=category_column,
+        available_column=available_column,
+        normalize=normalize,
+        overwrite=True,
+    )
+    vs = read_vectors(out)
+    attrs: dict[str, tuple[np.ndarray, list[str]]] = {}
+    if attributes:
+        if Path(source).suffix == ".npy":
+            raise DataError(f"{source}: a .npy matrix has no attribute columns; give a Parquet file")
+        pf = pq.ParquetFile(source)
+        missing = [a for a in attributes if a not in pf.schema_arrow.names]
+        if missing:
+            raise DataError(f"{source}: no attribute column(s) {missing}; it has {pf.schema_arrow.names}")
+        vocab = column_values(pf, attributes)
+        table = pf.read(columns=list(attributes))
+        for name in attributes:
+            codes = encode_column(table.column(name), vocab[name])
+            if len(codes) != len(vs.external_ids):
+                raise DataError(f"{source}: column {name!r} has {len(codes)} rows, {len(vs.external_ids)} vectors")
+            attrs[name] = (codes, vocab[name])
+    return vs, attrs
+
+
 def publish_bundle(
     root: str | Path,
-    model_dir: str | Path,
+    model_dir: str | Path | None,
     vectors: VectorSet | str | Path,
     kind: str = "auto",
     params: dict[str, Any] | None = None,
@@ -43,6 +114,7 @@ def publish_bundle(
     delta_seq: int = 0,
     attributes: dict[str, tuple[np.ndarray, list[str]]] | None = None,
     calibrate_filters: bool = True,
+    validation_queries: np.ndarray | None = None,
 ) -> Path:
     """Build (or take) an index over `vectors`, write a bundle under `root`, point CURRENT at it.
 
@@ -53,13 +125,15 @@ def publish_bundle(
     (index.filter_plan.calibrate at tuning.k), unless calibrate_filters is False or the index is sharded.
 
     kind="sharded": params {"shards": S, "backend": "hnsw", <the backend's build and search params>};
-    tuning tunes the shards' search params (the same for every shard)."""
+    tuning tunes the shards' search params (the same for every shard).
+
+    model_dir None: a vectors-only bundle (no towers), its space id the vectors' model_version; it
+    carries `validation_queries` (default: the tuning queries, else a sample of its own vectors)."""
     from towerann.model.model import model_version_of
 
-    model_dir = Path(model_dir)
-    model_version = model_version_of(model_dir)
     vs = _vector_set(vectors)
-    if vs.model_version != model_version:
+    model_version = vs.model_version if model_dir is None else model_version_of(model_dir)
+    if model_dir is not None and vs.model_version != model_version:
         raise IndexIncompatible(
             f"vectors come from item tower {vs.model_version!r} but {model_dir} is "
             f"{model_version!r}; embed the catalog with this model first"
@@ -96,8 +170,16 @@ def publish_bundle(
     item_cats = np.full(len(vs.external_ids), -1, np.int32)
     item_cats[vs.ids] = vs.categories
 
+    if model_dir is None and validation_queries is None:
+        validation_queries = tuning.queries if tuning is not None else catalog_queries(vs.vectors, VALIDATION_SAMPLE)
+    space = {"model": None, "space_id": model_version} if model_dir is None else {}
+
     def add_files(tmp: Path) -> None:
-        shutil.copytree(model_dir, tmp / "model")
+        if model_dir is not None:
+            shutil.copytree(model_dir, tmp / "model")
+        else:
+            queries = np.asarray(validation_queries, np.float32)[:VALIDATION_SAMPLE]
+            save_npy(tmp / VALIDATION_QUERIES_FILE, np.ascontiguousarray(queries))
         save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
         save_npy(tmp / "item_categories.npy", item_cats)
 
@@ -114,8 +196,16 @@ def publish_bundle(
                 "items": len(vs),
                 "delta_seq": int(delta_seq),
                 "attributes": {name: list(values) for name, (_, values) in attributes.items()},
+                **space,
             }
         },
     )
-    log.info("published bundle %s (%s, %d items, model %s)", path, index.describe(), len(index), model_version)
+    log.info(
+        "published bundle %s (%s, %d items, %s %s)",
+        path,
+        index.describe(),
+        len(index),
+        "model" if model_dir is not None else "vectors only, space",
+        model_version,
+    )
     return path

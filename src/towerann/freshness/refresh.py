@@ -12,6 +12,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 from itertools import takewhile
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import pandas as pd
 
 from towerann.artifacts import atomic_dir
 from towerann.data.dataset import read_items
+from towerann.data.vectors_dir import VectorSet
 from towerann.errors import DataError
 from towerann.freshness.deltalog import DeltaEntry, DeltaLog
 from towerann.freshness.live import fold_catalog, usable
@@ -128,3 +131,101 @@ def _tuning(model_dir: str | Path, data_dir: str | Path, k: int, recall: float) 
         log.warning("refresh: no held-out user queries in %s (%s); search defaults stay untuned", data_dir, e)
         return None
     return Tuning(queries, k, recall) if len(queries) else None
+
+
+def refresh_vectors(
+    source: str | Path,
+    index_root: str | Path,
+    delta: DeltaLog,
+    *,
+    ids: str | Path | None = None,
+    id_column: str = "item_id",
+    vector_column: str = "vector",
+    category_column: str | None = None,
+    available_column: str | None = None,
+    attributes: tuple[str, ...] | list[str] = (),
+    normalize: bool = False,
+    queries: np.ndarray | None = None,
+    kind: str = "auto",
+    recall: float | None = 0.95,
+    k: int = 100,
+    keep: int = 3,
+    params: dict[str, Any] | None = None,
+    space_id: str | None = None,
+) -> dict[str, Any]:
+    """Publish a vectors-only bundle (no towers) from vectors made elsewhere; returns as `refresh`.
+
+    The file is the catalog: it is imported (freshness.publish.import_vector_file), the delta log's
+    availability changes and deletes up to the cut-off are folded in (an upsert needs an item tower:
+    skipped and logged), the index is built and tuned to `recall`@`k` on `queries` (default: a seeded
+    sample of the catalog's own vectors, which overestimates recall; see freshness.publish) and the
+    bundle is published. A running server swaps it in like any other. `space_id` names the vector space
+    in the manifest (default: the file's version, "external-<checksum>", new with every file)."""
+    from towerann.freshness.publish import catalog_queries, import_vector_file, publish_bundle
+
+    t0 = time.perf_counter()
+    cut = delta.last_seq()
+    root = Path(index_root)
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".refresh-", dir=root))
+    try:
+        vs, attrs = import_vector_file(
+            source,
+            work / "vectors",
+            ids=ids,
+            id_column=id_column,
+            vector_column=vector_column,
+            category_column=category_column,
+            available_column=available_column,
+            attributes=tuple(attributes),
+            normalize=normalize,
+        )
+        vs = _fold_vectors(vs, takewhile(lambda e: e.seq <= cut, delta.since(0)))
+        if space_id:
+            vs = replace(vs, model_version=str(space_id))
+        tuning = None
+        if recall is not None and kind != "exact":
+            q = catalog_queries(vs.vectors) if queries is None else np.asarray(queries, np.float32)
+            if q.ndim != 2 or q.shape[1] != vs.dim:
+                raise DataError(f"tuning queries: expected [n, {vs.dim}] vectors, got shape {q.shape}")
+            tuning = Tuning(q, k, recall)
+        path = publish_bundle(
+            root, None, vs, kind=kind, params=params, tuning=tuning, keep=keep, delta_seq=cut, attributes=attrs
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {"path": str(path), "delta_seq": cut, "items": len(vs), "seconds": round(time.perf_counter() - t0, 2)}
+    log.info("refresh: published vectors-only %s (%d items, delta log folded up to seq %d)", path, len(vs), cut)
+    return out
+
+
+def _fold_vectors(vs: VectorSet, entries: Iterable[DeltaEntry]) -> VectorSet:
+    """A vector set with the log's availability changes and deletes applied (by the catalog's item id).
+    Deleted items leave the rows (ids, vectors, categories, available); the id map keeps every row."""
+    key = {str(e): i for i, e in enumerate(vs.external_ids.tolist())}
+    internal = {int(i): j for j, i in enumerate(vs.ids.tolist())}  # internal id -> row
+    available = vs.available.copy()
+    keep = np.ones(len(vs.ids), bool)
+    for e in entries:
+        iid = key.get(e.item_id)
+        row = internal.get(iid) if iid is not None else None
+        if e.op == "upsert":
+            log.warning(
+                "refresh --vectors: skipped delta-log entry %d (upsert of item %r): a vectors-only bundle has no "
+                "item tower; put the item's vector in the vectors file",
+                e.seq,
+                e.item_id,
+            )
+        elif row is None:
+            continue
+        elif e.op == "available":
+            available[row] = bool(e.payload.get("available"))
+        elif e.op == "delete":
+            keep[row] = False
+    return replace(
+        vs,
+        vectors=vs.vectors[keep],
+        ids=vs.ids[keep],
+        categories=vs.categories[keep],
+        available=available[keep],
+    )

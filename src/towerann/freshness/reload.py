@@ -44,12 +44,17 @@ def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: i
     n_items = len(bundle.external_ids)
     if len(bundle.index) == 0 or n_items == 0:
         return 1.0
-    queries = []
-    for i in range(n):  # sessions of a few random catalog items: queries as the user tower makes them
-        picks = rng.integers(0, n_items, size=min(bundle.history_len, 1 + i % 8))
-        history = [(str(bundle.external_ids[p]), int(bundle.item_model_cat[p])) for p in picks]
-        queries.append(bundle.encoder.encode(f"validation-{i}", {}, history))
-    q = np.asarray(queries, np.float32)
+    if bundle.vectors_only:  # no user tower: the sample of its own space the bundle was published with
+        if bundle.validation_queries is None or not len(bundle.validation_queries):
+            return 1.0
+        q = np.asarray(bundle.validation_queries[:n], np.float32)
+    else:
+        queries = []
+        for i in range(n):  # sessions of a few random catalog items: queries as the user tower makes them
+            picks = rng.integers(0, n_items, size=min(bundle.history_len, 1 + i % 8))
+            history = [(str(bundle.external_ids[p]), int(bundle.item_model_cat[p])) for p in picks]
+            queries.append(bundle.encoder.encode(f"validation-{i}", {}, history))
+        q = np.asarray(queries, np.float32)
     k = min(k, len(bundle.index))
     # Exact search a few queries at a time: 64 at once over 1M items would allocate ~1.5 GB of scores
     # and partition indexes beside the bundle being served.

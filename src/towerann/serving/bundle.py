@@ -13,6 +13,14 @@ its CURRENT pointer and checksums over every file) that also holds:
 and `{"bundle": {...}}` in the snapshot manifest (with "attributes": {name: [value, ...]}, code i =
 value i); `towerann.freshness.publish.publish_bundle` writes it with `snapshot.publish`.
 
+A *vectors-only* bundle (vectors made elsewhere, `towerann refresh --vectors FILE`) has no model/:
+its manifest says `"bundle": {"model": null, "space_id": S, ...}`, where S names the vector space
+(the snapshot's model_version is S too, e.g. "external-<checksum>"), and it holds
+`validation_queries.npy` (a sample of query vectors from that space, for the reload's recall check).
+It is served as it is: requests send `query_vector`; one with `user_id` is a 400 (no user tower),
+and so is an item write that needs the item tower. `vectors_only` is True; `model` and `encoder`
+are stand-ins whose every use raises that 400.
+
 The bundle owns its changes (`upsert`, `set_available`, `remove`): the index call comes first and
 the id map and categories change only after it succeeded, so a failing write leaves the bundle as
 it was. Callers serialise writes (freshness.live.ItemWriter holds a lock); requests read without one.
@@ -27,18 +35,49 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from towerann.artifacts import load_npy, sha256_file
+from towerann.artifacts import load_npy, read_manifest, sha256_file
 from towerann.data.attributes import attribute_key, read_vector_attributes
 from towerann.data.vectors_dir import read_vectors
-from towerann.errors import ArtifactError, BackendUnavailable, IndexIncompatible
+from towerann.errors import ArtifactError, BackendUnavailable, BadRequest, IndexIncompatible
 from towerann.index import Index, load
-from towerann.index.snapshot import read_checked_manifest, resolve
+from towerann.index.snapshot import FORMAT_VERSION, KIND, read_checked_manifest, resolve
 
 if TYPE_CHECKING:
     from towerann.model.export import UserEncoder
     from towerann.model.model import TwoTowerModel
 
 BUNDLE_FORMAT = 1
+VALIDATION_QUERIES_FILE = "validation_queries.npy"  # a vectors-only bundle's sample queries
+NO_USER_TOWER = (
+    "this bundle has no user tower (vectors made elsewhere): send query_vector, or attach a user tower with "
+    "`towerann model import` and publish a bundle from it (`towerann refresh --model DIR`)"
+)
+NO_ITEM_TOWER = (
+    "this bundle has no item tower (vectors made elsewhere): publish changed vectors with "
+    "`towerann refresh --vectors FILE`; PATCH and DELETE /v1/items work as for any bundle"
+)
+
+
+class _NoTower:
+    """The model or user encoder of a vectors-only bundle: every use is a BadRequest (HTTP 400) that
+    says what to send instead, so no path that needs a tower can fail with an AttributeError."""
+
+    def __init__(self, message: str):
+        self._message = message
+
+    def __getattr__(self, name: str) -> Any:
+        raise BadRequest(self._message)
+
+
+def space_id_of(path: Path) -> str | None:
+    """The vector space of a vectors-only bundle directory (its manifest's bundle.space_id), else None."""
+    try:
+        info = read_manifest(path, KIND, FORMAT_VERSION).get("bundle")
+    except ArtifactError:
+        return None
+    if isinstance(info, dict) and "model" in info and info["model"] is None and info.get("space_id"):
+        return str(info["space_id"])
+    return None
 
 
 def _check_front_files(path: Path, model_version: str, dim: int) -> None:
@@ -112,6 +151,8 @@ class RetrievalBundle:
     # [filters] attributes: name -> values (code i = value i; the codes live in the index's slot tables)
     attribute_values: dict[str, list[str]] = field(default_factory=dict)
     attribute_code: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> value -> code
+    vectors_only: bool = False  # no user or item tower: `model` and `encoder` are stand-ins (400 on use)
+    validation_queries: np.ndarray | None = None  # vectors-only: sample queries for the reload's check
 
     @classmethod
     def load(
@@ -127,11 +168,16 @@ class RetrievalBundle:
         the id map and categories then come from the vectors directory its manifest names. A sharded
         index loads its shards into this process, unless `index_loader(version directory)` opens the
         index elsewhere (cluster.ray_shards: shards on Ray actors, which check their own files).
+        A vectors-only bundle is served as it is: `model_dir` does not apply to it.
         """
         from towerann.model.export import UserEncoder
         from towerann.model.model import TwoTowerModel
 
         path = resolve(directory)
+        if not (path / "model").is_dir():
+            space = space_id_of(path)
+            if space is not None:
+                return cls._load_vectors_only(path, space, index_loader)
         if (path / "model").is_dir():
             if model_dir is not None and Path(model_dir).resolve() != (path / "model").resolve():
                 from towerann.model.model import model_version_of
@@ -161,17 +207,7 @@ class RetrievalBundle:
             raise IndexIncompatible(f"{path}: index metric {m.get('metric')!r} != model metric {model.metric!r}")
         info = m.get("bundle")
         if info is not None:
-            if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or "category_names" not in info:
-                raise ArtifactError(f"{path}/manifest.json: field 'bundle' is of another format; republish the bundle")
-            external_ids = load_npy(path / "external_ids.npy")
-            item_cats = load_npy(path / "item_categories.npy")
-            names = [str(n) for n in info["category_names"]]
-            attr_values = {str(a): [str(v) for v in vals] for a, vals in (info.get("attributes") or {}).items()}
-            if sorted(attr_values) != index.attribute_names:
-                raise ArtifactError(
-                    f"{path}: the bundle lists attributes {sorted(attr_values)}, its index holds "
-                    f"{index.attribute_names}; republish the bundle"
-                )
+            external_ids, item_cats, names, attr_values = _bundle_tables(path, info, index)
         else:
             vectors_dir = m.get("vectors_dir")
             if not vectors_dir:
@@ -210,6 +246,45 @@ class RetrievalBundle:
             delta_seq=int((info or {}).get("delta_seq", 0)),
             attribute_values=attr_values,
             attribute_code={a: {v: i for i, v in enumerate(vals)} for a, vals in attr_values.items()},
+        )
+
+    @classmethod
+    def _load_vectors_only(
+        cls, path: Path, space: str, index_loader: Callable[[Path], Index] | None
+    ) -> RetrievalBundle:
+        """A bundle with no model: index, id map, categories, attributes and sample queries."""
+        if index_loader is None:
+            index = load(path, expected_model_version=space)
+        else:
+            _check_front_files(path, space, int(read_manifest(path, KIND, FORMAT_VERSION)["dim"]))
+            index = index_loader(path)
+        info = (index.manifest or {}).get("bundle")
+        external_ids, item_cats, names, attr_values = _bundle_tables(path, info, index)
+        if item_cats.shape != external_ids.shape:
+            raise ArtifactError(f"{path}: item categories and external ids differ in length; republish")
+        file = path / VALIDATION_QUERIES_FILE
+        queries = load_npy(file) if file.is_file() else None
+        if queries is not None and (queries.ndim != 2 or queries.shape[1] != index.dim):
+            raise ArtifactError(f"{file}: not [n, {index.dim}] query vectors; republish the bundle")
+        assert isinstance(info, dict)  # _bundle_tables checked it
+        return cls(
+            path=path,
+            version=path.name,
+            model_version=space,
+            model=_NoTower(NO_ITEM_TOWER),  # type: ignore[arg-type]  # a stand-in: 400 on every use
+            encoder=_NoTower(NO_USER_TOWER),  # type: ignore[arg-type]
+            index=index,
+            external_ids=external_ids,
+            category_names=names,
+            category_code={n: i for i, n in enumerate(names)},
+            item_internal=IdLookup(external_ids),
+            item_model_cat=np.zeros(len(external_ids), np.int64),
+            history_len=0,
+            delta_seq=int(info.get("delta_seq", 0)),
+            attribute_values=attr_values,
+            attribute_code={a: {v: i for i, v in enumerate(vals)} for a, vals in attr_values.items()},
+            vectors_only=True,
+            validation_queries=queries,
         )
 
     # ---- changes: each one all-or-nothing, the index first ------------------------------------------
@@ -335,3 +410,21 @@ class RetrievalBundle:
             "items": items,
             "delta_seq": self.delta_seq,
         }
+
+
+def _bundle_tables(
+    path: Path, info: Any, index: Index
+) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, list[str]]]:
+    """A bundle's id map, category per internal id, category names and attribute vocabularies."""
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or "category_names" not in info:
+        raise ArtifactError(f"{path}/manifest.json: field 'bundle' is of another format; republish the bundle")
+    external_ids = load_npy(path / "external_ids.npy")
+    item_cats = load_npy(path / "item_categories.npy")
+    names = [str(n) for n in info["category_names"]]
+    attr_values = {str(a): [str(v) for v in vals] for a, vals in (info.get("attributes") or {}).items()}
+    if sorted(attr_values) != index.attribute_names:
+        raise ArtifactError(
+            f"{path}: the bundle lists attributes {sorted(attr_values)}, its index holds "
+            f"{index.attribute_names}; republish the bundle"
+        )
+    return external_ids, item_cats, names, attr_values

@@ -32,7 +32,7 @@ from towerann.data.vectors_dir import UNKNOWN_CATEGORY
 from towerann.errors import BackendUnavailable, BadRequest, NotFound
 from towerann.features import Event, FeatureStore, UserFeatures
 from towerann.index import Filter
-from towerann.serving.bundle import RetrievalBundle
+from towerann.serving.bundle import NO_USER_TOWER, RetrievalBundle
 from towerann.serving.holder import BundleHolder
 from towerann.serving.monitor import RecallMonitor
 from towerann.serving.query import check_query_vector
@@ -140,6 +140,8 @@ class Retriever:
     def _check(self, user_id: Any, k: Any, filter: Any) -> tuple[str, RetrievalBundle, Filter | None]:
         user_id = self.check_id(user_id, "user_id")
         b, flt = self._check_k_filter(k, filter)
+        if b.vectors_only:  # before the store is asked: there is no tower to feed
+            raise BadRequest(NO_USER_TOWER)
         return user_id, b, flt
 
     def _check_k_filter(self, k: Any, filter: Any) -> tuple[RetrievalBundle, Filter | None]:
@@ -205,7 +207,7 @@ class Retriever:
         return Candidates(
             items,
             scores[:n].tolist(),
-            b.encoder.model_version,
+            b.model_version if b.vectors_only else b.encoder.model_version,  # vectors-only: the space id
             b.index.version or b.version,
             {
                 "features": (t1 - t0) * 1e3,
