@@ -484,6 +484,14 @@ MUTANTS: list[Mutant] = [
         tests=("tests/unit/index/test_plan_recall_noise.py",),
     ),
     Mutant(
+        "build-skips-filter-plan",
+        "index/build.py",
+        "        _calibrate(index, v, tuning, filter_k, search)\n",
+        "        pass\n",
+        "index build tunes unfiltered search but measures no filter plan (filters lose recall on that path)",
+        tests=("tests/unit/index/test_build_filter_plan.py",),
+    ),
+    Mutant(
         "deltalog-sync-off",
         "freshness/deltalog.py",
         "PRAGMA synchronous=NORMAL",

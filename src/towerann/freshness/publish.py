@@ -29,9 +29,8 @@ from towerann.data.attributes import column_values, encode_column, read_vector_a
 from towerann.data.external_vectors import import_vectors
 from towerann.data.vectors_dir import VectorSet, read_vectors
 from towerann.errors import ArtifactError, IndexIncompatible
-from towerann.index import SHARDED, Index
-from towerann.index.build import Tuning, build_index, split_params
-from towerann.index.filter_plan import calibrate
+from towerann.index import Index
+from towerann.index.build import Tuning, build_index
 from towerann.index.snapshot import publish
 from towerann.serving.bundle import BUNDLE_FORMAT, VALIDATION_QUERIES_FILE
 
@@ -122,7 +121,7 @@ def publish_bundle(
     loads the bundle replays only the entries after it. `attributes`: the filter attributes
     ({name: (int32 code per internal id, vocabulary)}); default: those of a vectors directory given
     by path (embed.attributes). With `tuning`, a built index also gets its filter plan measured
-    (index.filter_plan.calibrate at tuning.k), unless calibrate_filters is False or the index is sharded.
+    (by index.build.build_index, at tuning.k), unless calibrate_filters is False or the index is sharded.
 
     kind="sharded": params {"shards": S, "backend": "hnsw", <the backend's build and search params>};
     tuning tunes the shards' search params (the same for every shard).
@@ -141,15 +140,18 @@ def publish_bundle(
     if attributes is None:
         attributes = {} if isinstance(vectors, VectorSet) else read_vector_attributes(vectors)
     if index is None:
+        # build_index measures the filter plan when it tunes (index.build: one calibration for every build)
         index = build_index(
-            vs.vectors, vs.ids, vs.categories, vs.available, kind=kind, params=params, tuning=tuning, metric=vs.metric
+            vs.vectors,
+            vs.ids,
+            vs.categories,
+            vs.available,
+            kind=kind,
+            params=params,
+            tuning=tuning,
+            metric=vs.metric,
+            calibrate_filters=calibrate_filters if tuning is not None else False,
         )
-        if index.kind == SHARDED and tuning is not None and calibrate_filters:
-            # calibrate measures a backend's own paths; the shards keep the default thresholds
-            log.info("sharded index: no filter plan measured (the shards use the default thresholds)")
-        elif tuning is not None and calibrate_filters and index.kind != "exact":
-            calibrate(index, tuning.queries, ks=(tuning.k,), target=tuning.recall)
-            index.search_defaults.update(split_params(index.kind, dict(params or {}))[1])  # explicit params win
     for name, (codes, values) in attributes.items():
         if len(codes) < len(vs.external_ids) or (len(codes) and int(codes.max()) >= len(values)):
             raise ArtifactError(

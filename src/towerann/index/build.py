@@ -6,7 +6,13 @@ Used by `towerann index build`, by bundle publishing (demo, refresh, benchmarks)
 "auto" decides by measurement: below AUTO_EXACT_ITEMS brute force; above, with tuning queries, it
 builds each installed candidate backend, tunes it, and keeps the one with the lowest measured p50
 that reaches the target (else the best recall); `index.tuning["auto"]` records every candidate
-and why the winner won. Without queries there is nothing to measure: hnsw, untuned.
+and why the winner won. Without queries there is nothing to measure: hnsw, untuned, at
+UNTUNED_SEARCH's settings.
+
+A tuned build also measures its filter plan (`filter_plan.calibrate` on the tuning queries at the
+tuning k and recall), so an index searched as built plans filtered searches as a published bundle
+does. `calibrate_filters=True` without tuning measures the plan on queries made from the catalog's
+own items (`item_queries`), holding every planned path to its recall floor with no allowance for noise.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import numpy as np
 
 from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import SHARDED, backend_class, create
+from towerann.index.base import SlotIndex
+from towerann.index.filter_plan import calibrate
 from towerann.index.protocol import COMMON_SEARCH, Index
 from towerann.index.tune import Timer, tune
 
@@ -36,6 +44,15 @@ AUTO_HELP = (
     f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else the fastest of {'/'.join(AUTO_CANDIDATES)} "
     "at the recall target, measured on the tuning queries"
 )
+
+# Search settings of an untuned build (no tuning queries), over the backend's defaults. HNSW: ef 256
+# (its class default) gave recall@100 0.90-0.92 at 50k far-off items (synth_vectors' item-mean
+# queries, dim 128 and 64); ef 512 gives 0.962 and 0.971 (448: 0.955 and 0.965).
+UNTUNED_SEARCH: dict[str, dict[str, Any]] = {"hnsw": {"ef": 512}}
+# Without tuning queries the filter plan is measured on this many queries made from the items, to this
+# recall (each planned path's floor is the lower of it and the index's own unfiltered recall less a little).
+ITEM_QUERIES = 200
+UNTUNED_TARGET = 0.95
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,24 @@ def resolve_kind(kind: str, n_items: int, auto_exact_items: int = AUTO_EXACT_ITE
         backend_class(kind)  # an unknown kind fails here, with the list of kinds
         return kind
     return "exact" if n_items < auto_exact_items else "hnsw"
+
+
+def item_queries(vectors: np.ndarray, n: int = ITEM_QUERIES, seed: int = 0) -> np.ndarray:
+    """Queries made from a catalog's items when no user-tower queries are given: each the mean of 3 to 8
+    random items plus isotropic noise of the mean's own size (as towerann.data.synth_vectors makes
+    them), normalised. They sit between items, as user vectors do; an item's own vector would find
+    itself first and overstate recall."""
+    v = np.asarray(vectors, np.float32)
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(3, 9, n)
+    picks = rng.integers(0, len(v), (n, 8))
+    use = np.arange(8)[None, :] < counts[:, None]
+    mean = (v[picks] * use[:, :, None]).sum(axis=1) / counts[:, None].astype(np.float32)
+    size = np.linalg.norm(mean, axis=1, keepdims=True) / np.sqrt(np.float32(v.shape[1]))
+    q = mean + size * rng.standard_normal(mean.shape, dtype=np.float32)
+    norm = np.linalg.norm(q, axis=1, keepdims=True)
+    out: np.ndarray = (q / np.where(norm > 0, norm, 1)).astype(np.float32)
+    return out
 
 
 def split_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -81,18 +116,30 @@ def build_index(
     auto_kinds: tuple[str, ...] = AUTO_CANDIDATES,
     auto_budget_s: float = AUTO_BUDGET_S,
     timer: Timer | None = None,
+    calibrate_filters: bool | None = None,
+    filter_k: int = 100,
 ) -> Index:
     """Build an index over a catalog's vectors; tune it when `tuning` is given.
 
     Explicit search params in `params` win over tuned ones. With kind="auto", each candidate takes
     the params it understands (brute force takes none). kind="sharded" (params
     "shards" and "backend") tunes the shards' search params. `timer`
-    times the tuner's settings (index.tune.Timer)."""
+    times the tuner's settings (index.tune.Timer).
+
+    calibrate_filters (None: when tuning): measure the filter plan (`filter_plan.calibrate`) on the
+    tuning queries at tuning.k and tuning.recall, or without tuning on `item_queries` at `filter_k` and
+    UNTUNED_TARGET. No plan for brute force, a sharded index (its shards keep the default
+    thresholds) or a catalog of at most k items (every masked search keeps at most k: exact)."""
     v = np.asarray(vectors)
+    if calibrate_filters is None:
+        calibrate_filters = tuning is not None
     if kind == "auto" and len(v) >= auto_exact_items and tuning is not None:
-        return _build_fastest(
+        best = _build_fastest(
             v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds, auto_budget_s, timer
         )
+        if calibrate_filters:  # the winner only: a losing candidate's plan would be measured for nothing
+            _calibrate(best, v, tuning, filter_k, split_params(best.kind, _accepted(best.kind, dict(params or {})))[1])
+        return best
     resolved = resolve_kind(kind, len(v), auto_exact_items)
     build, search = split_params(resolved, dict(params or {}))
     if resolved == "exact" and kind == "auto" and build:
@@ -112,11 +159,32 @@ def build_index(
         }
     elif tuning is not None:
         tune(index, tuning.queries, tuning.k, tuning.recall, timer=timer)
-    elif kind == "auto":
-        log.warning("auto index: no tuning queries given, so the %s search defaults are untuned", resolved)
+    else:
+        index.search_defaults.update(UNTUNED_SEARCH.get(resolved, {}))
+        if kind == "auto":
+            log.warning("auto index: no tuning queries given, so the %s search defaults are untuned", resolved)
     index.search_defaults.update(search)  # and after: explicit params win over tuned ones
+    if calibrate_filters:
+        _calibrate(index, v, tuning, filter_k, search)
     log.info("built %s over %d items (kind %s)", index.describe(), len(index), kind)
     return index
+
+
+def _calibrate(index: Index, vectors: np.ndarray, tuning: Tuning | None, filter_k: int, search: dict[str, Any]) -> None:
+    """The filter plan of a built index (build_index's calibrate_filters), explicit search params winning."""
+    k = tuning.k if tuning is not None else filter_k
+    if index.kind == SHARDED:
+        log.info("sharded index: no filter plan measured (the shards use the default thresholds)")
+        return
+    if not isinstance(index, SlotIndex) or index.kind == "exact" or len(index) <= k:
+        return  # brute force needs no plan; at most k items, every masked search is exact
+    if tuning is not None:
+        calibrate(index, tuning.queries, ks=(k,), target=tuning.recall)
+    else:
+        calibrate(index, item_queries(vectors), ks=(k,), target=UNTUNED_TARGET, strict=True)
+        if index.filter_calibration is not None:
+            index.filter_calibration["queries_from"] = "items"
+    index.search_defaults.update(search)  # explicit params win over the plan's exact_below
 
 
 def _accepted(kind: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +229,7 @@ def _build_fastest(
                 tuning=tuning,
                 metric=metric,
                 timer=timer,
+                calibrate_filters=False,
             )
         except BackendUnavailable as e:
             report.append({"kind": kind, "skipped": str(e)})

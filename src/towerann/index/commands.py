@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from towerann.artifacts import load_npy
 from towerann.config import ServeConfig
 from towerann.errors import ConfigError
 from towerann.index import KINDS, SHARDED
-from towerann.index.build import AUTO_HELP, Tuning, build_index
+from towerann.index.build import AUTO_HELP, UNTUNED_TARGET, Tuning, build_index
 from towerann.index.snapshot import current_version, list_versions, publish, read_checked_manifest, resolve, rollback
+from towerann.index.tune import not_paying
 
 # Tuning queries come from a file: the model package makes them (index/ never loads a model).
 NEEDS_QUERIES = (
@@ -62,8 +64,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="build an index from a vectors directory and publish it as a snapshot",
         description="Build an index over a vectors directory (from `towerann embed`, or imported from a .parquet "
         "or .npy file of vectors made elsewhere), tune its search settings to --recall at --k on user-tower "
-        "queries (--queries), and publish it as a new snapshot version under --out: CURRENT names it, "
-        "servers polling that root swap it in, and older versions beyond --keep are pruned.",
+        "queries (--queries), measure its filter plan (which search path a filter keeping a given share of "
+        "the catalog takes: on the tuning queries, or without them on queries made from the items, to recall "
+        f"{UNTUNED_TARGET}), and publish it as a new snapshot version under --out: CURRENT names it, "
+        "servers polling that root swap it in, and older versions beyond --keep are pruned. Untuned, hnsw "
+        "searches at ef=512.",
     )
     b.add_argument(
         "--vectors",
@@ -151,12 +156,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     i = sub.add_parser(
         "info",
-        help="print a snapshot's manifest summary as JSON (checks checksums)",
+        help="print a snapshot's manifest summary as JSON (checks checksums) and its filter plan as a table",
         description="Check every file of a snapshot against its manifest's checksums and print the manifest's "
         "summary as JSON: backend, model version, count, build and search settings, the tuning curve; "
-        "for a root, also CURRENT and the versions kept.",
+        "for a root, also CURRENT and the versions kept. The filter plan, when the index has one, follows "
+        "as a table on stderr (share of the catalog a filter keeps -> the path searched, its measured recall "
+        "and p50), so stdout stays one JSON document.",
     )
     i.add_argument("directory", help="a snapshot directory, or a root (its CURRENT version is shown)")
+    i.add_argument("--json", action="store_true", help="JSON only: leave out the filter plan table")
     i.set_defaults(func=_info)
 
 
@@ -210,7 +218,16 @@ def run_build(args: argparse.Namespace) -> int:
     tuning = Tuning(queries, args.k, recall) if recall is not None and queries is not None else None
     t_build = time.perf_counter()
     index = build_index(
-        vs.vectors, vs.ids, vs.categories, vs.available, kind=args.kind, params=params, tuning=tuning, metric=vs.metric
+        vs.vectors,
+        vs.ids,
+        vs.categories,
+        vs.available,
+        kind=args.kind,
+        params=params,
+        tuning=tuning,
+        metric=vs.metric,
+        calibrate_filters=True,  # on the tuning queries, else on queries made from the items
+        filter_k=args.k,
     )
     build_s = time.perf_counter() - t_build
     path = publish(
@@ -237,8 +254,44 @@ def run_build(args: argparse.Namespace) -> int:
             f"{t['queries']} queries, {len(t.get('curve', []))} settings measured"
             f"{'' if t['reached'] else ', NOT reached'}; `towerann index info` shows the curve)"
         )
+        warning = not_paying(t, index.kind)
+        if warning:
+            print(f"WARNING: {warning}")
+    if index.filter_calibration:
+        fc = index.filter_calibration
+        print(
+            f"filter plan at k={','.join(map(str, fc['ks']))}, recall floor "
+            f"{', '.join(f'{v:.4g}' for v in fc['recall_floor'].values())}, measured on "
+            f"{fc['queries']} {'item-made' if fc.get('queries_from') == 'items' else 'tuning'} queries:"
+        )
+        print("\n".join(plan_table(index.search_defaults, fc)))
     print(f"snapshot: {path}")
     return 0
+
+
+def plan_table(search_defaults: dict[str, Any], calibration: dict[str, Any] | None) -> list[str]:
+    """The filter plan as text: per k and measured share of the catalog kept, the path the plan takes
+    there and that path's measured recall and p50 (exact search's p50 beside it)."""
+    plan = search_defaults.get("filter_plan") or []
+    if not plan:
+        return ["no filter plan: the default thresholds decide (exact below exact_below qualifying items)"]
+    points = (calibration or {}).get("points") or []
+    lines = [f"{'k':>6} {'kept':>7} {'items':>9}  {'path':<9} {'recall':>7} {'p50 ms':>9} {'exact ms':>9}"]
+    for k in sorted({int(row[0]) for row in plan}):
+        rows = [row for row in plan if int(row[0]) == k]
+        here = [p for p in points if int(p["k"]) == k]
+        for share in sorted({p["share"] for p in here}):
+            path = next((row[2] for row in rows if row[1] >= share), rows[-1][2])
+            at = {p["path"]: p for p in here if p["share"] == share}
+            p, exact = at.get(path) or at.get("exact") or {}, at.get("exact") or {}
+            lines.append(
+                f"{k:>6} {share:>7.1%} {p.get('kept', ''):>9}  {p.get('path', path):<9} "
+                f"{p.get('recall', float('nan')):>7.4f} {p.get('p50_ms', float('nan')):>9.3f} "
+                f"{exact.get('p50_ms', float('nan')):>9.3f}"
+            )
+        if not here:  # a plan without its measurements: the rows as stored
+            lines += [f"{k:>6} <={row[1]:>6.1%} {'':>9}  {row[2]:<9}" for row in rows]
+    return lines
 
 
 def _kind_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -273,6 +326,9 @@ def _tune(args: argparse.Namespace) -> int:
         f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}"
         f"{'' if t['reached'] else ', NOT reached'})"
     )
+    warning = not_paying(t, read_checked_manifest(path, verify=False)["backend"])
+    if warning:
+        print(f"WARNING: {warning}")
     print(f"snapshot: {path}")
     return 0
 
@@ -321,4 +377,7 @@ def _info(args: argparse.Namespace) -> int:
     if directory != root:
         info.update(current=current_version(root), versions=list_versions(root))
     print(json.dumps(info, indent=2, sort_keys=True))
+    if not args.json and m.get("backend") not in ("exact", SHARDED):
+        print("filter plan (share of the catalog a filter keeps -> path, recall, p50):", file=sys.stderr)
+        print("\n".join(plan_table(m.get("search_defaults") or {}, m.get("filter_calibration"))), file=sys.stderr)
     return 0

@@ -27,6 +27,10 @@ LATENCY_QUERIES = 50  # one-query searches timed per setting
 
 
 TRUTH_SCORES = 1 << 26  # query x item scores of one ground-truth block (256 MB of float32)
+# A tuned setting pays only when its p50 is under this fraction of exact search's (the filter planner's
+# EXACT_MARGIN too): above it, an ANN index buys a recall loss and a build for no time saved (ivfpq at
+# recall 0.95, k 1000 over 300k items tuned to 8.00 ms against exact's 8.04).
+PAYS_RATIO = 0.8
 
 
 @contextmanager
@@ -73,6 +77,16 @@ def measured_p50_ms(
     return one_query_p50_ms(search, queries)
 
 
+def not_paying(tuning: dict[str, Any] | None, kind: str) -> str | None:
+    """One line saying that a tuning record's setting does not pay (`pays` false), else None."""
+    if not tuning or tuning.get("pays") is not False:
+        return None
+    others = " or ".join(k for k in ("exact", "hnsw") if k != kind)
+    p50, exact = tuning.get("p50_ms"), tuning.get("exact_p50_ms")
+    speed = f"{p50 / exact:.2f}x exact search's time" if p50 and exact else "no faster than exact search"
+    return f"{kind} at recall {tuning.get('target'):g} is {speed}: use --kind {others}"
+
+
 def tune(
     index: Index,
     queries: Any,
@@ -90,7 +104,9 @@ def tune(
     short: that is brute force, not ANN recall) or when it is slower than exact search itself. The
     sweep stops once settings run at twice the best latency found. Sets the result as
     `index.search_defaults` (and `index.tuning`) and returns {"params", "recall", "p50_ms", "k",
-    "target", "queries", "reached", "exact_p50_ms", "curve"}; the curve holds every setting measured.
+    "target", "queries", "reached", "exact_p50_ms", "pays", "curve"}; the curve holds every setting
+    measured; `pays` is false (and a warning logged) unless the chosen p50 is under PAYS_RATIO x
+    exact search's.
     Ground truth comes from `exact` (an exact index over the same items) or brute force over the
     index's own vectors. `timer` times each setting (see Timer; default measured_p50_ms, looked up when
     called, so a test can swap the module's for a fixed cost model on paths it cannot pass one down).
@@ -161,7 +177,7 @@ def tune(
             index.kind,
             len(index),
         )
-        result.update(params={}, recall=1.0, p50_ms=round(exact_ms, 4), reached=True, exact_path=True)
+        result.update(params={}, recall=1.0, p50_ms=round(exact_ms, 4), reached=True, exact_path=True, pays=False)
     elif chosen is None:  # rows fall back, or the library is slower than brute force, at every setting
         log.warning(
             "tune %s: no setting returns k rows from the library at least as fast as exact search "
@@ -170,14 +186,17 @@ def tune(
             len(index),
         )
         recall = recall_at_k(index.search(q, k).ids, truth)
-        result.update(params={}, recall=round(recall, 6), p50_ms=None, reached=False)
+        result.update(params={}, recall=round(recall, 6), p50_ms=None, reached=False, pays=False)
     else:
         result.update(
             params=chosen["params"],
             recall=chosen["recall"],
             p50_ms=chosen["p50_ms"],
             reached=chosen["recall"] >= target_recall,
+            pays=chosen["p50_ms"] < PAYS_RATIO * exact_ms,
         )
+        if not result["pays"]:
+            log.warning("tune %s: %s", index.kind, not_paying(result, index.kind))
         if not result["reached"]:
             log.warning(
                 "tune %s: recall@%d target %.3f not reached; best %.4f with %s (a bigger build, e.g. "

@@ -211,6 +211,7 @@ def test_build_auto_picks_exact_for_small_and_measures_the_candidates_for_large(
         kind="auto",
         params={"M": 8, "ef_construction": 32},
         tuning=Tuning(q, 50, 0.95),
+        calibrate_filters=False,  # the choice is under test, not the filter plan
         auto_exact_items=1000,
         timer=CostModel(),
     )
@@ -240,6 +241,7 @@ def test_auto_builds_the_candidates_and_keeps_the_fastest_at_the_target(data, bi
             kind="auto",
             params={"M": 16, "ef_construction": 64},
             tuning=Tuning(q, 100, 0.9),
+            calibrate_filters=False,  # the choice is under test, not the filter plan
             auto_kinds=("hnsw", "scann"),
             timer=timer,
             auto_exact_items=1000,
@@ -256,6 +258,7 @@ def test_auto_builds_the_candidates_and_keeps_the_fastest_at_the_target(data, bi
         kind="auto",
         params={"M": 4, "ef_construction": 8, "pq_m": 16},
         tuning=Tuning(q, 100, 0.9),
+        calibrate_filters=False,  # the choice is under test, not the filter plan
         auto_kinds=("hnsw", "ivfpq"),
         timer=CostModel(scale={"hnsw": 0.01, "ivfpq": 1.0}),
     )
