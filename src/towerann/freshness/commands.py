@@ -6,7 +6,6 @@ served for `query_vector` requests (freshness.publish)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from towerann.config import load_config
 from towerann.errors import ConfigError, TowerannError
 from towerann.index import KINDS
 from towerann.index.build import AUTO_HELP
-from towerann.index.commands import TUNE_K, TUNE_K_HELP
+from towerann.index.commands import TUNE_K, TUNE_K_HELP, parse_params
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def _refresh(args: argparse.Namespace) -> int:
                     k=args.k,
                     keep=args.keep,
                     attributes=cfg.filters.attributes,
-                    params=_params(args.param) or None,
+                    params=parse_params(args.param) or None,
                 )
             )
         except TowerannError as e:
@@ -185,22 +184,9 @@ def _refresh_vectors(args: argparse.Namespace, configured: tuple[str, ...], root
         recall=args.recall,
         k=args.k,
         keep=args.keep,
-        params=_params(args.param),
+        params=parse_params(args.param),
         space_id=args.space_id,
     )
-
-
-def _params(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. --param M=32")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _current_is_vectors_only(root: Path) -> bool:

@@ -168,7 +168,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     i.set_defaults(func=_info)
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """--param KEY=VALUE items -> {key: value}, each value JSON when it parses as JSON (M=32 -> 32)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -296,7 +297,7 @@ def plan_table(search_defaults: dict[str, Any], calibration: dict[str, Any] | No
 
 def _kind_params(args: argparse.Namespace) -> dict[str, Any]:
     """The build's params (a sharded index's: its shard count and backend too)."""
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     if args.kind != SHARDED:
         if args.shards is not None or args.shard_kind is not None:
             raise ConfigError(f"--shards and --shard-kind go with --kind {SHARDED}, not --kind {args.kind}")
