@@ -1,10 +1,11 @@
 """Item vectors made elsewhere (another training stack's item tower) -> a towerann vectors directory.
 
-`towerann embed import` reads a Parquet file with an id column and a vector column (list or
-fixed-size list of floats), or a .npy matrix with a .npy of ids, plus optional category and
-availability columns, checks it (one dim, finite values, unique ids) and writes the same vectors
-directory `towerann embed` writes, so `towerann index build` and everything after it work unchanged.
-The vectors are taken as they are (inner product); `normalize` L2-normalises them first (cosine).
+`import_vectors` (behind `towerann index build --vectors FILE` and `towerann refresh --vectors FILE`)
+reads a Parquet file with an id column and a vector column (list or fixed-size list of floats), or a
+.npy matrix with a .npy of ids, plus optional category and availability columns, checks it (one dim,
+finite values, unique ids) and writes the same vectors directory `towerann embed` writes, so
+`towerann index build` and everything after it work unchanged. The vectors are taken as they are
+(inner product); `normalize` L2-normalises them first (cosine).
 """
 
 from __future__ import annotations
