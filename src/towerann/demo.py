@@ -297,7 +297,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--items", type=int, default=20_000, help="synthetic catalog size (default 20000)")
     p.add_argument("--users", type=int, default=4_000, help="synthetic users (default 4000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the catalog and the training (default 0)")
     p.add_argument("--train-seconds", type=float, default=90.0, help="training time budget (default 90)")
     p.add_argument("--k", type=int, default=100, help="candidates per request (default 100)")
     p.set_defaults(func=_run)

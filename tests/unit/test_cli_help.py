@@ -17,32 +17,18 @@ from towerann.cli import build_parser
 
 # Subcommands without a description of their own (their page shows only the usage and the options).
 NO_DESCRIPTION = {
-    "data",  # data/commands.py
-    "bench machine",  # bench/machine.py
-    "bench tower",  # bench/tower.py
-    "bench embed",  # bench/embed.py
     "bench model",  # bench/model_regimes.py
 }
 # (subcommand, option) without a help line.
 NO_HELP = {
-    ("demo", "--seed"),  # demo.py
-    ("bench tower", "--requests"),  # bench/tower.py
-    ("bench embed", "--batch-size"),  # bench/embed.py
     ("bench model", "--regimes"),  # bench/model_regimes.py
 }
 # (subcommand, option) whose help line does not show its default.
 DEFAULT_NOT_SHOWN = {
-    ("bench machine", "--repeats"),  # bench/machine.py
-    ("bench embed", "--work"),  # bench/embed.py
-    ("bench serve", "--store"),  # bench/serve.py
-    ("bench serve", "--rates"),  # bench/serve.py
     ("bench model", "--work"),  # bench/model_regimes.py
 }
 # Subcommands whose help speaks of "the issue" (a tracker's wording, meaningless to a user).
-SPEAKS_OF_AN_ISSUE = {
-    "bench filter",  # bench/filter.py's docstring
-    "bench soak",  # bench/soak.py's docstring
-}
+SPEAKS_OF_AN_ISSUE: set[str] = set()
 
 # Actions that take no value: their default (False, None, a constant) is not a setting to show.
 FLAG_ACTIONS = (

@@ -226,13 +226,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("embed", help="batch embedding throughput vs the pure tower and SGEMM")
+    p = bench_sub.add_parser(
+        "embed",
+        help="batch embedding throughput vs the pure tower and SGEMM",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_catalog(p, 1_000_000, dim=None)
     p.add_argument("--model", default=None, help="model directory (default: train a small one, reused)")
     p.add_argument(
-        "--work", default="bench-results/embed-data", help="where catalogs, the model and vectors go (reused)"
+        "--work",
+        default="bench-results/embed-data",
+        help="where catalogs, the model and vectors go (reused; default bench-results/embed-data)",
     )
-    p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("--batch-size", type=int, default=16384, help="items per tower batch (default 16384)")
     p.add_argument("--keep", action="store_true", help="keep the vectors directory (default: remove it)")
     add_out(p, "embed-N.json and embed-N.png")
     p.set_defaults(func=run)

@@ -13,8 +13,8 @@ records what the partitions cost in memory (bytes per item). --filter-order larg
 filters made of the biggest categories first (a few big values: what partitions are for) instead
 of a random order (mostly small categories, which the partition path scans like the exact one).
 
-Targets (the issue's, at 1M items): recall@K >= 0.95 at every share, and the planner's filtered p99
-at most 2x the unfiltered p99 of the same index. Writes filter-<items>.json and .png.
+What to look for: recall@K >= 0.95 at every share, and the planner's filtered p99 at most 2x the
+unfiltered p99 of the same index. Writes filter-<items>.json and .png.
 """
 
 from __future__ import annotations

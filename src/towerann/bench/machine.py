@@ -71,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("machine", help="this machine's SGEMM GFLOP/s and memory bandwidth (the ceilings)")
+    p = bench_sub.add_parser(
+        "machine",
+        help="this machine's SGEMM GFLOP/s and memory bandwidth (the ceilings)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--n", type=int, default=2048, help="matrix size of the SGEMM (default 2048)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default 5)")
     add_out(p, "machine.json and machine.png")
     p.set_defaults(func=run)

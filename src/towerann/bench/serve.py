@@ -527,7 +527,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     add_kind(p, what="of the served bundle")
     add_recall(p, "tune the index to this recall@k on held-out user queries")
     p.add_argument(
-        "--store", default="embedded", help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB"
+        "--store",
+        default="embedded",
+        help="embedded | redis (a redis-server is started) | redis://HOST:PORT/DB (default embedded)",
     )
     p.add_argument(
         "--workers", type=int, default=1, help="server processes (default 1; more than one needs --store redis)"
@@ -537,7 +539,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         type=float,
         nargs="+",
         default=[50, 100, 200, 400, 600, 800, 1200, 1600],
-        help="arrival rates to sweep, requests/s (stops at saturation)",
+        help="arrival rates to sweep, requests/s (stops at saturation; default 50 100 200 400 600 800 1200 1600)",
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections of the generator (default 64)")

@@ -16,7 +16,7 @@ everysec) holding the user features, the sessions and the delta log, as a durabl
   search: the category is small) and every acknowledged click in the user's session in Redis.
 Reports statuses per kind inside and outside the Redis outage, latency percentiles per phase and per
 second, the server's RSS over time, and the read-back; JSON + a PNG of latency and RSS over time.
-Targets (issue 13): no 5xx outside the outage, no acknowledged write lost, RSS growth after warm-up
+What to look for: no 5xx outside the outage, no acknowledged write lost, RSS growth after warm-up
 under 5% (reported over the whole run, and within each bundle's life, apart from the step the swap to
 a rebuilt bundle brings).
 """

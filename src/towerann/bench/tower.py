@@ -92,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("tower", help="user-tower latency per runtime (ONNX Runtime, TorchScript, torch)")
+    p = bench_sub.add_parser(
+        "tower",
+        help="user-tower latency per runtime (ONNX Runtime, TorchScript, torch)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--requests", type=int, default=5000, help="single-user requests timed per runtime (default 5000)")
     add_out(p, "tower.json and tower.png")
     p.set_defaults(func=run)

@@ -133,7 +133,12 @@ example, MovieLens ml-100k's raw files (u.item: 19 genre flags; u.user: some zip
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="make datasets: synthetic, from MovieLens, or from your own tables")
+    data = subparsers.add_parser(
+        "data",
+        help="make datasets: synthetic, from MovieLens, or from your own tables",
+        description="Writes a dataset folder (items, users, interactions as Parquet + a checked manifest.json) "
+        "that `towerann train` and `towerann embed` read.",
+    )
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     p = sub.add_parser(
