@@ -2,7 +2,8 @@
 
 A swap to a rebuilt bundle, or a restart, replays the entries newer than the bundle's cut-off,
 so nothing acknowledged is lost. Upserts log the item's *features*, not its vector: a bundle
-built by a new item tower re-embeds them with that tower on replay.
+built by a new item tower re-embeds them with that tower on replay. On a vectors-only bundle (no
+towers) the vector is the item: its upserts log the vector as written.
 
 Two backends: SQLite (WAL; the embedded default) and a Redis stream. A Redis that is down, hung or
 refusing turns every call into BackendUnavailable (HTTP 503) within `timeout_s`, and for `retry_s`
@@ -46,7 +47,7 @@ class DeltaEntry:
     item_id: str
     payload: dict[str, Any] = field(
         default_factory=dict
-    )  # upsert: the item's catalog row; available: {"available": bool}
+    )  # upsert: the item's catalog row (+ "vector" on a vectors-only bundle); available: {"available": bool}
     ts: float = 0.0
 
 

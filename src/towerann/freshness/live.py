@@ -3,7 +3,8 @@
 Every write is checked, then appended to the delta log (durable), then applied to the bundle being
 served; only then is it acknowledged. `replay` applies the log's entries after a bundle's cut-off to
 a bundle - at startup, and to a freshly loaded bundle before it is swapped in - so an acknowledged
-write survives restarts and rebuilds. Upserts are re-embedded with the bundle's own item tower.
+write survives restarts and rebuilds. Upserts are re-embedded with the bundle's own item tower; on a
+vectors-only bundle (no towers) an upsert carries the item's vector, logged and replayed as it is.
 
 Writes and swaps are serialised by `ItemWriter.lock`. Searches take no lock: the HTTP handlers run
 on one event loop, and every change to the served index runs there too (`apply_on`), so a search never
@@ -29,6 +30,7 @@ from towerann.errors import BadRequest, NotFound, TowerannError
 from towerann.freshness.deltalog import OPS, DeltaEntry, DeltaLog
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
+from towerann.serving.query import check_vector
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +44,42 @@ def apply_here(change: Callable[[], object]) -> None:
     change()
 
 
+# An item row's vector on a vectors-only bundle (the item is its vector: there is no item tower).
+VECTOR = "vector"
+
+
 def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
-    """Validate item rows for an upsert; return them normalised (available defaults to true)."""
+    """Validate item rows for an upsert; return them normalised (available defaults to true).
+
+    On a model bundle a row carries the item tower's features; on a vectors-only bundle it carries
+    `vector` instead (the bundle's dim, finite, not of near-zero norm; taken as it is, as the bundle's
+    file was). A vector on a model bundle is refused: its item tower makes the vectors there."""
     if not isinstance(rows, list) or not rows:
         raise BadRequest("items must be a non-empty list of item objects")
-    numeric, categorical = bundle.model.schema.item_feature_names()
+    if bundle.vectors_only:
+        numeric: list[str] = []
+        categorical: list[str] = []
+        inputs = f"{VECTOR} ({bundle.index.dim} numbers)"
+    else:
+        numeric, categorical = bundle.model.schema.item_feature_names()
+        inputs = "the item features"
     attributes = [a for a in bundle.attribute_values if a not in {*ITEM_RESERVED, *numeric, *categorical}]
-    known = {*ITEM_RESERVED, *numeric, *categorical, *attributes}
+    known = {*ITEM_RESERVED, *numeric, *categorical, *attributes, *([VECTOR] if bundle.vectors_only else [])}
     int_ids = bundle.external_ids.dtype.kind in "iu"
     out, seen = [], set()
     for i, row in enumerate(rows):
         where = f"items[{i}]"
         if not isinstance(row, Mapping):
-            raise BadRequest(f"{where}: expected an object with item_id, category and the item features")
+            raise BadRequest(f"{where}: expected an object with item_id, category and {inputs}")
+        if VECTOR in row and VECTOR not in known:
+            raise BadRequest(
+                f"{where}.{VECTOR}: this bundle's item tower (model {bundle.model_version}) makes its vectors; "
+                "send the item's features instead (vectors are written to vectors-only bundles)"
+            )
         extra = set(row) - known
         if extra:
-            raise BadRequest(f"{where}: unknown fields {sorted(extra)}; the item tower takes {sorted(known)}")
+            takes = "a vectors-only bundle takes" if bundle.vectors_only else "the item tower takes"
+            raise BadRequest(f"{where}: unknown fields {sorted(extra)}; {takes} {sorted(known)}")
         item_id = row.get("item_id")
         if not isinstance(item_id, str) or not item_id:
             raise BadRequest(f"{where}.item_id: a non-empty string is required")
@@ -95,8 +117,25 @@ def check_rows(bundle: RetrievalBundle, rows: Any) -> list[dict[str, Any]]:
                 if row[name] is not None:  # null clears it
                     attribute_key(row[name], f"{where}.{name}")  # a string or a boolean, else 400
                 clean[name] = row[name]
+        if bundle.vectors_only:
+            if VECTOR not in row:
+                raise BadRequest(
+                    f"{where}.{VECTOR}: required: this bundle has no item tower (vectors made elsewhere), so a "
+                    f"new or changed item is its vector ({bundle.index.dim} numbers); PATCH /v1/items/{{id}} "
+                    "changes availability alone"
+                )
+            # float32 values as Python floats: the log's JSON gives back exactly the vector indexed now
+            clean[VECTOR] = [float(x) for x in item_vector(bundle, row[VECTOR], f"{where}.{VECTOR}")]
         out.append(clean)
     return out
+
+
+def item_vector(bundle: RetrievalBundle, value: Any, where: str) -> np.ndarray:
+    """An item's vector for a vectors-only bundle: float32 [dim], finite, not of near-zero norm; else 400."""
+    v = check_vector(value, bundle.index.dim, where)
+    if not usable(v[None, :])[0]:
+        raise BadRequest(f"{where}: a vector of (near) zero norm has no direction (it scores ~0 for every query)")
+    return v
 
 
 # The towers give unit vectors. A norm under this is no direction at all (features far outside training
@@ -110,6 +149,25 @@ def usable(vectors: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         ok: np.ndarray = np.isfinite(vectors).all(axis=1) & (np.linalg.norm(vectors, axis=1) >= MIN_NORM)
     return ok
+
+
+def row_vectors(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The vectors of checked rows (or logged upserts): their own on a vectors-only bundle, the item
+    tower's otherwise. A row that gives no usable vector here is refused (BadRequest, naming it)."""
+    if not bundle.vectors_only:
+        for i, row in enumerate(rows):
+            if VECTOR in row:  # logged while a vectors-only bundle was served: another space than this tower's
+                raise BadRequest(
+                    f"items[{i}] ({row.get('item_id')!r}): a vector written to a vectors-only bundle; this "
+                    f"bundle's item tower (model {bundle.model_version}) makes its vectors from features"
+                )
+        return embed_rows(bundle, rows)
+    out = np.empty((len(rows), bundle.index.dim), np.float32)
+    for i, row in enumerate(rows):
+        if VECTOR not in row:  # logged while a model bundle was served: no tower here to embed it
+            raise BadRequest(f"items[{i}] ({row.get('item_id')!r}): no vector, and this bundle has no item tower")
+        out[i] = item_vector(bundle, row[VECTOR], f"items[{i}].{VECTOR}")
+    return out
 
 
 def embed_rows(bundle: RetrievalBundle, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -159,11 +217,11 @@ def apply_entries(bundle: RetrievalBundle, entries: Iterable[DeltaEntry], last: 
         if pending:
             rows = list(pending.values())
             try:
-                bundle.upsert(rows, embed_rows(bundle, rows))
+                bundle.upsert(rows, row_vectors(bundle, rows))
             except TowerannError:  # one bad row spoils the batch: apply them one by one, skip the bad ones
                 for row in rows:
                     try:
-                        bundle.upsert([row], embed_rows(bundle, [row]))
+                        bundle.upsert([row], row_vectors(bundle, [row]))
                     except TowerannError as e:
                         log.error(
                             "delta log: skipped the upsert of item %r on bundle %s: %s",
@@ -224,7 +282,7 @@ class ItemWriter:
         with self.lock:
             b = self._caught_up(apply_on)
             clean = check_rows(b, rows)
-            vectors = embed_rows(b, clean)  # before logging: a row the tower cannot take is refused, not logged
+            vectors = row_vectors(b, clean)  # before logging: a row the tower cannot take is refused, not logged
             entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
             last = entries[-1].seq
             self._apply_own(b, entries[0].seq, last, lambda: b.upsert(clean, vectors, last), apply_on)

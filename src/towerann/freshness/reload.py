@@ -1,13 +1,13 @@
 """Hot swap: notice a newly published bundle, load and validate it, replay the delta log, swap.
 
 The new bundle is loaded, checked (model and index belong together - `RetrievalBundle.load` refuses
-a mismatched pair or a bad checksum - and its recall@100 against exact search on sample user-tower
-queries reaches `min_recall`) and brought up to date with the delta log while the old one keeps
-serving. Only the last catch-up and the swap itself hold the writers' lock, so no write falls
-between the replay and the swap. A bundle that fails is refused and remembered (not retried until
-CURRENT changes again); the old one keeps serving. After the swap the old bundle's index memory is
-handed back as soon as no request holds it (release_when_unused), so two bundles live at once only
-for the load, the validation and the replay.
+a mismatched pair, by the rule startup used, or a bad checksum - and its recall@100 against exact
+search on sample user-tower queries reaches `min_recall`) and brought up to date with the delta log
+while the old one keeps serving. Only the last catch-up and the swap itself hold the writers' lock,
+so no write falls between the replay and the swap. A bundle that fails is refused and remembered
+(not retried until CURRENT changes again); the old one keeps serving. After the swap the old
+bundle's index memory is handed back as soon as no request holds it (release_when_unused), so two
+bundles live at once only for the load, the validation and the replay.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: i
     n_items = len(bundle.external_ids)
     if len(bundle.index) == 0 or n_items == 0:
         return 1.0
-    if bundle.vectors_only:  # no user tower: the sample of its own space the bundle was published with
+    if not bundle.has_user_tower:  # vectors-only, no user tower: the sample of its space it was published with
         if bundle.validation_queries is None or not len(bundle.validation_queries):
             return 1.0
         q = np.asarray(bundle.validation_queries[:n], np.float32)
@@ -117,13 +117,22 @@ class Reloader:
     """Loads the bundle CURRENT names under `root` into the writer's holder when it changes.
 
     `model_dir`: the model for a version without a model/ directory of its own (a plain index
-    snapshot from `towerann index build`, served with [paths] model), as at startup."""
+    snapshot from `towerann index build`, served with [paths] model), as at startup.
+    `given_model`: the model given explicitly at startup (`serve --model`): every new version is
+    paired with it by the rule startup used (serving.bundle.check_pairing, through RetrievalBundle.load),
+    so a version it may not serve (another space id, another dim, an index from another item tower)
+    is refused with that rule's one line and the old version keeps serving."""
 
     def __init__(
-        self, writer: ItemWriter, root: str | Path, min_recall: float = 0.8, model_dir: str | Path | None = None
+        self,
+        writer: ItemWriter,
+        root: str | Path,
+        min_recall: float = 0.8,
+        model_dir: str | Path | None = None,
+        given_model: str | Path | None = None,
     ):
         self.writer, self.root, self.min_recall = writer, Path(root), float(min_recall)
-        self.model_dir = model_dir
+        self.model_dir, self.given_model = model_dir, given_model
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._refused: str | None = None
         self._reload_lock = threading.Lock()  # one reload at a time (watcher vs admin endpoint)
@@ -177,7 +186,11 @@ class Reloader:
                     return {"outcome": "unchanged", "index_version": version}
                 phases = _Phases()
                 own_model = (self.root / version / "model").is_dir()
-                new = RetrievalBundle.load(self.root / version, model_dir=None if own_model else self.model_dir)
+                new = RetrievalBundle.load(
+                    self.root / version,
+                    model_dir=None if own_model else self.model_dir,
+                    given_model=self.given_model,
+                )
                 phases.mark("load")
                 if new.delta_seq > self.writer.delta.last_seq():  # built from another log: replay would skip writes
                     raise TowerannError(

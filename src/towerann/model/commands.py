@@ -108,14 +108,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     msub = m.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     i = msub.add_parser(
         "import",
-        help="ONNX user + item towers and a TOML schema -> a towerann model directory",
+        help="ONNX user + item towers (or a user tower alone) and a TOML schema -> a towerann model directory",
         description="Check a pair of ONNX towers against a TOML schema (inputs, dtypes, shapes, the "
         "output dim and norm) and a sample of a dataset (do users' own history items outscore random "
-        "ones?), then write a model directory that embed, index build, serve and refresh take.",
+        "ones?), then write a model directory that embed, index build, serve and refresh take. "
+        "A user tower alone (no --item-tower) needs --space-id: it answers user_id requests on a "
+        "vectors-only bundle of that space (`refresh --vectors FILE --space-id S`, then `serve --model DIR`).",
     )
     i.add_argument("--schema", required=True, help="TOML schema of the towers' inputs (see towerann.model.onnx_import)")
     i.add_argument("--user-tower", required=True, help="user tower, ONNX")
-    i.add_argument("--item-tower", required=True, help="item tower, ONNX")
+    i.add_argument(
+        "--item-tower",
+        default=None,
+        help="item tower, ONNX (leave out to import the user tower alone, with --space-id)",
+    )
+    i.add_argument(
+        "--space-id",
+        default=None,
+        metavar="NAME",
+        help="the vector space the towers' vectors live in: a vectors-only bundle published with "
+        "`refresh --vectors FILE --space-id NAME` pairs with this model at `serve --model`; required "
+        "without --item-tower (default: none declared)",
+    )
     i.add_argument("--data", required=True, help="dataset directory (items/users/interactions.parquet) to check on")
     i.add_argument("--out", required=True, help="model directory to write")
     i.add_argument(
@@ -150,6 +164,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_import(args: argparse.Namespace) -> int:
     from towerann.model.onnx_import import MIN_SPACE_AUC, import_model
 
+    if args.item_tower is None and args.min_space_auc is not None:
+        raise ConfigError("--min-space-auc scores a user tower against an item tower: it needs --item-tower")
     r = import_model(
         args.schema,
         args.user_tower,
@@ -159,10 +175,19 @@ def run_import(args: argparse.Namespace) -> int:
         name=Path(args.out).name,
         overwrite=args.overwrite,
         min_space_auc=MIN_SPACE_AUC if args.min_space_auc is None else args.min_space_auc,
+        space_id=args.space_id,
     )
+    if args.item_tower is None:
+        print(
+            f"imported user tower {r['model_version']} -> {r['out']} for vector space {r['space_id']!r} "
+            f"({r['sample_users']} sample users); serve it with a vectors-only bundle of that space: "
+            f"towerann serve --index ROOT --model {r['out']}"
+        )
+        return 0
+    space = f", vector space {r['space_id']!r}" if r["space_id"] is not None else ""
     print(
         f"imported model {r['model_version']} -> {r['out']}: own history items outscore random ones in "
-        f"{r['history_auc']:.0%} of pairs ({r['sample_users']} sample users)"
+        f"{r['history_auc']:.0%} of pairs ({r['sample_users']} sample users){space}"
     )
     return 0
 

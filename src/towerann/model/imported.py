@@ -2,11 +2,19 @@
 
 `towerann model import` (towerann.model.onnx_import) writes an ordinary model directory whose
 manifest names the tower kind "onnx-import":
-  manifest.json      kind "model", tower_kind "onnx-import": version, dim, metric, feature schema, mapping, checksums
+  manifest.json      kind "model", tower_kind "onnx-import": version, dim, metric, feature schema, mapping,
+                     checksums, towers (["user", "item"] or ["user"]), space_id (optional)
   user_tower.onnx    the team's user tower, as exported
-  item_tower.onnx    the team's item tower, as exported
+  item_tower.onnx    the team's item tower, as exported (absent from a user tower imported alone)
   item_vocab.npy     external item ids, in the order of the towers' item index (see `IndexMap`)
   user_vocab.npy     external user ids likewise
+
+A *user tower imported alone* (`towerann model import --user-tower U.onnx --space-id S`, no item tower)
+has towers ["user"] and must declare `space_id`: the name of the vector space its queries live in,
+the one a vectors-only bundle (`towerann refresh --vectors FILE --space-id S`) declares for the item
+vectors made elsewhere. `serve --model DIR` pairs the two by that name (serving.bundle.check_pairing);
+embedding items with it is a one-line error. A full import may declare a space_id too, so that a
+vectors-only bundle of vectors it made elsewhere pairs with it.
 
 The rest of towerann never sees the ONNX graphs' own input names. It encodes users and items as
 for its own towers (a `FeatureSchema` whose numeric columns pass through unscaled, id vocabularies
@@ -27,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from towerann.artifacts import load_npy, sha256_file
+from towerann.artifacts import MANIFEST, load_npy, read_manifest, sha256_file
 from towerann.errors import ArtifactError, ConfigError
 from towerann.model.schema import FeatureSchema
 from towerann.model.vocab import IdVocab
@@ -37,6 +45,66 @@ DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int3
 USER_SOURCES = ("user_id", "user_numeric", "user_categorical", "session_items", "session_mask")
 ITEM_SOURCES = ("item_id", "item_numeric", "item_categorical", "item_category")
 FILES = ("user_tower.onnx", "item_tower.onnx", "item_vocab.npy", "user_vocab.npy")
+TOWERS = ("user", "item")  # a full import; ("user",): a user tower imported alone
+MAX_SPACE_ID = 200
+
+
+def check_space_id(value: Any, where: str) -> str:
+    """A declared vector-space name: a non-empty one-line printable string without surrounding blanks."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or value != value.strip()
+        or not value.isprintable()
+        or len(value) > MAX_SPACE_ID
+    ):
+        shown = value[:60] if isinstance(value, str) else value
+        raise ConfigError(
+            f"{where}: a space id is a non-empty name of at most {MAX_SPACE_ID} printable characters without "
+            f"leading or trailing blanks, got {shown!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What pairing a model with a bundle reads of a model directory, from its manifest alone (cheap)."""
+
+    directory: Path
+    version: str
+    dim: int
+    space_id: str | None  # the declared vector space; None: none declared (a trained model, an old import)
+    user_only: bool  # a user tower imported alone: no item tower, so it built no index
+
+
+def model_facts(directory: str | Path) -> ModelFacts:
+    """The version, dim, declared space id and towers of a model directory (any kind), checked."""
+    directory = Path(directory)
+    m = read_manifest(directory, "model", 1)
+    where = f"{directory / MANIFEST}"
+    version, dim = m.get("model_version"), m.get("dim")
+    if not isinstance(version, str) or not version:
+        raise ArtifactError(f"{where}: no model_version")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ArtifactError(f"{where}: dim must be a positive integer, got {dim!r}")
+    towers = _towers(m, where)
+    space = m.get("space_id")
+    if space is not None:
+        try:
+            check_space_id(space, f"{where}: space_id")
+        except ConfigError as e:
+            raise ArtifactError(str(e)) from None
+    if towers == ("user",) and space is None:
+        raise ArtifactError(f"{where}: a user tower imported alone must declare space_id; import it again")
+    return ModelFacts(directory, version, dim, space, towers == ("user",))
+
+
+def _towers(m: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """The manifest's towers: absent (a trained model, an import before user-only imports) means both."""
+    towers = m.get("towers", list(TOWERS))
+    if not isinstance(towers, list) or tuple(towers) not in (TOWERS, ("user",)):
+        raise ArtifactError(f"{where}: towers must be {list(TOWERS)} or ['user'], got {towers!r}")
+    return tuple(towers)
 
 
 @dataclass(frozen=True)
@@ -202,12 +270,13 @@ class ImportedModel:
     user_vocab: IdVocab
     cfg: ImportedConfig
     user_feeds: TowerFeeds
-    item_feeds: TowerFeeds
+    item_feeds: TowerFeeds | None  # None: a user tower imported alone (its items' vectors come from elsewhere)
     normalize: bool
     version: str
     info: dict[str, Any] = field(default_factory=dict)
     metric: str = "ip"
     tower_kind: str = TOWER_KIND
+    space_id: str | None = None  # the declared vector space (serving.bundle.check_pairing)
 
     def __post_init__(self) -> None:
         self._item_tower: OnnxTower | None = None
@@ -222,7 +291,18 @@ class ImportedModel:
         """What the embed runner drives (`net.item_tower(...)`)."""
         return _Net(OnnxItemTower(self.item_tower()))
 
+    @property
+    def user_only(self) -> bool:
+        """A user tower imported alone: it makes queries, never item vectors."""
+        return self.item_feeds is None
+
     def item_tower(self) -> OnnxTower:
+        if self.item_feeds is None:
+            raise ConfigError(
+                f"model {self.version} ({self.directory}) is a user tower imported alone (space "
+                f"{self.space_id!r}): it embeds no items; publish the item vectors made elsewhere with "
+                f"`towerann refresh --vectors FILE --space-id {self.space_id}` and serve them with --model"
+            )
         if self._item_tower is None:
             self._item_tower = OnnxTower(
                 self.directory / "item_tower.onnx", "item", self.item_feeds, self.dim, self.normalize
@@ -244,6 +324,7 @@ class ImportedModel:
     def encode_items(self, frame: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
         """Catalog rows -> f32 vectors [n, dim] (live item writes, refresh checks)."""
         tower = self.item_tower()
+        assert self.item_feeds is not None  # item_tower() refused a user tower imported alone
         out = np.empty((len(frame), self.dim), np.float32)
         for s in range(0, len(frame), batch_size):
             part = frame.iloc[s : s + batch_size]
@@ -282,9 +363,14 @@ class ImportedModel:
 
     @classmethod
     def from_manifest(cls, directory: Path, m: Mapping[str, Any]) -> ImportedModel:
+        where = f"{directory / MANIFEST}"
+        towers = _towers(m, where)
         try:
             sums = m["checksums"]
             mapping = m["mapping"]
+            if (mapping["item"] is None) != (towers == ("user",)):
+                raise ValueError(f"towers {list(towers)} disagree with the item mapping")
+            space = m.get("space_id")
             model = cls(
                 directory,
                 FeatureSchema.from_json(m["schema"]),
@@ -292,14 +378,17 @@ class ImportedModel:
                 IdVocab(load_npy(directory / "user_vocab.npy", sums["user_vocab.npy"])),
                 ImportedConfig(int(m["dim"]), int(m["schema"]["history_len"])),
                 TowerFeeds.from_json(mapping["user"]),
-                TowerFeeds.from_json(mapping["item"]),
+                None if mapping["item"] is None else TowerFeeds.from_json(mapping["item"]),
                 bool(mapping["normalize"]),
                 m["model_version"],
                 m.get("info", {}),
+                space_id=None if space is None else check_space_id(space, f"{where}: space_id"),
             )
-            graphs = [(directory / name, sums[name]) for name in FILES if name.endswith(".onnx")]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{directory}/manifest.json: incomplete imported-model manifest ({e})") from e
+            graphs = [(directory / f"{side}_tower.onnx", sums[f"{side}_tower.onnx"]) for side in towers]
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise ArtifactError(f"{where}: incomplete imported-model manifest ({e})") from e
+        if model.user_only and model.space_id is None:
+            raise ArtifactError(f"{where}: a user tower imported alone must declare space_id; import it again")
         if m.get("metric") != "ip":
             raise ArtifactError(f"{directory}/manifest.json: metric {m.get('metric')!r}; towerann serves 'ip'")
         for path, want in graphs:

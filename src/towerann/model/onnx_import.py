@@ -36,6 +36,13 @@ checked before anything is written: every graph input is in the schema and the r
 shapes agree, a sample of the dataset runs through both towers, outputs have the schema's dim and
 (for "ip") unit norm, and a user's own history items outscore random items (the two towers write one
 space). Every error is one line naming the input that does not match.
+
+A user tower alone (`item_tower=None`, the CLI without --item-tower) is imported for a vectors-only
+bundle (item vectors made elsewhere): the schema then has no [item_tower], `space_id` is required
+(the vector space the bundle declares, `towerann refresh --vectors FILE --space-id S`), and [ids]
+items is needed only when the tower reads session items. The checks are the user side's; whether the
+tower's queries fit the item vectors is the declared space id's promise, which `serve --model` checks
+by name (serving.bundle.check_pairing).
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ import pandas as pd
 from towerann.artifacts import MANIFEST, atomic_dir, save_npy, sha256_file, write_manifest
 from towerann.data.dataset import read_items, read_users
 from towerann.errors import ConfigError, DataError, TowerannError
-from towerann.model.imported import DTYPES, TOWER_KIND, Feed, ImportedModel, TowerFeeds
+from towerann.model.imported import DTYPES, TOWER_KIND, Feed, ImportedModel, TowerFeeds, check_space_id
 from towerann.model.schema import CategoricalColumn, FeatureSchema, NumericColumn
 
 log = logging.getLogger(__name__)
@@ -94,38 +101,49 @@ MIN_SPACE_AUC = 0.6
 def import_model(
     schema_path: str | Path,
     user_tower: str | Path,
-    item_tower: str | Path,
+    item_tower: str | Path | None,
     data: str | Path,
     out: str | Path,
     name: str | None = None,
     overwrite: bool = False,
     min_space_auc: float = MIN_SPACE_AUC,
+    space_id: str | None = None,
 ) -> dict[str, Any]:
-    """Check the pair against the schema and a dataset, write the model directory; return a report."""
+    """Check the towers against the schema and a dataset, write the model directory; return a report.
+
+    `item_tower` None: the user tower alone, which needs `space_id` (see the module's docstring);
+    `space_id` with both towers: the space of item vectors they made elsewhere, declared too."""
+    if item_tower is None and space_id is None:
+        raise ConfigError(
+            "a user tower without an item tower needs --space-id S: the space id of the vectors-only bundle "
+            "whose item vectors its queries are for (`towerann refresh --vectors FILE --space-id S`); or give "
+            "--item-tower"
+        )
+    if space_id is not None:
+        check_space_id(space_id, "--space-id")
     schema_path, out = Path(schema_path), Path(out)
-    spec = _read_toml(schema_path)
-    graphs = {"user": Path(user_tower), "item": Path(item_tower)}
+    sides = ("user",) if item_tower is None else ("user", "item")
+    spec = _read_toml(schema_path, sides)
+    graphs = {"user": Path(user_tower)} | ({} if item_tower is None else {"item": Path(item_tower)})
     items, users = read_items(data), read_users(data)
-    plan = _plan(spec, schema_path, items, users)
+    plan = _plan(spec, schema_path, items, users, sides)
     for side, path in graphs.items():
         feeds = plan[f"{side}_feeds"]
         plan[f"{side}_feeds"] = replace(feeds, output=_check_graph(path, side, feeds, spec["model"]["dim"]))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        shutil.copyfile(graphs["user"], tmp / "user_tower.onnx")
-        shutil.copyfile(graphs["item"], tmp / "item_tower.onnx")
+        sums = {}
+        for side, path in graphs.items():
+            shutil.copyfile(path, tmp / f"{side}_tower.onnx")
+            sums[f"{side}_tower.onnx"] = sha256_file(tmp / f"{side}_tower.onnx")
         shutil.copyfile(schema_path, tmp / "import.toml")  # what it was imported from, for the record
-        sums = {
-            "user_tower.onnx": sha256_file(tmp / "user_tower.onnx"),
-            "item_tower.onnx": sha256_file(tmp / "item_tower.onnx"),
-            "item_vocab.npy": save_npy(tmp / "item_vocab.npy", plan["item_ids"]),
-            "user_vocab.npy": save_npy(tmp / "user_vocab.npy", plan["user_ids"]),
-        }
+        sums["item_vocab.npy"] = save_npy(tmp / "item_vocab.npy", plan["item_ids"])
+        sums["user_vocab.npy"] = save_npy(tmp / "user_vocab.npy", plan["user_ids"])
         mapping = {
             "user": plan["user_feeds"].to_json(),
-            "item": plan["item_feeds"].to_json(),
+            "item": plan["item_feeds"].to_json() if "item" in graphs else None,
             "normalize": spec["model"]["metric"] == "cosine",
         }
-        digest = _digest(sums, mapping)
+        digest = _digest(sums, mapping, space_id)
         manifest = {
             "kind": "model",
             "format_version": 1,
@@ -133,48 +151,54 @@ def import_model(
             "model_version": f"{name or out.name}-{digest[:12]}",
             "dim": spec["model"]["dim"],
             "metric": "ip",
+            "towers": list(sides),
+            **({"space_id": space_id} if space_id is not None else {}),
             "schema": plan["schema"].to_json(),
             "mapping": mapping,
             "checksums": sums,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "info": {
-                "imported_from": {
-                    "schema": str(schema_path),
-                    "user_tower": str(graphs["user"]),
-                    "item_tower": str(graphs["item"]),
-                }
+                "imported_from": {"schema": str(schema_path), **{f"{s}_tower": str(p) for s, p in graphs.items()}}
             },
         }
         model = ImportedModel.from_manifest(tmp, manifest)
         checks = _sample_checks(model, data, min_space_auc)
         manifest["info"]["import_checks"] = checks
         write_manifest(tmp / MANIFEST, manifest)
-    return {"model_version": manifest["model_version"], "out": str(out), **checks}
+    return {"model_version": manifest["model_version"], "out": str(out), "space_id": space_id, **checks}
 
 
-def _digest(sums: Mapping[str, str], mapping: Mapping[str, Any]) -> str:
+def _digest(sums: Mapping[str, str], mapping: Mapping[str, Any], space_id: str | None) -> str:
     import hashlib
 
-    return hashlib.sha256(json.dumps([sums, mapping], sort_keys=True).encode()).hexdigest()
+    parts: list[Any] = [sums, mapping] if space_id is None else [sums, mapping, space_id]  # old versions stay
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 # --- the schema file --------------------------------------------------------------------------
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, sides: tuple[str, ...] = ("user", "item")) -> dict[str, Any]:
     try:
         spec = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the schema ({e.strerror})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from e
-    for section in ("model", "ids", "user_tower", "item_tower"):
+    sections = ("model", "ids", *(f"{side}_tower" for side in sides))
+    if "item" not in sides and "item_tower" in spec:
+        raise ConfigError(
+            f"{path}: [item_tower] describes an item tower, but none was given (--item-tower); drop the section "
+            "to import the user tower alone"
+        )
+    for section in sections:
         if not isinstance(spec.get(section), dict):
             raise ConfigError(f"{path}: no [{section}] section")
     extra = set(spec) - {"model", "ids", "user_tower", "item_tower"}
     if extra:
         raise ConfigError(f"{path}: unknown section(s) {sorted(extra)}")
-    for section, allowed in SECTION_KEYS.items():
+    for section in sections:
+        allowed = SECTION_KEYS[section]
         extra = set(spec[section]) - allowed
         if extra:
             raise ConfigError(f"{path}: [{section}] has unknown key(s) {sorted(extra)} (it takes {sorted(allowed)})")
@@ -219,14 +243,29 @@ def _vocab(path: Path, ids: pd.Series, what: str) -> np.ndarray:
     return out
 
 
-def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, Any]:
+def _plan(
+    spec: dict[str, Any],
+    schema_path: Path,
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    sides: tuple[str, ...] = ("user", "item"),
+) -> dict[str, Any]:
     """The schema file -> feeds per tower, a FeatureSchema (towerann's encoding) and the id vocabularies."""
     ids = spec["ids"]
     first, unknown = _int(ids, "first_index", 1, "[ids]"), _int(ids, "unknown_index", 0, "[ids]")
     vocabs = {}
+    # a user tower alone needs the item ids only for its session inputs: they index the tower's item table
+    inputs = spec["user_tower"].get("inputs")
+    reads_items = "item" in sides or (
+        isinstance(inputs, list) and any(isinstance(d, dict) and d.get("source") == "session_items" for d in inputs)
+    )
     for what, frame, col in (("items", items, "item_id"), ("users", users, "user_id")):
+        if what == "items" and not reads_items and "items" not in ids:
+            vocabs[what] = np.zeros(0, np.int64 if pd.api.types.is_integer_dtype(frame[col]) else "U1")
+            continue
         if not isinstance(ids.get(what), str):
-            raise ConfigError(f"{schema_path}: [ids] {what} must name a vocabulary file (.txt or .npy)")
+            why = " (the user tower's session_items index it)" if "item" not in sides else ""
+            raise ConfigError(f"{schema_path}: [ids] {what} must name a vocabulary file (.txt or .npy){why}")
         vocabs[what] = _vocab(schema_path.parent / ids[what], frame[col], what)
     cols: dict[str, dict[str, Any]] = {
         "user_numeric": {},
@@ -238,6 +277,8 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
     history: set[int] = set()
     feeds: dict[str, list[Feed]] = {"user": [], "item": []}
     for side, sources, frame in (("user", USER_SOURCES, users), ("item", ITEM_SOURCES, items)):
+        if side not in sides:
+            continue
         tower = spec[f"{side}_tower"]
         inputs = tower.get("inputs")
         if not isinstance(inputs, list) or not inputs:
@@ -354,7 +395,7 @@ def _plan(spec: dict[str, Any], schema_path: Path, items: pd.DataFrame, users: p
         "item_ids": vocabs["items"],
         "user_ids": vocabs["users"],
         "user_feeds": TowerFeeds(tuple(feeds["user"]), spec["user_tower"].get("output", "")),
-        "item_feeds": TowerFeeds(tuple(feeds["item"]), spec["item_tower"].get("output", "")),
+        "item_feeds": TowerFeeds(tuple(feeds["item"]), spec.get("item_tower", {}).get("output", "")),
     }
 
 
@@ -490,10 +531,10 @@ def _check_largest_indexes(model: ImportedModel) -> None:
         np.zeros((2, n), np.int64),
         np.ones((2, n), np.float32),
     )
-    for side, tower, feed in (
-        ("item", model.item_tower(), model.item_feeds.item(*item)),
-        ("user", model.user_tower(), model.user_feeds.user(*user)),
-    ):
+    runs = [("user", model.user_tower(), model.user_feeds.user(*user))]
+    if model.item_feeds is not None:  # not a user tower imported alone
+        runs.insert(0, ("item", model.item_tower(), model.item_feeds.item(*item)))
+    for side, tower, feed in runs:
         try:
             tower.run(feed)
         except TowerannError:
@@ -518,6 +559,17 @@ def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> di
     sample = np.sort(rng.choice(n_items, min(SAMPLE_ITEMS, n_items), replace=False))
     unit = not model.normalize
     _check_largest_indexes(model)
+    catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
+    catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
+    if model.item_feeds is None:  # a user tower alone: its queries on a sample; no item tower to score them with
+        rows = np.arange(len(p.hist_rows))
+        rows = rows[p.split == TEST] if (p.split == TEST).any() else rows
+        if len(rows) == 0:
+            raise DataError(f"{data}: no interactions; the import runs the user tower on a sample of them")
+        rows = np.sort(rng.choice(rows, min(SAMPLE_USERS, len(rows)), replace=False))
+        q = _run("the user tower", user_queries, model, p, rows, catalog_vocab, catalog_cat)
+        _check_vectors(q, "user", model.user_feeds.output, model.dim, unit)
+        return {"sample_users": len(rows)}
     _check_vectors(
         _run("the item tower", model.encode_items, p.items.iloc[sample]),
         "item",
@@ -533,8 +585,6 @@ def _sample_checks(model: ImportedModel, data: str | Path, min_auc: float) -> di
             "to check that the towers share a space"
         )
     rows = np.sort(rng.choice(rows, min(SAMPLE_USERS, len(rows)), replace=False))
-    catalog_vocab = model.item_vocab.encode(p.items["item_id"].to_numpy())
-    catalog_cat = model.schema.categories.encode(p.items["category"].to_numpy())
     q = _run("the user tower", user_queries, model, p, rows, catalog_vocab, catalog_cat)
     _check_vectors(q, "user", model.user_feeds.output, model.dim, unit)
     own = p.hist_rows[rows]

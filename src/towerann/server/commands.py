@@ -21,8 +21,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument(
         "--model",
         default=None,
-        help="model directory; needed only when --index is a plain snapshot from `towerann index build` "
-        "(a bundle carries its own model; a vectors-only bundle from `refresh --vectors` needs none)",
+        help="model directory; needed when --index is a plain snapshot from `towerann index build` (a bundle "
+        "carries its own model); on a vectors-only bundle from `refresh --vectors`, a user tower of the same "
+        "space id (`model import --user-tower --space-id`) that answers user_id requests (default: none)",
     )
     p.add_argument("--store", default=None, help="embedded | memory | redis://HOST:PORT/DB")
     p.add_argument("--store-path", default=None, help="SQLite file of the embedded store")

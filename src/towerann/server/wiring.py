@@ -28,11 +28,14 @@ log = logging.getLogger(__name__)
 
 def load_bundle(cfg: Config, model_dir: str | None = None) -> RetrievalBundle:
     """The configured bundle; whatever goes wrong reading it (a corrupted file that the libraries below
-    fail on in their own ways) is an ArtifactError: one line, exit code 2, no traceback."""
+    fail on in their own ways) is an ArtifactError: one line, exit code 2, no traceback.
+
+    `model_dir`: the model given explicitly (`serve --model`), paired with the bundle by
+    serving.bundle.check_pairing, as every reload is (a vectors-only bundle of its declared space gets
+    its user tower); [paths] model serves only a plain snapshot, when no model is given."""
     try:
-        if model_dir is None and not (resolve(cfg.paths.index) / "model").is_dir():
-            model_dir = cfg.paths.model
-        return RetrievalBundle.load(cfg.paths.index, model_dir=model_dir)
+        own = (resolve(cfg.paths.index) / "model").is_dir()
+        return RetrievalBundle.load(cfg.paths.index, model_dir=None if own else cfg.paths.model, given_model=model_dir)
     except TowerannError:
         raise
     except Exception as e:
@@ -166,7 +169,13 @@ def open_service(
         raise
     root = Path(cfg.paths.index)
     reloader = (
-        Reloader(writer, root, cfg.freshness.min_recall, model_dir=model_dir or cfg.paths.model or None)
+        Reloader(
+            writer,
+            root,
+            cfg.freshness.min_recall,
+            model_dir=model_dir or cfg.paths.model or None,
+            given_model=model_dir,
+        )
         if (root / CURRENT).is_file()
         else None
     )

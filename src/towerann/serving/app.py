@@ -5,7 +5,8 @@
                         user-tower output made by the caller; partial: a sharded index left shards out)
     POST /v1/events     {user_id, item_id, type, ts?} -> stored before the response returns (503 if it cannot be)
     GET  /healthz (always at once: touches nothing)  /readyz  /metrics (Prometheus text)
-    POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/)
+    POST /v1/items, PATCH|DELETE /v1/items/{id}, POST /v1/admin/reload (bearer token; freshness/; an item row
+                        carries features for the item tower, or its `vector` on a vectors-only bundle)
     GET  /v1/admin/recall (bearer token): the online recall monitor's recall@k per bundle and filter kind
 
 Ids (user_id, item_id) are strings or JSON integers (spelled in decimal, as the catalog prints them).
@@ -233,8 +234,9 @@ def request_models(max_k: int = 1000, max_id_length: int = 256, max_items: int =
     class ItemsRequest(RequestBody):
         model_config = ConfigDict(extra="forbid", strict=True)
         items: list[dict[str, Any]] = Field(
-            description="item rows: item_id (string or integer), category, available?, "
-            "and the item tower's feature columns",
+            description="item rows: item_id (string or integer), category, available?, filter attributes?, "
+            "and the item tower's feature columns; on a vectors-only bundle (no item tower) `vector` instead "
+            "(the served index's dim, finite numbers)",
             min_length=1,
             max_length=max_items,
         )
@@ -750,7 +752,8 @@ def _add_write_routes(
 
     @app.post("/v1/items", responses=WRITE_ERRORS, dependencies=authorized)
     async def upsert_items(req: ItemsBody) -> dict[str, Any]:
-        """Embed the items with the item tower and add them to the live index: searchable on return."""
+        """Embed the items with the item tower (a vectors-only bundle: take their `vector`) and add them to
+        the live index: searchable on return."""
         noted = access.note()
         if noted is not None:
             noted["items"] = len(req.items)

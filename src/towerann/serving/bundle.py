@@ -19,7 +19,15 @@ its manifest says `"bundle": {"model": null, "space_id": S, ...}`, where S names
 `validation_queries.npy` (a sample of query vectors from that space, for the reload's recall check).
 It is served as it is: requests send `query_vector`; one with `user_id` is a 400 (no user tower),
 and so is an item write that needs the item tower. `vectors_only` is True; `model` and `encoder`
-are stand-ins whose every use raises that 400.
+are stand-ins whose every use raises that 400. Given a model explicitly (`serve --model DIR`, which
+RetrievalBundle.load takes as `given_model`) whose manifest declares the same space id and dim (a
+user tower imported alone, `towerann model import --user-tower U.onnx --space-id S`, or a full import
+with --space-id), its user tower is attached: `user_id` requests run it over the user's features and
+search, `has_user_tower` is True, and `model` stays the stand-in (there is still no item tower).
+
+Which model may serve which bundle is decided in one place, `check_pairing`, which every load goes
+through (start-up and the reload's): a vectors-only bundle pairs by declared space id (and dim), any
+other bundle only with the model whose item tower built its index (by version).
 
 The bundle owns its changes (`upsert`, `set_available`, `remove`): the index call comes first and
 the id map and categories change only after it succeeded, so a failing write leaves the bundle as
@@ -49,12 +57,12 @@ if TYPE_CHECKING:
 BUNDLE_FORMAT = 1
 VALIDATION_QUERIES_FILE = "validation_queries.npy"  # a vectors-only bundle's sample queries
 NO_USER_TOWER = (
-    "this bundle has no user tower (vectors made elsewhere): send query_vector, or attach a user tower with "
-    "`towerann model import` and publish a bundle from it (`towerann refresh --model DIR`)"
+    "this bundle has no user tower (vectors made elsewhere): send query_vector, or serve it with a user tower "
+    "of its vector space (`towerann model import --user-tower U.onnx --space-id S`, then `towerann serve --model DIR`)"
 )
 NO_ITEM_TOWER = (
-    "this bundle has no item tower (vectors made elsewhere): publish changed vectors with "
-    "`towerann refresh --vectors FILE`; PATCH and DELETE /v1/items work as for any bundle"
+    "this bundle has no item tower (vectors made elsewhere): write an item with its `vector` (POST "
+    "/v1/items) or publish a new file with `towerann refresh --vectors FILE`"
 )
 
 
@@ -72,12 +80,70 @@ class _NoTower:
 def space_id_of(path: Path) -> str | None:
     """The vector space of a vectors-only bundle directory (its manifest's bundle.space_id), else None."""
     try:
-        info = read_manifest(path, KIND, FORMAT_VERSION).get("bundle")
+        return _space_of(read_manifest(path, KIND, FORMAT_VERSION))
     except ArtifactError:
         return None
+
+
+def _space_of(manifest: Mapping[str, Any]) -> str | None:
+    info = manifest.get("bundle")
     if isinstance(info, dict) and "model" in info and info["model"] is None and info.get("space_id"):
         return str(info["space_id"])
     return None
+
+
+def check_pairing(path: Path, model_dir: str | Path) -> None:
+    """The pairing rule: may the model in `model_dir` serve the bundle (or plain snapshot) at `path`?
+    Every RetrievalBundle.load that is given a model comes through here, so start-up and reload agree.
+
+    - a vectors-only bundle (space S, dim d): the model must declare space_id S (`model import
+      --space-id S`) and its vectors must have dim d; the pair is made by that declared name, never
+      by a version that happens to match;
+    - any other bundle: its index was built from an item tower, and only the model of that version
+      serves it; a user tower imported alone built no index, so it serves none of these.
+    Refused with IndexIncompatible: one line naming both values (versions, space ids, dims; no secrets)."""
+    from towerann.model.imported import model_facts
+
+    path = Path(path)
+    facts = model_facts(model_dir)
+    m = read_manifest(path, KIND, FORMAT_VERSION)
+    space = _space_of(m)
+    if space is not None:
+        dim = m.get("dim")
+        if facts.space_id is None:
+            raise IndexIncompatible(
+                f"{path} is a vectors-only bundle of space {space!r}, but model {facts.version!r} at {model_dir} "
+                f"declares no space id; import its user tower with `towerann model import ... --space-id {space}`"
+            )
+        if facts.space_id != space:
+            raise IndexIncompatible(
+                f"space id mismatch: {path} holds vectors of space {space!r}, model {facts.version!r} at "
+                f"{model_dir} declares space {facts.space_id!r}; serve it with a user tower of space {space!r}"
+            )
+        if facts.dim != dim:
+            raise IndexIncompatible(
+                f"dim mismatch: {path} holds vectors of dim {dim} (space {space!r}), model {facts.version!r} "
+                f"at {model_dir} gives vectors of dim {facts.dim}"
+            )
+        return
+    own = path / "model"
+    built_by = str(read_manifest(own, "model", 1)["model_version"]) if own.is_dir() else str(m.get("model_version"))
+    if facts.user_only:
+        raise IndexIncompatible(
+            f"{path} was built from the item tower of model {built_by!r}, but {model_dir} is a user tower "
+            f"imported alone (model {facts.version!r}, space {facts.space_id!r}): it serves only a vectors-only "
+            f"bundle of its space (`towerann refresh --vectors FILE --space-id {facts.space_id}`)"
+        )
+    if facts.version != built_by:
+        if own.is_dir():
+            raise IndexIncompatible(
+                f"{path} carries model {built_by!r}, but {model_dir} is {facts.version!r}; drop --model to "
+                "serve the bundle's own"
+            )
+        raise IndexIncompatible(
+            f"{path}: index built from item tower {built_by!r}, but the user tower is {facts.version!r}; "
+            "rebuild the index from this model's item vectors"
+        )
 
 
 def _check_front_files(path: Path, model_version: str, dim: int) -> None:
@@ -151,8 +217,10 @@ class RetrievalBundle:
     # [filters] attributes: name -> values (code i = value i; the codes live in the index's slot tables)
     attribute_values: dict[str, list[str]] = field(default_factory=dict)
     attribute_code: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> value -> code
-    vectors_only: bool = False  # no user or item tower: `model` and `encoder` are stand-ins (400 on use)
+    vectors_only: bool = False  # no item tower: `model` is a stand-in (400 on use); `encoder` too, unless paired
     validation_queries: np.ndarray | None = None  # vectors-only: sample queries for the reload's check
+    space_id: str | None = None  # vectors-only: the vector space its manifest declares
+    has_user_tower: bool = True  # False: a vectors-only bundle served with no model (query_vector requests only)
 
     @classmethod
     def load(
@@ -161,6 +229,8 @@ class RetrievalBundle:
         model_dir: str | Path | None = None,
         runtime: str = "onnx",
         index_loader: Callable[[Path], Index] | None = None,
+        *,
+        given_model: str | Path | None = None,
     ) -> RetrievalBundle:
         """Load a bundle directory, or a root's CURRENT bundle; refuse a mismatched pairing.
 
@@ -168,31 +238,37 @@ class RetrievalBundle:
         the id map and categories then come from the vectors directory its manifest names. A sharded
         index loads its shards into this process, unless `index_loader(version directory)` opens the
         index elsewhere (cluster.ray_shards: shards on Ray actors, which check their own files).
-        A vectors-only bundle is served as it is: `model_dir` does not apply to it.
+        A vectors-only bundle ignores `model_dir` (a default such as [paths] model does not apply to it).
+
+        `given_model`: the model given for this bundle explicitly (`serve --model DIR`), whatever the
+        bundle's kind: `check_pairing` decides whether it may serve it (refused: IndexIncompatible);
+        it then serves a plain snapshot, is checked against a bundle's own model, and lends a
+        vectors-only bundle of its space its user tower.
         """
         from towerann.model.export import UserEncoder
         from towerann.model.model import TwoTowerModel
 
         path = resolve(directory)
-        if not (path / "model").is_dir():
+        own = (path / "model").is_dir()
+        if given_model is not None:
+            check_pairing(path, given_model)
+            if not own:
+                model_dir = given_model
+        if not own:
             space = space_id_of(path)
             if space is not None:
-                return cls._load_vectors_only(path, space, index_loader)
-        if (path / "model").is_dir():
+                return cls._load_vectors_only(path, space, index_loader, given_model, runtime)
+        if own:
             if model_dir is not None and Path(model_dir).resolve() != (path / "model").resolve():
-                from towerann.model.model import model_version_of
-
-                if model_version_of(model_dir) != model_version_of(path / "model"):
-                    raise IndexIncompatible(
-                        f"{path} carries model {model_version_of(path / 'model')!r}, but "
-                        f"{model_dir} is {model_version_of(model_dir)!r}; drop --model to serve the bundle's own"
-                    )
+                check_pairing(path, model_dir)
             model_dir = path / "model"
         elif model_dir is None:
             raise ArtifactError(
                 f"{path}: no model/ directory; this is a plain index snapshot - give the model "
                 "directory it was built from (--model), or publish a bundle (publish_bundle)"
             )
+        elif given_model is None:
+            check_pairing(path, model_dir)
         model_dir = Path(model_dir)
         model = TwoTowerModel.load(model_dir)
         if index_loader is None:
@@ -226,9 +302,7 @@ class RetrievalBundle:
             item_cats[vs.ids] = vs.categories
         if item_cats.shape != external_ids.shape:
             raise ArtifactError(f"{path}: item categories and external ids differ in length; republish")
-        # The model codes categories by its own vocabulary; translate the bundle's codes once.
-        to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
-        item_model_cat = to_model[np.where(item_cats >= 0, item_cats, len(names))]
+        item_model_cat = _model_categories(model, names, item_cats)
         item_internal = IdLookup(external_ids)
         return cls(
             path=path,
@@ -250,9 +324,15 @@ class RetrievalBundle:
 
     @classmethod
     def _load_vectors_only(
-        cls, path: Path, space: str, index_loader: Callable[[Path], Index] | None
+        cls,
+        path: Path,
+        space: str,
+        index_loader: Callable[[Path], Index] | None,
+        model_dir: str | Path | None = None,
+        runtime: str = "onnx",
     ) -> RetrievalBundle:
-        """A bundle with no model: index, id map, categories, attributes and sample queries."""
+        """A bundle with no model: index, id map, categories, attributes and sample queries; with
+        `model_dir` (check_pairing allowed it) that model's user tower too."""
         if index_loader is None:
             index = load(path, expected_model_version=space)
         else:
@@ -267,32 +347,60 @@ class RetrievalBundle:
         if queries is not None and (queries.ndim != 2 or queries.shape[1] != index.dim):
             raise ArtifactError(f"{file}: not [n, {index.dim}] query vectors; republish the bundle")
         assert isinstance(info, dict)  # _bundle_tables checked it
+        encoder: Any = _NoTower(NO_USER_TOWER)  # a stand-in: 400 on every use
+        model_version, history_len = space, 0
+        item_model_cat = np.zeros(len(external_ids), np.int64)
+        if model_dir is not None:
+            from towerann.model.export import UserEncoder
+            from towerann.model.model import TwoTowerModel
+
+            model = TwoTowerModel.load(model_dir)
+            metric = (index.manifest or {}).get("metric")
+            if model.dim != index.dim or model.metric != metric:
+                raise IndexIncompatible(
+                    f"{path}: vectors of dim {index.dim}, metric {metric!r} (space {space!r}); model "
+                    f"{model.version!r} at {model_dir} gives dim {model.dim}, metric {model.metric!r}"
+                )
+            encoder = UserEncoder(model, model_dir, runtime=runtime)
+            model_version, history_len = model.version, model.cfg.history_len
+            item_model_cat = _model_categories(model, names, item_cats)
         return cls(
             path=path,
             version=path.name,
-            model_version=space,
+            model_version=model_version,
             model=_NoTower(NO_ITEM_TOWER),  # type: ignore[arg-type]  # a stand-in: 400 on every use
-            encoder=_NoTower(NO_USER_TOWER),  # type: ignore[arg-type]
+            encoder=encoder,
             index=index,
             external_ids=external_ids,
             category_names=names,
             category_code={n: i for i, n in enumerate(names)},
             item_internal=IdLookup(external_ids),
-            item_model_cat=np.zeros(len(external_ids), np.int64),
-            history_len=0,
+            item_model_cat=item_model_cat,
+            history_len=history_len,
             delta_seq=int(info.get("delta_seq", 0)),
             attribute_values=attr_values,
             attribute_code={a: {v: i for i, v in enumerate(vals)} for a, vals in attr_values.items()},
             vectors_only=True,
             validation_queries=queries,
+            space_id=space,
+            has_user_tower=model_dir is not None,
         )
 
     # ---- changes: each one all-or-nothing, the index first ------------------------------------------
+    def _model_category_code(self) -> Callable[[str], int]:
+        """An item's category code for the user tower's history input: the model's vocabulary, a paired
+        user tower's on a vectors-only bundle, else 0 (no user tower reads it)."""
+        if not self.vectors_only:
+            return self.model.schema.categories.encode_one  # type: ignore[no-any-return]
+        if self.has_user_tower:
+            return self.encoder.schema.categories.encode_one  # type: ignore[no-any-return]
+        return lambda name: 0
+
     def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: np.ndarray, seq: int | None = None) -> None:
         """Add or replace items: rows of {item_id (the catalog's spelling, as a string), category,
         available} with one vector each. Nothing changes when the index refuses the vectors."""
         int_ids = self.external_ids.dtype.kind in "iu"
-        encode_cat = self.model.schema.categories.encode_one
+        encode_cat = self._model_category_code()
         n = len(rows)
         internal = np.empty(n, np.int64)
         codes = np.empty(n, np.int32)
@@ -402,7 +510,7 @@ class RetrievalBundle:
             items = None if missing else len(self.index)
         except BackendUnavailable:
             items = None
-        return {
+        out = {
             "path": str(self.path),
             "index_version": self.version,
             "model_version": self.model_version,
@@ -410,6 +518,17 @@ class RetrievalBundle:
             "items": items,
             "delta_seq": self.delta_seq,
         }
+        if self.space_id is not None:  # vectors-only: the space, and whether a user tower serves user_id
+            out |= {"space_id": self.space_id, "user_tower": self.has_user_tower}
+        return out
+
+
+def _model_categories(model: TwoTowerModel, names: list[str], item_cats: np.ndarray) -> np.ndarray:
+    """The model's category code per internal id (the user tower's history input): the model codes
+    categories by its own vocabulary, so the bundle's codes are translated once."""
+    to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
+    out: np.ndarray = to_model[np.where(item_cats >= 0, item_cats, len(names))]
+    return out
 
 
 def _bundle_tables(

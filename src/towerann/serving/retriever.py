@@ -140,7 +140,7 @@ class Retriever:
     def _check(self, user_id: Any, k: Any, filter: Any) -> tuple[str, RetrievalBundle, Filter | None]:
         user_id = self.check_id(user_id, "user_id")
         b, flt = self._check_k_filter(k, filter)
-        if b.vectors_only:  # before the store is asked: there is no tower to feed
+        if not b.has_user_tower:  # before the store is asked: there is no tower to feed
             raise BadRequest(NO_USER_TOWER)
         return user_id, b, flt
 
@@ -207,7 +207,8 @@ class Retriever:
         return Candidates(
             items,
             scores[:n].tolist(),
-            b.model_version if b.vectors_only else b.encoder.model_version,  # vectors-only: the space id
+            # a vectors-only bundle without a user tower: its space id; with one, that tower's version
+            b.encoder.model_version if b.has_user_tower else b.model_version,
             b.index.version or b.version,
             {
                 "features": (t1 - t0) * 1e3,

@@ -66,8 +66,10 @@ def test_vectors_only_bundle_loads_without_a_model(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="no user tower"):
         b.encoder.encode("u", {}, [])
     with pytest.raises(BadRequest, match="no item tower"):
-        b.upsert([{"item_id": "new", "category": "c0"}], v[:1])
-    assert not b.holds("new")
+        b.model.schema  # noqa: B018  # the stand-in for the absent item tower: 400 on use
+    far = 100 * v[:1]  # scores 100x any catalog item for the query far itself
+    b.upsert([{"item_id": "new", "category": "c0"}], far)  # an item is its vector here: no tower asked
+    assert b.holds("new") and b.index.search(far, 1).ids[0][0] == b.item_internal.get("new")
 
 
 def test_refresh_without_vectors_on_a_vectors_only_root_says_what_to_give(
