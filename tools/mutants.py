@@ -294,12 +294,21 @@ MUTANTS: list[Mutant] = [
         "the tuner counts rows answered by the exact fallback as ANN recall",
         tests=("tests/unit/index/test_index_tune.py",),
     ),
-    Mutant(
-        "tune-first-reaching",
+    Mutant(  # (keeping the first reaching setting in the sweep is no longer a bug: the turns re-decide)
+        "tune-first-contender",
         "index/tune.py",
-        'if point["recall"] >= target_recall and (best is None or point["p50_ms"] < best["p50_ms"]):',
-        'if point["recall"] >= target_recall and best is None:',
-        "the tuner keeps the first setting reaching the target, not the fastest",
+        'return min(near, key=lambda p: p["p50_ms"]), ',
+        "return near[0], ",
+        "the tuner keeps the first of the settings timed again in turns, not the fastest",
+        tests=("tests/unit/index/test_index_tune.py",),
+    ),
+    Mutant(
+        "auto-head-to-head-slower",
+        "index/build.py",
+        "better = turns[index.kind] < turns[best.kind]",
+        "better = turns[index.kind] > turns[best.kind]",
+        "auto keeps the slower of two close candidates timed in turns",
+        select="auto",
         tests=("tests/unit/index/test_index_tune.py",),
     ),
     Mutant(

@@ -5,9 +5,9 @@ Used by `towerann index build`, by bundle publishing (demo, refresh, benchmarks)
 
 "auto" decides by measurement: below AUTO_EXACT_ITEMS brute force; above, with tuning queries, it
 builds each installed candidate backend, tunes it, and keeps the one with the lowest measured p50
-that reaches the target (else the best recall); `index.tuning["auto"]` records every candidate
-and why the winner won. Without queries there is nothing to measure: hnsw, untuned, at
-UNTUNED_SEARCH's settings.
+that reaches the target (else the best recall; two within CONTENDER_RATIO of each other are timed
+again in turns, index.interleaved); `index.tuning["auto"]` records every candidate and why the winner
+won. Without queries there is nothing to measure: hnsw, untuned, at UNTUNED_SEARCH's settings.
 
 A tuned build also measures its filter plan (`filter_plan.calibrate` on the tuning queries at the
 tuning k and recall), so an index searched as built plans filtered searches as a published bundle
@@ -17,6 +17,7 @@ own items (`item_queries`), holding every planned path to its recall floor with 
 
 from __future__ import annotations
 
+import functools
 import gc
 import inspect
 import logging
@@ -30,8 +31,9 @@ from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import SHARDED, backend_class, create
 from towerann.index.base import SlotIndex
 from towerann.index.filter_plan import calibrate
-from towerann.index.protocol import COMMON_SEARCH, Index
-from towerann.index.tune import Timer, tune
+from towerann.index.interleaved import CONTENDER_RATIO, Contender, in_turns
+from towerann.index.protocol import COMMON_SEARCH, Index, as_vectors
+from towerann.index.tune import Timer, measured_p50_ms, tune
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +248,13 @@ def _build_fastest(
                 "reached": bool(t.get("reached")) and not t.get("exact_path"),
             }
         )
-        if best is None or _better(index, best):
+        if best is not None and _close(index, best):
+            turns = _head_to_head(index, best, tuning, timer or measured_p50_ms)
+            report[-1]["head_to_head"] = turns
+            better = turns[index.kind] < turns[best.kind]
+        else:
+            better = best is None or _better(index, best)
+        if better:
             best = index
         del index
         gc.collect()  # a losing candidate's memory goes before the next one is built
@@ -254,7 +262,7 @@ def _build_fastest(
         raise BackendUnavailable(f"auto index: none of {', '.join(kinds)} could be built ({report})")
     chosen = next(r for r in report if r["kind"] == best.kind)
     why = (
-        "the lowest measured p50 among the candidates reaching the target"
+        "the lowest measured p50 among the candidates reaching the target (close ones timed in turns)"
         if chosen["reached"]
         else "no candidate reached the target; the best recall"
     )
@@ -266,6 +274,27 @@ def _build_fastest(
         [(r["kind"], r.get("recall"), r.get("p50_ms")) for r in report],
     )
     return best
+
+
+def _close(a: Index, b: Index) -> bool:
+    """Both tuned indexes reach the target, their p50s within CONTENDER_RATIO: a timing decides between them."""
+    ta, tb = a.tuning or {}, b.tuning or {}
+    if not all(bool(t.get("reached")) and not t.get("exact_path") and t.get("p50_ms") for t in (ta, tb)):
+        return False
+    slow, fast = max(ta["p50_ms"], tb["p50_ms"]), min(ta["p50_ms"], tb["p50_ms"])
+    return bool(slow <= CONTENDER_RATIO * fast)
+
+
+def _head_to_head(a: Index, b: Index, tuning: Tuning, timer: Timer) -> dict[str, float]:
+    """Each index's p50 (ms) at its tuned setting, the two timed in turns (index.interleaved) on the
+    tuning queries: each was tuned at another moment, and a burst of load in one's turn decided before."""
+    q = as_vectors(tuning.queries, a.dim, "tuning queries")
+    contenders: list[Contender] = [
+        (ix.kind, (ix.tuning or {}).get("params"), functools.partial(ix.search, k=tuning.k)) for ix in (a, b)
+    ]
+    times = in_turns(contenders, q, timer)
+    log.info("auto index: %s %.4f ms vs %s %.4f ms, timed in turns", a.kind, times[0], b.kind, times[1])
+    return {a.kind: round(times[0], 4), b.kind: round(times[1], 4)}
 
 
 def _better(a: Index, b: Index) -> bool:
