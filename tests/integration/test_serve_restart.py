@@ -18,12 +18,17 @@ def test_restart_keeps_session_with_embedded_store(bundle_paths: dict[str, Path]
     category = "cat_0003"
     clicked = items[(items["category"] == category) & items["available"]]["item_id"].head(10)
     store_path = str(tmp_path / "features.sqlite")
+    # the session's one bundle root was served before with other delta logs (Redis ones too): adopt this one
+    config = tmp_path / "towerann.toml"
+    config.write_text("[freshness]\nadopt_log = true\n")
 
     def share(url: str) -> float:
         got = httpx.post(f"{url}/v1/candidates", json={"user_id": "new-visitor", "k": 50}).json()["candidates"]
         return sum(cat[c["item_id"]] == category for c in got) / len(got)
 
-    first = start_subprocess(bundle_paths["index"], "embedded", store_path)  # a real `towerann serve` process
+    first = start_subprocess(
+        bundle_paths["index"], "embedded", store_path, config=config
+    )  # a real `towerann serve` process
     try:
         cold = share(first.url)
         for item in clicked:
@@ -38,7 +43,9 @@ def test_restart_keeps_session_with_embedded_store(bundle_paths: dict[str, Path]
         first.stop()
     assert warm >= cold + 0.3, (cold, warm)
 
-    second = start_subprocess(bundle_paths["index"], "embedded", store_path)  # only the SQLite file carries the session
+    second = start_subprocess(
+        bundle_paths["index"], "embedded", store_path, config=config
+    )  # only the SQLite file carries the session
     try:
         assert share(second.url) == warm
     finally:
