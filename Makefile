@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 # `pip install towerann` alone is what a serving machine needs.
 EXTRAS ?= test,scann,eval,bench,lancedb,ray
 
-.PHONY: setup demo test lint test-feast mutants redis bench clean
+.PHONY: setup demo test lint test-feast mutants redis bench clean grpc
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,11 @@ $(FEAST_VENV)/.installed: pyproject.toml
 MUTANTS_BUDGET_S ?= 600
 mutants: setup redis
 	$(VENV)/bin/python tools/mutants.py --no-baseline --budget-s $(MUTANTS_BUDGET_S) --timeout 180
+
+# The gRPC modules of towerann.client (towerann_v1_pb2*.py), from src/towerann/client/towerann_v1.proto; they are
+# committed, so run this only after changing the .proto (grpcio-tools comes with the test extra).
+grpc: setup
+	PYTHON=$(VENV)/bin/python sh tools/gen_grpc.sh
 
 clean:
 	rm -rf towerann-demo bench-results .pytest_cache

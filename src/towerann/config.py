@@ -5,7 +5,8 @@
                one unauthenticated request may make the server keep: max_id_length (user, item and event-type
                ids), max_items_per_write, max_clock_skew_s (an event's ts may lie at most this far ahead of
                the server's clock; one older than [features] ttl_s is refused too, it would be expired on arrival),
-               log_format ("text" or "json": one JSON object per log line), access_log (one line per request)
+               log_format ("text" or "json": one JSON object per log line), access_log (one line per request),
+               grpc_port (gRPC beside HTTP, the same read path, limits and token: docs/operations.md; 0 = off)
     [paths]    model (a model directory), index (a bundle root with CURRENT, or one bundle directory),
                data (the dataset whose catalog `towerann refresh` re-embeds)
     [features] store ("embedded" | "memory" | "redis://HOST:PORT/DB"), path, max_events, ttl_s,
@@ -25,7 +26,9 @@
                tail_ms (with several workers: how often each one reads the delta log for the writes the
                others acknowledged; a write is searchable on every worker within about this long),
                allow_volatile (serve even when the delta log's Redis does not append-only-log its writes,
-               so a crash of Redis can lose acknowledged writes; default false: refuse to start)
+               so a crash of Redis can lose acknowledged writes; default false: refuse to start),
+               rebuild_on_drift (when no re-tune restores a bundle's recall target, the server rebuilds the
+               bundle, as `towerann refresh` does, if it can: a bundle with a model and a [paths] data dataset)
     [filters]  attributes (catalog columns besides category that requests may filter on, e.g.
                ["brand", "market", "in_stock"]: strings or booleans; `towerann embed` stores them per item
                as int32 codes with a JSON vocabulary, item writes may carry them)
@@ -33,7 +36,18 @@
                online recall monitor; 0 = off), threshold (a bundle whose recall@k vs exact search falls
                under it is marked unhealthy in /readyz details, which stays 200, and logged; 0 = never),
                queue (samples waiting to be scored; when full, a drawn sample is dropped and counted),
-               max_busy (the share of time exact searches may take: 0.005; past it samples are dropped)
+               max_busy (the share of time exact searches may take: 0.005; past it samples are dropped),
+               reservoir (live query vectors kept, with their filter and k but never a user id, for re-tuning:
+               reservoir sampling over the sampled requests; 0 = none), reservoir_max_age_s (a kept query older
+               than this is dropped), reservoir_save_s (how often the reservoir is written under the [paths]
+               index root, ROOT/live_queries/; also on shutdown; 0 = on shutdown only)
+    [retune]   the live re-tune (serving.retune_loop): enabled, samples (N: the last N unfiltered samples of the
+               served version are judged), confidence (a re-tune starts when the upper bound of their mean
+               recall at this one-sided confidence is under the bundle's tuned target), max_p99_ms (the p99 of
+               one search at the new setting, on held-out live queries, must be within it), holdout (the share of
+               the reservoir held out for that check), min_queries (reservoir queries a re-tune needs), margin
+               (tuned to target + margin, checked at the target), cooldown_s (after a refused or failed re-tune,
+               none starts for this long), keep (versions kept when the re-tune publishes one)
 
 Command-line flags override the file (`Config.with_overrides`).
 """
@@ -66,6 +80,7 @@ class ServeConfig:
     max_clock_skew_s: float = 300.0  # an event's ts may be at most this far in the future
     log_format: str = "text"  # the server's log lines on stderr: "text" or "json" (one JSON object per line)
     access_log: bool = True  # one INFO line per request (logger towerann.access)
+    grpc_port: int = 0  # the gRPC transport (server.grpc_server) beside HTTP on this port; 0 = off
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,8 @@ class FreshnessConfig:
     # bind the index root to the configured delta log although the root's previous log may hold writes
     # newer than the bundle (freshness.log_binding refuses that switch otherwise)
     adopt_log: bool = False
+    # when no re-tune restores the served bundle's recall target, rebuild it in the server (a refresh) if it can
+    rebuild_on_drift: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,28 @@ class MonitorConfig:
     # t / max_busy - t s (dropped as "busy"). At 10M items a sample scans 5 GB and costs ~0.2 s; 1% of traffic
     # scored unbounded raised a 50 rps server's p99 from 19 to 75 ms.
     max_busy: float = 0.005
+    # live query vectors kept for re-tuning (reservoir sampling over the sampled requests; their filter and k
+    # with them, never a user id), under the [paths] index root in live_queries/; 0 = none
+    reservoir: int = 2000
+    reservoir_max_age_s: float = 86400.0  # a kept query older than this is dropped
+    reservoir_save_s: float = 300.0  # how often the reservoir is written (and on shutdown); 0 = on shutdown only
+
+
+@dataclass(frozen=True)
+class RetuneConfig:
+    """The live re-tune (serving.retune_loop): when the online recall of the served version is measurably
+    under its tuned target, tune its search settings again on the live-query reservoir, check them on a
+    held-out part, apply them without a reload and publish them as a new version."""
+
+    enabled: bool = True
+    samples: int = 500  # N: the last N unfiltered monitor samples of the served version are judged
+    confidence: float = 0.95  # one-sided: the upper bound of the mean recall at this confidence < target: re-tune
+    max_p99_ms: float = 10.0  # one search at the new setting, p99 over the held-out queries, must be within it
+    holdout: float = 0.3  # share of the reservoir held out to check the new setting (recall and p99)
+    min_queries: int = 200  # reservoir queries a re-tune needs
+    margin: float = 0.01  # tuned to target + margin on the tuning part, checked at the target on the held-out part
+    cooldown_s: float = 3600.0  # after a refused or failed re-tune, none starts for this long
+    keep: int = 3  # snapshot versions kept when a re-tune publishes one
 
 
 @dataclass(frozen=True)
@@ -129,6 +168,7 @@ class Config:
     freshness: FreshnessConfig = field(default_factory=FreshnessConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    retune: RetuneConfig = field(default_factory=RetuneConfig)
 
     def api_token(self) -> str | None:
         """The bearer token for write endpoints: env TOWERANN_API_TOKEN, else [freshness] token_file."""
@@ -200,11 +240,16 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         "max_items_per_write",
         "max_session_users",
         "queue",
+        "samples",
+        "min_queries",
+        "keep",
     ):
         if hasattr(obj, key) and getattr(obj, key) < (0 if key == "port" else 1):
             raise ConfigError(f"{source}: [{section}] {key} must be positive, got {getattr(obj, key)}")
     if getattr(obj, "log_format", "text") not in ("text", "json"):
         raise ConfigError(f"{source}: [{section}] log_format must be 'text' or 'json', got {obj.log_format!r}")
+    if not 0 <= getattr(obj, "grpc_port", 0) <= 65535:
+        raise ConfigError(f"{source}: [{section}] grpc_port must be a port number, or 0 (no gRPC)")
     if getattr(obj, "workers", 0) < 0:
         raise ConfigError(f"{source}: [{section}] workers must be >= 0 (0 = one per core)")
     for key in ("timeout_ms", "write_timeout_ms", "tail_ms"):
@@ -232,6 +277,21 @@ def _build(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
         raise ConfigError(
             f"{source}: [{section}] sample and threshold must be in [0, 1], got {obj.sample} and {obj.threshold}"
         )
+    if isinstance(obj, MonitorConfig) and (
+        obj.reservoir < 0 or not obj.reservoir_max_age_s > 0 or obj.reservoir_save_s < 0
+    ):
+        raise ConfigError(
+            f"{source}: [{section}] reservoir must be >= 0 (0 = none), reservoir_max_age_s > 0 and "
+            "reservoir_save_s >= 0 (0 = on shutdown only)"
+        )
+    if isinstance(obj, RetuneConfig):
+        if not (0.5 <= obj.confidence < 1.0 and 0.0 < obj.holdout < 1.0 and 0.0 <= obj.margin < 0.5):
+            raise ConfigError(
+                f"{source}: [{section}] confidence must be in [0.5, 1), holdout in (0, 1) and margin in [0, 0.5), "
+                f"got {obj.confidence}, {obj.holdout} and {obj.margin}"
+            )
+        if not obj.max_p99_ms > 0 or obj.cooldown_s < 0:
+            raise ConfigError(f"{source}: [{section}] max_p99_ms must be positive and cooldown_s >= 0")
     if getattr(obj, "refresh_every_s", 0.0) < 0:
         raise ConfigError(f"{source}: [{section}] refresh_every_s must be >= 0 (0 = refresh once)")
     return obj
@@ -256,6 +316,7 @@ def load_config(path: str | Path | None = None) -> Config:
         "freshness": FreshnessConfig,
         "filters": FiltersConfig,
         "monitor": MonitorConfig,
+        "retune": RetuneConfig,
     }
     for name, values in data.items():
         if name not in classes:

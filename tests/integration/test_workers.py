@@ -359,3 +359,46 @@ def test_the_sqlite_log_takes_two_processes_appending_at_once(tmp_path) -> None:
     assert all(len(batch) == 1 for batch in batches)  # a batch is 3 consecutive seqs of one process's one batch
     owners = [next(iter(batch))[0] for batch in batches]
     assert sum(a != b for a, b in zip(owners, owners[1:])) > 1  # the two really wrote at the same time
+
+
+def test_each_worker_keeps_and_saves_its_own_reservoir_of_live_queries(
+    tmp_path: Path, bundle_paths: dict[str, Path], redis_url: str
+) -> None:
+    """With --workers 2 each worker samples its own requests into its own reservoir directory, written when
+    it is stopped (SIGTERM): what worker 0 answered is in live_queries/worker-0 only, and the same for 1."""
+    import numpy as np
+
+    from towerann.index.retune import LIVE_QUERIES, read_live_writer
+    from towerann.serving.bundle import RetrievalBundle
+
+    root = tmp_path / "indexes"
+    shutil.copytree(bundle_paths["index"], root)
+    shutil.rmtree(root / LIVE_QUERIES, ignore_errors=True)
+    toml = tmp_path / "serve.toml"
+    toml.write_text(
+        f'[paths]\nindex = "{root}"\n[features]\nstore = "{redis_url}"\n[freshness]\nadopt_log = true\n'
+        "[monitor]\nsample = 1.0\nmax_busy = 1.0\nqueue = 1024\nreservoir = 100\nreservoir_save_s = 0\n"
+    )
+    dim = RetrievalBundle.load(root).index.dim
+    handle = start_subprocess(root, redis_url, config=toml, workers=2, env={"TOWERANN_API_TOKEN": TOKEN})
+    rng = np.random.default_rng(2)
+    sent: dict[str, np.ndarray] = {}
+    try:
+        workers = {name: Worker(handle.url, name) for name in ("0", "1")}
+        for name, worker in workers.items():
+            sent[name] = rng.normal(size=(5, dim)).astype(np.float32)
+            for v in sent[name]:
+                r = worker.request("POST", "/v1/candidates", json={"query_vector": v.tolist(), "k": 4})
+                assert r.status_code == 200, r.text
+        for name, worker in workers.items():  # the monitor scores its samples in the background
+            eventually(
+                lambda worker=worker: worker.request("GET", "/readyz").json()["recall"]["live_queries"] >= 5,
+                f"worker {name} sampled its queries",
+            )
+            worker.client.close()
+    finally:
+        handle.stop()
+    for name, others in (("0", "1"), ("1", "0")):
+        _, vectors, _ = read_live_writer(root / LIVE_QUERIES / f"worker-{name}")
+        assert all((vectors == v).all(axis=1).any() for v in sent[name]), name
+        assert not any((vectors == v).all(axis=1).any() for v in sent[others]), name

@@ -8,6 +8,11 @@ in another process. It sweeps arrival rates up to saturation and reports p50/p99
 run against the Retriever in-process, so the HTTP overhead is visible. Last, click events are
 posted one after another (POST /v1/events: stored before the reply) and their latency reported.
 
+With --grpc the same server also serves gRPC (`serve --grpc-port`), and every rate is offered over both
+transports in alternation (who goes first alternates too, so both see the same machine load): the same
+requests as towerann.client.GrpcClient builds them, one HTTP/2 connection per generator connection, the
+answer's ids and scores as packed arrays instead of K JSON objects.
+
 The workload is built on demand under --workdir: synthetic catalog -> trained model -> item
 vectors -> hnsw bundle -> user features loaded into the store.
 """
@@ -236,6 +241,99 @@ def run_load(
         p.join(timeout=10)
 
 
+async def _open_loop_grpc(
+    target: str, requests: Sequence[bytes], rate: float, duration_s: float, connections: int
+) -> dict[str, Any]:
+    """_open_loop over gRPC: `requests` are serialized towerann.v1.CandidatesRequest messages, sent on the
+    same fixed schedule over `connections` channels (each its own HTTP/2 connection, as each HTTP worker
+    connection is its own keep-alive connection), one call at a time per connection."""
+    from grpc import aio
+
+    from towerann.client import towerann_v1_pb2 as pb
+
+    n = max(1, int(rate * duration_s))
+    queue: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+    lat = np.full(n, np.nan)
+    stages: list[dict[str, float]] = []
+    errors: dict[str, int] = {}
+    method = "/towerann.v1.Retrieval/Candidates"
+
+    async def worker(channel: aio.Channel) -> None:
+        call = channel.unary_unary(
+            method, request_serializer=None, response_deserializer=pb.CandidatesResponse.FromString
+        )
+        while True:
+            i, t_sched = await queue.get()
+            if i < 0:
+                return
+            try:
+                answer = await call(requests[i % len(requests)], timeout=60)
+            except aio.AioRpcError as e:  # answered with an error status: timed, as a non-200 over HTTP
+                lat[i] = time.perf_counter() - t_sched
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                continue
+            lat[i] = time.perf_counter() - t_sched  # from the scheduled send: includes queueing
+            stages.append(dict(answer.timings_ms))
+
+    # a local subchannel pool per channel: channels of one target would otherwise share one connection
+    channels = [
+        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)
+    ]
+    try:
+        await asyncio.gather(*(asyncio.wait_for(c.channel_ready(), 30) for c in channels))
+        workers = [asyncio.create_task(worker(c)) for c in channels]
+        t0 = time.perf_counter() + 0.05
+        for i in range(n):
+            t_sched = t0 + i / rate
+            delay = t_sched - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queue.put_nowait((i, t_sched))
+        for _ in workers:
+            queue.put_nowait((-1, 0.0))
+        await asyncio.gather(*workers)
+        wall = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
+    done = lat[~np.isnan(lat)]
+    return {
+        "target_rps": rate,
+        "sent": n,
+        "ok": len(stages),
+        "errors": errors,
+        "achieved_rps": len(done) / wall,
+        "end_to_end": percentiles(done),
+        "stages": {
+            s: percentiles(np.array([t[s] for t in stages]) / 1e3) for s in ("features", "user_tower", "ann", "total")
+        }
+        if stages
+        else {},
+    }
+
+
+def _loadgen_grpc_main(
+    target: str, requests: Sequence[bytes], rate: float, duration_s: float, connections: int, out: Any
+) -> None:
+    import gc
+
+    gc.disable()  # as _loadgen_main
+    out.put(asyncio.run(_open_loop_grpc(target, requests, rate, duration_s, connections)))
+
+
+def run_load_grpc(
+    target: str, requests: Sequence[bytes], rate: float, duration_s: float, connections: int
+) -> dict[str, Any]:
+    """The gRPC generator in its own (spawned: no gRPC state forked) process, as run_load."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_loadgen_grpc_main, args=(target, requests, rate, duration_s, connections, q))
+    p.start()
+    try:
+        return q.get(timeout=duration_s * 4 + 60)
+    finally:
+        p.join(timeout=10)
+
+
 def _event_writes(url: str, user_ids: list[str], item_ids: list[str], n: int) -> dict[str, Any]:
     """POST /v1/events one at a time (a click is stored before the reply): client-side latency."""
     import httpx
@@ -352,6 +450,11 @@ def run(args: argparse.Namespace) -> int:
         rng = np.random.default_rng(0)
         user_ids = [str(u) for u in rng.integers(0, args.users, 5000)]
         bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in user_ids]
+        grpc_bodies: list[bytes] = []
+        if args.grpc:
+            from towerann.client.grpc_client import candidates_request
+
+            grpc_bodies = [candidates_request(u, args.k).SerializeToString() for u in user_ids]
         inproc = _in_process(paths["index"], store_url, store_path, user_ids, args.k, args.inproc_requests)
         print(
             f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
@@ -360,33 +463,48 @@ def run(args: argparse.Namespace) -> int:
         )
         compare = args.monitor_sample is not None and args.monitor_sample > 0
         sample = MonitorConfig().sample if args.monitor_sample is None else args.monitor_sample
-        server = _start_server(work, paths["index"], store_url, store_path, args.workers, sample)
+        grpc_port = None
+        if args.grpc:
+            from towerann.server.server import free_port
+
+            grpc_port = free_port()
+        server = _start_server(work, paths["index"], store_url, store_path, args.workers, sample, grpc_port)
+        target = f"127.0.0.1:{grpc_port}"
         # --monitor-sample S > 0: a second server with the monitor off takes the same load, rate by rate,
         # in alternation (who goes first alternates too), so both see the same machine load.
         off = _start_server(work, paths["index"], store_url, store_path, args.workers, 0.0) if compare else None
         rates: list[dict[str, Any]] = []
         rates_off: list[dict[str, Any]] = []
+        rates_grpc: list[dict[str, Any]] = []
         try:
             for s in (server, off):
                 if s is not None:
                     run_load(s.url, bodies, 100, 5, 8)  # warm-up: fault in the memory-mapped index
+            if args.grpc:
+                run_load_grpc(target, grpc_bodies, 100, 5, 8)
             for i, rate in enumerate(args.rates):
-                runs = [("monitor", server), ("off", off)][:: 1 if i % 2 == 0 else -1]
-                for name, s in runs:
+                runs = [("monitor", server), ("off", off), ("grpc", server if args.grpc else None)]
+                for name, s in runs[:: 1 if i % 2 == 0 else -1]:
                     if s is None:
                         continue
-                    r = run_load(s.url, bodies, rate, args.duration, args.connections)
-                    (rates if name == "monitor" else rates_off).append(r)
+                    if name == "grpc":
+                        r = run_load_grpc(target, grpc_bodies, rate, args.duration, args.connections)
+                        rates_grpc.append(r)
+                    else:
+                        r = run_load(s.url, bodies, rate, args.duration, args.connections)
+                        (rates if name == "monitor" else rates_off).append(r)
                     e = r["end_to_end"]
                     label = "" if off is None else (f" [monitor {sample:g}]" if name == "monitor" else " [monitor off]")
+                    if args.grpc:
+                        label = " [gRPC]" if name == "grpc" else f"{label} [HTTP]"
                     print(
                         f"rate {rate:>6.0f}/s{label}: achieved {r['achieved_rps']:.0f}/s, p50 {e['p50_ms']:.2f} ms, "
                         f"p99 {e['p99_ms']:.2f} ms, p99.9 {e['p999_ms']:.2f} ms, errors {r['errors']}",
                         flush=True,
                     )
-                r = rates[-1]
-                if r["achieved_rps"] < 0.9 * rate or r["end_to_end"]["p99_ms"] > 1000:
-                    break  # saturated: higher rates only grow the queue
+                last = [rates[-1], *rates_grpc[-1:]]
+                if all(r["achieved_rps"] < 0.9 * rate or r["end_to_end"]["p99_ms"] > 1000 for r in last):
+                    break  # saturated (over every transport measured): higher rates only grow the queue
             monitor = _monitor_report(server.url, sample, rates, rates_off)
             items = [str(i) for i in read_items(paths["data"], columns=["item_id"])["item_id"].head(1000)]
             events = _event_writes(server.url, user_ids, items, args.events)
@@ -403,7 +521,11 @@ def run(args: argparse.Namespace) -> int:
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(timeout=10)
-    ok = [r for r in rates if r["achieved_rps"] >= 0.95 * r["target_rps"] and r["end_to_end"]["p99_ms"] < 100]
+
+    def sustained(runs: list[dict[str, Any]]) -> float:
+        ok = [r for r in runs if r["achieved_rps"] >= 0.95 * r["target_rps"] and r["end_to_end"]["p99_ms"] < 100]
+        return max((r["target_rps"] for r in ok), default=0.0)
+
     from towerann.index.snapshot import resolve
 
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
@@ -424,8 +546,12 @@ def run(args: argparse.Namespace) -> int:
         "index_memory": (served.get("backend_state") or {}).get("memory"),
         "raw_vector_bytes": args.items * int(served.get("dim", 0)) * 4,
         "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
-        "max_sustained_rps": max((r["target_rps"] for r in ok), default=0.0),
+        "max_sustained_rps": sustained(rates),
     }
+    if args.grpc:  # the same rates over gRPC, in alternation with HTTP
+        result["grpc"] = rates_grpc
+        result["grpc_saturation_rps"] = max((r["achieved_rps"] for r in rates_grpc), default=0.0)
+        result["grpc_max_sustained_rps"] = sustained(rates_grpc)
     json_path, png_path = write_report(
         args.out,
         f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}"
@@ -433,6 +559,11 @@ def run(args: argparse.Namespace) -> int:
         result,
         _plot(result),
     )
+    if args.grpc:
+        print(
+            f"gRPC: saturation {result['grpc_saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
+            f"{result['grpc_max_sustained_rps']:.0f} rps"
+        )
     print(
         f"saturation {result['saturation_rps']:.0f} rps; sustained (p99 < 100 ms) up to "
         f"{result['max_sustained_rps']:.0f} rps\nwrote {json_path} and {png_path}"
@@ -440,13 +571,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_server(work: Path, index: Path, store_url: str, store_path: str | None, workers: int, sample: float) -> Any:
-    """`towerann serve` on the bundle with [monitor] sample = `sample` (0: the recall monitor off)."""
+def _start_server(
+    work: Path,
+    index: Path,
+    store_url: str,
+    store_path: str | None,
+    workers: int,
+    sample: float,
+    grpc_port: int | None = None,
+) -> Any:
+    """`towerann serve` on the bundle with [monitor] sample = `sample` (0: the recall monitor off); with
+    `grpc_port`, gRPC beside HTTP on that port. The live re-tune is off: a benchmark measures one setting."""
     from towerann.server.server import start_subprocess
 
     config = work / f"monitor-{sample:g}.toml"
-    config.write_text(f"[monitor]\nsample = {float(sample)!r}\n")
-    return start_subprocess(index, store_url, store_path, workers=workers, config=config)
+    config.write_text(f"[monitor]\nsample = {float(sample)!r}\n[retune]\nenabled = false\n")
+    args = ["--grpc-port", str(grpc_port)] if grpc_port else []
+    return start_subprocess(index, store_url, store_path, workers=workers, config=config, args=args)
 
 
 def _monitor_report(
@@ -492,6 +633,10 @@ def _plot(result: dict[str, Any]) -> Any:
         x = [r["achieved_rps"] for r in rates]
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
             ax1.plot(x, [r["end_to_end"][key] for r in rates], marker="o", label=f"HTTP end to end {label}")
+        grpc_rates = result.get("grpc") or []  # --grpc: the same rates over gRPC
+        xg = [r["achieved_rps"] for r in grpc_rates]
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")) if grpc_rates else ():
+            ax1.plot(xg, [r["end_to_end"][key] for r in grpc_rates], marker="x", ls=":", label=f"gRPC {label}")
         ax1.axhline(result["in_process"]["end_to_end"]["p99_ms"], ls="--", c="gray", label="in-process p99")
         ax1.set_xlabel("achieved requests/s")
         ax1.set_ylabel("ms")
@@ -552,6 +697,12 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         help="[monitor] sample of the served config, and a second server with the recall monitor off "
         "taking the same load, rate by rate in alternation: the p99 with and without it (0: one "
         "server, monitor off; default: one server with the config's default, 1%%)",
+    )
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="also serve gRPC (serve --grpc-port) and offer every rate over it too, in alternation with HTTP: "
+        'the same requests as towerann.client.GrpcClient sends them (result key "grpc")',
     )
     add_workdir(p, "where the workload is built and cached")
     add_out(p)

@@ -15,6 +15,7 @@ from towerann.config import ServeConfig
 from towerann.errors import ConfigError
 from towerann.index import KINDS, SHARDED
 from towerann.index.build import AUTO_HELP, UNTUNED_TARGET, Tuning, build_index
+from towerann.index.retune import MIN_LIVE_QUERIES
 from towerann.index.snapshot import current_version, list_versions, publish, read_checked_manifest, resolve, rollback
 from towerann.index.tune import not_paying
 
@@ -126,14 +127,33 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     t = sub.add_parser(
         "tune",
         help="re-tune a published snapshot's search settings (no rebuild) and publish them as a new version",
-        description="Measure the CURRENT snapshot of ROOT again on user-tower queries (--queries) and choose the "
+        description="Measure the CURRENT snapshot of ROOT again on user-tower queries (--queries, or with "
+        "--from-live the live queries a server serving ROOT kept in ROOT/live_queries/) and choose the "
         "fastest search settings that reach --recall at --k; the result is published as a new version that "
         "shares the index files (hard links) of the one it re-tunes.",
     )
     t.add_argument("root", help="snapshot root (e.g. indexes/); its CURRENT version is re-tuned")
-    t.add_argument("--recall", type=float, required=True, help="recall@k target on the tuning queries")
+    t.add_argument(
+        "--recall",
+        type=float,
+        default=None,
+        help="recall@k target on the tuning queries (needed with --queries; with --from-live the default is "
+        "the version's own tuned target)",
+    )
     t.add_argument("--k", type=int, default=TUNE_K, help=TUNE_K_HELP)
     t.add_argument("--queries", default=None, help=QUERIES_HELP)
+    t.add_argument(
+        "--from-live",
+        action="store_true",
+        help="tune on the live queries a server serving ROOT sampled (ROOT/live_queries/: query vectors, "
+        "each used unfiltered; [monitor] reservoir) instead of --queries",
+    )
+    t.add_argument(
+        "--min-queries",
+        type=int,
+        default=MIN_LIVE_QUERIES,
+        help="--from-live: refuse fewer live queries than this (default %(default)s)",
+    )
     _refuse_moved_flags(t)
     t.add_argument(
         "--calibrate-filters",
@@ -310,7 +330,7 @@ def _kind_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from towerann.index.retune import retune
+    from towerann.index.retune import LIVE_QUERIES, retune, retune_from_live
 
     _check_moved_flags(args)
     if read_checked_manifest(resolve(args.root), verify=False)["backend"] == SHARDED:
@@ -318,10 +338,22 @@ def _tune(args: argparse.Namespace) -> int:
             f"{args.root}: index tune does not re-tune a {SHARDED} snapshot yet; rebuild it with "
             "`index build --kind sharded --recall ...` (tuning there sets every shard's search params)"
         )
-    if not args.queries:
-        raise ConfigError(NEEDS_QUERIES)
-    queries = load_npy(args.queries)
-    path, t = retune(args.root, queries, args.k, args.recall, keep=args.keep, calibrate_filters=args.calibrate_filters)
+    if args.from_live:
+        if args.queries:
+            raise ConfigError("give --queries FILE or --from-live, not both")
+        path, t, n = retune_from_live(
+            args.root, args.k, args.recall, args.keep, args.calibrate_filters, min_queries=args.min_queries
+        )
+        print(f"{n} live queries from {Path(args.root) / LIVE_QUERIES}")
+    else:
+        if not args.queries:
+            raise ConfigError(NEEDS_QUERIES)
+        if args.recall is None:
+            raise ConfigError("--recall is needed with --queries (with --from-live it defaults to the tuned target)")
+        queries = load_npy(args.queries)
+        path, t = retune(
+            args.root, queries, args.k, args.recall, keep=args.keep, calibrate_filters=args.calibrate_filters
+        )
     speed = f", p50 {t['p50_ms']:.3f} ms" if t.get("p50_ms") else ""
     print(
         f"tuned: {t['params']} recall@{t['k']}={t['recall']:.4f}{speed} (target {t['target']}"
@@ -364,6 +396,8 @@ def _info(args: argparse.Namespace) -> int:
     info.update(path=str(directory), files=len(m["checksums"]), bytes=size, checksums="ok")
     if m.get("retuned_from"):  # `index tune`: the version whose files (hard links) and build this one shares
         info["retuned_from"] = m["retuned_from"]
+    if m.get("retune_reason"):  # why: the live re-tune's online recall, or the live queries tuned on
+        info["retune_reason"] = m["retune_reason"]
     memory = (m.get("backend_state") or {}).get("memory")  # ivfpq: resident vs on-disk bytes once loaded
     if memory:
         info["memory"] = memory

@@ -1,4 +1,4 @@
-"""`towerann serve`: the HTTP API over a retrieval bundle and a feature store."""
+"""`towerann serve`: the HTTP API (and with --grpc-port its gRPC twin) over a retrieval bundle and a feature store."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from towerann.errors import ConfigError
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve top-K candidates over HTTP (FastAPI + uvicorn)",
+        help="serve top-K candidates over HTTP (FastAPI + uvicorn), and gRPC with --grpc-port",
         description="Serve POST /v1/candidates, POST /v1/events, /healthz, /readyz, /metrics, "
         "and (with a bearer token) POST/PATCH/DELETE /v1/items and POST /v1/admin/reload. "
         "Settings come from --config (TOML); flags override it.",
@@ -37,6 +37,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "one per core when the feature store is Redis, else 1); several need --store redis://...",
     )
     p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default 1000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the read path over gRPC (towerann.v1.Retrieval: candidates, events, health, ready, "
+        "reload) on this port, beside HTTP in the same process, with the same limits, token and errors "
+        "(default [serve] grpc_port: 0, off)",
+    )
     p.add_argument(
         "--ray",
         default=None,
@@ -81,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve_host=args.host,
         serve_port=args.port,
         serve_max_k=args.max_k,
+        serve_grpc_port=args.grpc_port,
         serve_workers=args.workers,
         serve_log_format=args.log_format,
         serve_access_log=args.access_log,
@@ -89,6 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(cfg.serve.log_format, access_log=cfg.serve.access_log)
     if args.shard_deadline_ms is not None and (args.ray is None or args.shard_deadline_ms <= 0):
         raise ConfigError("--shard-deadline-ms goes with --ray and must be > 0")
+    from towerann.server.grpc_server import check_ports
+
+    check_ports(cfg.serve)  # before anything is loaded
     if args.ray is not None and cfg.serve.workers == 0:  # "one per core" means one for a front over Ray shards
         cfg = cfg.with_overrides(serve_workers=1)
     n = resolve_workers(cfg)

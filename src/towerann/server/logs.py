@@ -6,7 +6,8 @@ What a server logs at INFO, besides warnings and errors:
 - one line per state change: a bundle swapped or refused (towerann.freshness.reload), degraded answers
   on and off (towerann.serving.retriever), a shard missing and back (towerann.index.sharded), the delta
   log's Redis losing and regaining durability (towerann.freshness.deltalog), Redis down and back
-  (towerann.features.redis_store).
+  (towerann.features.redis_store), a live re-tune started, applied, refused, failed or skipped, a recall
+  target no re-tune restores, and a rebuild on drift (towerann.serving.retune_loop, towerann.server.server).
 
 INFO lines show once the server serves (`serving()`): a server that fails to start says so in one line.
 

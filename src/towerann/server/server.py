@@ -1,11 +1,16 @@
 """Run the HTTP app: in the foreground (`towerann serve`), in a background thread (demo, tests) or
-in a subprocess (benchmarks, where the load generator must not share the server's GIL)."""
+in a subprocess (benchmarks, where the load generator must not share the server's GIL).
+
+Both in-process ways attach the live re-tune (server.live_retune: the reservoir of live queries and the
+loop that re-tunes a bundle whose online recall is measurably under its target) to the service, with its
+metrics in the app's registry, and close it (saving the reservoir) on the way out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,11 +28,14 @@ from towerann.config import Config
 from towerann.errors import BackendUnavailable, ConfigError, TowerannError
 from towerann.index.snapshot import resolve
 from towerann.server.asgi import app_for, close_app, freeze_heap, uvicorn_config
+from towerann.server.grpc_server import http_server
+from towerann.server.live_retune import start_live_retune
 from towerann.server.logs import serving
 from towerann.server.wiring import Service, open_service
 from towerann.server.workers import listening_socket
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.retriever import Retriever
+from towerann.serving.retune_loop import RetuneLoop
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,7 @@ def load_ray_bundle(
     from towerann.cluster.ray_shards import attach
 
     path = resolve(cfg.paths.index)
+    given_model = model_dir  # `serve --model`: paired by the rule startup and reload use (check_pairing)
     if model_dir is None and not (path / "model").is_dir():
         model_dir = cfg.paths.model
     try:
@@ -81,6 +90,7 @@ def load_ray_bundle(
             path,
             model_dir=model_dir,
             index_loader=lambda p: attach(p.parent, address, version=p.name, deadline_s=deadline_s),
+            given_model=given_model,
         )
     except TowerannError:
         raise
@@ -125,18 +135,48 @@ def serve_forever(
         else open_ray_service(cfg, ray_address, model_dir, shard_deadline_s)
     )
     app: FastAPI | None = None
+    live: RetuneLoop | None = None
+    # uvicorn stops on SIGTERM, then restores the handler it found and raises the signal again: with the
+    # default handler the process died there, before the cleanup below (the reservoir was never saved).
+    # This one turns it into an exception; after the cleanup, the signal is raised again with the
+    # default handler, so the process still ends as killed by SIGTERM.
+    main = threading.current_thread() is threading.main_thread()  # signals are the main thread's only
+    before = signal.signal(signal.SIGTERM, _terminated) if main else None
+    stopped_by_sigterm = False
     try:
         app = app_for(svc)
+        live = start_live_retune(svc, app)
         freeze_heap()
         svc.start()
         serving()  # started: towerann's INFO lines (access log, state changes) from here on
         log.info(
             "serving %s on http://%s:%d", svc.retriever.holder.current().describe(), cfg.serve.host, cfg.serve.port
         )
-        uvicorn.Server(uvicorn_config(app, cfg.serve.host, cfg.serve.port)).run()
+        http_server(uvicorn_config(app, cfg.serve.host, cfg.serve.port), app, cfg.serve).run()  # + gRPC
+    except _Terminated:
+        stopped_by_sigterm = True
     finally:
-        close_app(app)
-        svc.close()
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        try:
+            if live is not None:
+                live.close()  # saves the reservoir
+            close_app(app)
+            svc.close()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, before)
+    if stopped_by_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+
+class _Terminated(BaseException):
+    """SIGTERM reached `towerann serve` (after uvicorn's own graceful stop): clean up, then die by it."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 @dataclass
@@ -145,6 +185,7 @@ class ServerHandle:
     service: Service | None  # start_background only
     _stop: Callable[[], None]
     process: subprocess.Popen | None = None  # start_subprocess only
+    retune: RetuneLoop | None = None  # start_background only: the live re-tune (None: the monitor is off)
 
     @property
     def retriever(self) -> Retriever | None:
@@ -159,6 +200,7 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
     and closes what it opened (the store too, unless `retriever` was given)."""
     svc = open_service(cfg, retriever)
     app = app_for(svc)
+    live = start_live_retune(svc, app)
     freeze_heap()
     svc.start()
     sock = listening_socket(cfg.serve.host, 0)
@@ -178,10 +220,12 @@ def start_background(cfg: Config, retriever: Retriever | None = None, timeout_s:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+        if live is not None:
+            live.close()  # saves the reservoir
         close_app(app)
         svc.close()
 
-    return ServerHandle(f"http://{host}:{port}", svc, stop)
+    return ServerHandle(f"http://{host}:{port}", svc, stop, retune=live)
 
 
 def start_subprocess(

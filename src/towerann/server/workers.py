@@ -17,6 +17,10 @@ What the workers share, and how:
 - user features: the feature store, which must be Redis (the embedded store lives in one process).
 - metrics: prometheus_client's multiprocess mode in a temp directory of this server, so /metrics
   answers the totals of all workers; the X-Towerann-Worker header says which worker answered.
+- gRPC ([serve] grpc_port): each worker binds the port itself with SO_REUSEPORT and serves it on its own
+  event loop beside HTTP (server.grpc_server); the kernel spreads new connections, so one gRPC channel
+  (one HTTP/2 connection) stays with one worker. The parent imports no gRPC (fork safety): it only
+  checks that the port can be bound.
 """
 
 from __future__ import annotations
@@ -117,6 +121,14 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
             "that is asked to reload; set poll_s > 0 so every worker picks it up"
         )
     sock = listening_socket(cfg.serve.host, cfg.serve.port)
+    if cfg.serve.grpc_port:  # each worker binds it (SO_REUSEPORT): a port another server holds fails here
+        from towerann.server.grpc_server import check_port_free
+
+        try:
+            check_port_free(cfg.serve.host, cfg.serve.grpc_port)
+        except BaseException:
+            sock.close()
+            raise
     metrics_dir = tempfile.mkdtemp(prefix="towerann-metrics-")
     # prometheus_client reads it at import: set before anything here or in the workers imports it
     env_before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -158,9 +170,10 @@ def run_workers(cfg: Config, n: int, model_dir: str | None = None) -> None:
 
         serving()
         log.info(
-            "serving on http://%s:%d with %d workers (pids %s)",
+            "serving on http://%s:%d%s with %d workers (pids %s)",
             cfg.serve.host,
             cfg.serve.port,
+            f" and gRPC {cfg.serve.host}:{cfg.serve.grpc_port}" if cfg.serve.grpc_port else "",
             n,
             " ".join(str(p.pid) for p in workers),
         )
@@ -294,6 +307,12 @@ def worker_main(
         conn.send(("error", f"worker {index} failed to start: {type(e).__name__}: {redact(str(e))}", 1))
         raise
     app = None
+    live = None
+    # uvicorn stops on SIGTERM, then raises it again with the handler it found: this one turns that into
+    # an exception, so the cleanup below runs (the reservoir of live queries is saved); then the worker
+    # dies by SIGTERM as before
+    signal.signal(signal.SIGTERM, _terminated)
+    stopped_by_sigterm = False
     try:
         peers = Peers(svc, acked, index)
         parent = os.getppid()
@@ -305,6 +324,9 @@ def worker_main(
             processes=None if pids is None else lambda: {"parent": parent, **{str(i): p for i, p in enumerate(pids)}},
         )
         peers.write_pool = getattr(app.state, "write_pool", None)
+        from towerann.server.live_retune import start_live_retune
+
+        live = start_live_retune(svc, app, worker=str(index))
         freeze_heap()
         conn.send(("loaded",))
         try:
@@ -314,11 +336,27 @@ def worker_main(
         svc.start()
         serving()
         _serve_on(svc, app, sock, peers)
+    except _Terminated:
+        stopped_by_sigterm = True
     finally:
         from towerann.server.asgi import close_app
 
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        if live is not None:
+            live.close()  # saves this worker's reservoir
         close_app(app)
         svc.close()
+    if stopped_by_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+
+class _Terminated(BaseException):
+    """SIGTERM reached a worker (after uvicorn's own graceful stop): clean up, then die by it."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def _die_with_parent() -> None:
@@ -335,12 +373,12 @@ def _die_with_parent() -> None:
 
 
 def _serve_on(svc: Service, app: Any, sock: socket.socket, peers: Peers) -> None:
-    import uvicorn
-
     from towerann.server.asgi import uvicorn_config
+    from towerann.server.grpc_server import http_server
 
     config = uvicorn_config(app, svc.cfg.serve.host, svc.cfg.serve.port)
-    server = uvicorn.Server(config)
+    # with [serve] grpc_port, gRPC beside HTTP on this worker's loop, its port bound with SO_REUSEPORT
+    server = http_server(config, app, svc.cfg.serve, reuse_port=True)
 
     async def main() -> None:
         stop: list[bool] = []

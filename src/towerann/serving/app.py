@@ -11,6 +11,10 @@
 
 Ids (user_id, item_id) are strings or JSON integers (spelled in decimal, as the catalog prints them).
 
+The transport-independent part of candidates, events, readiness and reload (the request model's checks
+and limits, the Retriever call, metrics, access-log notes, degraded / partial, the bearer token) is
+`ApiCore`: these routes and the gRPC service of `serve --grpc-port` (server.grpc_service) both call it.
+
 Every bad input gets a 4xx with {"error": message}; an unexpected exception a logged 500 JSON, and
 the server keeps serving (on the same keep-alive connection). When the feature store (Redis) is down
 or slower than [features] timeout_ms, candidates are answered without the user's features, with
@@ -39,7 +43,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
@@ -57,7 +61,15 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,7 +87,7 @@ from towerann.serving import access
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.monitor import RecallMonitor
 from towerann.serving.process_metrics import ServerProcesses
-from towerann.serving.retriever import STAGES, Retriever, int64_spelling_in_range
+from towerann.serving.retriever import STAGES, Candidates, Retriever, int64_spelling_in_range
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +359,13 @@ class Metrics:
         self.requests = Counter(
             "towerann_http_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
         )
+        # `serve --grpc-port`: the same calls over gRPC (server.grpc_service), by method and status code name
+        self.grpc_requests = Counter(
+            "towerann_grpc_requests",
+            "gRPC calls by method and status code (OK, INVALID_ARGUMENT, UNAVAILABLE, ...)",
+            ["method", "code"],
+            registry=self.registry,
+        )
         self.stage = Histogram(
             "towerann_stage_seconds",
             "server-side time per request stage",
@@ -442,6 +461,14 @@ class Metrics:
         )
 
 
+def body_too_large(max_body_bytes: int) -> str:
+    """The 413 of a request body over [serve] max_body_bytes (gRPC: RESOURCE_EXHAUSTED, the same words)."""
+    return (
+        f"request body over {max_body_bytes} bytes; send a smaller body "
+        "(raise [serve] max_body_bytes if this was intended)"
+    )
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -514,11 +541,7 @@ class GuardMiddleware:
                 access.finish(token, scope["method"], route, status[0] or 499, time.perf_counter() - t0, fields)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _error(
-            413,
-            f"request body over {self.max_body} bytes; send a smaller body "
-            "(raise [serve] max_body_bytes if this was intended)",
-        )(scope, receive, send)
+        await _error(413, body_too_large(self.max_body))(scope, receive, send)
 
 
 def create_app(
@@ -539,7 +562,10 @@ def create_app(
     admin endpoints; they need `Authorization: Bearer <token>`. `worker` names this process in an
     X-Towerann-Worker header; `metrics_dir` makes /metrics the totals of all workers (Metrics);
     `freshen` is awaited before each search (several workers: apply the others' acknowledged writes);
-    `processes` names the server's processes for the process metrics (Metrics)."""
+    `processes` names the server's processes for the process metrics (Metrics).
+
+    `app.state.api` is the app's ApiCore: the gRPC service of the same process (server.grpc_service)
+    answers through it, with this app's limits, token and metrics."""
     metrics = Metrics(metrics_dir, processes)
     if reloader is not None:
         reloader.add_listener(lambda outcome, info: metrics.reloads.labels(outcome=outcome).inc())
@@ -554,10 +580,11 @@ def create_app(
         responses={},
         redirect_slashes=False,
     )
-    app.state.retriever, app.state.metrics = retriever, metrics
     delta = getattr(writer, "delta", None)
-    _add_read_routes(app, retriever, metrics, models, delta, freshen)
-    _add_write_routes(app, retriever, models, writer, reloader, token, delta)
+    api = ApiCore(retriever, metrics, models, writer, reloader, token, delta, freshen, max_body_bytes)
+    app.state.retriever, app.state.metrics, app.state.api = retriever, metrics, api
+    _add_read_routes(app, api)
+    _add_write_routes(app, api)
     _add_error_handlers(app)
 
     # Unexpected exceptions are answered by GuardMiddleware: a handler registered here for Exception
@@ -567,63 +594,126 @@ def create_app(
     return app
 
 
-def _add_read_routes(
-    app: FastAPI,
-    retriever: Retriever,
-    metrics: Metrics,
-    models: Any,
-    delta: Any,
-    freshen: Callable[[], Awaitable[None]] | None,
-) -> None:
-    """candidates, events, healthz, readyz, metrics: no token."""
-    holder, observe = retriever.holder, metrics.stage_children
-    if not TYPE_CHECKING:  # FastAPI reads the handlers' parameter types: this app's models, with its limits
-        CandidatesBody, EventBody = models.CandidatesRequest, models.EventRequest
+# ---- the API whatever the transport: HTTP (the routes below) and gRPC (server.grpc_service) ----------
 
-    # The request handlers are `async` on purpose: they run on the event loop, one at a time. A
-    # request is ~1-2 ms of CPU, mostly under the GIL; in uvicorn's thread pool, concurrent
-    # requests fought over the GIL and the p99 at 200 requests/s grew ten-fold.
-    @app.post("/v1/candidates", response_model=None, responses={200: {"model": CandidatesResponse}, **ERRORS})
-    async def candidates(req: CandidatesBody) -> Response:
+
+class InvalidBody(BadRequest):
+    """A request that its model refused (a field of the wrong type, too long, unknown, missing): HTTP 422."""
+
+    http_status = 422
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[int, str]:
+    """The HTTP status and the one-line message of a request body its model refused (pydantic's errors)."""
+    for e in errors:
+        if e.get("type") == "not_utf8":  # RequestBody's check
+            return 400, str(e["msg"])
+        if e.get("type") == "string_unicode":  # pydantic's own, on a path parameter or a constrained string
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "path"))
+            return 400, f"{loc or 'request'}: a string that {NOT_UTF8}"
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "request body is not valid JSON"
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return 400, "request body must be a JSON object, sent with Content-Type: application/json"
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}")
+    return 422, "; ".join(parts)
+
+
+def check_bearer(token: str | None, authorization: str) -> None:
+    """The bearer token of every route that needs it (writes and admin), from an HTTP Authorization header
+    or the gRPC metadata of the same name. The message never shows a token, given or configured."""
+    if token is None:
+        raise Forbidden(
+            "writes and admin routes are disabled: no API token is configured (set "
+            "TOWERANN_API_TOKEN or [freshness] token_file)"
+        )
+    scheme, _, given = authorization.strip().partition(" ")
+    # the scheme in any case (RFC 9110); the token compared in constant time, whatever the scheme was
+    same = hmac.compare_digest(given.strip().encode(), token.encode())
+    if not (same and scheme.lower() == "bearer"):
+        raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+def candidates_body(c: Candidates) -> dict[str, Any]:
+    """The JSON answer of POST /v1/candidates."""
+    body: dict[str, Any] = {
+        "candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
+        "model_version": c.model_version,
+        "index_version": c.index_version,
+        "timings_ms": c.timings_ms,
+        "degraded": c.degraded,
+    }
+    if c.partial:  # absent otherwise: an unsharded answer has nothing to say here
+        body.update(partial=True, missing_shards=list(c.missing_shards))
+    return body
+
+
+class ApiCore:
+    """What the candidates, events, readiness and reload calls answer, whatever the transport: the HTTP
+    routes of create_app and the gRPC service (server.grpc_service) both call these, so the checks of a
+    request (this app's models: max_k, max_id_length, ...), the bearer token, the metrics, the access-log
+    notes and the degraded / partial flags are one piece of code. Errors are TowerannErrors, which each
+    transport answers in its own way (HTTP: the status and {"error": message}; gRPC: the matching code and
+    the same message).
+
+    Everything here runs on the server's event loop, one call at a time between awaits: that serialises
+    searches with the live index writes without a lock (see the module's docstring)."""
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        metrics: Metrics,
+        models: SimpleNamespace,
+        writer: ItemWrites | None,
+        reloader: BundleReloads | None,
+        token: str | None,
+        delta: Any,
+        freshen: Callable[[], Awaitable[None]] | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.retriever, self.metrics, self.models = retriever, metrics, models
+        self.writer, self.reloader, self.token, self.delta = writer, reloader, token, delta
+        self.freshen = freshen
+        self.max_body_bytes = max_body_bytes
+
+    def parse(self, model: type[BaseModel], body: dict[str, Any]) -> Any:
+        """`body` (a request's fields, as its JSON object would carry them) checked by `model`, one of this
+        app's request models: a refusal is the HTTP route's error, with its message (InvalidBody: 422)."""
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            status, message = validation_message(e.errors())
+            raise (InvalidBody if status == 422 else BadRequest)(message) from None
+
+    async def candidates(self, req: CandidatesBody) -> Candidates:
         noted = access.note()
         if noted is not None:
             noted["k"] = req.k
         flt = None if req.filter is None else req.filter.model_dump()
-        if freshen is not None:
-            await freshen()
-        c = await retriever.candidates_async(req.user_id, req.k, flt, query_vector=req.query_vector)
+        if self.freshen is not None:
+            await self.freshen()
+        c = await self.retriever.candidates_async(req.user_id, req.k, flt, query_vector=req.query_vector)
+        observe = self.metrics.stage_children
         for stage, ms in c.timings_ms.items():
             observe[stage].observe(ms / 1e3)
         if c.degraded:
-            metrics.degraded.inc()
+            self.metrics.degraded.inc()
             if noted is not None:
                 noted["degraded"] = True
-        body = {
-            "candidates": [{"item_id": i, "score": s} for i, s in zip(c.item_ids, c.scores)],
-            "model_version": c.model_version,
-            "index_version": c.index_version,
-            "timings_ms": c.timings_ms,
-            "degraded": c.degraded,
-        }
-        if c.partial:  # absent otherwise: an unsharded answer has nothing to say here
-            metrics.partial.inc()
-            body.update(partial=True, missing_shards=list(c.missing_shards))
+        if c.partial:
+            self.metrics.partial.inc()
             if noted is not None:
                 noted.update(partial=True, missing_shards=list(c.missing_shards))
-        # orjson: at k=1000, json.dumps costs ~0.8 ms a request, as much as the retrieval itself
-        return Response(orjson.dumps(body), media_type="application/json")
+        return c
 
-    @app.post("/v1/events", response_model=EventResponse, responses=ERRORS)
-    async def events(req: EventBody) -> dict[str, Any]:
-        e = await retriever.record_event_async(req.user_id, req.item_id, req.type, req.ts)
+    async def event(self, req: EventBody) -> dict[str, Any]:
+        e = await self.retriever.record_event_async(req.user_id, req.item_id, req.type, req.ts)
         return {"user_id": e.user_id, "item_id": e.item_id, "type": e.type, "ts": e.ts}
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: answered on the event loop at once; touches no store."""
-        return {"status": "ok"}
-
-    async def probe(dependency: Any) -> str:
+    async def probe(self, dependency: Any) -> str:
         """ "up" or "down", within [features] timeout_ms; a dependency that failed a moment ago is not waited on."""
         if not getattr(dependency, "does_io", False):
             try:
@@ -634,20 +724,21 @@ def _add_read_routes(
         if not dependency.available():
             return "down"
         try:
-            await asyncio.wait_for(asyncio.to_thread(dependency.ping), retriever.features_timeout_s)
+            await asyncio.wait_for(asyncio.to_thread(dependency.ping), self.retriever.features_timeout_s)
             return "up"
         except (TimeoutError, TowerannError):
             return "down"
 
-    @app.get("/readyz", responses={503: _JSON_ERROR})
-    async def readyz() -> Response:
-        """200 while a bundle is served, with each dependency's state; 503 until a bundle is loaded."""
+    async def readiness(self) -> dict[str, Any]:
+        """GET /readyz's answer while a bundle is served, with each dependency's state; BackendUnavailable
+        (503) until a bundle is loaded."""
+        retriever, holder, delta = self.retriever, self.retriever.holder, self.delta
         if not holder.ready:
-            return _error(503, "no retrieval bundle loaded yet")
-        deps = {"features": await probe(retriever.store)}
+            raise BackendUnavailable("no retrieval bundle loaded yet")
+        deps = {"features": await self.probe(retriever.store)}
         not_durable = getattr(getattr(delta, "link", None), "not_durable", None)  # a Redis that stopped logging
         if delta is not None:
-            deps["delta_log"] = await probe(delta)
+            deps["delta_log"] = await self.probe(delta)
             if not_durable and deps["delta_log"] == "up":
                 deps["delta_log"] = "not durable"
         b = holder.current()
@@ -662,17 +753,65 @@ def _add_read_routes(
         # No path: anyone may ask /readyz, and the disk layout is for the server's log (the version names the bundle)
         bundle = {key: value for key, value in b.describe().items() if key != "path"}
         why = {"durability": f"{not_durable}: item writes and clicks are refused until Redis logs writes again"}
-        return JSONResponse(
-            {
-                "status": "ready",
-                "degraded": degraded,
-                "dependencies": deps,
-                **recall,
-                **(why if not_durable else {}),
-                **({"missing_shards": missing} if missing else {}),
-                **bundle,
-            }
-        )
+        return {
+            "status": "ready",
+            "degraded": degraded,
+            "dependencies": deps,
+            **recall,
+            **(why if not_durable else {}),
+            **({"missing_shards": missing} if missing else {}),
+            **bundle,
+        }
+
+    def writes_enabled(self) -> ItemWrites:
+        if self.writer is None:
+            raise NotFound("item writes are not enabled on this server")
+        return self.writer
+
+    def authorize(self, authorization: str) -> None:
+        """Every write and the reload: writes enabled on this server, then the bearer token."""
+        self.writes_enabled()
+        check_bearer(self.token, authorization)
+
+    async def reload(self, reason: str) -> dict[str, Any]:
+        """Load the bundle CURRENT names now (validated; refused if bad, the old one keeps serving)."""
+        if self.reloader is None:
+            raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
+        # off the loop: requests keep being answered
+        return await asyncio.to_thread(self.reloader.reload, reason)
+
+
+# ---- the HTTP routes ------------------------------------------------------------------------------
+
+
+def _add_read_routes(app: FastAPI, api: ApiCore) -> None:
+    """candidates, events, healthz, readyz, metrics: no token."""
+    models, metrics = api.models, api.metrics
+    if not TYPE_CHECKING:  # FastAPI reads the handlers' parameter types: this app's models, with its limits
+        CandidatesBody, EventBody = models.CandidatesRequest, models.EventRequest
+
+    # The request handlers are `async` on purpose: they run on the event loop, one at a time. A
+    # request is ~1-2 ms of CPU, mostly under the GIL; in uvicorn's thread pool, concurrent
+    # requests fought over the GIL and the p99 at 200 requests/s grew ten-fold.
+    @app.post("/v1/candidates", response_model=None, responses={200: {"model": CandidatesResponse}, **ERRORS})
+    async def candidates(req: CandidatesBody) -> Response:
+        c = await api.candidates(req)
+        # orjson: at k=1000, json.dumps costs ~0.8 ms a request, as much as the retrieval itself
+        return Response(orjson.dumps(candidates_body(c)), media_type="application/json")
+
+    @app.post("/v1/events", response_model=EventResponse, responses=ERRORS)
+    async def events(req: EventBody) -> dict[str, Any]:
+        return await api.event(req)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: answered on the event loop at once; touches no store."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: _JSON_ERROR})
+    async def readyz() -> Response:
+        """200 while a bundle is served, with each dependency's state; 503 until a bundle is loaded."""
+        return JSONResponse(await api.readiness())
 
     @app.get(
         "/metrics",
@@ -688,16 +827,9 @@ def _add_read_routes(
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _add_write_routes(
-    app: FastAPI,
-    retriever: Retriever,
-    models: Any,
-    writer: ItemWrites | None,
-    reloader: BundleReloads | None,
-    token: str | None,
-    delta: Any,
-) -> None:
+def _add_write_routes(app: FastAPI, api: ApiCore) -> None:
     """Item writes and the admin reload: bearer token."""
+    retriever, models, delta = api.retriever, api.models, api.delta
     holder = retriever.holder
     if not TYPE_CHECKING:  # as in _add_read_routes: this app's model
         ItemsBody = models.ItemsRequest
@@ -714,29 +846,14 @@ def _add_write_routes(
     )
     app.state.write_pool = write_pool
 
-    def writes_enabled() -> ItemWrites:
-        if writer is None:
-            raise NotFound("item writes are not enabled on this server")
-        return writer
-
     async def authorize(request: Request) -> None:
         """A dependency of every write route: FastAPI runs it before it validates the body, so a
         request without the token gets 401 whatever it carries. (async: no thread-pool hop.)"""
-        writes_enabled()
-        await authorize_admin(request)
+        api.authorize(request.headers.get("authorization", ""))
 
     async def authorize_admin(request: Request) -> None:
-        """The bearer token, for every route that needs it (writes and admin reads)."""
-        if token is None:
-            raise Forbidden(
-                "writes and admin routes are disabled: no API token is configured (set "
-                "TOWERANN_API_TOKEN or [freshness] token_file)"
-            )
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        # the scheme in any case (RFC 9110); the token compared in constant time, whatever the scheme was
-        same = hmac.compare_digest(given.strip().encode(), token.encode())
-        if not (same and scheme.lower() == "bearer"):
-            raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
+        """The bearer token, for the admin reads."""
+        check_bearer(api.token, request.headers.get("authorization", ""))
 
     async def write(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         if write_pool is None:
@@ -757,23 +874,20 @@ def _add_write_routes(
         noted = access.note()
         if noted is not None:
             noted["items"] = len(req.items)
-        return await write(writes_enabled().upsert, entry_rows(req.items, holder.current(), retriever))
+        return await write(api.writes_enabled().upsert, entry_rows(req.items, holder.current(), retriever))
 
     @app.patch("/v1/items/{item_id}", responses=WRITE_ERRORS, dependencies=authorized)
     async def set_available(item_id: PathItemId, req: AvailabilityRequest) -> dict[str, Any]:
-        return await write(writes_enabled().set_available, retriever.item_key(item_id), req.available)
+        return await write(api.writes_enabled().set_available, retriever.item_key(item_id), req.available)
 
     @app.delete("/v1/items/{item_id}", responses=WRITE_ERRORS, dependencies=authorized)
     async def delete_item(item_id: PathItemId) -> dict[str, Any]:
-        return await write(writes_enabled().delete, retriever.item_key(item_id))
+        return await write(api.writes_enabled().delete, retriever.item_key(item_id))
 
     @app.post("/v1/admin/reload", responses={409: _JSON_ERROR, **WRITE_ERRORS}, dependencies=[Depends(authorize)])
     async def reload() -> JSONResponse:
         """Load the bundle CURRENT names now (validated; refused if bad, the old one keeps serving)."""
-        if reloader is None:
-            raise NotFound("this server does not serve a bundle root with CURRENT; nothing to reload")
-        # off the loop: requests keep being answered
-        info = await asyncio.to_thread(reloader.reload, "POST /v1/admin/reload")
+        info = await api.reload("POST /v1/admin/reload")
         return JSONResponse(info, status_code=409 if info["outcome"] == "refused" else 200)
 
     @app.get(
@@ -822,22 +936,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        for e in errs:
-            if e.get("type") == "not_utf8":  # RequestBody's check
-                return _error(400, e["msg"])
-            if e.get("type") == "string_unicode":  # pydantic's own, on a path parameter or a constrained string
-                loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "path"))
-                return _error(400, f"{loc or 'request'}: a string that {NOT_UTF8}")
-        if any(e.get("type") == "json_invalid" for e in errs):
-            return _error(400, "request body is not valid JSON")
-        if any(tuple(e.get("loc", ())) == ("body",) for e in errs):
-            return _error(400, "request body must be a JSON object, sent with Content-Type: application/json")
-        parts = []
-        for e in errs[:5]:
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-            parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        return _error(422, "; ".join(parts))
+        return _error(*validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

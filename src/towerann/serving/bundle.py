@@ -391,9 +391,9 @@ class RetrievalBundle:
         """An item's category code for the user tower's history input: the model's vocabulary, a paired
         user tower's on a vectors-only bundle, else 0 (no user tower reads it)."""
         if not self.vectors_only:
-            return self.model.schema.categories.encode_one  # type: ignore[no-any-return]
+            return self.model.schema.categories.encode_one
         if self.has_user_tower:
-            return self.encoder.schema.categories.encode_one  # type: ignore[no-any-return]
+            return self.encoder.schema.categories.encode_one
         return lambda name: 0
 
     def upsert(self, rows: Sequence[Mapping[str, Any]], vectors: np.ndarray, seq: int | None = None) -> None:

@@ -19,6 +19,21 @@ request path needs no lock (writes run on the event loop between handlers); this
 the service passes the writers' lock (freshness.live.ItemWriter.lock), which also covers swaps: a
 sample whose bundle was swapped out is dropped (reason "stale") and never searched, so the queue
 holds bundles only by weak reference and never delays the release of a swapped-out bundle.
+
+A sample is recorded under the version its request was answered from (read when it was offered): a
+live re-tune (serving.retune_loop) renames the served bundle in place, and a sample answered at the old
+setting must not count for the new version.
+
+The reservoir of live queries (`LiveQueries`, [monitor] reservoir): every drawn request's query vector,
+with its k and filter (category and attribute *values*, as a request names them) and the second it came,
+and nothing else (no user id, no request id), goes into a bounded reservoir on the request path (before
+the queue, so a busy monitor does not starve it): reservoir sampling (Algorithm R) over the drawn
+requests; a query older than reservoir_max_age_s is dropped when the reservoir is saved or read, and the
+count of requests seen restarts from what is left, so the freed slots go to the next requests (the
+reservoir follows recent traffic). It is tied to the user tower it came from: a bundle of another model
+empties it. Written under the served root (index.retune.write_live_queries: ROOT/live_queries/<writer>/,
+a temporary directory renamed into place) every reservoir_save_s and on close, read back on start, so a
+restart keeps it; each worker process writes its own directory, readers merge them.
 """
 
 from __future__ import annotations
@@ -34,11 +49,14 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from towerann.errors import TowerannError
 from towerann.index import Filter
+from towerann.index.retune import LIVE_QUERIES, read_live_queries, read_live_writer, write_live_queries
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
 
@@ -80,6 +98,160 @@ def lower_this_threads_priority(nice: int) -> None:
         pass
 
 
+def filter_spec(bundle: RetrievalBundle, flt: Filter | None) -> dict[str, list[str]] | None:
+    """A filter as a request names it ({"categories": [names], attribute: [values]}), from its codes."""
+    if flt is None or flt.empty:
+        return None
+    spec: dict[str, list[str]] = {}
+    if flt.categories is not None:
+        spec["categories"] = sorted(bundle.category_names[c] for c in flt.categories)
+    for name, codes in flt.attributes:
+        spec[name] = sorted(bundle.attribute_values[name][c] for c in codes)
+    return spec
+
+
+class LiveQueries:
+    """A bounded reservoir of live query vectors with their k and filter (see the module docstring)."""
+
+    def __init__(
+        self,
+        size: int,
+        max_age_s: float = 86400.0,
+        root: str | Path | None = None,
+        writer: str = "main",
+        seed: int | None = None,
+    ):
+        self.size, self.max_age_s = int(size), float(max_age_s)
+        self.root = None if root is None else Path(root)  # None: kept in memory only
+        self.writer = writer
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._vectors: np.ndarray | None = None  # [size, dim], allocated at the first query
+        self._records: list[dict[str, Any]] = []
+        self._n = 0
+        self.seen = 0  # drawn requests offered since the reservoir last restarted its count
+        self.model_version: str | None = None
+        self._dirty = False
+        self._save_failed = False
+
+    def __len__(self) -> int:
+        return self._n
+
+    def offer(
+        self, model_version: str, query: np.ndarray, k: int, spec: dict[str, list[str]] | None, now: float | None = None
+    ) -> None:
+        """Algorithm R: the first `size` queries fill it, the n-th after that replaces a random one with
+        probability size / n. A query of another model (or dim) empties it first."""
+        with self._lock:
+            if model_version != self.model_version or self._vectors is None or self._vectors.shape[1] != len(query):
+                self._reset(model_version, len(query))
+            assert self._vectors is not None
+            self.seen += 1
+            if self._n < self.size:
+                slot = self._n
+                self._n += 1
+                self._records.append({})
+            else:
+                slot = int(self._rng.integers(self.seen))
+                if slot >= self.size:
+                    return
+            self._vectors[slot] = query
+            self._records[slot] = {"k": int(k), "filter": spec, "ts": int(time.time() if now is None else now)}
+            self._dirty = True
+
+    def _reset(self, model_version: str, dim: int) -> None:
+        self._vectors = np.zeros((self.size, dim), np.float32)
+        self._records, self._n, self.seen = [], 0, 0
+        self.model_version = model_version
+        self._dirty = True
+
+    def _expire(self, now: float) -> None:
+        """Drop queries older than max_age_s (under the lock); the count restarts from what is left."""
+        keep = [i for i, r in enumerate(self._records) if now - r["ts"] <= self.max_age_s]
+        if len(keep) == self._n or self._vectors is None:
+            return
+        self._vectors[: len(keep)] = self._vectors[keep]
+        self._records = [self._records[i] for i in keep]
+        self._n = self.seen = len(keep)
+        self._dirty = True
+
+    def contents(self, now: float | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """A copy of the kept queries (expired ones dropped first) and their records."""
+        with self._lock:
+            self._expire(time.time() if now is None else now)
+            if self._vectors is None:
+                return np.zeros((0, 0), np.float32), []
+            return self._vectors[: self._n].copy(), [dict(r) for r in self._records]
+
+    def merged(self, model_version: str) -> np.ndarray:
+        """The query vectors of `model_version`: this process's and every other writer's under the root."""
+        mine, _ = self.contents()
+        parts = [mine] if self.model_version == model_version and len(mine) else []
+        if self.root is not None:
+            others = read_live_queries(self.root, model_version, self.max_age_s, skip=self.writer, strict=False)
+            if len(others):
+                parts.append(others.vectors)
+        dims = {p.shape[1] for p in parts}
+        if len(dims) > 1:
+            raise TowerannError(f"live queries of dims {sorted(dims)} under {self.root}; remove the stale ones")
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    def save(self, now: float | None = None) -> bool:
+        """Write the reservoir under the root when it changed; a failure is logged once, never raised."""
+        if self.root is None:
+            return False
+        with self._lock:
+            self._expire(time.time() if now is None else now)
+            if not self._dirty or self._vectors is None:
+                return False
+            vectors, records = self._vectors[: self._n].copy(), [dict(r) for r in self._records]
+            meta = {"model_version": self.model_version, "seen": self.seen, "size": self.size}
+            self._dirty = False
+        try:
+            write_live_queries(self.root, self.writer, vectors, records, meta)
+        except (OSError, TowerannError) as e:
+            self._dirty = True
+            if not self._save_failed:
+                log.warning("live queries: cannot write them under %s (%s); kept in memory", self.root, e)
+            self._save_failed = True
+            return False
+        self._save_failed = False
+        return True
+
+    def load(self, model_version: str | None = None) -> int:
+        """Read back what this writer saved (a restart keeps its reservoir), if it is of `model_version`;
+        a reservoir that fails its checks is logged and left out. Returns the queries loaded."""
+        if self.root is None:
+            return 0
+        directory = self.root / LIVE_QUERIES / self.writer
+        if not directory.is_dir():
+            return 0
+        try:
+            m, vectors, records = read_live_writer(directory)
+        except TowerannError as e:
+            log.warning("live queries: %s; starting with an empty reservoir", e)
+            return 0
+        if model_version is not None and m.get("model_version") != model_version:
+            log.info(
+                "live queries under %s are of model %r, not %r: not loaded",
+                directory,
+                m.get("model_version"),
+                model_version,
+            )
+            return 0
+        with self._lock:
+            self._reset(str(m.get("model_version")), vectors.shape[1])
+            n = min(len(vectors), self.size)
+            assert self._vectors is not None
+            self._vectors[:n] = vectors[:n]
+            self._records = [dict(r) for r in records[:n]]
+            self._n = n
+            self.seen = max(n, int(m.get("seen", n)))
+            self._expire(time.time())
+            self._dirty = False
+            return self._n
+
+
 @dataclass
 class _Stats:
     window: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
@@ -101,6 +273,7 @@ class RecallMonitor:
         guard: AbstractContextManager[Any] | None = None,
         start: bool = True,
         max_busy: float = 1.0,
+        reservoir: LiveQueries | None = None,
     ):
         self.holder = holder
         self.sample, self.threshold = float(sample), float(threshold)
@@ -118,6 +291,9 @@ class RecallMonitor:
         self._on_forget: list[ForgetListener] = []
         self._thread: threading.Thread | None = None
         self._closing = False
+        self.reservoir = reservoir  # live queries kept for re-tuning (also set after construction)
+        # more /readyz detail (serving.retune_loop: the live re-tune's state), merged into health()
+        self.more_health: Callable[[], dict[str, Any]] | None = None
         if start and self.sample > 0:
             self._thread = threading.Thread(target=self._run, name="towerann-recall-monitor", daemon=True)
             self._thread.start()
@@ -134,11 +310,16 @@ class RecallMonitor:
         """Maybe queue this answered request for replay: a random draw and a put that never waits."""
         if self._draw() >= self.sample:
             return
+        if self.reservoir is not None:  # vector, k and filter values only: never the user
+            try:
+                self.reservoir.offer(bundle.model_version, query, k, filter_spec(bundle, flt))
+            except Exception:  # the reservoir must never fail a request
+                log.exception("live queries: keeping a query")
         if time.monotonic() < self._idle_until:
             self._dropped("busy")
             return
         try:
-            self._queue.put_nowait((weakref.ref(bundle), query, k, flt, ids))
+            self._queue.put_nowait((weakref.ref(bundle), query, k, flt, ids, bundle.version))
         except queue.Full:
             self._dropped("queue_full")
 
@@ -168,8 +349,10 @@ class RecallMonitor:
         k: int,
         flt: Filter | None,
         ids: np.ndarray,
+        version: str | None = None,
     ) -> float | None:
-        """Exact search for one sample on the bundle that answered it; record and return its recall."""
+        """Exact search for one sample on the bundle that answered it; record and return its recall under
+        `version` (the bundle's version when the request was answered; default: its version now)."""
         with self.guard:  # no index write or swap while the exact search reads the index
             bundle = bundle_ref()
             if bundle is None or not self.holder.ready or self.holder.current() is not bundle:
@@ -177,7 +360,7 @@ class RecallMonitor:
                 self._dropped("stale")
                 return None
             truth = bundle.index.exact_search(query[None, :], k, filter=flt).ids[0]
-            version = bundle.version
+            version = version or bundle.version
             del bundle  # before the guard is let go: a swap right after must see no reference of ours
         recall = recall_of(ids, truth)
         if recall is not None:
@@ -247,6 +430,7 @@ class RecallMonitor:
         return {
             "sample": self.sample,
             "threshold": self.threshold,
+            "live_queries": None if self.reservoir is None else len(self.reservoir),
             "window": WINDOW,
             "min_samples": MIN_SAMPLES,
             "queued": self._queue.qsize(),
@@ -260,7 +444,10 @@ class RecallMonitor:
             kinds = dict(self._stats.get(version or "", {}))
             below = {kind: round(s.mean, 4) for kind, s in kinds.items() if s.unhealthy}
             samples = sum(s.samples for s in kinds.values())
-        return {"healthy": not below, "threshold": self.threshold, "samples": samples, "below": below}
+        out = {"healthy": not below, "threshold": self.threshold, "samples": samples, "below": below}
+        if self.more_health is not None:
+            out.update(self.more_health())
+        return out
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued sample is scored (tests, benchmarks); False if that took over timeout_s."""
@@ -274,7 +461,9 @@ class RecallMonitor:
         return True
 
     def close(self) -> None:
-        """Stop the worker; samples still queued are not scored."""
+        """Stop the worker (samples still queued are not scored) and save the reservoir."""
+        if self.reservoir is not None:
+            self.reservoir.save()
         if self._thread is not None:
             self._closing = True
             try:

@@ -1,4 +1,4 @@
-"""A Python client for a running `towerann serve`: candidates, click events, item writes, reloads.
+"""The HTTP client of a running `towerann serve`: candidates, click events, item writes, reloads.
 
     from towerann.client import Client
 
@@ -69,7 +69,7 @@ class Candidates:
         return bool(self.missing_shards)
 
 
-def _filter_body(
+def filter_body(
     categories: Sequence[str] | None, filter: Mapping[str, Sequence[str | bool] | None] | None
 ) -> dict[str, Any] | None:
     """The request's "filter" object from candidates()' arguments (None: no filter). Value lists go as
@@ -140,7 +140,7 @@ class Client:
             bad = [i for i, x in enumerate(body["query_vector"]) if not math.isfinite(x)]
             if bad:  # JSON has no NaN: the server's own answer to it, without a request
                 raise BadRequest(f"query_vector holds a NaN or infinite value at position {bad[0]}")
-        flt = _filter_body(categories, filter)
+        flt = filter_body(categories, filter)
         if flt is not None:
             body["filter"] = flt
         got = self._call("POST", "/v1/candidates", body, repeatable=True)
