@@ -111,8 +111,9 @@ def test_tune_picks_the_fastest_measured_setting_reaching_target(big, big_hnsw):
 
 
 def test_a_burst_during_the_sweep_does_not_decide(big, big_hnsw):
-    """The sweep timed ef 1200 during a burst of load (1.4x its cost: slower than ef 600); timed again in turns with its neighbours
-    it is the fastest reaching the target, and is kept. (Measured recall: ef 600 -> 0.92, 800+ above.)"""
+    """The sweep timed ef 1200 during a burst of load (1.4x its cost: slower than ef 600); timed again in
+    turns with its neighbours it is the fastest reaching the target, and is kept. (Measured recall: ef 600
+    -> 0.92, 800+ above.)"""
     v, ids, q = big
     sweep_done = False
     steady = {600: 0.50, 800: 0.60, 1200: 0.45, 1600: 0.70}
