@@ -408,9 +408,13 @@ def test_grpc_calls_are_counted_beside_http(served: Served) -> None:
 # ---- the command line ------------------------------------------------------------------------------
 
 
-def test_grpc_port_flags_are_checked(served: Served, bundle_paths: dict[str, Path]) -> None:
+def test_grpc_port_flags_are_checked(served: Served, bundle_paths: dict[str, Path], tmp_path: Path) -> None:
+    config = tmp_path / "towerann.toml"  # the session's shared root was served before with other delta logs
+    config.write_text("[freshness]\nadopt_log = true\n")
+
     def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "towerann.server.commands", "serve", "--index", str(bundle_paths["index"])]
+        cmd += ["--config", str(config)]
         return subprocess.run(
             [*cmd, "--store", "memory", "--no-access-log", *args], capture_output=True, text=True, timeout=120
         )
@@ -434,7 +438,8 @@ def test_degraded_over_grpc_as_over_http_with_two_workers(bundle_paths: dict[str
     redis = PrivateRedis(tmp_path / "redis")
     root = tmp_path / "indexes"
     shutil.copytree(bundle_paths["index"], root)
-    toml = "[features]\ntimeout_ms = 100\nretry_s = 0.3\n[freshness]\npoll_s = 0.5\n"
+    # adopt_log: the copied root of the session's shared bundle was served before with other delta logs
+    toml = "[features]\ntimeout_ms = 100\nretry_s = 0.3\n[freshness]\npoll_s = 0.5\nadopt_log = true\n"
     s = serve(root, redis.url, tmp_path, toml, workers=2, token=None)
     rpc = GrpcClient(s.target, retries=0, timeout_s=30)
     try:
