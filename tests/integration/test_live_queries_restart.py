@@ -43,6 +43,7 @@ def test_the_reservoir_holds_no_user_id_and_survives_a_restart(bundle_paths: dic
     toml = tmp_path / "serve.toml"
     toml.write_text(
         f'[paths]\nindex = "{root}"\n'
+        "[freshness]\nadopt_log = true\n"  # the copied shared root may have been served with another log
         "[monitor]\nsample = 1.0\nmax_busy = 1.0\nqueue = 1024\nreservoir = 100\nreservoir_save_s = 0\n"
     )
     bundle = RetrievalBundle.load(root)
