@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from towerann.data.movielens import convert
 from towerann.model.evaluate import evaluate
@@ -24,7 +25,12 @@ def test_two_tower_beats_popularity_by_20_percent_and_als_on_ml100k(tmp_path: Pa
             pytest.fail(f"{ML100K} is missing in CI")
         pytest.skip(f"{ML100K} not found (the shared data folder is not beside this checkout)")
     data = convert(ML100K, tmp_path / "ml")
-    train(data, tmp_path / "model", cfg=TrainConfig(epochs=15), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `towerann train` (--threads 1): two threads on a busy 2-core machine ran ~7x slower
+    try:
+        train(data, tmp_path / "model", cfg=TrainConfig(epochs=15), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     result = evaluate(data, tmp_path / "model")
     tt, pop, als = result["two_tower"], result["popularity"], result["als"]
     assert tt["users"] == 943
