@@ -12,7 +12,7 @@ import pytest
 from towerann.errors import BadRequest, ConfigError
 from towerann.index import create
 from towerann.index.build import AUTO_EXACT_ITEMS, Tuning, build_index
-from towerann.index.interleaved import ROUNDS
+from towerann.index.interleaved import CONTENDER_RATIO, ROUNDS
 from towerann.index.tune import recall_at_k, tune
 
 D, N = 32, 6000
@@ -136,7 +136,13 @@ def test_a_burst_during_the_sweep_does_not_decide(big, big_hnsw):
     assert result["params"] == {"ef": 1200}, result["curve"]
     assert result["p50_ms"] == steady[1200]
     turns = {p["params"]["ef"] for p in result["curve"] if p.get("timed_in_turns")}
-    assert {600, 800, 1200} <= turns
+    # Which settings reach 0.9 hangs on the graph (a parallel build is not bit-for-bit the same each time:
+    # ef 600 measured 0.92 and, once, under 0.9), so the contenders are derived from the measured recalls.
+    reaching = {p["params"]["ef"] for p in result["curve"] if "refused" not in p and p["recall"] >= 0.9}
+    swept_ms = {ef: 1.4 * steady[1200] if ef == 1200 else steady.get(ef, 1.0 + ef / 1000) for ef in reaching}
+    best_swept = min(swept_ms.values())
+    assert 1200 in turns and len(turns) >= 2
+    assert turns == {ef for ef in reaching if swept_ms[ef] <= CONTENDER_RATIO * best_swept}
 
 
 def test_tune_measures_with_a_stopwatch_by_default(big, big_hnsw):
