@@ -16,17 +16,11 @@ import pytest
 from towerann.cli import build_parser
 
 # Subcommands without a description of their own (their page shows only the usage and the options).
-NO_DESCRIPTION = {
-    "bench model",  # bench/model_regimes.py
-}
+NO_DESCRIPTION: set[str] = set()
 # (subcommand, option) without a help line.
-NO_HELP = {
-    ("bench model", "--regimes"),  # bench/model_regimes.py
-}
+NO_HELP: set[tuple[str, str]] = set()
 # (subcommand, option) whose help line does not show its default.
-DEFAULT_NOT_SHOWN = {
-    ("bench model", "--work"),  # bench/model_regimes.py
-}
+DEFAULT_NOT_SHOWN: set[tuple[str, str]] = set()
 # Subcommands whose help speaks of "the issue" (a tracker's wording, meaningless to a user).
 SPEAKS_OF_AN_ISSUE: set[str] = set()
 

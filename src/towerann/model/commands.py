@@ -37,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="softmax temperature: user . item scores are divided by it (default %(default)s)",
     )
     p.add_argument(
-        "--patience", type=int, default=3, help="epochs without validation gain before stopping (default %(default)s)"
+        "--patience", type=int, default=5, help="epochs without validation gain before stopping (default %(default)s)"
     )
     p.add_argument(
         "--max-seconds",

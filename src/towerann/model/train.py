@@ -1,11 +1,22 @@
-"""Training: in-batch sampled softmax with logQ popularity correction, early stopping on recall.
+"""Training: sampled softmax over mixed negatives with logQ correction, early stopping on recall.
 
 Each training example is one interaction: the user (id, static features, the previous N items)
-against the item clicked. The other items of the batch are the negatives; since popular items
-are over-sampled as negatives, their logits are corrected by log(sampling probability) (Yi et
-al., 2019). Accidental hits (the positive item appearing elsewhere in the batch) are masked.
+against the item clicked. The negatives are the batch's other items plus `uniform_negatives`
+catalog items drawn uniformly, shared by the batch (mixed negative sampling, Yang et al., 2020).
+In-batch negatives alone are drawn by popularity: an item with few or no training clicks is
+seldom or never a negative, so nothing teaches the model to score it down, and such items crowd
+the top of the ranking (on the dense-users regime of `bench model`, a tenth of every top 100 were
+items without a training click). Each candidate's logit is corrected by the log of its expected
+count among the candidates (Yi et al., 2019, for the mixture: batch x popularity + uniform share),
+so the loss estimates the full softmax. Accidental hits (the positive item elsewhere among the
+candidates) are masked.
 Every epoch the model is scored on the validation period by exact recall@K; training stops when
-that has not improved for `patience` epochs and the best weights are kept.
+that has not improved for `patience` epochs and the best weights are kept. From the first epoch that
+does not improve on, the weights scored (and kept) are a moving average of about the last
+`average_epochs` epochs' steps (stochastic weight averaging, started on the plateau): there the last
+step's weights wander from epoch to epoch by more than the epochs differ, so the best-scoring epoch
+would be partly luck, a luck the test split does not share. Before the plateau (a short run that
+improves every epoch) the last step's weights are scored, as an average would lag behind them.
 
 A time budget (`max_seconds`, counted from the start, data preparation included) is kept within about
 one step: before each step, training stops when what is left of the budget would not cover that step and
@@ -47,11 +58,15 @@ class TrainConfig:
     temperature: float = 0.1
     logq_weight: float = 1.0  # share of the logQ correction applied: 1 = full (Yi et al.), 0 = none; lower
     # values keep some popularity in the scores, which held-out clicks (popularity-biased) reward
-    patience: int = 3
+    patience: int = 5  # validation recall on a few hundred users moves by ~0.005 from epoch to epoch: a shorter
+    # patience stopped regularised runs (weight_decay 1e-2) on a plateau at epoch 3 that peaked at epoch 19
     eval_k: int = 100
     id_dropout: float = 0.1  # how often the user id is hidden, so the cold-start path is trained
     item_id_dropout: float = 0.1  # how often a positive item's id is hidden: new items (unknown ids, added
     # live) are then embedded from their content - category and attributes - instead of an untrained row
+    average_epochs: float = 1.0  # from the first epoch without a better validation recall on, the weights validated
+    # and kept are a moving average over about this many epochs of steps; 0 = always the last step's
+    uniform_negatives: int = 512  # catalog items drawn uniformly per step as extra negatives (0: in-batch only)
     seed: int = 0
     max_item_vocab: int = 1_000_000
     max_seconds: float | None = None  # time budget: stop within it (mid-epoch if need be), keeping the best epoch
@@ -61,6 +76,27 @@ def _stopped(progress: bool | None, why: str) -> None:
     """Say why training stopped before its last epoch (the epoch bars close as each epoch ends)."""
     if progress is not False:
         print(f"stopped early: {why}", flush=True)
+
+
+def corrected_logits(
+    scores: torch.Tensor,
+    items: torch.Tensor,
+    cand: torch.Tensor,
+    share: torch.Tensor,
+    uniform_share: float,
+    temperature: float,
+    logq_weight: float,
+) -> torch.Tensor:
+    """Sampled-softmax logits [B, C] of a step: user . candidate `scores` over the temperature, less
+    logq_weight x log(each candidate's expected count among the C) - B x its share of the training clicks
+    (in-batch) + uniform_share (the uniform draws) - with accidental hits masked. cand[:B] are the batch's
+    positives (`items`, row i's at column i), cand[B:] the uniform draws; catalog rows index `share`."""
+    b = len(items)
+    log_q = torch.log(b * share[cand] + uniform_share).to(scores.dtype)  # > 0: in-batch items all have clicks
+    logits = scores / temperature - logq_weight * log_q.unsqueeze(0)
+    same = items.unsqueeze(1) == cand.unsqueeze(0)
+    same[:, :b] &= ~torch.eye(b, dtype=torch.bool)
+    return logits.masked_fill(same, -torch.inf)
 
 
 def item_vocabulary(p: Prepared, max_items: int) -> np.ndarray:
@@ -120,13 +156,15 @@ def fit(
     pos_rows = torch.from_numpy(p.item_row.copy())
 
     counts = np.bincount(p.item_row[train_rows], minlength=len(p.items)).astype(np.float64)
-    log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum()).astype(np.float32))
+    share = torch.from_numpy(counts / counts.sum())  # of the positives, hence of the in-batch candidates
+    uniform_share = cfg.uniform_negatives / len(p.items)
 
     # Scoring every validation user against a huge catalog each epoch would cost more than the epoch
     # (20k users x 10M items): a sample of users keeps it to ~2e10 scores.
     valid = subsample(held_out(p, VALID), max(1000, int(VALID_SCORES // max(len(p.items), 1))), cfg.seed)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, best_epoch, history = -1.0, None, -1, []
+    averaged = _Average(list(net.parameters()), cfg.average_epochs * len(train_rows) / cfg.batch_size)
     for epoch in range(cfg.epochs):
         net.train()
         order = torch.from_numpy(rng.permutation(train_rows))
@@ -162,13 +200,17 @@ def fit(
             )
             iidx = torch.where(torch.rand(len(rows)) < cfg.item_id_dropout, 0, item_idx[items])
             v = net.item_tower(iidx, item_cat[items], item_num[items], item_attrs[items])
-            logits = (u @ v.T) / cfg.temperature - cfg.logq_weight * log_q[items].unsqueeze(0)
-            same = items.unsqueeze(0) == items.unsqueeze(1)
-            logits = logits.masked_fill(same & ~torch.eye(len(rows), dtype=torch.bool), -torch.inf)
+            cand = items
+            if cfg.uniform_negatives:  # catalog rows, encoded as served (their ids never hidden)
+                extra = torch.randint(len(p.items), (cfg.uniform_negatives,))
+                cand = torch.cat([items, extra])
+                v = torch.cat([v, net.item_tower(item_idx[extra], item_cat[extra], item_num[extra], item_attrs[extra])])
+            logits = corrected_logits(u @ v.T, items, cand, share, uniform_share, cfg.temperature, cfg.logq_weight)
             loss = F.cross_entropy(logits, torch.arange(len(rows)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            averaged.update()
             total += float(loss.detach())
             steps += 1
             budget.step_ended()
@@ -176,6 +218,7 @@ def fit(
             log.info("time budget of %.0f s reached before epoch %d", cfg.max_seconds, epoch + 1)
             break
         budget.validation_started()
+        averaged.swap()  # the averaged weights are scored, and kept if best; training goes on from its own
         val = (
             metrics(two_tower_topk(model, p, valid, cfg.eval_k), valid.targets, (cfg.eval_k,))
             if len(valid.rows)
@@ -189,6 +232,7 @@ def fit(
                 "loss": total / max(steps, 1),
                 f"val_recall@{cfg.eval_k}": score,
                 "steps": steps,
+                **({"averaged": True} if averaged.values is not None else {}),
                 **({"cut_by_time_budget": True} if cut else {}),
             }
         )
@@ -197,9 +241,13 @@ def fit(
             print(
                 f"epoch {epoch + 1}: loss {total / max(steps, 1):.4f}  val recall@{cfg.eval_k} {score:.4f}", flush=True
             )
-        if score > best:
+        improved = score > best
+        if improved:
             best, best_state, best_epoch = score, copy.deepcopy(net.state_dict()), epoch + 1
-        elif epoch + 1 - best_epoch >= cfg.patience:
+        averaged.swap()
+        if not improved:
+            averaged.start()  # the first plateau: from now on the average is validated
+        if not improved and epoch + 1 - best_epoch >= cfg.patience:
             _stopped(progress, f"no better validation recall for {cfg.patience} epochs; keeping epoch {best_epoch}")
             break
         if cut or budget.spent():
@@ -222,6 +270,39 @@ def fit(
         "train_config": dict(cfg.__dict__),
     }
     return model
+
+
+class _Average:
+    """Weight averaging from the first plateau on (stochastic weight averaging, Izmailov et al., 2018): once
+    started, an exponential moving average of the parameters over about `steps` optimizer steps (a plain
+    mean of the steps until there are that many). Before `start` (and when steps is 0) it does nothing."""
+
+    def __init__(self, params: list[torch.nn.Parameter], steps: float):
+        self.params, self.steps, self.n = params, steps, 0
+        self.values: list[torch.Tensor] | None = None
+
+    def start(self) -> None:
+        if self.values is None and self.steps > 0:
+            self.values, self.n = [q.detach().clone() for q in self.params], 0
+
+    def update(self) -> None:
+        if self.values is None:
+            return
+        self.n += 1
+        w = max(1.0 / max(self.steps, 1.0), 1.0 / self.n)
+        with torch.no_grad():
+            for a, q in zip(self.values, self.params):
+                a.lerp_(q, w)
+
+    def swap(self) -> None:
+        """Exchange the live weights and the average (twice: back as they were)."""
+        if self.values is None:
+            return
+        with torch.no_grad():
+            for a, q in zip(self.values, self.params):
+                live = q.detach().clone()
+                q.copy_(a)
+                a.copy_(live)
 
 
 class _Budget:

@@ -72,7 +72,7 @@ def test_search_is_deterministic_for_a_seed(data: Path) -> None:
     va, vb = a.encode_items(read_items(data)), b.encode_items(read_items(data))
     assert np.array_equal(va, vb)
     trials = a.info["search"]["trials"]
-    assert trials[0]["temperature"] == CFG.temperature and trials[1]["temperature"] != CFG.temperature
+    assert trials[0]["weight_decay"] == CFG.weight_decay and trials[1]["weight_decay"] != CFG.weight_decay
     best = max(t["val_recall@100"] for t in trials)
     assert a.info["search"]["val_recall@100"] == best  # the kept model is the best trial's
     assert a.info["val_recall@100"] == pytest.approx(best, abs=1e-6)
