@@ -49,6 +49,8 @@ POST_FILTER_SHARE = 0.25  # below it the 4x cap on widening leaves the beam fewe
 # ITEMS_PER_CLUSTER items each), so that graph neighbours mostly sit in nearby memory.
 LOCALITY_MIN = 10_000
 ITEMS_PER_CLUSTER = 1000
+# ef as multiples of max(k, 16), cheapest first: the tuner's grid (search_space); `bench ann` sweeps the same up to 12
+HNSW_EF_STEPS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16)
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # Linux
 
@@ -120,7 +122,9 @@ class HNSWIndex(SlotIndex):
 
     def search_space(self, k: int) -> list[dict[str, Any]]:
         base = max(k, 16)  # _search raises ef to at least k: smaller ef changes nothing
-        return [{"ef": int(base * f)} for f in (1, 1.5, 2, 3, 4, 6, 8, 12, 16)]
+        # steps of at most 1.5x from 2k up: the tuner takes the smallest ef reaching its target, and a
+        # coarser step overshoots it (1M user-tower items, k=100: 0.9475 at 8k, so 12k was chosen)
+        return [{"ef": int(base * f)} for f in HNSW_EF_STEPS]
 
     def build(
         self,

@@ -116,7 +116,7 @@ def test_a_burst_during_the_sweep_does_not_decide(big, big_hnsw):
     -> 0.92, 800+ above.)"""
     v, ids, q = big
     sweep_done = False
-    steady = {600: 0.50, 800: 0.60, 1200: 0.45, 1600: 0.70}
+    steady = {500: 0.55, 600: 0.50, 800: 0.60, 1000: 0.65, 1200: 0.45, 1600: 0.70}
 
     def timer(kind, params, search, queries):  # type: ignore[no-untyped-def]
         nonlocal sweep_done
