@@ -82,6 +82,7 @@ MUTANTS: list[Mutant] = [
         "        if n_short:\n",
         "        if False:\n",
         "rows the library returns short of k are not completed by exact search",
+        select="library_shortfall_falls_back_to_exact",  # the whole contract file took 74 s to reach it
     ),
     Mutant(
         "base-exact-below-ignored",
@@ -89,6 +90,7 @@ MUTANTS: list[Mutant] = [
         'n_qual <= int(params.get("exact_below", 0))',
         "n_qual <= 16384",
         "the exact_below search parameter is ignored (a forced-library test would silently run brute force)",
+        select="library_shortfall_falls_back_to_exact",
     ),
     Mutant(
         "base-remove-keeps-slot",
@@ -131,6 +133,7 @@ MUTANTS: list[Mutant] = [
         "ids[~np.isfinite(top) | np.isnan(top)] = PAD_ID",
         "pass",
         "excluded (-inf) columns come back as real ids instead of -1 padding",
+        select="removed_items_never_return",  # the whole contract file took 70 s to reach it
     ),
     # ---- backends ---------------------------------------------------------------------------------
     Mutant(
