@@ -726,6 +726,106 @@ def render_soak(page: Page, path: Path, d: dict[str, Any]) -> None:
     )
 
 
+def render_drift(page: Page, path: Path, d: dict[str, Any]) -> None:
+    cfg = d.get("config") or {}
+    mon, rt = obj(cfg.get("monitor")), obj(cfg.get("retune"))
+    rule = obj(d.get("phase_rule"))
+    build = obj(d.get("build"))
+    tuned = obj(build.get("tuning"))
+    start = params(build.get("start_settings")) if build.get("start_settings") else "the tuned setting"
+    page.para(
+        f"{count(d.get('items'))} items x {d.get('dim')}-d (synthetic clusters) served as a vectors-only "
+        f"{d.get('kind')} bundle ({build.get('index')}) tuned to recall@{d.get('k')} {rec(d.get('recall_target'))} "
+        f"(tuned {params(tuned.get('params'))}; started at {start}); "
+        f"`query_vector` requests at {fixed(d.get('rate'), 0)}/s, open loop ({count(d.get('sent'))} sent, "
+        f"{count(d.get('failed'))} failed). The client checks {share(d.get('check_share'))} of the answers against "
+        f"exact search; its recall is the mean over the last {fixed(d.get('window_s'), 0)} s of the phase. A phase "
+        f"lasts {fixed(rule.get('min_phase_s'), 0)}-{fixed(rule.get('phase_s'), 0)} s and ends once that recall has "
+        f"held the target for {fixed(rule.get('hold_s'), 0)} s. Recall falls when a window's one-sided 95% upper "
+        "bound is under the target and is back when a window's mean reaches it; latency is end to end at the "
+        "client, from the scheduled send (queueing included), and the server's own time in the index."
+    )
+    page.para(
+        f"Server: [monitor] sample {mon.get('sample')}, max_busy {mon.get('max_busy')}, reservoir "
+        f"{mon.get('reservoir')} (max age {fixed(mon.get('reservoir_max_age_s'), 0)} s); [retune] samples "
+        f"{rt.get('samples')}, confidence {rt.get('confidence')}, max_p99_ms {rt.get('max_p99_ms')}, min_queries "
+        f"{rt.get('min_queries')}, margin {rt.get('margin')}, cooldown {fixed(rt.get('cooldown_s'), 0)} s."
+    )
+    rows = []
+    for ph in d.get("phases") or []:
+        back = ph.get("time_to_recover_s")
+        by = ph.get("applied_before_recovery")
+        how = NA if by is None else ("by itself" if not by else "re-tune at " + ", ".join(f"{t:.0f} s" for t in by))
+        events: dict[str, int] = {}
+        for a in ph.get("actions") or []:
+            key = str(a.get("outcome") or a.get("event"))
+            events[key] = events.get(key, 0) + 1
+        ing = ph.get("ingest")
+        what = str(ph.get("what"))
+        if isinstance(ing, dict):
+            what += f" ({count(ing.get('rows'))} items at {count(ing.get('rows_per_s'))}/s)"
+        rows.append(
+            [
+                f"{ph.get('name')}: {what}",
+                fixed(ph.get("seconds"), 0),
+                rec(ph.get("client_recall_min")),
+                rec(ph.get("client_recall_end")),
+                "never" if back is None and ph.get("dropped") else fixed(back, 0),
+                how,
+                rec(ph.get("server_recall_end")),
+                ms(get(ph, "latency", "p99_ms")),
+                ms(ph.get("p99_max_per_second_ms")),
+                count(ph.get("seconds_over_budget")),
+                ms(ph.get("ann_p99_max_per_second_ms")),
+                count(ph.get("ann_seconds_over_budget")),
+                count(ph.get("failed")),
+                ", ".join(f"{k} {v}" for k, v in sorted(events.items())) or "none",
+            ]
+        )
+    page.table(
+        [
+            "phase",
+            "s",
+            "client recall min",
+            "at the end",
+            "back at target after, s",
+            "how",
+            "server recall at the end",
+            "p99 ms",
+            "worst p99 of a second, ms",
+            f"seconds over {ms(rt.get('max_p99_ms'))} ms",
+            "server ann stage: worst p99 of a second, ms",
+            f"seconds over {ms(rt.get('max_p99_ms'))} ms",
+            "failed",
+            "loop actions",
+        ],
+        rows,
+    )
+    acts = [a for a in d.get("actions") or [] if a.get("event") != "retune_started"]
+    if acts:
+        page.table(
+            ["t, s", "action", "setting", "held-out recall", "p99 ms", "took s", "reason"],
+            [
+                [
+                    fixed(a.get("t"), 0),
+                    str(a.get("outcome") or a.get("event")),
+                    params(get(a, "details", "params")),
+                    rec(get(a, "details", "heldout_recall")),
+                    ms(get(a, "details", "p99_ms")),
+                    fixed(get(a, "details", "seconds")),
+                    str(a.get("reason", NA)),
+                ]
+                for a in acts
+            ],
+        )
+    tg = obj(d.get("targets"))
+    page.para(
+        "Targets: "
+        + "; ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(tg.items()))
+        + "."
+    )
+
+
 def render_shards(page: Page, path: Path, d: dict[str, Any]) -> None:
     pr = d.get("params") or {}
     un = d.get("unsharded") or {}
@@ -916,6 +1016,7 @@ FAMILIES: list[tuple[str, str, str, Renderer]] = [
     ("serve", "Serving over HTTP", "`towerann bench serve`", render_serve),
     ("freshness", "Freshness: new items and hot swaps", "`towerann bench freshness`", render_freshness),
     ("soak", "Soak", "`towerann bench soak`", render_soak),
+    ("drift", "Drift: the live re-tune under a shifting query distribution", "`towerann bench drift`", render_drift),
     ("shards", "Sharded index on Ray", "`towerann bench shards`", render_shards),
     ("", "Other runs", "a benchmark this page has no table for yet", render_other),
 ]

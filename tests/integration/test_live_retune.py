@@ -192,6 +192,8 @@ def test_a_drop_below_target_triggers_one_retune_that_restores_it(
     assert served.index.search_defaults["ef"] > TOO_LOW_EF and served.index.search_defaults["exact_below"] == 0
     m = read_checked_manifest(root / new)  # checksums verified: the same files, hard-linked
     assert m["retuned_from"] == old and m["search_defaults"] == served.index.search_defaults
+    # the bundle keeps its own target (tuned with the margin's headroom): a re-tune does not raise the next one's
+    assert m["tuning"]["target"] == served.index.tuning["target"] == TARGET and m["tuning"]["tuned_to"] > TARGET
     assert m["retune_reason"] == f"online recall {before['recall']:.3f} < {TARGET:g} over {JUDGED} samples"
     assert handle.service.reloader.check() is None  # CURRENT names what is served: nothing to reload
     applied = events(caplog, "retune_applied")

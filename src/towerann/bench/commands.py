@@ -16,6 +16,7 @@ BENCH_MODULES = (
     "towerann.bench.serve",
     "towerann.bench.freshness",
     "towerann.bench.soak",
+    "towerann.bench.drift",
     "towerann.bench.model_regimes",
     "towerann.bench.shards",
 )

@@ -21,8 +21,9 @@ target + margin at the tuning's k on the tuning part (index.tune); and checks on
 new setting reaches the target (recall@k vs exact search) and that the p99 of one search at it is within
 [retune] max_p99_ms. A setting that passes is published (index.snapshot.republish: the same files as hard
 links, a manifest with `retuned_from` and `retune_reason`, e.g. "online recall 0.821 < 0.95 over 500
-samples"), then set as the served index's search defaults under the writers' lock, and the served bundle
-renamed to the new version (BundleHolder.relabel): no reload, and the CURRENT watcher finds it served.
+samples"; its tuning record keeps the bundle's own target, with target + margin as `tuned_to`), then set
+as the served index's search defaults under the writers' lock, and the served bundle renamed to the new
+version (BundleHolder.relabel): no reload, and the CURRENT watcher finds it served.
 `towerann index rollback` undoes it like any version. The filter plan stays as it was measured.
 
 A setting that misses the target (refused_recall), or the latency budget (refused_latency), or a re-tune
@@ -419,6 +420,9 @@ class RetuneLoop:
             for key in (copy.tuning or {}).get("params", {}):
                 copy.search_defaults.pop(key, None)  # the old tuned setting goes; explicit settings stay
             result = tune(copy, tuning_part, k, min(1.0, target + s.margin))
+            # the margin is the tuner's headroom, not a new promise: the bundle keeps its target (recorded
+            # as tune's, every applied re-tune would raise it by the margin, up to an unreachable 1.0)
+            copy.tuning = {**result, "target": target, "tuned_to": result.get("target")}
             truth = copy.exact_search(held, k).ids
             heldout = recall_at_k(copy.search(held, k).ids, truth)
             p99 = _p99_ms(copy, held, k)
