@@ -23,7 +23,7 @@ def test_the_byte_model_matches_what_a_loaded_ivfpq_holds(tmp_path):
     ix.build(np.random.default_rng(0).standard_normal((n, d), dtype=np.float32), np.arange(n))
     loaded = load_snapshot(publish(ix, tmp_path, "m"))
     measured = loaded.memory()
-    model = bytes_per_item("ivfpq", n, d, pq_m)
+    model = bytes_per_item("ivfpq", n, d, pq_m, code_bytes=1)  # no categories: 1-byte codes (all -1)
     assert model["resident"] == pytest.approx(measured["resident_bytes_per_item"], rel=0.05), (model, measured)
     assert model["vectors_on_disk"] == measured["disk_bytes_per_item"]
 

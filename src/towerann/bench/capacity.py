@@ -26,7 +26,13 @@ KINDS = ("ivfpq", "hnsw", "exact", "scann")
 # ~sqrt(n) items at a fixed recall (~n^0.5 per query, measured 0.4-0.6 between 300k and 1M); a graph
 # walk grows ~log n (0.2 over a decade); brute force is linear.
 DEFAULT_ALPHA = {"ivfpq": 0.5, "scann": 0.5, "hnsw": 0.2, "exact": 1.0}
-TABLES_BYTES = 8 + 4 + 3 + 16  # id, category, 3 flags, the sorted id -> slot lookup (Index base tables)
+# The slot tables every backend keeps (index/base.py), per item. In the process: the category code and each
+# attribute's (CODE_BYTES each: int8 up to 127 values, int16 up to 32767, else int32) and two flag bits. Memory-mapped
+# from the snapshot (the page cache's, read for the rows a query returns): the id (8) and the id -> slot lookup (16).
+# On disk besides: the two flags as bool arrays (2).
+CODE_BYTES = 2
+FLAG_BYTES = 2 / 8
+MAPPED_TABLE_BYTES = 8 + 16
 HNSW_M = 32
 HEADROOM = 0.7  # share of a node's RAM the index may take (the rest: server, OS, page cache, a swap's second copy)
 UNITS = {  # a size needs one: is "64" 64 GB or 64 bytes?
@@ -52,20 +58,31 @@ def parse_bytes(text: str, flag: str = "--ram-per-node") -> float:
     return float(m.group(1)) * UNITS[m.group(2).upper()]
 
 
-def bytes_per_item(kind: str, n: float, dim: int, pq_m: int = 16, attributes: int = 0) -> dict[str, float]:
-    """Resident and on-disk bytes per item of one node's index over `n` items."""
-    tables = TABLES_BYTES + 4 * attributes
+def bytes_per_item(
+    kind: str, n: float, dim: int, pq_m: int = 16, attributes: int = 0, code_bytes: int = CODE_BYTES
+) -> dict[str, float]:
+    """Resident and on-disk bytes per item of one node's index over `n` items (`code_bytes`: the width of
+    the category and attribute codes, which a loaded index keeps as narrow as their values allow)."""
+    codes = code_bytes * (1 + attributes)
+    tables = codes + FLAG_BYTES  # what the process holds
+    tables_disk = codes + 2 + MAPPED_TABLE_BYTES
     raw = 4.0 * dim
     if kind == "ivfpq":
+        # PQ codes (mapped from the lists file, scanned by every search), coarse centroids (+ a list's
+        # offset and size), PQ centroids (256 per sub-space), a byte a page of the vector file; the lists
+        # file also holds a slot id per code (read by filtered searches only: the page cache's).
         nlist = max(1.0, 4 * math.sqrt(n))
-        resident = pq_m + 8 + tables + nlist * (raw + 48) / n + raw / 4096  # codes, list ids, centroids, page map
-        return {"resident": resident, "disk": raw + pq_m + 8 + tables - 16, "vectors_on_disk": raw}
+        resident = pq_m + tables + (nlist * (raw + 32) + 256 * raw) / n + raw / 4096
+        return {"resident": resident, "disk": raw + pq_m + 8 + tables_disk, "vectors_on_disk": raw}
     if kind == "hnsw":  # vectors + level-0 links (2M int32) + ~1/M of nodes on upper levels
-        return {"resident": raw + 2 * HNSW_M * 4 * (1 + 1 / HNSW_M) + tables, "disk": raw + 2 * HNSW_M * 4 + tables}
+        return {
+            "resident": raw + 2 * HNSW_M * 4 * (1 + 1 / HNSW_M) + tables,
+            "disk": raw + 2 * HNSW_M * 4 + tables_disk,
+        }
     if kind == "exact":
-        return {"resident": raw + tables, "disk": raw + tables}
+        return {"resident": raw + tables, "disk": raw + tables_disk}
     if kind == "scann":  # AH codes (4 bits per 2 dims), int32 ids, the reorder vectors in RAM
-        return {"resident": dim / 4 + 4 + raw + tables, "disk": dim / 4 + 4 + raw + tables}
+        return {"resident": dim / 4 + 4 + raw + tables, "disk": dim / 4 + 4 + raw + tables_disk}
     raise ConfigError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
 
 
@@ -242,7 +259,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--attributes",
         type=int,
         default=0,
-        help="filter attributes besides category, 4 B/item each (default %(default)s)",
+        help=f"filter attributes besides category, {CODE_BYTES} B/item each (default %(default)s)",
     )
     p.add_argument(
         "--mode",

@@ -1,10 +1,18 @@
 """`SlotIndex`: the bookkeeping every backend shares, under the `Index` contract (index.protocol).
 
-A backend stores vectors under *slots* (0, 1, 2, ... in insertion order); this base class maps
-slots to item ids and keeps per-slot attributes (category, removed, available, and any declared
-filter attributes as int32 codes: `attributes`). An upsert or a
-removal only marks the old slot dead, so no library ever has to delete in place; the mask of
-live-and-available slots is handed to the library (as a bitmap selector where it can take one).
+A backend stores vectors under *slots* (0, 1, 2, ... in insertion order; a backend may lay them out
+anew when it saves: `save(order=)`); this base class maps slots to item ids and keeps per-slot
+attributes (category, removed, available, and any declared filter attributes: `attributes`). An
+upsert or a removal only marks the old slot dead, so no library ever has to delete in place; the
+mask of live-and-available slots is handed to the library (as a bitmap selector where it can take one).
+
+The tables, per slot: the category and attribute codes in the narrowest signed type their values
+allow (`Codes`: int8, int16, else int32; -1 is "no value"), the alive and available flags as bitsets
+(`BitSet`, 2 bits), and the item id (`SlotIds`). A loaded snapshot's slot -> id table and its id ->
+slot lookup (the live slots' (id, slot) pairs sorted by id, `slot_lookup_*.npy`) stay memory-mapped:
+read for the rows a search returns and for writes; items inserted since the load get theirs in
+memory (`Lookup`: a pair counts while its slot is alive, so a removal or an upsert rewrites no
+sorted array).
 
 Which path a masked search takes (brute force over the qualifying items, the library's filtered
 search, or over-fetch + post-filter) is decided per query by `towerann.index.path_choice` from the
@@ -19,9 +27,10 @@ serialises them); searches may run in parallel with each other.
 What a backend implements: `_add_vectors`, `_search`, `_vectors`, `_save_backend`, `_load_backend`
 (and may replace `_exact`, the brute force). What other modules of this package read (the filter
 planner, partitions, a backend's memory accounting) goes through the public slot hooks below:
-`slot_ids`, `slot_categories`, `slot_alive`, `slot_returnable`, `slot_attributes`, `slots_of`,
+`slot_ids`, `ids_of_slots`, `slot_categories`, `slot_alive`, `slot_returnable`, `slot_attributes`, `slots_of`,
 `aligned_slots`, `vectors_of_slots`, `mask_for`, `run_path`, `exact_search_slots`,
-`library_search_slots`, `partition_info`, `slot_table_bytes`, `load_saved_vectors`.
+`library_search_slots`, `partition_info`, `slot_table_bytes`, `slot_table_layout`,
+`slot_table_mapped_bytes`, `load_saved_vectors`.
 `exact_search_slots` and `library_search_slots` call `_exact` and `_search`, so every search, from
 here or from another module, goes through the one method a backend overrides.
 """
@@ -77,14 +86,251 @@ class Growable:
         return int(self._buf.nbytes)
 
 
-@dataclass
-class Mask:
-    """Slots that may be returned for one (filter, index state); conversions are computed once."""
+def code_dtype(lo: int, hi: int) -> np.dtype:
+    """The narrowest signed integer type holding codes lo..hi (-1, "no value", included): int8 up to
+    127, int16 up to 32767, else int32."""
+    for dt in (np.int8, np.int16):
+        if np.iinfo(dt).min <= min(lo, -1) and hi <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int32)
 
-    bits: np.ndarray  # bool [n_slots]
-    count: int
-    _packed: np.ndarray | None = field(default=None, repr=False)
-    _idx: np.ndarray | None = field(default=None, repr=False)
+
+class Codes(Growable):
+    """Integer codes per slot (category, filter attributes; -1: no value) in the narrowest signed type
+    their values allow, widened in place when a larger code arrives."""
+
+    def __init__(self, data: np.ndarray):
+        data = np.asarray(data)
+        lo, hi = (int(data.min()), int(data.max())) if len(data) else (-1, -1)
+        super().__init__(data.astype(code_dtype(lo, hi), copy=False))
+
+    def _fit(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, np.int64)
+        if len(values):
+            dt = code_dtype(int(values.min()), int(values.max()))
+            if dt.itemsize > self._buf.dtype.itemsize:
+                self._buf = self._buf.astype(dt)
+        return values.astype(self._buf.dtype)
+
+    def extend(self, rows: np.ndarray) -> None:
+        super().extend(self._fit(rows))
+
+    def assign(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """codes[slots] = values (widening first if a value does not fit)."""
+        values = self._fit(values)
+        if not self._buf.flags.writeable:
+            self._buf = self._buf.copy()
+        self._buf[slots] = values
+
+
+class BitSet:
+    """One bit per slot, packed little-endian (faiss.IDSelectorBitmap's order), growable; the bits past
+    `n` in the last byte stay 0."""
+
+    def __init__(self, bools: np.ndarray | None = None):
+        self._bytes = Growable(np.empty(0, np.uint8))
+        self.n = 0
+        if bools is not None:
+            self.extend(bools)
+
+    @classmethod
+    def from_bools(cls, bools: np.ndarray, chunk: int = 1 << 24) -> BitSet:
+        """Pack a (possibly memory-mapped) bool array a chunk at a time: no full-size temporary."""
+        out = cls()
+        for at in range(0, len(bools), chunk):  # chunk is a multiple of 8: every part packs whole bytes
+            out.extend(np.asarray(bools[at : at + chunk], bool))
+        return out
+
+    @property
+    def packed(self) -> np.ndarray:
+        """The packed bytes, ceil(n / 8) of them (a view: do not write)."""
+        return self._bytes.data
+
+    def extend(self, bools: np.ndarray) -> None:
+        bools = np.asarray(bools, bool)
+        tail = self.n % 8
+        if tail:  # the last byte is partial: repack it with the new bits
+            last = np.unpackbits(self._bytes.data[-1:], count=tail, bitorder="little").view(bool)
+            self._bytes.n -= 1
+            bools = np.concatenate([last, bools])
+            self.n -= tail
+        self._bytes.extend(np.packbits(bools, bitorder="little"))
+        self.n += len(bools)
+
+    def get(self, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, np.int64)
+        bits: np.ndarray = (self._bytes.data[slots >> 3] >> (slots & 7).astype(np.uint8)) & 1
+        return bits.astype(bool)
+
+    def set(self, slots: np.ndarray, value: bool) -> None:
+        slots = np.asarray(slots, np.int64)
+        bit = (np.uint8(1) << (slots & 7).astype(np.uint8)).astype(np.uint8)
+        if value:
+            np.bitwise_or.at(self._bytes.data, slots >> 3, bit)
+        else:
+            np.bitwise_and.at(self._bytes.data, slots >> 3, ~bit)
+
+    def bools(self) -> np.ndarray:
+        """The bits as a bool array of length n (a new array)."""
+        return np.unpackbits(self._bytes.data, count=self.n, bitorder="little").view(bool)
+
+    def count(self) -> int:
+        return int(np.bitwise_count(self._bytes.data).sum(dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._bytes.data.nbytes)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._bytes.allocated_bytes
+
+
+class SlotIds:
+    """The item id of each slot: slots [0, n_main) in `main` (a snapshot's slot_ids.npy, memory-mapped
+    on a load: read only for the rows a search returns and for writes), later slots in memory."""
+
+    def __init__(self, main: np.ndarray):
+        self.main = main
+        self.tail = Growable(np.empty(0, np.int64))
+
+    @property
+    def n(self) -> int:
+        return len(self.main) + self.tail.n
+
+    @property
+    def data(self) -> np.ndarray:
+        """Every slot's id: `main` itself while nothing was added, the in-memory table (a view) while
+        `main` is empty (a fresh build), else a new array (use `take` for a few rows)."""
+        if not self.tail.n:
+            return np.asarray(self.main)
+        if not len(self.main):
+            return self.tail.data
+        return np.concatenate([self.main, self.tail.data])
+
+    def take(self, slots: np.ndarray) -> np.ndarray:
+        """ids[slots] as a new int64 array (any shape; -1 slots give an arbitrary id: the caller masks them)."""
+        slots = np.asarray(slots, np.int64)
+        n_main = len(self.main)
+        if not self.tail.n:
+            return np.asarray(self.main[np.clip(slots, 0, max(n_main - 1, 0))], np.int64) if n_main else slots.copy()
+        out = np.empty(slots.shape, np.int64)
+        in_main = slots < n_main
+        if n_main:
+            out[in_main] = self.main[np.clip(slots[in_main], 0, None)]
+        out[~in_main] = self.tail.data[slots[~in_main] - n_main]
+        return out
+
+    def extend(self, ids: np.ndarray) -> None:
+        self.tail.extend(np.asarray(ids, np.int64))
+
+    @property
+    def mapped(self) -> bool:
+        return _is_mapped(self.main)
+
+    def resident_bytes(self, allocated: bool = False) -> int:
+        tail = self.tail.allocated_bytes if allocated else self.tail.data.nbytes
+        return int(tail + (0 if self.mapped else self.main.nbytes))
+
+
+def advise_random(arr: np.ndarray) -> None:
+    """madvise(MADV_RANDOM) over the file mapping under `arr`: a read faults in its own page only (no
+    read-around, no mapping of its cached neighbours), for tables read a row here and there."""
+    import mmap as _mmap
+
+    base: object = arr
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, _mmap.mmap):
+        view = np.frombuffer(base, np.uint8)
+        madvise_pages(view, _mmap.PAGESIZE, (1,))  # 1 = MADV_RANDOM (Linux)
+        del view
+
+
+def _is_mapped(arr: np.ndarray) -> bool:
+    """Whether the array's memory is a file mapping (np.load(mmap_mode=...)), not the process's own."""
+    import mmap as _mmap
+
+    base: object = arr
+    while isinstance(base, np.ndarray):
+        if isinstance(base, np.memmap):
+            return True
+        base = base.base
+    return isinstance(base, _mmap.mmap)
+
+
+@dataclass
+class Lookup:
+    """id -> slot: the snapshot's sorted (id, slot) pairs of its live slots (memory-mapped on a load),
+    and the pairs of items inserted since (in memory, sorted, one pair per id: the newest). A pair
+    counts only while its slot is alive, so a removal or an upsert changes no sorted array."""
+
+    ids: np.ndarray
+    slots: np.ndarray
+    new_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    new_slots: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def find(self, ids: np.ndarray, alive: BitSet) -> np.ndarray:
+        """The live slot of each id, -1 where none."""
+        out = np.full(len(ids), -1, np.int64)
+        for keys, vals in ((self.ids, self.slots), (self.new_ids, self.new_slots)):  # the newer pairs last
+            if not len(keys) or not len(ids):
+                continue
+            pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+            slot = np.where(keys[pos] == ids, np.asarray(vals[pos], np.int64), -1)
+            live = slot >= 0
+            live[live] = alive.get(slot[live])
+            out = np.where(live, slot, out)
+        return out
+
+    def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        keep = ~np.isin(self.new_ids, ids)
+        keys = np.concatenate([self.new_ids[keep], ids])
+        order = np.argsort(keys, kind="stable")
+        self.new_ids = keys[order]
+        self.new_slots = np.concatenate([self.new_slots[keep], slots])[order]
+
+    def resident_bytes(self) -> int:
+        main = 0 if _is_mapped(self.ids) else self.ids.nbytes + self.slots.nbytes
+        return int(main + self.new_ids.nbytes + self.new_slots.nbytes)
+
+    def disk_bytes(self) -> int:
+        return int(self.ids.nbytes + self.slots.nbytes) if _is_mapped(self.ids) else 0
+
+
+class Mask:
+    """Slots that may be returned for one (filter, index state); conversions are computed once.
+
+    Made from a bool array (`bits`) or from packed bits (`from_packed`: the other form is made only
+    when asked for, so a mask that only reaches a bitmap selector costs n/8 bytes)."""
+
+    def __init__(
+        self,
+        bits: np.ndarray | None = None,
+        count: int | None = None,
+        _packed: np.ndarray | None = None,
+        _idx: np.ndarray | None = None,
+        n: int | None = None,
+    ):
+        self._bits = bits
+        self._packed = _packed
+        self._idx = _idx
+        if bits is not None:
+            self.n = len(bits)
+            self.count = int(bits.sum()) if count is None else int(count)
+        elif _packed is not None:
+            self.n = int(n) if n is not None else 8 * len(_packed)
+            self.count = int(np.bitwise_count(_packed).sum(dtype=np.int64)) if count is None else int(count)
+        else:
+            raise ValueError("Mask needs bits or packed bits")
+
+    @property
+    def bits(self) -> np.ndarray:
+        """bool [n_slots]."""
+        if self._bits is None:
+            packed: np.ndarray = self._packed  # type: ignore[assignment]  # one of the two is always set
+            self._bits = np.unpackbits(packed, count=self.n, bitorder="little").view(bool)
+        return self._bits
 
     @property
     def packed(self) -> np.ndarray:
@@ -105,6 +351,10 @@ class Mask:
         bits = np.zeros(n_slots, bool)
         bits[slots] = True
         return cls(bits=bits, count=len(slots), _idx=slots)
+
+    @classmethod
+    def from_packed(cls, packed: np.ndarray, n_slots: int, count: int | None = None) -> Mask:
+        return cls(_packed=packed, n=n_slots, count=count)
 
 
 @functools.cache
@@ -178,18 +428,17 @@ class SlotIndex(Index):
 
     def __init__(self, dim: int, metric: str = "ip", **build_params: Any):
         super().__init__(dim, metric, **build_params)
-        self._ids = Growable(np.empty(0, np.int64))  # id per slot
-        self._cats = Growable(np.empty(0, np.int32))  # category per slot (-1: none)
-        self._attrs: dict[str, Growable] = {}  # filter attribute -> int32 code per slot (-1: none)
-        self._alive = Growable(np.empty(0, bool))  # False once removed or replaced
-        self._avail = Growable(np.empty(0, bool))  # availability flag (reversible)
-        self._ok = Growable(np.empty(0, bool))  # alive & available: may be returned
-        self._n_ok = 0
+        self._ids = SlotIds(np.empty(0, np.int64))  # id per slot (a loaded snapshot's: memory-mapped)
+        self._cats = Codes(np.empty(0, np.int8))  # category per slot (-1: none), as narrow as the codes allow
+        self._attrs: dict[str, Codes] = {}  # filter attribute -> code per slot (-1: none), narrow too
+        self._alive = BitSet()  # False once removed or replaced
+        self._avail = BitSet()  # availability flag (reversible)
+        self._n_ok = 0  # slots alive and available: may be returned
         self._n_alive = 0
-        self._sorted_ids = np.empty(0, np.int64)  # ids of live slots, sorted, for id -> slot lookups
-        self._sorted_slots = np.empty(0, np.int64)
+        self._lookup = Lookup(np.empty(0, np.int64), np.empty(0, np.int64))  # id -> live slot
         self._gen = 0  # bumped on every mutation; invalidates cached masks
         self._masks: dict[Any, Mask] = {}
+        self._flag_cache: dict[str, tuple[int, np.ndarray]] = {}  # bool forms of the bitsets, per generation
 
     # ---- backend hooks ------------------------------------------------------------------------
     @abstractmethod
@@ -225,9 +474,9 @@ class SlotIndex(Index):
     ) -> None:
         """Index a whole catalog (the index must be empty). `attributes`: {name: int codes, one per
         vector row (-1: no value)}, the filter attributes besides category."""
-        if self._ids.n:
+        if self.n_slots:
             raise ConfigError(
-                f"{self.kind} index already holds {self._ids.n} slots; build() needs a fresh index "
+                f"{self.kind} index already holds {self.n_slots} slots; build() needs a fresh index "
                 "(use add() for more items)"
             )
         self._insert(vectors, ids, categories, available, build=True, attributes=attributes)
@@ -242,7 +491,7 @@ class SlotIndex(Index):
     ) -> None:
         """Add items; an id already present is replaced (its old vector is never returned again).
         An attribute the batch does not give is -1 (no value) for its items."""
-        self._insert(vectors, ids, categories, available, build=self._ids.n == 0, attributes=attributes)
+        self._insert(vectors, ids, categories, available, build=self.n_slots == 0, attributes=attributes)
 
     @property
     def attribute_names(self) -> list[str]:
@@ -251,7 +500,7 @@ class SlotIndex(Index):
     def attribute_codes(self, ids: Any) -> dict[str, np.ndarray]:
         """{attribute: int32 code per id} of live items (-1 for unknown ids or no value)."""
         hit, slots = self.aligned_slots(ids)
-        out = {name: np.full(len(hit), -1, np.int32) for name in self._attrs}
+        out = {name: np.full(len(hit), -1, np.int32) for name in self._attrs}  # int32 out, whatever the table holds
         for name, codes in self._attrs.items():
             out[name][hit] = codes.data[slots]
         return out
@@ -263,8 +512,8 @@ class SlotIndex(Index):
         attrs = self._check_attributes(attributes, len(hit))
         for name, codes in attrs.items():
             if name not in self._attrs:
-                self._attrs[name] = Growable(np.full(self._ids.n, -1, np.int32))
-            self._attrs[name].data[slots] = codes[hit]
+                self._attrs[name] = Codes(np.full(self.n_slots, -1, np.int8))
+            self._attrs[name].assign(slots, codes[hit])
         self._gen += 1
 
     def remove(self, ids: Any) -> None:
@@ -272,16 +521,18 @@ class SlotIndex(Index):
         slots = self.slots_of(ids)
         if not len(slots):
             return
-        self._alive.data[slots] = False
-        self._drop_keys(slots)
-        self._refresh_ok(slots)
+        ok_before = int(self._avail.get(slots).sum())  # they were alive: these were returnable
+        self._alive.set(slots, False)
+        self._died(slots, ok_before)
 
     def set_available(self, ids: Any, available: bool) -> None:
         """Hide (False) or show again (True) items without removing them. Unknown ids are ignored."""
         slots = self.slots_of(ids)
-        if len(slots):
-            self._avail.data[slots] = bool(available)
-            self._refresh_ok(slots)
+        if len(slots):  # live slots: returnable exactly when available
+            before = int(self._avail.get(slots).sum())
+            self._avail.set(slots, bool(available))
+            self._n_ok += int(self._avail.get(slots).sum()) - before
+            self._gen += 1
 
     def __len__(self) -> int:
         return self._n_alive
@@ -292,7 +543,7 @@ class SlotIndex(Index):
     @property
     def n_slots(self) -> int:
         """Slots stored, dead ones included (what a rebuild would reclaim)."""
-        return self._ids.n
+        return self._alive.n
 
     def search(
         self, queries: Any, k: int, filter: Filter | None = None, params: dict[str, Any] | None = None
@@ -303,13 +554,13 @@ class SlotIndex(Index):
         k = int(k)
         p = self.search_defaults if not params else self._merge_params(params)
         mask = self.mask_for(filter)
-        n_qual = self._ids.n if mask is None else mask.count
+        n_qual = self.n_slots if mask is None else mask.count
         if n_qual == 0:
             ids, scores = padded(len(q), k)
             return SearchResult(ids=ids, scores=scores)
-        path = None if mask is None else path_choice.choose(n_qual, len(mask.bits), k, p)
+        path = None if mask is None else path_choice.choose(n_qual, mask.n, k, p)
         slots, scores, exact_rows, short_rows = self.run_path(q, k, p, mask, path)
-        ids = self._ids.data[slots]
+        ids = self._ids.take(slots)
         ids[slots < 0] = -1
         return SearchResult(ids=ids, scores=scores, exact_rows=exact_rows, short_rows=short_rows)
 
@@ -317,38 +568,47 @@ class SlotIndex(Index):
         """Brute force over the same qualifying items: the ground truth for recall, on any backend."""
         q = as_vectors(queries, self.dim, "queries")
         mask = self.mask_for(filter)
-        if (self._ids.n if mask is None else mask.count) == 0:
+        if (self.n_slots if mask is None else mask.count) == 0:
             ids, scores = padded(len(q), int(k))
             return SearchResult(ids=ids, scores=scores)
         slots, scores = self._exact(q, int(k), mask)
-        ids = self._ids.data[slots]
+        ids = self._ids.take(slots)
         ids[slots < 0] = -1
         return SearchResult(ids=ids, scores=scores)
 
     # ---- slot hooks: what the filter planner, partitions and backends read ---------------------------
     @property
     def slot_ids(self) -> np.ndarray:
-        """The item id of each slot, dead slots included (a view: do not write)."""
+        """The item id of each slot, dead slots included (do not write: a loaded snapshot's table is
+        memory-mapped, and a new array once items were added since)."""
         return self._ids.data
+
+    def ids_of_slots(self, slots: np.ndarray) -> np.ndarray:
+        """The item id of each of `slots` (any shape; -1 for slot -1), read row by row (no full table)."""
+        slots = np.asarray(slots, np.int64)
+        ids = self._ids.take(slots)
+        ids[slots < 0] = -1
+        return ids
 
     @property
     def slot_categories(self) -> np.ndarray:
-        """The category code of each slot (-1: none; a view: do not write)."""
+        """The category code of each slot (-1: none; int8, int16 or int32, as narrow as the codes
+        allow; a view: do not write)."""
         return self._cats.data
 
     @property
     def slot_alive(self) -> np.ndarray:
-        """Per slot: not removed or replaced (a view: do not write)."""
-        return self._alive.data
+        """Per slot: not removed or replaced (bool, made from the bitset once per change: do not write)."""
+        return self._flags("alive")
 
     @property
     def slot_returnable(self) -> np.ndarray:
-        """Per slot: alive and available, so a search may return it (a view: do not write)."""
-        return self._ok.data
+        """Per slot: alive and available, so a search may return it (bool, made once per change: do not write)."""
+        return self._flags("ok")
 
     @property
     def slot_attributes(self) -> dict[str, np.ndarray]:
-        """{filter attribute: int32 code per slot (-1: no value)} (views: do not write)."""
+        """{filter attribute: code per slot (-1: no value; narrow like slot_categories)} (views: do not write)."""
         return {name: table.data for name, table in self._attrs.items()}
 
     def slots_of(self, ids: Any) -> np.ndarray:
@@ -356,22 +616,15 @@ class SlotIndex(Index):
         ids = np.atleast_1d(np.asarray(ids))
         if not np.issubdtype(ids.dtype, np.integer) and len(ids):
             raise BadRequest(f"ids must be integers, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64)
-        pos = np.searchsorted(self._sorted_ids, ids)
-        pos = np.minimum(pos, max(len(self._sorted_ids) - 1, 0))
-        if not len(self._sorted_ids):
-            return np.empty(0, np.int64)
-        hit = self._sorted_ids[pos] == ids
-        return np.unique(self._sorted_slots[pos[hit]])
+        slots = self._lookup.find(ids.astype(np.int64), self._alive)
+        return np.unique(slots[slots >= 0])
 
     def aligned_slots(self, ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(found: bool per id, the live slot of each found id, in the ids' order)."""
         ids = np.atleast_1d(np.asarray(ids, np.int64))
-        if not len(self._sorted_ids) or not len(ids):
-            return np.zeros(len(ids), bool), np.empty(0, np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        hit = self._sorted_ids[pos] == ids
-        return hit, self._sorted_slots[pos[hit]]
+        slots = self._lookup.find(ids, self._alive)
+        hit = slots >= 0
+        return hit, slots[hit]
 
     def vectors_of_slots(self, slots: np.ndarray) -> np.ndarray:
         """The stored vectors of `slots`, [len(slots), dim] (a copy)."""
@@ -379,17 +632,38 @@ class SlotIndex(Index):
         return vectors
 
     def slot_table_bytes(self, allocated: bool = False) -> int:
-        """Bytes of the slot tables (ids, categories, flags, attributes) and the id -> slot lookup: in use,
-        or `allocated` (the growable tables keep spare capacity)."""
-        tables = (self._ids, self._cats, self._alive, self._avail, self._ok, *self._attrs.values())
-        used = sum(t.allocated_bytes if allocated else t.data.nbytes for t in tables)
-        return int(used + self._sorted_ids.nbytes + self._sorted_slots.nbytes)
+        """Bytes the process holds for the slot tables (ids added since the load, categories, flag
+        bitsets, attributes) and the id -> slot lookup: in use, or `allocated` (the growable tables keep
+        spare capacity). Memory-mapped tables (a loaded snapshot's ids and lookup) are the page cache's."""
+        codes = (self._cats, *self._attrs.values())
+        used = sum(t.allocated_bytes if allocated else t.data.nbytes for t in codes)
+        flags = sum(b.allocated_bytes if allocated else b.nbytes for b in (self._alive, self._avail))
+        return int(used + flags + self._ids.resident_bytes(allocated) + self._lookup.resident_bytes())
+
+    def slot_table_mapped_bytes(self) -> int:
+        """Bytes of the tables memory-mapped from the loaded snapshot (ids, lookup): the page cache's."""
+        return int((self._ids.main.nbytes if self._ids.mapped else 0) + self._lookup.disk_bytes())
+
+    def slot_table_layout(self) -> dict[str, dict[str, int]]:
+        """What a fresh load of this index's snapshot holds per table: {table: {"resident": bytes in the
+        process, "mapped": bytes memory-mapped from the snapshot (read only for the rows a search
+        returns and for writes)}}."""
+        n, live = self.n_slots, len(self)
+        out = {
+            "ids": {"resident": 0, "mapped": 8 * n},
+            "lookup": {"resident": 0, "mapped": 16 * live},
+            "categories": {"resident": n * code_dtype(*_bounds(self._cats.data)).itemsize, "mapped": 0},
+            "flags": {"resident": 2 * -(-n // 8), "mapped": 0},
+        }
+        for name, table in self._attrs.items():
+            out[f"attr_{name}"] = {"resident": n * code_dtype(*_bounds(table.data)).itemsize, "mapped": 0}
+        return out
 
     def mask_for(self, filter: Filter | None) -> Mask | None:
         """The slots a search may return, or None when every slot may be (the lean hot path)."""
         if filter is not None and filter.empty:
             filter = None
-        if filter is None and self._n_ok == self._ids.n:
+        if filter is None and self._n_ok == self.n_slots:
             return None
         key = (self._gen, filter)
         mask = self._masks.get(key)
@@ -399,18 +673,21 @@ class SlotIndex(Index):
             keys = list(self._masks)
             if len(keys) > 64 or (keys and keys[0][0] != self._gen):
                 self._masks = {}
-            bits = self._ok.data
-            if filter is not None:
-                conditions = [] if filter.categories is None else [(self._cats, filter.categories)]
-                for name, codes in filter.attributes:
-                    if name not in self._attrs:
-                        raise BadRequest(
-                            f"filter: the {self.kind} index has no attribute {name!r}; it has "
-                            f"{self.attribute_names or 'none'} (declare it in [filters] attributes)"
-                        )
-                    conditions.append((self._attrs[name], codes))
-                for table, codes in conditions:  # AND across conditions, OR within each value set
-                    bits = bits & np.isin(table.data, np.fromiter(codes, np.int64, len(codes)))
+            if filter is None:  # removed or hidden slots only: the packed bits straight from the bitsets
+                packed = self._alive.packed & self._avail.packed
+                mask = self._masks[key] = Mask.from_packed(packed, self.n_slots, count=self._n_ok)
+                return mask
+            conditions: list[tuple[Codes, Any]] = [] if filter.categories is None else [(self._cats, filter.categories)]
+            for name, codes in filter.attributes:
+                if name not in self._attrs:
+                    raise BadRequest(
+                        f"filter: the {self.kind} index has no attribute {name!r}; it has "
+                        f"{self.attribute_names or 'none'} (declare it in [filters] attributes)"
+                    )
+                conditions.append((self._attrs[name], codes))
+            bits = self._flags("ok") if self._n_ok < self.n_slots else np.ones(self.n_slots, bool)
+            for table, codes in conditions:  # AND across conditions, OR within each value set
+                bits = bits & np.isin(table.data, np.fromiter(codes, np.int64, len(codes)))
             mask = self._masks[key] = Mask(bits=bits, count=int(bits.sum()))
         return mask
 
@@ -419,7 +696,7 @@ class SlotIndex(Index):
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """One search along a planned path (None: unmasked, or the backend's own choice); returns
         (slots, scores, exact_rows, short_rows). Rows the library leaves short go exact."""
-        n_qual = self._ids.n if mask is None else mask.count
+        n_qual = self.n_slots if mask is None else mask.count
         if n_qual <= k or path == "exact":
             slots, scores = self._exact(q, k, mask)
             return slots, scores, len(q), 0
@@ -519,28 +796,23 @@ class SlotIndex(Index):
         if n == 0:
             return
         old = self.slots_of(ids)
-        first = self._ids.n
+        first = self.n_slots
         self._add_vectors(v, first, build)  # the library first: if it fails, the tables stay consistent
         if len(old):  # upsert: the old slots die
-            self._alive.data[old] = False
-            self._drop_keys(old)
-            self._refresh_ok(old)
+            ok_before = int(self._avail.get(old).sum())
+            self._alive.set(old, False)
+            self._died(old, ok_before)
         self._ids.extend(ids)
         self._cats.extend(cats.astype(np.int32))
         for name in attrs.keys() - self._attrs.keys():  # a new attribute: no value for the slots before
-            self._attrs[name] = Growable(np.full(first, -1, np.int32))
+            self._attrs[name] = Codes(np.full(first, -1, np.int8))
         for name, table in self._attrs.items():
             table.extend(attrs[name] if name in attrs else np.full(n, -1, np.int32))
         self._alive.extend(np.ones(n, bool))
         self._avail.extend(avail)
-        self._ok.extend(avail)
         self._n_ok += int(avail.sum())
         self._n_alive += n
-        new_slots = np.arange(first, first + n, dtype=np.int64)
-        keys = np.concatenate([self._sorted_ids, ids])
-        order = np.argsort(keys, kind="stable")
-        self._sorted_ids = keys[order]
-        self._sorted_slots = np.concatenate([self._sorted_slots, new_slots])[order]
+        self._lookup.insert(ids, np.arange(first, first + n, dtype=np.int64))
         self._gen += 1
 
     @staticmethod
@@ -561,18 +833,25 @@ class SlotIndex(Index):
             out[name] = a.astype(np.int32)
         return out
 
-    def _drop_keys(self, slots: np.ndarray) -> None:
-        keep = ~np.isin(self._sorted_slots, slots)
-        self._sorted_ids = self._sorted_ids[keep]
-        self._sorted_slots = self._sorted_slots[keep]
-        self._n_alive = len(self._sorted_ids)
-
-    def _refresh_ok(self, slots: np.ndarray) -> None:
-        ok = self._ok.data
-        before = int(ok[slots].sum())
-        ok[slots] = self._alive.data[slots] & self._avail.data[slots]
-        self._n_ok += int(ok[slots].sum()) - before
+    def _died(self, slots: np.ndarray, ok_before: int) -> None:
+        """Counts after live `slots` (of which `ok_before` were available) were marked dead."""
+        self._n_alive -= len(slots)
+        self._n_ok -= ok_before
         self._gen += 1
+
+    def _flags(self, which: str) -> np.ndarray:
+        """The alive ("alive") or alive-and-available ("ok") bits as bool, made once per generation."""
+        hit = self._flag_cache.get(which)
+        if hit is not None and hit[0] == self._gen:
+            return hit[1]
+        if which == "alive":
+            bits = self._alive.bools()
+        else:
+            bits = np.unpackbits(self._alive.packed & self._avail.packed, count=self.n_slots, bitorder="little")
+            bits = bits.view(bool)
+        self._flag_cache = {k: v for k, v in self._flag_cache.items() if v[0] == self._gen}
+        self._flag_cache[which] = (self._gen, bits)
+        return bits
 
     # ---- persistence ---------------------------------------------------------------------------
     def load_saved_vectors(self, directory: Path, name: str) -> Growable:
@@ -586,18 +865,34 @@ class SlotIndex(Index):
             )
         return Growable(vecs)
 
-    def save(self, directory: Path) -> dict[str, Any]:
-        """Write the index files into `directory` (which must exist); return the manifest fields."""
+    def save(self, directory: Path, order: np.ndarray | None = None) -> dict[str, Any]:
+        """Write the index files into `directory` (which must exist); return the manifest fields.
+
+        `order`: every slot once, in the order the snapshot stores them (a backend that lays its slots
+        out anew on a save, as ivfpq does in inverted-list order; its `_save_backend` writes its own
+        files in the same order); None: as they are. Besides the tables, the id -> slot lookup of the
+        live slots is written sorted by id (slot_lookup_*.npy), so a load maps it instead of sorting."""
         directory = Path(directory)
+
+        def laid(a: np.ndarray) -> np.ndarray:
+            return a if order is None else a[order]
+
+        ids = laid(self._ids.data)
+        alive = laid(self._alive.bools())
         for name, arr in (
-            ("ids", self._ids.data),
-            ("categories", self._cats.data),
-            ("alive", self._alive.data),
-            ("available", self._avail.data),
+            ("ids", ids),
+            ("categories", _narrowed(laid(self._cats.data))),
+            ("alive", alive),
+            ("available", laid(self._avail.bools())),
         ):
             save_npy(directory / f"slot_{name}.npy", arr)
         for name, table in self._attrs.items():
-            save_npy(directory / f"slot_attr_{name}.npy", table.data)
+            save_npy(directory / f"slot_attr_{name}.npy", _narrowed(laid(table.data)))
+        live = np.flatnonzero(alive)
+        by_id = np.argsort(ids[live], kind="stable")
+        save_npy(directory / LOOKUP_FILES[0], ids[live][by_id])
+        save_npy(directory / LOOKUP_FILES[1], live[by_id].astype(np.int64))
+        del ids, alive, live, by_id
         backend = self._save_backend(directory)
         return {
             "backend": self.kind,
@@ -606,7 +901,8 @@ class SlotIndex(Index):
             "dim": self.dim,
             "metric": self.metric,
             "count": len(self),
-            "slots": self._ids.n,
+            "slots": self.n_slots,
+            "slot_lookup": list(LOOKUP_FILES),
             "search_defaults": self.search_defaults,
             "tuning": self.tuning,
             "filter_calibration": self.filter_calibration,
@@ -616,7 +912,11 @@ class SlotIndex(Index):
 
     @classmethod
     def load(cls, directory: Path, manifest: dict[str, Any]) -> Self:
-        """Rebuild an index from `save`'s files; checksums are checked by the snapshot layer."""
+        """Rebuild an index from `save`'s files; checksums are checked by the snapshot layer.
+
+        The slot -> id table and the id -> slot lookup are memory-mapped (a snapshot written before the
+        lookup files existed gets its lookup sorted into memory, as before); categories, attributes
+        and the flags are read into memory, narrowed (codes) and packed (flags)."""
         directory = Path(directory)
         try:
             index = cls(int(manifest["dim"]), manifest["metric"], **manifest["build_params"])
@@ -626,31 +926,61 @@ class SlotIndex(Index):
             n = int(manifest["slots"])
             state = manifest["backend_state"]
             attr_names = [str(a) for a in manifest.get("attributes") or []]
+            lookup_files = [str(f) for f in manifest.get("slot_lookup") or []]
             path_choice.check_table(index.search_defaults["filter_plan"])
         except (KeyError, TypeError, ValueError, BadRequest) as e:
             raise ArtifactError(f"{directory}: index manifest is missing or has a bad field ({e})") from e
         bad = [a for a in attr_names if not ATTRIBUTE_NAME.match(a)]
         if bad:
             raise ArtifactError(f"{directory}: manifest lists attributes {bad}, which are not attribute names")
+        if lookup_files and lookup_files != list(LOOKUP_FILES):
+            raise ArtifactError(
+                f"{directory}: manifest lists lookup files {lookup_files}, expected {list(LOOKUP_FILES)}"
+            )
         names = ("ids", "categories", "alive", "available", *(f"attr_{a}" for a in attr_names))
-        tables = {name: load_npy(directory / f"slot_{name}.npy") for name in names}
+        tables = {name: load_npy(directory / f"slot_{name}.npy", mmap=True) for name in names}
         for name, arr in tables.items():
-            if arr.shape != (n,):
+            kind = "b" if name in ("alive", "available") else "i"
+            if arr.shape != (n,) or arr.dtype.kind != kind:
                 raise ArtifactError(
-                    f"{directory / f'slot_{name}.npy'}: {arr.shape} does not match {n} slots in the manifest"
+                    f"{directory / f'slot_{name}.npy'}: {arr.dtype}{list(arr.shape)} does not match {n} slots "
+                    f"of {'bool' if kind == 'b' else 'integer'} in the manifest"
                 )
-        index._ids = Growable(tables["ids"].astype(np.int64))
-        index._cats = Growable(tables["categories"].astype(np.int32))
-        index._alive = Growable(tables["alive"].astype(bool))
-        index._avail = Growable(tables["available"].astype(bool))
-        index._attrs = {a: Growable(tables[f"attr_{a}"].astype(np.int32)) for a in attr_names}
-        ok = index._alive.data & index._avail.data
-        index._ok = Growable(ok.copy())
-        index._n_ok = int(ok.sum())
-        live = np.flatnonzero(index._alive.data)
-        order = np.argsort(index._ids.data[live], kind="stable")
-        index._sorted_slots = live[order].astype(np.int64)
-        index._sorted_ids = index._ids.data[index._sorted_slots]
-        index._n_alive = len(live)
+        ids = tables["ids"]
+        index._ids = SlotIds(np.asarray(ids) if ids.dtype == np.int64 else np.array(ids, np.int64))
+        advise_random(index._ids.main)
+        index._cats = Codes(np.array(tables["categories"]))
+        index._alive = BitSet.from_bools(tables["alive"])
+        index._avail = BitSet.from_bools(tables["available"])
+        index._attrs = {a: Codes(np.array(tables[f"attr_{a}"])) for a in attr_names}
+        del tables
+        index._n_alive = index._alive.count()
+        index._n_ok = int(np.bitwise_count(index._alive.packed & index._avail.packed).sum(dtype=np.int64))
+        if lookup_files:
+            keys, slots = (np.asarray(load_npy(directory / f, mmap=True)) for f in lookup_files)
+            if keys.shape != (index._n_alive,) or slots.shape != keys.shape or keys.dtype != np.int64:
+                raise ArtifactError(
+                    f"{directory}: the id lookup holds {keys.dtype}{list(keys.shape)} / "
+                    f"{slots.dtype}{list(slots.shape)}, not int64 pairs for the {index._n_alive} live slots"
+                )
+            index._lookup = Lookup(keys, slots)
+            advise_random(keys)
+            advise_random(slots)
+        else:  # a snapshot from before the lookup files: sort it here, in memory
+            live = np.flatnonzero(index._alive.bools())
+            order = np.argsort(index._ids.main[live], kind="stable")
+            index._lookup = Lookup(np.asarray(index._ids.main[live[order]], np.int64), live[order].astype(np.int64))
         index._load_backend(directory, state)
         return index
+
+
+LOOKUP_FILES = ("slot_lookup_ids.npy", "slot_lookup_slots.npy")
+
+
+def _bounds(codes: np.ndarray) -> tuple[int, int]:
+    return (int(codes.min()), int(codes.max())) if len(codes) else (-1, -1)
+
+
+def _narrowed(codes: np.ndarray) -> np.ndarray:
+    """Codes in the narrowest type their values allow (what a load would hold)."""
+    return codes.astype(code_dtype(*_bounds(codes)), copy=False)

@@ -229,7 +229,7 @@ class Partitions:
         for pid, local in r.walk:
             sub = self.subs[pid]
             slots, sc = sub.library_search_slots(q, k, p, local)
-            ids.append(np.where(slots >= 0, sub.slot_ids[np.maximum(slots, 0)], -1))
+            ids.append(sub.ids_of_slots(slots))  # row by row: no copy of the sub's whole id table
             scores.append(sc)
         if r.rest is not None:
             s, sc = self.host.exact_search_slots(q, k, r.rest)

@@ -1,17 +1,23 @@
-"""Full vectors kept for re-ranking: the built catalog in a file on disk, the items added since in memory.
+"""Full vectors kept for re-ranking: the built catalog in files on disk, the items added since in memory.
 
 A compressed index holds codes in RAM and needs a full vector only for the short list it re-ranks.
-`RerankVectors` keeps the saved catalog as a memory-mapped .npy (the kernel's page cache decides what
-stays resident, not the process) and rows added after the load in an in-memory buffer, so a live add
-never copies the whole file into RAM.
+`RerankVectors` keeps the saved catalog as memory-mapped .npy files (the kernel's page cache decides
+what stays resident, not the process) and rows added after the load in an in-memory buffer, so a
+live add never copies a whole file into RAM. Two files, both in the snapshot's slot order (which
+ivfpq makes its inverted-list order, so the rows of one list are neighbours on disk):
 
-Reads of a short list from the file go out in parallel: rows on pages this process has not read
-since the last eviction are split over a pool of reader threads, each scoring its rows in faiss (the
-GIL is released, so each thread's page faults are in flight at once) - on this machine's virtual disk
-1,000 random rows take ~180 ms one fault at a time and ~25-40 ms from 16-32 threads. Rows on pages
-already read are scored inline: a thread hand-off costs more than reading a cached page. The mapping
-is advised MADV_RANDOM: a fault then reads its own page, not the 128 KB read-around a sequential
-reader wants.
+- vectors.npy, float32: exact search (ground truth, exact fallbacks) and, with rerank_dtype
+  "float32" (the default), the re-ranking;
+- rerank.npy with rerank_dtype "float16" (2 bytes a dimension) or "int8" (1 byte a dimension plus a
+  float32 scale per vector, in one row): the re-ranking reads only this file. A re-rank score is the
+  inner product with the stored (rounded) vector; rows kept in memory (a fresh build, items added
+  since a load) are rounded the same way before scoring, so every tier gives the same bits.
+
+Reads of a short list from a file go out as a few large reads: the rows on pages this process has
+not read since the last eviction are grouped into runs of nearby pages (a list's rows are one run)
+and each run is prefetched with one madvise(MADV_WILLNEED) before the rows are gathered, so the
+disk sees about one request per probed list, all in flight at once, instead of one per row. The
+mapping is advised MADV_RANDOM, so a fault outside a prefetched run reads its own page only.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ import ctypes
 import functools
 import mmap
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -29,24 +34,53 @@ import faiss
 import numpy as np
 
 from towerann.artifacts import sha256_file
+from towerann.errors import ConfigError
 from towerann.index.base import Growable, inner_products, madvise_pages
 from towerann.index.merge import merge_topk, padded, topk_blocked
 
-READERS = 16  # reader threads for a short list read from the file: I/O in flight at once
-ROWS_PER_READ = 32  # fewer rows than this per thread is not worth a thread hand-off
-MADV_RANDOM, MADV_DONTNEED = 1, 4  # Linux
-_pool: ThreadPoolExecutor | None = None
+RERANK_DTYPES = ("float32", "float16", "int8")
+MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED = 1, 3, 4  # Linux
+RUN_GAP = 16  # unread pages at most this far apart are read as one run (a 64 KB gap costs less than a request)
+WRITE_ROWS = 1 << 16  # rows gathered per block when a file is written
+DECODE_ROWS = 1024  # float16/int8 rows decoded per block when re-ranking (512 KB of float32 at 128-d)
 
 
-def _one_omp_thread() -> None:
-    faiss.omp_set_num_threads(1)  # per thread: a reader's faiss call must not fork an OpenMP team
+def check_dtype(dtype: str) -> str:
+    if dtype not in RERANK_DTYPES:
+        raise ConfigError(f"rerank_dtype={dtype!r}: expected one of {', '.join(RERANK_DTYPES)}")
+    return dtype
 
 
-def _readers() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:  # one pool per process, made on first use (a forked worker makes its own)
-        _pool = ThreadPoolExecutor(READERS, thread_name_prefix="towerann-rerank-read", initializer=_one_omp_thread)
-    return _pool
+def row_format(dtype: str, dim: int) -> tuple[np.dtype, int]:
+    """(numpy dtype, columns) of one stored re-rank row: float32/float16 [dim]; int8: dim code bytes
+    then the row's float32 scale, as uint8 [dim + 4]."""
+    if dtype == "int8":
+        return np.dtype(np.uint8), dim + 4
+    return np.dtype(dtype), dim
+
+
+def encode(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows [c, dim] as stored for re-ranking in `dtype`."""
+    if dtype == "float32":
+        return np.ascontiguousarray(rows, np.float32)
+    if dtype == "float16":
+        return rows.astype(np.float16)
+    # int8, per vector: codes = round(v / scale), scale = max|v| / 127 (1 for an all-zero row)
+    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
+    scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
+    out = np.empty((len(rows), rows.shape[1] + 4), np.uint8)
+    out[:, :-4] = codes.view(np.uint8)
+    out[:, -4:] = scale.view(np.uint8).reshape(-1, 4)
+    return out
+
+
+def decode(stored: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(float32 rows [c, dim], per-row scale or None): a score is the rows' inner product x scale."""
+    if dtype == "int8":
+        rows = np.ascontiguousarray(stored[:, :-4]).view(np.int8).astype(np.float32)
+        return rows, np.ascontiguousarray(stored[:, -4:]).view(np.float32).reshape(-1)
+    return np.ascontiguousarray(stored, np.float32), None
 
 
 def _inner_products_by_idx(q: np.ndarray, vecs: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -70,12 +104,12 @@ def _inner_products_by_idx(q: np.ndarray, vecs: np.ndarray, slots: np.ndarray) -
     return out
 
 
-def _after_fork() -> None:
-    global _pool
-    _pool = None  # the parent's threads do not exist in the child
-
-
-os.register_at_fork(after_in_child=_after_fork)
+def score_stored(query: np.ndarray, stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Scores [c] of one query [1, dim] against stored rows [c, ...] of `dtype`: each one faiss inner
+    product of two float32 rows (times the row's scale for int8), whichever tier the rows came from."""
+    rows, scale = decode(stored, dtype)
+    out: np.ndarray = _inner_products_by_idx(query, rows, np.arange(len(rows), dtype=np.int64)[None, :])[0]
+    return out if scale is None else out * scale
 
 
 def _mapping(arr: np.ndarray) -> mmap.mmap | None:
@@ -86,26 +120,118 @@ def _mapping(arr: np.ndarray) -> mmap.mmap | None:
     return base if isinstance(base, mmap.mmap) else None
 
 
-class RerankVectors:
-    """Vectors by slot: slots [0, n_main) in `main` (a memory-mapped file, or an array of a fresh
-    build), later slots in an in-memory tier."""
+class MappedRows:
+    """A memory-mapped 2-d .npy array whose rows are read in runs (see the module docstring), with the
+    pages read since the last eviction remembered (1 byte a page), so warm reads make no system call."""
 
-    def __init__(self, main: np.ndarray, path: Path | None = None):
+    def __init__(self, arr: np.ndarray, path: Path):
+        m = _mapping(arr)
+        if m is None:
+            raise ValueError("MappedRows needs a memory-mapped array")
+        self.path = path
+        self.rows = np.asarray(arr)  # a plain ndarray view: its gathers skip np.memmap's wrapping
+        mapping = np.frombuffer(m, np.uint8)
+        madvise_pages(mapping, mmap.PAGESIZE, (MADV_RANDOM,))
+        self._base = mapping.ctypes.data
+        self._offset = self.rows.ctypes.data - self._base  # the .npy header, before row 0
+        self._row_bytes = int(self.rows.strides[0]) if len(self.rows) else 1
+        self._seen = np.zeros(-(-len(mapping) // mmap.PAGESIZE), bool)
+        del mapping
+
+    def prefetch(self, slots: np.ndarray) -> int:
+        """Start reading the pages of rows `slots` not read since the last eviction, one madvise per
+        run of nearby pages; return the runs requested. The gather that follows waits for them."""
+        if not len(slots):
+            return 0
+        slots = np.asarray(slots, np.int64)
+        first = (self._offset + slots * self._row_bytes) // mmap.PAGESIZE
+        last = (self._offset + (slots + 1) * self._row_bytes - 1) // mmap.PAGESIZE
+        unread = ~(self._seen[first] & self._seen[last])
+        if not unread.any():
+            return 0
+        lo, hi = np.sort(first[unread]), np.sort(last[unread])
+        cut = np.flatnonzero(lo[1:] > hi[:-1] + RUN_GAP) + 1
+        starts, ends = lo[np.r_[0, cut]], hi[np.r_[cut - 1, len(hi) - 1]]
+        libc = _libc()
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            libc.madvise(
+                ctypes.c_void_p(self._base + s * mmap.PAGESIZE),
+                ctypes.c_size_t((e - s + 1) * mmap.PAGESIZE),
+                MADV_WILLNEED,
+            )
+            self._seen[s : e + 1] = True  # benign races: concurrent searches only ever set flags
+        return len(starts)
+
+    def warm(self) -> None:
+        """Read the whole file once (a byte a page): what a server that has run a while sees."""
+        view = np.frombuffer(cast(mmap.mmap, _mapping(self.rows)), np.uint8)
+        step = 1 << 28  # 256 MB at a time
+        for at in range(0, len(view), step):
+            int(view[at : at + step : mmap.PAGESIZE].sum())
+        del view
+        self._seen[:] = True
+
+    def evict(self) -> None:
+        """Drop the file's pages from this process and from the page cache (changes no system setting)."""
+        evict_mapping(self.rows, self.path)
+        self._seen[:] = False
+
+    @property
+    def seen_bytes(self) -> int:
+        return int(self._seen.nbytes)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def evict_mapping(arr: np.ndarray, path: Path) -> None:
+    """Drop a mapped file's pages from this process (madvise DONTNEED) and from the page cache."""
+    m = _mapping(arr)
+    if m is not None:
+        view = np.frombuffer(m, np.uint8)  # the mapping, page-aligned; its last page may be partial
+        whole = -(-len(view) // mmap.PAGESIZE) * mmap.PAGESIZE
+        _libc().madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(whole), MADV_DONTNEED)
+        del view
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then the cache can let them go
+    finally:
+        os.close(fd)
+
+
+class RerankVectors:
+    """Vectors by slot: slots [0, n_main) in `main` (float32: a memory-mapped file, or an array of a
+    fresh build), later slots in an in-memory tier; re-ranked from `rerank` (the stored rows of
+    `dtype`, mapped or in memory) where given, else from `main` (float32, or rounded to `dtype` on
+    the fly: the same values the file would hold)."""
+
+    def __init__(
+        self,
+        main: np.ndarray,
+        path: Path | None = None,
+        dtype: str = "float32",
+        rerank: np.ndarray | None = None,
+        rerank_path: Path | None = None,
+    ):
         self.path = path  # the file `main` maps (None: in memory)
         self.dim = int(main.shape[1])
+        self.dtype = check_dtype(dtype)
         self.on_disk = _mapping(main) is not None
         # In memory (a fresh build): one growing array. On disk: the file, fixed, plus a fresh tier.
         self._mem = None if self.on_disk else Growable(main)
-        self._file = np.asarray(main)  # a plain ndarray view: its gathers skip np.memmap's wrapping
+        self._file = np.asarray(main)
         self.fresh = Growable(np.empty((0, self.dim), np.float32))
-        if self.on_disk:
-            mapping = np.frombuffer(cast(mmap.mmap, _mapping(main)), np.uint8)
-            madvise_pages(mapping, mmap.PAGESIZE, (MADV_RANDOM,))
-            self._offset = self._file.ctypes.data - mapping.ctypes.data  # the .npy header, before row 0
-            self._row_bytes = self.dim * 4
-            # Pages of the file this process has read since the last evict(): their rows are read inline.
-            self._seen = np.zeros(-(-len(mapping) // mmap.PAGESIZE), bool)
-            del mapping
+        # The float32 file gets the run reader (and MADV_RANDOM) only when re-ranking reads it; else it is
+        # read by exact search alone, whole, with the kernel's read-ahead.
+        self._main_rows = MappedRows(main, path) if self.on_disk and path is not None and dtype == "float32" else None
+        self._rerank = None if rerank is None else np.asarray(rerank)
+        self._rerank_rows = (
+            MappedRows(rerank, rerank_path)
+            if rerank is not None and rerank_path is not None and _mapping(rerank) is not None
+            else None
+        )
 
     @property
     def main(self) -> np.ndarray:
@@ -119,62 +245,76 @@ class RerankVectors:
     def n(self) -> int:
         return self.n_main + self.fresh.n
 
+    @property
+    def reads_file(self) -> MappedRows | None:
+        """The mapped file a re-rank reads, or None (re-ranking from memory)."""
+        if self.dtype != "float32":
+            return self._rerank_rows
+        return self._main_rows
+
     def extend(self, rows: np.ndarray) -> None:
         (self.fresh if self._mem is None else self._mem).extend(rows)
 
+    def set_dtype(self, dtype: str) -> None:
+        """Re-rank from rows rounded to `dtype` from now on (rounded from the float32 vectors on the fly;
+        a save writes them). Refused while a loaded re-rank file of another dtype is what re-ranking reads."""
+        check_dtype(dtype)
+        if self._rerank is not None and dtype != self.dtype:
+            raise ConfigError(f"the re-rank rows are the snapshot's {self.dtype} file; rebuild for {dtype}")
+        self.dtype = dtype
+
     def resident_bytes(self) -> int:
-        """Bytes the process itself must hold: the in-memory tiers (a mapped file is the kernel's cache)."""
-        return self.fresh.data.nbytes + (self._seen.nbytes if self.on_disk else self.main.nbytes)
+        """Bytes the process itself must hold: the in-memory tiers and the page maps (a mapped file
+        is the kernel's cache)."""
+        total = self.fresh.data.nbytes + (0 if self.on_disk else self.main.nbytes)
+        if self._rerank is not None and self._rerank_rows is None:
+            total += self._rerank.nbytes  # the re-rank rows read into RAM
+        return int(total + sum(f.seen_bytes for f in (self._main_rows, self._rerank_rows) if f is not None))
 
     def disk_bytes(self) -> int:
-        return self.main.nbytes if self.on_disk else 0
+        """Bytes of the mapped files (float32 vectors and re-rank rows)."""
+        rerank = self._rerank.nbytes if self._rerank is not None and self._rerank_rows is not None else 0
+        return int((self.main.nbytes if self.on_disk else 0) + rerank)
 
     def scores(self, q: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Inner products [m, c] of each query row with the vectors of its slots [m, c]; -1 slots score -inf.
-
-        Each score is one faiss inner product of two rows, whatever the tier, the batch or the thread
-        that reads it: the same bits from the file as from memory."""
+        """Re-rank scores [m, c] of each query row with the vectors of its slots [m, c]; -1 slots score
+        -inf. Each score is one faiss inner product of two rows, whatever the tier, the batch or the
+        file that holds the row: the same bits from a file as from memory."""
         slots = np.ascontiguousarray(slots, np.int64)
-        in_main = np.where(slots < self.n_main, slots, -1)
-        out = _inner_products_by_idx(q, self.main, in_main) if not self.on_disk else np.empty(slots.shape, np.float32)
-        if self.on_disk:
-            for i in range(len(q)):
-                self._read_from_file(q[i : i + 1], in_main[i], out[i])
-        if self.fresh.n and (slots >= self.n_main).any():
-            fresh = _inner_products_by_idx(q, self.fresh.data, np.where(slots >= self.n_main, slots - self.n_main, -1))
-            out = np.where(slots >= self.n_main, fresh, out)
+        out = np.full(slots.shape, -np.inf, np.float32)
+        n_main = self.n_main
+        for i in range(len(q)):
+            row = slots[i]
+            in_main = np.flatnonzero((row >= 0) & (row < n_main))
+            in_fresh = np.flatnonzero(row >= n_main)
+            if len(in_main):
+                out[i, in_main] = self._score_main(q[i : i + 1], row[in_main])
+            if len(in_fresh):
+                rows = self.fresh.data[row[in_fresh] - n_main]
+                out[i, in_fresh] = score_stored(q[i : i + 1], encode(rows, self.dtype), self.dtype)
         return out
 
-    def _read_from_file(self, query: np.ndarray, slots: np.ndarray, out: np.ndarray) -> None:
-        """Score one query's rows of the file: rows on pages this process has not read since the last
-        eviction go to the reader threads (disk reads in flight together), the others are read here
-        (their pages are in memory: a thread hand-off would cost more than the read)."""
-        ok = slots >= 0
-        first = (self._offset + np.where(ok, slots, 0) * self._row_bytes) // mmap.PAGESIZE
-        last = (self._offset + (np.where(ok, slots, 0) + 1) * self._row_bytes - 1) // mmap.PAGESIZE
-        unread = ok & ~(self._seen[first] & self._seen[last])
-        cold = np.flatnonzero(unread)
-        if len(cold) < 2 * ROWS_PER_READ:
-            out[:] = _inner_products_by_idx(query, self.main, slots[None, :])[0]
-        else:
-            warm = np.flatnonzero(~unread)
-            # Sorted slots: each reader takes a run of nearby rows (shared pages, shorter seeks).
-            cold = cold[np.argsort(slots[cold], kind="stable")]
-            parts = np.array_split(cold, min(READERS, len(cold) // ROWS_PER_READ))
-
-            def read(part: np.ndarray) -> None:
-                out[part] = _inner_products_by_idx(query, self.main, slots[part][None, :])[0]
-
-            pending = [_readers().submit(read, part) for part in parts]
-            if len(warm):
-                read(warm)
-            for f in pending:
-                f.result()
-        self._seen[first[ok]] = True  # benign races: concurrent searches only ever set flags
-        self._seen[last[ok]] = True
+    def _score_main(self, query: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Scores of one query against main slots: the file's runs prefetched, then the rows gathered."""
+        order = np.argsort(slots, kind="stable")  # rows in file order: each run is read front to back
+        ordered = slots[order]
+        f = self.reads_file
+        if f is not None:
+            f.prefetch(ordered)
+        if self.dtype == "float32":
+            scores = _inner_products_by_idx(query, self.main, ordered[None, :])[0]
+        else:  # a block of rows at a time: the decoded float32 rows stay in cache, never a pool-sized copy
+            scores = np.empty(len(ordered), np.float32)
+            for at in range(0, len(ordered), DECODE_ROWS):
+                part = ordered[at : at + DECODE_ROWS]
+                stored = self._rerank[part] if self._rerank is not None else encode(self.main[part], self.dtype)
+                scores[at : at + DECODE_ROWS] = score_stored(query, stored, self.dtype)
+        out = np.empty(len(slots), np.float32)
+        out[order] = scores
+        return out
 
     def exact_topk(self, q: np.ndarray, k: int, bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Brute-force top-k slots over both tiers (bits: the slots that may be returned, or None: all)."""
+        """Brute-force top-k slots over both tiers, float32 (bits: the slots that may be returned, or None: all)."""
         ids: list[np.ndarray] = []
         scores: list[np.ndarray] = []
         # Most slots qualify: score them all and exclude the rest, rather than gather the qualifying
@@ -206,63 +346,93 @@ class RerankVectors:
             return padded(len(q), k)
         return merge_topk(ids, scores, k)
 
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """float32 vectors of `slots` (any tier), [len(slots), dim]."""
+        slots = np.asarray(slots, np.int64)
+        out = np.empty((len(slots), self.dim), np.float32)
+        in_main = slots < self.n_main
+        out[in_main] = self.main[slots[in_main]]
+        out[~in_main] = self.fresh.data[slots[~in_main] - self.n_main]
+        return out
+
+    def save(self, directory: Path, order: np.ndarray | None) -> dict[str, str]:
+        """Write vectors.npy (float32) and, for a rounded dtype, rerank.npy, in `order` (every slot once;
+        None: slot order); return {file name: sha256}. Written a block of rows at a time."""
+        n = self.n
+        order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
+        out = {
+            "vectors.npy": write_rows(directory / "vectors.npy", n, np.dtype(np.float32), self.dim, order, self.rows)
+        }
+        if self.dtype != "float32":
+            kind, cols = row_format(self.dtype, self.dim)
+
+            def stored(slots: np.ndarray) -> np.ndarray:
+                if self._rerank is not None:  # the saved rows again (the same bits as rounding anew)
+                    main = slots < self.n_main
+                    rows = np.empty((len(slots), cols), kind)
+                    rows[main] = self._rerank[slots[main]]
+                    rows[~main] = encode(self.fresh.data[slots[~main] - self.n_main], self.dtype)
+                    return rows
+                return encode(self.rows(slots), self.dtype)
+
+            out["rerank.npy"] = write_rows(directory / "rerank.npy", n, kind, cols, order, stored)
+        return out
+
     def warm(self) -> bool:
-        """Read the whole file once (a byte a page), so later re-ranks find every page cached and read
-        inline: what a server that has run a while sees. False when nothing is on disk."""
-        if not self.on_disk:
+        """Read the re-rank file into the page cache (benchmarks of the warm path); False when nothing is on disk."""
+        f = self.reads_file
+        if f is None:
             return False
-        view = np.frombuffer(cast(mmap.mmap, _mapping(self._file)), np.uint8)  # on disk: mapped
-        step = 1 << 28  # 256 MB at a time
-        for at in range(0, len(view), step):
-            int(view[at : at + step : mmap.PAGESIZE].sum())
-        del view
-        self._seen[:] = True
+        f.warm()
         return True
 
     def evict(self) -> bool:
-        """Drop the file's pages from this process and from the page cache, so the next reads go to disk
+        """Drop the mapped files from this process and from the page cache, so the next reads go to disk
         (benchmarks of the cold path). Changes no system setting. False when nothing is on disk."""
-        m = _mapping(self._file)
-        if m is None or self.path is None:
-            return False
-        view = np.frombuffer(m, np.uint8)  # the mapping, page-aligned; its last page may be partial
-        whole = -(-len(view) // mmap.PAGESIZE) * mmap.PAGESIZE
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(whole), MADV_DONTNEED)
-        del view
-        self._seen[:] = False
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # then the cache can let them go
-        finally:
-            os.close(fd)
-        return True
+        done = False
+        for f in (self._main_rows, self._rerank_rows):
+            if f is not None:
+                f.evict()
+                done = True
+        if self.on_disk and self._main_rows is None and self.path is not None:  # float32 file, not re-ranked from
+            evict_mapping(self._file, self.path)
+            done = True
+        return done
+
+
+def write_rows(
+    path: Path,
+    n: int,
+    dtype: np.dtype,
+    cols: int,
+    order: np.ndarray,
+    take: Callable[[np.ndarray], np.ndarray],
+) -> str:
+    """Write a [n, cols] .npy whose row i is take(order[i : i + 1]), a block at a time; return its sha256."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, cols))
+    for at in range(0, n, WRITE_ROWS):
+        out[at : at + WRITE_ROWS] = take(order[at : at + WRITE_ROWS])
+    out.flush()
+    del out
+    return sha256_file(path)
 
 
 def resident_fraction(path: Path) -> float:
     """Share of a file's pages in the page cache now (mincore over a fresh read-only mapping; Linux)."""
+    return float(resident_pages(path).mean()) if os.path.getsize(path) else 0.0
+
+
+def resident_pages(path: Path) -> np.ndarray:
+    """Per page of a file: in the page cache now (mincore over a fresh read-only mapping; Linux)."""
     size = os.path.getsize(path)
     if size == 0:
-        return 0.0
+        return np.zeros(0, bool)
     pages = -(-size // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * pages)()
-    libc = ctypes.CDLL(None, use_errno=True)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         view = np.frombuffer(m, np.uint8)
-        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        rc = _libc().mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
         del view  # the mapping cannot close while an array points into it
     if rc != 0:
         raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
-    return float((np.frombuffer(memoryview(vec), np.uint8) & 1).sum()) / pages
-
-
-def save_rows(path: Path, parts: Sequence[np.ndarray], dim: int) -> str:
-    """Write float32 row blocks as one .npy without concatenating them in memory; return its sha256."""
-    n = sum(len(p) for p in parts)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
-    at = 0
-    for p in parts:
-        out[at : at + len(p)] = p
-        at += len(p)
-    out.flush()
-    del out
-    return sha256_file(path)
+    return (np.frombuffer(memoryview(vec), np.uint8) & 1).astype(bool)

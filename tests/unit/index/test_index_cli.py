@@ -187,4 +187,7 @@ def test_info_reports_the_compressed_index_memory(vectors_dir, tmp_path, capsys)
     assert run(["index", "info", str(root)]) == 0
     memory = json.loads(capsys.readouterr().out)["memory"]
     assert memory["disk_bytes_per_item"] == D * 4  # the full vectors stay in the file
+    assert memory["mapped_tables_bytes_per_item"] == 8 + 16  # so do the slot -> id table and the id lookup
     assert 0 < memory["resident_bytes_per_item"] < D * 4  # slot tables (too few items for codes here)
+    by_table = memory["resident_bytes_per_item_by_table"]
+    assert by_table["ids"] == by_table["lookup"] == 0 and by_table["flags"] == 0.25, by_table
