@@ -115,7 +115,8 @@ def served(
     toml = work / "serve.toml"
     toml.write_text(
         f'[paths]\nindex = "{root}"\n[features]\nstore = "{redis_url}"\n'
-        "[freshness]\npoll_s = 0.3\nmin_recall = 0.5\ntail_ms = 200\n"
+        # adopt_log: the root is a copy of the session's shared one, which other tests bind to Redis logs
+        "[freshness]\npoll_s = 0.3\nmin_recall = 0.5\ntail_ms = 200\nadopt_log = true\n"
     )
     handle = start_subprocess(root, redis_url, config=toml, workers=2, env={"TOWERANN_API_TOKEN": TOKEN})
     yield handle, root
