@@ -152,7 +152,8 @@ def test_tune_measures_with_a_stopwatch_by_default(big, big_hnsw):
     assert result["exact_p50_ms"] > 0
     timed = [p for p in result["curve"] if "p50_ms" in p]
     assert timed and all(p["p50_ms"] > 0 for p in timed)
-    assert all(p["refused"] == "slower than exact search" for p in timed if p["p50_ms"] > result["exact_p50_ms"])
+    # (which settings are refused as slower than exact search is checked with fixed costs below: here the
+    # contenders and exact search are timed again in turns, and a setting's median may then cross exact's)
 
 
 def test_a_setting_slower_than_exact_search_is_refused(big, big_hnsw):
