@@ -52,6 +52,7 @@ import numpy as np
 
 from towerann.bench.options import add_catalog, add_k, add_kind, add_out, add_recall, add_seed, add_workdir
 from towerann.bench.report import begin_run, percentiles, write_report
+from towerann.bench.serve import post_json
 from towerann.errors import ConfigError
 
 TOKEN = "drift-token"
@@ -339,20 +340,9 @@ async def _drive(
                     return
                 i, t_sched, t_unix, p, qi = item
                 body = _body(queries[p][qi], k)
-                head = (
-                    f"POST /v1/candidates HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n"
-                ).encode()
                 try:
-                    writer.write(head + body)
-                    status_line = await reader.readline()
-                    length = 0
-                    while (line := await reader.readline()) not in (b"\r\n", b""):
-                        if line[:15].lower() == b"content-length:":
-                            length = int(line[15:])
-                    payload = await reader.readexactly(length)
+                    status, payload = await post_json(reader, writer, host, "/v1/candidates", body)
                     lat = (time.perf_counter() - t_sched) * 1e3
-                    status = int(status_line.split()[1])
                     ann, ids = None, None
                     if status == 200:
                         answer = json.loads(payload)

@@ -101,6 +101,26 @@ def prepare(
 Request = bytes | tuple[str, bytes]
 
 
+async def post_json(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, path: str, body: bytes, extra: str = ""
+) -> tuple[int, bytes]:
+    """One POST of a JSON body over a keep-alive HTTP/1.1 connection (`extra`: header lines, each ending in
+    CRLF); returns (status, response body). Raises OSError, IncompleteReadError, ValueError or IndexError
+    when the connection or the answer breaks."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body)
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    payload = await reader.readexactly(length)
+    return int(status_line.split()[1]), payload
+
+
 async def _open_loop(
     url: str,
     bodies: Sequence[Request],
@@ -138,20 +158,9 @@ async def _open_loop(
                     return
                 request = bodies[i % len(bodies)]
                 path, body = request if isinstance(request, tuple) else ("/v1/candidates", request)
-                head = (
-                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
-                    f"Content-Length: {len(body)}\r\n\r\n"
-                ).encode()
                 try:
-                    writer.write(head + body)
-                    status_line = await reader.readline()
-                    length = 0
-                    while (line := await reader.readline()) not in (b"\r\n", b""):
-                        if line[:15].lower() == b"content-length:":
-                            length = int(line[15:])
-                    payload = await reader.readexactly(length)
+                    status, payload = await post_json(reader, writer, host, path, body, extra)
                     lat[i] = time.perf_counter() - t_sched  # from the scheduled send: includes queueing
-                    status = int(status_line.split()[1])
                     codes[i] = status
                     if status != 200:
                         errors[str(status)] = errors.get(str(status), 0) + 1

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from towerann.artifacts import load_npy
 from towerann.cli import main
@@ -22,12 +20,7 @@ from towerann.model.train import TrainConfig, train
 TOWER = TowerConfig(dim=16, id_dim=8, category_dim=4, attr_dim=4, hidden=32, history_len=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ budget, lands in the manifest; and the generator's popularity_skew moves the pop
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from towerann.cli import main
 from towerann.data.dataset import read_interactions, read_items, read_users, write_dataset
@@ -25,13 +23,7 @@ TOWER = TowerConfig(dim=16, id_dim=8, category_dim=4, attr_dim=4, hidden=32, his
 CFG = TrainConfig(epochs=2, patience=2, batch_size=256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Same results on any machine load; one thread is also the fast choice on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

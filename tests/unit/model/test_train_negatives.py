@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,12 +25,7 @@ from towerann.model.train import TrainConfig, _Average, corrected_logits, fit
 TOWER = TowerConfig(dim=16, id_dim=8, category_dim=4, attr_dim=4, hidden=32, history_len=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_logits_are_corrected_by_the_mixture_and_accidental_hits_masked() -> None:
