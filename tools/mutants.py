@@ -513,6 +513,22 @@ MUTANTS: list[Mutant] = [
         tests=("tests/integration/test_deltalog.py",),
     ),
     Mutant(
+        "scann-helper-not-restarted",
+        "index/scann_process.py",
+        "if self._proc is None or self._proc.poll() is not None:",
+        "if self._proc is None:",
+        "a ScaNN helper process that died (killed, OOM) is not started again: every search fails",
+        tests=("tests/unit/index/test_scann_process.py",),
+    ),
+    Mutant(
+        "scann-helper-off-in-server",
+        "server/wiring.py",
+        "    load_in_helper_process()  # ScaNN's loader holds the GIL",
+        "    pass  # ScaNN's loader holds the GIL",
+        "a server loads ScaNN in process again: a hot swap stalls every request for the load",
+        tests=("tests/unit/index/test_scann_process.py",),
+    ),
+    Mutant(
         "artifacts-no-fsync",
         "artifacts.py",
         "        os.fsync(fd)\n",

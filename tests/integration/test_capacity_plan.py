@@ -15,17 +15,79 @@ from towerann.bench.capacity import bytes_per_item, parse_bytes, plan
 from towerann.index import create
 
 
-def test_the_byte_model_matches_what_a_loaded_ivfpq_holds(tmp_path):
+@pytest.mark.parametrize("rerank_dtype", ["float32", "float16", "int8"])
+def test_the_byte_model_matches_what_a_loaded_ivfpq_holds(tmp_path, rerank_dtype):
     from towerann.index.snapshot import load_snapshot, publish
 
     n, d, pq_m = 60_000, 32, 4
-    ix = create("ivfpq", d, pq_m=pq_m, nlist=int(round(4 * math.sqrt(n))), train_sample=10_000)
+    ix = create(
+        "ivfpq", d, pq_m=pq_m, nlist=int(round(4 * math.sqrt(n))), train_sample=10_000, rerank_dtype=rerank_dtype
+    )
     ix.build(np.random.default_rng(0).standard_normal((n, d), dtype=np.float32), np.arange(n))
     loaded = load_snapshot(publish(ix, tmp_path, "m"))
     measured = loaded.memory()
-    model = bytes_per_item("ivfpq", n, d, pq_m, code_bytes=1)  # no categories: 1-byte codes (all -1)
+    model = bytes_per_item("ivfpq", n, d, pq_m, code_bytes=1, rerank_dtype=rerank_dtype)  # no categories: 1-byte codes
     assert model["resident"] == pytest.approx(measured["resident_bytes_per_item"], rel=0.05), (model, measured)
     assert model["vectors_on_disk"] == measured["disk_bytes_per_item"]
+
+
+def test_the_mode_counts_the_rerank_rows_the_way_the_bytes_say(tmp_path):
+    # 1e9 x 128-d on 64 GB nodes: cold holds ~20 B/item; warm and ram also hold the re-rank rows (512 B as
+    # float32, 256 as float16, 132 as int8), so they need ~(20 + row) / 20 times the nodes.
+    cold = plan(1e9, 128, "ivfpq", 64e9, mode="cold", bench_dir=tmp_path)
+    nodes = []
+    for dtype, row in [("float32", 512), ("float16", 256), ("int8", 132)]:
+        warm = plan(1e9, 128, "ivfpq", 64e9, mode="warm", rerank_dtype=dtype, bench_dir=tmp_path)
+        nodes.append(warm["nodes"])
+        ram = plan(1e9, 128, "ivfpq", 64e9, mode="ram", rerank_dtype=dtype, bench_dir=tmp_path)
+        assert warm["nodes"] == ram["nodes"] == math.ceil(1e9 * (warm["resident_bytes_per_item"] + row) / (64e9 * 0.7))
+        assert warm["memory_bytes_per_item"] - warm["resident_bytes_per_item"] == pytest.approx(row, rel=1e-3)
+    assert cold["nodes"] == math.ceil(1e9 * cold["resident_bytes_per_item"] / (64e9 * 0.7))
+    assert cold["memory_bytes_per_item"] == cold["resident_bytes_per_item"] < 21
+    assert nodes[0] > nodes[1] > nodes[2] > cold["nodes"], (nodes, cold["nodes"])
+
+
+def test_curves_are_read_per_rerank_row_type(tmp_path):
+    f16 = {**_pt(3.0), "rerank_dtype": "float16"}
+    _curve(tmp_path, [[_pt(1.0), f16], [_pt(4.0)]])
+    assert plan(1e6, 128, "ivfpq", 64e9, bench_dir=tmp_path)["per_node_latency"]["p50_ms"] == 1.0
+    f16_plan = plan(1e6, 128, "ivfpq", 64e9, rerank_dtype="float16", bench_dir=tmp_path)
+    assert f16_plan["per_node_latency"]["p50_ms"] == 3.0 and f16_plan["measured_curve"][0]["items"] == 1_000_000
+
+
+def test_no_recall_is_stated_far_beyond_the_runs_that_measured_it(tmp_path):
+    _curve(tmp_path, [[_pt(1.0)], [_pt(4.0)]])  # 1M and 10M, both reach 0.96
+    near = plan(1.5e7, 128, "ivfpq", 1e12, bench_dir=tmp_path)["per_node_latency"]
+    assert near["recall"] == 0.96 and "extrapolated" in near["basis"]
+    far = plan(1e9, 128, "ivfpq", 1e12, bench_dir=tmp_path)
+    assert far["nodes"] == 1 and far["per_node_latency"]["recall"] is None
+    assert "recall not measured at this size" in far["per_node_latency"]["basis"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "towerann.cli",
+            "plan",
+            "--items",
+            "1e9",
+            "--ram-per-node",
+            "1TB",
+            "--bench-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "recall not measured at this size" in out.stdout, out.stdout + out.stderr
+
+
+def test_an_unknown_rerank_row_type_is_refused_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "towerann.cli", "plan", "--items", "1e9", "--rerank-dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--rerank-dtype" in out.stderr
 
 
 def _curve(tmp_path, points):
@@ -52,7 +114,7 @@ def test_nodes_and_latency_from_measured_curves(tmp_path):
     assert one["nodes"] == 1 and one["per_node_latency"]["p50_ms"] == 1.0
     assert "measured" in one["per_node_latency"]["basis"]
     big = plan(1e9, 128, "ivfpq", 64e9, bench_dir=tmp_path)
-    assert big["nodes"] == math.ceil(1e9 * big["resident_bytes_per_item"] / (64e9 * big["headroom"]))
+    assert big["nodes"] == math.ceil(1e9 * big["memory_bytes_per_item"] / (64e9 * big["headroom"]))
     assert big["nodes"] * big["items_per_node"] == pytest.approx(1e9)
     alpha = math.log(4.0) / math.log(10)  # fitted on the two sizes
     lat = big["per_node_latency"]

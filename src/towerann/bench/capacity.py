@@ -6,7 +6,13 @@ come from committed benchmark runs (`bench pq` for ivfpq, `bench ann` for the ot
 docs/bench/). For each measured catalog size the planner takes the fastest measured setting that
 reaches the recall target at K; between and beyond measured sizes it scales p50/p99 as
 items_per_node^alpha, alpha fitted on the two largest measured sizes (or the stated default for the
-backend when only one size was measured). Everything extrapolated is labelled as such.
+backend when only one size was measured). Everything extrapolated is labelled as such; a recall is
+stated only where a committed run reached it at a comparable size (within COMPARABLE_SIZE of the node's
+items), never carried to a catalog many times larger than any run.
+
+For ivfpq the re-rank rows (`--rerank-dtype`: float32, float16 or int8) are what `--mode` is about: `ram`
+holds them in the process and `warm` in the page cache, so both count them against a node's memory;
+`cold` reads them from disk per query and counts only the resident index.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ CODE_BYTES = 2
 FLAG_BYTES = 2 / 8
 MAPPED_TABLE_BYTES = 8 + 16
 HNSW_M = 32
+MODES = ("warm", "cold", "ram")
+RERANK_DTYPES = ("float32", "float16", "int8")
+# A measured recall stands for node sizes up to this many times the run's catalog: recall at a fixed
+# setting falls as a catalog grows, and 10x is where the committed runs saw it fall by ~0.02.
+COMPARABLE_SIZE = 2.0
 HEADROOM = 0.7  # share of a node's RAM the index may take (the rest: server, OS, page cache, a swap's second copy)
 UNITS = {  # a size needs one: is "64" 64 GB or 64 bytes?
     "B": 1,
@@ -58,11 +69,26 @@ def parse_bytes(text: str, flag: str = "--ram-per-node") -> float:
     return float(m.group(1)) * UNITS[m.group(2).upper()]
 
 
+def rerank_row_bytes(dim: int, rerank_dtype: str) -> float:
+    """Bytes of one ivfpq re-rank row (index/vecfile.py): float32/float16 per dimension; int8 a byte a
+    dimension and the row's float32 scale."""
+    if rerank_dtype not in RERANK_DTYPES:
+        raise ConfigError(f"--rerank-dtype {rerank_dtype!r}: choose from {', '.join(RERANK_DTYPES)}")
+    return {"float32": 4.0 * dim, "float16": 2.0 * dim, "int8": dim + 4.0}[rerank_dtype]
+
+
 def bytes_per_item(
-    kind: str, n: float, dim: int, pq_m: int = 16, attributes: int = 0, code_bytes: int = CODE_BYTES
+    kind: str,
+    n: float,
+    dim: int,
+    pq_m: int = 16,
+    attributes: int = 0,
+    code_bytes: int = CODE_BYTES,
+    rerank_dtype: str = "float32",
 ) -> dict[str, float]:
     """Resident and on-disk bytes per item of one node's index over `n` items (`code_bytes`: the width of
-    the category and attribute codes, which a loaded index keeps as narrow as their values allow)."""
+    the category and attribute codes, which a loaded index keeps as narrow as their values allow).
+    `rerank` is what an ivfpq query re-ranks from: in the page cache when warm, in the process in RAM."""
     codes = code_bytes * (1 + attributes)
     tables = codes + FLAG_BYTES  # what the process holds
     tables_disk = codes + 2 + MAPPED_TABLE_BYTES
@@ -71,9 +97,17 @@ def bytes_per_item(
         # PQ codes (mapped from the lists file, scanned by every search), coarse centroids (+ a list's
         # offset and size), PQ centroids (256 per sub-space), a byte a page of the vector file; the lists
         # file also holds a slot id per code (read by filtered searches only: the page cache's).
+        # The float32 vectors stay on disk beside a narrower re-rank copy (the next build reads them).
         nlist = max(1.0, 4 * math.sqrt(n))
-        resident = pq_m + tables + (nlist * (raw + 32) + 256 * raw) / n + raw / 4096
-        return {"resident": resident, "disk": raw + pq_m + 8 + tables_disk, "vectors_on_disk": raw}
+        row = rerank_row_bytes(dim, rerank_dtype)
+        resident = pq_m + tables + (nlist * (raw + 32) + 256 * raw) / n + row / 4096
+        on_disk = raw + (row if rerank_dtype != "float32" else 0.0)
+        return {
+            "resident": resident,
+            "disk": on_disk + pq_m + 8 + tables_disk,
+            "vectors_on_disk": on_disk,
+            "rerank": row,
+        }
     if kind == "hnsw":  # vectors + level-0 links (2M int32) + ~1/M of nodes on upper levels
         return {
             "resident": raw + 2 * HNSW_M * 4 * (1 + 1 / HNSW_M) + tables,
@@ -86,8 +120,11 @@ def bytes_per_item(
     raise ConfigError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
 
 
-def measured_curves(bench_dir: Path, kind: str, k: int, recall: float, mode: str, pq_m: int) -> list[dict[str, Any]]:
-    """Per measured catalog size: the fastest point reaching `recall` at K (from docs/bench JSON)."""
+def measured_curves(
+    bench_dir: Path, kind: str, k: int, recall: float, mode: str, pq_m: int, rerank_dtype: str = "float32"
+) -> list[dict[str, Any]]:
+    """Per measured catalog size: the fastest point reaching `recall` at K (from docs/bench JSON); for
+    ivfpq of the one code size, mode and re-rank row type (points from before the row types: float32)."""
     out: dict[int, dict[str, Any]] = {}
     for path in sorted(bench_dir.glob("pq*.json" if kind == "ivfpq" else "ann-*.json")):
         try:
@@ -102,6 +139,8 @@ def measured_curves(bench_dir: Path, kind: str, k: int, recall: float, mode: str
                 continue
             if kind == "ivfpq":
                 if p.get("pq_m") != pq_m or p.get("mode") != mode:
+                    continue
+                if p.get("rerank_dtype", "float32") != rerank_dtype:
                     continue
             elif p.get("series") != f"towerann {kind}":
                 continue
@@ -135,13 +174,20 @@ def predict_latency(curves: list[dict[str, Any]], kind: str, n: float) -> dict[s
         b, alpha = curves[-1], DEFAULT_ALPHA[kind]
         how = f"assumed for {kind} (one measured size)"
     scale = (n / b["items"]) ** alpha
+    comparable = n <= COMPARABLE_SIZE * b["items"]
     return {
         "p50_ms": b["p50_ms"] * scale,
         "p99_ms": b["p99_ms"] * scale,
-        "recall": b["recall"],
+        "recall": b["recall"] if comparable else None,
         "params": b["params"],
         "alpha": alpha,
-        "basis": f"extrapolated from {b['items']:,} items ({b['source']}) as n^{alpha:.2f}, alpha {how}",
+        "basis": f"extrapolated from {b['items']:,} items ({b['source']}) as n^{alpha:.2f}, alpha {how}"
+        + (
+            ""
+            if comparable
+            else f"; recall not measured at this size (the setting reached {b['recall']:.3f} at {b['items']:,} "
+            "items and a larger catalog needs more of it)"
+        ),
     }
 
 
@@ -157,14 +203,17 @@ def plan(
     mode: str = "warm",
     bench_dir: Path | None = None,
     headroom: float = HEADROOM,
+    rerank_dtype: str = "float32",
 ) -> dict[str, Any]:
     if items < 1 or dim < 1 or ram_per_node <= 0:
         raise ConfigError("--items, --dim and --ram-per-node must be positive")
-    total = bytes_per_item(kind, items, dim, pq_m, attributes)
-    nodes = max(1, math.ceil(items * total["resident"] / (ram_per_node * headroom)))
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
+    total = bytes_per_item(kind, items, dim, pq_m, attributes, rerank_dtype=rerank_dtype)
+    nodes = max(1, math.ceil(items * memory_per_item(kind, total, mode) / (ram_per_node * headroom)))
     per_node = items / nodes
-    node_bytes = bytes_per_item(kind, per_node, dim, pq_m, attributes)
-    curves = measured_curves(bench_dir or default_bench_dir(), kind, k, recall, mode, pq_m)
+    node_bytes = bytes_per_item(kind, per_node, dim, pq_m, attributes, rerank_dtype=rerank_dtype)
+    curves = measured_curves(bench_dir or default_bench_dir(), kind, k, recall, mode, pq_m, rerank_dtype)
     latency = predict_latency(curves, kind, per_node)
     return {
         "items": items,
@@ -174,6 +223,8 @@ def plan(
         "recall_target": recall,
         "pq_m": pq_m if kind == "ivfpq" else None,
         "mode": mode if kind == "ivfpq" else None,
+        "rerank_dtype": rerank_dtype if kind == "ivfpq" else None,
+        "memory_bytes_per_item": memory_per_item(kind, node_bytes, mode),
         "ram_per_node_bytes": ram_per_node,
         "headroom": headroom,
         "resident_bytes_per_item": node_bytes["resident"],
@@ -189,6 +240,14 @@ def plan(
         if nodes > 1
         else "one node",
     }
+
+
+def memory_per_item(kind: str, model: dict[str, float], mode: str) -> float:
+    """What a node's RAM must hold per item: the resident index, and for ivfpq warm (page cache) or ram
+    (process) the re-rank rows too; cold reads them from disk."""
+    if kind == "ivfpq" and mode != "cold":
+        return model["resident"] + model["rerank"]
+    return model["resident"]
 
 
 def default_bench_dir() -> Path:
@@ -209,15 +268,20 @@ def run(args: argparse.Namespace) -> int:
         attributes=args.attributes,
         mode=args.mode,
         bench_dir=Path(args.bench_dir) if args.bench_dir else None,
+        rerank_dtype=args.rerank_dtype,
     )
     if args.json:
         print(json.dumps(p, indent=2))
         return 0
     lat = p["per_node_latency"]
     print(
-        f"{p['items']:,.0f} items x {p['dim']}-d, {p['kind']}" + (f" (PQ{p['pq_m']}, {p['mode']})" if p["pq_m"] else "")
+        f"{p['items']:,.0f} items x {p['dim']}-d, {p['kind']}"
+        + (f" (PQ{p['pq_m']}, {p['rerank_dtype']} re-rank rows, {p['mode']})" if p["pq_m"] else "")
     )
-    print(f"  resident {p['resident_bytes_per_item']:.1f} B/item, on disk {p['disk_bytes_per_item']:.1f} B/item")
+    print(
+        f"  resident {p['resident_bytes_per_item']:.1f} B/item, in memory {p['memory_bytes_per_item']:.1f} B/item, "
+        f"on disk {p['disk_bytes_per_item']:.1f} B/item"
+    )
     print(
         f"  nodes: {p['nodes']} of {p['ram_per_node_bytes'] / 1e9:.0f} GB ({p['headroom']:.0%} for the index): "
         f"{p['items_per_node']:,.0f} items, {p['resident_bytes_per_node'] / 1e9:.1f} GB resident and "
@@ -229,7 +293,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  per node at recall@{p['k']} >= {p['recall_target']}: "
             f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms"
-            f" (measured recall {lat['recall']:.3f}, {lat['params']})"
+            + (
+                f" (measured recall {lat['recall']:.3f}, {lat['params']})"
+                if lat["recall"] is not None
+                else f" (recall not measured at this size; {lat['params']})"
+            )
         )
         print(f"  basis: {lat['basis']}")
     print(f"  {p['note']}")
@@ -263,9 +331,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--mode",
-        choices=("warm", "cold", "ram"),
+        choices=MODES,
         default="warm",
-        help="ivfpq: vectors in the page cache (warm), read from disk (cold) or in RAM (default warm)",
+        help="ivfpq: re-rank rows in the page cache (warm) or in RAM, both counted against a node's memory, "
+        "or read from disk per query (cold) (default warm)",
+    )
+    p.add_argument(
+        "--rerank-dtype",
+        default="float32",
+        metavar="{" + ",".join(RERANK_DTYPES) + "}",
+        help="ivfpq: the re-rank rows' type, as built (`index build --param rerank_dtype=...`; default %(default)s)",
     )
     p.add_argument("--bench-dir", default=None, help="where the committed bench JSON lives (default docs/bench)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

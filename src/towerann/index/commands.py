@@ -119,7 +119,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=[],
         metavar="KEY=VALUE",
         help="build parameter (e.g. M=32, nlist=4096; hnsw partition_by=category partition_min=10000: "
-        "a sub-index per category for filters) or search default (e.g. ef=512); repeatable",
+        "a sub-index per category for filters; ivfpq rerank_dtype=float16 or int8: narrower re-rank rows) "
+        "or search default (e.g. ef=512); repeatable",
     )
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
     b.set_defaults(func=run_build)

@@ -38,6 +38,16 @@ REFETCH_ROUNDS = 2  # the "filtered" path: rows left short fetch 4x more, this m
 # layout before, and the meaning of a state without the field).
 RERANK_TOWERANN, RERANK_SCANN = "towerann", "scann"
 RESCORE_CHUNK = 1024  # candidate rows gathered at a time for the exact re-rank (256 KB at 64-d)
+# Whether a loaded searcher runs in a helper process (index/scann_process.py). A serving process turns it
+# on (server.wiring.open_service): ScaNN's loader holds the GIL for its whole run, which stalled every
+# request during a hot swap. Batch jobs, builds and the tests of this module search in process.
+_load_in_helper_process = False
+
+
+def load_in_helper_process(on: bool = True) -> None:
+    """From now on, ScaNN searchers loaded from snapshots in this process run in helper processes."""
+    global _load_in_helper_process
+    _load_in_helper_process = on
 
 
 def default_leaves(n: int, num_leaves: int | None = None) -> int:
@@ -292,7 +302,24 @@ class ScannIndex(SlotIndex):
             sdir = directory / state["scann_dir"]
             if (sdir / "scann_docids.pkl").exists():  # ScaNN would unpickle it; we never write one
                 raise ArtifactError(f"{sdir / 'scann_docids.pkl'}: refusing to load a pickled file; rebuild the index")
+            if _load_in_helper_process:
+                from towerann.index.scann_process import SearcherProcess, SearcherProcessError
+
+                _scann()  # a missing ScaNN: the same one-line BackendUnavailable as in process
+                try:
+                    self._searcher = SearcherProcess(sdir)
+                except SearcherProcessError as e:
+                    raise ArtifactError(str(e)) from e
+                return
             try:
                 self._searcher = _scann().load_searcher(str(sdir))
             except (RuntimeError, ValueError) as e:
                 raise ArtifactError(f"{sdir}: ScaNN could not load it ({e})") from e
+
+    def release_memory(self) -> int:
+        """A searcher in a helper process is let go at once (its memory is the helper's); in process, the
+        destructor frees it."""
+        close = getattr(self._searcher, "close", None)
+        if close is not None:
+            close()
+        return 0

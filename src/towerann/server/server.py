@@ -110,6 +110,17 @@ def open_ray_service(
     return svc
 
 
+def _one_thread_per_search() -> None:
+    """Searches run one thread each, side by side, as the workers' do (server.workers) and as the tuner
+    timed every setting (index.tune): faiss's OpenMP pool spins its threads between searches, so a
+    one-process ivfpq server at 100 requests/s held both cores and starved a refresh at nice 10."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(limits=1)  # not restored: for the life of the process
+
+
 def serve_forever(
     cfg: Config,
     model_dir: str | None = None,
@@ -129,6 +140,7 @@ def serve_forever(
     if n > 1:
         run_workers(cfg, n, model_dir)
         return
+    _one_thread_per_search()
     svc = (
         open_service(cfg, model_dir=model_dir)
         if ray_address is None

@@ -16,6 +16,7 @@ from towerann.freshness.deltalog import DurabilityWatch, RedisDeltaLog, check_du
 from towerann.freshness.live import ItemWriter, replay
 from towerann.freshness.log_binding import bind_delta_log
 from towerann.freshness.reload import Reloader
+from towerann.index.scann import load_in_helper_process
 from towerann.index.snapshot import CURRENT, resolve
 from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
@@ -142,6 +143,7 @@ def open_service(
     acknowledged write) and set up the CURRENT watcher. The log lives in Redis when the store does.
 
     `shared`: one of several worker processes on one log (freshness.live.ItemWriter)."""
+    load_in_helper_process()  # ScaNN's loader holds the GIL: a swap must not stall the requests
     owns_store = retriever is None
     retriever = retriever or open_retriever(cfg, model_dir=model_dir, bundle=bundle)
     try:
