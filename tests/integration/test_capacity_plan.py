@@ -123,7 +123,7 @@ def test_nodes_and_latency_from_measured_curves(tmp_path):
     cold = plan(1e7, 128, "ivfpq", 64e9, mode="cold", bench_dir=tmp_path)
     assert cold["per_node_latency"]["p50_ms"] == 9.0
     none = plan(1e7, 128, "ivfpq", 64e9, recall=0.99, bench_dir=tmp_path)
-    assert none["per_node_latency"]["p50_ms"] is None
+    assert none["per_node_latency"]["p50_ms"] is None and none["per_node_latency"]["recall"] is None
 
 
 def test_bad_sizes_get_a_one_line_error():

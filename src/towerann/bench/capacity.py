@@ -159,7 +159,12 @@ def measured_curves(
 
 def predict_latency(curves: list[dict[str, Any]], kind: str, n: float) -> dict[str, Any]:
     if not curves:
-        return {"p50_ms": None, "p99_ms": None, "basis": "no committed run reaches the recall target at this K"}
+        return {
+            "p50_ms": None,
+            "p99_ms": None,
+            "recall": None,
+            "basis": "no committed run reaches the recall target at this K",
+        }
     exact = next((c for c in curves if c["items"] == int(n)), None)
     if exact is not None:
         return {**exact, "basis": f"measured at {exact['items']:,} items ({exact['source']})"}
