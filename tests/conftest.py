@@ -18,6 +18,16 @@ import pytest
 os.environ.setdefault("TOWERANN_BENCH_NO_CEILINGS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _scann_in_process_after_each_test() -> Iterator[None]:
+    """A server opened in this process (server.wiring.open_service) loads ScaNN into helper processes from
+    then on; the next test starts from the in-process default again, as a fresh process would."""
+    yield
+    from towerann.index import scann
+
+    scann.load_in_helper_process(False)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
