@@ -26,6 +26,7 @@ from typing import Any
 
 from towerann.bench.options import add_dim, add_k, add_kind, add_recall
 from towerann.errors import ConfigError
+from towerann.index.vecfile import RERANK_DTYPES, row_format
 
 KINDS = ("ivfpq", "hnsw", "exact", "scann")
 # p50 ~ n^alpha when only one size was measured: ivfpq/scann scan a fixed share of ~sqrt(n) lists of
@@ -41,9 +42,8 @@ FLAG_BYTES = 2 / 8
 MAPPED_TABLE_BYTES = 8 + 16
 HNSW_M = 32
 MODES = ("warm", "cold", "ram")
-RERANK_DTYPES = ("float32", "float16", "int8")
-# A measured recall stands for node sizes up to this many times the run's catalog: recall at a fixed
-# setting falls as a catalog grows, and 10x is where the committed runs saw it fall by ~0.02.
+# A measured recall stands for node sizes up to this many times the run's catalog: recall falls as a
+# catalog grows (the committed PQ16 runs reached recall@100 0.998 at 1M and at most 0.936 at 10M).
 COMPARABLE_SIZE = 2.0
 HEADROOM = 0.7  # share of a node's RAM the index may take (the rest: server, OS, page cache, a swap's second copy)
 UNITS = {  # a size needs one: is "64" 64 GB or 64 bytes?
@@ -70,11 +70,11 @@ def parse_bytes(text: str, flag: str = "--ram-per-node") -> float:
 
 
 def rerank_row_bytes(dim: int, rerank_dtype: str) -> float:
-    """Bytes of one ivfpq re-rank row (index/vecfile.py): float32/float16 per dimension; int8 a byte a
-    dimension and the row's float32 scale."""
+    """Bytes of one ivfpq re-rank row, as index/vecfile.py stores it."""
     if rerank_dtype not in RERANK_DTYPES:
         raise ConfigError(f"--rerank-dtype {rerank_dtype!r}: choose from {', '.join(RERANK_DTYPES)}")
-    return {"float32": 4.0 * dim, "float16": 2.0 * dim, "int8": dim + 4.0}[rerank_dtype]
+    kind, cols = row_format(rerank_dtype, dim)
+    return float(kind.itemsize * cols)
 
 
 def bytes_per_item(
