@@ -34,7 +34,7 @@ def test_the_committed_page_is_what_the_committed_runs_generate() -> None:
 def test_check_fails_naming_the_line_when_a_number_is_edited_by_hand(tmp_path: Path) -> None:
     bench = tmp_path / "bench"
     bench.mkdir()
-    for name in ("ann-1m-shared.json", "pq-1m.json"):
+    for name in ("ann-1m-shared.json", "pq-1m-float32.json"):
         shutil.copy(ROOT / "docs" / "bench" / name, bench / name)
     page = tmp_path / "benchmarks.md"
     assert bench_docs("--bench-dir", bench, "--out", page).returncode == 0
