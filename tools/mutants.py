@@ -513,6 +513,14 @@ MUTANTS: list[Mutant] = [
         tests=("tests/integration/test_deltalog.py",),
     ),
     Mutant(
+        "hidden-items-planned-as-filter",
+        "index/path_choice.py",
+        "    if not filtered and n_qual >= HIDDEN_ONLY_SHARE * n_slots:",
+        "    if False:",
+        "a few hidden items send an unfiltered search down the filter plan: brute force where it says exact",
+        tests=("tests/unit/index/test_hidden_only_mask.py",),
+    ),
+    Mutant(
         "scann-helper-not-restarted",
         "index/scann_process.py",
         "if self._proc is None or self._proc.poll() is not None:",

@@ -558,7 +558,8 @@ class SlotIndex(Index):
         if n_qual == 0:
             ids, scores = padded(len(q), k)
             return SearchResult(ids=ids, scores=scores)
-        path = None if mask is None else path_choice.choose(n_qual, mask.n, k, p)
+        filtered = filter is not None and not filter.empty
+        path = None if mask is None else path_choice.choose(n_qual, mask.n, k, p, filtered, self.filter_paths)
         slots, scores, exact_rows, short_rows = self.run_path(q, k, p, mask, path)
         ids = self._ids.take(slots)
         ids[slots < 0] = -1

@@ -19,7 +19,9 @@ search defaults) is a list of rows [k, max_share, path]: for a query at k (the n
 k at or above it, else the largest) the first row whose max_share is at least the mask's share of
 the slots gives the path. With no table, today's constants decide: exact at most `exact_below`
 (16,384) qualifying items, else the backend's own choice (HNSW: post-filter from 25% up).
-A query whose mask keeps at most k items always goes exact.
+A query whose mask keeps at most k items always goes exact. A mask with no filter (removed or hidden
+items only) keeping at least path_choice.HIDDEN_ONLY_SHARE of the slots takes the unfiltered search
+with those slots dropped ("post", or "filtered" where a backend has no post path), not the plan.
 """
 
 from __future__ import annotations
