@@ -254,7 +254,9 @@ def build_root(
 
 def prepared_root(args: argparse.Namespace, work: Workload, start: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The pristine published root for these settings, built once under --workdir and reused."""
-    key = f"drift-{args.items}-d{args.dim}-{args.kind}-r{args.recall:g}@{args.k}-s{args.seed}"
+    # --new-share is in the key: the catalog is drawn with the new block, so another share is another catalog
+    # (a run at 0.02 reusing the 0.2 bundle measured recall 0.000 against its own exact search).
+    key = f"drift-{args.items}-n{args.new_share:g}-d{args.dim}-{args.kind}-r{args.recall:g}@{args.k}-s{args.seed}"
     if start:
         key += "-start-" + "-".join(f"{k}{v}" for k, v in sorted(start.items()))
     if args.build_params:
