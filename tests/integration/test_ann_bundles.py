@@ -209,7 +209,10 @@ def test_served_candidates_match_exact_search_on_the_library_path(kind: str, ser
 CRIPPLED = {
     "hnsw": {"M": 2, "ef_construction": 4, "ef": 1},
     "ivfpq": {"nlist": 4, "pq_m": 1, "nprobe": 1, "rerank": 0},
-    "scann": {"leaves": 1, "reorder": 100},
+    # 2 leaves of ~55 items (3,000 items, 55 leaves): one leaf holds fewer than k=100, so with one leaf most
+    # rows came up short and went exact, and with a few items unavailable the search now keeps the unfiltered
+    # leaf count (index.path_choice: post), so leaves=1 validated at 0.857 on one CI run and was swapped in.
+    "scann": {"leaves": 2, "reorder": 100},
 }
 
 
