@@ -43,7 +43,7 @@ MAPPED_TABLE_BYTES = 8 + 16
 HNSW_M = 32
 MODES = ("warm", "cold", "ram")
 # A measured recall stands for node sizes up to this many times the run's catalog: recall falls as a
-# catalog grows (the committed PQ16 runs reached recall@100 0.998 at 1M and at most 0.936 at 10M).
+# catalog grows (the committed PQ16 runs reached recall@100 0.987 at 1M and at most 0.936 at 10M).
 COMPARABLE_SIZE = 2.0
 HEADROOM = 0.7  # share of a node's RAM the index may take (the rest: server, OS, page cache, a swap's second copy)
 UNITS = {  # a size needs one: is "64" 64 GB or 64 bytes?

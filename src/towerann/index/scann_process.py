@@ -10,7 +10,7 @@ The C++ destructor of the old searcher holds it too.
 numpy and ScaNN) and forwards the two calls towerann makes, `search` and `search_batched`, over a pair
 of pipes; the parent waits in `os.read`/`os.write`, which release the GIL, so the load, the searches
 and the old searcher's teardown all run beside the requests instead of in front of them. One call at a
-time per process (a lock). Measured at 1M items x 64-d: the helper's load left no gap over 8 ms in the
+time per process (a lock). Measured at 1M items x 128-d: the helper's load left no gap over 8 ms in the
 parent's other threads (in process: one of 450 ms); a search's p50 0.97 against 0.91 ms in process at
 K=100, 1.15 against 1.16 ms at K=1000.
 The child exits when its stdin closes (`close()`, or the parent's death).
