@@ -280,6 +280,10 @@ def server(world: dict[str, Any], free_port: int) -> Iterator[str]:
     log = log_path.open("w")
     cmd = [*TOWERANN, "serve", "--index", str(w["root"]), "--model", str(w["user_model"]), "--workers", "1"]
     cmd += ["--store", "embedded", "--store-path", str(w["work"] / "features.sqlite"), "--port", str(free_port)]
+    # the admin reload is what the test asks for: a CURRENT watcher could swap first and leave it "unchanged"
+    config = w["work"] / f"serve-{free_port}.toml"
+    config.write_text("[freshness]\npoll_s = 0\n")
+    cmd += ["--config", str(config)]
     env = {**os.environ, "TOWERANN_API_TOKEN": TOKEN}
     proc = subprocess.Popen(cmd, cwd=w["work"], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{free_port}"

@@ -5,9 +5,10 @@ Used by `towerann index build`, by bundle publishing (demo, refresh, benchmarks)
 
 "auto" decides by measurement: below AUTO_EXACT_ITEMS brute force; above, with tuning queries, it
 builds each installed candidate backend, tunes it, and keeps the one with the lowest measured p50
-that reaches the target (else the best recall; two within CONTENDER_RATIO of each other are timed
-again in turns, index.interleaved); `index.tuning["auto"]` records every candidate and why the winner
-won. Without queries there is nothing to measure: hnsw, untuned, at UNTUNED_SEARCH's settings.
+that reaches the target (else the best recall): two reaching it are timed again in turns
+(index.interleaved), and the one tried later wins only when it is steadily faster;
+`index.tuning["auto"]` records every candidate and why the winner won. Without queries there is
+nothing to measure: hnsw, untuned, at UNTUNED_SEARCH's settings.
 
 A tuned build also measures its filter plan (`filter_plan.calibrate` on the tuning queries at the
 tuning k and recall), so an index searched as built plans filtered searches as a published bundle
@@ -31,7 +32,7 @@ from towerann.errors import BackendUnavailable, ConfigError
 from towerann.index import SHARDED, backend_class, create
 from towerann.index.base import SlotIndex
 from towerann.index.filter_plan import calibrate
-from towerann.index.interleaved import CONTENDER_RATIO, Contender, in_turns
+from towerann.index.interleaved import Contender, medians, steady_winner, timed_in_turns
 from towerann.index.protocol import COMMON_SEARCH, Index, as_vectors
 from towerann.index.tune import Timer, measured_p50_ms, tune
 
@@ -248,10 +249,10 @@ def _build_fastest(
                 "reached": bool(t.get("reached")) and not t.get("exact_path"),
             }
         )
-        if best is not None and _close(index, best):
-            turns = _head_to_head(index, best, tuning, timer or measured_p50_ms)
+        if best is not None and _both_reached(index, best):
+            turns, challenger_wins = _head_to_head(best, index, tuning, timer or measured_p50_ms)
             report[-1]["head_to_head"] = turns
-            better = turns[index.kind] < turns[best.kind]
+            better = challenger_wins
         else:
             better = best is None or _better(index, best)
         if better:
@@ -262,7 +263,7 @@ def _build_fastest(
         raise BackendUnavailable(f"auto index: none of {', '.join(kinds)} could be built ({report})")
     chosen = next(r for r in report if r["kind"] == best.kind)
     why = (
-        "the lowest measured p50 among the candidates reaching the target (close ones timed in turns)"
+        "the fastest of the candidates reaching the target (timed head to head, in turns)"
         if chosen["reached"]
         else "no candidate reached the target; the best recall"
     )
@@ -276,33 +277,35 @@ def _build_fastest(
     return best
 
 
-def _close(a: Index, b: Index) -> bool:
-    """Both tuned indexes reach the target, their p50s within CONTENDER_RATIO: a timing decides between them."""
-    ta, tb = a.tuning or {}, b.tuning or {}
-    if not all(bool(t.get("reached")) and not t.get("exact_path") and t.get("p50_ms") for t in (ta, tb)):
-        return False
-    slow, fast = max(ta["p50_ms"], tb["p50_ms"]), min(ta["p50_ms"], tb["p50_ms"])
-    return bool(slow <= CONTENDER_RATIO * fast)
+def _both_reached(a: Index, b: Index) -> bool:
+    """Both tuned indexes reach the target off the exact path: a timing decides between them."""
+    return all(
+        bool(t.get("reached")) and not t.get("exact_path") and t.get("p50_ms") for t in (a.tuning or {}, b.tuning or {})
+    )
 
 
-def _head_to_head(a: Index, b: Index, tuning: Tuning, timer: Timer) -> dict[str, float]:
+def _head_to_head(kept: Index, challenger: Index, tuning: Tuning, timer: Timer) -> tuple[dict[str, float], bool]:
     """Each index's p50 (ms) at its tuned setting, the two timed in turns (index.interleaved) on the
-    tuning queries: each was tuned at another moment, and a burst of load in one's turn decided before."""
-    q = as_vectors(tuning.queries, a.dim, "tuning queries")
+    tuning queries (each was tuned at another moment, and a burst of load in one's turn decided before),
+    and whether the challenger wins: it is faster by FASTER_BY (interleaved.steady_winner), so a tie
+    keeps the candidate tried first and three builds of one catalog choose alike."""
+    q = as_vectors(tuning.queries, kept.dim, "tuning queries")
     contenders: list[Contender] = [
-        (ix.kind, (ix.tuning or {}).get("params"), functools.partial(ix.search, k=tuning.k)) for ix in (a, b)
+        (ix.kind, (ix.tuning or {}).get("params"), functools.partial(ix.search, k=tuning.k))
+        for ix in (kept, challenger)
     ]
-    times = in_turns(contenders, q, timer)
-    log.info("auto index: %s %.4f ms vs %s %.4f ms, timed in turns", a.kind, times[0], b.kind, times[1])
-    return {a.kind: round(times[0], 4), b.kind: round(times[1], 4)}
+    rounds = timed_in_turns(contenders, q, timer)
+    times = medians(rounds)
+    log.info("auto index: %s %.4f ms vs %s %.4f ms, timed in turns", kept.kind, times[0], challenger.kind, times[1])
+    turns = {kept.kind: round(times[0], 4), challenger.kind: round(times[1], 4)}
+    return turns, steady_winner(rounds) == 1
 
 
 def _better(a: Index, b: Index) -> bool:
-    """Does tuned index `a` beat `b`: reaching the target beats not; then lower p50 (reaching) or recall."""
+    """Does tuned index `a` beat `b`, when not both reach the target (those are timed head to head):
+    reaching it beats not; else the better recall."""
     ta, tb = a.tuning or {}, b.tuning or {}
     ra, rb = bool(ta.get("reached")) and not ta.get("exact_path"), bool(tb.get("reached")) and not tb.get("exact_path")
     if ra != rb:
         return ra
-    if ra:
-        return float(ta["p50_ms"]) < float(tb["p50_ms"])
     return float(ta.get("recall") or 0) > float(tb.get("recall") or 0)

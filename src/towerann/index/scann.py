@@ -157,8 +157,14 @@ class ScannIndex(SlotIndex):
         if n >= MIN_TREE and self.dim % 2 == 0:
             leaves = default_leaves(n, p["num_leaves"])
             search_leaves = max(1, leaves // 5)  # 20%: user-tower queries sit between clusters
+            # k-means++ seeding: the default random seeding is drawn afresh each build, so two builds of
+            # one catalog measured recall 0.949 and 0.956 at one setting and tuned apart; this one is
+            # the same every build (1M items: 24 s instead of 17 s).
             builder = builder.tree(
-                num_leaves=leaves, num_leaves_to_search=search_leaves, training_sample_size=min(n, p["train_sample"])
+                num_leaves=leaves,
+                num_leaves_to_search=search_leaves,
+                training_sample_size=min(n, p["train_sample"]),
+                random_init=False,
             )
             builder = builder.score_ah(2, anisotropic_quantization_threshold=p["quantization_threshold"])
             if self._rerank == RERANK_SCANN:  # the layout before (kept to build one for the tests)

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import BadRequest
-from towerann.index.interleaved import CONTENDER_RATIO, Contender, in_turns
+from towerann.index.interleaved import CONTENDER_RATIO, Contender, medians, steady_winner, timed_in_turns
 from towerann.index.protocol import Index, as_vectors
 from towerann.index.recall import recall_at_k as recall_at_k  # re-exported: callers import it from here
 
@@ -100,8 +100,10 @@ def _retime_contenders(
     timer: Timer,
 ) -> tuple[dict[str, Any], float]:
     """The settings reaching the target within CONTENDER_RATIO of the best p50 (and exact search, when it
-    is within twice the best: the `pays` line) timed again in turns (index.interleaved); returns the best
-    setting and the exact p50 by those timings. The points' p50_ms become the in-turns medians."""
+    is within twice the best: the `pays` line) timed again in turns (index.interleaved); returns the
+    setting kept and the exact p50 by those timings: the least work of them (the first in the sweep)
+    unless another is faster by FASTER_BY (interleaved.steady_winner). The points' p50_ms become the
+    in-turns medians."""
     near = [
         p
         for p in curve
@@ -115,11 +117,12 @@ def _retime_contenders(
     ]
     if with_exact:
         contenders.append(("exact", None, lambda x: ground.exact_search(x, k)))
-    times = in_turns(contenders, q, timer)
+    rounds = timed_in_turns(contenders, q, timer)
+    times = medians(rounds)
     for p, t in zip(near, times):
         p["p50_ms"], p["timed_in_turns"] = round(t, 4), True
     log.info("tune %s: %d contenders timed in turns: %s", index.kind, len(times), times)
-    return min(near, key=lambda p: p["p50_ms"]), times[-1] if with_exact else exact_ms
+    return near[steady_winner(rounds[:, : len(near)])], times[-1] if with_exact else exact_ms
 
 
 def tune(
@@ -133,7 +136,8 @@ def tune(
     timer: Timer | None = None,
 ) -> dict[str, Any]:
     """Measure the backend's search settings (cheap -> expensive by estimated work) and keep the one
-    with the lowest measured one-query p50 among those reaching `target_recall`.
+    with the lowest measured one-query p50 among those reaching `target_recall` (settings near it are
+    timed again in turns, and the least work of them is kept unless another is steadily faster).
 
     A setting is never chosen when any of its rows fell back to exact search (the library came up
     short: that is brute force, not ANN recall) or when it is slower than exact search itself. The
