@@ -55,7 +55,7 @@ $(FEAST_VENV)/.installed: pyproject.toml
 # there anyway; run `tools/mutants.py` without it to check the selections first. A kill still counts
 # only when the killing test passes unmutated (the tool re-runs it). The budget bounds CI's run: a
 # mutant not started within it is "not run", which fails the run.
-MUTANTS_BUDGET_S ?= 600
+MUTANTS_BUDGET_S ?= 900
 mutants: setup redis
 	$(VENV)/bin/python tools/mutants.py --no-baseline --budget-s $(MUTANTS_BUDGET_S) --timeout 180
 

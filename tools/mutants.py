@@ -427,8 +427,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "write-forgets-seq",
         "freshness/live.py",
-        "lambda: b.upsert(clean, vectors, last)",
-        "lambda: b.upsert(clean, vectors)",
+        "b.upsert(rows[s:e], vectors[s:e], entries[e - 1].seq)",
+        "b.upsert(rows[s:e], vectors[s:e])",
         "a live write does not advance the bundle's place in the log",
         select="in_python",
         tests=("tests/integration/test_freshness.py",),
@@ -493,6 +493,22 @@ MUTANTS: list[Mutant] = [
         "        pass\n",
         "index build tunes unfiltered search but measures no filter plan (filters lose recall on that path)",
         tests=("tests/unit/index/test_build_filter_plan.py",),
+    ),
+    Mutant(
+        "write-applied-whole",
+        "freshness/live.py",
+        "            end = min(len(rows), start + size)\n",
+        "            end = len(rows)\n",
+        "a live upsert holds the event loop for its whole batch (searches wait for every row of it)",
+        tests=("tests/unit/serving/test_write_slices.py",),
+    ),
+    Mutant(
+        "hnsw-no-room-after-load",
+        "index/hnsw.py",
+        "        self._room_to_grow()\n",
+        "",
+        "a loaded HNSW graph is exactly full: its first live add copies the whole graph on the event loop",
+        tests=("tests/unit/index/test_hnsw_room.py",),
     ),
     Mutant(
         "deltalog-sync-off",

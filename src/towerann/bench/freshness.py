@@ -39,18 +39,36 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def host_sample(pid: int) -> list[float]:
+    """What a stall may come from, now: the process's major page faults so far (a page it maps read
+    back from disk), the machine's runnable tasks, and its dirty and under-writeback page cache (MiB)."""
+    majflt = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[9])
+    running = next(
+        int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("procs_running")
+    )
+    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    return [majflt, running, round(mem["Dirty"] / 1024, 1), round(mem["Writeback"] / 1024, 1)]
+
+
+HOST_FIELDS = ["unix_s", "majflt", "procs_running", "dirty_mb", "writeback_mb"]
+
+
 class RssSampler:
-    """A thread sampling a process's RSS (MiB) every `every_s` into `samples` [(unix s, MiB)], until stop()."""
+    """A thread sampling a process's RSS (MiB) every `every_s` into `samples` [(unix s, MiB)], and beside
+    it `host` [unix s, *host_sample], until stop()."""
 
     def __init__(self, pid: int, every_s: float):
         self.pid, self.every_s = pid, every_s
         self.samples: list[tuple[float, float]] = []
+        self.host: list[list[float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), rss_mb(self.pid)[0]))
+            now = time.time()
+            self.samples.append((now, rss_mb(self.pid)[0]))
+            self.host.append([round(now, 2), *host_sample(self.pid)])
             time.sleep(self.every_s)
 
     def start(self) -> RssSampler:
@@ -345,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     result["rss_timeline"] = [[round(t, 2), round(m, 1)] for t, m in rss]
+    result["host_timeline"] = {"fields": HOST_FIELDS, "rows": sampler.host}
     result["timeline"] = tl
     json_path, png_path = write_report(args.out, f"freshness-{args.items}-{args.kind}", result, _plot(result))
     print(f"wrote {json_path} and {png_path}")

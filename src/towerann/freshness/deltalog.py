@@ -52,7 +52,7 @@ class DeltaEntry:
 
 
 class DeltaLog(Protocol):
-    does_io: bool  # calls may wait on the network (then the HTTP app makes them off its event loop)
+    does_io: bool  # calls may wait on the network (the HTTP app then checks available() before a write)
     where: str  # what and where it is, for messages (no credentials)
 
     def identity(self) -> tuple[str, str | None]: ...  # (this log's id, the id of the index root it belongs to)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,14 @@ ApplyOn = Callable[[Callable[[], object]], None]
 
 def apply_here(change: Callable[[], object]) -> None:
     change()
+
+
+# An upsert reaches the served index a slice of rows at a time, each one change of its own (apply_on),
+# sized so that one holds the loop about this long: searches run between two slices. Applied whole, 50
+# items added to a 1M-item HNSW graph held it ~30 ms (0.5 ms an item), and the drift benchmark's live
+# ingest (1,000 items/s) put its per-second p99 at a median 66 ms.
+SLICE_S = 0.002
+FIRST_SLICE = 4  # rows in the first slice; the next ones are sized from the time it took
 
 
 # An item row's vector on a vectors-only bundle (the item is its vector: there is no item tower).
@@ -285,8 +294,28 @@ class ItemWriter:
             vectors = row_vectors(b, clean)  # before logging: a row the tower cannot take is refused, not logged
             entries = self.delta.append_many([("upsert", r["item_id"], r) for r in clean])
             last = entries[-1].seq
-            self._apply_own(b, entries[0].seq, last, lambda: b.upsert(clean, vectors, last), apply_on)
+            self._apply_own(b, entries[0].seq, last, self._upsert_slices(b, clean, vectors, entries), apply_on)
         return {"upserted": len(clean), "seq": last, "index_version": b.version}
+
+    @staticmethod
+    def _upsert_slices(
+        b: RetrievalBundle, rows: list[dict[str, Any]], vectors: np.ndarray, entries: list[DeltaEntry]
+    ) -> Iterator[Callable[[], object]]:
+        """The upsert of `rows` as changes of a slice of rows each (SLICE_S), in order; each advances the
+        bundle's delta_seq to its last row's entry."""
+        start, size = 0, FIRST_SLICE
+        while start < len(rows):
+            end = min(len(rows), start + size)
+            took = [0.0]
+
+            def change(s: int = start, e: int = end, took: list[float] = took) -> None:
+                t0 = time.perf_counter()
+                b.upsert(rows[s:e], vectors[s:e], entries[e - 1].seq)
+                took[0] = time.perf_counter() - t0
+
+            yield change
+            size = max(1, min(4 * size, round(size * SLICE_S / max(took[0], 1e-6))))
+            start = end
 
     def set_available(self, item_id: str, available: bool, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         if not isinstance(available, bool):
@@ -294,14 +323,14 @@ class ItemWriter:
         with self.lock:
             b = self._known(item_id, apply_on)
             seq = self.delta.append("available", item_id, {"available": available}).seq
-            self._apply_own(b, seq, seq, lambda: b.set_available(item_id, available, seq), apply_on)
+            self._apply_own(b, seq, seq, [lambda: b.set_available(item_id, available, seq)], apply_on)
         return {"item_id": item_id, "available": available, "seq": seq}
 
     def delete(self, item_id: str, apply_on: ApplyOn = apply_here) -> dict[str, Any]:
         with self.lock:
             b = self._known(item_id, apply_on)
             seq = self.delta.append("delete", item_id, {}).seq
-            self._apply_own(b, seq, seq, lambda: b.remove(item_id, seq), apply_on)
+            self._apply_own(b, seq, seq, [lambda: b.remove(item_id, seq)], apply_on)
         return {"item_id": item_id, "deleted": True, "seq": seq}
 
     def catch_up(self, apply_on: ApplyOn = apply_here) -> int:
@@ -325,17 +354,16 @@ class ItemWriter:
         return b
 
     def _apply_own(
-        self, b: RetrievalBundle, first: int, last: int, own: Callable[[], object], apply_on: ApplyOn
+        self, b: RetrievalBundle, first: int, last: int, own: Iterable[Callable[[], object]], apply_on: ApplyOn
     ) -> None:
-        """Apply our logged entries (seqs first..last) after those the other processes logged before
-        them, then say so (on_written), all before the write is acknowledged."""
+        """Apply our logged entries (seqs first..last; `own`: their changes, one apply_on each) after
+        those the other processes logged before them, then say so (on_written), all before the write is
+        acknowledged."""
         before = [e for e in self.delta.since(b.delta_seq) if e.seq < first] if self.shared else []
-
-        def change() -> None:
-            apply_entries(b, before)
-            own()
-
-        apply_on(change)
+        if before:
+            apply_on(lambda: apply_entries(b, before))
+        for change in own:
+            apply_on(change)
         if self.on_written is not None:
             self.on_written(last)
 

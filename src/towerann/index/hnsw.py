@@ -219,6 +219,19 @@ class HNSWIndex(SlotIndex):
                 self._ix.add(vectors[s : s + ADD_CHUNK])
         self._huge_pages(collapse=build)  # a live write must not wait for the collapse
 
+    def _room_to_grow(self) -> None:
+        """Give the loaded graph's buffers room for as many items again, now, before it serves: read from
+        a file they are exactly full, so the first live add reallocated and copied them all (vectors and
+        links) on the event loop: 0.3-1.3 s at 1M items. One element more makes the C++ vector double
+        its capacity (libstdc++); the room is address space until an add writes there."""
+        storage = faiss.downcast_index(self._ix.storage)
+        hnsw = self._ix.hnsw
+        for vec in (getattr(storage, "codes", None), hnsw.neighbors, hnsw.levels, hnsw.offsets):  # type: ignore[attr-defined]
+            if vec is not None and vec.size():
+                size = vec.size()
+                vec.resize(size + 1)
+                vec.resize(size)
+
     def _huge_pages(self, collapse: bool) -> int:
         return sum(huge_pages(buf, collapse) for buf in self.buffers())
 
@@ -305,6 +318,7 @@ class HNSWIndex(SlotIndex):
                 f"{ix.d}; the manifest says HNSW with {self.n_slots} x {self.dim}"
             )
         self._ix = ix
+        self._room_to_grow()
         self._huge_pages(collapse=True)
         if self._partitions is not None:
             self._partitions.load(directory, state.get("partitions"))

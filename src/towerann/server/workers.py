@@ -405,7 +405,7 @@ class Peers:
 
     def __init__(self, svc: Service, acked: Any, index: int):
         self.svc, self.acked, self.index = svc, acked, index
-        self.write_pool: Any = None  # the app's write thread (a Redis log); None: apply on the loop
+        self.write_pool: Any = None  # the app's write thread; None (no app): apply on the loop
         self._running: asyncio.Task | None = None
         self._failing = False
         svc.writer.on_written = self.written
@@ -444,9 +444,9 @@ class Peers:
 
         writer, loop = self.svc.writer, asyncio.get_running_loop()
         try:
-            if self.write_pool is None:  # a local log (SQLite): read on the loop, as local writes are
+            if self.write_pool is None:
                 writer.catch_up()
-            elif writer.delta.available():  # Redis: read in the write thread, only the change on the loop
+            elif writer.delta.available():  # read in the write thread, only the change on the loop
                 await loop.run_in_executor(self.write_pool, functools.partial(writer.catch_up, apply_on=on_loop(loop)))
             else:
                 return

@@ -836,14 +836,11 @@ def _add_write_routes(app: FastAPI, api: ApiCore) -> None:
     PathItemId = Annotated[
         str, Path(min_length=1, max_length=retriever.max_id_length, description="the catalog's item id")
     ]
-    # A delta log on the network (Redis): its writes run in one worker thread, so a hung Redis holds
-    # only that write, never the loop; the index change itself runs on the loop (apply_on), where
-    # no search can overlap it, so searches never wait on the log.
-    write_pool = (
-        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="towerann-write")
-        if getattr(delta, "does_io", False)
-        else None
-    )
+    # Item writes run in one worker thread: their checks, the item tower and the delta log's append
+    # (a round trip to Redis, which may hang; an fsync on SQLite) never hold the loop. Only the index
+    # change runs on the loop (apply_on), where no search can overlap it, a slice at a time
+    # (freshness.live.SLICE_S), so searches wait neither on the log nor on a whole batch.
+    write_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="towerann-write")
     app.state.write_pool = write_pool
 
     async def authorize(request: Request) -> None:
@@ -856,9 +853,7 @@ def _add_write_routes(app: FastAPI, api: ApiCore) -> None:
         check_bearer(api.token, request.headers.get("authorization", ""))
 
     async def write(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-        if write_pool is None:
-            return fn(*args)  # a local delta log (SQLite): on the loop, as searches are
-        if not delta.available():
+        if getattr(delta, "does_io", False) and not delta.available():
             raise BackendUnavailable(
                 "the delta log's Redis is unavailable (it failed a moment ago); nothing was written: retry later"
             )
