@@ -476,7 +476,7 @@ MUTANTS: list[Mutant] = [
         "        return bool(self.missing_shards)",
         "        return False",
         "a sharded answer without some shards does not say partial (HTTP, client, metrics)",
-        tests=("tests/integration/test_serve_ray.py",),
+        tests=("tests/unit/serving/test_candidates_body.py", "tests/integration/test_serve_ray.py"),
     ),
     Mutant(
         "plan-no-recall-gate",

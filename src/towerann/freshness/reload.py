@@ -17,8 +17,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from towerann.errors import TowerannError
 from towerann.freshness.live import ItemWriter, replay
 from towerann.index.snapshot import current_version
 from towerann.serving.bundle import RetrievalBundle
-from towerann.serving.monitor import lower_this_threads_priority
+from towerann.serving.monitor import background_manners, lower_this_threads_priority
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +59,6 @@ def validation_recall(bundle: RetrievalBundle, n: int = VALIDATION_QUERIES, k: i
     # and partition indexes beside the bundle being served.
     truth = np.concatenate([bundle.index.exact_search(q[s : s + 4], k).ids for s in range(0, len(q), 4)])
     return recall_at_k(bundle.index.search(q, k).ids, truth)
-
-
-@contextmanager
-def _background_manners(seconds: float = 0.0005) -> Iterator[None]:
-    """While a bundle loads, validates and replays in the background: hand the GIL back to the
-    request loop every 0.5 ms instead of every 5 ms, and keep BLAS / OpenMP to one thread, so the
-    requests being served keep a core and the GIL."""
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    before, omp = sys.getswitchinterval(), faiss.omp_get_max_threads()
-    sys.setswitchinterval(seconds)
-    faiss.omp_set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        faiss.omp_set_num_threads(omp)
-        sys.setswitchinterval(before)
 
 
 def release_when_unused(old: RetrievalBundle, wait_s: float = 5.0) -> int:
@@ -176,7 +156,7 @@ class Reloader:
         return info[0]
 
     def _reload(self, reason: str) -> dict[str, Any]:
-        with self._reload_lock, _background_manners():
+        with self._reload_lock, background_manners():
             t0 = time.perf_counter()
             version = "?"
             served = self.writer.holder.current().version if self.writer.holder.ready else None

@@ -42,12 +42,13 @@ import logging
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,38 @@ def recall_of(found: np.ndarray, truth: np.ndarray) -> float | None:
     if len(t) == 0:
         return None
     return len(np.intersect1d(found[found >= 0], t)) / len(t)
+
+
+_manners_lock = threading.Lock()
+_manners_users = 0
+_manners_before: tuple[float, int] = (0.005, 1)
+
+
+@contextmanager
+def background_manners(switch_s: float = 0.0005) -> Iterator[None]:
+    """While background work (a bundle's load, validation and replay; a live re-tune) runs beside the
+    requests: hand the GIL back every 0.5 ms instead of every 5 ms, and keep BLAS and OpenMP to one
+    thread, so the requests being served keep a core and the GIL. Both settings are the process's:
+    the first of overlapping users sets them, the last one out puts them back."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    global _manners_users, _manners_before
+    with _manners_lock:
+        if _manners_users == 0:
+            _manners_before = (sys.getswitchinterval(), faiss.omp_get_max_threads())
+            sys.setswitchinterval(switch_s)
+            faiss.omp_set_num_threads(1)
+        _manners_users += 1
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        with _manners_lock:
+            _manners_users -= 1
+            if _manners_users == 0:
+                sys.setswitchinterval(_manners_before[0])
+                faiss.omp_set_num_threads(_manners_before[1])
 
 
 def lower_this_threads_priority(nice: int) -> None:

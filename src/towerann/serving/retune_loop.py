@@ -12,8 +12,9 @@ the bound is under the bundle's own tuned target (its manifest's tuning.target),
 below what the bundle promised and a re-tune starts. Filtered requests are left out of the judgement: their
 recall depends on the filter plan as much as on the setting.
 
-What a re-tune does, on one background thread at nice 19 with faiss on one thread while it runs (so it
-takes at most one core, and the request threads come first): it loads the served version again from its
+What a re-tune does, on one background thread at nice 19 with faiss and BLAS on one thread and the GIL
+handed back every 0.5 ms while it runs (monitor.background_manners: it takes at most one core, and the
+request threads come first): it loads the served version again from its
 directory (a second copy of the index while it runs, as a reload holds two; ivfpq's vectors stay mapped
 from the file); splits the reservoir (every writer's under the root, of the served model; each query used
 unfiltered, its filter ignored) into a tuning part and a held-out part ([retune] holdout); tunes to
@@ -59,9 +60,9 @@ import numpy as np
 from towerann.config import Config, RetuneConfig
 from towerann.index.recall import recall_at_k
 from towerann.index.snapshot import load_snapshot, republish
-from towerann.index.tune import single_threaded, tune
+from towerann.index.tune import tune
 from towerann.serving.holder import BundleHolder
-from towerann.serving.monitor import LiveQueries, RecallMonitor, lower_this_threads_priority
+from towerann.serving.monitor import LiveQueries, RecallMonitor, background_manners, lower_this_threads_priority
 
 __all__ = ["OUTCOMES", "RetuneLoop", "attach", "upper_bound"]
 
@@ -415,7 +416,7 @@ class RetuneLoop:
         n_hold = max(1, round(s.holdout * len(queries)))
         held, tuning_part = queries[order[:n_hold]], queries[order[n_hold:]]
         source = b.path
-        with single_threaded(), _quiet_tuner():
+        with background_manners(), _quiet_tuner():
             copy = load_snapshot(source, verify=False)  # its own copy: no lock against live item writes
             for key in (copy.tuning or {}).get("params", {}):
                 copy.search_defaults.pop(key, None)  # the old tuned setting goes; explicit settings stay
