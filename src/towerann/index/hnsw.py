@@ -41,6 +41,18 @@ from towerann.index.value_partitions import DEFAULT_MIN_ITEMS, Partitions
 
 log = logging.getLogger(__name__)
 
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 ADD_CHUNK = 50_000  # rows per add call of an incremental add, for progress reporting
 # Masks that keep at least this share of the slots are applied after an unbounded beam search
 # (see _walk); narrower ones go into the graph walk as a bitmap selector.
@@ -223,10 +235,23 @@ class HNSWIndex(SlotIndex):
         """Give the loaded graph's buffers room for as many items again, now, before it serves: read from
         a file they are exactly full, so the first live add reallocated and copied them all (vectors and
         links) on the event loop: 0.3-1.3 s at 1M items. One element more makes the C++ vector double
-        its capacity (libstdc++); the room is address space until an add writes there."""
+        its capacity (libstdc++); the room is address space until an add writes there, but the copy
+        holds the graph twice for a moment, beside the bundle still served during a swap: skipped (and
+        said) when that is more than a quarter of the memory available."""
         storage = faiss.downcast_index(self._ix.storage)
         hnsw = self._ix.hnsw
-        for vec in (getattr(storage, "codes", None), hnsw.neighbors, hnsw.levels, hnsw.offsets):  # type: ignore[attr-defined]
+        vecs = [getattr(storage, "codes", None), hnsw.neighbors, hnsw.levels, hnsw.offsets]  # type: ignore[attr-defined]
+        graph_bytes = sum(buf.nbytes for buf in self.buffers())
+        available = available_memory_bytes()
+        if available is not None and graph_bytes > available / 4:
+            log.info(
+                "hnsw: no room reserved for live adds (%.1f GB graph, %.1f GB available): the first add after "
+                "this load copies the graph",
+                graph_bytes / 1e9,
+                available / 1e9,
+            )
+            return
+        for vec in vecs:
             if vec is not None and vec.size():
                 size = vec.size()
                 vec.resize(size + 1)
