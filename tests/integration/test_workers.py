@@ -375,13 +375,16 @@ def test_each_worker_keeps_and_saves_its_own_reservoir_of_live_queries(
     root = tmp_path / "indexes"
     shutil.copytree(bundle_paths["index"], root)
     shutil.rmtree(root / LIVE_QUERIES, ignore_errors=True)
+    # A Redis db of its own: db 0's delta log is bound to the root of an earlier test of this module, and a
+    # copy of a session root that was never served gets an id of its own (refused: another root's log).
+    own_db = redis_url.rsplit("/", 1)[0] + "/3"
     toml = tmp_path / "serve.toml"
     toml.write_text(
-        f'[paths]\nindex = "{root}"\n[features]\nstore = "{redis_url}"\n[freshness]\nadopt_log = true\n'
+        f'[paths]\nindex = "{root}"\n[features]\nstore = "{own_db}"\n[freshness]\nadopt_log = true\n'
         "[monitor]\nsample = 1.0\nmax_busy = 1.0\nqueue = 1024\nreservoir = 100\nreservoir_save_s = 0\n"
     )
     dim = RetrievalBundle.load(root).index.dim
-    handle = start_subprocess(root, redis_url, config=toml, workers=2, env={"TOWERANN_API_TOKEN": TOKEN})
+    handle = start_subprocess(root, own_db, config=toml, workers=2, env={"TOWERANN_API_TOKEN": TOKEN})
     rng = np.random.default_rng(2)
     sent: dict[str, np.ndarray] = {}
     try:
