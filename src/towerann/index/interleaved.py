@@ -21,10 +21,11 @@ ROUNDS = 5  # rounds of turns; the median over them is kept
 # (a setting further off is not turned around by a burst that a median over its queries survived).
 CONTENDER_RATIO = 1.5
 # A contender replaces the one kept only when it is faster by this share, paired round by round: the
-# host's speed drifts (one HNSW search: 0.14-0.24 ms from one second to the next on an idle 2-core
-# machine, CPU time alike), so two settings a few percent apart swap places between rounds; on lower
-# medians alone two builds of one 30k catalog tuned ScaNN to 12 and 24 leaves (a CI run). Within a
-# round the two are timed back to back, and the ratio of those times drifts far less.
+# host's speed drifts (one HNSW setting's median over 200 queries: 0.14-0.24 ms from one run to the
+# next on this 2-core machine, with 0-2 busy processes beside it, CPU time alike), so two settings a
+# few percent apart swap places between rounds; on lower medians alone two builds of one 30k catalog
+# tuned ScaNN to 12 and 24 leaves (a CI run). Within a round the two are timed back to back, and the
+# ratio of those times drifts far less.
 FASTER_BY = 0.05
 
 # (kind, params, search): what index.tune's Timer is called with, less the queries
@@ -46,13 +47,6 @@ def timed_in_turns(
             kind, params, search = contenders[i]
             per_round[r, i] = timer(kind, params, search, queries)
     return per_round
-
-
-def in_turns(
-    contenders: list[Contender], queries: np.ndarray, timer: Callable[..., float], rounds: int = ROUNDS
-) -> list[float]:
-    """Median over `rounds` of each contender's p50 (ms), timed in turns (timed_in_turns)."""
-    return medians(timed_in_turns(contenders, queries, timer, rounds))
 
 
 def medians(per_round: np.ndarray) -> list[float]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from towerann.index.build import Tuning, build_index
-from towerann.index.interleaved import in_turns
+from towerann.index.interleaved import medians, timed_in_turns
 
 N, D, K = 30_000, 32, 100
 
@@ -61,7 +61,8 @@ def test_in_turns_times_every_contender_every_round_and_keeps_the_median() -> No
         calls.append(kind)
         return next(slow_first) if kind == "a" else 2.0
 
-    times = in_turns([("a", None, lambda q: q), ("b", None, lambda q: q)], np.zeros((1, 2)), timer, rounds=5)
+    rounds = timed_in_turns([("a", None, lambda q: q), ("b", None, lambda q: q)], np.zeros((1, 2)), timer, rounds=5)
+    times = medians(rounds)
     assert times == [1.0, 2.0]
     assert calls.count("a") == calls.count("b") == 5
     assert calls[:2] == ["a", "b"] and calls[2:4] == ["b", "a"]  # each round starts with the next one
