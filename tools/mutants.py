@@ -169,6 +169,21 @@ MUTANTS: list[Mutant] = [
         select="hnsw",
     ),
     Mutant(
+        "hnsw-walk-params-of-first-ef",
+        "index/hnsw.py",
+        "p = self._unmasked_params.get(ef)",
+        "p = next(iter(self._unmasked_params.values()), None)",
+        "HNSW's unmasked walk reuses the search parameters made for the first ef it saw, at every ef",
+        select="hnsw",
+    ),
+    Mutant(
+        "ids-take-fresh-build-unclipped",
+        "index/base.py",
+        'ids: np.ndarray = self.tail.data.take(slots, mode="clip")',
+        "ids: np.ndarray = self.tail.data.take(np.abs(slots) // 2)",
+        "a fresh build maps result slots to the wrong item ids",
+    ),
+    Mutant(
         "hnsw-filter-ef-not-widened",
         "index/hnsw.py",
         "ef = min(math.ceil(ef * len(mask.bits) / max(mask.count, 1)), 4 * ef)",

@@ -6,7 +6,9 @@ Used by `towerann index build`, by bundle publishing (demo, refresh, benchmarks)
 "auto" decides by measurement: below AUTO_EXACT_ITEMS brute force; above, with tuning queries, it
 builds each installed candidate backend, tunes it, and keeps the one with the lowest measured p50
 that reaches the target (else the best recall): two reaching it are timed again in turns
-(index.interleaved), and the one tried later wins only when it is steadily faster;
+(index.interleaved), and the one tried later wins only when it is steadily faster. A candidate that
+reaches the target but does not pay (index.tune.PAYS_RATIO: p50 under 0.8x exact search's) is
+dropped, and when every one reaching it is dropped, auto builds brute force;
 `index.tuning["auto"]` records every candidate and why the winner won. Without queries there is
 nothing to measure: hnsw, untuned, at UNTUNED_SEARCH's settings.
 
@@ -34,7 +36,7 @@ from towerann.index.base import SlotIndex
 from towerann.index.filter_plan import calibrate
 from towerann.index.interleaved import Contender, medians, steady_winner, timed_in_turns
 from towerann.index.protocol import COMMON_SEARCH, Index, as_vectors
-from towerann.index.tune import Timer, measured_p50_ms, tune
+from towerann.index.tune import PAYS_RATIO, Timer, measured_p50_ms, not_paying, tune
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,8 @@ def build_index(
         best = _build_fastest(
             v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds, auto_budget_s, timer
         )
+        if best.kind == "exact":
+            return best
         if calibrate_filters:  # the winner only: a losing candidate's plan would be measured for nothing
             _calibrate(best, v, tuning, filter_k, split_params(best.kind, _accepted(best.kind, dict(params or {})))[1])
         return best
@@ -247,8 +251,12 @@ def _build_fastest(
                 "recall": t.get("recall"),
                 "p50_ms": t.get("p50_ms"),
                 "reached": bool(t.get("reached")) and not t.get("exact_path"),
+                "pays": t.get("pays"),
+                "exact_p50_ms": t.get("exact_p50_ms"),
             }
         )
+        if report[-1]["reached"] and not _serves(t):
+            report[-1]["dropped"] = not_paying(t, kind)
         if best is not None and _both_reached(index, best):
             turns, challenger_wins = _head_to_head(best, index, tuning, timer or measured_p50_ms)
             report[-1]["head_to_head"] = turns
@@ -261,27 +269,35 @@ def _build_fastest(
         gc.collect()  # a losing candidate's memory goes before the next one is built
     if best is None:
         raise BackendUnavailable(f"auto index: none of {', '.join(kinds)} could be built ({report})")
-    chosen = next(r for r in report if r["kind"] == best.kind)
-    why = (
-        "the fastest of the candidates reaching the target (timed head to head, in turns)"
-        if chosen["reached"]
-        else "no candidate reached the target; the best recall"
-    )
+    if not _serves(best.tuning or {}) and any(r.get("dropped") for r in report):
+        best = None  # the dropped candidate's memory goes first
+        gc.collect()
+        best = build_index(vectors, ids, categories, available, kind="exact", tuning=tuning, metric=metric)
+        why = f"no candidate reached the target under {PAYS_RATIO:g}x exact search's time; exact always reaches it"
+    elif next(r for r in report if r["kind"] == best.kind)["reached"]:
+        why = "the fastest of the candidates reaching the target"
+        if any("head_to_head" in r for r in report):
+            why += " (timed head to head, in turns)"
+    else:
+        why = "no candidate reached the target; the best recall"
     best.tuning = {**(best.tuning or {}), "auto": {"chosen": best.kind, "why": why, "candidates": report}}
     log.warning(
         "auto index: %s (%s); candidates %s",
         best.kind,
         why,
-        [(r["kind"], r.get("recall"), r.get("p50_ms")) for r in report],
+        [(r["kind"], r.get("recall"), r.get("p50_ms"), r.get("exact_p50_ms")) for r in report],
     )
     return best
 
 
+def _serves(t: dict[str, Any]) -> bool:
+    """A tuning record auto may keep: the target reached off the exact path, by a setting that pays."""
+    return bool(t.get("reached")) and not t.get("exact_path") and t.get("pays") is not False
+
+
 def _both_reached(a: Index, b: Index) -> bool:
-    """Both tuned indexes reach the target off the exact path: a timing decides between them."""
-    return all(
-        bool(t.get("reached")) and not t.get("exact_path") and t.get("p50_ms") for t in (a.tuning or {}, b.tuning or {})
-    )
+    """Both tuned indexes reach the target off the exact path, and pay: a timing decides between them."""
+    return all(_serves(t) and t.get("p50_ms") for t in (a.tuning or {}, b.tuning or {}))
 
 
 def _head_to_head(kept: Index, challenger: Index, tuning: Tuning, timer: Timer) -> tuple[dict[str, float], bool]:
@@ -302,10 +318,10 @@ def _head_to_head(kept: Index, challenger: Index, tuning: Tuning, timer: Timer) 
 
 
 def _better(a: Index, b: Index) -> bool:
-    """Does tuned index `a` beat `b`, when not both reach the target (those are timed head to head):
-    reaching it beats not; else the better recall."""
+    """Does tuned index `a` beat `b`, when not both reach the target and pay (those are timed head to
+    head): reaching it and paying beats not; else the better recall."""
     ta, tb = a.tuning or {}, b.tuning or {}
-    ra, rb = bool(ta.get("reached")) and not ta.get("exact_path"), bool(tb.get("reached")) and not tb.get("exact_path")
+    ra, rb = _serves(ta), _serves(tb)
     if ra != rb:
         return ra
     return float(ta.get("recall") or 0) > float(tb.get("recall") or 0)

@@ -28,9 +28,9 @@ LATENCY_QUERIES = 50  # one-query searches timed per setting
 
 
 TRUTH_SCORES = 1 << 26  # query x item scores of one ground-truth block (256 MB of float32)
-# A tuned setting pays only when its p50 is under this fraction of exact search's (the filter planner's
-# EXACT_MARGIN too): above it, an ANN index buys a recall loss and a build for no time saved (ivfpq at
-# recall 0.95, k 1000 over 300k items tuned to 8.00 ms against exact's 8.04).
+# A tuned setting pays only when its p50 is under this fraction of exact search's: above it, an ANN index
+# buys a recall loss, a build and its memory for little time saved (ivfpq at recall 0.95, k 1000 over
+# 300k items tuned to 8.00 ms against exact's 8.04). `auto` drops a kind that does not pay.
 PAYS_RATIO = 0.8
 
 

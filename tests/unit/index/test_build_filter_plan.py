@@ -238,3 +238,54 @@ def test_auto_measures_the_winners_plan(world: dict[str, Any], fixed_tuner_costs
     assert ix.kind == "hnsw" and ix.tuning is not None and ix.tuning["auto"]["chosen"] == "hnsw"
     assert ix.filter_calibration is not None and ix.search_defaults["filter_plan"]
     assert ix.search_defaults["exact_below"] == 100  # an explicit search param wins over the plan's 0
+
+
+def costs_by_kind(ratios: dict[str, float]) -> Any:
+    """A tuner stopwatch (index.tune.Timer): exact search 1 ms, every setting of a kind `ratios[kind]` ms."""
+
+    def timer(kind: str, params: dict[str, Any] | None, search: Any, queries: np.ndarray) -> float:
+        search(queries[:1])  # the search it stands for still runs
+        return 1.0 if params is None else ratios[kind]
+
+    return timer
+
+
+def test_auto_drops_a_kind_that_does_not_pay(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """hnsw at 0.9x exact search's time reaches the target but does not pay (PAYS_RATIO 0.8): dropped,
+    and ivfpq, at a fifth, is kept although tried second."""
+    monkeypatch.setattr("towerann.index.tune.measured_p50_ms", costs_by_kind({"hnsw": 0.9, "ivfpq": 0.2}))
+    cat = world["cat"]
+    ix = build_index(
+        cat.vectors,
+        np.arange(N, dtype=np.int64),
+        kind="auto",
+        params={"M": 8, "nlist": 16},
+        tuning=Tuning(cat.queries, K, 0.8),
+        auto_kinds=("hnsw", "ivfpq"),
+        auto_exact_items=1000,
+        calibrate_filters=False,
+    )
+    report = {r["kind"]: r for r in ix.tuning["auto"]["candidates"]}
+    assert report["hnsw"]["reached"] and report["hnsw"]["pays"] is False
+    assert report["hnsw"]["dropped"] == "hnsw at recall 0.8 is 0.90x exact search's time: use --kind exact"
+    assert report["ivfpq"]["reached"] and report["ivfpq"]["pays"] and "dropped" not in report["ivfpq"]
+    assert ix.kind == "ivfpq" and ix.tuning["auto"]["chosen"] == "ivfpq"
+    assert "head to head" not in ix.tuning["auto"]["why"]  # a dropped kind is not timed against
+
+
+def test_auto_builds_brute_force_when_no_kind_pays(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("towerann.index.tune.measured_p50_ms", costs_by_kind({"hnsw": 0.9, "ivfpq": 0.85}))
+    cat = world["cat"]
+    ix = build_index(
+        cat.vectors,
+        np.arange(N, dtype=np.int64),
+        kind="auto",
+        params={"M": 8, "nlist": 16},
+        tuning=Tuning(cat.queries, K, 0.8),
+        auto_kinds=("hnsw", "ivfpq"),
+        auto_exact_items=1000,
+    )
+    assert ix.kind == "exact" and ix.tuning["auto"]["chosen"] == "exact"
+    assert "under 0.8x exact search's time" in ix.tuning["auto"]["why"]
+    assert [r.get("dropped") is not None for r in ix.tuning["auto"]["candidates"]] == [True, True]
+    assert ix.search(cat.queries[:5], K).ids.shape == (5, K)
