@@ -348,6 +348,29 @@ def render_ann(page: Page, path: Path, d: dict[str, Any]) -> None:
             ],
             rows,
         )
+    turns = d.get("in_turns") or []
+    if turns:
+        page.add(
+            f"Timed in turns: each towerann series and each peer of its kind at its fastest setting reaching recall "
+            f"{RECALL}, {turns[0]['rounds']} rounds each timing both over every query back to back; the ratio is the "
+            "median over rounds of towerann's p50 over the peer's (the sweep above times them minutes apart):",
+            "",
+        )
+        page.table(
+            ["K", "towerann", "setting, recall", "peer", "setting, recall", "p50 ms (towerann / peer)", "paired ratio"],
+            [
+                [
+                    str(t["k"]),
+                    t["series"],
+                    f"{params(t['params'][0])}, {rec(t['recall'][0])}",
+                    t["peer"],
+                    f"{params(t['params'][1])}, {rec(t['recall'][1])}",
+                    f"{ms(t['p50_ms'][0])} / {ms(t['p50_ms'][1])}",
+                    ratio(t["paired_ratio"]),
+                ]
+                for t in turns
+            ],
+        )
 
 
 def render_pq(page: Page, path: Path, d: dict[str, Any]) -> None:

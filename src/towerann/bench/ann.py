@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -288,6 +289,9 @@ def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list[Series], Any]:
     raise ConfigError(f"unknown backend {kind!r} for --backends; choose from {', '.join(BACKENDS)}")
 
 
+TURN_ROUNDS = 9  # in_turns: rounds of turns per pair (each times both series over every query)
+
+
 def measure_point(
     series: Series, queries: np.ndarray, k: int, params: dict[str, Any], truth: np.ndarray, cores: int
 ) -> dict[str, Any]:
@@ -508,6 +512,7 @@ def run_ann_bench(
         "points": points,
         "skipped": skipped,
         "overhead": overheads(points, all_series),
+        "in_turns": in_turns(points, all_series, queries),
         "machine_ceilings": machine_ceilings(),
         "run_s": time.perf_counter() - t_run,
     }
@@ -517,6 +522,58 @@ def run_ann_bench(
         json_path, png_path = write_report(out, report, result, plot(result, TARGETS if targets is None else targets))
         result["files"] = [str(json_path), str(png_path)]
     return result
+
+
+def in_turns(
+    points: list[dict[str, Any]], all_series: list[Any], queries: np.ndarray, recall: float = 0.95
+) -> list[dict[str, Any]]:
+    """Each towerann series against each peer of its kind (same grid), at each one's fastest sweep setting
+    reaching `recall`, timed again in turns (index.interleaved: TURN_ROUNDS rounds, each timing both on
+    the same queries): the sweep times one series after another, minutes apart, and this machine's speed
+    drifts between them (one setting's p50 0.19 then 0.21 ms, its peer's 0.18 then 0.14 ms in two runs of
+    the 1M user-tower set); within a round the two are timed back to back. `paired_ratio` is the median
+    over rounds of towerann's p50 over the peer's."""
+    from towerann.index.interleaved import Contender, medians, timed_in_turns
+    from towerann.index.tune import one_query_p50_ms
+
+    def timer(kind: str, params: dict[str, Any] | None, search: Callable[[np.ndarray], Any], q: np.ndarray) -> float:
+        return one_query_p50_ms(search, q, n=len(q))
+
+    out = []
+    for k in sorted({p["k"] for p in points}):
+        best: dict[str, dict[str, Any]] = {}
+        for p in points:
+            if (
+                p["k"] == k
+                and p["recall"] >= recall
+                and (p["series"] not in best or p["p50_ms"] < best[p["series"]]["p50_ms"])
+            ):
+                best[p["series"]] = p
+        for ours in all_series:
+            for peer in all_series:
+                if ours.system != "towerann" or peer.system == "towerann" or peer.grid != ours.grid:
+                    continue
+                if ours.name not in best or peer.name not in best:
+                    continue
+                pair = [(s.name, best[s.name]["params"], s) for s in (ours, peer)]
+                contenders: list[Contender] = [
+                    (name, params, functools.partial(s.search, k=k, params=params)) for name, params, s in pair
+                ]
+                rounds = timed_in_turns(contenders, queries, timer, rounds=TURN_ROUNDS)
+                out.append(
+                    {
+                        "k": k,
+                        "series": ours.name,
+                        "peer": peer.name,
+                        "params": [params for _, params, _ in pair],
+                        "recall": [best[name]["recall"] for name, _, _ in pair],
+                        "rounds": TURN_ROUNDS,
+                        "p50_ms": medians(rounds),
+                        "paired_ratio": float(np.median(rounds[:, 0] / rounds[:, 1])),
+                    }
+                )
+                log.info("%s vs %s, k=%d, in turns: %.3fx", ours.name, peer.name, k, out[-1]["paired_ratio"])
+    return out
 
 
 def overheads(points: list[dict[str, Any]], all_series: list[Any]) -> list[dict[str, Any]]:

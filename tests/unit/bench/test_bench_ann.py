@@ -182,6 +182,22 @@ def test_overhead_pairs_and_targets_follow_from_the_points(result: Run) -> None:
     assert mem["met_by"] == sorted(s for s, x in mem["ratios"].items() if x <= 1.5)
 
 
+def test_each_towerann_series_is_timed_in_turns_with_its_peers(result: Run) -> None:
+    """At each one's fastest setting reaching recall 0.95, towerann and each peer of its kind, timed in
+    turns: the setting and recall come from the sweep, the ratio from the paired rounds."""
+    r = result.r
+    pairs = {(t["series"], t["peer"], t["k"]) for t in r["in_turns"]}
+    assert ("towerann hnsw", "hnswlib", 100) in pairs and ("towerann hnsw", "faiss HNSWFlat", 100) in pairs
+    assert all(p[1] != "numpy brute force" or p[0] == "towerann exact" for p in pairs)  # same kind only
+    for t in r["in_turns"]:
+        for name, params, recall in zip((t["series"], t["peer"]), t["params"], t["recall"]):
+            reaching = [p for p in _points(r, name, t["k"]) if p["recall"] >= 0.95]
+            fastest = min(reaching, key=lambda p: p["p50_ms"])
+            assert (params, recall) == (fastest["params"], fastest["recall"])
+        assert t["rounds"] == 9 and len(t["p50_ms"]) == 2 and all(x > 0 for x in t["p50_ms"])
+        assert 0 < t["paired_ratio"] < 100
+
+
 def test_png_is_written(result: Run) -> None:
     png = result.out / "ann.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
