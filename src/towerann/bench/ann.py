@@ -47,6 +47,7 @@ from towerann.bench.options import (
     parse_ks,
 )
 from towerann.errors import ArtifactError, ConfigError, DataError, TowerannError
+from towerann.index.hnsw import HNSW_EF_STEPS
 from towerann.index.tune import recall_at_k
 
 if TYPE_CHECKING:
@@ -224,9 +225,8 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def grids(k: int, quick: bool, nlist: int, leaves: int) -> dict[str, list[dict[str, Any]]]:
     """Search parameters per grid, cheapest first; a raw library and its wrapper sweep the same list."""
-    # ef steps of at most 1.5x from 2k up (hnsw's tuner grid up to 12k): recall per ef is flat at the top, so a
-    # coarse step can overshoot 0.95 by a third of the time (1M user-tower items, k=100: 0.9475 at 8k, then 12k)
-    ef_f = (1, 2, 4) if quick else (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12)
+    # hnsw: the tuner's ef steps (index.hnsw.HNSW_EF_STEPS) up to 12k
+    ef_f = (1, 2, 4) if quick else HNSW_EF_STEPS[:-1]
     probes = (8, 32, 128) if quick else (4, 8, 16, 32, 64, 128, 256, 512)
     # Re-rank pools (x k): far-off queries need deeper pools than 4k, whose quantized scores sit close together.
     pools = (4,) if quick else (2, 4, 8)
