@@ -165,8 +165,8 @@ MUTANTS: list[Mutant] = [
         "index/hnsw.py",
         "p.efSearch = ef",
         "pass",
-        "HNSW never sets efSearch (faiss' default, 16)",
-        select="hnsw",
+        "HNSW's walk inside a mask never sets efSearch (faiss' default, 16: it walks at k whatever the ef)",
+        tests=("tests/unit/index/test_hnsw_search_paths.py",),
     ),
     Mutant(
         "hnsw-walk-params-of-first-ef",

@@ -102,3 +102,22 @@ def test_huge_pages_leave_the_buffer_intact():
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if sys.platform == "linux" and thp.exists() and "[never]" not in thp.read_text():
         assert huge_pages(buf, collapse=False) >= 4 << 20  # the advice was really given, over the aligned middle
+
+
+def test_the_walk_inside_a_mask_searches_at_the_ef_asked_for(catalog):
+    """The selector walk (a narrow mask) runs at the beam it is given: a wider ef finds clearly more of the
+    qualifying items' true top k. If the masked walk dropped its efSearch, faiss would walk at max(16, k)
+    whatever the ef, and the two recalls would be the same."""
+    ix = create("hnsw", D, M=4, ef_construction=16)  # a sparse graph, so that the beam matters
+    ix.build(catalog["vectors"], catalog["ids"], catalog["categories"])
+    k = 20
+    keep = np.isin(catalog["categories"], [1])
+    truth = _truth(catalog, keep, k)
+
+    def recall(ef: int) -> float:
+        params = {"ef": ef, "exact_below": 0, "filter_path": "filtered"}
+        found = ix.search(catalog["queries"], k, filter=Filter(frozenset({1})), params=params).ids
+        return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+
+    narrow, wide = recall(k), recall(16 * k)
+    assert wide > narrow + 0.05, (narrow, wide)
