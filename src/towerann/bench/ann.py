@@ -289,9 +289,6 @@ def towerann_series(kind: str, vectors: np.ndarray) -> tuple[list[Series], Any]:
     raise ConfigError(f"unknown backend {kind!r} for --backends; choose from {', '.join(BACKENDS)}")
 
 
-TURN_ROUNDS = 9  # in_turns: rounds of turns per pair (each times both series over every query)
-
-
 def measure_point(
     series: Series, queries: np.ndarray, k: int, params: dict[str, Any], truth: np.ndarray, cores: int
 ) -> dict[str, Any]:
@@ -524,6 +521,22 @@ def run_ann_bench(
     return result
 
 
+def fastest_reaching(points: list[dict[str, Any]], k: int, recall: float) -> dict[str, dict[str, Any]]:
+    """Per series, its fastest sweep point at K with recall >= `recall` (series that never reach it: absent)."""
+    best: dict[str, dict[str, Any]] = {}
+    for p in points:
+        if (
+            p["k"] == k
+            and p["recall"] >= recall
+            and (p["series"] not in best or p["p50_ms"] < best[p["series"]]["p50_ms"])
+        ):
+            best[p["series"]] = p
+    return best
+
+
+TURN_ROUNDS = 9  # in_turns: rounds of turns per pair (each times both series over every query)
+
+
 def in_turns(
     points: list[dict[str, Any]], all_series: list[Any], queries: np.ndarray, recall: float = 0.95
 ) -> list[dict[str, Any]]:
@@ -531,8 +544,8 @@ def in_turns(
     reaching `recall`, timed again in turns (index.interleaved: TURN_ROUNDS rounds, each timing both on
     the same queries): the sweep times one series after another, minutes apart, and this machine's speed
     drifts between them (one setting's p50 0.19 then 0.21 ms, its peer's 0.18 then 0.14 ms in two runs of
-    the 1M user-tower set); within a round the two are timed back to back. `paired_ratio` is the median
-    over rounds of towerann's p50 over the peer's."""
+    the 1M user-tower set, the second with towerann's leaner search path); within a round the two are
+    timed back to back. `paired_ratio` is the median over rounds of towerann's p50 over the peer's."""
     from towerann.index.interleaved import Contender, medians, timed_in_turns
     from towerann.index.tune import one_query_p50_ms
 
@@ -541,14 +554,7 @@ def in_turns(
 
     out = []
     for k in sorted({p["k"] for p in points}):
-        best: dict[str, dict[str, Any]] = {}
-        for p in points:
-            if (
-                p["k"] == k
-                and p["recall"] >= recall
-                and (p["series"] not in best or p["p50_ms"] < best[p["series"]]["p50_ms"])
-            ):
-                best[p["series"]] = p
+        best = fastest_reaching(points, k, recall)
         for ours in all_series:
             for peer in all_series:
                 if ours.system != "towerann" or peer.system == "towerann" or peer.grid != ours.grid:
@@ -625,18 +631,15 @@ def check_targets(result: dict[str, Any], targets: dict[str, dict[str, Any]] = T
     out: dict[str, Any] = {}
     for name, t in targets.items():
         if "k" in t:
-            per: dict[str, Any] = {}
-            for p in result["points"]:
-                if p["k"] != t["k"] or p["recall"] < t["recall"]:
-                    continue
-                best = per.get(p["series"])
-                if best is None or p["p50_ms"] < best["p50_ms"]:
-                    per[p["series"]] = {
-                        "p50_ms": p["p50_ms"],
-                        "recall": p["recall"],
-                        "params": p["params"],
-                        "met": p["p50_ms"] <= t["p50_ms"],
-                    }
+            per = {
+                series: {
+                    "p50_ms": p["p50_ms"],
+                    "recall": p["recall"],
+                    "params": p["params"],
+                    "met": p["p50_ms"] <= t["p50_ms"],
+                }
+                for series, p in fastest_reaching(result["points"], t["k"], t["recall"]).items()
+            }
             out[name] = {"target": t, "fastest_at_recall": per, "met_by": sorted(s for s, v in per.items() if v["met"])}
         elif "memory_ratio" in t:
             ratios = {s["name"]: s["memory_ratio_to_raw_vectors"] for s in result["series"] if s["grid"] == "hnsw"}

@@ -142,8 +142,6 @@ def build_index(
         best = _build_fastest(
             v, ids, categories, available, dict(params or {}), tuning, metric, auto_kinds, auto_budget_s, timer
         )
-        if best.kind == "exact":
-            return best
         if calibrate_filters:  # the winner only: a losing candidate's plan would be measured for nothing
             _calibrate(best, v, tuning, filter_k, split_params(best.kind, _accepted(best.kind, dict(params or {})))[1])
         return best

@@ -250,12 +250,11 @@ def costs_by_kind(ratios: dict[str, float]) -> Any:
     return timer
 
 
-def test_auto_drops_a_kind_that_does_not_pay(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """hnsw at 0.9x exact search's time reaches the target but does not pay (PAYS_RATIO 0.8): dropped,
-    and ivfpq, at a fifth, is kept although tried second."""
-    monkeypatch.setattr("towerann.index.tune.measured_p50_ms", costs_by_kind({"hnsw": 0.9, "ivfpq": 0.2}))
+def auto_hnsw_or_ivfpq(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch, ratios: dict[str, float]) -> Any:
+    """An auto build choosing between hnsw and ivfpq at recall 0.8, tuned by costs_by_kind(ratios)."""
+    monkeypatch.setattr("towerann.index.tune.measured_p50_ms", costs_by_kind(ratios))
     cat = world["cat"]
-    ix = build_index(
+    return build_index(
         cat.vectors,
         np.arange(N, dtype=np.int64),
         kind="auto",
@@ -263,8 +262,14 @@ def test_auto_drops_a_kind_that_does_not_pay(world: dict[str, Any], monkeypatch:
         tuning=Tuning(cat.queries, K, 0.8),
         auto_kinds=("hnsw", "ivfpq"),
         auto_exact_items=1000,
-        calibrate_filters=False,
+        calibrate_filters=False,  # the choice is what these tests check
     )
+
+
+def test_auto_drops_a_kind_that_does_not_pay(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """hnsw at 0.9x exact search's time reaches the target but does not pay (PAYS_RATIO 0.8): dropped,
+    and ivfpq, at a fifth, is kept although tried second."""
+    ix = auto_hnsw_or_ivfpq(world, monkeypatch, {"hnsw": 0.9, "ivfpq": 0.2})
     report = {r["kind"]: r for r in ix.tuning["auto"]["candidates"]}
     assert report["hnsw"]["reached"] and report["hnsw"]["pays"] is False
     assert report["hnsw"]["dropped"] == "hnsw at recall 0.8 is 0.90x exact search's time: use --kind exact"
@@ -274,18 +279,8 @@ def test_auto_drops_a_kind_that_does_not_pay(world: dict[str, Any], monkeypatch:
 
 
 def test_auto_builds_brute_force_when_no_kind_pays(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("towerann.index.tune.measured_p50_ms", costs_by_kind({"hnsw": 0.9, "ivfpq": 0.85}))
-    cat = world["cat"]
-    ix = build_index(
-        cat.vectors,
-        np.arange(N, dtype=np.int64),
-        kind="auto",
-        params={"M": 8, "nlist": 16},
-        tuning=Tuning(cat.queries, K, 0.8),
-        auto_kinds=("hnsw", "ivfpq"),
-        auto_exact_items=1000,
-    )
+    ix = auto_hnsw_or_ivfpq(world, monkeypatch, {"hnsw": 0.9, "ivfpq": 0.85})
     assert ix.kind == "exact" and ix.tuning["auto"]["chosen"] == "exact"
     assert "under 0.8x exact search's time" in ix.tuning["auto"]["why"]
     assert [r.get("dropped") is not None for r in ix.tuning["auto"]["candidates"]] == [True, True]
-    assert ix.search(cat.queries[:5], K).ids.shape == (5, K)
+    assert ix.search(world["cat"].queries[:5], K).ids.shape == (5, K)
