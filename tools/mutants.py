@@ -329,6 +329,15 @@ MUTANTS: list[Mutant] = [
         select="auto",
         tests=("tests/unit/index/test_index_tune.py",),
     ),
+    Mutant(
+        "ivfpq-pays-like-the-rest",
+        "index/tune.py",
+        "return PAYS_RATIO_BY_KIND.get(kind, PAYS_RATIO)",
+        "return PAYS_RATIO",
+        "auto keeps an ivfpq that is only 2x faster than exact search (the line is 3x for ivfpq)",
+        select="ivfpq_under_three_times",
+        tests=("tests/unit/index/test_build_filter_plan.py",),
+    ),
     # ---- freshness and serving -------------------------------------------------------------------
     Mutant(
         "refresh-keeps-poison",

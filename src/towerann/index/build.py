@@ -7,8 +7,8 @@ Used by `towerann index build`, by bundle publishing (demo, refresh, benchmarks)
 builds each installed candidate backend, tunes it, and keeps the one with the lowest measured p50
 that reaches the target (else the best recall): two reaching it are timed again in turns
 (index.interleaved), and the one tried later wins only when it is steadily faster. A candidate that
-reaches the target but does not pay (index.tune.PAYS_RATIO: p50 under 0.8x exact search's) is
-dropped, and when every one reaching it is dropped, auto builds brute force;
+reaches the target but does not pay (index.tune.pays_ratio: p50 under 0.8x exact search's, ivfpq
+under 1/3) is dropped, and when every one reaching it is dropped, auto builds brute force;
 `index.tuning["auto"]` records every candidate and why the winner won. Without queries there is
 nothing to measure: hnsw, untuned, at UNTUNED_SEARCH's settings.
 
@@ -36,7 +36,7 @@ from towerann.index.base import SlotIndex
 from towerann.index.filter_plan import calibrate
 from towerann.index.interleaved import Contender, medians, steady_winner, timed_in_turns
 from towerann.index.protocol import COMMON_SEARCH, Index, as_vectors
-from towerann.index.tune import PAYS_RATIO, Timer, measured_p50_ms, not_paying, tune
+from towerann.index.tune import Timer, measured_p50_ms, not_paying, pays_ratio, tune
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ AUTO_CANDIDATES = ("hnsw", "ivfpq", "scann")  # tried in this order; scann only 
 AUTO_BUDGET_S = 1800.0  # candidates are not started once building and tuning have taken this long
 AUTO_HELP = (
     f"auto = exact below {AUTO_EXACT_ITEMS:,} items, else the fastest of {'/'.join(AUTO_CANDIDATES)} "
-    "at the recall target, measured on the tuning queries (a kind not under 0.8x exact search's time is dropped)"
+    "at the recall target, measured on the tuning queries (a kind not under 0.8x exact search's time, ivfpq 1/3, "
+    "is dropped)"
 )
 
 # Search settings of an untuned build (no tuning queries), over the backend's defaults. HNSW: ef 256
@@ -271,7 +272,8 @@ def _build_fastest(
         best = None  # the dropped candidate's memory goes first
         gc.collect()
         best = build_index(vectors, ids, categories, available, kind="exact", tuning=tuning, metric=metric)
-        why = f"no candidate reached the target under {PAYS_RATIO:g}x exact search's time; exact always reaches it"
+        lines = [f"{r['kind']} under {pays_ratio(r['kind']):.2g}x exact search's" for r in report if r.get("dropped")]
+        why = f"no candidate reached the target in a time that pays ({', '.join(lines)}); exact always reaches it"
     elif next(r for r in report if r["kind"] == best.kind)["reached"]:
         why = "the fastest of the candidates reaching the target"
         if any("head_to_head" in r for r in report):

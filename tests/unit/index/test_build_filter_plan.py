@@ -205,7 +205,10 @@ def test_index_build_prints_the_not_paying_line(
     argv += ["--param", "exact_below=0", "--recall", "0.5", "--k", str(K), "--queries", str(world["base"] / "q.npy")]
     assert run(argv) == 0
     out = capsys.readouterr().out
-    assert "WARNING: ivfpq at recall 0.5 is 0.99x exact search's time: use --kind exact or hnsw" in out
+    assert (
+        "WARNING: ivfpq at recall 0.5 is 0.99x exact search's time (it pays under 0.33x): use --kind exact or hnsw"
+        in out
+    )
     assert load(root).tuning["pays"] is False
 
 
@@ -281,6 +284,22 @@ def test_auto_drops_a_kind_that_does_not_pay(world: dict[str, Any], monkeypatch:
 def test_auto_builds_brute_force_when_no_kind_pays(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     ix = auto_hnsw_or_ivfpq(world, monkeypatch, {"hnsw": 0.9, "ivfpq": 0.85})
     assert ix.kind == "exact" and ix.tuning["auto"]["chosen"] == "exact"
-    assert "under 0.8x exact search's time" in ix.tuning["auto"]["why"]
+    why = ix.tuning["auto"]["why"]
+    assert "hnsw under 0.8x exact search's, ivfpq under 0.33x exact search's" in why, why
     assert [r.get("dropped") is not None for r in ix.tuning["auto"]["candidates"]] == [True, True]
     assert ix.search(world["cat"].queries[:5], K).ids.shape == (5, K)
+
+
+def test_auto_drops_an_ivfpq_under_three_times_faster_than_exact(
+    world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ivfpq pays only at under a third of exact search's time (it also approximates every score): at
+    half it is dropped, and hnsw at 0.7x, which pays (0.8x), is kept though slower."""
+    ix = auto_hnsw_or_ivfpq(world, monkeypatch, {"hnsw": 0.7, "ivfpq": 0.5})
+    report = {r["kind"]: r for r in ix.tuning["auto"]["candidates"]}
+    assert report["hnsw"]["pays"] is True and "dropped" not in report["hnsw"]
+    assert report["ivfpq"]["reached"] and report["ivfpq"]["pays"] is False
+    assert report["ivfpq"]["dropped"] == (
+        "ivfpq at recall 0.8 is 0.50x exact search's time (it pays under 0.33x): use --kind exact or hnsw"
+    )
+    assert ix.kind == "hnsw" and ix.tuning["auto"]["chosen"] == "hnsw"
