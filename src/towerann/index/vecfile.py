@@ -296,7 +296,9 @@ class RerankVectors:
 
     def _score_main(self, query: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Scores of one query against main slots: the file's runs prefetched, then the rows gathered."""
-        order = np.argsort(slots, kind="stable")  # rows in file order: each run is read front to back
+        # rows in file order: each run is read front to back. One query's slots are distinct, so the
+        # default sort does (stable took 154 us for a 4000-row re-rank pool, 9% of a 10M search; this 80)
+        order = np.argsort(slots)
         ordered = slots[order]
         f = self.reads_file
         if f is not None:
