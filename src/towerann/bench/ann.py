@@ -226,7 +226,7 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 def grids(k: int, quick: bool, nlist: int, leaves: int) -> dict[str, list[dict[str, Any]]]:
     """Search parameters per grid, cheapest first; a raw library and its wrapper sweep the same list."""
     # hnsw: the tuner's ef steps (index.hnsw.HNSW_EF_STEPS) up to 12k
-    ef_f = (1, 2, 4) if quick else HNSW_EF_STEPS[:-1]
+    ef_f = (1, 2, 4) if quick else tuple(f for f in HNSW_EF_STEPS if f <= 12)
     probes = (8, 32, 128) if quick else (4, 8, 16, 32, 64, 128, 256, 512)
     # Re-rank pools (x k): far-off queries need deeper pools than 4k, whose quantized scores sit close together.
     pools = (4,) if quick else (2, 4, 8)
