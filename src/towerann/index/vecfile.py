@@ -297,7 +297,8 @@ class RerankVectors:
     def _score_main(self, query: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Scores of one query against main slots: the file's runs prefetched, then the rows gathered."""
         # rows in file order: each run is read front to back. One query's slots are distinct, so the
-        # default sort does (stable took 154 us for a 4000-row re-rank pool, 9% of a 10M search; this 80)
+        # default sort does (4000-row re-rank pool: stable 154 us, default 80; the stable argsort was 12.7%
+        # of a profiled 10M-item K=1000 search)
         order = np.argsort(slots)
         ordered = slots[order]
         f = self.reads_file
