@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -16,6 +17,20 @@ import pytest
 # Bench reports written by tests skip measuring the machine's SGEMM and bandwidth (a second each);
 # tests/unit/tools/test_bench_docs.py measures them once, explicitly.
 os.environ.setdefault("TOWERANN_BENCH_NO_CEILINGS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers_of_a_test_go_with_it() -> Iterator[None]:
+    """A CLI call in this process (cli.main's logging.basicConfig, a server's configure_logging) adds a
+    root handler writing to the test's captured stderr, which pytest closes after the test: a later
+    test's log line would then print "--- Logging error --- I/O operation on closed file"."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):  # pytest's: its own
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
