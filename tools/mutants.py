@@ -338,6 +338,24 @@ MUTANTS: list[Mutant] = [
         select="ivfpq_under_three_times",
         tests=("tests/unit/index/test_build_filter_plan.py",),
     ),
+    Mutant(
+        "ivfpq-save-links-after-adds",
+        "index/ivfpq.py",
+        "if self._loaded_from is None or self._ix is not None or self._vecs.fresh.n:",
+        "if self._loaded_from is None:",
+        "a loaded ivfpq with items added since saves the loaded files (links), losing the added items",
+        select="links_its_files_until",
+        tests=("tests/integration/test_ivfpq_resumable.py",),
+    ),
+    Mutant(
+        "resumable-build-starts-over",
+        "index/ivfpq_resumable.py",
+        'todo = [i for i in range(len(self.parts)) if i not in self.state["encoded"]]',
+        "todo = list(range(len(self.parts)))",
+        "a killed part-by-part build encodes the parts it had finished again",
+        select="killed_build",
+        tests=("tests/integration/test_ivfpq_resumable.py",),
+    ),
     # ---- freshness and serving -------------------------------------------------------------------
     Mutant(
         "refresh-keeps-poison",
@@ -513,7 +531,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "build-skips-filter-plan",
         "index/build.py",
-        "        _calibrate(index, v, tuning, filter_k, search)\n",
+        "        _calibrate(index, vectors, tuning, filter_k, search)\n",
         "        pass\n",
         "index build tunes unfiltered search but measures no filter plan (filters lose recall on that path)",
         tests=("tests/unit/index/test_build_filter_plan.py",),

@@ -153,8 +153,27 @@ def build_index(
         build = {}
     index = create(resolved, v.shape[1], metric, **build)
     index.build(v, ids, categories, available)
+    brute = (build.get("backend", "exact") if resolved == SHARDED else resolved) == "exact"
+    return finish_build(index, v, search, tuning, timer, calibrate_filters, filter_k, brute=brute, auto=kind == "auto")
+
+
+def finish_build(
+    index: Index,
+    vectors: np.ndarray,
+    search: dict[str, Any],
+    tuning: Tuning | None,
+    timer: Timer | None = None,
+    calibrate_filters: bool = False,
+    filter_k: int = 100,
+    *,
+    brute: bool = False,
+    auto: bool = False,
+) -> Index:
+    """What build_index does after the index holds the catalog (a resumable build's too): explicit search
+    params, then tuning (or the untuned defaults), then the filter plan. `vectors`: the catalog's, for
+    item-made calibration queries when there is no tuning; `brute`: an exact index, nothing to tune."""
     index.search_defaults.update(search)  # before tuning: it must measure the path the index will serve
-    if (build.get("backend", "exact") if resolved == SHARDED else resolved) == "exact":  # brute force: nothing to tune
+    if brute:
         index.tuning = {
             "params": {},
             "recall": 1.0,
@@ -166,13 +185,13 @@ def build_index(
     elif tuning is not None:
         tune(index, tuning.queries, tuning.k, tuning.recall, timer=timer)
     else:
-        index.search_defaults.update(UNTUNED_SEARCH.get(resolved, {}))
-        if kind == "auto":
-            log.warning("auto index: no tuning queries given, so the %s search defaults are untuned", resolved)
+        index.search_defaults.update(UNTUNED_SEARCH.get(index.kind, {}))
+        if auto:
+            log.warning("auto index: no tuning queries given, so the %s search defaults are untuned", index.kind)
     index.search_defaults.update(search)  # and after: explicit params win over tuned ones
     if calibrate_filters:
-        _calibrate(index, v, tuning, filter_k, search)
-    log.info("built %s over %d items (kind %s)", index.describe(), len(index), kind)
+        _calibrate(index, vectors, tuning, filter_k, search)
+    log.info("built %s over %d items (kind %s)", index.describe(), len(index), "auto" if auto else index.kind)
     return index
 
 

@@ -15,6 +15,7 @@ from towerann.config import ServeConfig
 from towerann.errors import ConfigError
 from towerann.index import KINDS, SHARDED
 from towerann.index.build import AUTO_HELP, UNTUNED_TARGET, Tuning, build_index
+from towerann.index.protocol import Index
 from towerann.index.retune import MIN_LIVE_QUERIES
 from towerann.index.snapshot import current_version, list_versions, publish, read_checked_manifest, resolve, rollback
 from towerann.index.tune import not_paying
@@ -123,6 +124,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "or search default (e.g. ef=512); repeatable",
     )
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
+    b.add_argument(
+        "--resume-dir",
+        default=None,
+        help="--kind ivfpq: build part by part in this work directory (training, then each vectors part "
+        "encoded, then the lists assembled; each step's files land whole): run the same command again "
+        "after a kill and it goes on from the last finished step (index.ivfpq_resumable)",
+    )
     b.set_defaults(func=run_build)
 
     t = sub.add_parser(
@@ -208,6 +216,8 @@ def run_build(args: argparse.Namespace) -> int:
     from towerann.data.vectors_dir import read_vectors
 
     _check_moved_flags(args)
+    if args.resume_dir is not None and args.kind != "ivfpq":
+        raise ConfigError(f"--resume-dir builds --kind ivfpq part by part; --kind {args.kind} builds in memory")
     if args.recall is not None and args.queries is None and args.kind != "exact":
         raise ConfigError(NEEDS_QUERIES)  # tuning on item vectors would overestimate recall
     t0 = time.perf_counter()
@@ -234,32 +244,37 @@ def run_build(args: argparse.Namespace) -> int:
             f"not to the vectors directory {args.vectors}"
         )
     params = _kind_params(args)
-    vs = read_vectors(args.vectors)
     queries = load_npy(args.queries) if args.queries else None
     recall = args.recall if args.recall is not None else 0.95 if args.kind == "auto" else None
     tuning = Tuning(queries, args.k, recall) if recall is not None and queries is not None else None
     t_build = time.perf_counter()
-    index = build_index(
-        vs.vectors,
-        vs.ids,
-        vs.categories,
-        vs.available,
-        kind=args.kind,
-        params=params,
-        tuning=tuning,
-        metric=vs.metric,
-        calibrate_filters=True,  # on the tuning queries, else on queries made from the items
-        filter_k=args.k,
-    )
+    if args.resume_dir is not None:
+        index, meta = _build_resumable(args, params, tuning)
+    else:
+        vs = read_vectors(args.vectors)
+        meta = {"model_version": vs.model_version, "category_names": vs.category_names}
+        index = build_index(
+            vs.vectors,
+            vs.ids,
+            vs.categories,
+            vs.available,
+            kind=args.kind,
+            params=params,
+            tuning=tuning,
+            metric=vs.metric,
+            calibrate_filters=True,  # on the tuning queries, else on queries made from the items
+            filter_k=args.k,
+        )
+        del vs
     build_s = time.perf_counter() - t_build
     path = publish(
         index,
         args.out,
-        vs.model_version,
+        meta["model_version"],
         keep=args.keep,
         extra={
             "vectors_dir": str(Path(args.vectors).resolve()),
-            "category_names": vs.category_names,
+            "category_names": meta["category_names"],
             "build_seconds": round(build_s, 3),
         },
     )
@@ -314,6 +329,23 @@ def plan_table(search_defaults: dict[str, Any], calibration: dict[str, Any] | No
         if not here:  # a plan without its measurements: the rows as stored
             lines += [f"{k:>6} <={row[1]:>6.1%} {'':>9}  {row[2]:<9}" for row in rows]
     return lines
+
+
+def _build_resumable(
+    args: argparse.Namespace, params: dict[str, Any], tuning: Tuning | None
+) -> tuple[Index, dict[str, Any]]:
+    """`index build --resume-dir`: the ivfpq built part by part in that work directory, then tuned and
+    its filter plan measured as build_index does; (index, the vectors manifest's model version and
+    category names)."""
+    from towerann.index.build import finish_build, split_params
+    from towerann.index.ivfpq_resumable import ResumableBuild
+
+    build, search = split_params("ivfpq", params)
+    job = ResumableBuild(Path(args.vectors), Path(args.resume_dir), build)
+    index = job.run()
+    vectors = index.rerank_vectors.main  # mapped: only the rows item-made calibration queries pick are read
+    finish_build(index, vectors, search, tuning, calibrate_filters=True, filter_k=args.k)
+    return index, {"model_version": job.manifest["model_version"], "category_names": job.manifest["category_names"]}
 
 
 def _kind_params(args: argparse.Namespace) -> dict[str, Any]:

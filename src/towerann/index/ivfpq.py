@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -166,6 +167,9 @@ class IVFPQIndex(SlotIndex):
         self._starts = np.zeros(1, np.int64)  # slot range of each mapped list: [starts[l], starts[l+1])
         self._lists_map: np.ndarray | None = None  # the mapped ivfpq_lists.bin (a view while _main lives)
         self._saving: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # (slot order, list sizes)
+        # (directory, re-rank dtype) of the snapshot whose lists are mapped: a save with nothing added since
+        # links its data files instead of writing them again
+        self._loaded_from: tuple[Path, str] | None = None
 
     @property
     def _trained(self) -> faiss.IndexIVFPQ | None:
@@ -229,18 +233,27 @@ class IVFPQIndex(SlotIndex):
         if n < MIN_TRAIN:
             log.debug("ivfpq: %d items is too few to train IVF-PQ (< %d); searching by brute force", n, MIN_TRAIN)
             return
+        rows = self.training_rows(n)
+        self._ix = self.trained(vectors if rows is None else vectors[rows], n)
+
+    def training_rows(self, n: int) -> np.ndarray | None:
+        """The rows (sorted) a build over `n` vectors trains on; None: all of them."""
+        p = self.build_params
+        m = min(n, max(p["train_sample"], self.nlist_for(n) * TRAIN_PER_LIST, 256 * 39))
+        return None if m >= n else np.sort(np.random.default_rng(p["seed"]).choice(n, m, replace=False))
+
+    def trained(self, sample: np.ndarray, n: int) -> faiss.IndexIVFPQ:
+        """An empty IVF-PQ index trained on `sample` (training_rows' rows of a build over `n` vectors)."""
         p = self.build_params
         nlist = self.nlist_for(n)
         quantizer = faiss.IndexFlatIP(self.dim)
         ix = faiss.IndexIVFPQ(quantizer, self.dim, nlist, p["pq_m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
         ix.cp.seed = p["seed"]
         ix.pq.cp.seed = p["seed"]
-        m = min(n, max(p["train_sample"], nlist * TRAIN_PER_LIST, 256 * 39))
-        sample = vectors if m >= n else vectors[np.sort(np.random.default_rng(p["seed"]).choice(n, m, replace=False))]
         log.info("ivfpq: training IVF%d,PQ%dx%d on %d of %d vectors", nlist, p["pq_m"], p["nbits"], len(sample), n)
-        ix.train(np.ascontiguousarray(sample))
+        ix.train(np.ascontiguousarray(sample, np.float32))
         ix.quantizer_trains_alone = 0  # type: ignore[assignment]  # a C++ char: the stub says str, SWIG takes 0
-        self._ix = ix
+        return ix
 
     def _vectors(self) -> np.ndarray:
         """All vectors as one array: a copy once items were added after a load (only a tiny catalog's
@@ -420,7 +433,9 @@ class IVFPQIndex(SlotIndex):
 
     def _save_backend(self, directory: Path) -> dict[str, Any]:
         order, sizes = self._saving
-        self._vecs.save(directory, order)
+        linked = self._link_loaded_files(directory)
+        if not linked:
+            self._vecs.save(directory, order)
         state: dict[str, Any] = {
             "layout": LAYOUT,
             "vectors": "vectors.npy",
@@ -431,10 +446,33 @@ class IVFPQIndex(SlotIndex):
         t = self._trained
         if t is not None and sizes is not None:
             faiss.write_index(_skeleton(t), str(directory / "ivfpq.faiss"))
-            self._write_lists(directory / LISTS, cast(np.ndarray, order), sizes)
-            save_npy(directory / STARTS, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+            if not linked:
+                self._write_lists(directory / LISTS, cast(np.ndarray, order), sizes)
+                save_npy(directory / STARTS, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
             state.update(file="ivfpq.faiss", lists=LISTS, list_starts=STARTS)
         return state
+
+    def _link_loaded_files(self, directory: Path) -> bool:
+        """With nothing added since the load (no in-memory tier, the same re-rank dtype), a save would write
+        the loaded snapshot's vector and list files again byte for byte: hard-link them instead (artifacts
+        are never written in place, so sharing is safe; at 100M items that is tens of GB not copied).
+        False, having linked nothing, when anything changed or a file cannot be linked (another
+        filesystem, the source version pruned)."""
+        if self._loaded_from is None or self._ix is not None or self._vecs.fresh.n:
+            return False
+        source, dtype = self._loaded_from
+        if dtype != self.build_params["rerank_dtype"]:
+            return False
+        names = ["vectors.npy", LISTS, STARTS] + (["rerank.npy"] if dtype != "float32" else [])
+        try:
+            for name in names:
+                os.link(source / name, directory / name)
+        except OSError as e:
+            log.info("ivfpq save: %s; writing the files instead of linking them", e)
+            for name in names:
+                (directory / name).unlink(missing_ok=True)
+            return False
+        return True
 
     def _write_lists(self, path: Path, order: np.ndarray, sizes: np.ndarray) -> str:
         """ivfpq_lists.bin (lists_layout): each list's codes, its mapped entries' then its tier's, and
@@ -509,6 +547,9 @@ class IVFPQIndex(SlotIndex):
         if ix.ntotal != 0 or ix.d != self.dim or not ix.is_trained:
             raise ArtifactError(f"{path}: expected an empty trained IVF-PQ of dim {self.dim}")
         self._map_lists(directory, state, ix)
+        names = (state["vectors"], state["lists"], state["list_starts"], state.get("rerank"))
+        if names == ("vectors.npy", LISTS, STARTS, "rerank.npy" if p["rerank_dtype"] != "float32" else None):
+            self._loaded_from = (Path(directory), p["rerank_dtype"])
 
     def _map_lists(self, directory: Path, state: dict[str, Any], ix: faiss.IndexIVFPQ) -> None:
         """Map ivfpq_lists.bin as ix's inverted lists (OnDiskInvertedLists, read-only)."""

@@ -1,0 +1,270 @@
+"""A resumable, part-by-part ivfpq build from a vectors directory (`index build --kind ivfpq --resume-dir`).
+
+A build of a big catalog runs for hours; killed (an out-of-memory kill, a reboot, a spot machine
+taken back), it should go on from where it stopped, not start again. Here every step writes its
+outputs into a work directory under a temp name, then a rename, and progress.json lists the steps
+done:
+
+  train     the rows IVFPQIndex.training_rows picks, read from their parts -> trained.faiss
+  encode i  the vectors directory's part i -> its rows' inverted lists and PQ codes
+            (part-NNNNN.lists.npy, part-NNNNN.codes.npy)
+  assemble  every row placed in inverted-list order and written as the files of an ivfpq snapshot
+            (IVFPQIndex.save's layout) into work/assembled, then loaded from there (mapped)
+
+Run again with the same work directory, a build skips the steps done; with other inputs (another
+catalog, other build params) it is refused with the difference named. The index is the one an
+in-memory build over the same vectors gives: the same training sample, codes and list order.
+What it holds in RAM at once: one part's vectors, the training sample, and the slot tables (ids,
+category codes, availability: 13 bytes an item), never the whole catalog's vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from towerann.artifacts import atomic_dir, load_npy, read_manifest, save_npy, write_json_atomic
+from towerann.data.vectors_dir import FORMAT_VERSION as VECTORS_FORMAT
+from towerann.data.vectors_dir import KIND as VECTORS_KIND
+from towerann.errors import ArtifactError, ConfigError
+from towerann.index.base import LOOKUP_FILES, _narrowed
+from towerann.index.ivfpq import LAYOUT, LISTS, MIN_TRAIN, STARTS, IVFPQIndex, _skeleton, lists_layout
+from towerann.index.vecfile import encode, row_format
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+TRAINED = "trained.faiss"
+ASSEMBLED = "assembled"
+ENCODE_ROWS = 1 << 16  # rows assigned and encoded per faiss call (the quantizer's scores: 64k x nlist floats)
+
+
+def _part_files(i: int) -> tuple[str, str]:
+    return f"part-{i:05d}.lists.npy", f"part-{i:05d}.codes.npy"
+
+
+class ResumableBuild:
+    """One build's work directory: its inputs, the steps done, and the steps themselves."""
+
+    def __init__(self, vectors_dir: Path, work: Path, params: dict[str, Any]):
+        self.vectors_dir, self.work = Path(vectors_dir), Path(work)
+        self.manifest = read_manifest(self.vectors_dir, VECTORS_KIND, VECTORS_FORMAT)
+        self.parts: list[dict[str, Any]] = self.manifest["parts"]
+        self.n, self.dim = int(self.manifest["count"]), int(self.manifest["dim"])
+        self.template = IVFPQIndex(self.dim, self.manifest["metric"], **params)  # checks the params
+        if self.n < MIN_TRAIN:
+            raise ConfigError(
+                f"{self.vectors_dir}: {self.n} items are too few for a part-by-part ivfpq build (it trains IVF-PQ, "
+                f"which needs >= {MIN_TRAIN}); build without --resume-dir"
+            )
+        self.inputs = {
+            "vectors_dir": str(self.vectors_dir.resolve()),
+            "parts_sha256": [p["sha256"] for p in self.parts],
+            "attrs_sha256": self.manifest["attrs_sha256"],
+            "build_params": self.template.build_params,
+        }
+        self.state = self._open()
+
+    def _open(self) -> dict[str, Any]:
+        """The work directory's progress: new, or one of these same inputs (else a one-line error)."""
+        path = self.work / PROGRESS
+        if not path.exists():
+            self.work.mkdir(parents=True, exist_ok=True)
+            state: dict[str, Any] = {"inputs": self.inputs, "trained": False, "encoded": [], "assembled": None}
+            write_json_atomic(path, state)
+            return state
+        try:
+            state = json.loads(path.read_text())
+            theirs = state["inputs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{path}: not a build's progress file ({e}); use an empty --resume-dir") from e
+        differ = [key for key in self.inputs if theirs.get(key) != json.loads(json.dumps(self.inputs[key]))]
+        if differ:
+            raise ConfigError(
+                f"{self.work} holds a build of other inputs (they differ in {', '.join(differ)}); "
+                "use another --resume-dir, or remove that one to start over"
+            )
+        return state
+
+    def _done(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_json_atomic(self.work / PROGRESS, self.state)
+
+    def _part(self, i: int, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Part i's (vectors, internal ids), mapped from the vectors directory."""
+        p = self.parts[i]
+        v = load_npy(self.vectors_dir / p["vectors"], p["sha256"] if verify else None, mmap=True)
+        ids = load_npy(self.vectors_dir / p["ids"], p["ids_sha256"] if verify else None, mmap=True)
+        if v.shape != (int(p["count"]), self.dim) or ids.shape != (int(p["count"]),):
+            raise ArtifactError(f"{self.vectors_dir / p['vectors']}: shape {v.shape} does not match the manifest")
+        return v, ids
+
+    def run(self, on_step: Callable[[str], None] | None = None, progress: bool | None = None) -> IVFPQIndex:
+        """Every step not done yet, then the assembled index loaded (mapped) from the work directory.
+        `on_step(name)` is called after each step is recorded done ("train", "encode 3", "assemble")."""
+        done = len(self.state["encoded"])
+        if self.state["trained"] or done:
+            log.warning(
+                "ivfpq build: resuming in %s (trained: %s, %d of %d parts encoded%s)",
+                self.work,
+                "yes" if self.state["trained"] else "no",
+                done,
+                len(self.parts),
+                ", assembled" if self.state["assembled"] else "",
+            )
+        trained = self._train(on_step)
+        todo = [i for i in range(len(self.parts)) if i not in self.state["encoded"]]
+        off = None if progress is None else not progress
+        for i in tqdm(todo, desc="ivfpq encode parts", disable=off):
+            self._encode(i, trained)
+            self._done(encoded=sorted([*self.state["encoded"], i]))
+            if on_step:
+                on_step(f"encode {i}")
+        if not self.state["assembled"]:
+            self._done(assembled=self._assemble(trained, off))
+            if on_step:
+                on_step("assemble")
+        return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def _train(self, on_step: Callable[[str], None] | None) -> faiss.IndexIVFPQ:
+        path = self.work / TRAINED
+        if self.state["trained"] and path.exists():
+            return cast(faiss.IndexIVFPQ, faiss.read_index(str(path)))
+        rows = self.template.training_rows(self.n)
+        blocks, at = [], 0
+        for i, p in enumerate(self.parts):
+            v, _ = self._part(i, verify=False)
+            end = at + int(p["count"])
+            if rows is None:
+                blocks.append(np.array(v, np.float32))
+            else:
+                blocks.append(np.array(v[rows[(rows >= at) & (rows < end)] - at], np.float32))
+            at = end
+        trained = self.template.trained(np.concatenate(blocks), self.n)
+        tmp = path.with_name(f".{path.name}.tmp")
+        faiss.write_index(_skeleton(trained), str(tmp))
+        os.replace(tmp, path)
+        self._done(trained=True)
+        if on_step:
+            on_step("train")
+        return trained
+
+    def _encode(self, i: int, trained: faiss.IndexIVFPQ) -> None:
+        """Part i's inverted list and PQ code per row, as faiss' add would place and encode them."""
+        v, _ = self._part(i, verify=True)  # each part's checksum is read once, here
+        lists = np.empty(len(v), np.int64)
+        codes = np.empty((len(v), int(trained.code_size)), np.uint8)
+        for at in range(0, len(v), ENCODE_ROWS):
+            x = np.ascontiguousarray(v[at : at + ENCODE_ROWS], np.float32)
+            _, assigned = trained.quantizer.search(x, 1)
+            lists[at : at + len(x)] = assigned[:, 0]
+            block = codes[at : at + len(x)]
+            trained.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(assigned), faiss.swig_ptr(block))
+        outputs: tuple[np.ndarray, np.ndarray] = (lists.astype(np.int32), codes)
+        for name, part in zip(_part_files(i), outputs):
+            tmp = self.work / f".{name}.tmp.npy"
+            save_npy(tmp, part)
+            os.replace(tmp, self.work / name)
+
+    def _assemble(self, trained: faiss.IndexIVFPQ, progress_off: bool | None) -> dict[str, Any]:
+        """Every row at its slot in inverted-list order (rows of one list in catalog order, as faiss
+        appends them), written as an ivfpq snapshot's files; returns the manifest a load reads."""
+        nlist, cs, n, dim = int(trained.nlist), int(trained.code_size), self.n, self.dim
+        part_lists = [self.work / _part_files(i)[0] for i in range(len(self.parts))]
+        sizes = np.zeros(nlist, np.int64)
+        for path in part_lists:
+            sizes += np.bincount(load_npy(path, mmap=True), minlength=nlist)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        codes_at, ids_at, total = lists_layout(sizes, cs)
+        dtype = self.template.build_params["rerank_dtype"]
+        attrs = {name: load_npy(self.vectors_dir / f"{name}.npy") for name in ("categories", "available")}
+        slot_ids = np.empty(n, np.int64)
+        slot_cats = np.empty(n, attrs["categories"].dtype)
+        slot_avail = np.empty(n, bool)
+        out = self.work / ASSEMBLED
+        for stale in self.work.glob(f".{ASSEMBLED}.tmp-*"):  # a kill while assembling: done again, whole
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_dir(out, overwrite=True) as tmp:
+            lists_file = np.memmap(tmp / LISTS, dtype=np.uint8, mode="w+", shape=(total,))
+            codes_region = lists_file[: n * cs].reshape(n, cs)
+            vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+            rerank = None
+            if dtype != "float32":
+                kind, cols = row_format(dtype, dim)
+                rerank = np.lib.format.open_memmap(tmp / "rerank.npy", mode="w+", dtype=kind, shape=(n, cols))
+            cursor = starts[:-1].copy()
+            for i in tqdm(range(len(self.parts)), desc="ivfpq assemble parts", disable=progress_off):
+                v, ids = self._part(i, verify=False)
+                lists = load_npy(self.work / _part_files(i)[0])
+                slots = _place(lists, cursor)
+                codes_region[slots] = load_npy(self.work / _part_files(i)[1])
+                for at in range(0, len(v), ENCODE_ROWS):
+                    rows, to = np.asarray(v[at : at + ENCODE_ROWS], np.float32), slots[at : at + ENCODE_ROWS]
+                    vectors[to] = rows
+                    if rerank is not None:
+                        rerank[to] = encode(rows, dtype)
+                slot_ids[slots] = ids
+                slot_cats[slots] = attrs["categories"][ids]
+                slot_avail[slots] = attrs["available"][ids]
+            for list_no in range(nlist):  # each list's slot ids: its range of the slot order
+                at, size = int(ids_at[list_no]), int(sizes[list_no])
+                lists_file[at : at + 8 * size] = np.arange(starts[list_no], starts[list_no] + size).view(np.uint8)
+            for written in (lists_file, vectors, rerank):
+                if written is not None:
+                    written.flush()
+            del lists_file, codes_region, vectors, rerank
+            for name, table in (
+                ("ids", slot_ids),
+                ("categories", _narrowed(slot_cats)),
+                ("alive", np.ones(n, bool)),
+                ("available", slot_avail),
+            ):
+                save_npy(tmp / f"slot_{name}.npy", table)
+            by_id = np.argsort(slot_ids, kind="stable")
+            save_npy(tmp / LOOKUP_FILES[0], slot_ids[by_id])
+            save_npy(tmp / LOOKUP_FILES[1], by_id.astype(np.int64))
+            save_npy(tmp / STARTS, starts)
+            faiss.write_index(_skeleton(trained), str(tmp / "ivfpq.faiss"))
+        t = self.template
+        return {
+            "backend": t.kind,
+            "build_params": t.build_params,
+            "dim": dim,
+            "metric": t.metric,
+            "count": n,
+            "slots": n,
+            "slot_lookup": list(LOOKUP_FILES),
+            "search_defaults": t.search_defaults,
+            "attributes": [],
+            "backend_state": {
+                "layout": LAYOUT,
+                "vectors": "vectors.npy",
+                "rerank": "rerank.npy" if dtype != "float32" else None,
+                "file": "ivfpq.faiss",
+                "lists": LISTS,
+                "list_starts": STARTS,
+            },
+        }
+
+
+def _place(lists: np.ndarray, cursor: np.ndarray) -> np.ndarray:
+    """The slot of each row of a part, given each list's next free slot (`cursor`, advanced here): a
+    list's rows go in the order they come, after those of the parts before."""
+    order = np.argsort(lists, kind="stable")
+    counts = np.bincount(lists, minlength=len(cursor))
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # where each list's rows begin in `order`
+    ranked = lists[order]
+    slots = np.empty(len(lists), np.int64)
+    slots[order] = cursor[ranked] + np.arange(len(lists)) - first[ranked]
+    cursor += counts
+    return slots
