@@ -95,6 +95,20 @@ class ResumableBuild:
             )
         return state
 
+    def _forget_missing(self) -> None:
+        """Steps recorded done whose files are gone (removed by hand) are done again. Once assembled, the
+        parts' files are no longer needed (they may be removed to free the disk); without the trained
+        quantizer, the parts' codes (made with it) go too."""
+        if self.state["assembled"] and (self.work / ASSEMBLED).exists():
+            return
+        self._done(assembled=None)
+        if self.state["trained"] and not (self.work / TRAINED).exists():
+            log.warning("ivfpq build: %s is gone; training and encoding again", self.work / TRAINED)
+            self._done(trained=False, encoded=[])
+        kept = [i for i in self.state["encoded"] if all((self.work / f).exists() for f in _part_files(i))]
+        if kept != self.state["encoded"]:
+            self._done(encoded=kept)
+
     def _done(self, **changes: Any) -> None:
         self.state.update(changes)
         write_json_atomic(self.work / PROGRESS, self.state)
@@ -111,6 +125,7 @@ class ResumableBuild:
     def run(self, on_step: Callable[[str], None] | None = None, progress: bool | None = None) -> IVFPQIndex:
         """Every step not done yet, then the assembled index loaded (mapped) from the work directory.
         `on_step(name)` is called after each step is recorded done ("train", "encode 3", "assemble")."""
+        self._forget_missing()
         done = len(self.state["encoded"])
         if self.state["trained"] or done:
             log.warning(
@@ -121,6 +136,8 @@ class ResumableBuild:
                 len(self.parts),
                 ", assembled" if self.state["assembled"] else "",
             )
+        if self.state["assembled"]:
+            return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
         trained = self._train(on_step)
         todo = [i for i in range(len(self.parts)) if i not in self.state["encoded"]]
         off = None if progress is None else not progress
@@ -129,16 +146,15 @@ class ResumableBuild:
             self._done(encoded=sorted([*self.state["encoded"], i]))
             if on_step:
                 on_step(f"encode {i}")
-        if not self.state["assembled"]:
-            self._done(assembled=self._assemble(trained, off))
-            if on_step:
-                on_step("assemble")
+        self._done(assembled=self._assemble(trained, off))
+        if on_step:
+            on_step("assemble")
         return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
 
     # ---- steps -------------------------------------------------------------------------------------
     def _train(self, on_step: Callable[[str], None] | None) -> faiss.IndexIVFPQ:
         path = self.work / TRAINED
-        if self.state["trained"] and path.exists():
+        if self.state["trained"]:
             return cast(faiss.IndexIVFPQ, faiss.read_index(str(path)))
         rows = self.template.training_rows(self.n)
         blocks, at = [], 0
