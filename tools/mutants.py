@@ -348,6 +348,15 @@ MUTANTS: list[Mutant] = [
         tests=("tests/integration/test_ivfpq_resumable.py",),
     ),
     Mutant(
+        "lean-exact-ignores-filter",
+        "index/vecfile.py",
+        "            if bits is not None:\n                out[:, ~bits[:n]] = -np.inf\n",
+        "",
+        "without a float32 copy, exact search over most of the catalog returns items the filter excludes",
+        select="answers_are_the_same",
+        tests=("tests/unit/index/test_ivfpq_no_float32.py",),
+    ),
+    Mutant(
         "resumable-build-starts-over",
         "index/ivfpq_resumable.py",
         'todo = [i for i in range(len(self.parts)) if i not in self.state["encoded"]]',

@@ -149,3 +149,12 @@ def test_a_loaded_ivfpq_saved_again_links_its_files_until_items_are_added(catalo
     assert (grown / "vectors.npy").stat().st_ino != (source / "vectors.npy").stat().st_ino
     reloaded = load_snapshot(grown)
     assert len(reloaded) == N and reloaded.search(queries[:1], 1).ids[0, 0] == new_id
+
+
+def test_without_a_float32_copy_it_writes_the_in_memory_builds_files_too(catalog, tmp_path):
+    """keep_float32=false (the 100M layout: the float16 re-rank rows are the only copy of the vectors)."""
+    vdir, _ = catalog
+    lean = "--param=keep_float32=false"
+    expected = built(vdir, tmp_path / "in-memory", lean)
+    assert "vectors.npy" not in expected and "rerank.npy" in expected
+    assert built(vdir, tmp_path / "resumable", lean, "--resume-dir", str(tmp_path / "work")) == expected

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from towerann.artifacts import load_npy
 from towerann.config import ServeConfig
 from towerann.errors import ConfigError
@@ -120,7 +122,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=[],
         metavar="KEY=VALUE",
         help="build parameter (e.g. M=32, nlist=4096; hnsw partition_by=category partition_min=10000: "
-        "a sub-index per category for filters; ivfpq rerank_dtype=float16 or int8: narrower re-rank rows) "
+        "a sub-index per category for filters; ivfpq rerank_dtype=float16 or int8: narrower re-rank rows, and "
+        "keep_float32=false: those rows are the only copy of the vectors, no float32 file) "
         "or search default (e.g. ef=512); repeatable",
     )
     b.add_argument("--keep", type=int, default=3, help="snapshot versions to keep (default 3)")
@@ -331,6 +334,9 @@ def plan_table(search_defaults: dict[str, Any], calibration: dict[str, Any] | No
     return lines
 
 
+ITEM_SAMPLE_ROWS = 100_000  # catalog rows item-made calibration queries are drawn from, in a resumable build
+
+
 def _build_resumable(
     args: argparse.Namespace, params: dict[str, Any], tuning: Tuning | None
 ) -> tuple[Index, dict[str, Any]]:
@@ -343,7 +349,13 @@ def _build_resumable(
     build, search = split_params("ivfpq", params)
     job = ResumableBuild(Path(args.vectors), Path(args.resume_dir), build)
     index = job.run()
-    vectors = index.rerank_vectors.main  # mapped: only the rows item-made calibration queries pick are read
+    # Item-made calibration queries (no tuning queries) are made from a sample of the catalog's rows, read
+    # from the files (there may be no float32 copy; all of it would not fit in RAM at this scale).
+    vectors = np.empty((0, index.dim), np.float32)
+    if tuning is None:
+        stored = index.rerank_vectors
+        sample = np.random.default_rng(0).choice(stored.n, min(stored.n, ITEM_SAMPLE_ROWS), replace=False)
+        vectors = stored.rows(np.sort(sample))
     finish_build(index, vectors, search, tuning, calibrate_filters=True, filter_k=args.k)
     return index, {"model_version": job.manifest["model_version"], "category_names": job.manifest["category_names"]}
 

@@ -62,6 +62,15 @@ PAIR_OFFSET = (1 << 32) - 1  # faiss' store_pairs label: list << 32 | offset
 IDS_ALIGN = 1 << 21  # the ids region starts on a 2 MB boundary: no page, folio or read-ahead shared with codes
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A boolean build param (a CLI --param gives the text "true"/"false")."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name}={value!r}: expected true or false")
+
+
 def default_nlist(n: int) -> int:
     """~4 sqrt(n), clamped so every list gets >= 39 training points (faiss' own rule of thumb)."""
     return max(1, min(int(round(4 * math.sqrt(n))), n // 39))
@@ -144,10 +153,17 @@ class IVFPQIndex(SlotIndex):
         seed: int = 1234,
         rerank_from: str = "disk",
         rerank_dtype: str = "float32",
+        keep_float32: bool = True,
     ):
         pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
         if dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
+        keep_float32 = _flag(keep_float32, "keep_float32")
+        if not keep_float32 and rerank_dtype == "float32":
+            raise ConfigError(
+                "keep_float32=false needs rerank_dtype float16 or int8: those rows are then the only copy of the "
+                "vectors (re-ranking and exact search read them)"
+            )
         if rerank_from not in RERANK_FROM:
             raise ConfigError(f"rerank_from={rerank_from!r}: expected one of {', '.join(RERANK_FROM)}")
         super().__init__(
@@ -160,6 +176,7 @@ class IVFPQIndex(SlotIndex):
             seed=int(seed),
             rerank_from=rerank_from,
             rerank_dtype=check_dtype(rerank_dtype),
+            keep_float32=keep_float32,
         )
         self._vecs = RerankVectors(np.empty((0, self.dim), np.float32), dtype=rerank_dtype)
         self._ix: faiss.IndexIVFPQ | None = None  # entries with their slot as id (a build; adds after a load)
@@ -259,7 +276,13 @@ class IVFPQIndex(SlotIndex):
         """All vectors as one array: a copy once items were added after a load (only a tiny catalog's
         training needs this; searches go through _exact and the re-ranker, which read the tiers)."""
         v = self._vecs
+        if not v.float32:
+            return v.rows(np.arange(v.n))
         return v.main if not v.fresh.n else np.concatenate([v.main, v.fresh.data])
+
+    def vectors_of_slots(self, slots: np.ndarray) -> np.ndarray:
+        """The stored vectors of `slots` (without a float32 copy: the re-rank rows decoded)."""
+        return self._vecs.rows(np.asarray(slots, np.int64))
 
     def _exact(self, q: np.ndarray, k: int, mask: Mask | None) -> tuple[np.ndarray, np.ndarray]:
         return self._vecs.exact_topk(q, k, None if mask is None else mask.bits)
@@ -312,6 +335,7 @@ class IVFPQIndex(SlotIndex):
         centroids = 0 if t is None else t.nlist * (d * 4 + 24 + 8) + int(t.pq.centroids.size()) * 4
         kind, cols = row_format(p["rerank_dtype"], d)
         rerank_row = 0 if p["rerank_dtype"] == "float32" else kind.itemsize * cols
+        f32_row = 4 * d if p.get("keep_float32", True) else 0  # the float32 file's row
         page_map = (n * (rerank_row or 4 * d)) // PAGE + 1  # 1 byte a page of the file re-ranking reads
         if as_loaded:  # tables at their exact sizes; codes mapped; vectors in the files unless read into RAM
             layout = self.slot_table_layout()
@@ -320,7 +344,7 @@ class IVFPQIndex(SlotIndex):
             in_ram = p.get("rerank_from") == "memory"
             reread = n * (rerank_row or 4 * d)  # the file re-ranking reads
             vectors = page_map + (reread if in_ram else 0)
-            disk = n * 4 * d + n * rerank_row - (reread if in_ram else 0)  # vector files, as mapped
+            disk = n * f32_row + n * rerank_row - (reread if in_ram else 0)  # vector files, as mapped
             tables_mapped = (8 * n if t is not None else 0) + sum(t["mapped"] for t in layout.values())
             breakdown = {name: round(t["resident"] / max(n, 1), 3) for name, t in layout.items()}
         else:  # what is allocated now (growable tables have spare capacity)
@@ -434,11 +458,12 @@ class IVFPQIndex(SlotIndex):
     def _save_backend(self, directory: Path) -> dict[str, Any]:
         order, sizes = self._saving
         linked = self._link_loaded_files(directory)
+        keep = self.build_params["keep_float32"]
         if not linked:
-            self._vecs.save(directory, order)
+            self._vecs.save(directory, order, float32=keep)
         state: dict[str, Any] = {
             "layout": LAYOUT,
-            "vectors": "vectors.npy",
+            "vectors": "vectors.npy" if keep else None,
             "rerank": "rerank.npy" if self.build_params["rerank_dtype"] != "float32" else None,
             "file": None,
             "memory": self.memory(as_loaded=True),
@@ -463,7 +488,8 @@ class IVFPQIndex(SlotIndex):
         source, dtype = self._loaded_from
         if dtype != self.build_params["rerank_dtype"]:
             return False
-        names = ["vectors.npy", LISTS, STARTS] + (["rerank.npy"] if dtype != "float32" else [])
+        names = [LISTS, STARTS] + (["vectors.npy"] if self.build_params["keep_float32"] else [])
+        names += ["rerank.npy"] if dtype != "float32" else []
         try:
             for name in names:
                 os.link(source / name, directory / name)
@@ -508,7 +534,14 @@ class IVFPQIndex(SlotIndex):
                 f"{directory}: ivfpq snapshot layout {layout} is not one this version reads (1, {LAYOUT}); "
                 "rebuild the index with `towerann index build`"
             )
-        vecs = self.load_saved_vectors(directory, state["vectors"]).data  # memory-mapped, shape-checked
+        if (state.get("vectors") is not None) != p["keep_float32"]:
+            raise ArtifactError(
+                f"{directory}: keep_float32 is {p['keep_float32']} but the snapshot "
+                f"{'has no' if p['keep_float32'] else 'has a'} float32 vectors file"
+            )
+        vecs = None
+        if state.get("vectors") is not None:
+            vecs = self.load_saved_vectors(directory, state["vectors"]).data  # memory-mapped, shape-checked
         rerank, rerank_path = None, None
         if p["rerank_dtype"] != "float32":
             if not state.get("rerank"):
@@ -529,7 +562,8 @@ class IVFPQIndex(SlotIndex):
                 vecs = np.array(vecs)
             else:
                 rerank, rerank_path = np.array(rerank), None
-        self._vecs = RerankVectors(vecs, directory / state["vectors"], p["rerank_dtype"], rerank, rerank_path)
+        path = None if vecs is None else directory / state["vectors"]
+        self._vecs = RerankVectors(vecs, path, p["rerank_dtype"], rerank, rerank_path)
         if not state.get("file"):
             return
         path = directory / state["file"]
@@ -548,7 +582,8 @@ class IVFPQIndex(SlotIndex):
             raise ArtifactError(f"{path}: expected an empty trained IVF-PQ of dim {self.dim}")
         self._map_lists(directory, state, ix)
         names = (state["vectors"], state["lists"], state["list_starts"], state.get("rerank"))
-        if names == ("vectors.npy", LISTS, STARTS, "rerank.npy" if p["rerank_dtype"] != "float32" else None):
+        float32_name = "vectors.npy" if p["keep_float32"] else None
+        if names == (float32_name, LISTS, STARTS, "rerank.npy" if p["rerank_dtype"] != "float32" else None):
             self._loaded_from = (Path(directory), p["rerank_dtype"])
 
     def _map_lists(self, directory: Path, state: dict[str, Any], ix: faiss.IndexIVFPQ) -> None:

@@ -202,7 +202,7 @@ class ResumableBuild:
             sizes += np.bincount(load_npy(path, mmap=True), minlength=nlist)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         codes_at, ids_at, total = lists_layout(sizes, cs)
-        dtype = self.template.build_params["rerank_dtype"]
+        dtype, keep = self.template.build_params["rerank_dtype"], self.template.build_params["keep_float32"]
         attrs = {name: load_npy(self.vectors_dir / f"{name}.npy") for name in ("categories", "available")}
         slot_ids = np.empty(n, np.int64)
         slot_cats = np.empty(n, attrs["categories"].dtype)
@@ -213,7 +213,9 @@ class ResumableBuild:
         with atomic_dir(out, overwrite=True) as tmp:
             lists_file = np.memmap(tmp / LISTS, dtype=np.uint8, mode="w+", shape=(total,))
             codes_region = lists_file[: n * cs].reshape(n, cs)
-            vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+            vectors = None
+            if keep:
+                vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
             rerank = None
             if dtype != "float32":
                 kind, cols = row_format(dtype, dim)
@@ -226,7 +228,8 @@ class ResumableBuild:
                 codes_region[slots] = load_npy(self.work / _part_files(i)[1])
                 for at in range(0, len(v), ENCODE_ROWS):
                     rows, to = np.asarray(v[at : at + ENCODE_ROWS], np.float32), slots[at : at + ENCODE_ROWS]
-                    vectors[to] = rows
+                    if vectors is not None:
+                        vectors[to] = rows
                     if rerank is not None:
                         rerank[to] = encode(rows, dtype)
                 slot_ids[slots] = ids
@@ -264,7 +267,7 @@ class ResumableBuild:
             "attributes": [],
             "backend_state": {
                 "layout": LAYOUT,
-                "vectors": "vectors.npy",
+                "vectors": "vectors.npy" if keep else None,
                 "rerank": "rerank.npy" if dtype != "float32" else None,
                 "file": "ivfpq.faiss",
                 "lists": LISTS,

@@ -104,6 +104,12 @@ def _inner_products_by_idx(q: np.ndarray, vecs: np.ndarray, slots: np.ndarray) -
     return out
 
 
+def _decoded_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 rows [c, dim] of stored re-rank rows (int8: codes times their scale)."""
+    rows, scale = decode(stored, dtype)
+    return rows if scale is None else rows * scale[:, None]
+
+
 def score_stored(query: np.ndarray, stored: np.ndarray, dtype: str) -> np.ndarray:
     """Scores [c] of one query [1, dim] against stored rows [c, ...] of `dtype`: each one faiss inner
     product of two float32 rows (times the row's scale for int8), whichever tier the rows came from."""
@@ -205,27 +211,41 @@ class RerankVectors:
     """Vectors by slot: slots [0, n_main) in `main` (float32: a memory-mapped file, or an array of a
     fresh build), later slots in an in-memory tier; re-ranked from `rerank` (the stored rows of
     `dtype`, mapped or in memory) where given, else from `main` (float32, or rounded to `dtype` on
-    the fly: the same values the file would hold)."""
+    the fly: the same values the file would hold).
+
+    main=None (a snapshot saved without its float32 file, ivfpq keep_float32=False): the re-rank rows
+    are the only copy of the catalog's vectors, and exact search scores them too (decoded a block of
+    rows at a time): it is exact over the stored, rounded vectors."""
 
     def __init__(
         self,
-        main: np.ndarray,
+        main: np.ndarray | None,
         path: Path | None = None,
         dtype: str = "float32",
         rerank: np.ndarray | None = None,
         rerank_path: Path | None = None,
     ):
-        self.path = path  # the file `main` maps (None: in memory)
-        self.dim = int(main.shape[1])
+        self.path = path  # the file `main` maps (None: in memory, or no float32 file)
         self.dtype = check_dtype(dtype)
-        self.on_disk = _mapping(main) is not None
+        if main is None:
+            if rerank is None or self.dtype == "float32":
+                raise ConfigError("vectors without a float32 copy need the re-rank rows of float16 or int8")
+            self.dim = int(rerank.shape[1]) - (4 if self.dtype == "int8" else 0)
+        else:
+            self.dim = int(main.shape[1])
+        self.float32 = main is not None  # False: the re-rank rows are all there is
+        self.on_disk = _mapping(main if main is not None else cast(np.ndarray, rerank)) is not None
         # In memory (a fresh build): one growing array. On disk: the file, fixed, plus a fresh tier.
-        self._mem = None if self.on_disk else Growable(main)
-        self._file = np.asarray(main)
+        self._mem = None if self.on_disk or main is None else Growable(main)
+        self._file = np.asarray(main) if main is not None else np.empty((0, self.dim), np.float32)
         self.fresh = Growable(np.empty((0, self.dim), np.float32))
         # The float32 file gets the run reader (and MADV_RANDOM) only when re-ranking reads it; else it is
         # read by exact search alone, whole, with the kernel's read-ahead.
-        self._main_rows = MappedRows(main, path) if self.on_disk and path is not None and dtype == "float32" else None
+        self._main_rows = (
+            MappedRows(main, path)
+            if main is not None and self.on_disk and path is not None and dtype == "float32"
+            else None
+        )
         self._rerank = None if rerank is None else np.asarray(rerank)
         self._rerank_rows = (
             MappedRows(rerank, rerank_path)
@@ -235,11 +255,21 @@ class RerankVectors:
 
     @property
     def main(self) -> np.ndarray:
+        """The float32 rows of slots [0, n_main) (refused without a float32 copy: use rows())."""
+        if not self.float32:
+            raise ConfigError("this index keeps no float32 copy of its vectors (keep_float32=false): use rows()")
         return self._file if self._mem is None else self._mem.data
 
     @property
     def n_main(self) -> int:
-        return len(self.main)
+        return len(self.main) if self.float32 else len(cast(np.ndarray, self._rerank))
+
+    def decoded(self, start: int, stop: int) -> np.ndarray:
+        """float32 rows of main slots [start, stop): the float32 copy's, else the re-rank rows decoded
+        (int8: times their scale)."""
+        if self.float32:
+            return np.asarray(self.main[start:stop], np.float32)
+        return _decoded_rows(cast(np.ndarray, self._rerank)[start:stop], self.dtype)
 
     @property
     def n(self) -> int:
@@ -266,7 +296,7 @@ class RerankVectors:
     def resident_bytes(self) -> int:
         """Bytes the process itself must hold: the in-memory tiers and the page maps (a mapped file
         is the kernel's cache)."""
-        total = self.fresh.data.nbytes + (0 if self.on_disk else self.main.nbytes)
+        total = self.fresh.data.nbytes + (0 if self.on_disk or not self.float32 else self.main.nbytes)
         if self._rerank is not None and self._rerank_rows is None:
             total += self._rerank.nbytes  # the re-rank rows read into RAM
         return int(total + sum(f.seen_bytes for f in (self._main_rows, self._rerank_rows) if f is not None))
@@ -274,7 +304,7 @@ class RerankVectors:
     def disk_bytes(self) -> int:
         """Bytes of the mapped files (float32 vectors and re-rank rows)."""
         rerank = self._rerank.nbytes if self._rerank is not None and self._rerank_rows is not None else 0
-        return int((self.main.nbytes if self.on_disk else 0) + rerank)
+        return int((self.main.nbytes if self.on_disk and self.float32 else 0) + rerank)
 
     def scores(self, q: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Re-rank scores [m, c] of each query row with the vectors of its slots [m, c]; -1 slots score
@@ -323,8 +353,12 @@ class RerankVectors:
         # Most slots qualify: score them all and exclude the rest, rather than gather the qualifying
         # vectors (at 1M items a 0.5 GB copy per call).
         score_all = bits is None or int(bits.sum()) * 4 > len(bits)
-        for first, arr in ((0, self.main), (self.n_main, self.fresh.data)):
-            if not len(arr):
+        if not self.float32:  # the main slots from the re-rank rows; the fresh tier below as usual
+            main_ids, main_scores = self._exact_decoded(q, k, bits, score_all)
+            ids.append(main_ids)
+            scores.append(main_scores)
+        for first, arr in ((0, self._file if self.float32 else None), (self.n_main, self.fresh.data)):
+            if arr is None or not len(arr):
                 continue
             if score_all:
                 hidden = None if bits is None else ~bits[first : first + len(arr)]
@@ -349,23 +383,54 @@ class RerankVectors:
             return padded(len(q), k)
         return merge_topk(ids, scores, k)
 
+    def _exact_decoded(
+        self, q: np.ndarray, k: int, bits: np.ndarray | None, score_all: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """exact_topk over the main slots from the re-rank rows (no float32 copy): a block of rows
+        decoded at a time, never the whole catalog as float32."""
+        n = self.n_main
+        if not score_all:
+            idx = np.flatnonzero(cast(np.ndarray, bits)[:n])
+            if not len(idx):
+                return padded(len(q), k)
+            qualifying = self.rows(idx)
+            return topk_blocked(q, k, functools.partial(inner_products, vecs=qualifying), len(idx), labels=idx)
+
+        def every(b: np.ndarray) -> np.ndarray:
+            out = np.empty((len(b), n), np.float32)
+            for at in range(0, n, WRITE_ROWS):
+                out[:, at : at + WRITE_ROWS] = inner_products(b, self.decoded(at, min(at + WRITE_ROWS, n)))
+            if bits is not None:
+                out[:, ~bits[:n]] = -np.inf
+            return out
+
+        return topk_blocked(q, k, every, n)
+
     def rows(self, slots: np.ndarray) -> np.ndarray:
-        """float32 vectors of `slots` (any tier), [len(slots), dim]."""
+        """float32 vectors of `slots` (any tier), [len(slots), dim] (without a float32 copy: the
+        re-rank rows decoded)."""
         slots = np.asarray(slots, np.int64)
         out = np.empty((len(slots), self.dim), np.float32)
         in_main = slots < self.n_main
-        out[in_main] = self.main[slots[in_main]]
+        if self.float32:
+            out[in_main] = self.main[slots[in_main]]
+        else:
+            out[in_main] = _decoded_rows(cast(np.ndarray, self._rerank)[slots[in_main]], self.dtype)
         out[~in_main] = self.fresh.data[slots[~in_main] - self.n_main]
         return out
 
-    def save(self, directory: Path, order: np.ndarray | None) -> dict[str, str]:
-        """Write vectors.npy (float32) and, for a rounded dtype, rerank.npy, in `order` (every slot once;
-        None: slot order); return {file name: sha256}. Written a block of rows at a time."""
+    def save(self, directory: Path, order: np.ndarray | None, float32: bool = True) -> dict[str, str]:
+        """Write vectors.npy (float32; not with float32=False) and, for a rounded dtype, rerank.npy, in
+        `order` (every slot once; None: slot order); return {file name: sha256}. Written a block of rows
+        at a time."""
         n = self.n
         order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
-        out = {
-            "vectors.npy": write_rows(directory / "vectors.npy", n, np.dtype(np.float32), self.dim, order, self.rows)
-        }
+        out = {}
+        if float32:
+            if not self.float32:
+                raise ConfigError("no float32 copy of the vectors to save (keep_float32=false)")
+            f32 = np.dtype(np.float32)
+            out["vectors.npy"] = write_rows(directory / "vectors.npy", n, f32, self.dim, order, self.rows)
         if self.dtype != "float32":
             kind, cols = row_format(self.dtype, self.dim)
 
