@@ -350,8 +350,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "lean-exact-ignores-filter",
         "index/vecfile.py",
-        "            if bits is not None:\n                out[:, ~bits[:n]] = -np.inf\n",
-        "",
+        "hidden = None if bits is None else ~bits[at:stop]",
+        "hidden = None",
         "without a float32 copy, exact search over most of the catalog returns items the filter excludes",
         select="answers_are_the_same",
         tests=("tests/unit/index/test_ivfpq_no_float32.py",),

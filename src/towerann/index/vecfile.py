@@ -43,6 +43,7 @@ MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED = 1, 3, 4  # Linux
 RUN_GAP = 16  # unread pages at most this far apart are read as one run (a 64 KB gap costs less than a request)
 WRITE_ROWS = 1 << 16  # rows gathered per block when a file is written
 DECODE_ROWS = 1024  # float16/int8 rows decoded per block when re-ranking (512 KB of float32 at 128-d)
+EXACT_ROWS = 1 << 18  # rows decoded per block by exact search without a float32 copy (128 MB of float32 at 128-d)
 
 
 def check_dtype(dtype: str) -> str:
@@ -386,8 +387,10 @@ class RerankVectors:
     def _exact_decoded(
         self, q: np.ndarray, k: int, bits: np.ndarray | None, score_all: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        """exact_topk over the main slots from the re-rank rows (no float32 copy): a block of rows
-        decoded at a time, never the whole catalog as float32."""
+        """exact_topk over the main slots from the re-rank rows (no float32 copy). Rows are the outer loop:
+        each block is decoded once and scored against every query, its top-k merged into the running
+        one, so the file is read once per call whatever the number of queries (ground truth for 1000
+        queries at 100M items: one pass over 25.6 GB, not one per query block)."""
         n = self.n_main
         if not score_all:
             idx = np.flatnonzero(cast(np.ndarray, bits)[:n])
@@ -395,16 +398,21 @@ class RerankVectors:
                 return padded(len(q), k)
             qualifying = self.rows(idx)
             return topk_blocked(q, k, functools.partial(inner_products, vecs=qualifying), len(idx), labels=idx)
+        best = padded(len(q), k)
+        for at in range(0, n, EXACT_ROWS):
+            stop = min(at + EXACT_ROWS, n)
+            rows = self.decoded(at, stop)
+            hidden = None if bits is None else ~bits[at:stop]
 
-        def every(b: np.ndarray) -> np.ndarray:
-            out = np.empty((len(b), n), np.float32)
-            for at in range(0, n, WRITE_ROWS):
-                out[:, at : at + WRITE_ROWS] = inner_products(b, self.decoded(at, min(at + WRITE_ROWS, n)))
-            if bits is not None:
-                out[:, ~bits[:n]] = -np.inf
-            return out
+            def block(b: np.ndarray, rows: np.ndarray = rows, hidden: np.ndarray | None = hidden) -> np.ndarray:
+                scores = inner_products(b, rows)
+                if hidden is not None:
+                    scores[:, hidden] = -np.inf
+                return scores
 
-        return topk_blocked(q, k, every, n)
+            part = topk_blocked(q, k, block, stop - at, labels=np.arange(at, stop, dtype=np.int64))
+            best = merge_topk([best[0], part[0]], [best[1], part[1]], k)
+        return best
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """float32 vectors of `slots` (any tier), [len(slots), dim] (without a float32 copy: the
