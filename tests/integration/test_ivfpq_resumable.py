@@ -13,19 +13,22 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from towerann.cli import main
-from towerann.data.synth_vectors import far_off_catalog
+from towerann.data.synth_vectors import FarOffParts, far_off_catalog
 from towerann.data.vectors_dir import write_vectors
 from towerann.errors import ConfigError
+from towerann.index import create
 from towerann.index.ivfpq_resumable import ResumableBuild
 from towerann.index.snapshot import current_version, load_snapshot, publish, read_checked_manifest
+from towerann.index.tune import recall_at_k
 
 N, D, PART = 12_000, 32, 3000  # 4 parts
-PARAMS = {"nlist": 64, "pq_m": 8, "train_sample": 5000, "rerank_dtype": "float16"}
+PARAMS: dict[str, Any] = {"nlist": 64, "pq_m": 8, "train_sample": 5000, "rerank_dtype": "float16"}
 ARGS = [f"--param={k}={v}" for k, v in PARAMS.items()]
 
 
@@ -79,7 +82,7 @@ def test_the_part_by_part_build_writes_the_in_memory_builds_files(catalog, in_me
         published = root / current_version(root) / name
         assert published.stat().st_ino == (tmp_path / "work" / "assembled" / name).stat().st_ino, name
     index = load_snapshot(root)
-    assert index.kind == "ivfpq" and len(index) == N and index.nlist == PARAMS["nlist"]
+    assert index.kind == "ivfpq" and len(index) == N and index.describe().startswith(f"IVF{PARAMS['nlist']},PQ8")
     # and it searches: the IVF-PQ walk with re-ranking finds most of exact search's top 10
     got, truth = index.search(queries, 10).ids, index.exact_search(queries, 10).ids
     assert np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]) >= 0.8
@@ -158,3 +161,25 @@ def test_without_a_float32_copy_it_writes_the_in_memory_builds_files_too(catalog
     expected = built(vdir, tmp_path / "in-memory", lean)
     assert "vectors.npy" not in expected and "rerank.npy" in expected
     assert built(vdir, tmp_path / "resumable", lean, "--resume-dir", str(tmp_path / "work")) == expected
+
+
+def test_a_generated_catalog_is_built_with_no_vectors_file(tmp_path):
+    """The 100M-style source: parts drawn from a seeded generator, each the same whenever it is made."""
+    gen = FarOffParts(10_000, 2500, 32, seed=7, n_clusters=40)
+    first, _ = gen.part(3)
+    assert np.array_equal(gen.part(3)[0], first) and not np.array_equal(gen.part(2)[0], first)
+    assert np.array_equal(FarOffParts(10_000, 2500, 32, seed=7, n_clusters=40).part(3)[0], first)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+
+    params = {**PARAMS, "keep_float32": False}
+    built_parts = ResumableBuild(gen, tmp_path / "work", params).run(progress=False)
+    whole = np.concatenate([gen.part(i)[0] for i in range(4)])
+    in_memory = create("ivfpq", 32, **params)
+    in_memory.build(whole, np.arange(10_000), gen.clusters)
+    a = read_checked_manifest(publish(in_memory, tmp_path / "a", "m"))["checksums"]
+    assert read_checked_manifest(publish(built_parts, tmp_path / "b", "m"))["checksums"] == a
+    assert not any(p.suffix == ".npy" and p.name.startswith("vectors") for p in (tmp_path / "work").rglob("*"))
+    q = gen.queries(20)
+    assert recall_at_k(built_parts.search(q, 10).ids, built_parts.exact_search(q, 10).ids) >= 0.8
+    with pytest.raises(ConfigError, match="they differ in seed"):
+        ResumableBuild(FarOffParts(10_000, 2500, 32, seed=8, n_clusters=40), tmp_path / "work", params)

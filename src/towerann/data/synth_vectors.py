@@ -118,3 +118,98 @@ def far_off_catalog(
         "largest_cluster_share": round(float(sizes.max()) / n_items, 4),
     }
     return VectorCatalog(vectors, queries.astype(np.float32, copy=False), clusters, params)
+
+
+PARTS_FORMAT = "far-off-parts/1"  # FarOffParts' output; bump when a change to it changes its output
+PART_STREAM = 0x70617274  # mixed into each part's seed: its stream is none of far_off_catalog's
+
+
+class FarOffParts:
+    """far_off_catalog's world made a part at a time, for catalogs too big to hold or to store whole
+    (100M x 128-d float32 is 51 GB): part i (items [i * part_size, ...)) is drawn from its own RNG stream,
+    so it is the same whatever other parts were made, in any order, as often as asked. Item ids are
+    row numbers, an item's category is its cluster, every item is available. It has the shape of
+    index.ivfpq_resumable.PartSource (a resumable ivfpq build reads it part by part, no vectors file).
+    The arrays differ from far_off_catalog's for the same seed (other streams); the world's shape is
+    the same."""
+
+    def __init__(
+        self,
+        n_items: int,
+        part_size: int,
+        dim: int = 128,
+        *,
+        seed: int = 0,
+        n_clusters: int | None = None,
+        zipf: float = 1.1,
+        spectrum: float = 0.5,
+        spread: float = 1.0,
+        mix: tuple[int, int] = (3, 8),
+        noise: float = 1.0,
+    ):
+        if n_items < 2 or part_size < 1 or dim < 2:
+            raise ConfigError(f"need >= 2 items, part_size >= 1 and dim >= 2; got {n_items}, {part_size}, {dim}")
+        self.n, self.part_size, self.dim, self.metric, self.seed = n_items, part_size, dim, "ip", seed
+        self.spread, self.mix, self.noise = spread, (int(mix[0]), int(mix[1])), noise
+        c = min(default_clusters(n_items) if n_clusters is None else int(n_clusters), n_items)
+        world_rng = np.random.default_rng([seed, PART_STREAM])
+        rot, _ = np.linalg.qr(world_rng.standard_normal((dim, dim)))
+        scale = np.arange(1, dim + 1, dtype=np.float64) ** (-spectrum / 2)
+        self.basis = (scale[:, None] * rot.T).astype(np.float32)
+        self.centres = world_rng.standard_normal((c, dim), dtype=np.float32) @ self.basis
+        weights = np.arange(1, c + 1, dtype=np.float64) ** -zipf
+        sizes = world_rng.multinomial(n_items, weights / weights.sum())
+        clusters = np.repeat(np.arange(c, dtype=np.int32), sizes)
+        self.clusters = clusters[world_rng.permutation(n_items)]
+        self.params = {
+            "generator": PARTS_FORMAT,
+            "items": n_items,
+            "part_size": part_size,
+            "dim": dim,
+            "seed": seed,
+            "n_clusters": c,
+            "zipf": zipf,
+            "spectrum": spectrum,
+            "spread": spread,
+            "mix": list(self.mix),
+            "noise": noise,
+        }
+
+    def part_counts(self) -> list[int]:
+        return [min(self.part_size, self.n - s) for s in range(0, self.n, self.part_size)]
+
+    def part(self, i: int, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Part i's (unit float32 vectors, int64 ids); `verify` is a PartSource's (nothing stored to check)."""
+        start = i * self.part_size
+        stop = min(start + self.part_size, self.n)
+        rng = np.random.default_rng([self.seed, PART_STREAM, i + 1])
+        vectors = np.empty((stop - start, self.dim), np.float32)
+        for s in range(start, stop, CHUNK):
+            e = min(s + CHUNK, stop)
+            z = rng.standard_normal((e - s, self.dim), dtype=np.float32)
+            spread = np.float32(self.spread) * (z @ self.basis)
+            vectors[s - start : e - start] = _unit(self.centres[self.clusters[s:e]] + spread)
+        return vectors, np.arange(start, stop, dtype=np.int64)
+
+    def attributes(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.clusters[ids], np.ones(len(ids), bool)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def queries(self, n_queries: int, seed: int = 0) -> np.ndarray:
+        """Far-off queries (the mean of `mix` random items plus noise, normalised), each part made once."""
+        lo, hi = self.mix
+        rng = np.random.default_rng([self.seed, PART_STREAM, 0, seed])
+        counts = rng.integers(lo, hi + 1, n_queries)
+        picks = rng.integers(0, self.n, (n_queries, hi))
+        picked = np.empty((*picks.shape, self.dim), np.float32)
+        for i in np.unique(picks // self.part_size).tolist():
+            here = picks // self.part_size == i
+            vectors, _ = self.part(i)
+            picked[here] = vectors[picks[here] - i * self.part_size]
+        use = np.arange(hi)[None, :] < counts[:, None]
+        mean = (picked * use[:, :, None]).sum(axis=1) / counts[:, None].astype(np.float32)
+        size = np.linalg.norm(mean, axis=1, keepdims=True) / np.sqrt(np.float32(self.dim))
+        noisy = mean + np.float32(self.noise) * size * rng.standard_normal((n_queries, self.dim), dtype=np.float32)
+        return _unit(noisy).astype(np.float32, copy=False)

@@ -344,10 +344,11 @@ def _build_resumable(
     its filter plan measured as build_index does; (index, the vectors manifest's model version and
     category names)."""
     from towerann.index.build import finish_build, split_params
-    from towerann.index.ivfpq_resumable import ResumableBuild
+    from towerann.index.ivfpq_resumable import ResumableBuild, VectorsDirSource
 
     build, search = split_params("ivfpq", params)
-    job = ResumableBuild(Path(args.vectors), Path(args.resume_dir), build)
+    source = VectorsDirSource(Path(args.vectors))
+    job = ResumableBuild(source, Path(args.resume_dir), build)
     index = job.run()
     # Item-made calibration queries (no tuning queries) are made from a sample of the catalog's rows, read
     # from the files (there may be no float32 copy; all of it would not fit in RAM at this scale).
@@ -357,7 +358,7 @@ def _build_resumable(
         sample = np.random.default_rng(0).choice(stored.n, min(stored.n, ITEM_SAMPLE_ROWS), replace=False)
         vectors = stored.rows(np.sort(sample))
     finish_build(index, vectors, search, tuning, calibrate_filters=True, filter_k=args.k)
-    return index, {"model_version": job.manifest["model_version"], "category_names": job.manifest["category_names"]}
+    return index, {key: source.manifest[key] for key in ("model_version", "category_names")}
 
 
 def _kind_params(args: argparse.Namespace) -> dict[str, Any]:

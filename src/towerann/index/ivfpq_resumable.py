@@ -26,7 +26,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import faiss
 import numpy as np
@@ -52,26 +52,77 @@ def _part_files(i: int) -> tuple[str, str]:
     return f"part-{i:05d}.lists.npy", f"part-{i:05d}.codes.npy"
 
 
+class PartSource(Protocol):
+    """Where a resumable build reads the catalog, a part at a time (each part is read up to three times:
+    for the training sample, to encode it, to place it): a vectors directory, or a seeded generator
+    (data.synth_vectors.FarOffParts: no vectors file on disk at all)."""
+
+    dim: int
+    metric: str
+
+    def part_counts(self) -> list[int]: ...
+
+    def part(self, i: int, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Part i's (float32 vectors [c, dim], int64 item ids [c]); verify: check it against its checksum."""
+        ...
+
+    def attributes(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(category code int32, available bool) of items `ids`."""
+        ...
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the catalog (JSON): a work directory of another one is refused."""
+        ...
+
+
+class VectorsDirSource:
+    """A vectors directory (`towerann embed`, or imported) as a PartSource: its parts, mapped."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory, VECTORS_KIND, VECTORS_FORMAT)
+        self.dim, self.metric = int(self.manifest["dim"]), str(self.manifest["metric"])
+        self._attrs: dict[str, np.ndarray] = {}
+
+    def part_counts(self) -> list[int]:
+        return [int(p["count"]) for p in self.manifest["parts"]]
+
+    def part(self, i: int, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+        p = self.manifest["parts"][i]
+        v = load_npy(self.directory / p["vectors"], p["sha256"] if verify else None, mmap=True)
+        ids = load_npy(self.directory / p["ids"], p["ids_sha256"] if verify else None, mmap=True)
+        if v.shape != (int(p["count"]), self.dim) or ids.shape != (int(p["count"]),):
+            raise ArtifactError(f"{self.directory / p['vectors']}: shape {v.shape} does not match the manifest")
+        return v, ids
+
+    def attributes(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self._attrs:  # one int32 and one bool per item: small beside the vectors
+            self._attrs = {name: load_npy(self.directory / f"{name}.npy") for name in ("categories", "available")}
+        return self._attrs["categories"][ids], self._attrs["available"][ids]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "vectors_dir": str(self.directory.resolve()),
+            "parts_sha256": [p["sha256"] for p in self.manifest["parts"]],
+            "attrs_sha256": self.manifest["attrs_sha256"],
+        }
+
+
 class ResumableBuild:
     """One build's work directory: its inputs, the steps done, and the steps themselves."""
 
-    def __init__(self, vectors_dir: Path, work: Path, params: dict[str, Any]):
-        self.vectors_dir, self.work = Path(vectors_dir), Path(work)
-        self.manifest = read_manifest(self.vectors_dir, VECTORS_KIND, VECTORS_FORMAT)
-        self.parts: list[dict[str, Any]] = self.manifest["parts"]
-        self.n, self.dim = int(self.manifest["count"]), int(self.manifest["dim"])
-        self.template = IVFPQIndex(self.dim, self.manifest["metric"], **params)  # checks the params
+    def __init__(self, source: PartSource | Path, work: Path, params: dict[str, Any]):
+        self.source: PartSource = VectorsDirSource(source) if isinstance(source, Path) else source
+        self.work = Path(work)
+        self.counts = self.source.part_counts()
+        self.n, self.dim = sum(self.counts), self.source.dim
+        self.template = IVFPQIndex(self.dim, self.source.metric, **params)  # checks the params
         if self.n < MIN_TRAIN:
             raise ConfigError(
-                f"{self.vectors_dir}: {self.n} items are too few for a part-by-part ivfpq build (it trains IVF-PQ, "
-                f"which needs >= {MIN_TRAIN}); build without --resume-dir"
+                f"{self.n} items are too few for a part-by-part ivfpq build (it trains IVF-PQ, which needs >= "
+                f"{MIN_TRAIN}); build without --resume-dir"
             )
-        self.inputs = {
-            "vectors_dir": str(self.vectors_dir.resolve()),
-            "parts_sha256": [p["sha256"] for p in self.parts],
-            "attrs_sha256": self.manifest["attrs_sha256"],
-            "build_params": self.template.build_params,
-        }
+        self.inputs = {**self.source.fingerprint(), "build_params": self.template.build_params}
         self.state = self._open()
 
     def _open(self) -> dict[str, Any]:
@@ -88,7 +139,8 @@ class ResumableBuild:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: not a build's progress file ({e}); use an empty --resume-dir") from e
         differ = [key for key in self.inputs if theirs.get(key) != json.loads(json.dumps(self.inputs[key]))]
-        if differ:
+        if differ or set(theirs) != set(self.inputs):
+            differ = differ or sorted(set(theirs) ^ set(self.inputs))
             raise ConfigError(
                 f"{self.work} holds a build of other inputs (they differ in {', '.join(differ)}); "
                 "use another --resume-dir, or remove that one to start over"
@@ -114,12 +166,9 @@ class ResumableBuild:
         write_json_atomic(self.work / PROGRESS, self.state)
 
     def _part(self, i: int, verify: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Part i's (vectors, internal ids), mapped from the vectors directory."""
-        p = self.parts[i]
-        v = load_npy(self.vectors_dir / p["vectors"], p["sha256"] if verify else None, mmap=True)
-        ids = load_npy(self.vectors_dir / p["ids"], p["ids_sha256"] if verify else None, mmap=True)
-        if v.shape != (int(p["count"]), self.dim) or ids.shape != (int(p["count"]),):
-            raise ArtifactError(f"{self.vectors_dir / p['vectors']}: shape {v.shape} does not match the manifest")
+        v, ids = self.source.part(i, verify)
+        if v.shape != (self.counts[i], self.dim) or ids.shape != (self.counts[i],):
+            raise ArtifactError(f"part {i}: vectors {v.shape} and ids {ids.shape}, not {self.counts[i]} x {self.dim}")
         return v, ids
 
     def run(self, on_step: Callable[[str], None] | None = None, progress: bool | None = None) -> IVFPQIndex:
@@ -133,13 +182,13 @@ class ResumableBuild:
                 self.work,
                 "yes" if self.state["trained"] else "no",
                 done,
-                len(self.parts),
+                len(self.counts),
                 ", assembled" if self.state["assembled"] else "",
             )
         if self.state["assembled"]:
             return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
         trained = self._train(on_step)
-        todo = [i for i in range(len(self.parts)) if i not in self.state["encoded"]]
+        todo = [i for i in range(len(self.counts)) if i not in self.state["encoded"]]
         off = None if progress is None else not progress
         for i in tqdm(todo, desc="ivfpq encode parts", disable=off):
             self._encode(i, trained)
@@ -158,13 +207,12 @@ class ResumableBuild:
             return cast(faiss.IndexIVFPQ, faiss.read_index(str(path)))
         rows = self.template.training_rows(self.n)
         blocks, at = [], 0
-        for i, p in enumerate(self.parts):
-            v, _ = self._part(i, verify=False)
-            end = at + int(p["count"])
-            if rows is None:
-                blocks.append(np.array(v, np.float32))
-            else:
-                blocks.append(np.array(v[rows[(rows >= at) & (rows < end)] - at], np.float32))
+        for i, count in enumerate(self.counts):
+            end = at + count
+            mine = None if rows is None else rows[(rows >= at) & (rows < end)] - at
+            if mine is None or len(mine):  # a generated part is made only when the sample needs it
+                v, _ = self._part(i, verify=False)
+                blocks.append(np.array(v if mine is None else v[mine], np.float32))
             at = end
         trained = self.template.trained(np.concatenate(blocks), self.n)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -196,16 +244,15 @@ class ResumableBuild:
         """Every row at its slot in inverted-list order (rows of one list in catalog order, as faiss
         appends them), written as an ivfpq snapshot's files; returns the manifest a load reads."""
         nlist, cs, n, dim = int(trained.nlist), int(trained.code_size), self.n, self.dim
-        part_lists = [self.work / _part_files(i)[0] for i in range(len(self.parts))]
+        part_lists = [self.work / _part_files(i)[0] for i in range(len(self.counts))]
         sizes = np.zeros(nlist, np.int64)
         for path in part_lists:
             sizes += np.bincount(load_npy(path, mmap=True), minlength=nlist)
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         codes_at, ids_at, total = lists_layout(sizes, cs)
         dtype, keep = self.template.build_params["rerank_dtype"], self.template.build_params["keep_float32"]
-        attrs = {name: load_npy(self.vectors_dir / f"{name}.npy") for name in ("categories", "available")}
         slot_ids = np.empty(n, np.int64)
-        slot_cats = np.empty(n, attrs["categories"].dtype)
+        slot_cats = np.empty(n, np.int32)
         slot_avail = np.empty(n, bool)
         out = self.work / ASSEMBLED
         for stale in self.work.glob(f".{ASSEMBLED}.tmp-*"):  # a kill while assembling: done again, whole
@@ -221,7 +268,7 @@ class ResumableBuild:
                 kind, cols = row_format(dtype, dim)
                 rerank = np.lib.format.open_memmap(tmp / "rerank.npy", mode="w+", dtype=kind, shape=(n, cols))
             cursor = starts[:-1].copy()
-            for i in tqdm(range(len(self.parts)), desc="ivfpq assemble parts", disable=progress_off):
+            for i in tqdm(range(len(self.counts)), desc="ivfpq assemble parts", disable=progress_off):
                 v, ids = self._part(i, verify=False)
                 lists = load_npy(self.work / _part_files(i)[0])
                 slots = _place(lists, cursor)
@@ -233,8 +280,7 @@ class ResumableBuild:
                     if rerank is not None:
                         rerank[to] = encode(rows, dtype)
                 slot_ids[slots] = ids
-                slot_cats[slots] = attrs["categories"][ids]
-                slot_avail[slots] = attrs["available"][ids]
+                slot_cats[slots], slot_avail[slots] = self.source.attributes(ids)
             for list_no in range(nlist):  # each list's slot ids: its range of the slot order
                 at, size = int(ids_at[list_no]), int(sizes[list_no])
                 lists_file[at : at + 8 * size] = np.arange(starts[list_no], starts[list_no] + size).view(np.uint8)
