@@ -359,8 +359,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "resumable-build-starts-over",
         "index/ivfpq_resumable.py",
-        'todo = [i for i in range(len(self.parts)) if i not in self.state["encoded"]]',
-        "todo = list(range(len(self.parts)))",
+        'todo = [i for i in range(len(self.counts)) if i not in self.state["encoded"]]',
+        "todo = list(range(len(self.counts)))",
         "a killed part-by-part build encodes the parts it had finished again",
         select="killed_build",
         tests=("tests/integration/test_ivfpq_resumable.py",),
