@@ -23,6 +23,7 @@ types: pq-<dtype>.json + .png each).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -242,6 +243,123 @@ def run_pq_bench(
     return {"runs": runs, "files": files}
 
 
+def run_pq_generated(
+    items: int,
+    dim: int,
+    *,
+    part_size: int,
+    pq_m: int = 16,
+    rerank_dtype: str = "float16",
+    ks: tuple[int, ...] = (100, 1000),
+    modes: tuple[str, ...] = ("warm", "cold"),
+    n_queries: int = 300,
+    n_cold: int = 40,
+    grid: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    out: str | Path | None = "bench-results",
+    work: str | Path = "bench-results/work",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`bench pq --set generated`: the far-off catalog made part by part by a seeded generator
+    (data.synth_vectors.FarOffParts) and built part by part in `work` (index.ivfpq_resumable: a killed
+    run, started again with the same options, goes on), with the re-rank rows as the only copy of the
+    vectors (keep_float32=false): no vectors file is ever stored, so the files on disk are the codes,
+    the re-rank rows and the tables. Ground truth is exact search over the generator's float32 vectors
+    (one pass over the parts, cached in `work`). One code size and row type; writes pq-<items>.json + .png."""
+    from towerann.bench.freshness import rss_mb
+    from towerann.bench.report import begin_run, write_report
+    from towerann.data.synth_vectors import FarOffParts
+    from towerann.index.ivfpq_resumable import ResumableBuild
+
+    if rerank_dtype == "float32":
+        raise ConfigError("--set generated keeps no float32 copy: give --rerank-dtype float16 or int8")
+    if "ram" in modes:
+        raise ConfigError("--set generated measures warm and cold (its re-rank rows are not read into RAM)")
+    start = begin_run()
+    work = Path(work)
+    gen = FarOffParts(items, part_size, dim, seed=seed)
+    queries = gen.queries(n_queries, seed=1)
+    truth = _generated_truth(gen, queries, max(ks), work)
+    build_dir = work / f"build-pq{pq_m}-{rerank_dtype}"
+    _peak_rss_reset()
+    t0 = time.perf_counter()
+    job = ResumableBuild(gen, build_dir, {"pq_m": pq_m, "rerank_dtype": rerank_dtype, "keep_float32": False})
+    resumed = bool(job.state["trained"])
+    index = job.run()
+    build_s, build_peak = time.perf_counter() - t0, rss_mb(os.getpid())[1]
+    mem = index.memory(as_loaded=True)
+    work_bytes = sum(f.stat().st_size for f in build_dir.rglob("*") if f.is_file())
+    code = {
+        "pq_m": pq_m,
+        "rerank_dtype": rerank_dtype,
+        "code_bytes": mem["codes_bytes_per_item"],
+        "description": index.describe(),
+        "build_s": build_s,
+        "build_resumed": resumed,
+        "build_peak_rss_mb": build_peak,
+        "resident_bytes_per_item": mem["resident_bytes_per_item"],
+        "resident_bytes_per_item_by_table": mem.get("resident_bytes_per_item_by_table"),
+        "disk_bytes_per_item": mem["disk_bytes_per_item"],
+        "mapped_tables_bytes_per_item": mem["mapped_tables_bytes_per_item"],
+        "work_dir_bytes": work_bytes,
+    }
+    nprobes, pools = grid or (NPROBES, POOLS)
+    points = _measure({rerank_dtype: (index, None)}, queries, queries[:n_cold], truth, ks, nprobes, pools, pq_m, modes)
+    result: dict[str, Any] = {
+        "dataset": {
+            "items": items,
+            "dim": dim,
+            "queries": len(queries),
+            "cold_queries": min(n_cold, len(queries)),
+            "source": {"kind": "generated, part by part", **gen.params},
+        },
+        "ks": list(ks),
+        "quick": False,
+        "grid": {"nprobe": list(nprobes), "rerank_x_k": list(pools)},
+        "single_query_threads": 1,
+        "codes": [code],
+        "points": points,
+        "raw_vector_bytes_per_item": 4 * dim,
+    }
+    result["targets"] = check_targets(result)
+    if out is not None:
+        json_path, png_path = write_report(out, f"pq-{items}", result, plot(result), run_start=start)
+        result["files"] = [str(json_path), str(png_path)]
+    return result
+
+
+def _generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:
+    """Exact top-k ids of `queries` over the generator's float32 vectors: one pass over the parts, each
+    scored against every query and merged; cached in `work` (keyed by the catalog and the queries)."""
+    import hashlib
+    import json
+
+    from towerann.artifacts import load_npy, save_npy_atomic
+    from towerann.index.merge import merge_topk, padded, topk_blocked
+
+    key = hashlib.sha256(json.dumps([gen.fingerprint(), k]).encode() + queries.tobytes()).hexdigest()[:16]
+    path = work / f"truth-{key}.npy"
+    if path.exists():
+        cached: np.ndarray = load_npy(path)
+        return cached
+    best = padded(len(queries), k)
+    at = 0
+    with threads(os.cpu_count() or 1):
+        for i, count in enumerate(gen.part_counts()):
+            vectors, _ = gen.part(i)
+            labels = np.arange(at, at + count, dtype=np.int64)
+            part = topk_blocked(queries, k, functools.partial(_scores, vectors=vectors), count, labels=labels)
+            best = merge_topk([best[0], part[0]], [best[1], part[1]], k)
+            at += count
+    work.mkdir(parents=True, exist_ok=True)
+    save_npy_atomic(path, best[0])
+    return best[0]
+
+
+def _scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    scores: np.ndarray = queries @ vectors.T
+    return scores
+
+
 def _measure(
     loaded: dict[str, tuple[Any, Any]],
     queries: np.ndarray,
@@ -426,6 +544,28 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.vectors) != bool(args.queries):
         raise ConfigError("--vectors and --queries go together: give both or neither")
     items, users = catalog_size(args)
+    if args.set == "generated":
+        if len(pq_ms) != 1 or len(dtypes) != 1:
+            raise ConfigError("--set generated builds one code size and row type: give one --pq-m and --rerank-dtype")
+        modes = tuple(parse_csv(args.modes, "--modes")) if args.modes != ",".join(MODES) else ("warm", "cold")
+        result = run_pq_generated(
+            items,
+            args.dim,
+            part_size=args.part_size,
+            pq_m=pq_ms[0],
+            rerank_dtype=dtypes[0],
+            ks=ks,
+            modes=modes,
+            n_queries=args.queries_n,
+            n_cold=args.cold_queries,
+            grid=grid,
+            out=args.out,
+            work=work,
+            seed=args.seed,
+        )
+        print_table(result)
+        print(f"wrote {' and '.join(result['files'])}")
+        return 0
     if args.vectors:
         data = given_dataset(args.vectors, args.queries)
     elif args.set == "far":
@@ -462,10 +602,17 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--set",
-        choices=("user", "far"),
+        choices=("user", "far", "generated"),
         default="user",
         help="user: a trained model's item vectors and held-out users' queries (default; the dataset "
-        "`bench ann` caches); far: the far-off-query catalog",
+        "`bench ann` caches); far: the far-off-query catalog; generated: that catalog made and built part "
+        "by part, resumable in --work, no vectors file stored (100M items on one node)",
+    )
+    p.add_argument(
+        "--part-size",
+        type=int,
+        default=1_000_000,
+        help="--set generated: items per generated part (default 1,000,000)",
     )
     add_seed(p, "--set far: catalog seed")
     add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)

@@ -43,3 +43,29 @@ def test_bench_pq_reports_memory_recall_and_warm_cold_latency(tmp_path):
             same.setdefault((p["pq_m"], repr(p["params"])), set()).add(round(p["recall"], 6))
     assert all(len(v) == 1 for v in same.values()), same
     assert set(r["targets"]) and all("met" in t for t in r["targets"].values())
+
+
+def test_bench_pq_generated_builds_part_by_part_and_stores_no_vectors_file(tmp_path):
+    """--set generated (the 100M path), small: the CLI's path end to end, then again on the same work
+    directory, which resumes (nothing rebuilt, the cached ground truth reused)."""
+    from towerann.cli import main
+
+    argv = ["bench", "pq", "--set", "generated", "--items", "12000", "--part-size", "3000", "--dim", "32"]
+    argv += ["--pq-m", "8", "--rerank-dtype", "float16", "--k", "10", "--nprobes", "8,64", "--pools", "0,8"]
+    argv += ["--queries-n", "60", "--cold-queries", "5", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "pq-12000.json").read_text())
+    assert r["dataset"]["source"]["generator"] == "far-off-parts/1" and r["dataset"]["items"] == 12000
+    (code,) = r["codes"]
+    assert code["disk_bytes_per_item"] == 2 * 32 and not code["build_resumed"]  # float16 rows, no float32 copy
+    assert not [f for f in (tmp_path / "work").rglob("vectors*.npy")]
+    assert {p["mode"] for p in r["points"]} == {"warm", "cold"}
+    deepest = [p for p in r["points"] if p["params"] == {"nprobe": 64, "rerank": 80} and p["mode"] == "warm"]
+    assert deepest and deepest[0]["recall"] >= 0.9  # against exact search over the generator's float32 vectors
+    truth = list((tmp_path / "work").glob("truth-*.npy"))
+    assert len(truth) == 1
+    made = truth[0].stat().st_mtime_ns
+    assert main(argv) == 0
+    again = json.loads((tmp_path / "pq-12000.json").read_text())
+    assert again["codes"][0]["build_resumed"] and truth[0].stat().st_mtime_ns == made
+    assert [p["recall"] for p in again["points"]] == [p["recall"] for p in r["points"]]
