@@ -171,8 +171,9 @@ def test_a_generated_catalog_is_built_with_no_vectors_file(tmp_path):
     assert np.array_equal(FarOffParts(10_000, 2500, 32, seed=7, n_clusters=40).part(3)[0], first)
     assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
 
-    params = {**PARAMS, "keep_float32": False}
+    params = {**PARAMS, "keep_float32": False, "coarse": "hnsw"}  # the 100M layout: lean, a graph over the centroids
     built_parts = ResumableBuild(gen, tmp_path / "work", params).run(progress=False)
+    assert "_HNSW32," in built_parts.describe()
     whole = np.concatenate([gen.part(i)[0] for i in range(4)])
     in_memory = create("ivfpq", 32, **params)
     in_memory.build(whole, np.arange(10_000), gen.clusters)

@@ -60,6 +60,12 @@ LISTS, STARTS = "ivfpq_lists.bin", "ivfpq_list_starts.npy"
 PAGE = mmap.PAGESIZE
 PAIR_OFFSET = (1 << 32) - 1  # faiss' store_pairs label: list << 32 | offset
 IDS_ALIGN = 1 << 21  # the ids region starts on a 2 MB boundary: no page, folio or read-ahead shared with codes
+COARSE = ("auto", "flat", "hnsw")
+# From this many lists, "auto" finds a vector's lists with an HNSW graph over the centroids instead of scoring
+# every centroid: at 100M items (40k lists) a flat assignment is 40k x 128 multiply-adds per vector, hours
+# for a build; the graph visits a few hundred centroids.
+HNSW_COARSE_LISTS = 16384
+HNSW_COARSE_M = 32
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -103,13 +109,41 @@ def lists_layout(sizes: np.ndarray, code_size: int) -> tuple[np.ndarray, np.ndar
 
 def _skeleton(trained: faiss.IndexIVFPQ) -> faiss.IndexIVFPQ:
     """An empty IVF-PQ index with `trained`'s quantizer (shared: keep `trained` alive) and PQ (copied)."""
+    return _skeleton_of(trained, trained.quantizer)
+
+
+def _skeleton_of(trained: faiss.IndexIVFPQ, quantizer: faiss.Index) -> faiss.IndexIVFPQ:
     ix = faiss.IndexIVFPQ(
-        trained.quantizer, trained.d, trained.nlist, trained.pq.M, trained.pq.nbits, faiss.METRIC_INNER_PRODUCT
+        quantizer, trained.d, trained.nlist, trained.pq.M, trained.pq.nbits, faiss.METRIC_INNER_PRODUCT
     )
     ix.pq = trained.pq
     ix.by_residual = trained.by_residual
     ix.is_trained = True
     return ix
+
+
+def _with_quantizer(trained: faiss.IndexIVFPQ, quantizer: faiss.Index) -> faiss.IndexIVFPQ:
+    """`trained` (empty) with another quantizer over the same centroids; the PQ is copied."""
+    ix = _skeleton_of(trained, quantizer)
+    ix.quantizer_trains_alone = 0  # type: ignore[assignment]
+    return ix
+
+
+def _hnsw_coarse(trained: faiss.IndexIVFPQ) -> bool:
+    return isinstance(faiss.downcast_index(trained.quantizer), faiss.IndexHNSW)
+
+
+def coarse_search(trained: faiss.IndexIVFPQ, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, lists) of each query's `nprobe` nearest centroids; an HNSW quantizer searches with an
+    ef of at least 2 x nprobe, so its lists are the flat scan's in all but rare cases."""
+    quantizer = faiss.downcast_index(trained.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # in faiss, not in its stubs
+        params.efSearch = max(2 * nprobe, 64)
+        found: tuple[np.ndarray, np.ndarray] = quantizer.search(q, nprobe, params=params)
+        return found
+    found = quantizer.search(q, nprobe)
+    return found
 
 
 def _preassigned(
@@ -154,11 +188,14 @@ class IVFPQIndex(SlotIndex):
         rerank_from: str = "disk",
         rerank_dtype: str = "float32",
         keep_float32: bool = True,
+        coarse: str = "auto",
     ):
         pq_m = default_pq_m(dim) if pq_m is None else int(pq_m)
         if dim % pq_m:
             raise ConfigError(f"pq_m={pq_m} must divide dim={dim}")
         keep_float32 = _flag(keep_float32, "keep_float32")
+        if coarse not in COARSE:
+            raise ConfigError(f"coarse={coarse!r}: expected one of {', '.join(COARSE)}")
         if not keep_float32 and rerank_dtype == "float32":
             raise ConfigError(
                 "keep_float32=false needs rerank_dtype float16 or int8: those rows are then the only copy of the "
@@ -177,6 +214,7 @@ class IVFPQIndex(SlotIndex):
             rerank_from=rerank_from,
             rerank_dtype=check_dtype(rerank_dtype),
             keep_float32=keep_float32,
+            coarse=coarse,
         )
         self._vecs = RerankVectors(np.empty((0, self.dim), np.float32), dtype=rerank_dtype)
         self._ix: faiss.IndexIVFPQ | None = None  # entries with their slot as id (a build; adds after a load)
@@ -210,7 +248,8 @@ class IVFPQIndex(SlotIndex):
             return "Flat(untrained IVF-PQ: too few items)"
         p = self.build_params
         refine = "Flat" if p["rerank_dtype"] == "float32" else p["rerank_dtype"]
-        return f"IVF{t.nlist},PQ{p['pq_m']}x{p['nbits']}" + (
+        graph = f"_HNSW{HNSW_COARSE_M}" if _hnsw_coarse(t) else ""
+        return f"IVF{t.nlist}{graph},PQ{p['pq_m']}x{p['nbits']}" + (
             f",Refine({refine})" if self.search_defaults.get("rerank") else ""
         )
 
@@ -267,9 +306,18 @@ class IVFPQIndex(SlotIndex):
         ix = faiss.IndexIVFPQ(quantizer, self.dim, nlist, p["pq_m"], p["nbits"], faiss.METRIC_INNER_PRODUCT)
         ix.cp.seed = p["seed"]
         ix.pq.cp.seed = p["seed"]
+        coarse = p.get("coarse", "auto")
+        hnsw = coarse == "hnsw" or (coarse == "auto" and nlist >= HNSW_COARSE_LISTS)
+        if hnsw:  # k-means assigns its sample through a graph over the centroids too (rebuilt each round)
+            assign = faiss.IndexHNSWFlat(self.dim, HNSW_COARSE_M, faiss.METRIC_INNER_PRODUCT)
+            ix.clustering_index = assign
         log.info("ivfpq: training IVF%d,PQ%dx%d on %d of %d vectors", nlist, p["pq_m"], p["nbits"], len(sample), n)
         ix.train(np.ascontiguousarray(sample, np.float32))
         ix.quantizer_trains_alone = 0  # type: ignore[assignment]  # a C++ char: the stub says str, SWIG takes 0
+        if hnsw:
+            graph = faiss.IndexHNSWFlat(self.dim, HNSW_COARSE_M, faiss.METRIC_INNER_PRODUCT)
+            graph.add(quantizer.reconstruct_n(0, nlist))  # the trained centroids, as a graph
+            ix = _with_quantizer(ix, graph)
         return ix
 
     def _vectors(self) -> np.ndarray:
@@ -333,6 +381,8 @@ class IVFPQIndex(SlotIndex):
         p = self.build_params
         code = 0 if t is None else int(t.code_size)
         centroids = 0 if t is None else t.nlist * (d * 4 + 24 + 8) + int(t.pq.centroids.size()) * 4
+        if t is not None and _hnsw_coarse(t):  # the graph's links: 2M at level 0, a few more above
+            centroids += t.nlist * (2 * HNSW_COARSE_M * 4 + 16)
         kind, cols = row_format(p["rerank_dtype"], d)
         rerank_row = 0 if p["rerank_dtype"] == "float32" else kind.itemsize * cols
         f32_row = 4 * d if p.get("keep_float32", True) else 0  # the float32 file's row
@@ -397,7 +447,7 @@ class IVFPQIndex(SlotIndex):
             bits = mask.packed  # kept referenced until the search returns
             p.sel = faiss.IDSelectorBitmap(mask.n, faiss.swig_ptr(bits))
         q = np.ascontiguousarray(q, np.float32)
-        coarse, lists = trained.quantizer.search(q, p.nprobe)  # once, for both tiers
+        coarse, lists = coarse_search(trained, q, p.nprobe)  # once, for both tiers
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         if self._main is not None and self._main.ntotal:
             # Unmasked: store_pairs, so faiss reads no ids; the slot is the list's start + the offset.
