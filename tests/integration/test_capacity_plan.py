@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from towerann.bench.capacity import bytes_per_item, parse_bytes, plan
+from towerann.errors import ConfigError
 from towerann.index import create
 
 
@@ -29,6 +30,24 @@ def test_the_byte_model_matches_what_a_loaded_ivfpq_holds(tmp_path, rerank_dtype
     model = bytes_per_item("ivfpq", n, d, pq_m, code_bytes=1, rerank_dtype=rerank_dtype)  # no categories: 1-byte codes
     assert model["resident"] == pytest.approx(measured["resident_bytes_per_item"], rel=0.05), (model, measured)
     assert model["vectors_on_disk"] == measured["disk_bytes_per_item"]
+
+
+def test_without_a_float32_copy_the_byte_model_matches_the_index_and_its_disk_drops(tmp_path):
+    from towerann.index.snapshot import load_snapshot, publish
+
+    n, d, pq_m = 30_000, 32, 4
+    ix = create("ivfpq", d, pq_m=pq_m, train_sample=10_000, rerank_dtype="float16", keep_float32=False)
+    ix.build(np.random.default_rng(1).standard_normal((n, d), dtype=np.float32), np.arange(n))
+    measured = load_snapshot(publish(ix, tmp_path, "m")).memory()
+    model = bytes_per_item("ivfpq", n, d, pq_m, code_bytes=1, rerank_dtype="float16", keep_float32=False)
+    assert model["vectors_on_disk"] == measured["disk_bytes_per_item"] == 2 * d
+    assert model["resident"] == pytest.approx(measured["resident_bytes_per_item"], rel=0.05), (model, measured)
+    # 100M x 128-d float16: the float32 copy (512 B/item) is what would not fit a 40 GB disk
+    lean = plan(1e8, 128, "ivfpq", 24e9, mode="cold", rerank_dtype="float16", keep_float32=False, bench_dir=tmp_path)
+    full = plan(1e8, 128, "ivfpq", 24e9, mode="cold", rerank_dtype="float16", bench_dir=tmp_path)
+    assert full["disk_bytes_per_item"] - lean["disk_bytes_per_item"] == 512 and lean["disk_bytes_per_node"] < 40e9
+    with pytest.raises(ConfigError, match="--no-float32-copy needs --rerank-dtype float16 or int8"):
+        bytes_per_item("ivfpq", n, d, keep_float32=False)
 
 
 def test_the_mode_counts_the_rerank_rows_the_way_the_bytes_say(tmp_path):

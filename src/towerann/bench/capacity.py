@@ -26,6 +26,7 @@ from typing import Any
 
 from towerann.bench.options import add_dim, add_k, add_kind, add_recall
 from towerann.errors import ConfigError
+from towerann.index.ivfpq import HNSW_COARSE_LISTS, HNSW_COARSE_M
 from towerann.index.vecfile import RERANK_DTYPES, row_format
 
 KINDS = ("ivfpq", "hnsw", "exact", "scann")
@@ -85,6 +86,7 @@ def bytes_per_item(
     attributes: int = 0,
     code_bytes: int = CODE_BYTES,
     rerank_dtype: str = "float32",
+    keep_float32: bool = True,
 ) -> dict[str, float]:
     """Resident and on-disk bytes per item of one node's index over `n` items (`code_bytes`: the width of
     the category and attribute codes, which a loaded index keeps as narrow as their values allow).
@@ -97,11 +99,15 @@ def bytes_per_item(
         # PQ codes (mapped from the lists file, scanned by every search), coarse centroids (+ a list's
         # offset and size), PQ centroids (256 per sub-space), a byte a page of the vector file; the lists
         # file also holds a slot id per code (read by filtered searches only: the page cache's).
-        # The float32 vectors stay on disk beside a narrower re-rank copy (the next build reads them).
+        # The float32 vectors stay on disk beside a narrower re-rank copy, unless keep_float32 is off (then
+        # the re-rank rows are the only copy). From HNSW_COARSE_LISTS lists, a graph over the centroids.
+        if not keep_float32 and rerank_dtype == "float32":
+            raise ConfigError("--no-float32-copy needs --rerank-dtype float16 or int8 (the only copy of the vectors)")
         nlist = max(1.0, 4 * math.sqrt(n))
         row = rerank_row_bytes(dim, rerank_dtype)
-        resident = pq_m + tables + (nlist * (raw + 32) + 256 * raw) / n + row / 4096
-        on_disk = raw + (row if rerank_dtype != "float32" else 0.0)
+        graph = 2 * HNSW_COARSE_M * 4 + 16 if nlist >= HNSW_COARSE_LISTS else 0
+        resident = pq_m + tables + (nlist * (raw + 32 + graph) + 256 * raw) / n + row / 4096
+        on_disk = (raw if keep_float32 else 0.0) + (row if rerank_dtype != "float32" else 0.0)
         return {
             "resident": resident,
             "disk": on_disk + pq_m + 8 + tables_disk,
@@ -209,15 +215,18 @@ def plan(
     bench_dir: Path | None = None,
     headroom: float = HEADROOM,
     rerank_dtype: str = "float32",
+    keep_float32: bool = True,
 ) -> dict[str, Any]:
     if items < 1 or dim < 1 or ram_per_node <= 0:
         raise ConfigError("--items, --dim and --ram-per-node must be positive")
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
-    total = bytes_per_item(kind, items, dim, pq_m, attributes, rerank_dtype=rerank_dtype)
+    total = bytes_per_item(kind, items, dim, pq_m, attributes, rerank_dtype=rerank_dtype, keep_float32=keep_float32)
     nodes = max(1, math.ceil(items * memory_per_item(kind, total, mode) / (ram_per_node * headroom)))
     per_node = items / nodes
-    node_bytes = bytes_per_item(kind, per_node, dim, pq_m, attributes, rerank_dtype=rerank_dtype)
+    node_bytes = bytes_per_item(
+        kind, per_node, dim, pq_m, attributes, rerank_dtype=rerank_dtype, keep_float32=keep_float32
+    )
     curves = measured_curves(bench_dir or default_bench_dir(), kind, k, recall, mode, pq_m, rerank_dtype)
     latency = predict_latency(curves, kind, per_node)
     return {
@@ -229,6 +238,7 @@ def plan(
         "pq_m": pq_m if kind == "ivfpq" else None,
         "mode": mode if kind == "ivfpq" else None,
         "rerank_dtype": rerank_dtype if kind == "ivfpq" else None,
+        "keep_float32": keep_float32 if kind == "ivfpq" else None,
         "memory_bytes_per_item": memory_per_item(kind, node_bytes, mode),
         "ram_per_node_bytes": ram_per_node,
         "headroom": headroom,
@@ -274,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         bench_dir=Path(args.bench_dir) if args.bench_dir else None,
         rerank_dtype=args.rerank_dtype,
+        keep_float32=not args.no_float32_copy,
     )
     if args.json:
         print(json.dumps(p, indent=2))
@@ -346,6 +357,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="float32",
         metavar="{" + ",".join(RERANK_DTYPES) + "}",
         help="ivfpq: the re-rank rows' type, as built (`index build --param rerank_dtype=...`; default %(default)s)",
+    )
+    p.add_argument(
+        "--no-float32-copy",
+        action="store_true",
+        help="ivfpq built with keep_float32=false: the re-rank rows are the only copy of the vectors on disk",
     )
     p.add_argument("--bench-dir", default=None, help="where the committed bench JSON lives (default docs/bench)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
