@@ -357,6 +357,15 @@ MUTANTS: list[Mutant] = [
         tests=("tests/unit/index/test_ivfpq_no_float32.py",),
     ),
     Mutant(
+        "spilled-rows-out-of-order",
+        "index/ivfpq_resumable.py",
+        "block[slots - lo] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)",
+        "block[:] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)",
+        "the resumable build writes each slot range's vector rows in arrival order, not slot order",
+        select="in_memory_builds_files",
+        tests=("tests/integration/test_ivfpq_resumable.py",),
+    ),
+    Mutant(
         "resumable-build-starts-over",
         "index/ivfpq_resumable.py",
         'todo = [i for i in range(len(self.counts)) if i not in self.state["encoded"]]',

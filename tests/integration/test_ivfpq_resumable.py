@@ -22,7 +22,7 @@ from towerann.cli import main
 from towerann.data.synth_vectors import FarOffParts, far_off_catalog
 from towerann.data.vectors_dir import write_vectors
 from towerann.errors import ConfigError
-from towerann.index import create
+from towerann.index import create, ivfpq_resumable
 from towerann.index.ivfpq_resumable import ResumableBuild
 from towerann.index.snapshot import current_version, load_snapshot, publish, read_checked_manifest
 from towerann.index.tune import recall_at_k
@@ -30,6 +30,12 @@ from towerann.index.tune import recall_at_k
 N, D, PART = 12_000, 32, 3000  # 4 parts
 PARAMS: dict[str, Any] = {"nlist": 64, "pq_m": 8, "train_sample": 5000, "rerank_dtype": "float16"}
 ARGS = [f"--param={k}={v}" for k, v in PARAMS.items()]
+
+
+@pytest.fixture(autouse=True)
+def _small_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The assembly writes the vector files through slot-range buckets: ~1000 rows each here, a dozen."""
+    monkeypatch.setattr(ivfpq_resumable, "BUCKET_BYTES", 72_000)
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ PROGRESS = "progress.json"
 TRAINED = "trained.faiss"
 ASSEMBLED = "assembled"
 ENCODE_ROWS = 1 << 16  # rows assigned and encoded per faiss call (the quantizer's scores: 64k x nlist floats)
+BUCKET_BYTES = 1 << 29  # rows of one slot range spilled together, then sorted in RAM and written as one run
 
 
 def _part_files(i: int) -> tuple[str, str]:
@@ -260,13 +261,12 @@ class ResumableBuild:
         with atomic_dir(out, overwrite=True) as tmp:
             lists_file = np.memmap(tmp / LISTS, dtype=np.uint8, mode="w+", shape=(total,))
             codes_region = lists_file[: n * cs].reshape(n, cs)
-            vectors = None
-            if keep:
-                vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+            spill = tmp / ".spill"
+            vectors = _SpilledRows(tmp / "vectors.npy", n, np.dtype(np.float32), dim, spill) if keep else None
             rerank = None
             if dtype != "float32":
                 kind, cols = row_format(dtype, dim)
-                rerank = np.lib.format.open_memmap(tmp / "rerank.npy", mode="w+", dtype=kind, shape=(n, cols))
+                rerank = _SpilledRows(tmp / "rerank.npy", n, kind, cols, spill)
             cursor = starts[:-1].copy()
             for i in tqdm(range(len(self.counts)), desc="ivfpq assemble parts", disable=progress_off):
                 v, ids = self._part(i, verify=False)
@@ -276,18 +276,21 @@ class ResumableBuild:
                 for at in range(0, len(v), ENCODE_ROWS):
                     rows, to = np.asarray(v[at : at + ENCODE_ROWS], np.float32), slots[at : at + ENCODE_ROWS]
                     if vectors is not None:
-                        vectors[to] = rows
+                        vectors.add(to, rows)
                     if rerank is not None:
-                        rerank[to] = encode(rows, dtype)
+                        rerank.add(to, encode(rows, dtype))
                 slot_ids[slots] = ids
                 slot_cats[slots], slot_avail[slots] = self.source.attributes(ids)
             for list_no in range(nlist):  # each list's slot ids: its range of the slot order
                 at, size = int(ids_at[list_no]), int(sizes[list_no])
                 lists_file[at : at + 8 * size] = np.arange(starts[list_no], starts[list_no] + size).view(np.uint8)
-            for written in (lists_file, vectors, rerank):
-                if written is not None:
-                    written.flush()
-            del lists_file, codes_region, vectors, rerank
+            lists_file.flush()
+            del lists_file, codes_region
+            for spilled in (vectors, rerank):
+                if spilled is not None:
+                    spilled.write()
+            if spill.exists():
+                spill.rmdir()
             for name, table in (
                 ("ids", slot_ids),
                 ("categories", _narrowed(slot_cats)),
@@ -320,6 +323,50 @@ class ResumableBuild:
                 "list_starts": STARTS,
             },
         }
+
+
+class _SpilledRows:
+    """The rows of a [n, cols] .npy in slot order, given in any order: each batch is appended to the spill
+    files of its slot ranges (buckets of BUCKET_BYTES), then each bucket is put in order in RAM and
+    written as one run, and its spill files removed. A file bigger than the page cache (100M float16
+    rows: 25.6 GB) is then written front to back, never a page at a time at random; the spill files hold
+    at most one copy of the rows beside the part of the file written so far."""
+
+    def __init__(self, path: Path, n: int, dtype: np.dtype, cols: int, spill: Path):
+        self.path, self.n, self.dtype, self.cols = path, n, np.dtype(dtype), cols
+        self.bucket_rows = max(1, BUCKET_BYTES // (self.dtype.itemsize * cols + 8))
+        self.spill = spill / path.stem
+        self.spill.mkdir(parents=True, exist_ok=True)
+
+    def _files(self, bucket: int) -> tuple[Path, Path]:
+        return self.spill / f"{bucket:06d}.slots", self.spill / f"{bucket:06d}.rows"
+
+    def add(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        buckets = slots // self.bucket_rows
+        order = np.argsort(buckets, kind="stable")
+        cuts = np.flatnonzero(np.diff(buckets[order])) + 1
+        for group in np.split(order, cuts):
+            slots_file, rows_file = self._files(int(buckets[group[0]]))
+            with open(slots_file, "ab") as f:
+                f.write(np.ascontiguousarray(slots[group], np.int64).tobytes())
+            with open(rows_file, "ab") as f:
+                f.write(np.ascontiguousarray(rows[group], self.dtype).tobytes())
+
+    def write(self) -> None:
+        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=(self.n, self.cols))
+        for lo in range(0, self.n, self.bucket_rows):
+            slots_file, rows_file = self._files(lo // self.bucket_rows)
+            slots = np.fromfile(slots_file, np.int64) if slots_file.exists() else np.empty(0, np.int64)
+            block = np.empty((min(self.bucket_rows, self.n - lo), self.cols), self.dtype)
+            if len(slots) != len(block) or len(np.unique(slots)) != len(block):
+                raise ArtifactError(f"{self.path}: slots {lo}.. got {len(slots)} rows for {len(block)} slots")
+            block[slots - lo] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)
+            out[lo : lo + len(block)] = block
+            slots_file.unlink()
+            rows_file.unlink()
+        out.flush()
+        del out
+        self.spill.rmdir()
 
 
 def _place(lists: np.ndarray, cursor: np.ndarray) -> np.ndarray:
