@@ -276,6 +276,7 @@ def run_pq_generated(
         raise ConfigError("--set generated measures warm and cold (its re-rank rows are not read into RAM)")
     start = begin_run()
     work = Path(work)
+    predicted = _planned(items, dim, pq_m, rerank_dtype, ks, modes)  # before the run, from the committed ones
     gen = FarOffParts(items, part_size, dim, seed=seed)
     queries = gen.queries(n_queries, seed=1)
     truth = _generated_truth(gen, queries, max(ks), work)
@@ -288,6 +289,7 @@ def run_pq_generated(
     build_s, build_peak = time.perf_counter() - t0, rss_mb(os.getpid())[1]
     mem = index.memory(as_loaded=True)
     work_bytes = sum(f.stat().st_size for f in build_dir.rglob("*") if f.is_file())
+    snapshot_bytes = sum(f.stat().st_size for f in (build_dir / "assembled").iterdir() if f.is_file())
     code = {
         "pq_m": pq_m,
         "rerank_dtype": rerank_dtype,
@@ -301,6 +303,7 @@ def run_pq_generated(
         "disk_bytes_per_item": mem["disk_bytes_per_item"],
         "mapped_tables_bytes_per_item": mem["mapped_tables_bytes_per_item"],
         "work_dir_bytes": work_bytes,
+        "snapshot_bytes_per_item": snapshot_bytes / items,
     }
     nprobes, pools = grid or (NPROBES, POOLS)
     points = _measure({rerank_dtype: (index, None)}, queries, queries[:n_cold], truth, ks, nprobes, pools, pq_m, modes)
@@ -321,10 +324,49 @@ def run_pq_generated(
         "raw_vector_bytes_per_item": 4 * dim,
     }
     result["targets"] = check_targets(result)
+    result["plan_before_run"] = predicted
+    result["plan_vs_measured"] = _plan_vs_measured(predicted, code, points)
     if out is not None:
         json_path, png_path = write_report(out, f"pq-{items}", result, plot(result), run_start=start)
         result["files"] = [str(json_path), str(png_path)]
     return result
+
+
+def _planned(
+    items: int, dim: int, pq_m: int, rerank_dtype: str, ks: tuple[int, ...], modes: tuple[str, ...]
+) -> dict[str, Any]:
+    """`towerann plan`'s prediction for this run (one node: this machine's RAM), per mode and K, made from
+    the committed runs before this one measures anything."""
+    from towerann.bench.capacity import plan
+
+    ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    out: dict[str, Any] = {}
+    for mode in modes:
+        for k in ks:
+            p = plan(items, dim, "ivfpq", ram, k=k, pq_m=pq_m, mode=mode, rerank_dtype=rerank_dtype, keep_float32=False)
+            out[f"{mode} k={k}"] = {
+                key: p[key] for key in ("resident_bytes_per_item", "disk_bytes_per_item", "nodes", "per_node_latency")
+            }
+            out[f"{mode} k={k}"]["per_node_latency"].pop("curve", None)
+    return out
+
+
+def _plan_vs_measured(predicted: dict[str, Any], code: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measured / predicted: bytes per item, and p50 at the setting the plan's latency came from."""
+    out: dict[str, Any] = {}
+    for name, p in predicted.items():
+        mode, k = name.split(" k=")
+        lat = p["per_node_latency"]
+        at = next(
+            (x for x in points if x["mode"] == mode and x["k"] == int(k) and x["params"] == lat.get("params")), None
+        )
+        out[name] = {
+            "resident": round(code["resident_bytes_per_item"] / p["resident_bytes_per_item"], 3),
+            "disk": round(code["snapshot_bytes_per_item"] / p["disk_bytes_per_item"], 3),  # every file of it
+            "p50": round(at["p50_ms"] / lat["p50_ms"], 3) if at and lat.get("p50_ms") else None,
+            "recall_at_planned_setting": at["recall"] if at else None,
+        }
+    return out
 
 
 def _generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:

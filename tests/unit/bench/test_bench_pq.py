@@ -60,6 +60,10 @@ def test_bench_pq_generated_builds_part_by_part_and_stores_no_vectors_file(tmp_p
     assert code["disk_bytes_per_item"] == 2 * 32 and not code["build_resumed"]  # float16 rows, no float32 copy
     assert not [f for f in (tmp_path / "work").rglob("vectors*.npy")]
     assert {p["mode"] for p in r["points"]} == {"warm", "cold"}
+    # towerann plan's prediction, made before the run, beside what it measured (bytes per item: measured/planned)
+    assert set(r["plan_before_run"]) == set(r["plan_vs_measured"]) == {"warm k=10", "cold k=10"}
+    # (at 12k items the lists file's 2 MB alignment alone is 175 B/item of disk; the ratios mean something at 100M)
+    assert all(0.5 < v["resident"] < 2 and v["disk"] > 0 for v in r["plan_vs_measured"].values())
     deepest = [p for p in r["points"] if p["params"] == {"nprobe": 64, "rerank": 80} and p["mode"] == "warm"]
     assert deepest and deepest[0]["recall"] >= 0.9  # against exact search over the generator's float32 vectors
     truth = list((tmp_path / "work").glob("truth-*.npy"))
