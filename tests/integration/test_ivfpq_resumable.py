@@ -190,3 +190,17 @@ def test_a_generated_catalog_is_built_with_no_vectors_file(tmp_path):
     assert recall_at_k(built_parts.search(q, 10).ids, built_parts.exact_search(q, 10).ids) >= 0.8
     with pytest.raises(ConfigError, match="they differ in seed"):
         ResumableBuild(FarOffParts(10_000, 2500, 32, seed=8, n_clusters=40), tmp_path / "work", params)
+
+
+def test_generated_queries_of_each_style_are_unit_and_seeded():
+    gen = FarOffParts(10_000, 2500, 32, seed=7, n_clusters=40)
+    for style in ("cluster", "far"):
+        q = gen.queries(30, seed=2, style=style)
+        assert q.shape == (30, 32) and np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+        assert np.array_equal(q, gen.queries(30, seed=2, style=style))
+    # a cluster query sits nearer its best item than a far-off one does (mean best score over the catalog)
+    whole = np.concatenate([gen.part(i)[0] for i in range(4)])
+    best = {s: float((gen.queries(200, style=s) @ whole.T).max(axis=1).mean()) for s in ("cluster", "far")}
+    assert best["cluster"] > best["far"], best
+    with pytest.raises(ConfigError, match="query style 'user'"):
+        gen.queries(3, style="user")

@@ -258,6 +258,7 @@ def run_pq_generated(
     out: str | Path | None = "bench-results",
     work: str | Path = "bench-results/work",
     seed: int = 0,
+    query_style: str = "cluster",
 ) -> dict[str, Any]:
     """`bench pq --set generated`: the far-off catalog made part by part by a seeded generator
     (data.synth_vectors.FarOffParts) and built part by part in `work` (index.ivfpq_resumable: a killed
@@ -278,7 +279,7 @@ def run_pq_generated(
     work = Path(work)
     predicted = _planned(items, dim, pq_m, rerank_dtype, ks, modes)  # before the run, from the committed ones
     gen = FarOffParts(items, part_size, dim, seed=seed)
-    queries = gen.queries(n_queries, seed=1)
+    queries = gen.queries(n_queries, seed=1, style=query_style)
     truth = _generated_truth(gen, queries, max(ks), work)
     build_dir = work / f"build-pq{pq_m}-{rerank_dtype}"
     _peak_rss_reset()
@@ -313,7 +314,7 @@ def run_pq_generated(
             "dim": dim,
             "queries": len(queries),
             "cold_queries": min(n_cold, len(queries)),
-            "source": {"kind": "generated, part by part", **gen.params},
+            "source": {"kind": "generated, part by part", **gen.params, "query_style": query_style},
         },
         "ks": list(ks),
         "quick": False,
@@ -604,6 +605,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             work=work,
             seed=args.seed,
+            query_style=args.query_style,
         )
         print_table(result)
         print(f"wrote {' and '.join(result['files'])}")
@@ -655,6 +657,13 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1_000_000,
         help="--set generated: items per generated part (default 1,000,000)",
+    )
+    p.add_argument(
+        "--query-style",
+        choices=("cluster", "far"),
+        default="cluster",
+        help="--set generated: cluster (default; the mean of 2-4 items of one cluster plus noise, near the items "
+        "as a user-tower query is) or far (the mean of 3-8 random items plus noise, between clusters)",
     )
     add_seed(p, "--set far: catalog seed")
     add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)

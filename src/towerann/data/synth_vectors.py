@@ -122,6 +122,9 @@ def far_off_catalog(
 
 PARTS_FORMAT = "far-off-parts/1"  # FarOffParts' output; bump when a change to it changes its output
 PART_STREAM = 0x70617274  # mixed into each part's seed: its stream is none of far_off_catalog's
+QUERY_STYLES = ("far", "cluster")
+CLUSTER_MIX = (2, 4)  # "cluster" queries: items of one cluster averaged (bench drift's tuning distribution)
+CLUSTER_NOISE = 0.5  # and their noise, relative to the mean's size (far-off queries: 1.0)
 
 
 class FarOffParts:
@@ -197,12 +200,27 @@ class FarOffParts:
     def fingerprint(self) -> dict[str, Any]:
         return dict(self.params)
 
-    def queries(self, n_queries: int, seed: int = 0) -> np.ndarray:
-        """Far-off queries (the mean of `mix` random items plus noise, normalised), each part made once."""
-        lo, hi = self.mix
+    def queries(self, n_queries: int, seed: int = 0, style: str = "far") -> np.ndarray:
+        """Queries, each part made at most once. style "far": the mean of `mix` random items plus noise of
+        the mean's size (between clusters, the hard case); "cluster": the mean of 2-4 items of one cluster
+        (drawn in proportion to its size) plus half that noise - near a cluster but on no item, as a
+        user-tower query sits near the items it came from."""
+        if style not in QUERY_STYLES:
+            raise ConfigError(f"query style {style!r}: expected one of {', '.join(QUERY_STYLES)}")
         rng = np.random.default_rng([self.seed, PART_STREAM, 0, seed])
+        if style == "far":
+            lo, hi = self.mix
+            noise = self.noise
+            picks = rng.integers(0, self.n, (n_queries, hi))
+        else:
+            (lo, hi), noise = CLUSTER_MIX, CLUSTER_NOISE
+            by_cluster = np.argsort(self.clusters, kind="stable")
+            starts = np.searchsorted(self.clusters[by_cluster], np.arange(len(self.centres) + 1))
+            home = self.clusters[rng.integers(0, self.n, n_queries)]  # a cluster in proportion to its size
+            size = starts[home + 1] - starts[home]
+            picks = by_cluster[starts[home][:, None] + (rng.random((n_queries, hi)) * size[:, None]).astype(np.int64)]
+            del by_cluster
         counts = rng.integers(lo, hi + 1, n_queries)
-        picks = rng.integers(0, self.n, (n_queries, hi))
         picked = np.empty((*picks.shape, self.dim), np.float32)
         for i in np.unique(picks // self.part_size).tolist():
             here = picks // self.part_size == i
@@ -210,6 +228,6 @@ class FarOffParts:
             picked[here] = vectors[picks[here] - i * self.part_size]
         use = np.arange(hi)[None, :] < counts[:, None]
         mean = (picked * use[:, :, None]).sum(axis=1) / counts[:, None].astype(np.float32)
-        size = np.linalg.norm(mean, axis=1, keepdims=True) / np.sqrt(np.float32(self.dim))
-        noisy = mean + np.float32(self.noise) * size * rng.standard_normal((n_queries, self.dim), dtype=np.float32)
+        size_ = np.linalg.norm(mean, axis=1, keepdims=True) / np.sqrt(np.float32(self.dim))
+        noisy = mean + np.float32(noise) * size_ * rng.standard_normal((n_queries, self.dim), dtype=np.float32)
         return _unit(noisy).astype(np.float32, copy=False)

@@ -56,6 +56,7 @@ def test_bench_pq_generated_builds_part_by_part_and_stores_no_vectors_file(tmp_p
     assert main(argv) == 0
     r = json.loads((tmp_path / "pq-12000.json").read_text())
     assert r["dataset"]["source"]["generator"] == "far-off-parts/1" and r["dataset"]["items"] == 12000
+    assert r["dataset"]["source"]["query_style"] == "cluster"  # the default: near the items, as user queries are
     (code,) = r["codes"]
     assert code["disk_bytes_per_item"] == 2 * 32 and not code["build_resumed"]  # float16 rows, no float32 copy
     assert not [f for f in (tmp_path / "work").rglob("vectors*.npy")]
