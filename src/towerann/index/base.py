@@ -887,13 +887,13 @@ class SlotIndex(Index):
         alive = laid(self._alive.bools())
         for name, arr in (
             ("ids", ids),
-            ("categories", _narrowed(laid(self._cats.data))),
+            ("categories", narrowed_codes(laid(self._cats.data))),
             ("alive", alive),
             ("available", laid(self._avail.bools())),
         ):
             save_npy(directory / f"slot_{name}.npy", arr)
         for name, table in self._attrs.items():
-            save_npy(directory / f"slot_attr_{name}.npy", _narrowed(laid(table.data)))
+            save_npy(directory / f"slot_attr_{name}.npy", narrowed_codes(laid(table.data)))
         live = np.flatnonzero(alive)
         by_id = np.argsort(ids[live], kind="stable")
         save_npy(directory / LOOKUP_FILES[0], ids[live][by_id])
@@ -987,6 +987,6 @@ def _bounds(codes: np.ndarray) -> tuple[int, int]:
     return (int(codes.min()), int(codes.max())) if len(codes) else (-1, -1)
 
 
-def _narrowed(codes: np.ndarray) -> np.ndarray:
+def narrowed_codes(codes: np.ndarray) -> np.ndarray:
     """Codes in the narrowest type their values allow (what a load would hold)."""
     return codes.astype(code_dtype(*_bounds(codes)), copy=False)

@@ -107,7 +107,7 @@ def lists_layout(sizes: np.ndarray, code_size: int) -> tuple[np.ndarray, np.ndar
     return codes_at, ids_at, max(PAGE, -(-at // PAGE) * PAGE)
 
 
-def _skeleton(trained: faiss.IndexIVFPQ) -> faiss.IndexIVFPQ:
+def skeleton(trained: faiss.IndexIVFPQ) -> faiss.IndexIVFPQ:
     """An empty IVF-PQ index with `trained`'s quantizer (shared: keep `trained` alive) and PQ (copied)."""
     return _skeleton_of(trained, trained.quantizer)
 
@@ -281,7 +281,7 @@ class IVFPQIndex(SlotIndex):
                 self._ix.add_with_ids(everything, np.arange(self._vecs.n, dtype=np.int64))
             return
         if self._ix is None:  # the first add after a load: an in-memory tier beside the mapped lists
-            self._ix = _skeleton(cast(faiss.IndexIVFPQ, self._main))
+            self._ix = skeleton(cast(faiss.IndexIVFPQ, self._main))
         self._ix.add_with_ids(vectors, np.arange(first_slot, first_slot + len(vectors), dtype=np.int64))
 
     def _train(self, vectors: np.ndarray) -> None:
@@ -520,7 +520,7 @@ class IVFPQIndex(SlotIndex):
         }
         t = self._trained
         if t is not None and sizes is not None:
-            faiss.write_index(_skeleton(t), str(directory / "ivfpq.faiss"))
+            faiss.write_index(skeleton(t), str(directory / "ivfpq.faiss"))
             if not linked:
                 self._write_lists(directory / LISTS, cast(np.ndarray, order), sizes)
                 save_npy(directory / STARTS, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))

@@ -36,8 +36,8 @@ from towerann.artifacts import atomic_dir, load_npy, read_manifest, save_npy, wr
 from towerann.data.vectors_dir import FORMAT_VERSION as VECTORS_FORMAT
 from towerann.data.vectors_dir import KIND as VECTORS_KIND
 from towerann.errors import ArtifactError, ConfigError
-from towerann.index.base import LOOKUP_FILES, _narrowed
-from towerann.index.ivfpq import LAYOUT, LISTS, MIN_TRAIN, STARTS, IVFPQIndex, _skeleton, lists_layout
+from towerann.index.base import LOOKUP_FILES, narrowed_codes
+from towerann.index.ivfpq import LAYOUT, LISTS, MIN_TRAIN, STARTS, IVFPQIndex, lists_layout, skeleton
 from towerann.index.vecfile import encode, row_format
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class ResumableBuild:
             at = end
         trained = self.template.trained(np.concatenate(blocks), self.n)
         tmp = path.with_name(f".{path.name}.tmp")
-        faiss.write_index(_skeleton(trained), str(tmp))
+        faiss.write_index(skeleton(trained), str(tmp))
         os.replace(tmp, path)
         self._done(trained=True)
         if on_step:
@@ -293,7 +293,7 @@ class ResumableBuild:
                 spill.rmdir()
             for name, table in (
                 ("ids", slot_ids),
-                ("categories", _narrowed(slot_cats)),
+                ("categories", narrowed_codes(slot_cats)),
                 ("alive", np.ones(n, bool)),
                 ("available", slot_avail),
             ):
@@ -302,7 +302,7 @@ class ResumableBuild:
             save_npy(tmp / LOOKUP_FILES[0], slot_ids[by_id])
             save_npy(tmp / LOOKUP_FILES[1], by_id.astype(np.int64))
             save_npy(tmp / STARTS, starts)
-            faiss.write_index(_skeleton(trained), str(tmp / "ivfpq.faiss"))
+            faiss.write_index(skeleton(trained), str(tmp / "ivfpq.faiss"))
         t = self.template
         return {
             "backend": t.kind,
