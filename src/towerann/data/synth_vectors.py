@@ -41,6 +41,21 @@ def default_clusters(n_items: int) -> int:
     return int(min(max(n_items // 500, 16), 4000))
 
 
+def _world(
+    rng: np.random.Generator, n_items: int, dim: int, c: int, zipf: float, spectrum: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(basis, centres, cluster sizes, each item's cluster): a random rotation, the power-law axis scales,
+    cluster centres and Zipf sizes, drawn from `rng` in this order."""
+    rot, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    scale = np.arange(1, dim + 1, dtype=np.float64) ** (-spectrum / 2)  # std per axis: sqrt(eigenvalue)
+    basis = (scale[:, None] * rot.T).astype(np.float32)  # z @ basis: z ~ N(0, I) -> N(0, R diag(s^2) R^T)
+    centres = rng.standard_normal((c, dim), dtype=np.float32) @ basis
+    weights = np.arange(1, c + 1, dtype=np.float64) ** -zipf
+    sizes = rng.multinomial(n_items, weights / weights.sum())
+    clusters = np.repeat(np.arange(c, dtype=np.int32), sizes)
+    return basis, centres, sizes, clusters[rng.permutation(n_items)]  # ids carry no cluster order
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
@@ -80,15 +95,7 @@ def far_off_catalog(
         raise ConfigError(f"n_clusters must be >= 1, got {n_clusters}")
     world_rng, item_rng, query_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
 
-    # The world: a random rotation, the power-law axis scales, cluster centres and Zipf sizes.
-    rot, _ = np.linalg.qr(world_rng.standard_normal((dim, dim)))
-    scale = np.arange(1, dim + 1, dtype=np.float64) ** (-spectrum / 2)  # std per axis: sqrt(eigenvalue)
-    basis = (scale[:, None] * rot.T).astype(np.float32)  # z @ basis: z ~ N(0, I) -> N(0, R diag(s^2) R^T)
-    centres = world_rng.standard_normal((c, dim), dtype=np.float32) @ basis
-    weights = np.arange(1, c + 1, dtype=np.float64) ** -zipf
-    sizes = world_rng.multinomial(n_items, weights / weights.sum())
-    clusters = np.repeat(np.arange(c, dtype=np.int32), sizes)
-    clusters = clusters[world_rng.permutation(n_items)]  # ids carry no cluster order
+    basis, centres, sizes, clusters = _world(world_rng, n_items, dim, c, zipf, spectrum)
 
     vectors = np.empty((n_items, dim), np.float32)
     for s in range(0, n_items, CHUNK):
@@ -156,14 +163,7 @@ class FarOffParts:
         self.spread, self.mix, self.noise = spread, (int(mix[0]), int(mix[1])), noise
         c = min(default_clusters(n_items) if n_clusters is None else int(n_clusters), n_items)
         world_rng = np.random.default_rng([seed, PART_STREAM])
-        rot, _ = np.linalg.qr(world_rng.standard_normal((dim, dim)))
-        scale = np.arange(1, dim + 1, dtype=np.float64) ** (-spectrum / 2)
-        self.basis = (scale[:, None] * rot.T).astype(np.float32)
-        self.centres = world_rng.standard_normal((c, dim), dtype=np.float32) @ self.basis
-        weights = np.arange(1, c + 1, dtype=np.float64) ** -zipf
-        sizes = world_rng.multinomial(n_items, weights / weights.sum())
-        clusters = np.repeat(np.arange(c, dtype=np.int32), sizes)
-        self.clusters = clusters[world_rng.permutation(n_items)]
+        self.basis, self.centres, _, self.clusters = _world(world_rng, n_items, dim, c, zipf, spectrum)
         self.params = {
             "generator": PARTS_FORMAT,
             "items": n_items,
