@@ -27,8 +27,10 @@ before the request was sent; an item whose write was in flight counts either way
 rest on the server's monitor alone; the server's online recall (GET /v1/admin/recall) and the loop's state
 (/readyz) every --poll-s; the loop's actions from the server's state-change log lines. Per phase: the time
 from its start until the client's recall (mean over the last --window-s of the phase's own checked answers)
-is back at the target (0 when it never fell under it, null when it never came back), the worst per-second
-p99 against the budget ([retune] max_p99_ms), failures, and the actions taken. JSON + a PNG.
+is back at the target (0 when it never fell under it, null when it never came back), the worst p99 over a
+trailing --window-s (judged against the budget, [retune] max_p99_ms; at 50 requests/s one second's "p99" is
+its slowest answer, so the per-second worst is reported beside it, not judged), failures, and the actions
+taken. JSON + a PNG.
 """
 
 from __future__ import annotations
@@ -801,7 +803,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{ph['name']:>10}: {ph['seconds']:.0f}s, recall min {_f(ph['client_recall_min'])} end "
             f"{_f(ph['client_recall_end'])}, recovered in {ph['time_to_recover_s']}s; p99/s max "
-            f"{_f(ph['p99_max_per_second_ms'], 1)} ms (budget {args.max_p99_ms:g}, {ph['seconds_over_budget']}s over); "
+            f"{_f(ph['p99_max_per_second_ms'], 1)} ms ({ph['seconds_over_budget']}s over), p99/{args.window_s:g}s max "
+            f"{_f(ph['p99_window_max_ms'], 1)} ms ({ph['windows_over_budget']} windows over; budget "
+            f"{args.max_p99_ms:g}); "
             f"failures {ph['failed']}; actions {[a['event'] for a in ph['actions']]}",
             flush=True,
         )
@@ -929,6 +933,17 @@ def _action(ev: dict[str, Any], t0: float, lasts: list[dict[str, Any]]) -> dict[
     return a
 
 
+def trailing_p99(second: np.ndarray, values: np.ndarray, ok: np.ndarray, window: int) -> list[float | None]:
+    """For each second s from 0 to the last, the p99 of the ok values sent in seconds (s - window, s] (NaNs
+    ignored; None where there is none). At 50 requests/s one second holds 50 answers and their "p99" is the
+    slowest one; a 20 s window holds ~1,000, which a p99 is a statement about."""
+    out: list[float | None] = []
+    for s in range(int(second.max()) + 1 if len(second) else 0):
+        sel = ok & (second > s - window) & (second <= s) & ~np.isnan(values)
+        out.append(round(float(np.percentile(values[sel], 99)), 3) if sel.any() else None)
+    return out
+
+
 def analyse(
     args: argparse.Namespace,
     work: Workload,
@@ -964,6 +979,9 @@ def analyse(
                 "ann_p99_ms": round(float(np.nanpercentile(ann[good], 99)), 3) if good.any() else None,
             }
         )
+    win = max(int(round(args.window_s)), 1)
+    for row, p99, ann99 in zip(per_second, trailing_p99(sec, lat, ok, win), trailing_p99(sec, ann, ok, win)):
+        row["p99_window_ms"], row["ann_p99_window_ms"] = p99, ann99
     lasts = [s["last"] for s in poller.samples if s.get("last")]
     actions = [_action(ev, t0, lasts) for ev in events if ev["event"] in ACTION_EVENTS]
     budget = float(args.max_p99_ms)
@@ -976,6 +994,7 @@ def analyse(
         in_phase = (sent >= start) & (sent < end)
         seconds = [s for s in per_second if start - t0 <= s["t"] < end - t0 and s["p99_ms"] is not None]
         over = [s for s in seconds if s["p99_ms"] > budget]
+        windows_over = [s for s in seconds if (s["p99_window_ms"] or 0.0) > budget]
         ingesting = ingest.started is not None and p == PHASES.index("new_items")
         polls = [s for s in poller.samples if start <= s["t"] < end and s.get("recall") is not None]
         srv = [s["recall"] for s in polls]
@@ -1007,12 +1026,17 @@ def analyse(
             "p99_max_per_second_ms": max((s["p99_ms"] for s in seconds), default=None),
             "p99_budget_ms": budget,
             "seconds_over_budget": len(over),
-            "p99_within_budget": not over,
+            "p99_window_max_ms": max((s["p99_window_ms"] for s in seconds if s["p99_window_ms"]), default=None),
+            "windows_over_budget": len(windows_over),
+            "p99_within_budget": not windows_over,
             # the server's own time in the index (timings_ms.ann), what [retune] max_p99_ms judges one search by
             "ann_p99_max_per_second_ms": max(
                 (s["ann_p99_ms"] for s in seconds if s["ann_p99_ms"] is not None), default=None
             ),
             "ann_seconds_over_budget": len([s for s in seconds if (s["ann_p99_ms"] or 0.0) > budget]),
+            "ann_p99_window_max_ms": max(
+                (s["ann_p99_window_ms"] for s in seconds if s["ann_p99_window_ms"] is not None), default=None
+            ),
             "actions": [a for a in actions if start - t0 <= a["t"] < end - t0],
         }
         entry["applied_before_recovery"] = _applied_before(entry, start - t0)
@@ -1080,7 +1104,7 @@ def analyse(
         "outcomes": dict(sorted(_count(a.get("outcome") for a in actions if a.get("outcome")).items())),
         "targets": {
             "recall back at the target after each shift": all(s["time_to_recover_s"] is not None for s in shifts),
-            "p99 per second within the budget throughout": all(s["p99_within_budget"] for s in out_phases),
+            "p99 of every window within the budget throughout": all(s["p99_within_budget"] for s in out_phases),
             "no failed request": not (~ok).any(),
             "re-tunes applied": len(applied),
         },
@@ -1183,6 +1207,15 @@ def _plot(result: dict[str, Any]) -> Any:
             c="tab:cyan",
             label="p50 per second, client",
         )
+        win = [(s["t"], s["p99_window_ms"]) for s in ps if s.get("p99_window_ms") is not None]
+        if win:
+            bottom.plot(
+                [w[0] for w in win],
+                [w[1] for w in win],
+                lw=1.4,
+                c="tab:purple",
+                label=f"p99 of the last {result['window_s']:g} s, client",
+            )
         ann = [(s["t"], s["ann_p99_ms"]) for s in ps if s.get("ann_p99_ms") is not None]
         if ann:
             bottom.plot(
@@ -1231,7 +1264,7 @@ def _plot(result: dict[str, Any]) -> Any:
             f"drift: {result['items']:,} items {result['kind']} (dim {result['dim']}), k={result['k']}, "
             f"{result['rate']:g} req/s; re-tunes applied {tg['re-tunes applied']}, recall back after each shift "
             f"{tg['recall back at the target after each shift']}, p99 within budget "
-            f"{tg['p99 per second within the budget throughout']}",
+            f"{tg['p99 of every window within the budget throughout']}",
             fontsize=9,
             pad=26,  # above the phase names (at 1.0 and 1.04 of the axes)
         )
@@ -1287,7 +1320,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         type=float,
         default=20.0,
         help="the client's recall is the mean over the phase's checked answers of the last this many seconds "
-        "(default 20)",
+        "(default 20); the p99 judged against the budget is over the same trailing window",
     )
     p.add_argument("--min-phase-s", type=float, default=120.0, help="shortest phase (default 120 s)")
     p.add_argument("--phase-s", type=float, default=600.0, help="longest phase: its time limit (default 600 s)")
