@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from towerann.cli import main
+from towerann.data.vectors_dir import write_vectors
+from towerann.freshness.publish import publish_bundle
 
 
 def test_bench_serve_reports_rates_stages_and_event_writes(tmp_path: Path) -> None:
@@ -50,3 +55,46 @@ def test_bench_serve_reports_rates_stages_and_event_writes(tmp_path: Path) -> No
     mem = result["server_memory_after_load"]  # the served process's own numbers, read from /proc
     assert 0 < mem["RssAnon"] <= mem["VmRSS"] <= mem["VmHWM"]
     assert (out / "serve-2000-k50-exact-embedded.png").stat().st_size > 0
+
+
+def test_bench_serve_serves_a_published_vectors_only_root_with_query_vectors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--index ROOT --queries FILE: a root built elsewhere (here a vectors-only ivfpq bundle, the shape of
+    `bench pq --set generated --publish`) is served as it is, and every request is a query_vector one."""
+    rng = np.random.default_rng(0)
+    n, dim = 3000, 16
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vdir = write_vectors(
+        tmp_path / "vectors",
+        vectors,
+        np.arange(n),
+        np.zeros(n, np.int32),
+        np.ones(n, bool),
+        ["c"],
+        "space-x",
+        10_000 + np.arange(n),
+    )
+    root = tmp_path / "root"
+    publish_bundle(root, None, vdir, kind="ivfpq", params={"nlist": 16, "pq_m": 4, "exact_below": 0})
+    np.save(tmp_path / "q.npy", rng.standard_normal((40, dim)).astype(np.float32))
+    out = tmp_path / "out"
+    base = ["bench", "serve", "--index", str(root), "--rates", "40", "--duration", "1", "--k", "20"]
+    base += ["--inproc-requests", "30", "--workdir", str(tmp_path), "--out", str(out)]
+    assert main([*base, "--queries", str(tmp_path / "q.npy")]) == 0
+    result = json.loads((out / "serve-3000-k20-ivfpq-vectors-embedded.json").read_text())
+    rate = result["http"][0]
+    assert rate["errors"] == {} and rate["ok"] == rate["sent"] == 40
+    assert result["requests"] == "query_vector" and result["event_write"] is None
+    assert result["index"]["backend"] == "ivfpq" and result["index_root"] == str(root)
+    assert result["in_process"]["requests"] == 30
+    # a file of the wrong width, or none, is a one-line error (exit code 2) naming what is expected
+    np.save(tmp_path / "bad.npy", np.zeros((5, dim + 1), np.float32))
+    assert main([*base, "--queries", str(tmp_path / "bad.npy")]) == 2
+    assert "expected [n, 16] query vectors" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--index ROOT needs --queries" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "serve-3000-k20-ivfpq-vectors-embedded.json",
+        "serve-3000-k20-ivfpq-vectors-embedded.png",
+    ]

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -259,13 +261,17 @@ def run_pq_generated(
     work: str | Path = "bench-results/work",
     seed: int = 0,
     query_style: str = "cluster",
+    publish: str | Path | None = None,
 ) -> dict[str, Any]:
     """`bench pq --set generated`: the far-off catalog made part by part by a seeded generator
     (data.synth_vectors.FarOffParts) and built part by part in `work` (index.ivfpq_resumable: a killed
     run, started again with the same options, goes on), with the re-rank rows as the only copy of the
     vectors (keep_float32=false): no vectors file is ever stored, so the files on disk are the codes,
     the re-rank rows and the tables. Ground truth is exact search over the generator's float32 vectors
-    (one pass over the parts, cached in `work`). One code size and row type; writes pq-<items>.json + .png."""
+    (one pass over the parts, cached in `work`). One code size and row type; writes pq-<items>.json + .png.
+    `publish`: also publish the built index there as a vectors-only bundle (its files hard-linked, not
+    copied), searching at the fastest warm setting that reached recall 0.95 at the largest K, and write
+    the queries beside it (ROOT/../queries-<items>.npy) for `bench serve --index ROOT --queries FILE`."""
     from towerann.bench.freshness import rss_mb
     from towerann.bench.report import begin_run, write_report
     from towerann.data.synth_vectors import FarOffParts
@@ -327,10 +333,59 @@ def run_pq_generated(
     result["targets"] = check_targets(result)
     result["plan_before_run"] = predicted
     result["plan_vs_measured"] = _plan_vs_measured(predicted, code, points)
+    if publish is not None:
+        result["published"] = publish_generated(index, gen, queries, points, max(ks), Path(publish))
     if out is not None:
         json_path, png_path = write_report(out, f"pq-{items}", result, plot(result), run_start=start)
         result["files"] = [str(json_path), str(png_path)]
     return result
+
+
+SERVE_RECALL = 0.95  # the published bundle searches at the fastest warm setting reaching this at the largest K
+
+
+def publish_generated(
+    index: Any, gen: Any, queries: np.ndarray, points: list[dict[str, Any]], k: int, root: Path
+) -> dict[str, Any]:
+    """Publish the generated catalog's index under `root` as a vectors-only bundle (no towers: served to
+    query_vector requests); the queries go to root/../queries-<items>.npy. Returns what was published."""
+    from towerann.artifacts import save_npy_atomic
+    from towerann.data.vectors_dir import VectorSet
+    from towerann.freshness.publish import publish_bundle
+
+    warm = [p for p in points if p["mode"] == "warm" and p["k"] == k]
+    reached = [p for p in warm if p["recall"] >= SERVE_RECALL]
+    best = min(reached, key=lambda p: p["p50_ms"]) if reached else max(warm, key=lambda p: p["recall"])
+    index.search_defaults.update(best["params"])
+    n = len(index)
+    ids = np.arange(n, dtype=np.int64)
+    categories, available = gen.attributes(ids)
+    space = "generated-" + hashlib.sha256(json.dumps(gen.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+    catalog = VectorSet(
+        vectors=np.empty((0, gen.dim), np.float32),  # the index holds them; publishing reads none
+        ids=ids,
+        categories=categories.astype(np.int32),
+        available=available,
+        category_names=[f"cluster-{c}" for c in range(int(categories.max()) + 1)],
+        external_ids=ids,
+        model_version=space,
+        dim=gen.dim,
+        metric=gen.metric,
+    )
+    path = publish_bundle(root, None, catalog, index=index, validation_queries=queries, calibrate_filters=False)
+    queries_file = root.parent / f"queries-{n}.npy"
+    save_npy_atomic(queries_file, np.ascontiguousarray(queries, np.float32))
+    print(f"published {path} (search {best['params']}: warm recall@{k} {best['recall']:.4f}); queries {queries_file}")
+    return {
+        "root": str(root),
+        "version": path.name,
+        "space_id": space,
+        "search": best["params"],
+        "recall_at_k": best["recall"],
+        "k": k,
+        "reached": bool(reached),
+        "queries_file": str(queries_file),
+    }
 
 
 def _planned(
@@ -373,8 +428,6 @@ def _plan_vs_measured(predicted: dict[str, Any], code: dict[str, Any], points: l
 def _generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:
     """Exact top-k ids of `queries` over the generator's float32 vectors: one pass over the parts, each
     scored against every query and merged; cached in `work` (keyed by the catalog and the queries)."""
-    import hashlib
-    import json
 
     from towerann.artifacts import load_npy, save_npy_atomic
     from towerann.index.merge import merge_topk, padded, topk_blocked
@@ -606,6 +659,7 @@ def run(args: argparse.Namespace) -> int:
             work=work,
             seed=args.seed,
             query_style=args.query_style,
+            publish=args.publish,
         )
         print_table(result)
         print(f"wrote {' and '.join(result['files'])}")
@@ -664,6 +718,14 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         default="cluster",
         help="--set generated: cluster (default; the mean of 2-4 items of one cluster plus noise, near the items "
         "as a user-tower query is) or far (the mean of 3-8 random items plus noise, between clusters)",
+    )
+    p.add_argument(
+        "--publish",
+        default=None,
+        metavar="ROOT",
+        help="--set generated: also publish the index under ROOT as a vectors-only bundle (files hard-linked) "
+        "searching at the fastest warm setting reaching recall 0.95 at the largest K, and its queries as "
+        "ROOT/../queries-ITEMS.npy: what `bench serve --index ROOT --queries FILE` serves",
     )
     add_seed(p, "--set far: catalog seed")
     add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)

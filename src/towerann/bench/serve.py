@@ -14,7 +14,10 @@ requests as towerann.client.GrpcClient builds them, one HTTP/2 connection per ge
 answer's ids and scores as packed arrays instead of K JSON objects.
 
 The workload is built on demand under --workdir: synthetic catalog -> trained model -> item
-vectors -> hnsw bundle -> user features loaded into the store.
+vectors -> hnsw bundle -> user features loaded into the store. With --index ROOT --queries FILE.npy a
+published root is served as it is (a vectors-only bundle, e.g. the one `bench pq --set generated
+--publish ROOT` writes at 100M items): the requests are `query_vector` requests, the rows of FILE, and
+no click events are posted (no users).
 """
 
 from __future__ import annotations
@@ -359,9 +362,10 @@ def _event_writes(url: str, user_ids: list[str], item_ids: list[str], n: int) ->
 
 
 def _in_process(
-    index_root: Path, store_url: str, store_path: str | None, user_ids: list[str], k: int, n: int
+    index_root: Path, store_url: str, store_path: str | None, asks: Sequence[str | np.ndarray], k: int, n: int
 ) -> dict[str, Any]:
-    """The Retriever alone, one request after another: the floor the HTTP server adds to."""
+    """The Retriever alone, one request after another: the floor the HTTP server adds to. `asks`: user
+    ids, or query vectors (query_vector requests)."""
     from towerann.features import open_store
     from towerann.serving.bundle import RetrievalBundle
     from towerann.serving.holder import BundleHolder
@@ -370,12 +374,16 @@ def _in_process(
     store = open_store(store_url, path=store_path)
     try:
         r = Retriever(BundleHolder(RetrievalBundle.load(index_root)), store)
-        for u in user_ids[:200]:  # warm-up
-            r.candidates(u, k)
+
+        def ask(a: str | np.ndarray) -> Any:
+            return r.candidates(a, k) if isinstance(a, str) else r.candidates(None, k, query_vector=a.tolist())
+
+        for a in asks[:200]:  # warm-up
+            ask(a)
         timings, wall = [], []
         for i in range(n):
             t = time.perf_counter()
-            c = r.candidates(user_ids[i % len(user_ids)], k)
+            c = ask(asks[i % len(asks)])
             wall.append(time.perf_counter() - t)
             timings.append(c.timings_ms)
         return {
@@ -434,16 +442,52 @@ def start_redis(workdir: Path, port: int | None = None, timeout_s: float = 10.0)
         time.sleep(0.05)
 
 
+QUERY_BODIES = 5000  # distinct requests of a load (cycled)
+
+
+def _vector_workload(args: argparse.Namespace) -> tuple[Path, dict[str, Any], np.ndarray]:
+    """--index ROOT --queries FILE: the served snapshot's manifest and the query vectors, checked."""
+    from towerann.artifacts import load_npy
+    from towerann.errors import ArtifactError
+    from towerann.index.snapshot import resolve
+
+    if args.queries is None:
+        raise ConfigError("--index ROOT needs --queries FILE.npy: query vectors, one per row, of the index's dim")
+    if args.grpc:
+        raise ConfigError("--grpc goes with the built workload (its requests name users), not with --index")
+    root = Path(args.index)
+    try:
+        manifest = json.loads((resolve(root) / "manifest.json").read_text())
+    except (OSError, ValueError, ArtifactError) as e:
+        raise ConfigError(f"--index {root}: not a published root or snapshot ({e})") from e
+    queries = load_npy(args.queries)
+    if queries.ndim != 2 or queries.shape[1] != manifest.get("dim") or len(queries) == 0:
+        raise ConfigError(
+            f"--queries {args.queries}: expected [n, {manifest.get('dim')}] query vectors for {root}, "
+            f"got shape {list(queries.shape)}"
+        )
+    return root, manifest, np.asarray(queries[:QUERY_BODIES], np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
     from towerann.data.dataset import read_items
     from towerann.features import open_store
     from towerann.features.loader import load_dataset_features
 
-    work = Path(args.workdir) / f"serve-{args.items}"
+    vectors: np.ndarray | None = None
     t0 = time.perf_counter()
-    paths = prepare(
-        work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind=args.kind, recall=args.recall, k=args.k
-    )
+    if args.index is not None:  # a published root served as it is: query_vector requests
+        index_root, served, vectors = _vector_workload(args)
+        items = int(served.get("count") or 0)
+        work = Path(args.workdir) / f"serve-vectors-{items}"
+        work.mkdir(parents=True, exist_ok=True)
+        paths = {"index": index_root}
+    else:
+        items = args.items
+        work = Path(args.workdir) / f"serve-{args.items}"
+        paths = prepare(
+            work, args.items, args.users, dim=args.dim, epochs=args.epochs, kind=args.kind, recall=args.recall, k=args.k
+        )
     prep_s = time.perf_counter() - t0
     redis_proc = None
     store_url, store_path = args.store, None
@@ -452,19 +496,24 @@ def run(args: argparse.Namespace) -> int:
     elif args.store == "embedded":
         store_path = str(work / "features.sqlite")
     try:
-        store = open_store(store_url, path=store_path)
-        if store.stats().get("users", 0) == 0:
-            load_dataset_features(store, paths["data"])
-        store.close()
-        rng = np.random.default_rng(0)
-        user_ids = [str(u) for u in rng.integers(0, args.users, 5000)]
-        bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in user_ids]
+        user_ids: list[str] = []
+        if vectors is None:
+            store = open_store(store_url, path=store_path)
+            if store.stats().get("users", 0) == 0:
+                load_dataset_features(store, paths["data"])
+            store.close()
+            rng = np.random.default_rng(0)
+            user_ids = [str(u) for u in rng.integers(0, args.users, QUERY_BODIES)]
+            bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in user_ids]
+        else:
+            bodies = [json.dumps({"query_vector": v.tolist(), "k": args.k}).encode() for v in vectors]
         grpc_bodies: list[bytes] = []
         if args.grpc:
             from towerann.client.grpc_client import candidates_request
 
             grpc_bodies = [candidates_request(u, args.k).SerializeToString() for u in user_ids]
-        inproc = _in_process(paths["index"], store_url, store_path, user_ids, args.k, args.inproc_requests)
+        asks: list[Any] = user_ids if vectors is None else list(vectors)
+        inproc = _in_process(paths["index"], store_url, store_path, asks, args.k, args.inproc_requests)
         print(
             f"in-process: p50 {inproc['end_to_end']['p50_ms']:.3f} ms, p99 {inproc['end_to_end']['p99_ms']:.3f} ms, "
             f"{inproc['qps_one_thread']:.0f} qps on one thread",
@@ -515,12 +564,15 @@ def run(args: argparse.Namespace) -> int:
                 if all(r["achieved_rps"] < 0.9 * rate or r["end_to_end"]["p99_ms"] > 1000 for r in last):
                     break  # saturated (over every transport measured): higher rates only grow the queue
             monitor = _monitor_report(server.url, sample, rates, rates_off)
-            items = [str(i) for i in read_items(paths["data"], columns=["item_id"])["item_id"].head(1000)]
-            events = _event_writes(server.url, user_ids, items, args.events)
-            print(
-                f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms (stored before the reply)",
-                flush=True,
-            )
+            events = None  # a vectors-only root has no users to click
+            if vectors is None:
+                item_ids = [str(i) for i in read_items(paths["data"], columns=["item_id"])["item_id"].head(1000)]
+                events = _event_writes(server.url, user_ids, item_ids, args.events)
+                print(
+                    f"click events: p50 {events['p50_ms']:.2f} ms, p99 {events['p99_ms']:.2f} ms "
+                    "(stored before the reply)",
+                    flush=True,
+                )
             server_memory = _process_memory(server.process.pid) if server.process is not None else None
         finally:
             server.stop()
@@ -539,8 +591,9 @@ def run(args: argparse.Namespace) -> int:
 
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
     result = {
-        "items": args.items,
-        "users": args.users,
+        "items": items,
+        "users": None if vectors is not None else args.users,
+        "requests": "query_vector" if vectors is not None else "user_id",
         "k": args.k,
         "store": args.store,
         "workers": args.workers,
@@ -553,17 +606,22 @@ def run(args: argparse.Namespace) -> int:
         "event_write": events,
         "server_memory_after_load": server_memory,
         "index_memory": (served.get("backend_state") or {}).get("memory"),
-        "raw_vector_bytes": args.items * int(served.get("dim", 0)) * 4,
+        "raw_vector_bytes": items * int(served.get("dim", 0)) * 4,
         "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
         "max_sustained_rps": sustained(rates),
     }
+    if vectors is not None:
+        result["index_root"] = str(paths["index"])
+        result["queries_file"] = str(args.queries)
     if args.grpc:  # the same rates over gRPC, in alternation with HTTP
         result["grpc"] = rates_grpc
         result["grpc_saturation_rps"] = max((r["achieved_rps"] for r in rates_grpc), default=0.0)
         result["grpc_max_sustained_rps"] = sustained(rates_grpc)
     json_path, png_path = write_report(
         args.out,
-        f"serve-{args.items}-k{args.k}-{args.kind}-{args.store.split(':')[0]}"
+        f"serve-{items}-k{args.k}-"
+        + (f"{served.get('backend')}-vectors-" if vectors is not None else f"{args.kind}-")
+        + args.store.split(":")[0]
         + (f"-w{args.workers}" if args.workers != 1 else ""),
         result,
         _plot(result),
@@ -713,6 +771,14 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         help="also serve gRPC (serve --grpc-port) and offer every rate over it too, in alternation with HTTP: "
         'the same requests as towerann.client.GrpcClient sends them (result key "grpc")',
     )
+    p.add_argument(
+        "--index",
+        default=None,
+        metavar="ROOT",
+        help="serve this published root as it is instead of building the workload (a vectors-only bundle: "
+        "query_vector requests, the rows of --queries; no click events)",
+    )
+    p.add_argument("--queries", default=None, metavar="FILE.npy", help="with --index: the query vectors [n, dim]")
     add_workdir(p, "where the workload is built and cached")
     add_out(p)
     p.set_defaults(func=run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from towerann.bench.ann import far_dataset
 from towerann.bench.compressed import run_pq_bench
 
@@ -70,7 +72,28 @@ def test_bench_pq_generated_builds_part_by_part_and_stores_no_vectors_file(tmp_p
     truth = list((tmp_path / "work").glob("truth-*.npy"))
     assert len(truth) == 1
     made = truth[0].stat().st_mtime_ns
-    assert main(argv) == 0
+    root = tmp_path / "served" / "root"
+    assert main([*argv, "--publish", str(root)]) == 0
     again = json.loads((tmp_path / "pq-12000.json").read_text())
     assert again["codes"][0]["build_resumed"] and truth[0].stat().st_mtime_ns == made
     assert [p["recall"] for p in again["points"]] == [p["recall"] for p in r["points"]]
+    _check_published(again, root, tmp_path / "work")
+
+
+def _check_published(r, root, work):
+    """--publish: a vectors-only bundle searching at the fastest warm setting that reached 0.95 (here
+    the deepest), its re-rank rows the build's own file (hard link, not a copy), answering query vectors."""
+    from towerann.serving.bundle import RetrievalBundle
+
+    pub = r["published"]
+    reached = [p for p in r["points"] if p["mode"] == "warm" and p["recall"] >= 0.95]
+    assert pub["reached"] and pub["search"] == min(reached, key=lambda p: p["p50_ms"])["params"]
+    bundle = RetrievalBundle.load(root)
+    assert bundle.vectors_only and not bundle.has_user_tower and len(bundle.index) == 12000
+    assert {k: bundle.index.search_defaults[k] for k in pub["search"]} == pub["search"]
+    (built,) = list(work.rglob("assembled/rerank.npy"))
+    assert (bundle.path / "rerank.npy").stat().st_ino == built.stat().st_ino
+    queries = np.load(pub["queries_file"])
+    assert queries.shape == (60, 32)
+    got = bundle.index.search(queries[:5], 10).ids
+    assert (got >= 0).all() and bundle.external_ids[got].tolist() == got.tolist()  # ids are the generator's rows
