@@ -98,3 +98,19 @@ def test_bench_serve_serves_a_published_vectors_only_root_with_query_vectors(
         "serve-3000-k20-ivfpq-vectors-embedded.json",
         "serve-3000-k20-ivfpq-vectors-embedded.png",
     ]
+
+
+def test_bench_serve_serves_a_published_bundle_to_its_dataset_users(
+    tmp_path: Path, serving_bundle: dict[str, Path]
+) -> None:
+    """--index ROOT --data DATASET: a bundle with its model, served as it is to that dataset's users (user_id
+    requests through its own user tower), click events included."""
+    out = tmp_path / "out"
+    argv = ["bench", "serve", "--index", str(serving_bundle["index"]), "--data", str(serving_bundle["data"])]
+    argv += ["--rates", "40", "--duration", "1", "--k", "20", "--events", "10", "--inproc-requests", "30"]
+    assert main([*argv, "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads((out / "serve-2000-k20-exact-users-embedded.json").read_text())
+    rate = result["http"][0]
+    assert rate["errors"] == {} and rate["ok"] == rate["sent"] == 40
+    assert result["requests"] == "user_id" and result["users"] == 1000 and result["event_write"]["n"] == 10
+    assert result["dataset"] == str(serving_bundle["data"])

@@ -262,6 +262,9 @@ def run_pq_generated(
     seed: int = 0,
     query_style: str = "cluster",
     publish: str | Path | None = None,
+    catalog: bool = False,
+    users: int = USERS,
+    train_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """`bench pq --set generated`: the far-off catalog made part by part by a seeded generator
     (data.synth_vectors.FarOffParts) and built part by part in `work` (index.ivfpq_resumable: a killed
@@ -269,25 +272,36 @@ def run_pq_generated(
     vectors (keep_float32=false): no vectors file is ever stored, so the files on disk are the codes,
     the re-rank rows and the tables. Ground truth is exact search over the generator's float32 vectors
     (one pass over the parts, cached in `work`). One code size and row type; writes pq-<items>.json + .png.
-    `publish`: also publish the built index there as a vectors-only bundle (its files hard-linked, not
-    copied), searching at the fastest warm setting that reached recall 0.95 at the largest K, and write
-    the queries beside it (ROOT/../queries-<items>.npy) for `bench serve --index ROOT --queries FILE`."""
+    `catalog` (`--set catalog`): the parts are a synthetic catalog's rows run through a model trained on it
+    (embed.parts.CatalogParts: the item tower a part at a time, no vectors file either) and the queries
+    held-out users' user-tower vectors, both cached in `work`.
+    `publish`: also publish the built index there as a bundle (its files hard-linked, not copied; with the
+    model for `catalog`, else vectors-only), searching at the fastest warm setting that reached recall 0.95
+    at the largest K, and write the queries beside it (ROOT/../queries-<items>.npy) for `bench serve
+    --index ROOT --queries FILE`."""
     from towerann.bench.freshness import rss_mb
     from towerann.bench.report import begin_run, write_report
     from towerann.data.synth_vectors import FarOffParts
     from towerann.index.ivfpq_resumable import ResumableBuild
 
     if rerank_dtype == "float32":
-        raise ConfigError("--set generated keeps no float32 copy: give --rerank-dtype float16 or int8")
+        raise ConfigError("--set generated / catalog keeps no float32 copy: give --rerank-dtype float16 or int8")
     if "ram" in modes:
-        raise ConfigError("--set generated measures warm and cold (its re-rank rows are not read into RAM)")
+        raise ConfigError("--set generated / catalog measures warm and cold (its re-rank rows are not read into RAM)")
     start = begin_run()
     work = Path(work)
     predicted = _planned(items, dim, pq_m, rerank_dtype, ks, modes)  # before the run, from the committed ones
-    gen = FarOffParts(items, part_size, dim, seed=seed)
-    queries = gen.queries(n_queries, seed=1, style=query_style)
+    gen: Any
+    if catalog:
+        gen, queries = catalog_parts(work, items, users, dim, part_size, n_queries, seed, train_seconds)
+        described = {"kind": "synthetic catalog through a trained item tower, part by part", **gen.fingerprint()}
+        described.update(users=users, queries="user tower, held-out (test) users")
+    else:
+        gen = FarOffParts(items, part_size, dim, seed=seed)
+        queries = gen.queries(n_queries, seed=1, style=query_style)
+        described = {"kind": "generated, part by part", **gen.params, "query_style": query_style}
     truth = _generated_truth(gen, queries, max(ks), work)
-    build_dir = work / f"build-pq{pq_m}-{rerank_dtype}"
+    build_dir = work / f"build-{'catalog-' if catalog else ''}pq{pq_m}-{rerank_dtype}"
     _peak_rss_reset()
     t0 = time.perf_counter()
     job = ResumableBuild(gen, build_dir, {"pq_m": pq_m, "rerank_dtype": rerank_dtype, "keep_float32": False})
@@ -320,7 +334,7 @@ def run_pq_generated(
             "dim": dim,
             "queries": len(queries),
             "cold_queries": min(n_cold, len(queries)),
-            "source": {"kind": "generated, part by part", **gen.params, "query_style": query_style},
+            "source": described,
         },
         "ks": list(ks),
         "quick": False,
@@ -347,8 +361,9 @@ SERVE_RECALL = 0.95  # the published bundle searches at the fastest warm setting
 def publish_generated(
     index: Any, gen: Any, queries: np.ndarray, points: list[dict[str, Any]], k: int, root: Path
 ) -> dict[str, Any]:
-    """Publish the generated catalog's index under `root` as a vectors-only bundle (no towers: served to
-    query_vector requests); the queries go to root/../queries-<items>.npy. Returns what was published."""
+    """Publish the built index under `root` as a bundle: with the model that made the vectors (CatalogParts:
+    user_id requests run its user tower), else vectors-only (query_vector requests). The queries go to
+    root/../queries-<items>.npy. Returns what was published."""
     from towerann.artifacts import save_npy_atomic
     from towerann.data.vectors_dir import VectorSet
     from towerann.freshness.publish import publish_bundle
@@ -360,19 +375,23 @@ def publish_generated(
     n = len(index)
     ids = np.arange(n, dtype=np.int64)
     categories, available = gen.attributes(ids)
-    space = "generated-" + hashlib.sha256(json.dumps(gen.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+    model_dir = getattr(gen, "model_dir", None)
+    if model_dir is not None:
+        space = gen.model.version
+    else:
+        space = "generated-" + hashlib.sha256(json.dumps(gen.fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
     catalog = VectorSet(
         vectors=np.empty((0, gen.dim), np.float32),  # the index holds them; publishing reads none
         ids=ids,
         categories=categories.astype(np.int32),
         available=available,
-        category_names=[f"cluster-{c}" for c in range(int(categories.max()) + 1)],
-        external_ids=ids,
+        category_names=gen.category_names,
+        external_ids=gen.external_ids(),
         model_version=space,
         dim=gen.dim,
         metric=gen.metric,
     )
-    path = publish_bundle(root, None, catalog, index=index, validation_queries=queries, calibrate_filters=False)
+    path = publish_bundle(root, model_dir, catalog, index=index, validation_queries=queries, calibrate_filters=False)
     queries_file = root.parent / f"queries-{n}.npy"
     save_npy_atomic(queries_file, np.ascontiguousarray(queries, np.float32))
     print(f"published {path} (search {best['params']}: warm recall@{k} {best['recall']:.4f}); queries {queries_file}")
@@ -423,6 +442,45 @@ def _plan_vs_measured(predicted: dict[str, Any], code: dict[str, Any], points: l
             "recall_at_planned_setting": at["recall"] if at else None,
         }
     return out
+
+
+def catalog_parts(
+    work: Path, items: int, users: int, dim: int, part_size: int, n_queries: int, seed: int, train_seconds: float
+) -> tuple[Any, np.ndarray]:
+    """`--set catalog`'s source and queries, made once and cached in `work`: a synthetic catalog, a model
+    trained on it (training capped at `train_seconds`), held-out users' user-tower vectors, and the
+    catalog as CatalogParts (the item tower run a part at a time, when the build asks for it)."""
+    from towerann.artifacts import load_npy, save_npy_atomic
+    from towerann.data.dataset import validate_dataset
+    from towerann.data.synth import generate
+    from towerann.embed.parts import CatalogParts
+    from towerann.errors import ArtifactError, DataError
+    from towerann.model.evaluate import heldout_user_queries
+    from towerann.model.model import TwoTowerModel, model_version_of
+    from towerann.model.towers import TowerConfig
+    from towerann.model.train import TrainConfig, train
+
+    root = work / f"catalog-{items}x{users}-d{dim}-s{seed}"
+    data_dir, model_dir = root / "dataset", root / "model"
+    try:
+        validate_dataset(data_dir)
+    except DataError:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        generate(data_dir, items, users, seed=seed)
+    try:
+        version = model_version_of(model_dir)
+    except ArtifactError:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        cfg = TrainConfig(epochs=3, max_seconds=train_seconds, seed=seed)
+        train(data_dir, model_dir, TowerConfig(dim=dim), cfg, overwrite=True, progress=False)
+        version = model_version_of(model_dir)
+    queries_file = root / f"queries-{version}-{n_queries}.npy"
+    if queries_file.exists():
+        queries = load_npy(queries_file)
+    else:
+        queries = heldout_user_queries(TwoTowerModel.load(model_dir), data_dir, n_queries, seed)
+        save_npy_atomic(queries_file, np.ascontiguousarray(queries, np.float32))
+    return CatalogParts(model_dir, data_dir, part_size), np.asarray(queries, np.float32)
 
 
 def _generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:
@@ -640,9 +698,9 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.vectors) != bool(args.queries):
         raise ConfigError("--vectors and --queries go together: give both or neither")
     items, users = catalog_size(args)
-    if args.set == "generated":
+    if args.set in ("generated", "catalog"):
         if len(pq_ms) != 1 or len(dtypes) != 1:
-            raise ConfigError("--set generated builds one code size and row type: give one --pq-m and --rerank-dtype")
+            raise ConfigError(f"--set {args.set} builds one code size and row type: give one --pq-m and --rerank-dtype")
         modes = tuple(parse_csv(args.modes, "--modes")) if args.modes != ",".join(MODES) else ("warm", "cold")
         result = run_pq_generated(
             items,
@@ -660,6 +718,9 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             query_style=args.query_style,
             publish=args.publish,
+            catalog=args.set == "catalog",
+            users=users,
+            train_seconds=args.train_seconds,
         )
         print_table(result)
         print(f"wrote {' and '.join(result['files'])}")
@@ -700,17 +761,19 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--set",
-        choices=("user", "far", "generated"),
+        choices=("user", "far", "generated", "catalog"),
         default="user",
         help="user: a trained model's item vectors and held-out users' queries (default; the dataset "
         "`bench ann` caches); far: the far-off-query catalog; generated: that catalog made and built part "
-        "by part, resumable in --work, no vectors file stored (100M items on one node)",
+        "by part, resumable in --work, no vectors file stored (100M items on one node); catalog: like user "
+        "(synthetic catalog, trained model, held-out users' queries) but embedded part by part inside the "
+        "resumable build, no vectors file stored",
     )
     p.add_argument(
         "--part-size",
         type=int,
         default=1_000_000,
-        help="--set generated: items per generated part (default 1,000,000)",
+        help="--set generated / catalog: items per part (default 1,000,000)",
     )
     p.add_argument(
         "--query-style",
@@ -723,9 +786,10 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         "--publish",
         default=None,
         metavar="ROOT",
-        help="--set generated: also publish the index under ROOT as a vectors-only bundle (files hard-linked) "
-        "searching at the fastest warm setting reaching recall 0.95 at the largest K, and its queries as "
-        "ROOT/../queries-ITEMS.npy: what `bench serve --index ROOT --queries FILE` serves",
+        help="--set generated / catalog: also publish the index under ROOT as a bundle (files hard-linked; "
+        "catalog: with its model, generated: vectors-only) searching at the fastest warm setting reaching "
+        "recall 0.95 at the largest K, and its queries as ROOT/../queries-ITEMS.npy: what `bench serve "
+        "--index ROOT --queries FILE` serves",
     )
     add_seed(p, "--set far: catalog seed")
     add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)

@@ -14,16 +14,17 @@ requests as towerann.client.GrpcClient builds them, one HTTP/2 connection per ge
 answer's ids and scores as packed arrays instead of K JSON objects.
 
 The workload is built on demand under --workdir: synthetic catalog -> trained model -> item
-vectors -> hnsw bundle -> user features loaded into the store. With --index ROOT --queries FILE.npy a
-published root is served as it is (a vectors-only bundle, e.g. the one `bench pq --set generated
---publish ROOT` writes at 100M items): the requests are `query_vector` requests, the rows of FILE, and
-no click events are posted (no users).
+vectors -> hnsw bundle -> user features loaded into the store. With --index ROOT a published root is served
+as it is (e.g. the one `bench pq --set generated|catalog --publish ROOT` writes at 100M items): with
+--queries FILE.npy the requests are `query_vector` requests, the rows of FILE, and no click events are
+posted; with --data DATASET (a bundle with its model) they are that dataset's users' ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -445,28 +446,37 @@ def start_redis(workdir: Path, port: int | None = None, timeout_s: float = 10.0)
 QUERY_BODIES = 5000  # distinct requests of a load (cycled)
 
 
-def _vector_workload(args: argparse.Namespace) -> tuple[Path, dict[str, Any], np.ndarray]:
-    """--index ROOT --queries FILE: the served snapshot's manifest and the query vectors, checked."""
-    from towerann.artifacts import load_npy
+def _served_root(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """--index ROOT: the root and its current snapshot's manifest, with the options that go with it checked."""
     from towerann.errors import ArtifactError
     from towerann.index.snapshot import resolve
 
-    if args.queries is None:
-        raise ConfigError("--index ROOT needs --queries FILE.npy: query vectors, one per row, of the index's dim")
+    if (args.queries is None) == (args.data is None):
+        raise ConfigError(
+            "--index ROOT needs --queries FILE.npy (query vectors, one per row, of the index's dim) or --data "
+            "DATASET (its users' ids, through the bundle's own user tower), one of the two"
+        )
     if args.grpc:
-        raise ConfigError("--grpc goes with the built workload (its requests name users), not with --index")
+        raise ConfigError("--grpc goes with the built workload, not with --index")
     root = Path(args.index)
     try:
         manifest = json.loads((resolve(root) / "manifest.json").read_text())
     except (OSError, ValueError, ArtifactError) as e:
         raise ConfigError(f"--index {root}: not a published root or snapshot ({e})") from e
+    return root, manifest
+
+
+def _query_vectors(args: argparse.Namespace, root: Path, manifest: dict[str, Any]) -> np.ndarray:
+    """--queries FILE, checked against the served index's dim."""
+    from towerann.artifacts import load_npy
+
     queries = load_npy(args.queries)
     if queries.ndim != 2 or queries.shape[1] != manifest.get("dim") or len(queries) == 0:
         raise ConfigError(
             f"--queries {args.queries}: expected [n, {manifest.get('dim')}] query vectors for {root}, "
             f"got shape {list(queries.shape)}"
         )
-    return root, manifest, np.asarray(queries[:QUERY_BODIES], np.float32)
+    return np.asarray(queries[:QUERY_BODIES], np.float32)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -475,13 +485,23 @@ def run(args: argparse.Namespace) -> int:
     from towerann.features.loader import load_dataset_features
 
     vectors: np.ndarray | None = None
+    users: list[str] | None = None  # --index with --data: these users' ids
     t0 = time.perf_counter()
-    if args.index is not None:  # a published root served as it is: query_vector requests
-        index_root, served, vectors = _vector_workload(args)
+    if args.index is not None:  # a published root served as it is
+        index_root, served = _served_root(args)
         items = int(served.get("count") or 0)
-        work = Path(args.workdir) / f"serve-vectors-{items}"
-        work.mkdir(parents=True, exist_ok=True)
         paths = {"index": index_root}
+        if args.data is not None:  # user_id requests through the bundle's own user tower
+            from towerann.data.dataset import read_users
+
+            paths["data"] = Path(args.data)
+            users = [str(u) for u in read_users(args.data)["user_id"].tolist()]
+        else:  # query_vector requests
+            vectors = _query_vectors(args, index_root, served)
+        # the store of these users' features is kept per root (and per dataset), not per item count
+        key = hashlib.sha256(f"{index_root.resolve()} {args.data}".encode()).hexdigest()[:12]
+        work = Path(args.workdir) / f"serve-root-{key}"
+        work.mkdir(parents=True, exist_ok=True)
     else:
         items = args.items
         work = Path(args.workdir) / f"serve-{args.items}"
@@ -503,7 +523,10 @@ def run(args: argparse.Namespace) -> int:
                 load_dataset_features(store, paths["data"])
             store.close()
             rng = np.random.default_rng(0)
-            user_ids = [str(u) for u in rng.integers(0, args.users, QUERY_BODIES)]
+            if users is None:
+                user_ids = [str(u) for u in rng.integers(0, args.users, QUERY_BODIES)]
+            else:
+                user_ids = [users[i] for i in rng.integers(0, len(users), QUERY_BODIES)]
             bodies = [json.dumps({"user_id": u, "k": args.k}).encode() for u in user_ids]
         else:
             bodies = [json.dumps({"query_vector": v.tolist(), "k": args.k}).encode() for v in vectors]
@@ -592,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
     served = json.loads((resolve(paths["index"]) / "manifest.json").read_text())
     result = {
         "items": items,
-        "users": None if vectors is not None else args.users,
+        "users": None if vectors is not None else len(users) if users is not None else args.users,
         "requests": "query_vector" if vectors is not None else "user_id",
         "k": args.k,
         "store": args.store,
@@ -610,9 +633,9 @@ def run(args: argparse.Namespace) -> int:
         "saturation_rps": max((r["achieved_rps"] for r in rates), default=0.0),
         "max_sustained_rps": sustained(rates),
     }
-    if vectors is not None:
+    if args.index is not None:
         result["index_root"] = str(paths["index"])
-        result["queries_file"] = str(args.queries)
+        result["queries_file" if vectors is not None else "dataset"] = str(args.queries or args.data)
     if args.grpc:  # the same rates over gRPC, in alternation with HTTP
         result["grpc"] = rates_grpc
         result["grpc_saturation_rps"] = max((r["achieved_rps"] for r in rates_grpc), default=0.0)
@@ -620,7 +643,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, png_path = write_report(
         args.out,
         f"serve-{items}-k{args.k}-"
-        + (f"{served.get('backend')}-vectors-" if vectors is not None else f"{args.kind}-")
+        + (f"{args.kind}-" if args.index is None else f"{served.get('backend')}-{'users' if users else 'vectors'}-")
         + args.store.split(":")[0]
         + (f"-w{args.workers}" if args.workers != 1 else ""),
         result,
@@ -779,6 +802,13 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         "query_vector requests, the rows of --queries; no click events)",
     )
     p.add_argument("--queries", default=None, metavar="FILE.npy", help="with --index: the query vectors [n, dim]")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DATASET",
+        help="with --index (a bundle with its model): user_id requests for this dataset's users, whose features "
+        "are loaded into the store (and click events posted)",
+    )
     add_workdir(p, "where the workload is built and cached")
     add_out(p)
     p.set_defaults(func=run)

@@ -197,6 +197,15 @@ class FarOffParts:
     def attributes(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.clusters[ids], np.ones(len(ids), bool)
 
+    @property
+    def category_names(self) -> list[str]:
+        """Names of the category codes `attributes` gives: one per cluster."""
+        return [f"cluster-{c}" for c in range(len(self.centres))]
+
+    def external_ids(self) -> np.ndarray:
+        """Every item's id: its row number."""
+        return np.arange(self.n, dtype=np.int64)
+
     def fingerprint(self) -> dict[str, Any]:
         return dict(self.params)
 

@@ -97,3 +97,40 @@ def _check_published(r, root, work):
     assert queries.shape == (60, 32)
     got = bundle.index.search(queries[:5], 10).ids
     assert (got >= 0).all() and bundle.external_ids[got].tolist() == got.tolist()  # ids are the generator's rows
+
+
+def test_bench_pq_catalog_embeds_part_by_part_and_publishes_a_bundle_with_its_model(tmp_path):
+    """--set catalog: a synthetic catalog through a model trained on it, the item tower run a part at a
+    time inside the resumable build (no vectors file), held-out users' queries; --publish gives a bundle
+    with that model, so a user id is answered through the user tower from the published index."""
+    from towerann.cli import main
+    from towerann.data.dataset import read_items, read_users
+    from towerann.features import open_store
+    from towerann.features.loader import load_dataset_features
+    from towerann.serving.bundle import RetrievalBundle
+    from towerann.serving.holder import BundleHolder
+    from towerann.serving.retriever import Retriever
+
+    root = tmp_path / "served" / "root"
+    argv = ["bench", "pq", "--set", "catalog", "--items", "12000", "--users", "300", "--part-size", "5000"]
+    argv += ["--dim", "16", "--pq-m", "4", "--rerank-dtype", "float16", "--k", "10", "--nprobes", "8,64"]
+    argv += ["--pools", "0,8", "--queries-n", "40", "--cold-queries", "3", "--train-seconds", "20"]
+    argv += ["--out", str(tmp_path), "--work", str(tmp_path / "work"), "--publish", str(root)]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "pq-12000.json").read_text())
+    src = r["dataset"]["source"]
+    assert src["source"] == "catalog-parts/1" and src["part_size"] == 5000 and src["users"] == 300
+    assert not [f for f in (tmp_path / "work").rglob("vectors*.npy")]  # the tower ran inside the build
+    deepest = [p for p in r["points"] if p["params"] == {"nprobe": 64, "rerank": 80} and p["mode"] == "warm"]
+    assert deepest and deepest[0]["recall"] >= 0.9  # against exact search over the tower's float32 vectors
+    pub = r["published"]
+    bundle = RetrievalBundle.load(root)
+    assert bundle.has_user_tower and not bundle.vectors_only and bundle.model_version == src["model_version"]
+    assert {k: bundle.index.search_defaults[k] for k in pub["search"]} == pub["search"] and pub["k"] == 10
+    (work_data,) = list((tmp_path / "work").glob("catalog-*/dataset"))
+    store = open_store("memory")
+    load_dataset_features(store, work_data)
+    user = int(read_users(work_data)["user_id"].iloc[0])
+    answer = Retriever(BundleHolder(bundle), store).candidates(user, 10)
+    assert not answer.degraded and len(answer.item_ids) == 10  # the user's features, through the user tower
+    assert set(answer.item_ids) <= set(read_items(work_data, columns=["item_id"])["item_id"].tolist())
