@@ -611,6 +611,15 @@ MUTANTS: list[Mutant] = [
         "artifact files, directories and renames are never flushed to disk before they are published",
         tests=("tests/unit/test_artifacts_durable.py",),
     ),
+    Mutant(
+        "room-on-load-ignored",
+        "index/base.py",
+        "if grows and _room_on_load:",
+        "if False:",
+        "a serving process maps a snapshot's vectors and its first live add copies them all on the event loop",
+        select="reserves_room",
+        tests=("tests/unit/index/test_room_on_load.py",),
+    ),
 ]
 
 

@@ -59,12 +59,50 @@ log = logging.getLogger(__name__)
 BY_INDEX_ROWS = 4  # masked brute force for at most this many queries reads the qualifying rows in place
 
 
+# Whether vectors loaded from a snapshot get room for live adds at once (`load_saved_vectors`): on in a
+# serving process (server.wiring), where the first add after a load would otherwise copy the mapped file
+# into memory on the event loop (1M x 64-d ScaNN: 0.86 s, every request waiting; the drift benchmark's
+# first live item showed it as a ~1 s stall). Off for batch jobs, which map and never grow.
+_room_on_load = False
+ROOM_CHUNK_BYTES = 8 << 20  # copied a chunk at a time: other threads (the requests) run between chunks
+
+
+def room_on_load(on: bool = True) -> None:
+    """From now on, vectors loaded by `load_saved_vectors(..., grows=True)` are copied into memory with
+    room to grow when they load (off the request path), not at the first live add."""
+    global _room_on_load
+    _room_on_load = on
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class Growable:
     """A 1-d or 2-d numpy buffer that grows by doubling, so incremental adds stay amortised O(1)."""
 
     def __init__(self, data: np.ndarray):
         self._buf = data
         self.n = len(data)
+
+    def make_room(self, extra: int) -> None:
+        """Hold the rows in writable memory with room for `extra` more, copying a read-only (mapped)
+        buffer a chunk at a time, so that the next `extend` copies nothing."""
+        if self._buf.flags.writeable and len(self._buf) >= self.n + extra:
+            return
+        buf = np.empty((self.n + extra,) + self._buf.shape[1:], self._buf.dtype)
+        step = max(1, ROOM_CHUNK_BYTES // max(1, self._buf[:1].nbytes))
+        for at in range(0, self.n, step):
+            end = min(at + step, self.n)
+            buf[at:end] = self._buf[at:end]
+        self._buf = buf
 
     @property
     def data(self) -> np.ndarray:
@@ -860,16 +898,30 @@ class SlotIndex(Index):
         return bits
 
     # ---- persistence ---------------------------------------------------------------------------
-    def load_saved_vectors(self, directory: Path, name: str) -> Growable:
+    def load_saved_vectors(self, directory: Path, name: str, grows: bool = False) -> Growable:
         """A backend's saved full vectors (for its `_load_backend`), memory-mapped (copied into memory
-        only if items are added), checked against the slot count and dim of the manifest."""
+        only if items are added), checked against the slot count and dim of the manifest. `grows`: a
+        backend whose live adds extend this array; in a serving process (`room_on_load`) it is copied into
+        memory with room to grow now, unless that is more than a quarter of the memory available."""
         vecs = load_npy(directory / name, mmap=True)
         if vecs.shape != (self.n_slots, self.dim) or vecs.dtype != np.float32:
             raise ArtifactError(
                 f"{directory / name}: {vecs.dtype}{list(vecs.shape)} does not match "
                 f"float32[{self.n_slots}, {self.dim}] in the manifest"
             )
-        return Growable(vecs)
+        out = Growable(vecs)
+        if grows and _room_on_load:
+            available = available_memory_bytes()
+            if available is not None and vecs.nbytes > available / 4:
+                log.info(
+                    "%s: vectors left mapped (%.1f GB, %.1f GB available): the first live add copies them",
+                    self.kind,
+                    vecs.nbytes / 1e9,
+                    available / 1e9,
+                )
+            else:
+                out.make_room(max(len(vecs) // 8, 1024))
+        return out
 
     def save(self, directory: Path, order: np.ndarray | None = None) -> dict[str, Any]:
         """Write the index files into `directory` (which must exist); return the manifest fields.

@@ -33,6 +33,10 @@ class ExactIndex(SlotIndex):
     def _vectors(self) -> np.ndarray:
         return self._vecs.data
 
+    def buffers(self) -> list[np.ndarray]:
+        """The big buffer this index holds: its vectors (mapped from the snapshot, or in memory)."""
+        return [self._vecs.data]
+
     def _search(
         self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -56,4 +60,4 @@ class ExactIndex(SlotIndex):
         return {"vectors": "vectors.npy"}
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        self._vecs = self.load_saved_vectors(directory, state["vectors"])
+        self._vecs = self.load_saved_vectors(directory, state["vectors"], grows=True)

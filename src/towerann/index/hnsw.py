@@ -34,23 +34,12 @@ import numpy as np
 from tqdm import tqdm
 
 from towerann.errors import ArtifactError
-from towerann.index.base import Mask, SlotIndex, madvise_pages, release_pages
+from towerann.index.base import Mask, SlotIndex, available_memory_bytes, madvise_pages, release_pages
 from towerann.index.merge import padded
 from towerann.index.protocol import as_vectors
 from towerann.index.value_partitions import DEFAULT_MIN_ITEMS, Partitions
 
 log = logging.getLogger(__name__)
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 ADD_CHUNK = 50_000  # rows per add call of an incremental add, for progress reporting

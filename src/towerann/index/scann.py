@@ -184,6 +184,10 @@ class ScannIndex(SlotIndex):
     def _vectors(self) -> np.ndarray:
         return self._vecs.data
 
+    def buffers(self) -> list[np.ndarray]:
+        """The big buffer this index holds: its vectors (mapped from the snapshot, or in memory)."""
+        return [self._vecs.data]
+
     def _search(
         self, q: np.ndarray, k: int, params: dict[str, Any], mask: Mask | None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -296,7 +300,7 @@ class ScannIndex(SlotIndex):
         return state
 
     def _load_backend(self, directory: Path, state: dict[str, Any]) -> None:
-        self._vecs = self.load_saved_vectors(directory, state["vectors"])
+        self._vecs = self.load_saved_vectors(directory, state["vectors"], grows=True)
         self._n_main, self._leaves = int(state["n_main"]), int(state["leaves"])
         self._rerank = state.get("rerank", RERANK_SCANN)  # no field: written before towerann re-ranked
         if self._rerank not in (RERANK_TOWERANN, RERANK_SCANN):

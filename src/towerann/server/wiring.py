@@ -16,6 +16,7 @@ from towerann.freshness.deltalog import DurabilityWatch, RedisDeltaLog, check_du
 from towerann.freshness.live import ItemWriter, replay
 from towerann.freshness.log_binding import bind_delta_log
 from towerann.freshness.reload import Reloader
+from towerann.index.base import room_on_load
 from towerann.index.scann import load_in_helper_process
 from towerann.index.snapshot import CURRENT, resolve
 from towerann.serving.bundle import RetrievalBundle
@@ -144,6 +145,7 @@ def open_service(
 
     `shared`: one of several worker processes on one log (freshness.live.ItemWriter)."""
     load_in_helper_process()  # ScaNN's loader holds the GIL: a swap must not stall the requests
+    room_on_load()  # a loaded index's vectors get room for live adds off the request path, not at the first add
     owns_store = retriever is None
     retriever = retriever or open_retriever(cfg, model_dir=model_dir, bundle=bundle)
     try:
