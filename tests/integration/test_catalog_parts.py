@@ -35,3 +35,20 @@ def test_the_fingerprint_names_model_catalog_and_part_size(serving_bundle: dict[
     assert a["model_version"] == b["model_version"] and a["catalog"] == b["catalog"] and a != b
     with pytest.raises(ConfigError, match="part_size"):
         CatalogParts(serving_bundle["model"], serving_bundle["data"], part_size=0)
+
+
+def test_bench_pq_catalog_embeds_with_a_given_model_and_trains_none(
+    tmp_path: Path, serving_bundle: dict[str, Path]
+) -> None:
+    """--model DIR: a model trained elsewhere (at 100M items training would score the whole catalog) embeds
+    the catalog; none is trained, and one of another dim is a one-line error."""
+    from towerann.bench.compressed import catalog_parts
+    from towerann.model.model import model_version_of
+
+    args = (tmp_path, 3000, 200)
+    src, queries = catalog_parts(*args, 32, 1000, 50, 0, 10.0, serving_bundle["model"])
+    assert src.fingerprint()["model_version"] == model_version_of(serving_bundle["model"])
+    assert queries.shape == (50, 32) and src.part_counts() == [1000] * 3
+    assert not list(tmp_path.glob("catalog-*/model"))  # nothing trained
+    with pytest.raises(ConfigError, match="vectors of dim 32, not --dim 16"):
+        catalog_parts(*args, 16, 1000, 50, 0, 10.0, serving_bundle["model"])

@@ -265,6 +265,7 @@ def run_pq_generated(
     catalog: bool = False,
     users: int = USERS,
     train_seconds: float = 300.0,
+    model: str | Path | None = None,
 ) -> dict[str, Any]:
     """`bench pq --set generated`: the far-off catalog made part by part by a seeded generator
     (data.synth_vectors.FarOffParts) and built part by part in `work` (index.ivfpq_resumable: a killed
@@ -274,7 +275,8 @@ def run_pq_generated(
     (one pass over the parts, cached in `work`). One code size and row type; writes pq-<items>.json + .png.
     `catalog` (`--set catalog`): the parts are a synthetic catalog's rows run through a model trained on it
     (embed.parts.CatalogParts: the item tower a part at a time, no vectors file either) and the queries
-    held-out users' user-tower vectors, both cached in `work`.
+    held-out users' user-tower vectors, both cached in `work`; `model`: a model trained elsewhere (e.g. on
+    a smaller catalog of the same world) instead of one trained on this catalog.
     `publish`: also publish the built index there as a bundle (its files hard-linked, not copied; with the
     model for `catalog`, else vectors-only), searching at the fastest warm setting that reached recall 0.95
     at the largest K, and write the queries beside it (ROOT/../queries-<items>.npy) for `bench serve
@@ -293,9 +295,10 @@ def run_pq_generated(
     predicted = _planned(items, dim, pq_m, rerank_dtype, ks, modes)  # before the run, from the committed ones
     gen: Any
     if catalog:
-        gen, queries = catalog_parts(work, items, users, dim, part_size, n_queries, seed, train_seconds)
+        gen, queries = catalog_parts(work, items, users, dim, part_size, n_queries, seed, train_seconds, model)
         described = {"kind": "synthetic catalog through a trained item tower, part by part", **gen.fingerprint()}
         described.update(users=users, queries="user tower, held-out (test) users")
+        described["model"] = "trained on this catalog" if model is None else f"given: {Path(model).resolve()}"
     else:
         gen = FarOffParts(items, part_size, dim, seed=seed)
         queries = gen.queries(n_queries, seed=1, style=query_style)
@@ -445,11 +448,20 @@ def _plan_vs_measured(predicted: dict[str, Any], code: dict[str, Any], points: l
 
 
 def catalog_parts(
-    work: Path, items: int, users: int, dim: int, part_size: int, n_queries: int, seed: int, train_seconds: float
+    work: Path,
+    items: int,
+    users: int,
+    dim: int,
+    part_size: int,
+    n_queries: int,
+    seed: int,
+    train_seconds: float,
+    model: str | Path | None = None,
 ) -> tuple[Any, np.ndarray]:
     """`--set catalog`'s source and queries, made once and cached in `work`: a synthetic catalog, a model
-    trained on it (training capped at `train_seconds`), held-out users' user-tower vectors, and the
-    catalog as CatalogParts (the item tower run a part at a time, when the build asks for it)."""
+    trained on it (training capped at `train_seconds`; or `model`, trained elsewhere), held-out users'
+    user-tower vectors, and the catalog as CatalogParts (the item tower run a part at a time, when the
+    build asks for it)."""
     from towerann.artifacts import load_npy, save_npy_atomic
     from towerann.data.dataset import validate_dataset
     from towerann.data.synth import generate
@@ -461,15 +473,21 @@ def catalog_parts(
     from towerann.model.train import TrainConfig, train
 
     root = work / f"catalog-{items}x{users}-d{dim}-s{seed}"
-    data_dir, model_dir = root / "dataset", root / "model"
+    data_dir, model_dir = root / "dataset", root / "model" if model is None else Path(model)
     try:
         validate_dataset(data_dir)
     except DataError:
         shutil.rmtree(data_dir, ignore_errors=True)
         generate(data_dir, items, users, seed=seed)
+    if model is not None:  # given: checked, never trained over
+        given_dim = TwoTowerModel.load(model_dir).dim
+        if given_dim != dim:
+            raise ConfigError(f"--model {model}: vectors of dim {given_dim}, not --dim {dim}")
     try:
         version = model_version_of(model_dir)
     except ArtifactError:
+        if model is not None:
+            raise
         shutil.rmtree(model_dir, ignore_errors=True)
         cfg = TrainConfig(epochs=3, max_seconds=train_seconds, seed=seed)
         train(data_dir, model_dir, TowerConfig(dim=dim), cfg, overwrite=True, progress=False)
@@ -721,6 +739,7 @@ def run(args: argparse.Namespace) -> int:
             catalog=args.set == "catalog",
             users=users,
             train_seconds=args.train_seconds,
+            model=args.model,
         )
         print_table(result)
         print(f"wrote {' and '.join(result['files'])}")
@@ -794,6 +813,13 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     add_seed(p, "--set far: catalog seed")
     add_catalog(p, ITEMS, users=USERS, quick=(QUICK_ITEMS, QUICK_USERS), trained=True)
     p.add_argument("--train-seconds", type=float, default=300.0, help="cap on model training time (default 300)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="--set catalog: embed with this trained model (e.g. one trained on a smaller catalog of the same "
+        "world: at 100M items training would score the whole catalog) instead of training one on the catalog",
+    )
     add_given_vectors(p)
     add_ks(p)
     p.add_argument("--pq-m", default="8,16,32", help="PQ code sizes in bytes per item (default 8,16,32)")
