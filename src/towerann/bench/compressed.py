@@ -504,7 +504,6 @@ def catalog_parts(
 def _generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:
     """Exact top-k ids of `queries` over the generator's float32 vectors: one pass over the parts, each
     scored against every query and merged; cached in `work` (keyed by the catalog and the queries)."""
-
     from towerann.artifacts import load_npy, save_npy_atomic
     from towerann.index.merge import merge_topk, padded, topk_blocked
 

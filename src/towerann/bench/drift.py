@@ -1026,7 +1026,9 @@ def analyse(
             "p99_max_per_second_ms": max((s["p99_ms"] for s in seconds), default=None),
             "p99_budget_ms": budget,
             "seconds_over_budget": len(over),
-            "p99_window_max_ms": max((s["p99_window_ms"] for s in seconds if s["p99_window_ms"]), default=None),
+            "p99_window_max_ms": max(
+                (s["p99_window_ms"] for s in seconds if s["p99_window_ms"] is not None), default=None
+            ),
             "windows_over_budget": len(windows_over),
             "p99_within_budget": not windows_over,
             # the server's own time in the index (timings_ms.ann), what [retune] max_p99_ms judges one search by

@@ -798,8 +798,8 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
         "--index",
         default=None,
         metavar="ROOT",
-        help="serve this published root as it is instead of building the workload (a vectors-only bundle: "
-        "query_vector requests, the rows of --queries; no click events)",
+        help="serve this published root as it is instead of building the workload: query_vector requests (the "
+        "rows of --queries; no click events) or a dataset's users (--data; a bundle with its model)",
     )
     p.add_argument("--queries", default=None, metavar="FILE.npy", help="with --index: the query vectors [n, dim]")
     p.add_argument(
