@@ -620,6 +620,15 @@ MUTANTS: list[Mutant] = [
         select="reserves_room",
         tests=("tests/unit/index/test_room_on_load.py",),
     ),
+    Mutant(
+        "scann-delta-labels-unshifted",
+        "index/scann.py",
+        "d_slots, d_scores = top_inner_products(q, delta, k, first_label=n_main)",
+        "d_slots, d_scores = top_inner_products(q, delta, k)",
+        "an item added to a ScaNN index after its build is answered as some other item of the main tier",
+        select="scann",
+        tests=("tests/contracts/test_index_contract.py",),
+    ),
 ]
 
 

@@ -51,7 +51,7 @@ from towerann.artifacts import load_npy, save_npy
 from towerann.config import ATTRIBUTE_NAME  # a name becomes a file name here: slot_attr_<name>.npy
 from towerann.errors import ArtifactError, BadRequest, ConfigError, DataError
 from towerann.index import path_choice
-from towerann.index.merge import padded, topk_blocked, topk_rows
+from towerann.index.merge import PAD_ID, PAD_SCORE, padded, topk_blocked, topk_rows
 from towerann.index.protocol import COMMON_SEARCH, Filter, Index, SearchResult, as_vectors
 
 log = logging.getLogger(__name__)
@@ -442,6 +442,38 @@ def inner_products(q: np.ndarray, vecs: np.ndarray) -> np.ndarray:
     ~20x faster than the equivalent 1-row gemm that `q @ vecs.T` becomes."""
     scores: np.ndarray = (vecs @ q[0])[None, :] if len(q) == 1 else (vecs @ q.T).T
     return scores
+
+
+def top_inner_products(q: np.ndarray, vecs: np.ndarray, k: int, first_label: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k best rows of `vecs` by inner product, best first: (row + first_label int64 [m, k],
+    scores float32 [m, k]), -1/-inf padded. One pass over the rows keeping a heap (faiss; one thread a
+    query): for a query or two, a gemv then an argpartition over every row cost 2-3x more (a 200k x 64-d
+    delta tier: 7-9 ms against 3.4 ms)."""
+    import faiss
+
+    q = np.ascontiguousarray(q, np.float32)
+    vecs = np.ascontiguousarray(vecs, np.float32)
+    m, n = len(q), len(vecs)
+    ids, scores = padded(m, k)
+    kk = min(k, n)
+    if kk == 0 or m == 0:
+        return ids, scores
+    got_scores = np.empty((m, kk), np.float32)
+    got_rows = np.empty((m, kk), np.int64)
+    faiss.knn_inner_product(
+        faiss.swig_ptr(q),
+        faiss.swig_ptr(vecs),
+        vecs.shape[1],
+        m,
+        n,
+        kk,
+        faiss.swig_ptr(got_scores),
+        faiss.swig_ptr(got_rows),
+    )
+    found = got_rows >= 0
+    ids[:, :kk] = np.where(found, got_rows + first_label, PAD_ID)
+    scores[:, :kk] = np.where(found, got_scores, PAD_SCORE)
+    return ids, scores
 
 
 def inner_products_at(q: np.ndarray, vecs: np.ndarray, idx: np.ndarray) -> np.ndarray:
