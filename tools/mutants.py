@@ -298,8 +298,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "scann-delta-mask-ignored",
         "index/scann.py",
-        "ds = np.where(mask.bits[n_main:], ds, np.float32(-np.inf))",
-        "pass",
+        "ds = np.where(mask.bits[n_main:], inner_products(q, delta), np.float32(-np.inf))",
+        "ds = inner_products(q, delta)",
         "ScaNN's delta tier (items added since the build) returns masked-out slots",
         select="scann",
     ),
