@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -65,6 +67,20 @@ BY_INDEX_ROWS = 4  # masked brute force for at most this many queries reads the 
 # first live item showed it as a ~1 s stall). Off for batch jobs, which map and never grow.
 _room_on_load = False
 ROOM_CHUNK_BYTES = 8 << 20  # copied a chunk at a time: other threads (the requests) run between chunks
+
+
+_this_thread = threading.local()  # .no_room: loads on this thread map their vectors whatever room_on_load says
+
+
+@contextmanager
+def without_room() -> Iterator[None]:
+    """Loads on this thread leave their vectors mapped even in a serving process: for a copy that is
+    searched and never grown (the live re-tune's), room would be memory and a copy for nothing."""
+    _this_thread.no_room = True
+    try:
+        yield
+    finally:
+        _this_thread.no_room = False
 
 
 def room_on_load(on: bool = True) -> None:
@@ -942,7 +958,7 @@ class SlotIndex(Index):
                 f"float32[{self.n_slots}, {self.dim}] in the manifest"
             )
         out = Growable(vecs)
-        if grows and _room_on_load:
+        if grows and _room_on_load and not getattr(_this_thread, "no_room", False):
             available = available_memory_bytes()
             if available is not None and vecs.nbytes > available / 4:
                 log.info(

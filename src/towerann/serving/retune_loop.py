@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from towerann.config import Config, RetuneConfig
+from towerann.index.base import without_room
 from towerann.index.recall import recall_at_k
 from towerann.index.snapshot import load_snapshot, republish
 from towerann.index.tune import tune
@@ -416,7 +417,7 @@ class RetuneLoop:
         n_hold = max(1, round(s.holdout * len(queries)))
         held, tuning_part = queries[order[:n_hold]], queries[order[n_hold:]]
         source = b.path
-        with background_manners(), _quiet_tuner():
+        with background_manners(), _quiet_tuner(), without_room():
             copy = load_snapshot(source, verify=False)  # its own copy: no lock against live item writes
             for key in (copy.tuning or {}).get("params", {}):
                 copy.search_defaults.pop(key, None)  # the old tuned setting goes; explicit settings stay

@@ -78,3 +78,19 @@ def test_room_is_copied_a_chunk_at_a_time_and_keeps_every_row(monkeypatch) -> No
     g = base.Growable(mapped)
     g.make_room(5)
     assert g.data.flags.writeable and np.array_equal(g.data, rows) and g.allocated_bytes == 55 * D * 4
+
+
+def test_a_copy_loaded_only_to_be_searched_gets_no_room(tmp_path: Path, serving) -> None:
+    """The live re-tune loads the served version again to tune it: never grown, so it stays mapped, while a
+    load on another thread at the same time (a swap's) still gets its room."""
+    import threading
+
+    root = _published(tmp_path, "exact")
+    other: list[np.ndarray] = []
+    with base.without_room():
+        (vecs,) = load(root).buffers()
+        loader = threading.Thread(target=lambda: other.extend(load(root).buffers()))
+        loader.start()
+        loader.join()
+    assert not vecs.flags.writeable and other[0].flags.writeable
+    assert load(root).buffers()[0].flags.writeable  # and after the block, this thread's loads get room again
