@@ -8,6 +8,7 @@ not start again, and still give that index.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_the_part_by_part_build_writes_the_in_memory_builds_files(catalog, in_me
     assert np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)]) >= 0.8
 
 
-def test_a_killed_build_goes_on_from_its_last_finished_step(catalog, in_memory, tmp_path):
+def test_a_killed_build_goes_on_from_its_last_finished_step(catalog, in_memory, tmp_path, caplog):
     vdir, _ = catalog
     work = tmp_path / "work"
     # A real SIGKILL, at a known point: right after part 1's encoding is recorded done.
@@ -118,8 +119,11 @@ def test_a_killed_build_goes_on_from_its_last_finished_step(catalog, in_memory, 
     (work / ".part-00002.lists.npy.tmp.npy").write_bytes(b"half a file")  # as a kill mid-write leaves
 
     steps: list[str] = []
-    ResumableBuild(vdir, work, PARAMS).run(on_step=steps.append, progress=False)
+    with caplog.at_level(logging.INFO, logger="towerann.index.ivfpq_resumable"):
+        ResumableBuild(vdir, work, PARAMS).run(on_step=steps.append, progress=False)
     assert steps == ["encode 2", "encode 3", "assemble"]  # training and parts 0, 1 were not done again
+    said = [r.getMessage() for r in caplog.records]  # what a build under nohup shows with -v (no progress bar)
+    assert any("part 3 encoded, 4 of 4" in m for m in said) and any("assembled" in m for m in said), said
     for part in work.glob("part-*.npy"):  # once assembled, the parts' files may go (disk); nothing is redone
         part.unlink()
     again: list[str] = []

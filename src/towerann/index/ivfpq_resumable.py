@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -188,15 +189,28 @@ class ResumableBuild:
             )
         if self.state["assembled"]:
             return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
+        # each step is logged (INFO, `towerann -v`): under nohup the progress bars stay silent, for hours at 100M
+        t = time.perf_counter()
         trained = self._train(on_step)
+        log.info("ivfpq build: trained, %d lists (%.0f s)", trained.nlist, time.perf_counter() - t)
         todo = [i for i in range(len(self.counts)) if i not in self.state["encoded"]]
         off = None if progress is None else not progress
         for i in tqdm(todo, desc="ivfpq encode parts", disable=off):
+            t = time.perf_counter()
             self._encode(i, trained)
             self._done(encoded=sorted([*self.state["encoded"], i]))
+            log.info(
+                "ivfpq build: part %d encoded, %d of %d (%.1f s)",
+                i,
+                len(self.state["encoded"]),
+                len(self.counts),
+                time.perf_counter() - t,
+            )
             if on_step:
                 on_step(f"encode {i}")
+        t = time.perf_counter()
         self._done(assembled=self._assemble(trained, off))
+        log.info("ivfpq build: assembled %d rows (%.0f s)", self.n, time.perf_counter() - t)
         if on_step:
             on_step("assemble")
         return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
