@@ -614,7 +614,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "room-on-load-ignored",
         "index/base.py",
-        "if grows and _room_on_load:",
+        'if grows and _room_on_load and not getattr(_this_thread, "no_room", False):',
         "if False:",
         "a serving process maps a snapshot's vectors and its first live add copies them all on the event loop",
         select="reserves_room",
