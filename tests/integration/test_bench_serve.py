@@ -104,9 +104,12 @@ def test_bench_serve_serves_a_published_bundle_to_its_dataset_users(
     tmp_path: Path, serving_bundle: dict[str, Path]
 ) -> None:
     """--index ROOT --data DATASET: a bundle with its model, served as it is to that dataset's users (user_id
-    requests through its own user tower), click events included."""
+    requests through its own user tower), click events included. The root is this test's own (the session's
+    shared one may be bound to another test's delta log by then, which a server refuses to switch)."""
     out = tmp_path / "out"
-    argv = ["bench", "serve", "--index", str(serving_bundle["index"]), "--data", str(serving_bundle["data"])]
+    root = tmp_path / "root"
+    publish_bundle(root, serving_bundle["model"], serving_bundle["vectors"], kind="exact")
+    argv = ["bench", "serve", "--index", str(root), "--data", str(serving_bundle["data"])]
     argv += ["--rates", "40", "--duration", "1", "--k", "20", "--events", "10", "--inproc-requests", "30"]
     assert main([*argv, "--workdir", str(tmp_path), "--out", str(out)]) == 0
     result = json.loads((out / "serve-2000-k20-exact-users-embedded.json").read_text())
