@@ -303,7 +303,7 @@ def run_pq_generated(
         gen = FarOffParts(items, part_size, dim, seed=seed)
         queries = gen.queries(n_queries, seed=1, style=query_style)
         described = {"kind": "generated, part by part", **gen.params, "query_style": query_style}
-    truth = _generated_truth(gen, queries, max(ks), work)
+    truth = generated_truth(gen, queries, max(ks), work)
     build_dir = work / f"build-{'catalog-' if catalog else ''}pq{pq_m}-{rerank_dtype}"
     _peak_rss_reset()
     t0 = time.perf_counter()
@@ -468,7 +468,7 @@ def catalog_parts(
     from towerann.embed.parts import CatalogParts
     from towerann.errors import ArtifactError, DataError
     from towerann.model.evaluate import heldout_user_queries
-    from towerann.model.model import TwoTowerModel, model_version_of
+    from towerann.model.model import model_version_of
     from towerann.model.towers import TowerConfig
     from towerann.model.train import TrainConfig, train
 
@@ -479,10 +479,6 @@ def catalog_parts(
     except DataError:
         shutil.rmtree(data_dir, ignore_errors=True)
         generate(data_dir, items, users, seed=seed)
-    if model is not None:  # given: checked, never trained over
-        given_dim = TwoTowerModel.load(model_dir).dim
-        if given_dim != dim:
-            raise ConfigError(f"--model {model}: vectors of dim {given_dim}, not --dim {dim}")
     try:
         version = model_version_of(model_dir)
     except ArtifactError:
@@ -492,26 +488,33 @@ def catalog_parts(
         cfg = TrainConfig(epochs=3, max_seconds=train_seconds, seed=seed)
         train(data_dir, model_dir, TowerConfig(dim=dim), cfg, overwrite=True, progress=False)
         version = model_version_of(model_dir)
+    parts = CatalogParts(model_dir, data_dir, part_size)  # loads the model once, for the parts and the queries
+    if model is not None and parts.dim != dim:  # given: checked, never trained over
+        raise ConfigError(f"--model {model}: vectors of dim {parts.dim}, not --dim {dim}")
     queries_file = root / f"queries-{version}-{n_queries}.npy"
     if queries_file.exists():
         queries = load_npy(queries_file)
     else:
-        queries = heldout_user_queries(TwoTowerModel.load(model_dir), data_dir, n_queries, seed)
+        queries = heldout_user_queries(parts.model, data_dir, n_queries, seed)
         save_npy_atomic(queries_file, np.ascontiguousarray(queries, np.float32))
-    return CatalogParts(model_dir, data_dir, part_size), np.asarray(queries, np.float32)
+    return parts, np.asarray(queries, np.float32)
 
 
-def _generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:
+def generated_truth(gen: Any, queries: np.ndarray, k: int, work: Path) -> np.ndarray:
     """Exact top-k ids of `queries` over the generator's float32 vectors: one pass over the parts, each
     scored against every query and merged; cached in `work` (keyed by the catalog and the queries)."""
     from towerann.artifacts import load_npy, save_npy_atomic
     from towerann.index.merge import merge_topk, padded, topk_blocked
 
-    key = hashlib.sha256(json.dumps([gen.fingerprint(), k]).encode() + queries.tobytes()).hexdigest()[:16]
-    path = work / f"truth-{key}.npy"
-    if path.exists():
-        cached: np.ndarray = load_npy(path)
-        return cached
+    key = hashlib.sha256(json.dumps(gen.fingerprint()).encode() + queries.tobytes()).hexdigest()[:16]
+    path = work / f"truth-{key}-k{k}.npy"
+    # a deeper truth of the same catalog and queries holds this one as its first k columns (at 100M a new
+    # pass is the item tower over the whole catalog again: 12 minutes)
+    deeper = [(int(f.stem.rsplit("-k", 1)[1]), f) for f in work.glob(f"truth-{key}-k*.npy")]
+    for depth, f in sorted(deeper):
+        if depth >= k:
+            cached: np.ndarray = load_npy(f, mmap=True)
+            return np.ascontiguousarray(cached[:, :k])
     best = padded(len(queries), k)
     at = 0
     with threads(os.cpu_count() or 1):

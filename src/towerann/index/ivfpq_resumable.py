@@ -190,9 +190,10 @@ class ResumableBuild:
         if self.state["assembled"]:
             return IVFPQIndex.load(self.work / ASSEMBLED, self.state["assembled"])
         # each step is logged (INFO, `towerann -v`): under nohup the progress bars stay silent, for hours at 100M
-        t = time.perf_counter()
+        t, was_trained = time.perf_counter(), bool(self.state["trained"])
         trained = self._train(on_step)
-        log.info("ivfpq build: trained, %d lists (%.0f s)", trained.nlist, time.perf_counter() - t)
+        took = "read back" if was_trained else f"{time.perf_counter() - t:.0f} s"
+        log.info("ivfpq build: trained, %d lists (%s)", trained.nlist, took)
         todo = [i for i in range(len(self.counts)) if i not in self.state["encoded"]]
         off = None if progress is None else not progress
         for i in tqdm(todo, desc="ivfpq encode parts", disable=off):
@@ -367,19 +368,25 @@ class _SpilledRows:
                 f.write(np.ascontiguousarray(rows[group], self.dtype).tobytes())
 
     def write(self) -> None:
-        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=(self.n, self.cols))
-        for lo in range(0, self.n, self.bucket_rows):
-            slots_file, rows_file = self._files(lo // self.bucket_rows)
-            slots = np.fromfile(slots_file, np.int64) if slots_file.exists() else np.empty(0, np.int64)
-            block = np.empty((min(self.bucket_rows, self.n - lo), self.cols), self.dtype)
-            if len(slots) != len(block) or len(np.unique(slots)) != len(block):
-                raise ArtifactError(f"{self.path}: slots {lo}.. got {len(slots)} rows for {len(block)} slots")
-            block[slots - lo] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)
-            out[lo : lo + len(block)] = block
-            slots_file.unlink()
-            rows_file.unlink()
-        out.flush()
-        del out
+        # Plain writes, front to back, not a writable mapping: the file's pages then stay in the page cache,
+        # outside this process's RSS (mapped, 25.6 GB of dirty pages counted as the builder's own at 100M).
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.n, self.cols),
+        }
+        with open(self.path, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            for lo in range(0, self.n, self.bucket_rows):
+                slots_file, rows_file = self._files(lo // self.bucket_rows)
+                slots = np.fromfile(slots_file, np.int64) if slots_file.exists() else np.empty(0, np.int64)
+                block = np.empty((min(self.bucket_rows, self.n - lo), self.cols), self.dtype)
+                if len(slots) != len(block) or len(np.unique(slots)) != len(block):
+                    raise ArtifactError(f"{self.path}: slots {lo}.. got {len(slots)} rows for {len(block)} slots")
+                block[slots - lo] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)
+                block.tofile(out)
+                slots_file.unlink()
+                rows_file.unlink()
         self.spill.rmdir()
 
 

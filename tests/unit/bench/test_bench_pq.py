@@ -134,3 +134,22 @@ def test_bench_pq_catalog_embeds_part_by_part_and_publishes_a_bundle_with_its_mo
     answer = Retriever(BundleHolder(bundle), store).candidates(user, 10)
     assert not answer.degraded and len(answer.item_ids) == 10  # the user's features, through the user tower
     assert set(answer.item_ids) <= set(read_items(work_data, columns=["item_id"])["item_id"].tolist())
+
+
+def test_a_cached_deeper_truth_answers_a_shallower_k_without_a_new_pass(tmp_path):
+    """The exact top-k of a generated catalog is cached per depth; a shallower k is the first columns of a
+    deeper one (no second pass: at 100M a pass is the item tower over the whole catalog), and a deeper k
+    than any cached is a pass of its own."""
+    from towerann.bench.compressed import generated_truth
+    from towerann.data.synth_vectors import FarOffParts
+
+    gen = FarOffParts(3000, 1000, 16, seed=0)
+    queries = gen.queries(8, seed=1)
+    deep = generated_truth(gen, queries, 20, tmp_path)
+    shallow = generated_truth(gen, queries, 5, tmp_path)
+    assert len(list(tmp_path.glob("truth-*.npy"))) == 1 and np.array_equal(shallow, deep[:, :5])
+    vectors = np.concatenate([gen.part(i)[0] for i in range(len(gen.part_counts()))])
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
+    assert np.array_equal(np.sort(shallow, axis=1), np.sort(exact, axis=1))
+    deeper = generated_truth(gen, queries, 30, tmp_path)
+    assert len(list(tmp_path.glob("truth-*.npy"))) == 2 and np.array_equal(deeper[:, :20], deep)
