@@ -33,6 +33,7 @@ from towerann.index import Index
 from towerann.index.build import Tuning, build_index
 from towerann.index.snapshot import publish
 from towerann.serving.bundle import BUNDLE_FORMAT, VALIDATION_QUERIES_FILE
+from towerann.serving.item_tables import save_id_lookup
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ def publish_bundle(
             queries = np.asarray(validation_queries, np.float32)[:VALIDATION_SAMPLE]
             save_npy(tmp / VALIDATION_QUERIES_FILE, np.ascontiguousarray(queries))
         save_npy(tmp / "external_ids.npy", np.asarray(vs.external_ids))
+        save_id_lookup(tmp, np.asarray(vs.external_ids))  # mapped by a load, not sorted again
         save_npy(tmp / "item_categories.npy", item_cats)
 
     path = publish(

@@ -10,6 +10,10 @@ its CURRENT pointer and checksums over every file) that also holds:
   model/              a copy of the model directory (user_tower.onnx, vocabularies, manifest)
   external_ids.npy    the catalog's item id per internal id (int64 or unicode)
   item_categories.npy category code per internal id (codes index bundle.category_names)
+  item_lookup_keys.npy, item_lookup_order.npy   the ids sorted, and each one's internal id (older
+                      bundles lack them: the lookup is then sorted at load)
+These tables are memory-mapped by a load (serving.item_tables): the server reads only the rows a
+request or a write touches, and keeps what live writes add in memory.
 and `{"bundle": {...}}` in the snapshot manifest (with "attributes": {name: [value, ...]}, code i =
 value i); `towerann.freshness.publish.publish_bundle` writes it with `snapshot.publish`.
 
@@ -49,6 +53,7 @@ from towerann.data.vectors_dir import read_vectors
 from towerann.errors import ArtifactError, BackendUnavailable, BadRequest, IndexIncompatible
 from towerann.index import Index, load
 from towerann.index.snapshot import FORMAT_VERSION, KIND, read_checked_manifest, resolve
+from towerann.serving.item_tables import IdLookup, ItemColumn
 
 if TYPE_CHECKING:
     from towerann.model.export import UserEncoder
@@ -155,71 +160,6 @@ def _check_front_files(path: Path, model_version: str, dim: int) -> None:
             raise ArtifactError(f"{path / name}: checksum mismatch (file corrupted or replaced); republish the bundle")
 
 
-class IdLookup:
-    """External item id (as a string) -> internal id, for millions of ids without a Python dict.
-
-    The catalog's ids are sorted once in numpy (16 bytes an id, no per-id Python objects) and found
-    by binary search; items added live go to a small dict. A million-entry dict cost ~100 MB, ~1 s
-    to build and a 100 ms GIL-holding rehash, which a server loading a new bundle in the background
-    added to its requests' latency."""
-
-    def __init__(self, external_ids: np.ndarray):
-        self._ints = external_ids.dtype.kind in "iu"
-        keys = np.asarray(external_ids if self._ints else external_ids.astype(str))
-        self._order = np.argsort(keys, kind="stable")
-        self._sorted = keys[self._order]
-        self._added: dict[str, int] = {}
-
-    def get(self, item_id: str, default: int | None = None) -> int | None:
-        found = self._added.get(item_id)
-        if found is not None:
-            return found
-        key: Any = item_id
-        if self._ints:
-            try:
-                key = int(item_id)
-            except ValueError:
-                return default
-            if str(key) != item_id:  # one spelling per id, as the catalog prints it ("7", not "007")
-                return default
-        i = int(np.searchsorted(self._sorted, key))
-        if i < len(self._sorted) and self._sorted[i] == key:
-            return int(self._order[i])
-        return default
-
-    def __contains__(self, item_id: object) -> bool:
-        return isinstance(item_id, str) and self.get(item_id) is not None
-
-    def __setitem__(self, item_id: str, internal: int) -> None:
-        self._added[item_id] = internal
-
-    def __len__(self) -> int:
-        return len(self._sorted) + len(self._added)
-
-
-def appended(view: np.ndarray, extra: np.ndarray, buffer: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """`view` with `extra` after it, as the front of `buffer`, and the buffer: in place when `view` is
-    `buffer`'s front and `buffer` has room (and its dtype holds `extra`), else in a new buffer half as
-    large again (the caller keeps it as its `buffer`: only its owner may write past the front). A live
-    write copying every id (two arrays of 1M) held the event loop ~3 ms, once per slice of the write
-    (freshness.live)."""
-    n, m = len(view), len(extra)
-    dtype = np.result_type(view.dtype, extra.dtype)
-    in_place = (
-        buffer is not None
-        and view.base is buffer
-        and view.ctypes.data == buffer.ctypes.data
-        and buffer.dtype == dtype
-        and len(buffer) >= n + m
-    )
-    if not in_place:
-        buffer = np.empty(n + m + max(n // 2, 64), dtype)
-        buffer[:n] = view
-    assert buffer is not None
-    buffer[n : n + m] = extra
-    return buffer[: n + m], buffer
-
-
 @dataclass
 class RetrievalBundle:
     """Everything one request needs, from one directory, checked to belong together."""
@@ -230,11 +170,11 @@ class RetrievalBundle:
     model: TwoTowerModel
     encoder: UserEncoder
     index: Index
-    external_ids: np.ndarray  # external item id per internal id
+    external_ids: ItemColumn  # external item id per internal id
     category_names: list[str]
     category_code: dict[str, int]  # category name -> filter code
     item_internal: IdLookup  # str(external id) -> internal id
-    item_model_cat: np.ndarray  # internal id -> the model's category code (user-tower history input)
+    item_model_cat: ItemColumn  # internal id -> the model's category code (user-tower history input)
     history_len: int
     delta_seq: int = 0  # delta-log entries up to this seq are in the bundle (cut-off, then replays)
     # [filters] attributes: name -> values (code i = value i; the codes live in the index's slot tables)
@@ -244,8 +184,6 @@ class RetrievalBundle:
     validation_queries: np.ndarray | None = None  # vectors-only: sample queries for the reload's check
     space_id: str | None = None  # vectors-only: the vector space its manifest declares
     has_user_tower: bool = True  # False: a vectors-only bundle served with no model (query_vector requests only)
-    # the buffers external_ids and item_model_cat are the front of, once a write grew them (see appended)
-    _room: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(
@@ -327,8 +265,6 @@ class RetrievalBundle:
             item_cats[vs.ids] = vs.categories
         if item_cats.shape != external_ids.shape:
             raise ArtifactError(f"{path}: item categories and external ids differ in length; republish")
-        item_model_cat = _model_categories(model, names, item_cats)
-        item_internal = IdLookup(external_ids)
         return cls(
             path=path,
             version=path.name,
@@ -336,11 +272,11 @@ class RetrievalBundle:
             model=model,
             encoder=UserEncoder(model, model_dir, runtime=runtime),
             index=index,
-            external_ids=external_ids,
+            external_ids=ItemColumn(external_ids),
             category_names=names,
             category_code={n: i for i, n in enumerate(names)},
-            item_internal=item_internal,
-            item_model_cat=item_model_cat,
+            item_internal=IdLookup.from_directory(path, external_ids),
+            item_model_cat=ItemColumn(item_cats, _model_categories(model, names)),
             history_len=model.cfg.history_len,
             delta_seq=int((info or {}).get("delta_seq", 0)),
             attribute_values=attr_values,
@@ -374,7 +310,7 @@ class RetrievalBundle:
         assert isinstance(info, dict)  # _bundle_tables checked it
         encoder: Any = _NoTower(NO_USER_TOWER)  # a stand-in: 400 on every use
         model_version, history_len = space, 0
-        item_model_cat = np.zeros(len(external_ids), np.int64)
+        item_model_cat = np.zeros(len(names) + 1, np.int64)  # no user tower reads it
         if model_dir is not None:
             from towerann.model.export import UserEncoder
             from towerann.model.model import TwoTowerModel
@@ -388,7 +324,7 @@ class RetrievalBundle:
                 )
             encoder = UserEncoder(model, model_dir, runtime=runtime)
             model_version, history_len = model.version, model.cfg.history_len
-            item_model_cat = _model_categories(model, names, item_cats)
+            item_model_cat = _model_categories(model, names)
         return cls(
             path=path,
             version=path.name,
@@ -396,11 +332,11 @@ class RetrievalBundle:
             model=_NoTower(NO_ITEM_TOWER),  # type: ignore[arg-type]  # a stand-in: 400 on every use
             encoder=encoder,
             index=index,
-            external_ids=external_ids,
+            external_ids=ItemColumn(external_ids),
             category_names=names,
             category_code={n: i for i, n in enumerate(names)},
-            item_internal=IdLookup(external_ids),
-            item_model_cat=item_model_cat,
+            item_internal=IdLookup.from_directory(path, external_ids),
+            item_model_cat=ItemColumn(item_cats, item_model_cat),
             history_len=history_len,
             delta_seq=int(info.get("delta_seq", 0)),
             attribute_values=attr_values,
@@ -456,12 +392,8 @@ class RetrievalBundle:
                 ext = np.asarray(list(new_ids))
                 ext = ext.astype(np.result_type(self.external_ids.dtype, ext.dtype))
             model_cats = np.fromiter(new_model_cats.values(), np.int64, len(new_ids))
-            self.external_ids, self._room["external_ids"] = appended(
-                self.external_ids, ext, self._room.get("external_ids")
-            )
-            self.item_model_cat, self._room["item_model_cat"] = appended(
-                self.item_model_cat, model_cats, self._room.get("item_model_cat")
-            )
+            self.external_ids.append(ext)
+            self.item_model_cat.append(model_cats)
             for item_id, iid in new_ids.items():
                 self.item_internal[item_id] = iid
         for iid, cat in recoded.items():
@@ -551,12 +483,10 @@ class RetrievalBundle:
         return out
 
 
-def _model_categories(model: TwoTowerModel, names: list[str], item_cats: np.ndarray) -> np.ndarray:
-    """The model's category code per internal id (the user tower's history input): the model codes
-    categories by its own vocabulary, so the bundle's codes are translated once."""
-    to_model = np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
-    out: np.ndarray = to_model[np.where(item_cats >= 0, item_cats, len(names))]
-    return out
+def _model_categories(model: TwoTowerModel, names: list[str]) -> np.ndarray:
+    """The model's category code per bundle category code (the user tower's history input: the model
+    codes categories by its own vocabulary), then 0 for an item with none (code -1 reads it)."""
+    return np.array([model.schema.categories.encode_one(n) for n in names] + [0], np.int64)
 
 
 def _bundle_tables(
@@ -565,8 +495,9 @@ def _bundle_tables(
     """A bundle's id map, category per internal id, category names and attribute vocabularies."""
     if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or "category_names" not in info:
         raise ArtifactError(f"{path}/manifest.json: field 'bundle' is of another format; republish the bundle")
-    external_ids = load_npy(path / "external_ids.npy")
-    item_cats = load_npy(path / "item_categories.npy")
+    # memory-mapped: read only where a request or a write touches them (item_tables)
+    external_ids = load_npy(path / "external_ids.npy", mmap=True)
+    item_cats = load_npy(path / "item_categories.npy", mmap=True)
     names = [str(n) for n in info["category_names"]]
     attr_values = {str(a): [str(v) for v in vals] for a, vals in (info.get("attributes") or {}).items()}
     if sorted(attr_values) != index.attribute_names:

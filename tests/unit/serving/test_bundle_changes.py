@@ -35,8 +35,8 @@ def _state(b: RetrievalBundle) -> tuple:
     q = np.random.default_rng(0).standard_normal((4, b.index.dim)).astype(np.float32)
     return (
         len(b.external_ids),
-        b.external_ids.tobytes(),
-        b.item_model_cat.tobytes(),
+        np.asarray(b.external_ids).tobytes(),
+        np.asarray(b.item_model_cat).tobytes(),
         list(b.category_names),
         dict(b.category_code),
         len(b.item_internal),

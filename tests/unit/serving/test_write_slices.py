@@ -11,8 +11,9 @@ import numpy as np
 from towerann.freshness.deltalog import open_delta_log
 from towerann.freshness.live import FIRST_SLICE, ItemWriter, check_rows, embed_rows
 from towerann.freshness.publish import publish_bundle
-from towerann.serving.bundle import RetrievalBundle, appended
+from towerann.serving.bundle import RetrievalBundle
 from towerann.serving.holder import BundleHolder
+from towerann.serving.item_tables import appended
 
 
 def _rows(bundle: RetrievalBundle, ids: list[str]) -> list[dict]:
