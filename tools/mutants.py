@@ -23,7 +23,8 @@ A kill counts only when it is the mutation's doing: after the mutants, every tes
 runs again on the unmutated tree (all in one pytest run), and a test that fails there too (a flaky
 or broken test) makes the outcome an error, never a kill. A run that hits --timeout is its own outcome, "timeout",
 not a kill: a mutant that makes the code slow is not caught by a test that fails. --budget-s bounds
-the whole run: mutants not started when it is spent are reported "not run".
+the whole run: mutants not started when it is spent are reported "not run". --jobs N runs N mutants
+at a time (each in its own copy of src/ and its own pytest temp dir; CI uses 2 on its 2 cores).
 
 Exit status: 0 every mutant killed; 1 a mutant survived; 2 an error, a timeout or a mutant not
 run (snippet not found or ambiguous, baseline failing, the killing test failing unmutated,
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -731,7 +733,7 @@ def run_pytest(
     log: Path,
     stop_first: bool = True,
 ) -> Outcome:
-    report = tmp / "imports.json"
+    report = log.with_suffix(".imports.json")  # per run: runs may overlap (--jobs)
     report.unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -739,7 +741,10 @@ def run_pytest(
     )
     env["TOWERANN_MUTANT_REPORT"] = str(report)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale bytecode between mutants
-    cmd = [sys.executable, "-m", "pytest", *(a for a in PYTEST_ARGS if stop_first or a != "-x"), "-p", GUARD, *tests]
+    basetemp = tmp / "basetemp" / log.stem  # pytest's own temp dirs, one per run
+    basetemp.parent.mkdir(exist_ok=True)  # pytest makes basetemp itself, not its parent
+    cmd = [sys.executable, "-m", "pytest", *(a for a in PYTEST_ARGS if stop_first or a != "-x"), "-p", GUARD]
+    cmd += ["--basetemp", str(basetemp), *tests]
     if select:
         cmd += ["-k", select]
     start = time.monotonic()
@@ -872,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds for the whole run: mutants not started by then are reported 'not run' (default: none)",
     )
+    ap.add_argument("--jobs", type=int, default=1, help="mutants run at a time (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary tree and the pytest logs")
     args = ap.parse_args(argv)
 
@@ -926,8 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
         started = time.monotonic()
-        results: list[tuple[Mutant, Outcome]] = []
-        for m in chosen:
+
+        def run_one(m: Mutant) -> tuple[Mutant, Outcome]:
             key = selection(m)
             base = baseline.get(key)
             if args.budget_s is not None and time.monotonic() - started > args.budget_s:
@@ -935,15 +941,18 @@ def main(argv: list[str] | None = None) -> int:
             elif base is not None and base.status != "survived":
                 out = Outcome("error", f"unmutated tests fail: {base.detail}")
             else:
-                err = apply(m, pristine, tmp / "mutant-src")
+                src = tmp / "mutant-src" / m.name
+                err = apply(m, pristine, src)
                 if err:
                     out = Outcome("error", err)
                 else:
-                    out = run_pytest(
-                        tree, tmp / "mutant-src", tmp, list(key[0]), key[1], args.timeout, logs / f"{m.name}.log"
-                    )
-            results.append((m, out))
+                    out = run_pytest(tree, src, tmp, list(key[0]), key[1], args.timeout, logs / f"{m.name}.log")
+                    shutil.rmtree(src, ignore_errors=True)
             print(f"{m.name}: {out.status.upper()} {out.detail} ({out.seconds:.0f}s)", flush=True)
+            return m, out
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on pytest processes
+            results = list(pool.map(run_one, chosen))
 
         results = confirm_kills(results, tree, pristine, tmp, args.timeout, logs / "unmutated-killers.log")
         width = max([len("mutant")] + [len(m.name) for m, _ in results])
