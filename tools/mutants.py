@@ -359,6 +359,15 @@ MUTANTS: list[Mutant] = [
         tests=("tests/unit/index/test_ivfpq_no_float32.py",),
     ),
     Mutant(
+        "fp16-exact-ignores-filter",
+        "index/vecfile.py",
+        "        params.sel = selector\n",
+        "",
+        "exact search over float16 rows in faiss (no float32 copy) returns items the filter excludes",
+        select="answers_are_the_same and float16",
+        tests=("tests/unit/index/test_ivfpq_no_float32.py",),
+    ),
+    Mutant(
         "spilled-rows-out-of-order",
         "index/ivfpq_resumable.py",
         "block[slots - lo] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)",

@@ -111,6 +111,32 @@ def _decoded_rows(stored: np.ndarray, dtype: str) -> np.ndarray:
     return rows if scale is None else rows * scale[:, None]
 
 
+def _fp16_block_topk(
+    q: np.ndarray, k: int, stored: np.ndarray, bits: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (block rows, scores) of float16 rows [c, dim] for queries q (bits: the rows that may be
+    returned), scored in faiss (a float16 scalar quantizer: its codes are these rows' bytes) with the
+    GIL released. numpy's decode to float32 then a matmul took 3.5x as long, under the GIL between
+    its steps: at 10M items the recall monitor's exact search ran for tens of seconds beside the
+    requests and raised their p99 at 100 requests/s from 26 to 74 ms."""
+    block = faiss.IndexScalarQuantizer(stored.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    codes = np.ascontiguousarray(stored).view(np.uint8).reshape(-1)
+    block.codes.resize(codes.nbytes)
+    faiss.memcpy(block.codes.data(), faiss.swig_ptr(codes), codes.nbytes)
+    block.ntotal = len(stored)
+    params = None
+    if bits is not None:
+        packed = np.packbits(bits, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(packed))  # both kept alive until the search
+        params = faiss.SearchParameters()
+        params.sel = selector
+    kk = min(k, len(stored))
+    scores, rows = block.search(np.ascontiguousarray(q, np.float32), kk, params=params)
+    out_ids, out_scores = padded(len(q), k)
+    out_ids[:, :kk], out_scores[:, :kk] = rows, np.where(rows >= 0, scores, -np.inf)
+    return out_ids, out_scores
+
+
 def score_stored(query: np.ndarray, stored: np.ndarray, dtype: str) -> np.ndarray:
     """Scores [c] of one query [1, dim] against stored rows [c, ...] of `dtype`: each one faiss inner
     product of two float32 rows (times the row's scale for int8), whichever tier the rows came from."""
@@ -401,6 +427,12 @@ class RerankVectors:
         best = padded(len(q), k)
         for at in range(0, n, EXACT_ROWS):
             stop = min(at + EXACT_ROWS, n)
+            if self.dtype == "float16":
+                part = _fp16_block_topk(
+                    q, k, cast(np.ndarray, self._rerank)[at:stop], None if bits is None else bits[at:stop]
+                )
+                best = merge_topk([best[0], np.where(part[0] >= 0, part[0] + at, -1)], [best[1], part[1]], k)
+                continue
             rows = self.decoded(at, stop)
             hidden = None if bits is None else ~bits[at:stop]
 
