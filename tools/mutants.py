@@ -24,7 +24,8 @@ runs again on the unmutated tree (all in one pytest run), and a test that fails 
 or broken test) makes the outcome an error, never a kill. A run that hits --timeout is its own outcome, "timeout",
 not a kill: a mutant that makes the code slow is not caught by a test that fails. --budget-s bounds
 the whole run: mutants not started when it is spent are reported "not run". --jobs N runs N mutants
-at a time (each in its own copy of src/ and its own pytest temp dir; CI uses 2 on its 2 cores).
+at a time (each in its own copy of src/ and its own pytest temp dir), for a machine with cores to spare:
+on CI's 2 cores two at a time took as long as one at a time.
 
 Exit status: 0 every mutant killed; 1 a mutant survived; 2 an error, a timeout or a mutant not
 run (snippet not found or ambiguous, baseline failing, the killing test failing unmutated,
