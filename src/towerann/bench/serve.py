@@ -549,11 +549,18 @@ def run(args: argparse.Namespace) -> int:
             from towerann.server.server import free_port
 
             grpc_port = free_port()
-        server = _start_server(work, paths["index"], store_url, store_path, args.workers, sample, grpc_port)
+        fresh_log = redis_proc is not None
+        server = _start_server(
+            work, paths["index"], store_url, store_path, args.workers, sample, grpc_port, fresh_log=fresh_log
+        )
         target = f"127.0.0.1:{grpc_port}"
         # --monitor-sample S > 0: a second server with the monitor off takes the same load, rate by rate,
         # in alternation (who goes first alternates too), so both see the same machine load.
-        off = _start_server(work, paths["index"], store_url, store_path, args.workers, 0.0) if compare else None
+        off = (
+            _start_server(work, paths["index"], store_url, store_path, args.workers, 0.0, fresh_log=fresh_log)
+            if compare
+            else None
+        )
         rates: list[dict[str, Any]] = []
         rates_off: list[dict[str, Any]] = []
         rates_grpc: list[dict[str, Any]] = []
@@ -669,13 +676,17 @@ def _start_server(
     workers: int,
     sample: float,
     grpc_port: int | None = None,
+    fresh_log: bool = False,
 ) -> Any:
     """`towerann serve` on the bundle with [monitor] sample = `sample` (0: the recall monitor off); with
-    `grpc_port`, gRPC beside HTTP on that port. The live re-tune is off: a benchmark measures one setting."""
+    `grpc_port`, gRPC beside HTTP on that port. The live re-tune is off: a benchmark measures one setting.
+    `fresh_log`: the delta log is in a Redis this run started, so a root served by an earlier run (bound
+    to that run's Redis, gone with it) adopts this one instead of refusing to start."""
     from towerann.server.server import start_subprocess
 
     config = work / f"monitor-{sample:g}.toml"
-    config.write_text(f"[monitor]\nsample = {float(sample)!r}\n[retune]\nenabled = false\n")
+    adopt = "[freshness]\nadopt_log = true\n" if fresh_log else ""
+    config.write_text(f"[monitor]\nsample = {float(sample)!r}\n[retune]\nenabled = false\n{adopt}")
     args = ["--grpc-port", str(grpc_port)] if grpc_port else []
     return start_subprocess(index, store_url, store_path, workers=workers, config=config, args=args)
 
