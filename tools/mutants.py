@@ -369,6 +369,14 @@ MUTANTS: list[Mutant] = [
         tests=("tests/unit/index/test_ivfpq_no_float32.py",),
     ),
     Mutant(
+        "exact-reads-build-array",
+        "index/vecfile.py",
+        "(0, self.main if self.float32 else None)",
+        "(0, self._file if self.float32 else None)",
+        "exact search over an in-memory ivfpq reads the array its build started from, not the rows added since",
+        tests=("tests/unit/index/test_ivfpq_exact_after_add.py",),
+    ),
+    Mutant(
         "spilled-rows-out-of-order",
         "index/ivfpq_resumable.py",
         "block[slots - lo] = np.fromfile(rows_file, self.dtype).reshape(-1, self.cols)",

@@ -407,7 +407,8 @@ class RerankVectors:
             main_ids, main_scores = self._exact_decoded(q, k, bits, score_all)
             ids.append(main_ids)
             scores.append(main_scores)
-        for first, arr in ((0, self._file if self.float32 else None), (self.n_main, self.fresh.data)):
+        # main, not _file: a fresh build's rows grow in memory past the array it started from
+        for first, arr in ((0, self.main if self.float32 else None), (self.n_main, self.fresh.data)):
             if arr is None or not len(arr):
                 continue
             if score_all:
