@@ -117,3 +117,18 @@ def test_bench_serve_serves_a_published_bundle_to_its_dataset_users(
     assert rate["errors"] == {} and rate["ok"] == rate["sent"] == 40
     assert result["requests"] == "user_id" and result["users"] == 1000 and result["event_write"]["n"] == 10
     assert result["dataset"] == str(serving_bundle["data"])
+
+
+def test_a_root_benched_twice_with_redis_serves_both_times(tmp_path: Path, serving_bundle: dict[str, Path]) -> None:
+    """--store redis starts a Redis of the run's own (its data under --workdir), which holds the served
+    root's delta log: a run from another work directory on the same root has a new Redis, and its server
+    adopts that log instead of refusing to start (the root was bound to the last run's log)."""
+    root = tmp_path / "root"
+    publish_bundle(root, serving_bundle["model"], serving_bundle["vectors"], kind="exact")
+    argv = ["bench", "serve", "--index", str(root), "--data", str(serving_bundle["data"]), "--store", "redis"]
+    argv += ["--rates", "20", "--duration", "1", "--k", "10", "--events", "2", "--inproc-requests", "10"]
+    for run in ("first", "second"):
+        out = tmp_path / run
+        assert main([*argv, "--workdir", str(tmp_path / run), "--out", str(out)]) == 0, run
+        result = json.loads((out / "serve-2000-k10-exact-users-redis.json").read_text())
+        assert result["http"][0]["ok"] == 20, run
