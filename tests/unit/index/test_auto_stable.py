@@ -69,6 +69,7 @@ def test_in_turns_times_every_contender_every_round_and_keeps_the_median() -> No
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # one spinning process beside it, not also the suite's other test process
 def test_three_auto_builds_under_load_make_one_choice(busy: None) -> None:
     if importlib.util.find_spec("scann") is None and not os.environ.get("CI"):
         pytest.skip("scann is not installed (pip install 'towerann[scann]')")
