@@ -395,7 +395,7 @@ class RerankVectors:
             f.prefetch(ordered)
         if self.dtype == "float32":
             scores = _inner_products_by_idx(query, self.main, ordered[None, :])[0]
-        else:  # a block of rows at a time: the decoded float32 rows stay in cache, never a pool-sized copy
+        else:  # a block of rows at a time (int8: its decoded float32 rows stay in cache), never a pool-sized copy
             scores = np.empty(len(ordered), np.float32)
             for at in range(0, len(ordered), DECODE_ROWS):
                 part = ordered[at : at + DECODE_ROWS]
